@@ -1,0 +1,32 @@
+"""resumable: make long-running Python processes safe to interrupt and cheap to resume."""
+
+from resumable.errors import (
+    CheckpointExists,
+    CheckpointNotFound,
+    ConfigError,
+    CorruptCheckpoint,
+    InvalidName,
+    ResumableError,
+    SaveFailed,
+    StateMismatch,
+    StoreLocked,
+    UnsupportedFormat,
+    UnsupportedState,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointExists",
+    "CheckpointNotFound",
+    "ConfigError",
+    "CorruptCheckpoint",
+    "InvalidName",
+    "ResumableError",
+    "SaveFailed",
+    "StateMismatch",
+    "StoreLocked",
+    "UnsupportedFormat",
+    "UnsupportedState",
+    "__version__",
+]
