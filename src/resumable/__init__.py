@@ -13,18 +13,25 @@ from resumable.errors import (
     UnsupportedFormat,
     UnsupportedState,
 )
+from resumable.format import CheckpointInfo
+from resumable.state import RNGState, Stateful
+from resumable.store import CheckpointStore
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointExists",
+    "CheckpointInfo",
     "CheckpointNotFound",
+    "CheckpointStore",
     "ConfigError",
     "CorruptCheckpoint",
     "InvalidName",
+    "RNGState",
     "ResumableError",
     "SaveFailed",
     "StateMismatch",
+    "Stateful",
     "StoreLocked",
     "UnsupportedFormat",
     "UnsupportedState",
