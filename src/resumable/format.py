@@ -223,7 +223,7 @@ class _Encoder:
 
     def container_node(self, value: Any, path: tuple[Any, ...]) -> dict[str, Any]:
         kind = type(value)
-        if kind is dict:
+        if isinstance(value, dict):  # OrderedDict (state_dict) too; loads as dict
             if all(isinstance(k, str) for k in value):
                 entries = {k: self.node(v, (*path, k)) for k, v in value.items()}
                 return {"type": "dict", "entries": entries}

@@ -170,7 +170,7 @@ class CheckpointStore:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            holder = self._read_holder(fd)
+            holder = self._wait_for_holder(fd)
             os.close(fd)
             if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise SaveFailed(
@@ -189,10 +189,21 @@ class CheckpointStore:
         record = json.dumps(
             {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
         )
-        os.ftruncate(fd, 0)
         os.pwrite(fd, record.encode(), 0)
+        os.ftruncate(fd, len(record.encode()))
         self._lock_fd = fd
         self._sweep()
+
+    def _wait_for_holder(self, fd: int) -> dict[str, Any]:
+        """The live holder's record; it may lag the flock by a moment, so poll briefly."""
+        holder: dict[str, Any] = {}
+        for _ in range(50):
+            holder = self._read_holder(fd)
+            pid = holder.get("pid")
+            if isinstance(pid, int) and _pid_alive(pid):
+                break
+            time.sleep(0.01)
+        return holder
 
     @staticmethod
     def _read_holder(fd: int) -> dict[str, Any]:
