@@ -45,6 +45,7 @@ def test_save_list_latest_load(store: CheckpointStore) -> None:
     assert store.latest().step == 100
     assert store.load()["n"] == 100
     assert store.load(20)["n"] == 20
+    assert store.load("20")["n"] == 20
     assert store.load(store.list()[0])["n"] == 5
     assert store.load(str(store.list()[1].path))["n"] == 10
     assert store.get(10).metrics == {"loss": 0.1}

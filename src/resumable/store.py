@@ -417,6 +417,8 @@ class CheckpointStore:
             if info is None:
                 raise CheckpointNotFound(f"no {ref} checkpoint in {self.directory}; save one first")
             return info
+        if isinstance(ref, str) and ref.isdigit():
+            ref = int(ref)  # names are never all digits, so this is a step
         if isinstance(ref, int) and not isinstance(ref, bool):
             matches = [info for info in self.list() if info.step == ref]
             unnamed = [info for info in matches if info.name is None]
