@@ -16,7 +16,6 @@ import argparse
 import gc
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -106,14 +105,20 @@ def tensor_views(flat: dict[str, torch.Tensor]) -> list[memoryview]:
     return views
 
 
+DROP_ALL = False
+
+
 def drop_cache(paths: list[Path]) -> None:
+    """Evict the files' pages (posix_fadvise DONTNEED), or all caches with --drop-caches.
+
+    Dropping every cache also evicts the code pages of libtorch and Python,
+    which adds random reads to whatever runs next; evicting the checkpoint
+    files alone measures a cold checkpoint without that noise.
+    """
     os.sync()
-    if os.geteuid() == 0:
-        try:
-            Path("/proc/sys/vm/drop_caches").write_text("1\n")
-            return
-        except OSError:
-            pass
+    if DROP_ALL and os.geteuid() == 0:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return
     for root in paths:
         files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
         for file in files:
@@ -127,17 +132,24 @@ def drop_cache(paths: list[Path]) -> None:
 def rounds(
     rows: dict[str, Callable[[], Any]], before: Callable[[], None] | None, repeat: int
 ) -> dict[str, float]:
-    """Median seconds per row; rows are interleaved so that machine noise hits all alike."""
-    times: dict[str, list[float]] = {label: [] for label in rows}
-    for _ in range(repeat):
-        for label, fn in rows.items():
+    """Best (minimum) seconds per row over ``repeat`` rounds.
+
+    Rows are interleaved and the order rotates every round, so that noise
+    from other processes on the machine hits every row alike; the minimum is
+    the least disturbed run.
+    """
+    labels = list(rows)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for index in range(repeat):
+        shift = index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
             if before is not None:
                 before()
             gc.collect()
             start = time.perf_counter()
-            fn()
+            rows[label]()
             times[label].append(time.perf_counter() - start)
-    return {label: statistics.median(values) for label, values in times.items()}
+    return {label: min(values) for label, values in times.items()}
 
 
 def bench_saves(work: Path, model: Any, opt: Any, nbytes: int, repeat: int) -> dict[str, float]:
@@ -230,10 +242,15 @@ def bench_listing(work: Path, count: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gb", type=float, default=1.0, help="state size (default 1.0)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per row; median reported")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per row; best reported")
+    parser.add_argument(
+        "--drop-caches", action="store_true", help="cold = drop every cache (root only)"
+    )
     parser.add_argument("--list-count", type=int, default=1000)
     parser.add_argument("--dir", type=Path, default=None, help="work directory (same disk)")
     args = parser.parse_args()
+    global DROP_ALL
+    DROP_ALL = args.drop_caches
     base = args.dir or Path(__file__).resolve().parent.parent / ".bench"
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-store-", dir=base))
@@ -241,7 +258,7 @@ def main() -> None:
         model, opt = build_state(args.size_gb)
         nbytes = state_bytes(model, opt)
         tensors = len(flat_tensors(model, opt))
-        print(f"state: {nbytes / GB:.2f} GB in {tensors} tensors, repeat={args.repeat} (median)")
+        print(f"state: {nbytes / GB:.2f} GB in {tensors} tensors, repeat={args.repeat} (best of)")
         saves = bench_saves(work, model, opt, nbytes, args.repeat)
         loads = bench_loads(work, model, opt, nbytes, args.repeat)
         cold, warm = bench_listing(work, args.list_count)
