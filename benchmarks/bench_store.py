@@ -214,6 +214,9 @@ def bench_loads(work: Path, model: Any, opt: Any, nbytes: int, repeat: int) -> d
     rows = {
         "resumable load": lambda: into_live(store.load(info)),
         "resumable load, mmap": lambda: into_live(store.load(info, mmap=True)),
+        "resumable load, mmap, verify=False": lambda: into_live(
+            store.load(info, mmap=True, verify=False)
+        ),
         "torch.load": lambda: into_live(torch.load(pt, weights_only=True)),
         "torch.load(mmap=True)": lambda: into_live(torch.load(pt, mmap=True, weights_only=True)),
     }

@@ -441,26 +441,34 @@ class CheckpointStore:
     def _from_path(self, path: Path) -> CheckpointInfo:
         return CheckpointInfo.from_manifest(fmt.read_manifest(path), path)
 
-    def load(self, ref: Any = "latest", *, subtree: str | None = None, mmap: bool = False) -> Any:
+    def load(
+        self,
+        ref: Any = "latest",
+        *,
+        subtree: str | None = None,
+        mmap: bool = False,
+        verify: bool = True,
+    ) -> Any:
         """Load a checkpoint's tree, verifying the checksums of what is read.
 
         With ``ref="latest"`` a checkpoint that fails to verify is skipped
         with a warning and the next newest one is loaded. ``subtree`` (dotted,
         e.g. ``"model"``) reads only that part; ``mmap=True`` maps tensors
-        copy-on-write from the file. Raises ``CheckpointNotFound``,
+        copy-on-write from the file; ``verify=False`` skips the checksums
+        (with mmap, bytes are then read only when used). Raises ``CheckpointNotFound``,
         ``CorruptCheckpoint`` or ``UnsupportedFormat``.
         """
         if ref == "latest":
             for info in self.list()[::-1]:
                 try:
-                    return fmt.read_tree(info.path, subtree=subtree, mmap=mmap)
+                    return fmt.read_tree(info.path, subtree=subtree, mmap=mmap, verify=verify)
                 except (CorruptCheckpoint, UnsupportedFormat) as exc:
                     self._warn_once(
                         str(info.path), f"skipping corrupt checkpoint {info.path}: {exc}"
                     )
             raise CheckpointNotFound(f"no loadable checkpoint in {self.directory}; save one first")
         info = self.get(ref)
-        return fmt.read_tree(info.path, subtree=subtree, mmap=mmap)
+        return fmt.read_tree(info.path, subtree=subtree, mmap=mmap, verify=verify)
 
     def verify(self, ref: Any = "latest") -> CheckpointInfo:
         """Check every checksum of a checkpoint; raise ``CorruptCheckpoint`` if one fails."""
