@@ -39,6 +39,8 @@ __all__ = [
     "RichRenderer",
     "format_duration",
     "format_line",
+    "format_number",
+    "format_rate",
     "format_size",
 ]
 
@@ -433,6 +435,7 @@ def format_number(value: Any) -> str:
 
 
 def format_rate(rate: float | None) -> str:
+    """``35.2/s``, ``0.25/s``; ``?`` when unknown."""
     if rate is None:
         return "?"
     if rate >= 100:
