@@ -13,6 +13,9 @@ from resumable.errors import (
     UnsupportedFormat,
     UnsupportedState,
 )
+from resumable.history import History
+from resumable.preflight import Preflight, PreflightResult
+from resumable.progress import Progress
 
 __version__ = "0.1.0"
 
@@ -21,7 +24,11 @@ __all__ = [
     "CheckpointNotFound",
     "ConfigError",
     "CorruptCheckpoint",
+    "History",
     "InvalidName",
+    "Preflight",
+    "PreflightResult",
+    "Progress",
     "ResumableError",
     "SaveFailed",
     "StateMismatch",

@@ -137,7 +137,7 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     root = Path(run_dir) / CHECKPOINTS_DIR
     try:
         entries = [e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
     found = []
     for entry in entries:
