@@ -404,3 +404,14 @@ def test_subprocess_off_a_terminal_writes_plain_lines_to_stderr(tmp_path: Path) 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout == ""
     assert out.stderr.startswith("progress step=5/5 100.0% ")
+
+
+@pytest.mark.gpu
+def test_gpu_memory_is_reported_when_torch_uses_cuda() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    block = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+    sample = ResourceMonitor(max_age=0.0).sample()
+    assert sample["gpu_memory_bytes"] is not None
+    assert sample["gpu_memory_bytes"] >= block.numel()

@@ -266,9 +266,11 @@ class Progress:
             "rate": self._rate,
             "elapsed": elapsed,
             "eta": eta,
+            # dict() copies are atomic under the GIL: a live display's refresh
+            # thread may call this while the loop adds a metric or a counter.
             "metrics": dict(self._metrics),
-            "best": {name: dict(b) for name, b in self._best.items()},
-            "counters": {name: self._counter_view(c, now) for name, c in self._counters.items()},
+            "best": {name: dict(b) for name, b in dict(self._best).items()},
+            "counters": {n: self._counter_view(c, now) for n, c in dict(self._counters).items()},
             "last_checkpoint": checkpoint,
             "resources": self.resources.sample(),
         }
