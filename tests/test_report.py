@@ -414,3 +414,12 @@ def test_cli_bad_directory_exits_2_with_one_line(tmp_path: Path, capsys: Any) ->
     assert run_cli(cli(str(tmp_path / "nope"))) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no such run directory" in err
+
+
+def test_a_long_history_is_thinned_for_the_plot_but_keeps_its_last_point(tmp_path: Path) -> None:
+    from resumable.report import MAX_PLOT_POINTS, _numeric_series
+
+    history = [{"step": s, "time": T0 + s, "loss": float(s)} for s in range(1, 12_346)]
+    ((name, steps, values),) = _numeric_series(history)
+    assert name == "loss" and len(steps) <= MAX_PLOT_POINTS + 1
+    assert steps[0] == 1 and steps[-1] == 12_345 and values[-1] == 12_345.0

@@ -52,6 +52,7 @@ REPORT_JSON = "report.json"
 REPORT_PNG = "report.png"
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
+MAX_PLOT_POINTS = 5000
 
 _MIN_WORDS = ("loss", "error", "err", "perplexity", "ppl", "mse", "mae", "rmse", "regret", "cost")
 _MAX_WORDS = (
@@ -721,6 +722,9 @@ def _numeric_series(history: list[dict[str, Any]]) -> list[tuple[str, list[int],
     series = []
     for name in _metric_names(history):
         points = [(r["step"], float(r[name])) for r in history if _is_number(r.get(name))]
+        if len(points) > MAX_PLOT_POINTS:  # keep the drawing fast; the last point stays
+            stride = math.ceil(len(points) / MAX_PLOT_POINTS)
+            points = points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
         if points:
             series.append((name, [p[0] for p in points], [p[1] for p in points]))
     return series
