@@ -415,3 +415,17 @@ def test_gpu_memory_is_reported_when_torch_uses_cuda() -> None:
     sample = ResourceMonitor(max_age=0.0).sample()
     assert sample["gpu_memory_bytes"] is not None
     assert sample["gpu_memory_bytes"] >= block.numel()
+
+
+def test_tensor_and_array_scalars_are_shown_as_numbers() -> None:
+    torch = pytest.importorskip("torch")
+    np = pytest.importorskip("numpy")
+    clock = FakeClock()
+    progress, stream = make(clock, total=10)
+    progress.start()
+    metrics = {"loss": torch.tensor(0.25), "acc": np.float64(0.5)}
+    progress.log(1, metrics, best={"loss": np.float32(0.25)})
+    progress.close()
+    fields = tokens(stream.getvalue().splitlines()[-1])
+    assert fields["loss"] == "0.25" and fields["acc"] == "0.5" and fields["best_loss"] == "0.25@1"
+    assert type(progress.snapshot()["metrics"]["loss"]) is float

@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import IO, Any, Protocol, runtime_checkable
 
+from resumable.errors import ConfigError
+
 __all__ = [
     "PlainRenderer",
     "Progress",
@@ -114,8 +116,6 @@ class Progress:
         rate_window: float = 20.0,
     ) -> None:
         if every < 0 or sample_interval < 0 or rate_window <= 0:
-            from resumable.errors import ConfigError
-
             raise ConfigError(
                 f"progress every={every}, sample_interval={sample_interval}, "
                 f"rate_window={rate_window}: use every >= 0, sample_interval >= 0, rate_window > 0"
@@ -176,12 +176,15 @@ class Progress:
         (reached at ``step``) or ``{"value": v, "step": s}``.
         """
         self._step = max(self._step, step)
-        self._metrics.update(metrics)
+        self._metrics.update({name: _plain(value) for name, value in metrics.items()})
         for name, value in (best or {}).items():
             if isinstance(value, Mapping):
-                self._best[name] = {"value": value.get("value"), "step": value.get("step", step)}
+                self._best[name] = {
+                    "value": _plain(value.get("value")),
+                    "step": value.get("step", step),
+                }
             else:
-                self._best[name] = {"value": value, "step": step}
+                self._best[name] = {"value": _plain(value), "step": step}
 
     def set_phase(self, name: str | None) -> None:
         """Name what the loop is doing now ("self-play", "training", "evaluation")."""
@@ -302,6 +305,19 @@ class Progress:
             self._rate += alpha * (instant - self._rate)
         self._sample_time = now
         self._sample_step = self._step
+
+
+def _plain(value: Any) -> Any:
+    """numpy and torch scalars as Python numbers, so lines and JSON read the same."""
+    if isinstance(value, (str, bytes, int, float)) or value is None:
+        return value
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return item()
+        except (ValueError, RuntimeError, TypeError):  # not a one-element array
+            return value
+    return value
 
 
 def _next_tick(due: float, interval: float, now: float) -> float:
