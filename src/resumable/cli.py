@@ -209,7 +209,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         )
     from resumable.demo import DemoConfig, run_demo
 
-    config = DemoConfig() if args.steps is None else DemoConfig(steps=args.steps)
+    config = DemoConfig() if args.steps is None else DemoConfig.for_steps(args.steps)
     if config.steps < 1:
         return _fail(args, f"--steps must be 1 or more, got {config.steps}", EXIT_BAD_INPUT)
     _check_directory_target(args.directory)
@@ -583,7 +583,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     store = CheckpointStore(
         location.store_dir,
         keep_last=args.keep_last,
-        keep_best=args.keep_best if best is not None else None,
+        # The best checkpoint is never pruned: keep at least one when a metric ranks them.
+        keep_best=(args.keep_best if args.keep_best is not None else 1) if best else None,
         best=best,
     )
     try:

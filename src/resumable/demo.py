@@ -34,7 +34,7 @@ DEFAULT_DIRECTORY = Path("runs/demo")
 class DemoConfig:
     """The demo's knobs; the defaults take about two minutes on two CPU cores."""
 
-    steps: int = 6000
+    steps: int = 24_000
     seed: int = 0
     features: int = 32
     classes: int = 10
@@ -44,8 +44,17 @@ class DemoConfig:
     batch_size: int = 256
     learning_rate: float = 2e-3
     eval_every: int = 100
-    save_every_steps: int = 500
+    save_every_steps: int = 1000
     save_every_seconds: float = 30.0
+
+    @classmethod
+    def for_steps(cls, steps: int) -> DemoConfig:
+        """A config for ``steps`` steps, with saves and evaluations spaced to match."""
+        return cls(
+            steps=steps,
+            eval_every=max(10, min(100, steps // 30)),
+            save_every_steps=max(10, min(1000, steps // 10)),
+        )
 
 
 class SyntheticTask:
@@ -146,27 +155,26 @@ def train(
 def next_steps(directory: Path, finished: bool) -> str:
     """What to try next, with the real directory in every command."""
     where = str(directory)
-    first = (
-        f"  resumable demo {where}      run it again: it continues where it stopped"
-        if not finished
-        else f"  resumable demo {where}      already finished; pass a new DIR to start over"
+    again = (
+        ("resumable demo DIR", f"a fresh run elsewhere ({where} is finished)")
+        if finished
+        else (f"resumable demo {where}", "run it again: it continues where it stopped")
     )
-    return "\n".join(
-        [
-            "Try next:",
-            first,
-            f"  resumable list {where}      the checkpoints it kept",
-            f"  resumable report {where}    the report of the run",
-            f"  resumable serve {where}     the dashboard",
-            f"  resumable run -- resumable demo {where}    restart it if it crashes",
-        ]
-    )
+    rows = [
+        again,
+        (f"resumable list {where}", "the checkpoints it kept"),
+        (f"resumable report {where}", "the report of the run"),
+        (f"resumable serve {where}", "the dashboard"),
+        (f"resumable run -- resumable demo {where}", "restart it whenever it crashes"),
+    ]
+    width = max(len(command) for command, _ in rows)
+    return "\n".join(["Try next:", *(f"  {command.ljust(width)}  {why}" for command, why in rows)])
 
 
 def run_demo(directory: Path, config: DemoConfig, *, serve: bool | int, stream: TextIO) -> int:
     """The ``resumable demo`` command: train, then say what to try next."""
     run = train(directory, config, serve=serve)
-    finished = run.step >= config.steps
+    finished = run.exit_reason == "finished"
     stream.write("\n" + next_steps(directory, finished) + "\n")
     stream.flush()
     return 0
