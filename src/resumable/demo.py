@@ -175,6 +175,9 @@ def run_demo(directory: Path, config: DemoConfig, *, serve: bool | int, stream: 
     """The ``resumable demo`` command: train, then say what to try next."""
     run = train(directory, config, serve=serve)
     finished = run.exit_reason == "finished"
+    report = directory / "report.txt"  # written by the run as it ended
+    if report.exists():
+        stream.write("\n" + report.read_text().rstrip("\n") + "\n")
     stream.write("\n" + next_steps(directory, finished) + "\n")
     stream.flush()
     return 0
