@@ -13,15 +13,20 @@ from resumable.errors import (
     UnsupportedFormat,
     UnsupportedState,
 )
+from resumable.format import CheckpointInfo
 from resumable.history import History
 from resumable.preflight import Preflight, PreflightResult
 from resumable.progress import Progress
+from resumable.state import RNGState, Stateful
+from resumable.store import CheckpointStore
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointExists",
+    "CheckpointInfo",
     "CheckpointNotFound",
+    "CheckpointStore",
     "ConfigError",
     "CorruptCheckpoint",
     "History",
@@ -29,9 +34,11 @@ __all__ = [
     "Preflight",
     "PreflightResult",
     "Progress",
+    "RNGState",
     "ResumableError",
     "SaveFailed",
     "StateMismatch",
+    "Stateful",
     "StoreLocked",
     "UnsupportedFormat",
     "UnsupportedState",
