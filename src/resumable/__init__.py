@@ -14,6 +14,9 @@ from resumable.errors import (
     UnsupportedState,
 )
 from resumable.format import CheckpointInfo
+from resumable.history import History
+from resumable.preflight import Preflight, PreflightResult
+from resumable.progress import Progress
 from resumable.state import RNGState, Stateful
 from resumable.store import CheckpointStore
 
@@ -26,7 +29,11 @@ __all__ = [
     "CheckpointStore",
     "ConfigError",
     "CorruptCheckpoint",
+    "History",
     "InvalidName",
+    "Preflight",
+    "PreflightResult",
+    "Progress",
     "RNGState",
     "ResumableError",
     "SaveFailed",
