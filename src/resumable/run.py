@@ -614,13 +614,9 @@ class Run:
         return self._stop_reason or self._interrupts.reason
 
     def _save_reason(self, boundary: Boundary) -> str:
-        if boundary.exiting:
+        policies = self._save_policy.policies
+        if boundary.exiting and any(isinstance(p, OnExit) for p in policies):
             return self._exit_reason or "exit"
-        policies = (
-            self._save_policy.policies
-            if isinstance(self._save_policy, AnyOf)
-            else (self._save_policy,)
-        )
         for policy in policies:
             if not isinstance(policy, (OnExit, OnRequest)) and policy.should_save(boundary):
                 return _POLICY_REASONS.get(type(policy).__name__, "policy")
