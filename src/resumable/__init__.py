@@ -1,5 +1,6 @@
 """resumable: make long-running Python processes safe to interrupt and cheap to resume."""
 
+from resumable.arguments import add_arguments
 from resumable.errors import (
     CheckpointExists,
     CheckpointNotFound,
@@ -13,20 +14,43 @@ from resumable.errors import (
     UnsupportedFormat,
     UnsupportedState,
 )
+from resumable.policy import (
+    AnyOf,
+    AtSteps,
+    EarlyStopping,
+    EveryNSeconds,
+    EveryNSteps,
+    OnExit,
+    OnImprovement,
+    OnRequest,
+    TimeLimit,
+)
+from resumable.run import Run
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnyOf",
+    "AtSteps",
     "CheckpointExists",
     "CheckpointNotFound",
     "ConfigError",
     "CorruptCheckpoint",
+    "EarlyStopping",
+    "EveryNSeconds",
+    "EveryNSteps",
     "InvalidName",
+    "OnExit",
+    "OnImprovement",
+    "OnRequest",
     "ResumableError",
+    "Run",
     "SaveFailed",
     "StateMismatch",
     "StoreLocked",
+    "TimeLimit",
     "UnsupportedFormat",
     "UnsupportedState",
     "__version__",
+    "add_arguments",
 ]
