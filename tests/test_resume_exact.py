@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,3 +147,91 @@ def test_interrupted_training_ends_bit_identical(
     assert len(sessions_recorded) == sessions
     # Every interruption landed inside the loop: no session but the last finished it.
     assert [s["start_step"] < TOTAL_STEPS for s in sessions_recorded] == [True] * sessions
+
+
+class CountingDataset:
+    """A map-style dataset that counts the samples actually read."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> int:
+        self.reads += 1
+        return index
+
+
+def _indices(batches: list[Any]) -> list[int]:
+    return [int(i) for batch in batches for i in batch]
+
+
+def test_the_loader_resumes_mid_epoch_without_reading_the_skipped_batches() -> None:
+    from resumable.integrations.torch import ResumableLoader
+
+    reference = _indices(list(ResumableLoader(CountingDataset(50), batch_size=4, seed=3)))
+    assert sorted(reference) == list(range(50))
+
+    first = ResumableLoader(CountingDataset(50), batch_size=4, seed=3)
+    iterator = iter(first)
+    seen = [next(iterator) for _ in range(5)]
+    state = first.state_dict()
+    assert state["epoch"] == 0 and state["batches"] == 5
+
+    dataset = CountingDataset(50)
+    resumed = ResumableLoader(dataset, batch_size=4, seed=3)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert _indices(seen) + _indices(rest) == reference
+    assert dataset.reads == 50 - 20  # only the samples it handed out
+    assert resumed.state_dict()["epoch"] == 1
+
+
+def test_a_huge_skip_is_immediate() -> None:
+    from resumable.integrations.torch import ResumableLoader
+
+    dataset = CountingDataset(1_000_000)
+    loader = ResumableLoader(dataset, batch_size=1, seed=0)
+    loader.load_state_dict(
+        {"epoch": 4, "batches": 999_990, "seed": 0, "length": 1_000_000, "batch_size": 1}
+    )
+    assert len(list(loader)) == 10
+    assert dataset.reads == 10
+    assert loader.state_dict()["epoch"] == 5
+
+
+def test_prefetching_workers_never_make_a_resume_skip_samples() -> None:
+    from resumable.integrations.torch import ResumableLoader
+
+    kwargs: dict[str, Any] = dict(batch_size=3, seed=11, num_workers=2, prefetch_factor=4)
+    reference = _indices(list(ResumableLoader(CountingDataset(40), batch_size=3, seed=11)))
+    first = ResumableLoader(CountingDataset(40), **kwargs)
+    iterator = iter(first)
+    seen = [next(iterator) for _ in range(4)]  # the workers have read ahead by now
+    state = first.state_dict()
+    del iterator
+    resumed = ResumableLoader(CountingDataset(40), **kwargs)
+    resumed.load_state_dict(state)
+    assert _indices(seen) + _indices(list(resumed)) == reference
+
+
+def test_forever_crosses_epochs_with_a_new_order_each_time() -> None:
+    from resumable.integrations.torch import ResumableLoader
+
+    loader = ResumableLoader(CountingDataset(6), batch_size=4, seed=0)
+    batches = loader.forever()
+    epochs = [_indices([next(batches), next(batches)]) for _ in range(3)]
+    assert all(sorted(e) == list(range(6)) for e in epochs)
+    assert epochs[0] != epochs[1] or epochs[1] != epochs[2]
+
+
+def test_a_loader_that_does_not_fit_the_saved_position_is_a_mismatch() -> None:
+    from resumable.errors import StateMismatch
+    from resumable.integrations.torch import ResumableLoader
+
+    state = ResumableLoader(CountingDataset(10), batch_size=2, seed=0).state_dict()
+    with pytest.raises(StateMismatch) as err:
+        ResumableLoader(CountingDataset(12), batch_size=2, seed=0).load_state_dict(state)
+    assert "length" in str(err.value)
