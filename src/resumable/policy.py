@@ -22,8 +22,9 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from resumable.errors import ConfigError
 
@@ -47,15 +48,19 @@ __all__ = [
 MODES = ("min", "max")
 
 
-@dataclass(frozen=True)
-class Boundary:
+_NO_VALUES: Mapping[str, Any] = MappingProxyType({})
+
+
+class Boundary(NamedTuple):
     """What a policy sees at a step boundary (or when the run is about to exit).
+
+    A named tuple: built after every step, so it must be cheap.
 
     Attributes:
         step: steps completed so far.
         elapsed: seconds since this session started.
         since_save: seconds since the last committed checkpoint, or since the
-            session started when none was committed in it.
+            loop started when none was committed in this session.
         last_save_step: the step of the last committed checkpoint, if any.
         metrics: the metrics logged during the step just finished (latest values).
         best: the best value of each watched metric before ``metrics``.
@@ -68,8 +73,8 @@ class Boundary:
     elapsed: float = 0.0
     since_save: float = 0.0
     last_save_step: int | None = None
-    metrics: Mapping[str, Any] = field(default_factory=dict)
-    best: Mapping[str, float] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = _NO_VALUES
+    best: Mapping[str, float] = _NO_VALUES
     step_seconds: float = 0.0
     exiting: bool = False
     requested: bool = False
@@ -203,7 +208,10 @@ class AnyOf(_Composable):
         object.__setattr__(self, "policies", tuple(flat))
 
     def should_save(self, boundary: Boundary) -> bool:
-        return any(policy.should_save(boundary) for policy in self.policies)
+        for policy in self.policies:  # noqa: SIM110 - a plain loop is faster per step
+            if policy.should_save(boundary):
+                return True
+        return False
 
 
 @dataclass(frozen=True)

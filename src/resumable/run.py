@@ -36,7 +36,6 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -215,6 +214,7 @@ class Run:
         self._step_metrics: dict[str, Any] = {}
         self._latest_metrics: dict[str, Any] = {}
         self._best: dict[str, dict[str, Any]] = {}
+        self._best_values: dict[str, float] = {}
         self._best_before_step: dict[str, float] | None = None
         self._store: CheckpointStore | None = None
         self._history: History | None = None
@@ -363,7 +363,7 @@ class Run:
         assert self._history is not None and self._progress is not None
         self._history.append(step, metrics)
         if self._best_before_step is None:
-            self._best_before_step = {k: v["value"] for k, v in self._best.items()}
+            self._best_before_step = dict(self._best_values)
         self._step_metrics.update(metrics)
         self._latest_metrics.update(metrics)
         self._update_best(step, metrics)
@@ -562,52 +562,56 @@ class Run:
     # -- the step boundary ------------------------------------------------
 
     def _end_boundary(self, *, exiting: bool = False) -> None:
+        # Runs after every step: keep the common path to a few attribute reads.
         now = time.monotonic()
         assert self._progress is not None
         self._progress.update(self._step)
         if now >= self._next_control:
             self._next_control = now + CONTROL_POLL_SECONDS
             self._poll_control()
-        boundary = self._boundary(now)
+        finished = self.total_steps is not None and self._step >= self.total_steps
+        stop_reason = self._pending_stop()
+        boundary = self._boundary(now, exiting or finished or stop_reason is not None)
         self._best_before_step = None
-        self._step_metrics = {}
+        if self._step_metrics:
+            self._step_metrics = {}
         for policy in self._stop_policies:
             reason = policy.should_stop(boundary)
             if reason is not None:
                 self.stop(reason)
-        stop_reason = self._pending_stop()
+        if stop_reason is None and self._pending_stop() is not None:
+            stop_reason = self._pending_stop()
+            boundary = boundary._replace(exiting=True)
         if stop_reason is not None and not self._stop_seen:
             self._stop_seen = True
             runfiles.append_event(self.directory, "stop-requested", self._step, reason=stop_reason)
             logger.info("stop requested (%s): finishing at step %d", stop_reason, self._step)
-        finished = self.total_steps is not None and self._step >= self.total_steps
-        exiting = exiting or finished or stop_reason is not None
-        boundary = replace(boundary, exiting=exiting, requested=bool(self._save_requests))
-        if exiting:
+        if boundary.exiting:
             self._exit_reason = stop_reason or "finished"
         due = self._save_policy.should_save(boundary)
-        if due and exiting and not boundary.requested and self._step == self._session_start_step:
-            due = False  # no step ran in this session: nothing new to keep
+        if due and boundary.exiting and not boundary.requested:
+            # No step ran in this session: nothing new to keep.
+            due = self._step != self._session_start_step
         if due:
             self._commit_checkpoint(self._save_reason(boundary), self._requested_name())
         if now >= self._next_status:
             self._next_status = now + runfiles.STATUS_INTERVAL
             self._write_status("stopping" if stop_reason else "running")
 
-    def _boundary(self, now: float) -> Boundary:
+    def _boundary(self, now: float, exiting: bool) -> Boundary:
         ran = self._step - self._session_start_step
         since = self._last_save_clock if self._last_save_clock is not None else self._loop_clock
         best = self._best_before_step
-        if best is None:
-            best = {k: v["value"] for k, v in self._best.items()}
         return Boundary(
-            step=self._step,
-            elapsed=now - self._started_clock,
-            since_save=now - since,
-            last_save_step=self._last_save_step,
-            metrics=self._step_metrics,
-            best=best,
-            step_seconds=(now - self._loop_clock) / ran if ran > 0 else 0.0,
+            self._step,
+            now - self._started_clock,
+            now - since,
+            self._last_save_step,
+            self._step_metrics,
+            self._best_values if best is None else best,
+            (now - self._loop_clock) / ran if ran > 0 else 0.0,
+            exiting,
+            bool(self._save_requests),
         )
 
     def _pending_stop(self) -> str | None:
@@ -726,6 +730,7 @@ class Run:
         if not isinstance(saved, Mapping):
             return
         self._best = {k: dict(v) for k, v in (saved.get("best") or {}).items()}
+        self._best_values = {k: v["value"] for k, v in self._best.items()}
         states = list(saved.get("stop_policies") or [])
         for policy, state in zip(self._stop_policies, states, strict=False):
             if state is not None and hasattr(policy, "load_state_dict"):
@@ -739,6 +744,7 @@ class Run:
             current = self._best.get(name)
             if current is None or is_better(value, current["value"], mode):
                 self._best[name] = {"value": value, "step": step}
+                self._best_values[name] = value
 
     # -- ending -----------------------------------------------------------
 
