@@ -405,6 +405,7 @@ def test_control_requests_save_once_and_stop(child: Child) -> None:
     assert child.result()["exit_reason"] == "request"
     assert child.checkpoints()[-1]["reason"] == "request"
     assert child.events("stopped")[-1]["request_id"] == stop.id
+    assert child.events("stop-requested")[-1]["request_id"] == stop.id
     status = json.loads((child.run_dir / "status.json").read_text())
     assert status["state"] == "stopped"
     assert status["step"] == child.result()["step"]

@@ -266,6 +266,9 @@ class Run:
         try:
             self._open_session()
         except BaseException:
+            if self._keyboard is not None:
+                self._keyboard.stop()
+            self._interrupts.restore()
             self._store.close()
             raise
         return self
@@ -584,7 +587,14 @@ class Run:
             boundary = boundary._replace(exiting=True)
         if stop_reason is not None and not self._stop_seen:
             self._stop_seen = True
-            runfiles.append_event(self.directory, "stop-requested", self._step, reason=stop_reason)
+            request_id = self._stop_request_ids[0] if self._stop_request_ids else None
+            runfiles.append_event(
+                self.directory,
+                "stop-requested",
+                self._step,
+                reason=stop_reason,
+                request_id=request_id,
+            )
             logger.info("stop requested (%s): finishing at step %d", stop_reason, self._step)
         if boundary.exiting:
             self._exit_reason = stop_reason or "finished"
