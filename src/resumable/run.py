@@ -909,6 +909,11 @@ class Run:
             runfiles.append_event(self.directory, "started", self._step)
 
     def _write_session_end(self, status: str) -> None:
+        resources: dict[str, Any] = {}
+        if self._progress is not None:
+            with contextlib.suppress(Exception):  # figures only; never spoil the exit
+                resources = self._progress.resources.sample()
+
         def update(data: dict[str, Any]) -> None:
             sessions = data.setdefault("sessions", [])
             if 0 <= self._session_index < len(sessions):
@@ -918,6 +923,8 @@ class Run:
                     end_step=self._step,
                     exit_reason=self._exit_reason,
                     status=status,
+                    peak_rss_bytes=resources.get("peak_rss_bytes"),
+                    cpu_seconds=resources.get("cpu_seconds"),
                 )
                 if self._error is not None:
                     session["error"] = self._error
