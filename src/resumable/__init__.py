@@ -14,6 +14,7 @@ from resumable.errors import (
     UnsupportedFormat,
     UnsupportedState,
 )
+from resumable.history import History
 from resumable.policy import (
     AnyOf,
     AtSteps,
@@ -25,6 +26,8 @@ from resumable.policy import (
     OnRequest,
     TimeLimit,
 )
+from resumable.preflight import Preflight, PreflightResult
+from resumable.progress import Progress
 from resumable.run import Run
 
 __version__ = "0.1.0"
@@ -39,10 +42,14 @@ __all__ = [
     "EarlyStopping",
     "EveryNSeconds",
     "EveryNSteps",
+    "History",
     "InvalidName",
     "OnExit",
     "OnImprovement",
     "OnRequest",
+    "Preflight",
+    "PreflightResult",
+    "Progress",
     "ResumableError",
     "Run",
     "SaveFailed",
