@@ -54,7 +54,8 @@ TRAIN = textwrap.dedent(
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=40, gamma=0.5)
 
-    with Run(run_dir, total_steps=total, save_every_steps=9, keep_last=2, progress=False) as run:
+    with Run(run_dir, total_steps=total, save_every_steps=9, keep_last=2, progress=False,
+             report=False) as run:
         run.track(model=model, optimizer=optimizer, scheduler=scheduler, data=loader)
         (run_dir / "looping").write_text("")
         batches = loader.forever()

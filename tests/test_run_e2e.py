@@ -45,6 +45,7 @@ CHILD = textwrap.dedent(
         import termios
         tty_settings = termios.tcgetattr(0)
     opts.setdefault("progress", False)
+    opts.setdefault("report", False)  # the report has its own tests; it costs an import
     state = {"sum": 0}
     with Run(run_dir, **opts) as run:
         run.track(state=state)

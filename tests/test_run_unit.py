@@ -238,6 +238,7 @@ def test_summary_phase_and_counters_reach_the_run_files(tmp_path: Path) -> None:
     assert data["config"]["total_steps"] == 2
     assert data["sessions"][0]["cpu_seconds"] > 0
     assert data["sessions"][0]["peak_rss_bytes"] > 0
+    assert "accuracy" in (tmp_path / "report.txt").read_text()  # written at exit
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["phase"] == "warmup"
     assert status["counters"]["episodes"]["value"] == 7

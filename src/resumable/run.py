@@ -126,6 +126,7 @@ class Run:
         compression: passed to the store (e.g. ``"zstd"``).
         config: your own settings, recorded in ``run.json`` under ``config.user``.
         history_csv: also keep ``metrics.csv`` up to date.
+        report: write ``report.txt``/``report.json``/``report.png`` at every exit.
         on_save, on_stop, on_finish, on_error: callbacks, called as
             ``on_save(run, info)``, ``on_stop(run)``, ``on_finish(run)``,
             ``on_error(run, exc)``; a failing callback is logged, never raised.
@@ -158,6 +159,7 @@ class Run:
         compression: str | None = None,
         config: Mapping[str, Any] | None = None,
         history_csv: bool = False,
+        report: bool = True,
         on_save: Callback | None = None,
         on_stop: Callback | None = None,
         on_finish: Callback | None = None,
@@ -184,6 +186,7 @@ class Run:
         self._compression = compression
         self._user_config = dict(config or {})
         self._history_csv = history_csv
+        self._report = report
         self._callbacks = {
             "on_save": on_save,
             "on_stop": on_stop,
@@ -855,6 +858,8 @@ class Run:
             self._progress.message(text)
 
     def _write_report(self) -> None:
+        if not self._report:
+            return
         try:  # the report room is optional here
             report = importlib.import_module("resumable.report")
         except ImportError:
