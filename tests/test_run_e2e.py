@@ -343,6 +343,9 @@ def test_resume_from_a_path_a_step_and_a_missing_one(child: Child) -> None:
     assert by_path.returncode == 0, by_path.stderr
     assert (child.tmp / "resumed.txt").read_text() == "3"
     assert child.result()["sum"] == sum(range(9))
+    assert "newer checkpoints (steps 6, 9)" in by_path.stderr
+    assert "abandoned continuation" in by_path.stderr
+    assert [c["step"] for c in child.checkpoints()] == [3, 6, 9]
     by_step = child.run(total_steps=9, resume=6)
     assert (child.tmp / "resumed.txt").read_text() == "6"
     assert by_step.returncode == 0

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from resumable import runfiles
 from resumable.errors import (
+    CheckpointExists,
     CheckpointNotFound,
     ConfigError,
     SaveFailed,
@@ -448,7 +449,8 @@ class Run:
         info = self._resolve_resume()
         assert self._store is not None
         if info is not None:
-            self._saved_tree = self._store.load(info.path)
+            self._saved_tree = self._store.load(info)
+            self._warn_if_newer(info)
             self._resumed_from = info
             self._last_info = info
             self._step = int(info.step)
@@ -494,6 +496,18 @@ class Run:
                 "list them with `resumable list`, or pass resume='auto' or 'never'"
             ) from exc
 
+    def _warn_if_newer(self, info: CheckpointInfo) -> None:
+        assert self._store is not None
+        newer = [c.step for c in self._store.list() if c.step > info.step]
+        if newer:
+            logger.warning(
+                "resuming from step %d although %s holds newer checkpoints (steps %s); "
+                "they are replaced as this run reaches their steps",
+                info.step,
+                self._store_dir(),
+                ", ".join(map(str, newer)),
+            )
+
     def _refuse_or_clear(self) -> None:
         assert self._store is not None
         existing = self._store.list()
@@ -506,7 +520,7 @@ class Run:
                 "resume='auto' to continue, or use another directory"
             )
         for info in existing:
-            self._store.delete(info.path, force=True)
+            self._store.delete(info, force=True)
         logger.info("cleared %d checkpoint(s) from %s", len(existing), self._store_dir())
 
     def _ask(self) -> CheckpointInfo | None:
@@ -677,17 +691,9 @@ class Run:
         if self._last_save_step == self._step and self._last_info is not None:
             self._answer_requests(self._last_info)
             return self._last_info
-        assert self._store is not None
         try:
-            info = self._store.save(
-                self._checkpoint_tree(),
-                self._step,
-                metrics=_plain_metrics(self._latest_metrics),
-                name=name,
-                reason=reason,
-                metadata={"run_id": self._run_id, "session": self._session_index},
-            )
-        except (SaveFailed, OSError) as exc:
+            info = self._save_replacing_abandoned(reason, name)
+        except (SaveFailed, CheckpointExists, OSError) as exc:
             logger.error("checkpoint at step %d failed: %s", self._step, exc)
             request_ids = [rid for rid, _ in self._save_requests] or [None]
             self._save_requests = []
@@ -705,6 +711,31 @@ class Run:
         logger.debug("checkpoint %s (%s)", info.path, reason)
         self._call("on_save", info)
         return info
+
+    def _save_replacing_abandoned(self, reason: str, name: str | None) -> CheckpointInfo:
+        assert self._store is not None
+
+        def save() -> CheckpointInfo:
+            assert self._store is not None
+            return self._store.save(
+                self._checkpoint_tree(),
+                self._step,
+                metrics=_plain_metrics(self._latest_metrics),
+                name=name,
+                reason=reason,
+                metadata={"run_id": self._run_id, "session": self._session_index},
+            )
+
+        try:
+            return save()
+        except CheckpointExists:
+            if name is not None or self._step <= self._session_start_step:
+                raise
+        # Resumed from an older checkpoint: the one at this step belongs to the
+        # abandoned continuation, and this session's state replaces it.
+        old = self._store.delete(self._step, force=True)
+        logger.info("replacing %s from an abandoned continuation", old.path)
+        return save()
 
     def _answer_requests(self, info: CheckpointInfo, *, new: bool = False) -> None:
         """A ``saved`` event for each pending request; one plain event for a new checkpoint."""
