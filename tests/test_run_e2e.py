@@ -413,3 +413,24 @@ def test_control_requests_save_once_and_stop(child: Child) -> None:
     status = json.loads((child.run_dir / "status.json").read_text())
     assert status["state"] == "stopped"
     assert status["step"] == child.result()["step"]
+
+
+def test_a_second_run_in_the_same_directory_is_refused_while_the_first_lives(
+    child: Child,
+) -> None:
+    proc = child.start(total_steps=100_000, ready_at=3, sleep=0.002)
+    try:
+        child.wait_for("ready", proc)
+        second = subprocess.run(
+            [sys.executable, str(child.script), json.dumps({"dir": str(child.run_dir)})],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 1
+        assert f"in use by a live run (pid {proc.pid}" in second.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert child.result()["exit_reason"] == "signal:SIGTERM"

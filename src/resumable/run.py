@@ -446,6 +446,7 @@ class Run:
     # -- starting ---------------------------------------------------------
 
     def _open_session(self) -> None:
+        self._refuse_if_attached()
         info = self._resolve_resume()
         assert self._store is not None
         if info is not None:
@@ -475,6 +476,17 @@ class Run:
         self._start_server()
         self._write_status("running")
         self._next_status = self._started_clock + runfiles.STATUS_INTERVAL
+
+    def _refuse_if_attached(self) -> None:
+        try:
+            status = runfiles.read_json(self.directory / runfiles.STATUS_FILE)
+        except Exception:  # a torn status file belongs to no live run
+            return
+        if runfiles.is_attached(status) and status.get("pid") != os.getpid():
+            raise ConfigError(
+                f"{self.directory} is in use by a live run (pid {status.get('pid')} on "
+                f"{status.get('host')}); stop it first or use another directory"
+            )
 
     def _resolve_resume(self) -> CheckpointInfo | None:
         assert self._store is not None
