@@ -14,6 +14,7 @@ from resumable.errors import (
     UnsupportedFormat,
     UnsupportedState,
 )
+from resumable.format import CheckpointInfo
 from resumable.history import History
 from resumable.policy import (
     AnyOf,
@@ -29,6 +30,8 @@ from resumable.policy import (
 from resumable.preflight import Preflight, PreflightResult
 from resumable.progress import Progress
 from resumable.run import Run
+from resumable.state import RNGState, Stateful
+from resumable.store import CheckpointStore
 
 __version__ = "0.1.0"
 
@@ -36,7 +39,9 @@ __all__ = [
     "AnyOf",
     "AtSteps",
     "CheckpointExists",
+    "CheckpointInfo",
     "CheckpointNotFound",
+    "CheckpointStore",
     "ConfigError",
     "CorruptCheckpoint",
     "EarlyStopping",
@@ -50,10 +55,12 @@ __all__ = [
     "Preflight",
     "PreflightResult",
     "Progress",
+    "RNGState",
     "ResumableError",
     "Run",
     "SaveFailed",
     "StateMismatch",
+    "Stateful",
     "StoreLocked",
     "TimeLimit",
     "UnsupportedFormat",
