@@ -368,3 +368,36 @@ def test_every_n_steps_policy_object_can_be_passed(tmp_path: Path) -> None:
         for _ in run.steps():
             pass
     assert [m["step"] for m in _manifests(tmp_path)] == [2, 4]
+
+
+def test_a_model_of_another_shape_is_a_state_mismatch_naming_it(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    with Run(tmp_path, total_steps=1, progress=False, report=False) as run:
+        run.track(model=torch.nn.Linear(2, 3))
+        for _ in run.steps():
+            pass
+    with (
+        Run(tmp_path, total_steps=2, progress=False, report=False) as run,
+        pytest.raises(StateMismatch) as err,
+    ):
+        run.track(model=torch.nn.Linear(2, 4))
+    message = str(err.value)
+    assert "model.weight shape (3, 2) in the checkpoint, (4, 2) now" in message
+    assert "model.bias shape (3,) in the checkpoint, (4,) now" in message
+    assert "\n" not in message
+
+
+def test_a_model_with_other_keys_lists_them(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    with Run(tmp_path, total_steps=1, progress=False, report=False) as run:
+        run.track(model=torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        for _ in run.steps():
+            pass
+    other = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    with (
+        Run(tmp_path, total_steps=2, progress=False, report=False) as run,
+        pytest.raises(StateMismatch) as err,
+    ):
+        run.track(model=other)
+    assert "model.1.weight missing from the checkpoint" in str(err.value)
+    assert "model.1.bias missing from the checkpoint" in str(err.value)

@@ -329,6 +329,7 @@ class Run:
                     "; track the same names as the run that saved it, or resume='never'"
                 )
             saved = {name: self._saved_tree[name] for name in objects}
+            _check_shapes(objects, saved, self._resumed_from)
             values = state_module.restore(objects, saved)
             for name, value in values.items():
                 restored[name] = _restore_in_place(objects[name], value)
@@ -1099,6 +1100,54 @@ def _watched_metrics(policy: AnyOf, best: tuple[str, str] | None) -> dict[str, s
         if isinstance(item, OnImprovement):
             watched.setdefault(item.metric, item.mode)
     return watched
+
+
+def _check_shapes(
+    targets: Mapping[str, Any], saved: Mapping[str, Any], info: CheckpointInfo | None
+) -> None:
+    """Raise ``StateMismatch`` listing the keys and shapes that differ, module by module.
+
+    Only flat name -> tensor mappings (a module's ``state_dict()``) are
+    compared; a framework's own message names one mismatch in a traceback.
+    """
+    problems: list[str] = []
+    for name, target in targets.items():
+        if not hasattr(target, "state_dict") or not isinstance(saved[name], Mapping):
+            continue
+        current = target.state_dict()
+        if not (_tensor_table(current) and _tensor_table(saved[name])):
+            continue
+        problems.extend(_table_differences(name, current, saved[name]))
+    if problems:
+        shown = "; ".join(problems[:12])
+        more = f"; and {len(problems) - 12} more" if len(problems) > 12 else ""
+        where = info.path if info is not None else "the checkpoint"
+        raise StateMismatch(
+            f"{where} does not fit: {shown}{more}; build the objects as the run that saved "
+            "it did, or start fresh with resume='never'"
+        )
+
+
+def _tensor_table(value: Any) -> bool:
+    return (
+        isinstance(value, Mapping)
+        and len(value) > 0
+        and all(isinstance(k, str) and hasattr(v, "shape") for k, v in value.items())
+    )
+
+
+def _table_differences(
+    name: str, current: Mapping[str, Any], saved: Mapping[str, Any]
+) -> list[str]:
+    problems = [f"{name}.{k} missing from the checkpoint" for k in current if k not in saved]
+    problems += [f"{name}.{k} unexpected in the checkpoint" for k in saved if k not in current]
+    for key, value in current.items():
+        if key in saved and tuple(value.shape) != tuple(saved[key].shape):
+            problems.append(
+                f"{name}.{key} shape {tuple(saved[key].shape)} in the checkpoint, "
+                f"{tuple(value.shape)} now"
+            )
+    return problems
 
 
 def _restore_in_place(original: Any, value: Any) -> Any:
