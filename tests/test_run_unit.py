@@ -263,7 +263,16 @@ def test_the_loop_can_be_left_with_break(tmp_path: Path) -> None:
             if step == 4:
                 break
     assert run.step == 5
+    assert run.exit_reason == "finished"  # no step count to reach
     assert _manifests(tmp_path)[-1]["step"] == 5
+    with Run(tmp_path / "counted", total_steps=10, progress=False) as run:
+        for step in run.steps():
+            if step == 2:
+                break
+    assert run.exit_reason == "exit"
+    assert _manifests(tmp_path / "counted")[-1]["reason"] == "exit"
+    data = json.loads((tmp_path / "counted" / "run.json").read_text())
+    assert data["status"] == "stopped"
 
 
 def test_a_run_is_used_inside_its_with_block(tmp_path: Path) -> None:
@@ -401,3 +410,28 @@ def test_a_model_with_other_keys_lists_them(tmp_path: Path) -> None:
         run.track(model=other)
     assert "model.1.weight missing from the checkpoint" in str(err.value)
     assert "model.1.bias missing from the checkpoint" in str(err.value)
+
+
+def test_auto_skips_a_corrupt_newest_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    np = pytest.importorskip("numpy")
+    weights = np.zeros(64)
+    with Run(tmp_path, total_steps=4, save_every_steps=2, progress=False, report=False) as run:
+        run.track(weights=weights)
+        for step in run.steps():
+            weights += step
+    newest = tmp_path / "checkpoints" / "step-000004"
+    payload = next(p for p in newest.iterdir() if p.name.startswith("tensors"))
+    data = bytearray(payload.read_bytes())
+    data[-1] ^= 0xFF
+    payload.write_bytes(bytes(data))
+    restored = np.full(64, -1.0)
+    with (
+        caplog.at_level(logging.WARNING, logger="resumable"),
+        Run(tmp_path, total_steps=4, progress=False, report=False) as run,
+    ):
+        run.track(weights=restored)
+        assert run.step == 2
+        assert restored.tolist() == [1.0] * 64  # steps 0 and 1, in place
+    assert "skipping corrupt checkpoint" in caplog.text

@@ -45,6 +45,7 @@ from resumable.errors import (
     CheckpointExists,
     CheckpointNotFound,
     ConfigError,
+    CorruptCheckpoint,
     SaveFailed,
     StateMismatch,
 )
@@ -451,7 +452,8 @@ class Run:
         info = self._resolve_resume()
         assert self._store is not None
         if info is not None:
-            self._saved_tree = self._store.load(info)
+            if self._saved_tree is None:
+                self._saved_tree = self._store.load(info)
             self._warn_if_newer(info)
             self._resumed_from = info
             self._last_info = info
@@ -495,7 +497,7 @@ class Run:
         if isinstance(ref, str) and ref.strip().isdigit():
             ref = int(ref)
         if ref == "auto":
-            return self._store.latest()
+            return self._load_newest_good()
         if ref == "never":
             self._refuse_or_clear()
             return None
@@ -520,6 +522,18 @@ class Run:
                 self._store_dir(),
                 ", ".join(map(str, newer)),
             )
+
+    def _load_newest_good(self) -> CheckpointInfo | None:
+        """The newest checkpoint that loads, loaded: one read that also verifies."""
+        assert self._store is not None
+        for info in reversed(self._store.list()):
+            try:
+                self._saved_tree = self._store.load(info)
+            except CorruptCheckpoint as exc:
+                logger.warning("skipping corrupt checkpoint %s: %s", info.path, exc)
+                continue
+            return info
+        return None
 
     def _refuse_or_clear(self) -> None:
         assert self._store is not None
@@ -627,7 +641,10 @@ class Run:
             )
             logger.info("stop requested (%s): finishing at step %d", stop_reason, self._step)
         if boundary.exiting:
-            self._exit_reason = stop_reason or "finished"
+            # Left early without a stop request (a `break`, no loop at all):
+            # finished only when there was no step count to reach.
+            complete = finished or self.total_steps is None
+            self._exit_reason = stop_reason or ("finished" if complete else "exit")
         due = self._save_policy.should_save(boundary)
         if due and boundary.exiting and not boundary.requested:
             # No step ran in this session: nothing new to keep.
