@@ -602,8 +602,8 @@ class Run:
         except Exception as exc:  # the dashboard must never stop a run from starting
             logger.warning("dashboard not started: %s", exc)
             return
-        logger.info("dashboard at %s", self._server.url)
-        if self._progress is not None:
+        # The server logs its address; show it on the display when nobody logs.
+        if self._progress_option and self._progress is not None and not logger.hasHandlers():
             self._progress.message(f"dashboard at {self._server.url}")
 
     # -- the step boundary ------------------------------------------------
