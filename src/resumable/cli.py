@@ -78,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
+    _show_library_messages()
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -92,6 +93,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, _describe_os_error(exc), EXIT_BAD_INPUT)
     except ModuleNotFoundError as exc:  # an optional dependency this command needs
         return _fail(args, _missing_module(exc), EXIT_BAD_INPUT)
+
+
+def _show_library_messages() -> None:
+    """Show resumable's log messages (a served URL, a resume, a skipped checkpoint)
+    on stderr as plain lines, unless the embedding program configured logging."""
+    import logging
+
+    logger = logging.getLogger("resumable")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:
