@@ -330,8 +330,9 @@ def _marked(store: Any) -> tuple[str | None, str | None]:
     ids = []
     for method in ("latest", "best"):
         try:
-            info = getattr(store, method)()
-        except (ResumableError, TypeError, ValueError):
+            # verify=False: reading every checksum on each listing would cost a full read
+            info = getattr(store, method)(verify=False)
+        except ResumableError:  # best() on a run without a best metric
             info = None
         ids.append(Path(info.path).name if info is not None else None)
     return ids[0], ids[1]

@@ -120,6 +120,7 @@ function renderStatus(s) {
   }
   $("save-button").disabled = !isLive();
   $("stop-button").disabled = !isLive() || s.state === "stopping";
+  for (const button of document.querySelectorAll("button.delete")) button.disabled = isLive();
 
   const percent = typeof s.percent === "number" ? s.percent : null;
   $("progress-fill").style.width = (percent === null ? 0 : percent) + "%";
@@ -162,7 +163,7 @@ function svgNode(tag, attrs, text) {
 }
 
 function plotSeries(name, points) {
-  const width = 480, height = 180, left = 52, right = 10, top = 8, bottom = 22;
+  const width = 480, height = 200, left = 56, right = 12, top = 10, bottom = 24;
   const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
   let [x0, x1] = [Math.min(...xs), Math.max(...xs)];
   let [y0, y1] = [Math.min(...ys), Math.max(...ys)];
@@ -170,7 +171,7 @@ function plotSeries(name, points) {
   if (y0 === y1) { const pad = Math.abs(y0) * 0.1 || 1; y0 -= pad; y1 += pad; }
   const sx = (x) => left + ((x - x0) / (x1 - x0)) * (width - left - right);
   const sy = (y) => top + (1 - (y - y0) / (y1 - y0)) * (height - top - bottom);
-  const svg = svgNode("svg", { viewBox: `0 0 ${width} ${height}`, preserveAspectRatio: "none", role: "img",
+  const svg = svgNode("svg", { viewBox: `0 0 ${width} ${height}`, role: "img",
                                "aria-label": name + " by step" });
   for (let i = 0; i <= 3; i++) {
     const y = y0 + ((y1 - y0) * i) / 3;
@@ -221,7 +222,9 @@ function renderCheckpoints(checkpoints) {
     if (c.best) nameCell.append(el("span", { className: "tag", textContent: "best" }));
     if (c.note) nameCell.append(el("span", { className: "note", textContent: c.note }));
     const metrics = Object.entries(c.metrics || {}).map(([k, v]) => k + "=" + fmtNumber(v)).join("  ");
-    const remove = el("button", { className: "small danger", textContent: "Delete", title: "Delete " + c.id });
+    const remove = el("button", { className: "small danger delete", textContent: "Delete",
+      title: isLive() ? "A live run owns its checkpoints; delete once it has ended" : "Delete " + c.id });
+    remove.disabled = isLive();
     remove.addEventListener("click", () => deleteCheckpoint(c));
     const row = el("tr", {},
       el("td", { className: "num", textContent: fmtNumber(c.step) }),
