@@ -43,24 +43,29 @@ log = logging.getLogger("resumable.server")
 STATIC_DIR = Path(__file__).parent / "static"
 CHECKPOINTS_DIR = "checkpoints"
 REPORT_FILE = "report.json"
-_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut} for code in (400, 401, 404, 409, 413, 415, 422)
 }
 
 
 def check_name(name: str) -> str:
-    """Return ``name`` if it can name a checkpoint, else raise ``InvalidName``.
+    """The name the store will use for ``name``, or ``InvalidName`` (answered with 400).
 
-    The same rule as the store: letters, digits, ``.``, ``_`` and ``-``,
-    starting with a letter or digit, at most 100 characters.
+    Checked here so that a bad name fails the request at once instead of the
+    save at the run's next step.
     """
-    if not name or len(name) > 100 or not _NAME_PATTERN.fullmatch(name):
-        raise InvalidName(
-            f"checkpoint name {name[:40]!r} is unusable; use 1-100 letters, digits, '.', '_' "
-            "or '-', starting with a letter or digit"
-        )
-    return name
+    try:
+        from resumable.store import sanitize_name
+    except ImportError:  # a store without its own rule: the strict subset of it
+        if not _NAME_PATTERN.fullmatch(name) or name.isdigit() or name in ("latest", "best"):
+            raise InvalidName(
+                f"checkpoint name {name!r} is unusable; use letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            ) from None
+        return name
+    clean: str = sanitize_name(name)
+    return clean
 
 
 class RunDirectory:
@@ -129,7 +134,12 @@ class RunDirectory:
                 f"checkpoint {checkpoint_id!r} is the {role} one; add ?force=true to delete it"
             )
         try:
-            store.delete(str(matches[0].path), force=True)
+            store.delete(matches[0].path, force=True)
+        except StoreLocked as exc:
+            raise _Conflict(
+                f"a live run writes to {self.path / CHECKPOINTS_DIR} and owns its checkpoints; "
+                "delete this one once the run has ended"
+            ) from exc
         finally:
             close = getattr(store, "close", None)
             if close is not None:
@@ -213,10 +223,9 @@ def _add_routes(
         (``saved`` or ``save-failed`` with this ``request_id``) arrives on
         ``/api/events``. While a save request is pending, new ones are coalesced
         into it. 409 when no live run is attached."""
-        if body.name is not None:
-            check_name(body.name)
+        name = check_name(body.name) if body.name is not None else None
         _require_attached(run)
-        return run.submit("save", name=body.name, note=body.note or None)
+        return run.submit("save", name=name, note=body.note or None)
 
     @api.delete("/api/checkpoints/{checkpoint_id}", response_model=DeletedOut, tags=["checkpoints"])
     def delete_checkpoint(

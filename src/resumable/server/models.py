@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MAX_NAME_LENGTH = 100
+MAX_NAME_LENGTH = 64
 MAX_NOTE_LENGTH = 1000
 MAX_REASON_LENGTH = 200
 
