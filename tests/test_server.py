@@ -464,13 +464,16 @@ def test_report(client: Any, run_dir: Path) -> None:
 
 
 def test_report_before_the_run_wrote_one(client: Any, run_dir: Path) -> None:
-    answer = client.get("/api/report")
-    try:
-        import resumable.report  # noqa: F401
-    except ImportError:
-        assert answer.status_code == 404 and "report.json" in answer.json()["detail"]
-    else:
-        assert answer.status_code == 200 and isinstance(answer.json(), dict)
+    empty = client.get("/api/report")
+    assert empty.status_code == 404 and "no report" in empty.json()["detail"]
+    history = History(run_dir)
+    for step in range(1, 6):
+        history.append(step, {"loss": 1.0 / step})
+    history.close()
+    built = client.get("/api/report")
+    assert built.status_code == 200
+    assert "loss" in json.dumps(built.json())
+    assert not (run_dir / "report.json").exists()  # built for the answer, never written
 
 
 # ---- the OpenAPI document and the page ----

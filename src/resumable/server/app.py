@@ -10,7 +10,6 @@ Nothing here ever waits on the training loop.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,6 @@ log = logging.getLogger("resumable.server")
 STATIC_DIR = Path(__file__).parent / "static"
 CHECKPOINTS_DIR = "checkpoints"
 REPORT_FILE = "report.json"
-_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut} for code in (400, 401, 404, 409, 413, 415, 422)
 }
@@ -52,18 +50,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 def check_name(name: str) -> str:
     """The name the store will use for ``name``, or ``InvalidName`` (answered with 400).
 
-    Checked here so that a bad name fails the request at once instead of the
-    save at the run's next step.
+    The store's own rule (``store.sanitize_name``), checked here so that a bad
+    name fails the request at once instead of the save at the run's next step.
     """
-    try:
-        from resumable.store import sanitize_name
-    except ImportError:  # a store without its own rule: the strict subset of it
-        if not _NAME_PATTERN.fullmatch(name) or name.isdigit() or name in ("latest", "best"):
-            raise InvalidName(
-                f"checkpoint name {name!r} is unusable; use letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit"
-            ) from None
-        return name
+    from resumable.store import sanitize_name
+
     clean: str = sanitize_name(name)
     return clean
 
@@ -153,13 +144,14 @@ class RunDirectory:
         saved = runfiles.read_json(self.path / REPORT_FILE)
         if isinstance(saved, dict):
             return saved
+        from resumable.report import build_report
+
         try:
-            from resumable.report import build_report
-        except ImportError:
+            report: dict[str, Any] = build_report(self.path)
+        except ResumableError as exc:  # nothing of a run here yet
             raise CheckpointNotFound(
-                f"no {REPORT_FILE} in {self.path} yet; it is written when the run ends"
-            ) from None
-        report: dict[str, Any] = build_report(self.path)
+                f"no report for {self.path} yet: {_one_line(str(exc))}"
+            ) from exc
         return report
 
 
