@@ -9,6 +9,9 @@ saves with the checkpoint store and answers through ``events.jsonl``.
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+import resumable
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -256,3 +261,88 @@ def test_a_wrong_token_is_asked_for_again(
     page.goto(handle.url + "#token=wrong")
     sync_api.expect(page.locator("#state")).to_have_text("live", timeout=WAIT_MS)
     assert prompts and "token" in prompts[0]
+
+
+TRAIN_SCRIPT = """
+import sys, time
+import resumable
+
+run_dir, port = sys.argv[1], int(sys.argv[2])
+with resumable.Run(run_dir, total_steps=1_000_000, serve=port, keyboard=False,
+                   progress=False, report=False) as run:
+    run.track(weights=[0.0] * 16)
+    for step in run.steps():
+        time.sleep(0.005)  # the training step
+        run.state["weights"][step % 16] += 1.0
+        if step % 10 == 0:
+            run.log(loss=1.0 / (1 + step), accuracy=1.0 - 1.0 / (2 + step))
+print("exit", run.exit_reason, run.step, flush=True)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_save_and_stop_a_real_run_from_the_page(browser_page: Any, tmp_path: Path) -> None:
+    if not hasattr(resumable, "Run"):
+        pytest.skip("resumable.Run has not landed in this tree yet")
+    expect = sync_api.expect
+    page = browser_page
+    run_dir = tmp_path / "run"
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_SCRIPT)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(run_dir), str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the run's dashboard did not come up"
+            try:
+                page.goto(url)
+                break
+            except sync_api.Error:
+                time.sleep(0.1)
+        expect(page.locator("#state")).to_have_text("live", timeout=WAIT_MS)
+        page.get_by_role("button", name="Save checkpoint").click()
+        page.locator("#save-name").fill("from-the-page")
+        page.locator("#save-confirm").click()
+        expect(page.locator(".toast.ok", has_text="Saved checkpoint from-the-page")).to_be_visible(
+            timeout=WAIT_MS
+        )
+        row = page.locator("#checkpoints tbody tr", has_text="from-the-page")
+        expect(row).to_be_visible(timeout=WAIT_MS)
+        [saved] = [
+            i
+            for i in store_module.CheckpointStore(run_dir / "checkpoints").list()
+            if i.name == "from-the-page"
+        ]
+        assert saved.reason == "request" and saved.path.is_dir()
+        expect(row.locator("td").first).to_have_text(f"{saved.step:,}")
+        screenshot(page, tmp_path, "dashboard-real-run")
+
+        page.get_by_role("button", name="Stop").click()
+        page.locator("#confirm-ok").click()
+        expect(page.locator(".toast", has_text="The run stopped")).to_be_visible(timeout=WAIT_MS)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, output
+    assert "exit request" in output
+    emergency = store_module.CheckpointStore(run_dir / "checkpoints").latest()
+    assert emergency is not None and emergency.reason == "request"
+    assert emergency.step > saved.step
+    expect(page.locator(".toast", has_text=f"stopped at step {emergency.step:,}")).to_be_visible()
+    expect(page.get_by_role("button", name="Save checkpoint")).to_be_disabled(timeout=WAIT_MS)

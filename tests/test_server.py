@@ -441,6 +441,22 @@ def test_close_ends_open_event_streams(run_dir: Path) -> None:
     assert ended.is_set()
 
 
+def test_close_still_sends_the_runs_last_words(run_dir: Path) -> None:
+    write_status(run_dir)
+    handle = serve_in_thread(run_dir)
+    kinds: list[str] = []
+    with httpx.stream("GET", handle.url + "api/events", timeout=TIMEOUT) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                kinds.append(line.split(":", 1)[1].strip())
+                if len(kinds) == 1:  # the stream is open: the run ends and closes its server
+                    write_status(run_dir, state="stopped")
+                    runfiles.append_event(run_dir, "stopped", 40, reason="request")
+                    handle.close()
+    assert kinds[0] == "progress" and "stopped" in kinds
+    assert not handle.running
+
+
 # ---- history and report ----
 
 

@@ -10,6 +10,7 @@ Nothing here ever waits on the training loop.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -350,12 +351,24 @@ def _checkpoint_out(info: Any, latest: str | None, best: str | None) -> Checkpoi
         reason=info.reason,
         created=info.created,
         metrics=dict(info.metrics or {}),
-        size=info.size,
+        size=max(int(info.size), _size_on_disk(Path(info.path))),
         path=str(info.path),
         note=note if isinstance(note, str) else None,
         latest=checkpoint_id == latest,
         best=checkpoint_id == best,
     )
+
+
+def _size_on_disk(directory: Path) -> int:
+    """Bytes of the checkpoint's files, the manifest included (the store counts payloads)."""
+    total = 0
+    try:
+        for entry in os.scandir(directory):
+            if entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_size
+    except OSError:
+        return 0
+    return total
 
 
 def _version() -> str:

@@ -80,17 +80,25 @@ async def event_stream(
     last_sent = time.monotonic()
     while not stopping.is_set():
         await asyncio.sleep(poll)
-        for record in tail.read_new():
-            yield format_event(record["kind"], record)
-            last_sent = time.monotonic()
+        # The status first: a run rewrites it before appending its last event.
         status = read_status()
         if status.get("updated") != last_updated or status.get("attached") != last_attached:
             last_updated, last_attached = status.get("updated"), status.get("attached")
             yield format_event("progress", status)
             last_sent = time.monotonic()
+        for record in tail.read_new():
+            yield format_event(record["kind"], record)
+            last_sent = time.monotonic()
         if time.monotonic() - last_sent >= heartbeat:
             yield ": heartbeat\n\n"
             last_sent = time.monotonic()
+    # A run closes its server right after its last words ("stopped", "finished"):
+    # send what it wrote since the last poll before the stream ends.
+    status = read_status()
+    if status.get("updated") != last_updated:
+        yield format_event("progress", status)
+    for record in tail.read_new():
+        yield format_event(record["kind"], record)
 
 
 def _size(path: Path) -> int:

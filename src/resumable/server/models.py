@@ -58,7 +58,7 @@ class CheckpointOut(BaseModel):
     reason: str | None = None
     created: float = Field(description="epoch seconds")
     metrics: dict[str, Any] = Field(default_factory=dict)
-    size: int = Field(description="bytes on disk")
+    size: int = Field(description="bytes on disk, the manifest included")
     path: str
     note: str | None = None
     latest: bool = False

@@ -312,17 +312,21 @@ async function deleteCheckpoint(c) {
 
 // ---- live events ----
 function handleEvent(kind, data) {
-  if (kind === "progress") { renderStatus(data); return; }
+  if (kind === "progress") {
+    renderStatus(data);
+    if (Date.now() - lastHistory > 1500) refreshHistory();
+    return;
+  }
   if (kind === "saved") {
     toast(`Saved checkpoint ${data.name || ""} at step ${fmtNumber(data.step)}`.replace("  ", " "), "ok");
     refreshCheckpoints();
   } else if (kind === "save-failed") {
     toast("Save failed: " + (data.error || data.message || "see the run's log"), "error");
   } else if (kind === "stopped") {
-    toast("The run stopped" + (data.reason ? ": " + data.reason : "") + ".", "info");
+    toast(`The run stopped at step ${fmtNumber(data.step)}` + (data.reason ? ` (${data.reason})` : "") + ".", "info");
     refreshCheckpoints();
   } else if (kind === "finished") {
-    toast("The run finished.", "ok");
+    toast(`The run finished at step ${fmtNumber(data.step)}.`, "ok");
     refreshCheckpoints();
   } else if (kind === "failed") {
     toast("The run failed" + (data.error ? ": " + data.error : "") + ".", "error");
@@ -368,7 +372,9 @@ async function refreshStatus() {
 async function refreshCheckpoints() {
   try { renderCheckpoints((await api("GET", "/api/checkpoints")).checkpoints); } catch (e) { /* next time */ }
 }
+let lastHistory = 0;
 async function refreshHistory() {
+  lastHistory = Date.now();
   try { renderHistory((await api("GET", "/api/history?limit=20000")).records); } catch (e) { /* next time */ }
 }
 function offline() {
