@@ -1,0 +1,169 @@
+"""Every example, stopped by SIGINT, SIGTERM or SIGKILL and resumed, ends as an uninterrupted run.
+
+Each example runs at its small size in a subprocess. The reference is an
+uninterrupted run; an interrupted run is signalled once a checkpoint exists
+(mid-run), started again with the same ``--dir`` and must print the very same
+``result:`` line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+import resumable
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not hasattr(resumable, "Run"), reason="resumable.Run has not landed"),
+]
+
+
+def start(example: str, run_dir: Path, *extra: str) -> subprocess.Popen[str]:
+    env = dict(os.environ, RESUMABLE_EXAMPLE_SMALL="1")
+    return subprocess.Popen(
+        [sys.executable, str(EXAMPLES / f"{example}.py"), "--dir", str(run_dir), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def result_line(out: str, err: str) -> str:
+    lines = [line for line in out.splitlines() if line.startswith("result: ")]
+    assert len(lines) == 1, f"no single result line; stdout:\n{out}\nstderr:\n{err[-3000:]}"
+    return lines[0]
+
+
+def run_to_end(example: str, run_dir: Path, *extra: str) -> str:
+    code, out, err = finish(start(example, run_dir, *extra))
+    assert code == 0, err[-3000:]
+    return result_line(out, err)
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    ckpt = run_dir / "checkpoints"
+    return ckpt.is_dir() and any(p.name.startswith("step-") for p in ckpt.iterdir())
+
+
+def wait_for(proc: subprocess.Popen[str], ready: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            _out, err = proc.communicate()
+            pytest.fail(f"the example ended before it could be interrupted:\n{err[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the example never reached the point to interrupt it")
+        time.sleep(0.01)
+
+
+def interrupt(
+    proc: subprocess.Popen[str], sig: signal.Signals, ready: Callable[[], bool]
+) -> tuple[int, str, str]:
+    wait_for(proc, ready)
+    os.kill(proc.pid, sig)
+    code, out, err = finish(proc)
+    if sig == signal.SIGKILL:
+        assert code == -signal.SIGKILL
+    else:
+        assert code == 0, err[-3000:]
+        assert "result: " not in out, "the run finished before the signal arrived"
+    return code, out, err
+
+
+_references: dict[tuple[str, ...], str] = {}
+
+
+def reference(example: str, tmp_path_factory: pytest.TempPathFactory, *extra: str) -> str:
+    key = (example, *extra)
+    if key not in _references:
+        _references[key] = run_to_end(example, tmp_path_factory.mktemp(f"ref-{example}"), *extra)
+    return _references[key]
+
+
+# -- train_torch --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
+def test_train_torch_resumes_mid_epoch(
+    sig: signal.Signals, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    expected = reference("train_torch", tmp_path_factory)
+    proc = start("train_torch", tmp_path)
+    interrupt(proc, sig, lambda: has_checkpoint(tmp_path))
+    assert run_to_end("train_torch", tmp_path) == expected
+
+
+# -- rl_episodes --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_rl_episodes_resume_from_the_next_episode(
+    sig: signal.Signals, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    expected = reference("rl_episodes", tmp_path_factory)
+    proc = start("rl_episodes", tmp_path)
+    interrupt(proc, sig, lambda: has_checkpoint(tmp_path))
+    # The result line carries digests of the Q weights and the whole replay buffer.
+    assert run_to_end("rl_episodes", tmp_path) == expected
+
+
+# -- evolution ----------------------------------------------------------------
+
+
+def workers_of(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def assert_all_gone(processes: list[psutil.Process], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    alive = processes
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.02)
+    assert not alive, f"worker processes left behind: {[p.pid for p in alive]}"
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name
+)
+def test_evolution_resumes_generations_and_leaves_no_workers(
+    sig: signal.Signals, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    expected = reference("evolution", tmp_path_factory)
+    proc = start("evolution", tmp_path)
+    workers: list[psutil.Process] = []
+
+    def ready() -> bool:
+        workers[:] = workers_of(proc.pid)
+        return has_checkpoint(tmp_path) and len(workers) == 2
+
+    interrupt(proc, sig, ready)
+    assert_all_gone(workers)
+    exported = sorted((tmp_path / "best").glob("gen-*.json"))
+    assert exported and all(json.loads(p.read_text())["genome"]["conns"] for p in exported)
+    assert not list((tmp_path / "best").glob(".tmp-*")) or sig == signal.SIGKILL
+    assert run_to_end("evolution", tmp_path) == expected
+    generations = int(expected.split("generations=")[1].split()[0])
+    assert len(list((tmp_path / "best").glob("gen-*.json"))) == generations
