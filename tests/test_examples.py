@@ -8,13 +8,17 @@ uninterrupted run; an interrupted run is signalled once a checkpoint exists
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
@@ -167,3 +171,125 @@ def test_evolution_resumes_generations_and_leaves_no_workers(
     assert run_to_end("evolution", tmp_path) == expected
     generations = int(expected.split("generations=")[1].split()[0])
     assert len(list((tmp_path / "best").glob("gen-*.json"))) == generations
+
+
+# -- downloads ----------------------------------------------------------------
+
+
+def item_body(name: str) -> bytes:
+    return hashlib.sha256(name.encode()).digest() * 512  # 16 KiB, different per item
+
+
+class ItemServer:
+    """A local HTTP server that counts requests per item and can cut one response short."""
+
+    def __init__(self, cut_short: str | None = None, delay: float = 0.02) -> None:
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.cut_short = cut_short
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                name = self.path.strip("/")
+                server.counts[name] += 1
+                body = item_body(name)
+                time.sleep(delay)  # the network's latency, so a stop lands mid-batch
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if name == server.cut_short and server.counts[name] == 1:
+                    self.wfile.write(body[: len(body) // 2])
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def item_server() -> Iterator[ItemServer]:
+    server = ItemServer()
+    yield server
+    server.close()
+
+
+def downloads_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
+    if "downloads" not in _references:
+        server = ItemServer(delay=0)
+        try:
+            ref_dir = tmp_path_factory.mktemp("ref-dl")
+            _references["downloads"] = run_to_end("downloads", ref_dir, "--base-url", server.url)
+        finally:
+            server.close()
+    return _references["downloads"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_downloads_resume_fetches_only_missing_items(
+    sig: signal.Signals,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    item_server: ItemServer,
+) -> None:
+    expected = downloads_reference(tmp_path_factory)
+    proc = start("downloads", tmp_path, "--base-url", item_server.url)
+    interrupt(proc, sig, lambda: has_checkpoint(tmp_path) and sum(item_server.counts.values()) > 8)
+    fetched_before = dict(item_server.counts)
+    assert run_to_end("downloads", tmp_path, "--base-url", item_server.url) == expected
+    n_items = int(expected.split("items=")[1].split()[0])
+    assert set(item_server.counts) == {f"item-{i:05d}" for i in range(n_items)}
+    twice = [name for name, n in item_server.counts.items() if n > 1]
+    if sig == signal.SIGKILL:
+        # At most the item in flight when the process died is fetched again.
+        assert len(twice) <= 1 and all(item_server.counts[n] == 2 for n in twice)
+    else:
+        assert twice == []
+    assert len(fetched_before) < n_items
+    assert not list((tmp_path / "files").glob(".part-*"))
+
+
+def test_downloads_never_count_a_file_cut_short(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    expected = downloads_reference(tmp_path_factory)
+    server = ItemServer(cut_short="item-00007", delay=0)
+    try:
+        code, _out, err = finish(start("downloads", tmp_path, "--base-url", server.url))
+        assert code != 0 and "item-00007" in err  # the run failed on the cut response
+        assert not (tmp_path / "files" / "item-00007").exists()
+        assert run_to_end("downloads", tmp_path, "--base-url", server.url) == expected
+        assert server.counts["item-00007"] == 2
+        assert all(n == 1 for name, n in server.counts.items() if name != "item-00007")
+    finally:
+        server.close()
+
+
+# -- optuna_search ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sig", "storage"),
+    [(signal.SIGTERM, False), (signal.SIGKILL, False), (signal.SIGINT, True)],
+    ids=["SIGTERM", "SIGKILL", "SIGINT-sqlite"],
+)
+def test_optuna_search_reaches_exactly_n_trials(
+    sig: signal.Signals, storage: bool, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    pytest.importorskip("optuna")
+    expected = reference("optuna_search", tmp_path_factory)
+    assert "states=COMPLETE " in expected
+    extra = ("--storage", f"sqlite:///{tmp_path / 'study.db'}") if storage else ()
+    proc = start("optuna_search", tmp_path, *extra)
+    interrupt(proc, sig, lambda: has_checkpoint(tmp_path))
+    # Same trials, same sampler proposals, all COMPLETE: none lost, none repeated.
+    assert run_to_end("optuna_search", tmp_path, *extra) == expected
