@@ -293,3 +293,19 @@ def test_optuna_search_reaches_exactly_n_trials(
     interrupt(proc, sig, lambda: has_checkpoint(tmp_path))
     # Same trials, same sampler proposals, all COMPLETE: none lost, none repeated.
     assert run_to_end("optuna_search", tmp_path, *extra) == expected
+
+
+# -- paper_trading ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
+def test_paper_trading_restores_the_portfolio_exactly(
+    sig: signal.Signals, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    expected = reference("paper_trading", tmp_path_factory)
+    proc = start("paper_trading", tmp_path)
+    # Interrupt once the journal was compacted at least once and holds records after that.
+    interrupt(proc, sig, lambda: has_checkpoint(tmp_path))
+    segments = list((tmp_path / "journal").glob("seg-*.log"))
+    assert segments, "no journal segment"
+    assert run_to_end("paper_trading", tmp_path) == expected
