@@ -404,3 +404,28 @@ def test_subprocess_off_a_terminal_writes_plain_lines_to_stderr(tmp_path: Path) 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout == ""
     assert out.stderr.startswith("progress step=5/5 100.0% ")
+
+
+@pytest.mark.gpu
+def test_gpu_memory_is_reported_when_torch_uses_cuda() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    block = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+    sample = ResourceMonitor(max_age=0.0).sample()
+    assert sample["gpu_memory_bytes"] is not None
+    assert sample["gpu_memory_bytes"] >= block.numel()
+
+
+def test_tensor_and_array_scalars_are_shown_as_numbers() -> None:
+    torch = pytest.importorskip("torch")
+    np = pytest.importorskip("numpy")
+    clock = FakeClock()
+    progress, stream = make(clock, total=10)
+    progress.start()
+    metrics = {"loss": torch.tensor(0.25), "acc": np.float64(0.5)}
+    progress.log(1, metrics, best={"loss": np.float32(0.25)})
+    progress.close()
+    fields = tokens(stream.getvalue().splitlines()[-1])
+    assert fields["loss"] == "0.25" and fields["acc"] == "0.5" and fields["best_loss"] == "0.25@1"
+    assert type(progress.snapshot()["metrics"]["loss"]) is float

@@ -253,3 +253,45 @@ def test_run_dir_from_command_reads_both_flag_forms() -> None:
     assert run_dir_from_command(["python", "t.py", "--dir", "runs/a"]) == Path("runs/a")
     assert run_dir_from_command(["python", "t.py", "--dir=runs/b"]) == Path("runs/b")
     assert run_dir_from_command(["python", "t.py"]) is None
+
+
+RESUMABLE_CHILD = textwrap.dedent(
+    """
+    import json, os, sys
+    import resumable
+
+    run_dir = sys.argv[1]
+    start = int(os.environ["RESUMABLE_RESTARTS"]) + 1
+    crash_at = {1: 37, 2: 71}.get(start)
+    with resumable.Run(run_dir, total_steps=100, save_every_steps=10, progress=False) as run:
+        totals = {"sum": 0}
+        run.track(totals=totals)
+        for step in run.steps():
+            if step == crash_at:
+                os._exit(1)  # a crash: no checkpoint, no clean-up
+            totals["sum"] += step
+            run.log(value=step)
+    print(json.dumps(run.state["totals"]))
+    """
+)
+
+
+def test_a_resumable_run_crashing_twice_ends_as_if_never_interrupted(tmp_path: Path) -> None:
+    pytest.importorskip("resumable.run")
+    script = tmp_path / "train.py"
+    script.write_text(RESUMABLE_CHILD)
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "resumable", "run", "--backoff", "0", "--dir", str(run_dir)]
+    command += ["--", sys.executable, str(script), str(run_dir)]
+    out = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["sum"] == sum(range(100))
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "finished"
+    assert [r["attempt"] for r in run["restarts"]] == [1, 2]
+    assert [s["start_step"] for s in run["sessions"]] == [0, 30, 70]

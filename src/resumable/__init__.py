@@ -13,18 +13,32 @@ from resumable.errors import (
     UnsupportedFormat,
     UnsupportedState,
 )
+from resumable.format import CheckpointInfo
+from resumable.history import History
+from resumable.preflight import Preflight, PreflightResult
+from resumable.progress import Progress
+from resumable.state import RNGState, Stateful
+from resumable.store import CheckpointStore
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointExists",
+    "CheckpointInfo",
     "CheckpointNotFound",
+    "CheckpointStore",
     "ConfigError",
     "CorruptCheckpoint",
+    "History",
     "InvalidName",
+    "Preflight",
+    "PreflightResult",
+    "Progress",
+    "RNGState",
     "ResumableError",
     "SaveFailed",
     "StateMismatch",
+    "Stateful",
     "StoreLocked",
     "UnsupportedFormat",
     "UnsupportedState",

@@ -20,7 +20,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ __all__ = [
     "HISTORY_FILE",
     "History",
     "csv_columns",
+    "csv_text",
     "read_history",
     "write_csv",
 ]
@@ -59,16 +60,21 @@ def csv_columns(records: Iterable[Mapping[str, Any]]) -> list[str]:
     return columns
 
 
-def write_csv(records: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Write ``records`` as CSV to ``path`` atomically; a metric missing from a row is empty."""
-    path = Path(path)
+def csv_text(records: list[dict[str, Any]]) -> str:
+    """``records`` as CSV text; a metric missing from a record is an empty cell."""
     columns = csv_columns(records)
     buffer = io.StringIO()
     writer = csv_module.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
     for record in records:
         writer.writerow(_csv_row(record, columns))
-    _replace_atomically(path, buffer.getvalue().encode())
+    return buffer.getvalue()
+
+
+def write_csv(records: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Write ``records`` as CSV to ``path`` atomically (see ``csv_text``)."""
+    path = Path(path)
+    _replace_atomically(path, csv_text(records).encode())
     return path
 
 
@@ -80,6 +86,7 @@ class History:
         csv: also keep ``run_dir/metrics.csv`` up to date as the run goes.
         tensorboard: also write TensorBoard event files to ``run_dir/tensorboard``;
             raises ``ConfigError`` when the ``tensorboard`` package is missing.
+        clock: the wall clock for the ``time`` field (epoch seconds).
 
     One writer per run directory; not thread-safe (the run's loop thread calls it).
 
@@ -92,7 +99,12 @@ class History:
     """
 
     def __init__(
-        self, run_dir: str | os.PathLike[str], *, csv: bool = False, tensorboard: bool = False
+        self,
+        run_dir: str | os.PathLike[str],
+        *,
+        csv: bool = False,
+        tensorboard: bool = False,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if tensorboard:
             _require_tensorboard()
@@ -100,6 +112,7 @@ class History:
         self.path = self.run_dir / HISTORY_FILE
         self.csv_path = self.run_dir / CSV_FILE if csv else None
         self.tensorboard = tensorboard
+        self._clock = clock
         self._csv_columns: list[str] | None = None
         self._checked_tail = False
         self._writer: Any = None
@@ -115,7 +128,7 @@ class History:
                 raise ConfigError(
                     f"metric name {key!r} is reserved in {self.path}; log it under another name"
                 )
-        record = {"step": int(step), "time": time.time(), **metrics}
+        record = {"step": int(step), "time": self._clock(), **metrics}
         try:
             line = json.dumps(record, default=_json_default) + "\n"
         except (TypeError, ValueError) as exc:

@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import IO, Any, Protocol, runtime_checkable
 
+from resumable.errors import ConfigError
+
 __all__ = [
     "PlainRenderer",
     "Progress",
@@ -39,6 +41,8 @@ __all__ = [
     "RichRenderer",
     "format_duration",
     "format_line",
+    "format_number",
+    "format_rate",
     "format_size",
 ]
 
@@ -112,8 +116,6 @@ class Progress:
         rate_window: float = 20.0,
     ) -> None:
         if every < 0 or sample_interval < 0 or rate_window <= 0:
-            from resumable.errors import ConfigError
-
             raise ConfigError(
                 f"progress every={every}, sample_interval={sample_interval}, "
                 f"rate_window={rate_window}: use every >= 0, sample_interval >= 0, rate_window > 0"
@@ -174,12 +176,15 @@ class Progress:
         (reached at ``step``) or ``{"value": v, "step": s}``.
         """
         self._step = max(self._step, step)
-        self._metrics.update(metrics)
+        self._metrics.update({name: _plain(value) for name, value in metrics.items()})
         for name, value in (best or {}).items():
             if isinstance(value, Mapping):
-                self._best[name] = {"value": value.get("value"), "step": value.get("step", step)}
+                self._best[name] = {
+                    "value": _plain(value.get("value")),
+                    "step": value.get("step", step),
+                }
             else:
-                self._best[name] = {"value": value, "step": step}
+                self._best[name] = {"value": _plain(value), "step": step}
 
     def set_phase(self, name: str | None) -> None:
         """Name what the loop is doing now ("self-play", "training", "evaluation")."""
@@ -264,9 +269,11 @@ class Progress:
             "rate": self._rate,
             "elapsed": elapsed,
             "eta": eta,
+            # dict() copies are atomic under the GIL: a live display's refresh
+            # thread may call this while the loop adds a metric or a counter.
             "metrics": dict(self._metrics),
-            "best": {name: dict(b) for name, b in self._best.items()},
-            "counters": {name: self._counter_view(c, now) for name, c in self._counters.items()},
+            "best": {name: dict(b) for name, b in dict(self._best).items()},
+            "counters": {n: self._counter_view(c, now) for n, c in dict(self._counters).items()},
             "last_checkpoint": checkpoint,
             "resources": self.resources.sample(),
         }
@@ -298,6 +305,19 @@ class Progress:
             self._rate += alpha * (instant - self._rate)
         self._sample_time = now
         self._sample_step = self._step
+
+
+def _plain(value: Any) -> Any:
+    """numpy and torch scalars as Python numbers, so lines and JSON read the same."""
+    if isinstance(value, (str, bytes, int, float)) or value is None:
+        return value
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return item()
+        except (ValueError, RuntimeError, TypeError):  # not a one-element array
+            return value
+    return value
 
 
 def _next_tick(due: float, interval: float, now: float) -> float:
@@ -433,6 +453,7 @@ def format_number(value: Any) -> str:
 
 
 def format_rate(rate: float | None) -> str:
+    """``35.2/s``, ``0.25/s``; ``?`` when unknown."""
     if rate is None:
         return "?"
     if rate >= 100:

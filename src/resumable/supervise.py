@@ -118,6 +118,7 @@ class Supervisor:
     restarts: int = field(default=0, init=False)
     _child: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _stop_signal: int | None = field(default=None, init=False, repr=False)
+    _pending: list[int] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.command:
@@ -138,6 +139,8 @@ class Supervisor:
 
     def _loop(self) -> int:
         while True:
+            if self._stop_signal is not None:  # a stop asked for before the child started
+                return 128 + self._stop_signal
             sessions_before = self._session_count()
             child = self._run_child()
             outcome = classify(
@@ -162,6 +165,7 @@ class Supervisor:
             )
             if not self._sleep(delay):
                 return 128 + int(self._stop_signal or signal.SIGTERM)
+            self._pending.clear()  # user signals that arrived between two children
 
     def _run_child(self) -> ChildExit:
         env = dict(os.environ)
@@ -177,6 +181,7 @@ class Supervisor:
             self._child = subprocess.Popen(
                 list(self.command), env=env, stdin=stdin, start_new_session=True
             )
+            self._forward_pending()
         except FileNotFoundError as exc:
             raise ConfigError(
                 f"command not found: {self.command[0]!r}; check the name or PATH"
@@ -192,10 +197,18 @@ class Supervisor:
         if signum in STOP_SIGNALS:
             self._stop_signal = signum
         child = self._child
-        if child is not None and child.returncode is None:
+        if child is None:
+            self._pending.append(signum)  # the child is being started: forward it then
+        elif child.returncode is None:
             # The child may end between the check and the kill.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.pid, signum)
+
+    def _forward_pending(self) -> None:
+        while self._pending and self._child is not None:
+            signum = self._pending.pop(0)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._child.pid, signum)
 
     def _sleep(self, seconds: float) -> bool:
         """Wait before a restart; ``False`` when a stop signal arrived meanwhile."""

@@ -1,0 +1,238 @@
+"""``resumable list / inspect / verify / prune / diff`` through real subprocesses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cli_helpers import assert_one_line_error, cli, cli_json, snapshot
+
+np = pytest.importorskip("numpy")
+store_module = pytest.importorskip("resumable.store")
+
+
+def weights(seed: int) -> dict[str, object]:
+    rng = np.random.default_rng(seed)
+    return {
+        "model": {
+            "weight": rng.standard_normal((4, 3)).astype(np.float32),
+            "bias": np.zeros(3, dtype=np.float64),
+        },
+        "epoch": seed,
+        "note": "hello",
+    }
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """A run directory with four checkpoints; step 200 has the best val_loss, 100 is named."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"config": {"best": ["val_loss", "min"]}}))
+    store = store_module.CheckpointStore(run / "checkpoints")
+    for step, val_loss, name in [
+        (100, 0.9, "warmup"),
+        (200, 0.3, None),
+        (300, 0.5, None),
+        (400, 0.6, None),
+    ]:
+        store.save(
+            weights(step), step, metrics={"val_loss": val_loss, "acc": 1 - val_loss}, name=name
+        )
+    store.close()
+    return run
+
+
+def checkpoint(run_dir: Path, step: int) -> Path:
+    (path,) = [p for p in (run_dir / "checkpoints").iterdir() if f"{step:06d}" in p.name]
+    return path
+
+
+def corrupt_tensor_file(ckpt: Path) -> Path:
+    (tensor_file,) = [p for p in ckpt.iterdir() if p.name.startswith("tensors")]
+    data = bytearray(tensor_file.read_bytes())
+    data[-1] ^= 0xFF
+    tensor_file.write_bytes(bytes(data))
+    return tensor_file
+
+
+# --- list -------------------------------------------------------------------
+
+
+def test_list_json_marks_latest_and_best(run_dir: Path) -> None:
+    listed = cli_json("list", run_dir)
+    rows = listed["checkpoints"]
+    assert [r["step"] for r in rows] == [100, 200, 300, 400]
+    assert [r["latest"] for r in rows] == [False, False, False, True]
+    assert [r["best"] for r in rows] == [False, True, False, False]
+    assert rows[0]["name"] == "warmup"
+    assert rows[1]["metrics"]["val_loss"] == pytest.approx(0.3)
+    assert all(r["size"] > 0 and r["created"] > 0 and not r["corrupt"] for r in rows)
+
+
+def test_list_accepts_the_checkpoints_directory_and_a_metric(run_dir: Path) -> None:
+    rows = cli_json("list", run_dir / "checkpoints", "--metric", "acc", "--mode", "max")[
+        "checkpoints"
+    ]
+    assert [r["step"] for r in rows if r["best"]] == [200]
+
+
+def test_list_plain_output_is_a_table(run_dir: Path) -> None:
+    out = cli("list", run_dir)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:3] == ["step", "name", "reason"]
+    assert any(line.startswith("100") and "warmup" in line for line in lines)
+    assert any(line.startswith("400") and line.rstrip().endswith("latest") for line in lines)
+    assert any(line.startswith("200") and "best" in line for line in lines)
+
+
+def test_list_marks_a_checkpoint_whose_manifest_is_garbled(run_dir: Path) -> None:
+    (checkpoint(run_dir, 400) / "manifest.json").write_text("{not json")
+    rows = cli_json("list", run_dir)["checkpoints"]
+    bad = [r for r in rows if r["corrupt"]]
+    assert len(bad) == 1 and "manifest" in bad[0]["problem"]
+    assert [r["step"] for r in rows if r["latest"]] == [300]
+
+
+def test_list_verify_finds_a_bad_checksum_and_exits_1(run_dir: Path) -> None:
+    corrupt_tensor_file(checkpoint(run_dir, 300))
+    assert cli_json("list", run_dir)["checkpoints"][2]["corrupt"] is False  # not checked
+    rows = cli_json("list", run_dir, "--verify", expect=1)["checkpoints"]
+    assert [r["step"] for r in rows if r["corrupt"]] == [300]
+
+
+def test_list_of_an_empty_directory(tmp_path: Path) -> None:
+    assert cli_json("list", tmp_path)["checkpoints"] == []
+    out = cli("list", tmp_path)
+    assert out.returncode == 0 and "no checkpoints" in out.stdout
+
+
+# --- verify -------------------------------------------------------------------
+
+
+def test_verify_passes_a_sound_run(run_dir: Path) -> None:
+    result = cli_json("verify", run_dir)
+    assert result["ok"] is True and result["checked"] == 4
+
+
+def test_verify_names_each_bad_file_and_exits_1(run_dir: Path) -> None:
+    bad = corrupt_tensor_file(checkpoint(run_dir, 200))
+    out = cli("verify", run_dir)
+    assert out.returncode == 1
+    assert bad.name in out.stdout and str(checkpoint(run_dir, 200)) in out.stdout
+    assert "1 of 4" in out.stderr
+    result = cli_json("verify", checkpoint(run_dir, 200), expect=1)
+    assert result["ok"] is False and bad.name in result["checkpoints"][0]["problem"]
+    assert cli_json("verify", checkpoint(run_dir, 300))["ok"] is True
+
+
+# --- bad input ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["list", "verify", "inspect", "prune"])
+def test_a_missing_path_is_bad_input(command: str, tmp_path: Path) -> None:
+    extra = ["--keep-last", "1"] if command == "prune" else []
+    out = cli(command, tmp_path / "nowhere", *extra)
+    assert_one_line_error(out, 2, "does not exist")
+
+
+@pytest.mark.parametrize("command", ["list", "prune"])
+def test_a_file_where_a_directory_is_expected_is_bad_input(command: str, tmp_path: Path) -> None:
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    extra = ["--keep-last", "1"] if command == "prune" else []
+    assert_one_line_error(cli(command, a_file, *extra), 2, "is a file")
+
+
+def test_a_corrupt_manifest_is_bad_input_for_inspect(run_dir: Path) -> None:
+    ckpt = checkpoint(run_dir, 100)
+    (ckpt / "manifest.json").write_text("[1, 2")
+    assert_one_line_error(cli("inspect", ckpt), 2, "manifest")
+    assert_one_line_error(cli("verify", ckpt), 2, "manifest")
+
+
+def test_a_newer_format_is_bad_input(run_dir: Path) -> None:
+    ckpt = checkpoint(run_dir, 100)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["format_version"] = 999
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line_error(cli("inspect", ckpt), 2, "999")
+    assert_one_line_error(cli("diff", ckpt, checkpoint(run_dir, 200)), 2, "999")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["frobnicate"], ["list"], ["list", ".", "--no-such-flag"], ["prune", "."]],
+)
+def test_usage_errors_exit_2(argv: list[str]) -> None:
+    out = cli(*argv)
+    assert out.returncode == 2
+    assert "usage:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_no_command_prints_help_and_exits_2() -> None:
+    out = cli()
+    assert out.returncode == 2 and "COMMAND" in out.stderr
+
+
+# --- read-only commands modify nothing -------------------------------------------
+
+
+def test_read_only_commands_modify_nothing(run_dir: Path) -> None:
+    corrupt_tensor_file(checkpoint(run_dir, 300))
+    before = snapshot(run_dir)
+    a, b = checkpoint(run_dir, 100), checkpoint(run_dir, 200)
+    for argv in (
+        ["list", run_dir],
+        ["list", run_dir, "--verify", "--json"],
+        ["verify", run_dir],
+        ["inspect", a, "--json"],
+        ["diff", a, b],
+        ["prune", run_dir, "--keep-last", "1", "--dry-run"],
+    ):
+        out = cli(*argv)
+        assert out.returncode in (0, 1), (argv, out.stderr)
+        assert snapshot(run_dir) == before, argv
+
+
+# --- prune ------------------------------------------------------------------------
+
+
+def steps_on_disk(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
+
+
+def test_prune_keeps_the_newest_the_best_and_named_ones(run_dir: Path) -> None:
+    planned = cli_json("prune", run_dir, "--keep-last", "1", "--dry-run")
+    assert planned["dry_run"] is True
+    assert [c["step"] for c in planned["deleted"]] == [300]
+    assert steps_on_disk(run_dir) == [100, 200, 300, 400]
+
+    done = cli_json("prune", run_dir, "--keep-last", "1")
+    assert [c["step"] for c in done["deleted"]] == [300]
+    assert steps_on_disk(run_dir) == [100, 200, 400]
+
+
+def test_prune_deletes_a_named_checkpoint_only_when_asked_by_name(run_dir: Path) -> None:
+    out = cli("prune", run_dir, "--keep-last", "4", "--delete", "warmup")
+    assert out.returncode == 0, out.stderr
+    assert "step 100" in out.stdout
+    assert steps_on_disk(run_dir) == [200, 300, 400]
+
+
+def test_prune_keep_best_by_a_given_metric(run_dir: Path) -> None:
+    (run_dir / "run.json").write_text("{}")
+    done = cli_json(
+        "prune", run_dir, "--keep-last", "1", "--keep-best", "1", "--metric", "acc", "--mode", "max"
+    )
+    assert sorted(c["step"] for c in done["deleted"]) == [300]
+    assert steps_on_disk(run_dir) == [100, 200, 400]
+
+
+def test_prune_keep_best_without_a_metric_is_bad_input(run_dir: Path) -> None:
+    (run_dir / "run.json").write_text("{}")
+    out = cli("prune", run_dir, "--keep-last", "1", "--keep-best", "2")
+    assert_one_line_error(out, 2, "--metric")
+    assert steps_on_disk(run_dir) == [100, 200, 300, 400]

@@ -1,0 +1,66 @@
+"""A writer SIGKILLed at random moments never leaves a broken or older store behind."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from resumable.store import CheckpointStore
+
+WRITER = textwrap.dedent(
+    """
+    import os, sys
+    from resumable.store import CheckpointStore
+    store = CheckpointStore(sys.argv[1], keep_last=3)
+    latest = store.latest()
+    step = latest.step + 1 if latest else 0
+    payload = os.urandom(int(sys.argv[2]))
+    print("ready", flush=True)
+    while True:
+        store.save({"step": step, "blob": payload, "nested": {"n": [step] * 10}}, step)
+        print(step, flush=True)
+        step += 1
+    """
+)
+
+KILLS = 110
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_never_loses_committed_steps(tmp_path: Path) -> None:
+    rng = random.Random(1234)
+    committed = -1
+    for kill in range(KILLS):
+        size = rng.choice([100, 20_000, 300_000])
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(tmp_path), str(size)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0, 0.03))
+        os.kill(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        printed = [int(line) for line in out.split() if line.isdigit()]
+        if printed:
+            committed = max(committed, printed[-1])
+        reader = CheckpointStore(tmp_path)
+        latest = reader.latest()
+        if committed < 0:
+            continue
+        assert latest is not None, f"kill {kill}: nothing loadable after step {committed}"
+        assert latest.step >= committed, f"kill {kill}: latest {latest.step} < {committed}"
+        loaded = reader.load(latest)
+        assert loaded["step"] == latest.step and loaded["nested"]["n"] == [latest.step] * 10
+        reader.verify(latest)
+        committed = latest.step
+    assert committed > 10
