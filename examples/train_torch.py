@@ -168,13 +168,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def show_encoder_alone(directory: Path) -> None:
     """Rebuild the encoder from the best checkpoint alone: its config and its weights."""
-    store = resumable.CheckpointStore(directory / "checkpoints")
-    best = store.best() if hasattr(store, "best") else None
-    ref = best.path if best is not None else "latest"
-    config = store.load(ref, subtree="config")
+    store = resumable.CheckpointStore(directory / "checkpoints", best=("val_loss", "min"))
+    best = store.best() or store.latest()
+    assert best is not None
+    config = store.load(best, subtree="config")
     encoder = build_encoder(config)
-    encoder.load_state_dict(store.load(ref, subtree="encoder"))
-    print(f"encoder: rebuilt from {ref} with latent={config['latent']}", file=sys.stderr)
+    encoder.load_state_dict(store.load(best, subtree="encoder"))
+    print(f"encoder: rebuilt from {best.path} alone, latent={config['latent']}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -382,7 +382,7 @@ class Journal:
         info = self.store.latest()
         if info is not None:
             self._seq = self._checkpoint_seq = int(info.metadata.get("journal_seq", info.step))
-            self._state = self.store.load(info.path)
+            self._state = self.store.load(info)
         paths = self._segment_paths()
         self._segment_start = self._seq + 1
         self._tail_offset = 0
