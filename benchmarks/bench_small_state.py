@@ -11,6 +11,7 @@ one durable save of such a state three ways:
     python benchmarks/bench_small_state.py [--n 500] [--dir PATH]
 
 Prints a table of p50/p99 latencies in milliseconds and the ratios to SQLite.
+The three are interleaved save by save, so that all see the same load on the disk.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sqlite3
 import statistics
 import sys
@@ -51,14 +53,17 @@ def portfolio(i: int) -> dict:
     }
 
 
-def timed(n: int, op: Callable[[int], None]) -> list[float]:
+def timed(n: int, ops: list[Callable[[int], None]]) -> list[list[float]]:
+    """Latencies in ms of each op, interleaved round by round so that all see the same disk."""
     for i in range(min(20, n)):  # warm up: files created, caches filled
-        op(-1 - i)
-    out = []
+        for op in ops:
+            op(-1 - i)
+    out: list[list[float]] = [[] for _ in ops]
     for i in range(n):
-        start = time.perf_counter()
-        op(i)
-        out.append((time.perf_counter() - start) * 1000)
+        for op, times in zip(ops, out, strict=True):
+            start = time.perf_counter()
+            op(i)
+            times.append((time.perf_counter() - start) * 1000)
     return out
 
 
@@ -76,14 +81,8 @@ def main() -> None:
     size = len(encode_record(portfolio(0)))
 
     journal = Journal(base / "journal", compact_every=10**9)
-    t_journal = timed(args.n, lambda i: journal.append(portfolio(i)))
-    journal.close()
-
     store = CheckpointStore(base / "store", keep_last=2)
-    counter = iter(range(10**9))
-    t_store = timed(args.n, lambda i: store.save(portfolio(i), step=next(counter)))
-    store.close()
-
+    steps = iter(range(10**9))
     db = sqlite3.connect(base / "state.db", isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
@@ -96,12 +95,22 @@ def main() -> None:
         db.execute("UPDATE state SET blob = ? WHERE id = 1", (blob,))
         db.execute("COMMIT")
 
-    t_sqlite = timed(args.n, sqlite_save)
+    t_journal, t_store, t_sqlite = timed(
+        args.n,
+        [
+            lambda i: journal.append(portfolio(i)),
+            lambda i: store.save(portfolio(i), step=next(steps)),
+            sqlite_save,
+        ],
+    )
+    journal.close()
+    store.close()
     db.close()
 
+    shutil.rmtree(base)
     ref = statistics.median(t_sqlite)
     rows = [
-        ("Journal.append (write + fdatasync)", t_journal),
+        ("Journal.append (O_DSYNC write)", t_journal),
         ("CheckpointStore.save", t_store),
         ("SQLite WAL synchronous=FULL", t_sqlite),
     ]
@@ -117,7 +126,7 @@ def main() -> None:
     if args.json:
         print(json.dumps({"state_bytes": size, "n": args.n, "rows": results}))
         return
-    print(f"durable save of a {size}-byte state, {args.n} saves each, directory {base}")
+    print(f"durable save of a {size}-byte state, {args.n} saves each, on the disk of {base.parent}")
     print(f"| {'method':<36} | {'p50 ms':>7} | {'p99 ms':>7} | {'p50 / SQLite':>12} |")
     print(f"|{'-' * 38}|{'-' * 9}|{'-' * 9}|{'-' * 14}|")
     for r in results:
