@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from resumable.errors import ConfigError, StoreLocked, UnsupportedState
+from resumable.errors import ConfigError, CorruptCheckpoint, StoreLocked, UnsupportedState
 from resumable.journal import Journal, decode_record, encode_record
 
 
@@ -59,7 +59,8 @@ def test_append_replay_and_compaction(tmp_path: Path) -> None:
         for i in range(1, 5):
             assert journal.append({"i": i}) == i
         assert journal.compaction_due
-        journal.compact({"i": 4, "compacted": True})
+        info = journal.compact({"i": 4, "compacted": True})
+        assert info.step == 4 and journal.compact({"i": 4}).path == info.path
         assert not journal.compaction_due
         journal.append({"i": 5})
     with Journal(tmp_path, compact_every=3) as journal:
@@ -146,3 +147,16 @@ def test_sigkill_mid_appends_loses_nothing_acknowledged(tmp_path: Path) -> None:
             assert [r["n"] for r in replay.records] == list(
                 range(replay.checkpoint_seq + 1, journal.seq + 1)
             )
+
+
+def test_damage_before_the_last_segment_is_an_error(tmp_path: Path) -> None:
+    with Journal(tmp_path, preallocate=0) as journal:
+        journal.append({"v": 1})
+        journal.append({"v": 2})
+    first = segment_files(tmp_path)[0]
+    (tmp_path / "journal" / "seg-000000000003.log").write_bytes(b"")
+    data = bytearray(first.read_bytes())
+    data[data.index(b'"v":1') + 4] = ord("7")
+    first.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint, match=r"seg-000000000001\.log"):
+        Journal(tmp_path)

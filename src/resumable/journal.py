@@ -347,9 +347,12 @@ class Journal:
     def compact(self, state: Any) -> Any:
         """Checkpoint ``state`` (which must include every record so far); drop older segments.
 
-        Returns the store's ``CheckpointInfo``.
+        Returns the store's ``CheckpointInfo``. With no record since the last
+        checkpoint there is nothing to fold: that checkpoint is returned as is.
         """
         seq = self._seq
+        if seq == self._checkpoint_seq and seq > 0:
+            return self.store.get(seq)
         info = self.store.save(state, step=seq, reason="compaction", metadata={"journal_seq": seq})
         # The checkpoint is committed before any segment goes: a crash in between
         # replays the checkpoint and skips the records it already includes.
