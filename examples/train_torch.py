@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         "outputs": 4,
         "dropout": 0.1,
         "batch_size": 32,
-        "train_size": 2048 if small else 32768,
+        "train_size": 2048 if small else 24576,
         "epochs": args.epochs or (3 if small else 12),
     }
     encoder, decoder = build_encoder(config), build_decoder(config)
