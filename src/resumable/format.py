@@ -432,17 +432,17 @@ def _safetensors_header(entries: Sequence[TensorEntry]) -> tuple[bytes, dict[str
     return struct.pack("<Q", len(text)) + text, table
 
 
-def _clean_json(value: Any, what: str) -> Any:
+def clean_json(value: Any, what: str) -> Any:
     """Make metrics/metadata plain JSON; refuse what cannot be represented."""
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
             if not isinstance(k, str):
                 raise ConfigError(f"{what} key {k!r} is not a str; use str keys")
-            out[k] = _clean_json(v, what)
+            out[k] = clean_json(v, what)
         return out
     if isinstance(value, (list, tuple)):
-        return [_clean_json(v, what) for v in value]
+        return [clean_json(v, what) for v in value]
     if value is None or isinstance(value, (bool, str, int)):
         return value
     if isinstance(value, float):
@@ -450,7 +450,7 @@ def _clean_json(value: Any, what: str) -> Any:
     item = getattr(value, "item", None)  # numpy scalars, 0-d tensors
     if callable(item):
         try:
-            return _clean_json(item(), what)
+            return clean_json(item(), what)
         except (ValueError, RuntimeError):
             pass
     raise ConfigError(
@@ -670,8 +670,8 @@ def write_encoded(
     """
     if compression not in (None, "zstd"):
         raise ConfigError(f"compression {compression!r} is not supported; use None or 'zstd'")
-    clean_metrics = _clean_json(dict(metrics or {}), "metrics")
-    clean_metadata = _clean_json(dict(metadata or {}), "metadata")
+    clean_metrics = clean_json(dict(metrics or {}), "metrics")
+    clean_metadata = clean_json(dict(metadata or {}), "metadata")
     directory = Path(directory)
     files: dict[str, Any] = {}
     tensors: dict[str, Any] = {"entries": {}}

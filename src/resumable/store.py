@@ -43,6 +43,7 @@ from resumable.errors import (
 )
 from resumable.format import CheckpointInfo
 from resumable.retention import Retention, best_of
+from resumable.saver import STRATEGIES, BackgroundSaver, PendingSave
 from resumable.state import capture
 
 __all__ = ["CheckpointStore", "Staging", "sanitize_name"]
@@ -124,6 +125,8 @@ class CheckpointStore:
         keep_best: keep this many best on ``best`` as well.
         best: ``(metric, "min"|"max")`` ranking checkpoints by a metric.
         compression: None or ``"zstd"`` (multithreaded) for the tensor file.
+        snapshot: how ``save_async`` snapshots the state: ``"auto"``,
+            ``"fork"`` or ``"copy"`` (see ``resumable.saver``).
 
     Thread safety: mutating calls are serialized by an internal lock, so a
     background saver may ``commit`` while the main thread reads. One process
@@ -138,7 +141,10 @@ class CheckpointStore:
         keep_best: int | None = None,
         best: tuple[str, str] | None = None,
         compression: str | None = None,
+        snapshot: str = "auto",
     ) -> None:
+        if snapshot not in STRATEGIES:
+            raise ConfigError(f"snapshot={snapshot!r} is unknown; use one of {STRATEGIES}")
         if compression not in (None, "zstd"):
             raise ConfigError(f"compression={compression!r} is not supported; use None or 'zstd'")
         self.directory = Path(directory)
@@ -149,6 +155,8 @@ class CheckpointStore:
         self._lock_fd: int | None = None
         self._mutex = threading.RLock()
         self._warned: set[str] = set()
+        self._snapshot = snapshot
+        self._saver: BackgroundSaver | None = None
 
     def __repr__(self) -> str:
         return f"CheckpointStore({str(self.directory)!r})"
@@ -220,7 +228,19 @@ class CheckpointStore:
                 shutil.rmtree(entry.path, ignore_errors=True)
 
     def close(self) -> None:
-        """Release the write lock (if held). The store can be used again later."""
+        """Finish a save in flight, then release the write lock (if held).
+
+        Raises the failure of that save, if any, after releasing the lock.
+        The store can be used again later.
+        """
+        try:
+            if self._saver is not None:
+                self._saver.close()
+        finally:
+            self._saver = None
+            self._release()
+
+    def _release(self) -> None:
         with self._mutex:
             if self._lock_fd is not None:
                 try:
@@ -248,6 +268,7 @@ class CheckpointStore:
         checkpoint of this name) exists, ``InvalidName``, ``StoreLocked`` and
         ``SaveFailed`` (disk full, I/O error; earlier checkpoints untouched).
         """
+        self.wait()
         tree = capture(state)
         encoded = fmt.encode(tree)
         staging = self.begin(step, name=name)
@@ -257,6 +278,45 @@ class CheckpointStore:
             self.abort(staging)
             raise
         return self.commit(staging)
+
+    def save_async(
+        self,
+        state: Any,
+        step: int,
+        *,
+        metrics: dict[str, Any] | None = None,
+        name: str | None = None,
+        reason: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        if_busy: str = "wait",
+    ) -> PendingSave | None:
+        """Snapshot ``state`` and write it in the background; return once staged.
+
+        The caller may change the state as soon as this returns: the
+        checkpoint holds the values of this moment. One save is in flight at
+        a time; when another is still being written, ``if_busy="wait"``
+        waits for it and ``"skip"`` returns ``None`` without saving. The
+        handle's ``wait()`` returns the ``CheckpointInfo``. A background
+        failure is raised by that ``wait()``, or else by the next
+        ``save_async``, ``save``, ``wait`` or ``close`` of this store.
+        """
+        if self._saver is None:
+            self._saver = BackgroundSaver(self, strategy=self._snapshot)
+        return self._saver.submit(
+            state,
+            step,
+            metrics=metrics,
+            name=name,
+            reason=reason,
+            metadata=metadata,
+            if_busy=if_busy,
+        )
+
+    def wait(self) -> CheckpointInfo | None:
+        """Wait for a save in flight; return its info, or ``None`` if none was."""
+        if self._saver is None:
+            return None
+        return self._saver.wait()
 
     def begin(self, step: int, *, name: str | None = None) -> Staging:
         """Check the step and name, take the lock and create the temporary directory."""
