@@ -66,6 +66,7 @@ from resumable.policy import (
     parse_duration,
 )
 from resumable.progress import Progress, format_duration
+from resumable.saver import PendingSave
 
 if TYPE_CHECKING:
     import argparse
@@ -126,6 +127,14 @@ class Run:
         progress_every: seconds between two plain progress lines.
         serve: ``True`` or a port: serve the dashboard and API on 127.0.0.1.
         compression: passed to the store (e.g. ``"zstd"``).
+        async_save: write checkpoints in the background: the loop waits only
+            for a snapshot of the state (see ``resumable.saver``). A failed
+            background save is raised at the next step boundary or at exit.
+        if_busy: when a save is due while the previous one is still being
+            written: ``"wait"`` for it, or ``"skip"`` (retried at the next
+            step). Saves at exit always wait.
+        snapshot: ``"auto"``, ``"fork"`` or ``"copy"``: how background saves
+            snapshot the state.
         config: your own settings, recorded in ``run.json`` under ``config.user``.
         history_csv: also keep ``metrics.csv`` up to date.
         report: write ``report.txt``/``report.json``/``report.png`` at every exit.
@@ -159,6 +168,9 @@ class Run:
         progress_every: float = 30.0,
         serve: bool | int | None = None,
         compression: str | None = None,
+        async_save: bool = True,
+        if_busy: str = "wait",
+        snapshot: str = "auto",
         config: Mapping[str, Any] | None = None,
         history_csv: bool = False,
         report: bool = True,
@@ -186,6 +198,11 @@ class Run:
         self._progress_every = progress_every
         self._serve_option = serve
         self._compression = compression
+        if if_busy not in ("wait", "skip"):
+            raise ConfigError(f"if_busy={if_busy!r}: use 'wait' or 'skip'")
+        self._async_save = async_save
+        self._if_busy = if_busy
+        self._snapshot = snapshot
         self._user_config = dict(config or {})
         self._history_csv = history_csv
         self._report = report
@@ -213,6 +230,7 @@ class Run:
         self._last_info: CheckpointInfo | None = None
         self._last_save_step: int | None = None
         self._last_save_clock: float | None = None
+        self._pending_save: PendingSave | None = None
         self._save_requests: list[tuple[str | None, str | None]] = []  # (request_id, name)
         self._stop_request_ids: list[str] = []
         self._seen_requests: set[str] = set()
@@ -267,6 +285,7 @@ class Run:
             keep_best=self._keep_best,
             best=self._best_spec,
             compression=self._compression,
+            snapshot=self._snapshot,
         )
         try:
             self._open_session()
@@ -611,6 +630,8 @@ class Run:
     def _end_boundary(self, *, exiting: bool = False) -> None:
         # Runs after every step: keep the common path to a few attribute reads.
         now = time.monotonic()
+        if self._pending_save is not None:
+            self._collect_save()
         assert self._progress is not None
         self._progress.update(self._step)
         if now >= self._next_control:
@@ -713,28 +734,66 @@ class Run:
         self._commit_checkpoint("request", self._requested_name())
 
     def _commit_checkpoint(self, reason: str, name: str | None = None) -> CheckpointInfo | None:
-        """Commit a checkpoint of the tracked state at the current step.
+        """Checkpoint the tracked state at the current step.
 
-        The one place that writes: a background saver replaces the store call.
-        No duplicate at a step already committed; pending requests are answered.
+        The one place that writes. With ``async_save`` the loop waits only
+        for the snapshot, and ``_collect_save`` finishes the bookkeeping once
+        the background write is committed. No duplicate at a step already
+        saved (or being saved); pending requests are answered.
         """
+        if self._last_save_step == self._step and self._pending_save is not None:
+            return None  # the save of this step in flight answers the requests
         if self._last_save_step == self._step and self._last_info is not None:
             self._answer_requests(self._last_info)
             return self._last_info
-        try:
-            info = self._save_replacing_abandoned(reason, name)
-        except (SaveFailed, CheckpointExists, OSError) as exc:
-            logger.error("checkpoint at step %d failed: %s", self._step, exc)
-            request_ids = [rid for rid, _ in self._save_requests] or [None]
-            self._save_requests = []
-            for rid in request_ids:
-                runfiles.append_event(
-                    self.directory, "save-failed", self._step, error=str(exc), request_id=rid
+        if self._pending_save is not None:
+            busy = self._pending_save
+            if self._if_busy == "skip" and not self._exiting_now() and not busy.done():
+                logger.info(
+                    "skipping the save of step %d: step %d is still being written",
+                    self._step,
+                    busy.step,
                 )
+                return None
+            self._collect_save(wait=True)
+        try:
+            result = self._save_replacing_abandoned(reason, name)
+        except CheckpointExists as exc:
+            self._report_save_failure(exc, self._step)
             return None
-        self._last_info = info
+        except (SaveFailed, OSError) as exc:
+            self._report_save_failure(exc, self._step)
+            raise
         self._last_save_step = self._step
         self._last_save_clock = time.monotonic()
+        if isinstance(result, PendingSave):
+            self._pending_save = result
+            return None
+        return self._saved(result, reason)
+
+    def _exiting_now(self) -> bool:
+        return self._exit_reason is not None
+
+    def _collect_save(self, *, wait: bool = False) -> None:
+        """Finish a background save that is done (or, with ``wait``, wait for it).
+
+        Raises its failure here, in the loop, after recording it.
+        """
+        pending = self._pending_save
+        if pending is None or (not wait and not pending.done()):
+            return
+        self._pending_save = None
+        try:
+            info = pending.wait()
+        except Exception as exc:
+            self._report_save_failure(exc, pending.step)
+            if self._last_save_step == pending.step:
+                self._last_save_step = self._last_info.step if self._last_info else None
+            raise
+        self._saved(info, pending.reason or "")
+
+    def _saved(self, info: CheckpointInfo, reason: str) -> CheckpointInfo:
+        self._last_info = info
         assert self._progress is not None
         self._progress.checkpoint_saved(info.step, info.path)
         self._answer_requests(info, new=True)
@@ -742,19 +801,33 @@ class Run:
         self._call("on_save", info)
         return info
 
-    def _save_replacing_abandoned(self, reason: str, name: str | None) -> CheckpointInfo:
-        assert self._store is not None
-
-        def save() -> CheckpointInfo:
-            assert self._store is not None
-            return self._store.save(
-                self._checkpoint_tree(),
-                self._step,
-                metrics=_plain_metrics(self._latest_metrics),
-                name=name,
-                reason=reason,
-                metadata={"run_id": self._run_id, "session": self._session_index},
+    def _report_save_failure(self, exc: BaseException, step: int) -> None:
+        logger.error("checkpoint at step %d failed: %s", step, exc)
+        request_ids = [rid for rid, _ in self._save_requests] or [None]
+        self._save_requests = []
+        for rid in request_ids:
+            runfiles.append_event(
+                self.directory, "save-failed", step, error=str(exc), request_id=rid
             )
+
+    def _save_replacing_abandoned(
+        self, reason: str, name: str | None
+    ) -> CheckpointInfo | PendingSave:
+        assert self._store is not None
+        store = self._store
+
+        def save() -> CheckpointInfo | PendingSave:
+            options: dict[str, Any] = {
+                "metrics": _plain_metrics(self._latest_metrics),
+                "name": name,
+                "reason": reason,
+                "metadata": {"run_id": self._run_id, "session": self._session_index},
+            }
+            if not self._async_save:
+                return store.save(self._checkpoint_tree(), self._step, **options)
+            pending = store.save_async(self._checkpoint_tree(), self._step, **options)
+            assert pending is not None  # nothing is in flight: collected above
+            return pending
 
         try:
             return save()
@@ -763,7 +836,8 @@ class Run:
                 raise
         # Resumed from an older checkpoint: the one at this step belongs to the
         # abandoned continuation, and this session's state replaces it.
-        old = self._store.delete(self._step, force=True)
+        store.wait()
+        old = store.delete(self._step, force=True)
         logger.info("replacing %s from an abandoned continuation", old.path)
         return save()
 
@@ -831,11 +905,16 @@ class Run:
             self._end_boundary(exiting=True)
         if self._save_requests:
             self._commit_requested()
+        self._collect_save(wait=True)
         stopped = self._exit_reason not in ("finished", None)
         if stopped:
             _release_accelerator_caches()
 
     def _exit_on_exception(self, exc: BaseException) -> None:
+        try:  # a consistent snapshot already taken may still be committed
+            self._collect_save(wait=True)
+        except Exception as save_error:
+            logger.error("the save in flight failed too: %s", save_error)
         if isinstance(exc, KeyboardInterrupt):
             self._exit_reason = "keyboard:forced"
             logger.warning(
