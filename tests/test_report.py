@@ -26,30 +26,24 @@ from resumable.report import (
     write_report,
 )
 from resumable.runfiles import write_json_atomic
+from resumable.store import CheckpointStore
 
 T0 = 1_780_000_000.0  # a fixed wall-clock origin for the fake runs
 
 
 def write_checkpoint(
-    run_dir: Path, step: int, reason: str, created: float, metrics: dict[str, Any], size: int
+    run_dir: Path, step: int, reason: str, metrics: dict[str, Any], size: int
 ) -> Path:
-    directory = run_dir / "checkpoints" / f"step-{step:06d}"
-    directory.mkdir(parents=True)
-    (directory / "tensors.safetensors").write_bytes(os.urandom(size))
-    manifest = {
-        "format": "resumable",
-        "format_version": 1,
-        "step": step,
-        "name": f"step-{step:06d}",
-        "reason": reason,
-        "created": created,
-        "metrics": metrics,
-        "metadata": {},
-        "tree": {"type": "dict", "items": {}},
-        "files": {"tensors.safetensors": {"size": size, "xxh3": "0"}},
-    }
-    write_json_atomic(directory / "manifest.json", manifest)
-    return directory
+    """Commit a real checkpoint of ``size`` payload bytes through the store."""
+    import numpy as np
+
+    store = CheckpointStore(run_dir / "checkpoints")
+    try:
+        state = {"weights": np.frombuffer(os.urandom(size), dtype=np.uint8).copy()}
+        info = store.save(state, step=step, reason=reason, metrics=metrics)
+    finally:
+        store.close()
+    return info.path
 
 
 def log_steps(run_dir: Path, steps: range, start_time: float, seconds_per_step: float) -> None:
@@ -66,19 +60,19 @@ def interrupted_and_resumed_run(run_dir: Path) -> Path:
     """Three sessions: SIGTERM at 40, SIGKILL at 70 (resumed from 60), finished at 100."""
     run_dir.mkdir()
     log_steps(run_dir, range(1, 41), T0, 1.0)
-    write_checkpoint(run_dir, 20, "periodic", T0 + 20, {"val_loss": 0.1}, 1000)
-    write_checkpoint(run_dir, 40, "signal:SIGTERM", T0 + 40.5, {"val_loss": 0.05}, 1000)
+    write_checkpoint(run_dir, 20, "periodic", {"val_loss": 0.1}, 1000)
+    write_checkpoint(run_dir, 40, "signal:SIGTERM", {"val_loss": 0.05}, 1000)
 
     s2 = T0 + 100
     History(run_dir).truncate_after(40)
     log_steps(run_dir, range(41, 71), s2, 2.0)  # killed at step 70, last log at s2 + 60
-    write_checkpoint(run_dir, 60, "periodic", s2 + 40.5, {"val_loss": 2 / 60}, 1000)
+    write_checkpoint(run_dir, 60, "periodic", {"val_loss": 2 / 60}, 1000)
 
     s3 = T0 + 300
     History(run_dir).truncate_after(60)  # steps 61..70 of session 2 are dropped
     log_steps(run_dir, range(61, 101), s3, 0.5)
-    write_checkpoint(run_dir, 80, "periodic", s3 + 10.5, {"val_loss": 2 / 80}, 2000)
-    write_checkpoint(run_dir, 100, "finished", s3 + 20.5, {"val_loss": 0.02}, 3000)
+    write_checkpoint(run_dir, 80, "periodic", {"val_loss": 2 / 80}, 2000)
+    write_checkpoint(run_dir, 100, "finished", {"val_loss": 0.02}, 3000)
     run = {
         "run_id": "exp-42",
         "directory": str(run_dir),
@@ -335,8 +329,8 @@ def test_report_with_only_a_history(tmp_path: Path) -> None:
 
 
 def test_report_with_only_checkpoints(tmp_path: Path) -> None:
-    write_checkpoint(tmp_path, 5, "periodic", T0, {}, 10)
-    write_checkpoint(tmp_path, 10, "request", T0 + 1, {}, 10)
+    write_checkpoint(tmp_path, 5, "periodic", {}, 10)
+    write_checkpoint(tmp_path, 10, "request", {}, 10)
     (tmp_path / "checkpoints" / ".tmp-step-000015-abc").mkdir()  # being written: not listed
     broken = tmp_path / "checkpoints" / "step-000020"
     broken.mkdir()
@@ -366,14 +360,14 @@ def test_paths_that_are_not_run_directories_are_refused(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="not a directory"):
         build_report(tmp_path / "file")
-    write_checkpoint(tmp_path / "run", 1, "periodic", T0, {}, 1)
+    write_checkpoint(tmp_path / "run", 1, "periodic", {}, 1)
     with pytest.raises(ConfigError, match="probably"):
         build_report(tmp_path / "run" / "checkpoints")
 
 
 def test_list_checkpoints_orders_by_step(tmp_path: Path) -> None:
-    write_checkpoint(tmp_path, 100, "periodic", T0 + 5, {"acc": 0.5}, 100)
-    write_checkpoint(tmp_path, 7, "best", T0 + 9, {"acc": 0.9}, 100)
+    write_checkpoint(tmp_path, 100, "periodic", {"acc": 0.5}, 100)
+    write_checkpoint(tmp_path, 7, "best", {"acc": 0.9}, 100)
     checkpoints = list_checkpoints(tmp_path)
     assert [c["step"] for c in checkpoints] == [7, 100]
     assert checkpoints[0]["metrics"] == {"acc": 0.9}

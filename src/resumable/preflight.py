@@ -682,8 +682,13 @@ def _compare_arrays(expected: Any, actual: Any, path: str, problems: list[str]) 
 
 def _array_bytes(value: Any) -> bytes:
     if _is_tensor(value):
-        flat = value.detach().cpu().contiguous().reshape(-1)
-        return bytes(flat.view(-1).untyped_storage())[: flat.numel() * flat.element_size()]
+        import torch
+
+        if value.numel() == 0:
+            return b""
+        # clone(): a contiguous copy of just these elements (a slice's storage holds more).
+        flat = value.detach().cpu().reshape(-1).clone()
+        return bytes(flat.view(torch.uint8).numpy().tobytes())
     import numpy
 
     return bytes(numpy.ascontiguousarray(value).tobytes())

@@ -131,33 +131,32 @@ def build_report(run_dir: str | os.PathLike[str], *, now: float | None = None) -
 def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The committed checkpoints under ``run_dir/checkpoints``, ordered by step then time.
 
-    Read from the manifests without locking or touching anything, so it is
-    safe next to a live run. Each entry: step, name, reason, created, size
-    (bytes of the checkpoint's files), path, metrics.
+    Read through ``CheckpointStore.list()``, which reads manifests only and
+    never locks, so it is safe next to a live run. Each entry: step, name,
+    reason, created, size (bytes of the checkpoint's files), path, metrics.
     """
+    from resumable.store import CheckpointStore
+
     root = Path(run_dir) / CHECKPOINTS_DIR
-    try:
-        entries = [e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
-    except (FileNotFoundError, NotADirectoryError):
+    if not root.is_dir():
         return []
-    found = []
-    for entry in entries:
-        manifest = _read_manifest(Path(entry.path))
-        if manifest is None:
-            continue
-        found.append(
-            {
-                "step": manifest.get("step"),
-                "name": manifest.get("name") or entry.name,
-                "reason": manifest.get("reason"),
-                "created": manifest.get("created"),
-                "size": _directory_size(Path(entry.path)),
-                "path": str(Path(entry.path)),
-                "metrics": manifest.get("metrics") or {},
-            }
-        )
-    found.sort(key=lambda c: (_as_int(c["step"]), c["created"] or 0.0))
-    return found
+    try:
+        infos = CheckpointStore(root).list()
+    except ResumableError as exc:
+        logger.warning("%s", exc)
+        return []
+    return [
+        {
+            "step": info.step,
+            "name": info.name or info.path.name,
+            "reason": info.reason,
+            "created": info.created,
+            "size": info.size,
+            "path": str(info.path),
+            "metrics": dict(info.metrics),
+        }
+        for info in infos
+    ]
 
 
 def _check_run_dir(run_dir: Path) -> Path:
@@ -185,25 +184,6 @@ def _read_optional(path: Path) -> Any:
     except ResumableError as exc:  # a damaged file leaves its part of the report empty
         logger.warning("%s", exc)
         return None
-
-
-def _read_manifest(directory: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _directory_size(directory: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(directory):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(root, name)).st_size
-            except OSError:
-                continue
-    return total
 
 
 def _as_int(value: Any) -> int:
