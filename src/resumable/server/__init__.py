@@ -51,7 +51,7 @@ class ServerHandle:
 
     url: str
     port: int
-    token: str | None
+    token: str | None = field(repr=False)
     host: str
     _server: Any = field(repr=False)
     _thread: threading.Thread = field(repr=False)
