@@ -1,0 +1,4 @@
+"""Integrations with optional dependencies, one module each (``integrations.torch``, ...).
+
+Importing this package imports none of them.
+"""
