@@ -640,4 +640,16 @@ def test_serve_cli_refuses_a_missing_directory(tmp_path: Path) -> None:
         timeout=TIMEOUT * 3,
     )
     assert proc.returncode == 2
-    assert "no run directory" in proc.stdout + proc.stderr
+    assert proc.stderr.startswith("resumable serve: error: no run directory at ")
+    assert len(proc.stderr.splitlines()) == 1
+
+
+def test_serve_cli_refuses_a_busy_port(run_dir: Path, server: ServerHandle) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", SERVE_SCRIPT, str(run_dir), "--port", str(server.port)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 3,
+    )
+    assert proc.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{server.port}" in proc.stderr
