@@ -103,10 +103,11 @@ def control_files(run_dir: Path) -> list[Path]:
 
 
 def test_serves_on_a_free_loopback_port_and_close_joins_the_thread(run_dir: Path) -> None:
-    handle = serve_in_thread(run_dir)
+    handle = serve_in_thread(run_dir, token="not-in-the-repr")
     assert handle.port > 0
     assert handle.url == f"http://127.0.0.1:{handle.port}/"
-    assert httpx.get(handle.url + "api/status", timeout=TIMEOUT).status_code == 200
+    assert "not-in-the-repr" not in repr(handle)
+    assert httpx.get(handle.url + "api/status", timeout=TIMEOUT).status_code == 401
     handle.close()
     assert not handle.running
     with pytest.raises(httpx.ConnectError):
@@ -306,6 +307,27 @@ def test_a_save_flood_makes_one_pending_request_and_answers_all(
     fresh = client.post("/api/checkpoints", json={}).json()
     assert fresh["coalesced"] is False and fresh["request_id"] != pending.stem
     assert [p.stem for p in control_files(run_dir)] == [fresh["request_id"]]
+
+
+def test_two_servers_on_one_run_coalesce_into_one_request(
+    run_dir: Path, server: ServerHandle, live_status: None
+) -> None:
+    # The run's own server and `resumable serve` share control/ (a file lock, not
+    # a thread lock, keeps them from both submitting).
+    with serve_in_thread(run_dir) as other:
+        clients = [httpx.Client(base_url=h.url, timeout=TIMEOUT) for h in (server, other)]
+
+        def save(i: int) -> str:
+            answer = clients[i % 2].post("/api/checkpoints", json={})
+            assert answer.status_code == 202
+            return str(answer.json()["request_id"])
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            ids = set(pool.map(save, range(200)))
+        for c in clients:
+            c.close()
+    [pending] = control_files(run_dir)
+    assert ids == {pending.stem}
 
 
 # ---- the token ----
@@ -525,6 +547,8 @@ def test_the_page_and_its_assets_are_local(client: Any) -> None:
         text = answer.text.replace('"http://www.w3.org/2000/svg"', "SVG_NAMESPACE")
         assert "http://" not in text and "https://" not in text and "//cdn" not in text
     assert "https://" not in page.text and "http://" not in page.text
+    for cdn_page in ("/docs", "/redoc"):  # FastAPI's viewers load scripts from a CDN
+        assert client.get(cdn_page).status_code == 404
 
 
 # ---- resumable serve (serve_forever) in its own process ----
@@ -616,4 +640,16 @@ def test_serve_cli_refuses_a_missing_directory(tmp_path: Path) -> None:
         timeout=TIMEOUT * 3,
     )
     assert proc.returncode == 2
-    assert "no run directory" in proc.stdout + proc.stderr
+    assert proc.stderr.startswith("resumable serve: error: no run directory at ")
+    assert len(proc.stderr.splitlines()) == 1
+
+
+def test_serve_cli_refuses_a_busy_port(run_dir: Path, server: ServerHandle) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", SERVE_SCRIPT, str(run_dir), "--port", str(server.port)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT * 3,
+    )
+    assert proc.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{server.port}" in proc.stderr

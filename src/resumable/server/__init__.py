@@ -20,6 +20,7 @@ import logging
 import secrets
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ class ServerHandle:
 
     url: str
     port: int
-    token: str | None
+    token: str | None = field(repr=False)
     host: str
     _server: Any = field(repr=False)
     _thread: threading.Thread = field(repr=False)
@@ -163,20 +164,27 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """Run ``resumable serve`` from parsed arguments; returns the exit code."""
+    """Run ``resumable serve`` from parsed arguments until SIGINT or SIGTERM.
+
+    Returns 0 once stopped, 2 (with one line on stderr) for a missing
+    directory, a port that cannot be bound or a missing FastAPI/uvicorn.
+    """
     run_dir = Path(args.dir)
     if not run_dir.is_dir():
-        log.error("no run directory at %s; pass the directory given to Run(...)", run_dir)
-        return 2
+        return _cli_error(f"no run directory at {run_dir}; pass the directory given to Run(...)")
     token: str | bool | None = args.token
     if token is None and not is_loopback(args.host):
         token = True
     try:
         serve_forever(run_dir, host=args.host, port=args.port, token=token)
     except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
+        return _cli_error(str(exc))
     return 0
+
+
+def _cli_error(message: str) -> int:
+    sys.stderr.write(f"resumable serve: error: {message}\n")
+    return 2
 
 
 def is_loopback(host: str) -> bool:

@@ -9,9 +9,11 @@ Nothing here ever waits on the training loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ log = logging.getLogger("resumable.server")
 STATIC_DIR = Path(__file__).parent / "static"
 CHECKPOINTS_DIR = "checkpoints"
 REPORT_FILE = "report.json"
+SUBMIT_LOCK = ".submit.lock"
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut} for code in (400, 401, 404, 409, 413, 415, 422)
 }
@@ -85,8 +88,12 @@ class RunDirectory:
 
     def submit(self, action: str, **fields: Any) -> AcceptedOut:
         """Drop a request into ``control/``; while one of the same action is pending,
-        answer with its id instead (a flood of clicks makes one request)."""
-        with self._submit_lock:
+        answer with its id instead (a flood of clicks makes one request).
+
+        Serialized by a thread lock and, across processes (the run's own server
+        and ``resumable serve``), by ``flock`` on ``control/.submit.lock``.
+        """
+        with self._submit_lock, _flocked(self.path / runfiles.CONTROL_DIR / SUBMIT_LOCK):
             for _, pending in runfiles.pending_requests(self.path):
                 if pending.action == action:
                     return AcceptedOut(request_id=pending.id, action=action, coalesced=True)
@@ -181,6 +188,10 @@ def create_app(
         summary="Watch a run, save a checkpoint on demand, stop it gracefully.",
         version=_version(),
         responses=_ERRORS,
+        # Swagger UI and ReDoc load their scripts from a CDN; the page needs nothing
+        # from the internet, so only the OpenAPI document itself is served.
+        docs_url=None,
+        redoc_url=None,
     )
     api.state.run = run
     api.state.stopping = stopping
@@ -357,6 +368,20 @@ def _checkpoint_out(info: Any, latest: str | None, best: str | None) -> Checkpoi
         latest=checkpoint_id == latest,
         best=checkpoint_id == best,
     )
+
+
+@contextlib.contextmanager
+def _flocked(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created with its folder when missing)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _size_on_disk(directory: Path) -> int:
