@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     small = args.small or os.environ.get("RESUMABLE_EXAMPLE_SMALL") == "1"
     n_trials = args.trials or (30 if small else 150)
-    work = 3000 if small else 200_000
+    work = 3000 if small else 100_000
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     sampler = optuna.samplers.TPESampler(seed=args.seed, n_startup_trials=10)
