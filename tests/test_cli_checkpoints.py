@@ -236,3 +236,100 @@ def test_prune_keep_best_without_a_metric_is_bad_input(run_dir: Path) -> None:
     out = cli("prune", run_dir, "--keep-last", "1", "--keep-best", "2")
     assert_one_line_error(out, 2, "--metric")
     assert steps_on_disk(run_dir) == [100, 200, 300, 400]
+
+
+# --- inspect --------------------------------------------------------------------------
+
+
+def test_inspect_json_describes_the_tree_from_the_manifest(run_dir: Path) -> None:
+    ckpt = checkpoint(run_dir, 200)
+    shown = cli_json("inspect", ckpt)
+    assert (shown["step"], shown["name"], shown["format_version"]) == (200, None, 1)
+    assert shown["metrics"]["val_loss"] == pytest.approx(0.3)
+    nodes = {node["path"]: node for node in shown["tree"]}
+    weight = nodes["model.weight"]
+    assert (weight["type"], weight["dtype"], weight["shape"], weight["size"]) == (
+        "ndarray",
+        "<f4",
+        [4, 3],
+        48,
+    )
+    assert nodes["model.bias"]["size"] == 24
+    assert nodes["epoch"] == {"path": "epoch", "type": "int", "value": 200}
+    assert nodes["note"]["value"] == "hello"
+    assert nodes["model"]["length"] == 2
+
+
+def test_inspect_text_lists_metadata_and_every_path(run_dir: Path) -> None:
+    out = cli("inspect", checkpoint(run_dir, 100))
+    assert out.returncode == 0, out.stderr
+    assert "name:     warmup" in out.stdout
+    line = next(line for line in out.stdout.splitlines() if line.startswith("model.weight"))
+    assert line.split()[1:4] == ["ndarray", "<f4", "[4,"]
+
+
+def test_inspect_of_a_run_directory_says_to_pick_a_checkpoint(run_dir: Path) -> None:
+    assert_one_line_error(cli("inspect", run_dir), 2, "resumable list")
+
+
+# --- diff -----------------------------------------------------------------------------
+
+
+def test_diff_json_reports_metrics_keys_and_tensor_changes(run_dir: Path) -> None:
+    store = store_module.CheckpointStore(run_dir / "checkpoints")
+    changed = weights(200)
+    changed["model"]["bias"] = changed["model"]["bias"] + np.array([0.0, 2.5, -4.0])  # type: ignore[index]
+    changed["extra"] = [1, 2]
+    del changed["note"]
+    store.save(changed, 500, metrics={"val_loss": 0.25})
+    store.close()
+
+    result = cli_json("diff", checkpoint(run_dir, 200), checkpoint(run_dir, 500))
+    assert result["fields"]["step"] == {"a": 200, "b": 500}
+    assert result["metrics"]["val_loss"]["delta"] == pytest.approx(-0.05)
+    assert result["metrics"]["acc"]["only_in"] == "a"
+    assert result["only_in_a"] == ["note"]
+    assert set(result["only_in_b"]) == {"extra", "extra[0]", "extra[1]"}
+    values = {row["path"]: row for row in result["values"]}
+    assert values["model.weight"]["changed"] is False
+    assert values["model.weight"]["max_abs_diff"] == 0.0
+    assert values["model.bias"]["changed"] is True
+    assert values["model.bias"]["max_abs_diff"] == pytest.approx(4.0)
+    assert values["epoch"]["changed"] is False
+
+
+def test_diff_text_names_what_changed(run_dir: Path) -> None:
+    out = cli("diff", checkpoint(run_dir, 100), checkpoint(run_dir, 200))
+    assert out.returncode == 0, out.stderr
+    assert "step: 100 -> 200" in out.stdout
+    assert "val_loss: 0.9 -> 0.3 (-0.6)" in out.stdout
+    weight = next(line for line in out.stdout.splitlines() if line.startswith("model.weight"))
+    assert "changed, max abs diff" in weight
+    assert "epoch" in out.stdout and "100 -> 200" in out.stdout
+
+
+def test_diff_of_torch_tensors_one_pair_at_a_time(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    store = store_module.CheckpointStore(tmp_path)
+    a = {"w": torch.zeros(3, 2, dtype=torch.bfloat16), "m": torch.tensor([float("nan"), 1.0])}
+    b = {"w": a["w"].clone(), "m": torch.tensor([float("nan"), -2.0])}
+    b["w"][1, 1] = 3.0
+    store.save(a, 1)
+    store.save(b, 2)
+    store.close()
+    result = cli_json("diff", tmp_path / "step-000001", tmp_path / "step-000002")
+    values = {row["path"]: row for row in result["values"]}
+    assert values["w"]["dtype"] == "bfloat16"
+    assert values["w"]["max_abs_diff"] == pytest.approx(3.0)
+    assert values["m"]["max_abs_diff"] == pytest.approx(3.0)  # the NaNs match: no change there
+
+
+def test_diff_of_different_shapes_says_so_without_loading(run_dir: Path, tmp_path: Path) -> None:
+    store = store_module.CheckpointStore(tmp_path / "other")
+    state = weights(1)
+    state["model"]["weight"] = np.zeros((2, 2), dtype=np.float32)  # type: ignore[index]
+    store.save(state, 7)
+    store.close()
+    result = cli_json("diff", checkpoint(run_dir, 100), tmp_path / "other" / "step-000007")
+    row = {r["path"]: r for r in result["values"]}["model.weight"]
+    assert (row["changed"], row["shape"], row["shape_b"]) == (True, [4, 3], [2, 2])

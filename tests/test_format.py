@@ -43,6 +43,8 @@ def roundtrip(tmp_path: Path, tree: Any, **kwargs: Any) -> Any:
 def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     itemsize = torch.empty(0, dtype=dtype).element_size()
     numel = int(np.prod(shape)) if shape else 1
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
     raw = np.random.default_rng(seed).integers(0, 256, numel * itemsize, dtype=np.uint8)
     return torch.from_numpy(raw).view(dtype).reshape(shape)
 

@@ -45,6 +45,7 @@ def test_save_list_latest_load(store: CheckpointStore) -> None:
     assert store.latest().step == 100
     assert store.load()["n"] == 100
     assert store.load(20)["n"] == 20
+    assert store.load("20")["n"] == 20
     assert store.load(store.list()[0])["n"] == 5
     assert store.load(str(store.list()[1].path))["n"] == 10
     assert store.get(10).metrics == {"loss": 0.1}
@@ -298,3 +299,33 @@ def test_a_full_disk_fails_clearly_and_leaves_earlier_checkpoints(tmp_path: Path
     assert [i.step for i in store.list()] == [1]
     assert store.load()["small"] == b"x" * 1000
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_staged_commit_from_a_background_thread_with_a_snapshot(store: CheckpointStore) -> None:
+    import threading
+
+    from resumable.state import capture
+
+    weights = torch.ones(8)
+    encoded = fmt.encode(capture({"w": weights}), copy=True)
+    weights.add_(1)  # the live tensor moves on; the snapshot must not
+    staging = store.begin(7, name="async")
+    result: list[object] = []
+
+    def background() -> None:
+        store.write(staging, encoded, metrics={"loss": 0.5}, reason="periodic")
+        result.append(store.commit(staging))
+
+    thread = threading.Thread(target=background)
+    thread.start()
+    thread.join()
+    info = result[0]
+    assert info.step == 7 and info.name == "async" and info.metrics == {"loss": 0.5}
+    assert torch.equal(store.load("async")["w"], torch.ones(8))
+
+
+def test_abort_leaves_nothing_behind(store: CheckpointStore) -> None:
+    staging = store.begin(3)
+    store.abort(staging)
+    assert store.list() == []
+    assert not [p for p in store.directory.iterdir() if p.name.startswith(".tmp-")]

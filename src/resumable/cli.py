@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -45,6 +46,25 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"resumable {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_list(commands)
+    _add_inspect(commands)
+    _add_verify(commands)
+    _add_prune(commands)
+    _add_diff(commands)
+    _add_front_end(
+        commands,
+        command,
+        "report",
+        "resumable.report",
+        help="the report of a run: outcome, sessions, metrics, checkpoints",
+    )
+    _add_front_end(
+        commands,
+        command,
+        "preflight",
+        "resumable.preflight",
+        help="go/no-go checks before a long run (disk, packages, data)",
+    )
     _add_run(commands)
     return parser
 
@@ -58,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
+    _show_library_messages()
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -70,6 +91,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, str(exc), EXIT_BAD_INPUT)
     except OSError as exc:
         return _fail(args, _describe_os_error(exc), EXIT_BAD_INPUT)
+    except ModuleNotFoundError as exc:  # an optional dependency this command needs
+        return _fail(args, _missing_module(exc), EXIT_BAD_INPUT)
+
+
+def _show_library_messages() -> None:
+    """Show resumable's log messages (a served URL, a resume, a skipped checkpoint)
+    on stderr as plain lines, unless the embedding program configured logging."""
+    import logging
+
+    logger = logging.getLogger("resumable")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:
@@ -80,6 +117,13 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
 def _describe_os_error(exc: OSError) -> str:
     where = f": {exc.filename}" if exc.filename else ""
     return f"{exc.strerror or exc}{where}"
+
+
+def _missing_module(exc: ModuleNotFoundError) -> str:
+    name = exc.name or str(exc)
+    if name.split(".")[0] == "resumable":
+        return f"{name} is missing from this installation of resumable; reinstall it"
+    return f"this command needs {name}, which is not installed: pip install {name}"
 
 
 def _print_json(data: object) -> None:
@@ -242,7 +286,7 @@ def _add_front_end(
     module_name: str,
     *,
     help: str,
-    missing: str,
+    missing: str = "",
 ) -> None:
     """Mount ``module.add_cli_arguments`` / ``module.run_cli`` as subcommand ``name``."""
     p = commands.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".")
@@ -322,10 +366,10 @@ def _open_store(store_dir: Path) -> Any:
 
 
 def _checkpoint_dirs(store_dir: Path) -> list[Path]:
-    """The committed checkpoint directories: hidden ones (``.tmp-*``) are never read."""
+    """The committed checkpoint directories (``step-*``); ``.tmp-*`` ones are never read."""
     if not store_dir.is_dir():
         return []
-    return sorted(p for p in store_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in store_dir.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
 
 def _entries(store_dir: Path, *, verify: bool) -> list[_Entry]:
@@ -588,24 +632,28 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         best=best,
     )
     try:
-        explicit = [store.get(ref) for ref in args.delete]
-        removed = list(store.prune(dry_run=args.dry_run))
-        gone = {info.path for info in removed}
-        for info in explicit:
-            if info.path not in gone:
-                if not args.dry_run:
-                    store.delete(info.path, force=True)
-                removed.append(info)
-        kept = [e for e in _entries(location.store_dir, verify=False) if e.path not in gone]
+        explicit = [store.get(_reference(ref)) for ref in args.delete]
+        newest_sound = store.latest(verify=True)
+        removed = [
+            info
+            for info in store.prune(dry_run=True)
+            if newest_sound is None or info.path != newest_sound.path
+        ]
+        removed += [info for info in explicit if info.path not in {i.path for i in removed}]
+        if not args.dry_run:
+            for info in removed:
+                store.delete(info, force=True)
     finally:
         store.close()
+    gone = {info.path for info in removed}
+    kept = [e for e in _entries(location.store_dir, verify=False) if e.path not in gone]
     verb = "would delete" if args.dry_run else "deleted"
     if args.json:
         _print_json(
             {
                 "dry_run": args.dry_run,
                 "deleted": [_info_json(info) for info in removed],
-                "kept": [e.to_json() for e in kept if e.path not in {i.path for i in removed}],
+                "kept": [e.to_json() for e in kept],
             }
         )
     else:
@@ -613,6 +661,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             sys.stdout.write(f"{verb} {info.path} (step {info.step})\n")
         sys.stdout.write(f"{verb} {len(removed)} checkpoint(s)\n")
     return EXIT_OK
+
+
+def _reference(text: str) -> str | int:
+    """A checkpoint reference from the command line: a step number, a name or a path."""
+    return int(text) if text.isdigit() else text
 
 
 def _info_json(info: Any) -> dict[str, Any]:
@@ -625,3 +678,467 @@ def _info_json(info: Any) -> dict[str, Any]:
         "size": info.size,
         "metrics": dict(info.metrics),
     }
+
+
+# --- the state tree of a manifest, without loading tensors ------------------------
+
+_TORCH_ITEMSIZE = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "complex128": 16, "complex64": 8,
+    "complex32": 4, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint64": 8, "uint32": 4,
+    "uint16": 2, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
+    "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
+}  # fmt: skip
+_CONTAINERS = ("dict", "list", "tuple", "set", "frozenset")
+
+
+@dataclass(frozen=True)
+class _Leaf:
+    """One node of a saved state tree, as the manifest describes it."""
+
+    parts: tuple[str | int, ...]  # dict keys and list indices from the root
+    node: dict[str, Any]
+    addressable: bool  # whether read_tree(subtree=...) can load it on its own
+
+    @property
+    def path(self) -> str:
+        text = ""
+        for part in self.parts:
+            if isinstance(part, int):
+                text += f"[{part}]"
+            else:
+                text += f".{part}" if text else part
+        return text or "(root)"
+
+    @property
+    def subtree(self) -> str:
+        return ".".join(str(part) for part in self.parts)
+
+    @property
+    def kind(self) -> str:
+        return str(self.node.get("type"))
+
+    @property
+    def is_data(self) -> bool:
+        """A tensor, an array or bytes stored in the tensor file."""
+        return self.kind in ("tensor", "ndarray") or "entry" in self.node
+
+    def describe(self) -> dict[str, Any]:
+        node = self.node
+        row: dict[str, Any] = {"path": self.path, "type": self.kind}
+        if self.kind in _CONTAINERS:
+            row["length"] = len(node.get("entries") or node.get("items") or [])
+        if "dtype" in node:
+            row["dtype"] = node["dtype"]
+        if "shape" in node:
+            row["shape"] = list(node["shape"])
+        size = _node_nbytes(node)
+        if size is not None:
+            row["size"] = size
+        if "entry" in node:
+            row["entry"] = node["entry"]
+        value = _plain_value(node)
+        if value is not _NO_VALUE:
+            row["value"] = value
+        return row
+
+
+_NO_VALUE = object()
+
+
+def _walk(node: Any, parts: tuple[str | int, ...] = (), addressable: bool = True) -> list[_Leaf]:
+    """Every node of a manifest tree, parents before children."""
+    if not isinstance(node, dict) or "type" not in node:
+        raise CorruptCheckpoint(f"the state tree is malformed at {_Leaf(parts, {}, True).path}")
+    found = [_Leaf(parts, node, addressable)]
+    kind = node["type"]
+    if kind == "dict" and isinstance(node.get("entries"), dict):
+        for key, child in node["entries"].items():
+            found += _walk(child, (*parts, key), addressable and "." not in key)
+    elif kind == "dict":
+        for key_node, child in node.get("items") or []:
+            key = _plain_value(key_node)
+            key = key if isinstance(key, (int, str)) and not isinstance(key, bool) else str(key)
+            found += _walk(child, (*parts, key), addressable and "." not in str(key))
+    elif kind in _CONTAINERS:
+        sequence = kind in ("list", "tuple")
+        for index, child in enumerate(node.get("items") or []):
+            found += _walk(child, (*parts, index), addressable and sequence)
+    return found
+
+
+def _plain_value(node: dict[str, Any]) -> Any:
+    """The value of a scalar node (int, float, str, bool, None, small bytes), else _NO_VALUE."""
+    import base64
+    import struct
+
+    kind = node.get("type")
+    if kind == "none":
+        return None
+    if kind in ("bool", "str"):
+        return node.get("value")
+    if kind == "int":
+        return int(node["hex"], 16) if "hex" in node else node.get("value")
+    if kind == "float":
+        if "bits" in node:
+            return struct.unpack("<d", bytes.fromhex(node["bits"]))[0]
+        return node.get("value")
+    if kind == "bytes" and "base64" in node:
+        return f"<{len(base64.b64decode(node['base64']))} bytes>"
+    if kind == "npscalar":
+        return f"<numpy {node.get('dtype')}>"
+    return _NO_VALUE
+
+
+def _node_nbytes(node: dict[str, Any]) -> int | None:
+    kind = node.get("type")
+    shape = node.get("shape")
+    if kind == "bytes":
+        return int(node["size"]) if "size" in node else None
+    if not isinstance(shape, list):
+        return None
+    count = 1
+    for n in shape:
+        count *= int(n)
+    dtype = str(node.get("dtype"))
+    if kind == "tensor":
+        itemsize = _TORCH_ITEMSIZE.get(dtype)
+    else:  # numpy dtype strings: "<f4", "|b1", "<U8" (4 bytes a character)
+        digits = "".join(c for c in dtype.split("[")[0] if c.isdigit())
+        itemsize = int(digits) * (4 if "U" in dtype else 1) if digits else None
+    return None if itemsize is None else count * itemsize
+
+
+def _read_checkpoint_manifest(path: Path) -> dict[str, Any]:
+    """The validated manifest of checkpoint directory ``path`` (bad input otherwise)."""
+    from resumable.format import read_manifest
+
+    _existing_directory(path, "a checkpoint directory (such as DIR/checkpoints/step-000100)")
+    if not (path / MANIFEST_FILE).exists() and (
+        (path / CHECKPOINTS_DIR).is_dir() or any(p.name.startswith("step-") for p in path.iterdir())
+    ):
+        raise ConfigError(
+            f"{path} holds checkpoints; give one of them (`resumable list {path}` shows them)"
+        )
+    return read_manifest(path)
+
+
+def _add_inspect(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "inspect",
+        help="a checkpoint's metadata and state tree, without loading tensors",
+        description="Show the metadata of checkpoint CKPT and its state tree: every "
+        "value's path and type, and the dtype, shape and size of tensors and arrays. "
+        "Reads the manifest only.",
+    )
+    p.add_argument("checkpoint", type=Path, metavar="CKPT", help="a checkpoint directory")
+    _add_data_flags(p)
+    p.set_defaults(handler=_cmd_inspect)
+
+
+def _checkpoint_summary(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    files = {
+        name: {"size": info["size"], "xxh3": info["xxh3"]}
+        for name, info in manifest["files"].items()
+    }
+    return {
+        "path": str(path),
+        "step": manifest["step"],
+        "name": manifest["name"],
+        "reason": manifest["reason"],
+        "created": manifest["created"],
+        "format_version": manifest["format_version"],
+        "size": sum(info["size"] for info in files.values()),
+        "files": files,
+        "metrics": manifest["metrics"],
+        "metadata": manifest["metadata"],
+    }
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    manifest = _read_checkpoint_manifest(args.checkpoint)
+    summary = _checkpoint_summary(args.checkpoint, manifest)
+    nodes = [leaf.describe() for leaf in _walk(manifest["tree"])]
+    if args.json:
+        _print_json({**summary, "tree": nodes})
+        return EXIT_OK
+    out = sys.stdout
+    for key in ("path", "step", "name", "reason"):
+        out.write(f"{key + ':':<10}{'' if summary[key] is None else summary[key]}\n")
+    out.write(f"{'created:':<10}{_format_time(summary['created'])}\n")
+    out.write(f"{'format:':<10}{summary['format_version']}\n")
+    files = ", ".join(f"{n} {_format_size(f['size'])}" for n, f in summary["files"].items())
+    out.write(f"{'size:':<10}{_format_size(summary['size'])}{f' ({files})' if files else ''}\n")
+    out.write(f"{'metrics:':<10}{_format_metrics(summary['metrics'])}\n")
+    if summary["metadata"]:
+        metadata = json.dumps(summary["metadata"], default=_json_default)
+        out.write(f"{'metadata:':<10}{metadata}\n")
+    out.write("\n")
+    _print_table(["path", "type", "dtype", "shape", "size", "value"], _tree_rows(nodes))
+    return EXIT_OK
+
+
+def _tree_rows(nodes: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for node in nodes:
+        kind = node["type"]
+        if "length" in node:
+            kind += f" ({node['length']})"
+        value = ""
+        if "value" in node:
+            value = repr(node["value"]) if node["type"] == "str" else str(node["value"])
+            value = value if len(value) <= 40 else value[:37] + "..."
+        rows.append(
+            [
+                node["path"],
+                kind,
+                str(node.get("dtype", "")),
+                str(node["shape"]) if "shape" in node else "",
+                _format_size(node["size"]) if "size" in node else "",
+                value,
+            ]
+        )
+    return rows
+
+
+# --- diff -----------------------------------------------------------------------------
+
+_CHUNK_ELEMENTS = 1 << 20  # compare tensors a million elements at a time
+
+
+def _add_diff(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "diff",
+        help="two checkpoints side by side: metadata, metrics, and what changed",
+        description="Compare checkpoints A and B: metadata and metrics, the paths only in "
+        "one, and for every value in both whether it changed (for tensors and arrays, the "
+        "largest absolute difference). Tensors are loaded one pair at a time, memory-mapped.",
+    )
+    p.add_argument("a", type=Path, metavar="A", help="a checkpoint directory")
+    p.add_argument("b", type=Path, metavar="B", help="another checkpoint directory")
+    _add_data_flags(p)
+    p.set_defaults(handler=_cmd_diff)
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    manifests = _read_checkpoint_manifest(args.a), _read_checkpoint_manifest(args.b)
+    summaries = [
+        _checkpoint_summary(p, m) for p, m in zip((args.a, args.b), manifests, strict=True)
+    ]
+    result: dict[str, Any] = {
+        "a": summaries[0],
+        "b": summaries[1],
+        "fields": _changed_fields(summaries),
+        "metrics": _compare_mapping(manifests[0]["metrics"], manifests[1]["metrics"]),
+        "metadata": _compare_mapping(manifests[0]["metadata"], manifests[1]["metadata"]),
+    }
+    result.update(_compare_trees(args.a, args.b, *manifests))
+    if args.json:
+        _print_json(result)
+    else:
+        _write_diff_text(result)
+    return EXIT_OK
+
+
+def _changed_fields(summaries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    a, b = summaries
+    keys = ("step", "name", "reason", "created", "format_version", "size")
+    return {k: {"a": a[k], "b": b[k]} for k in keys if a[k] != b[k]}
+
+
+def _compare_mapping(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every key of either side: both values, and the change of numbers."""
+    rows: dict[str, dict[str, Any]] = {}
+    for key in list(a) + [k for k in b if k not in a]:
+        row: dict[str, Any] = {"a": a.get(key), "b": b.get(key)}
+        if key not in a or key not in b:
+            row["only_in"] = "a" if key in a else "b"
+        elif _number(a[key]) is not None and _number(b[key]) is not None:
+            row["delta"] = float(b[key]) - float(a[key])
+        row["changed"] = a.get(key) != b.get(key) or "only_in" in row
+        rows[key] = row
+    return rows
+
+
+def _compare_trees(
+    path_a: Path, path_b: Path, manifest_a: dict[str, Any], manifest_b: dict[str, Any]
+) -> dict[str, Any]:
+    leaves_a = {leaf.path: leaf for leaf in _walk(manifest_a["tree"])}
+    leaves_b = {leaf.path: leaf for leaf in _walk(manifest_b["tree"])}
+    values = []
+    for path, leaf_a in leaves_a.items():
+        leaf_b = leaves_b.get(path)
+        if leaf_b is None or (leaf_a.kind in _CONTAINERS and leaf_b.kind == leaf_a.kind):
+            continue
+        values.append(_compare_leaf(path_a, path_b, manifest_a, manifest_b, leaf_a, leaf_b))
+    return {
+        "only_in_a": [p for p in leaves_a if p not in leaves_b],
+        "only_in_b": [p for p in leaves_b if p not in leaves_a],
+        "values": values,
+    }
+
+
+def _compare_leaf(
+    path_a: Path,
+    path_b: Path,
+    manifest_a: dict[str, Any],
+    manifest_b: dict[str, Any],
+    a: _Leaf,
+    b: _Leaf,
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"path": a.path, "type": a.kind}
+    described_a, described_b = a.describe(), b.describe()
+    for key in ("dtype", "shape"):
+        if key in described_a or key in described_b:
+            row[key] = described_a.get(key)
+            if described_a.get(key) != described_b.get(key):
+                row[f"{key}_b"] = described_b.get(key)
+    if a.kind != b.kind:
+        row.update(changed=True, type_b=b.kind)
+    elif not a.is_data and not b.is_data:
+        row["changed"] = a.node != b.node
+        if row["changed"] and "value" in described_a:
+            row.update(a=described_a["value"], b=described_b.get("value"))
+    elif "dtype_b" in row or "shape_b" in row:
+        row["changed"] = True
+    elif not (a.addressable and b.addressable):
+        row.update(changed=None, note="not compared: its path cannot be loaded on its own")
+    else:
+        row.update(_compare_data(path_a, path_b, manifest_a, manifest_b, a, b))
+    return row
+
+
+def _compare_data(
+    path_a: Path,
+    path_b: Path,
+    manifest_a: dict[str, Any],
+    manifest_b: dict[str, Any],
+    a: _Leaf,
+    b: _Leaf,
+) -> dict[str, Any]:
+    """Load one pair (memory-mapped, checksums verified) and measure the difference."""
+    from resumable.format import read_tree
+
+    value_a = read_tree(path_a, manifest_a, subtree=a.subtree, mmap=True)
+    value_b = read_tree(path_b, manifest_b, subtree=b.subtree, mmap=True)
+    if isinstance(value_a, (bytes, bytearray)):
+        return {"changed": value_a != value_b}
+    changed, largest = _difference(value_a, value_b)
+    return {"changed": changed, "max_abs_diff": largest}
+
+
+def _difference(a: Any, b: Any) -> tuple[bool, float | None]:
+    """(changed, largest |a - b|) of two same-shape tensors or arrays, chunk by chunk.
+
+    NaN against NaN is no change; NaN against a number an infinite difference.
+    Arrays that are not numbers (strings, dates) give ``(changed, None)``.
+    """
+    if type(a).__module__.startswith("torch"):
+        return _torch_difference(a, b)
+    return _numpy_difference(a, b)
+
+
+def _torch_difference(a: Any, b: Any) -> tuple[bool, float | None]:
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    changed, largest = False, 0.0
+    for start in range(0, flat_a.numel(), _CHUNK_ELEMENTS):
+        x = flat_a[start : start + _CHUNK_ELEMENTS]
+        y = flat_b[start : start + _CHUNK_ELEMENTS]
+        if not x.is_complex():
+            x, y = x.double(), y.double()
+        same = (x == y) | (x.isnan() & y.isnan())
+        if bool(same.all()):
+            continue
+        changed = True
+        difference = (x - y).abs()[~same].nan_to_num(nan=math.inf, posinf=math.inf)
+        largest = max(largest, float(difference.max()))
+    return changed, largest
+
+
+def _numpy_difference(a: Any, b: Any) -> tuple[bool, float | None]:
+    import numpy as np
+
+    if a.dtype.kind not in "biufc":
+        return not np.array_equal(a, b), None
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    changed, largest = False, 0.0
+    wide = np.complex128 if a.dtype.kind == "c" else np.float64
+    for start in range(0, flat_a.size, _CHUNK_ELEMENTS):
+        x = flat_a[start : start + _CHUNK_ELEMENTS].astype(wide)
+        y = flat_b[start : start + _CHUNK_ELEMENTS].astype(wide)
+        same = (x == y) | (np.isnan(x) & np.isnan(y))
+        if same.all():
+            continue
+        changed = True
+        difference = np.nan_to_num(np.abs(x - y)[~same], nan=math.inf)
+        largest = max(largest, float(difference.max()))
+    return changed, largest
+
+
+def _write_diff_text(result: dict[str, Any]) -> None:
+    out = sys.stdout
+    for side in ("a", "b"):
+        info = result[side]
+        name = f", name {info['name']}" if info["name"] else ""
+        out.write(f"{side.upper()}: {info['path']} (step {info['step']}{name})\n")
+    if result["fields"]:
+        out.write("\nfields:\n")
+        for key, row in result["fields"].items():
+            a, b = row["a"], row["b"]
+            if key == "created":
+                a, b = _format_time(a), _format_time(b)
+            out.write(f"  {key}: {a} -> {b}\n")
+    for section in ("metrics", "metadata"):
+        rows = {k: r for k, r in result[section].items() if r["changed"]}
+        if rows:
+            out.write(f"\n{section}:\n")
+            for key, row in rows.items():
+                out.write(f"  {key}: {_change_text(row)}\n")
+    out.write("\nstate:\n")
+    for side in ("a", "b"):
+        for path in result[f"only_in_{side}"]:
+            out.write(f"  only in {side.upper()}: {path}\n")
+    table = []
+    for row in result["values"]:
+        table.append([row["path"], row["type"], _value_change_text(row)])
+    if table:
+        _print_table(["path", "type", "change"], table)
+    changed = sum(1 for row in result["values"] if row.get("changed"))
+    out.write(
+        f"\n{changed} of {len(result['values'])} values changed, "
+        f"{len(result['only_in_a'])} only in A, {len(result['only_in_b'])} only in B\n"
+    )
+
+
+def _change_text(row: dict[str, Any]) -> str:
+    if "only_in" in row:
+        side = row["only_in"]
+        return f"only in {side.upper()} ({row[side]!r})"
+    text = f"{_short(row['a'])} -> {_short(row['b'])}"
+    if "delta" in row:
+        text += f" ({row['delta']:+.4g})"
+    return text
+
+
+def _value_change_text(row: dict[str, Any]) -> str:
+    if row.get("changed") is None:
+        return row.get("note", "not compared")
+    if "type_b" in row:
+        return f"type {row['type']} -> {row['type_b']}"
+    parts = []
+    for key in ("dtype", "shape"):
+        if f"{key}_b" in row:
+            parts.append(f"{key} {row[key]} -> {row[f'{key}_b']}")
+    if parts:
+        return "; ".join(parts)
+    if not row["changed"]:
+        return "same"
+    if "max_abs_diff" in row and row["max_abs_diff"] is not None:
+        return f"changed, max abs diff {row['max_abs_diff']:.6g}"
+    if "a" in row:
+        return f"{_short(row['a'])} -> {_short(row['b'])}"
+    return "changed"
+
+
+def _short(value: Any) -> str:
+    text = f"{value:.6g}" if isinstance(value, float) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

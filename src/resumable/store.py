@@ -43,6 +43,7 @@ from resumable.errors import (
 )
 from resumable.format import CheckpointInfo
 from resumable.retention import Retention, best_of
+from resumable.saver import STRATEGIES, BackgroundSaver, PendingSave
 from resumable.state import capture
 
 __all__ = ["CheckpointStore", "Staging", "sanitize_name"]
@@ -124,6 +125,8 @@ class CheckpointStore:
         keep_best: keep this many best on ``best`` as well.
         best: ``(metric, "min"|"max")`` ranking checkpoints by a metric.
         compression: None or ``"zstd"`` (multithreaded) for the tensor file.
+        snapshot: how ``save_async`` snapshots the state: ``"auto"``,
+            ``"fork"`` or ``"copy"`` (see ``resumable.saver``).
 
     Thread safety: mutating calls are serialized by an internal lock, so a
     background saver may ``commit`` while the main thread reads. One process
@@ -138,7 +141,10 @@ class CheckpointStore:
         keep_best: int | None = None,
         best: tuple[str, str] | None = None,
         compression: str | None = None,
+        snapshot: str = "auto",
     ) -> None:
+        if snapshot not in STRATEGIES:
+            raise ConfigError(f"snapshot={snapshot!r} is unknown; use one of {STRATEGIES}")
         if compression not in (None, "zstd"):
             raise ConfigError(f"compression={compression!r} is not supported; use None or 'zstd'")
         self.directory = Path(directory)
@@ -149,6 +155,8 @@ class CheckpointStore:
         self._lock_fd: int | None = None
         self._mutex = threading.RLock()
         self._warned: set[str] = set()
+        self._snapshot = snapshot
+        self._saver: BackgroundSaver | None = None
 
     def __repr__(self) -> str:
         return f"CheckpointStore({str(self.directory)!r})"
@@ -220,7 +228,19 @@ class CheckpointStore:
                 shutil.rmtree(entry.path, ignore_errors=True)
 
     def close(self) -> None:
-        """Release the write lock (if held). The store can be used again later."""
+        """Finish a save in flight, then release the write lock (if held).
+
+        Raises the failure of that save, if any, after releasing the lock.
+        The store can be used again later.
+        """
+        try:
+            if self._saver is not None:
+                self._saver.close()
+        finally:
+            self._saver = None
+            self._release()
+
+    def _release(self) -> None:
         with self._mutex:
             if self._lock_fd is not None:
                 try:
@@ -248,6 +268,7 @@ class CheckpointStore:
         checkpoint of this name) exists, ``InvalidName``, ``StoreLocked`` and
         ``SaveFailed`` (disk full, I/O error; earlier checkpoints untouched).
         """
+        self.wait()
         tree = capture(state)
         encoded = fmt.encode(tree)
         staging = self.begin(step, name=name)
@@ -257,6 +278,45 @@ class CheckpointStore:
             self.abort(staging)
             raise
         return self.commit(staging)
+
+    def save_async(
+        self,
+        state: Any,
+        step: int,
+        *,
+        metrics: dict[str, Any] | None = None,
+        name: str | None = None,
+        reason: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        if_busy: str = "wait",
+    ) -> PendingSave | None:
+        """Snapshot ``state`` and write it in the background; return once staged.
+
+        The caller may change the state as soon as this returns: the
+        checkpoint holds the values of this moment. One save is in flight at
+        a time; when another is still being written, ``if_busy="wait"``
+        waits for it and ``"skip"`` returns ``None`` without saving. The
+        handle's ``wait()`` returns the ``CheckpointInfo``. A background
+        failure is raised by that ``wait()``, or else by the next
+        ``save_async``, ``save``, ``wait`` or ``close`` of this store.
+        """
+        if self._saver is None:
+            self._saver = BackgroundSaver(self, strategy=self._snapshot)
+        return self._saver.submit(
+            state,
+            step,
+            metrics=metrics,
+            name=name,
+            reason=reason,
+            metadata=metadata,
+            if_busy=if_busy,
+        )
+
+    def wait(self) -> CheckpointInfo | None:
+        """Wait for a save in flight; return its info, or ``None`` if none was."""
+        if self._saver is None:
+            return None
+        return self._saver.wait()
 
     def begin(self, step: int, *, name: str | None = None) -> Staging:
         """Check the step and name, take the lock and create the temporary directory."""
@@ -417,6 +477,8 @@ class CheckpointStore:
             if info is None:
                 raise CheckpointNotFound(f"no {ref} checkpoint in {self.directory}; save one first")
             return info
+        if isinstance(ref, str) and ref.isdigit():
+            ref = int(ref)  # names are never all digits, so this is a step
         if isinstance(ref, int) and not isinstance(ref, bool):
             matches = [info for info in self.list() if info.step == ref]
             unnamed = [info for info in matches if info.name is None]
@@ -439,26 +501,34 @@ class CheckpointStore:
     def _from_path(self, path: Path) -> CheckpointInfo:
         return CheckpointInfo.from_manifest(fmt.read_manifest(path), path)
 
-    def load(self, ref: Any = "latest", *, subtree: str | None = None, mmap: bool = False) -> Any:
+    def load(
+        self,
+        ref: Any = "latest",
+        *,
+        subtree: str | None = None,
+        mmap: bool = False,
+        verify: bool = True,
+    ) -> Any:
         """Load a checkpoint's tree, verifying the checksums of what is read.
 
         With ``ref="latest"`` a checkpoint that fails to verify is skipped
         with a warning and the next newest one is loaded. ``subtree`` (dotted,
         e.g. ``"model"``) reads only that part; ``mmap=True`` maps tensors
-        copy-on-write from the file. Raises ``CheckpointNotFound``,
+        copy-on-write from the file; ``verify=False`` skips the checksums
+        (with mmap, bytes are then read only when used). Raises ``CheckpointNotFound``,
         ``CorruptCheckpoint`` or ``UnsupportedFormat``.
         """
         if ref == "latest":
             for info in self.list()[::-1]:
                 try:
-                    return fmt.read_tree(info.path, subtree=subtree, mmap=mmap)
+                    return fmt.read_tree(info.path, subtree=subtree, mmap=mmap, verify=verify)
                 except (CorruptCheckpoint, UnsupportedFormat) as exc:
                     self._warn_once(
                         str(info.path), f"skipping corrupt checkpoint {info.path}: {exc}"
                     )
             raise CheckpointNotFound(f"no loadable checkpoint in {self.directory}; save one first")
         info = self.get(ref)
-        return fmt.read_tree(info.path, subtree=subtree, mmap=mmap)
+        return fmt.read_tree(info.path, subtree=subtree, mmap=mmap, verify=verify)
 
     def verify(self, ref: Any = "latest") -> CheckpointInfo:
         """Check every checksum of a checkpoint; raise ``CorruptCheckpoint`` if one fails."""

@@ -1,0 +1,195 @@
+"""Save and stop policies as tables: a boundary in, a decision out, no I/O."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from resumable.errors import ConfigError
+from resumable.policy import (
+    AnyOf,
+    AtSteps,
+    Boundary,
+    EarlyStopping,
+    EveryNSeconds,
+    EveryNSteps,
+    OnExit,
+    OnImprovement,
+    OnRequest,
+    SavePolicy,
+    TimeLimit,
+    is_better,
+    parse_duration,
+)
+
+
+@pytest.mark.parametrize(
+    ("policy", "boundary", "expected"),
+    [
+        (EveryNSteps(3), Boundary(step=0), False),
+        (EveryNSteps(3), Boundary(step=2), False),
+        (EveryNSteps(3), Boundary(step=3), True),
+        (EveryNSteps(3), Boundary(step=7), False),
+        (EveryNSteps(3), Boundary(step=9, last_save_step=8), True),
+        (EveryNSteps(1), Boundary(step=1), True),
+        (EveryNSeconds(60), Boundary(step=5, since_save=59.9), False),
+        (EveryNSeconds(60), Boundary(step=5, since_save=60.0), True),
+        (EveryNSeconds(0.5), Boundary(step=5, since_save=3.0), True),
+        (AtSteps([10, 20]), Boundary(step=10), True),
+        (AtSteps([10, 20]), Boundary(step=15), False),
+        (OnImprovement("loss"), Boundary(step=1, metrics={"loss": 1.0}), True),
+        (OnImprovement("loss"), Boundary(step=1, metrics={"acc": 1.0}), False),
+        (OnImprovement("loss"), Boundary(step=2, metrics={"loss": 0.9}, best={"loss": 1.0}), True),
+        (OnImprovement("loss"), Boundary(step=2, metrics={"loss": 1.0}, best={"loss": 1.0}), False),
+        (OnImprovement("loss"), Boundary(step=2, metrics={"loss": 1.1}, best={"loss": 1.0}), False),
+        (
+            OnImprovement("loss", min_delta=0.2),
+            Boundary(step=2, metrics={"loss": 0.9}, best={"loss": 1.0}),
+            False,
+        ),
+        (
+            OnImprovement("acc", mode="max"),
+            Boundary(step=2, metrics={"acc": 0.8}, best={"acc": 0.7}),
+            True,
+        ),
+        (
+            OnImprovement("acc", mode="max"),
+            Boundary(step=2, metrics={"acc": float("nan")}, best={"acc": 0.7}),
+            False,
+        ),
+        (OnExit(), Boundary(step=4), False),
+        (OnExit(), Boundary(step=4, exiting=True), True),
+        (OnRequest(), Boundary(step=4), False),
+        (OnRequest(), Boundary(step=4, requested=True), True),
+        (AnyOf(EveryNSteps(10), OnExit()), Boundary(step=10), True),
+        (AnyOf(EveryNSteps(10), OnExit()), Boundary(step=11), False),
+        (AnyOf(EveryNSteps(10), OnExit()), Boundary(step=11, exiting=True), True),
+        (EveryNSteps(10) | EveryNSeconds(5), Boundary(step=3, since_save=6), True),
+        (AnyOf(), Boundary(step=10, exiting=True), False),
+    ],
+)
+def test_save_policy_table(policy: SavePolicy, boundary: Boundary, expected: bool) -> None:
+    assert policy.should_save(boundary) is expected
+
+
+def test_any_of_flattens_and_is_frozen() -> None:
+    combined = EveryNSteps(2) | EveryNSeconds(3) | OnExit()
+    assert combined == AnyOf(EveryNSteps(2), EveryNSeconds(3), OnExit())
+    assert len(combined.policies) == 3
+    with pytest.raises(AttributeError):
+        combined.policies = ()  # type: ignore[misc]
+    assert hash(EveryNSteps(5)) == hash(EveryNSteps(5))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: EveryNSteps(0),
+        lambda: EveryNSteps(2.5),  # type: ignore[arg-type]
+        lambda: EveryNSteps(True),  # type: ignore[arg-type]
+        lambda: EveryNSeconds(0),
+        lambda: EveryNSeconds(math.inf),
+        lambda: AtSteps([0]),
+        lambda: OnImprovement(""),
+        lambda: OnImprovement("loss", mode="lowest"),
+        lambda: OnImprovement("loss", min_delta=-1),
+        lambda: AnyOf("every 5"),  # type: ignore[arg-type]
+        lambda: TimeLimit(-3),
+        lambda: EarlyStopping("loss", patience=0),
+        lambda: EarlyStopping("loss", mode="up"),
+    ],
+)
+def test_bad_policies_are_refused_when_built(build: object) -> None:
+    with pytest.raises(ConfigError):
+        build()  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    ("elapsed", "step_seconds", "expected"),
+    [
+        (0.0, 0.0, None),
+        (99.0, 0.0, None),
+        (100.0, 0.0, "time-limit"),
+        (95.0, 6.0, "time-limit"),
+        (90.0, 6.0, None),
+    ],
+)
+def test_time_limit_leaves_room_for_one_more_step(
+    elapsed: float, step_seconds: float, expected: str | None
+) -> None:
+    boundary = Boundary(step=1, elapsed=elapsed, step_seconds=step_seconds)
+    assert TimeLimit(100).should_stop(boundary) == expected
+
+
+@pytest.mark.parametrize(
+    ("mode", "patience", "min_delta", "values", "stops_at"),
+    [
+        ("min", 2, 0.0, [1.0, 0.9, 0.95, 0.91], 3),
+        ("min", 2, 0.0, [1.0, 0.9, 0.95, 0.8, 0.85, 0.86], 5),
+        ("min", 3, 0.0, [1.0, 1.0, 1.0, 1.0], 3),
+        ("min", 1, 0.5, [1.0, 0.8], 1),
+        ("max", 2, 0.0, [0.1, 0.2, 0.3, 0.4], None),
+        ("max", 2, 0.0, [0.5, 0.4, 0.3], 2),
+    ],
+)
+def test_early_stopping_table(
+    mode: str, patience: int, min_delta: float, values: list[float], stops_at: int | None
+) -> None:
+    stopper = EarlyStopping("val", mode=mode, patience=patience, min_delta=min_delta)
+    first_stop = None
+    for i, value in enumerate(values):
+        reason = stopper.should_stop(Boundary(step=i + 1, metrics={"val": value}))
+        if reason is not None and first_stop is None:
+            assert reason == "early-stop"
+            first_stop = i
+    assert first_stop == stops_at
+
+
+def test_early_stopping_counts_only_evaluations_and_round_trips_its_counters() -> None:
+    stopper = EarlyStopping("val", patience=2)
+    stopper.should_stop(Boundary(step=1, metrics={"val": 1.0}))
+    stopper.should_stop(Boundary(step=2, metrics={"loss": 5.0}))  # not an evaluation
+    stopper.should_stop(Boundary(step=3, metrics={"val": 2.0}))
+    assert stopper.state_dict() == {"best": 1.0, "bad_evaluations": 1}
+    resumed = EarlyStopping("val", patience=2)
+    resumed.load_state_dict(stopper.state_dict())
+    assert resumed.should_stop(Boundary(step=4, metrics={"val": 3.0})) == "early-stop"
+
+
+@pytest.mark.parametrize(
+    ("value", "best", "mode", "delta", "expected"),
+    [
+        (1.0, 2.0, "min", 0.0, True),
+        (2.0, 1.0, "min", 0.0, False),
+        (2.0, 1.0, "max", 0.0, True),
+        (1.05, 1.0, "max", 0.1, False),
+        (math.nan, 1.0, "min", 0.0, False),
+    ],
+)
+def test_is_better(value: float, best: float, mode: str, delta: float, expected: bool) -> None:
+    assert is_better(value, best, mode, delta) is expected
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("3h50m", 13800.0),
+        ("90s", 90.0),
+        ("90m", 5400.0),
+        ("1d2h", 93600.0),
+        ("1.5h", 5400.0),
+        ("45", 45.0),
+        (" 2H 30M ", 9000.0),
+        (12, 12.0),
+        (0.5, 0.5),
+    ],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "3x", "h", "3h50", "-5", "0", "soon", "1h-2m"])
+def test_parse_duration_refuses_nonsense(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_duration(text)
