@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     small = args.small or os.environ.get("RESUMABLE_EXAMPLE_SMALL") == "1"
-    n_trials = args.trials or (30 if small else 150)
+    n_trials = args.trials or (20 if small else 150)
     work = 3000 if small else 100_000
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
