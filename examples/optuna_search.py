@@ -1,6 +1,8 @@
 """An Optuna search that a stop never costs a trial and a resume never repeats one.
 
-One step of the ``Run`` is one trial. The study is tracked as a ``StudyState``:
+One step of the ``Run`` is one trial, and a checkpoint is taken every
+``--save-every`` trials (default 5) and whenever the best value improves. The
+study is tracked as a ``StudyState``:
 its finished trials (params, distributions, values, attributes) and the random
 state of its TPE sampler are in every checkpoint, so a resumed search neither
 re-runs a finished trial nor changes what the sampler proposes next. Ctrl+C or
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         args,
         total_steps=n_trials,
         save_every_steps=1 if in_storage else 5,
+        save=resumable.OnImprovement("best", mode="min"),  # and whenever the best improves
         best=("value", "min"),
     ) as run:
         run.track(study=StudyState(study, trials=not in_storage))
