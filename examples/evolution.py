@@ -2,7 +2,7 @@
 
 A population of small feed-forward networks (genomes of node and connection
 genes, each connection with a global innovation number) evolves to solve
-3-bit parity: speciation by compatibility distance, fitness sharing inside
+XOR, the classic NEAT benchmark: speciation by compatibility distance, fitness sharing inside
 species, crossover aligned on innovation numbers, and mutations that perturb
 weights, add connections and split connections with new nodes. One step is one
 generation. Fitness is evaluated in a pool of worker processes, which is shut
@@ -36,9 +36,9 @@ from typing import Any
 
 import resumable
 
-N_INPUTS = 3  # plus one bias input
-CASES = [((a, b, c), float((a + b + c) % 2)) for a in (0, 1) for b in (0, 1) for c in (0, 1)]
-COMPAT_THRESHOLD = 2.5
+N_INPUTS = 2  # plus one bias input
+CASES = [((a, b), float(a ^ b)) for a in (0, 1) for b in (0, 1)]  # XOR
+COMPAT_THRESHOLD = 1.5
 PR_SET_PDEATHSIG = 1
 
 Genome = dict[str, Any]  # {"id", "nodes": [[id, order]], "conns": [[innov, src, dst, w, on]]}
@@ -58,7 +58,7 @@ def init_worker(parent: int) -> None:
 
 
 def evaluate(genome: Genome) -> float:
-    """Fitness: 8 minus the squared error over the parity cases (pure, deterministic)."""
+    """Fitness: 4 minus the squared error over the XOR cases (pure, deterministic)."""
     order = {node: position for node, position in genome["nodes"]}
     incoming: dict[int, list[tuple[int, float]]] = {}
     for _, src, dst, weight, enabled in genome["conns"]:
@@ -182,12 +182,12 @@ class Evolution:
             if rng.random() < 0.8:
                 conn[3] += rng.gauss(0, 0.5) if rng.random() < 0.9 else rng.gauss(0, 1) - conn[3]
         order = {n: p for n, p in nodes}
-        if rng.random() < 0.08:
+        if rng.random() < 0.15:
             src, dst = rng.choice(nodes)[0], rng.choice(nodes)[0]
             existing = {(c[1], c[2]) for c in conns}
             if order[src] < order[dst] and (src, dst) not in existing:
                 conns.append([self._innovation(src, dst), src, dst, rng.gauss(0, 1), True])
-        if rng.random() < 0.04 and conns:
+        if rng.random() < 0.08 and conns:
             conn = rng.choice([c for c in conns if c[4]] or conns)
             conn[4] = False
             key = f"node-{conn[0]}"
@@ -259,8 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     small = args.small or os.environ.get("RESUMABLE_EXAMPLE_SMALL") == "1"
-    generations = args.generations or (30 if small else 300)
-    evo = Evolution(args.population or (60 if small else 200), seed=args.seed)
+    generations = args.generations or (20 if small else 300)
+    evo = Evolution(args.population or (40 if small else 200), seed=args.seed)
     record = {"best_fitness": -1.0, "best_sha": "", "generation": -1}
 
     context = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")

@@ -1,6 +1,8 @@
 """An Optuna search that a stop never costs a trial and a resume never repeats one.
 
-One step of the ``Run`` is one trial. The study is tracked as a ``StudyState``:
+One step of the ``Run`` is one trial, and a checkpoint is taken every
+``--save-every`` trials (default 5) and whenever the best value improves. The
+study is tracked as a ``StudyState``:
 its finished trials (params, distributions, values, attributes) and the random
 state of its TPE sampler are in every checkpoint, so a resumed search neither
 re-runs a finished trial nor changes what the sampler proposes next. Ctrl+C or
@@ -62,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     small = args.small or os.environ.get("RESUMABLE_EXAMPLE_SMALL") == "1"
-    n_trials = args.trials or (30 if small else 150)
-    work = 3000 if small else 200_000
+    n_trials = args.trials or (20 if small else 150)
+    work = 3000 if small else 100_000
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     sampler = optuna.samplers.TPESampler(seed=args.seed, n_startup_trials=10)
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         args,
         total_steps=n_trials,
         save_every_steps=1 if in_storage else 5,
+        save=resumable.OnImprovement("best", mode="min"),  # and whenever the best improves
         best=("value", "min"),
     ) as run:
         run.track(study=StudyState(study, trials=not in_storage))

@@ -53,7 +53,7 @@ def new_state() -> dict[str, Any]:
 def market_move(seed: int, tick: int, symbol: str, price: float) -> float:
     """The next price: a seeded random walk, a pure function of (seed, tick, symbol)."""
     rng = random.Random(f"{seed}:{tick}:{symbol}")
-    return round(price * (1.0 + rng.gauss(0.0002, 0.01)), 4)
+    return round(price * (1.0 + rng.gauss(0.0, 0.004)), 4)
 
 
 def trade_tick(state: dict[str, Any], seed: int) -> int:
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     options = options_from_args(args)
     small = args.small or os.environ.get("RESUMABLE_EXAMPLE_SMALL") == "1"
-    ticks = args.ticks or (2000 if small else 100_000)
+    ticks = args.ticks or (2000 if small else 60_000)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("paper_trading")
 
