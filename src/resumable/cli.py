@@ -46,6 +46,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"resumable {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_demo(commands)
     _add_list(commands)
     _add_inspect(commands)
     _add_verify(commands)
@@ -64,6 +65,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "preflight",
         "resumable.preflight",
         help="go/no-go checks before a long run (disk, packages, data)",
+    )
+    _add_front_end(
+        commands,
+        command,
+        "serve",
+        "resumable.server",
+        help="the dashboard and HTTP API of a run directory, live or finished",
+        missing="the dashboard needs FastAPI and uvicorn: pip install -c constraints.txt "
+        "-e '.[server]'",
     )
     _add_run(commands)
     return parser
