@@ -294,4 +294,7 @@ def test_a_resumable_run_crashing_twice_ends_as_if_never_interrupted(tmp_path: P
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "finished"
     assert [r["attempt"] for r in run["restarts"]] == [1, 2]
-    assert [s["start_step"] for s in run["sessions"]] == [0, 30, 70]
+    # Saves are asynchronous: the one submitted at step 30 (70) may still be in
+    # flight when the crash comes, but the one before it was waited for.
+    starts = [s["start_step"] for s in run["sessions"]]
+    assert starts[0] == 0 and starts[1] in (20, 30) and starts[2] in (60, 70), starts
