@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -30,6 +32,7 @@ import torch
 from resumable.store import CheckpointStore
 
 GB = 1e9
+SETTLE_SECONDS = 1.0
 
 
 def build_state(size_gb: float) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -131,28 +134,32 @@ def drop_cache(paths: list[Path]) -> None:
 
 def rounds(
     rows: dict[str, Callable[[], Any]], before: Callable[[], None] | None, repeat: int
-) -> dict[str, float]:
-    """Best (minimum) seconds per row over ``repeat`` rounds.
+) -> dict[str, list[float]]:
+    """Seconds of every run of every row, ``repeat`` rounds.
 
-    Rows are interleaved and the order rotates every round, so that noise
-    from other processes on the machine hits every row alike; the minimum is
-    the least disturbed run.
+    Rows are interleaved in a new random order every round, so that noise
+    from other processes (and from a host's disk still flushing what the
+    previous row wrote) hits every row alike rather than the one that
+    always follows the heaviest.
     """
     labels = list(rows)
     times: dict[str, list[float]] = {label: [] for label in labels}
-    for index in range(repeat):
-        shift = index % len(labels)
-        for label in labels[shift:] + labels[:shift]:
+    order = random.Random(0)
+    for _ in range(repeat):
+        for label in order.sample(labels, len(labels)):
             if before is not None:
                 before()
             gc.collect()
             start = time.perf_counter()
             rows[label]()
             times[label].append(time.perf_counter() - start)
-    return {label: min(values) for label, values in times.items()}
+    return times
 
 
-def bench_saves(work: Path, model: Any, opt: Any, nbytes: int, repeat: int) -> dict[str, float]:
+def bench_saves(
+    work: Path, model: Any, opt: Any, nbytes: int, repeat: int
+) -> dict[str, tuple[float, float]]:
+    """GB/s per save method: (best run, median run)."""
     flat = flat_tensors(model, opt)
     views = tensor_views(flat)
     store_dir = work / "store"
@@ -162,6 +169,7 @@ def bench_saves(work: Path, model: Any, opt: Any, nbytes: int, repeat: int) -> d
         for p in work.iterdir():
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         os.sync()
+        time.sleep(SETTLE_SECONDS)  # let a virtual disk finish the previous row's writes
 
     def ours() -> None:
         store = CheckpointStore(store_dir)
@@ -195,7 +203,11 @@ def bench_saves(work: Path, model: Any, opt: Any, nbytes: int, repeat: int) -> d
         "raw write of the bytes + fsync + rename": raw,
         "resumable save, zstd": ours_zstd,
     }
-    return {label: nbytes / t / GB for label, t in rounds(rows, clear, repeat).items()}
+    times = rounds(rows, clear, repeat)
+    return {
+        label: (nbytes / min(t) / GB, nbytes / statistics.median(t) / GB)
+        for label, t in times.items()
+    }
 
 
 def bench_loads(work: Path, model: Any, opt: Any, nbytes: int, repeat: int) -> dict[str, Any]:
@@ -207,9 +219,19 @@ def bench_loads(work: Path, model: Any, opt: Any, nbytes: int, repeat: int) -> d
     pt = work / "ckpt.pt"
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, pt)
 
+    live_moments = {
+        index: {key: value for key, value in group.items() if isinstance(value, torch.Tensor)}
+        for index, group in opt.state_dict()["state"].items()
+    }
+
     def into_live(tree: dict[str, Any]) -> None:
+        # Every byte lands in the live tensors. opt.load_state_dict would keep
+        # the loaded (possibly memory-mapped) tensors as they are, so a lazy
+        # loader would look fast by not reading two thirds of the state yet.
         model.load_state_dict(tree["model"])
-        opt.load_state_dict(tree["optimizer"])
+        for index, moments in live_moments.items():
+            for key, live in moments.items():
+                live.copy_(tree["optimizer"]["state"][index][key])
 
     rows = {
         "resumable load": lambda: into_live(store.load(info)),
@@ -220,8 +242,8 @@ def bench_loads(work: Path, model: Any, opt: Any, nbytes: int, repeat: int) -> d
         "torch.load": lambda: into_live(torch.load(pt, weights_only=True)),
         "torch.load(mmap=True)": lambda: into_live(torch.load(pt, mmap=True, weights_only=True)),
     }
-    cold = rounds(rows, lambda: drop_cache([info.path, pt]), repeat)
-    warm = rounds(rows, None, repeat)
+    cold = {k: min(t) for k, t in rounds(rows, lambda: drop_cache([info.path, pt]), repeat).items()}
+    warm = {k: min(t) for k, t in rounds(rows, None, repeat).items()}
     return {label: (nbytes / cold[label] / GB, nbytes / warm[label] / GB) for label in rows}
 
 
@@ -245,7 +267,9 @@ def bench_listing(work: Path, count: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gb", type=float, default=1.0, help="state size (default 1.0)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per row; best reported")
+    parser.add_argument(
+        "--repeat", type=int, default=5, help="runs per row; best and median reported"
+    )
     parser.add_argument(
         "--drop-caches", action="store_true", help="cold = drop every cache (root only)"
     )
@@ -267,12 +291,16 @@ def main() -> None:
         cold, warm = bench_listing(work, args.list_count)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    torch_rate = saves["torch.save + fsync + rename"]
-    raw_rate = saves["raw write of the bytes + fsync + rename"]
+    torch_best, torch_median = saves["torch.save + fsync + rename"]
+    raw_best, raw_median = saves["raw write of the bytes + fsync + rename"]
     print()
-    print(f"{'durable save':<42} {'GB/s':>6} {'vs torch.save':>14} {'vs raw':>7}")
-    for label, rate in saves.items():
-        print(f"{label:<42} {rate:6.2f} {rate / torch_rate:13.2f}x {rate / raw_rate:6.2f}x")
+    print(f"{'durable save (best / median run)':<42} {'GB/s':>11} {'vs torch.save':>15} "
+          f"{'vs raw':>13}")  # fmt: skip
+    for label, (best, median) in saves.items():
+        print(
+            f"{label:<42} {best:5.2f} {median:5.2f} {best / torch_best:7.2f}x "
+            f"{median / torch_median:5.2f}x {best / raw_best:5.2f}x {median / raw_median:5.2f}x"
+        )
     ref_cold, ref_warm = loads["torch.load(mmap=True)"]
     print()
     print(f"{'load into live model + Adam':<42} {'cold GB/s':>9} {'warm GB/s':>9} "
