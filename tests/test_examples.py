@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -93,49 +94,135 @@ def interrupt(
     return code, out, err
 
 
+ALL_SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]
 _references: dict[tuple[str, ...], str] = {}
+_reference_dirs: dict[tuple[str, ...], Path] = {}
+_reference_outputs: dict[tuple[str, ...], str] = {}
 
 
 def reference(example: str, tmp_path_factory: pytest.TempPathFactory, *extra: str) -> str:
+    """The result line of an uninterrupted run (one per example and flags, shared by tests)."""
     key = (example, *extra)
     if key not in _references:
-        _references[key] = run_to_end(example, tmp_path_factory.mktemp(f"ref-{example}"), *extra)
+        run_dir = tmp_path_factory.mktemp(f"ref-{example}")
+        code, out, err = finish(start(example, run_dir, *extra))
+        assert code == 0, err[-3000:]
+        _references[key] = result_line(out, err)
+        _reference_dirs[key] = run_dir
+        _reference_outputs[key] = out
     return _references[key]
+
+
+def sessions(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "run.json").read_text())["sessions"]
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
 
 
 # -- train_torch --------------------------------------------------------------
 
+TORCH_BATCHES_PER_EPOCH = 64  # 2048 samples in batches of 32 at the small size
 
-def test_train_torch_resumes_mid_epoch_after_sigkill(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+
+@pytest.mark.parametrize("sig", ALL_SIGNALS, ids=lambda s: s.name)
+def test_train_torch_resumes_mid_epoch(
+    sig: signal.Signals, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    # One signal here (torch makes each process slow to start); SIGINT and
-    # SIGTERM are covered by the other examples, which share the same Run path.
     expected = reference("train_torch", tmp_path_factory)
     proc = start("train_torch", tmp_path)
 
     def mid_epoch_checkpoint() -> bool:
-        # Saves come every half epoch (64 batches an epoch at the small size).
+        # Saves come every half epoch: wait for one in the middle of an epoch.
         ckpt = tmp_path / "checkpoints"
         steps = [int(p.name.split("-")[1]) for p in ckpt.glob("step-*")] if ckpt.is_dir() else []
-        return any(step % 64 for step in steps)
+        return any(step % TORCH_BATCHES_PER_EPOCH for step in steps)
 
-    interrupt(proc, signal.SIGKILL, mid_epoch_checkpoint)
+    interrupt(proc, sig, mid_epoch_checkpoint)
+    stopped_at = max(checkpoint_steps(tmp_path))
     assert run_to_end("train_torch", tmp_path) == expected
+    resumed = sessions(tmp_path)[-1]
+    assert resumed["start_step"] == stopped_at > 0  # resumed at the very next batch
+
+
+def test_train_torch_model_rebuilds_from_a_checkpoint_alone(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    torch = pytest.importorskip("torch")
+    expected = reference("train_torch", tmp_path_factory)
+    run_dir = _reference_dirs[("train_torch",)]
+    spec = importlib.util.spec_from_file_location(
+        "train_torch_example", EXAMPLES / "train_torch.py"
+    )
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    store = resumable.CheckpointStore(run_dir / "checkpoints", best=("val_loss", "min"))
+    latest, best = store.latest(), store.best()
+    assert latest is not None and best is not None
+    # The best checkpoint is kept (besides the newest ones): the best validation.
+    assert best.step in [info.step for info in store.list()]
+    best_val_loss = float(expected.split("best_val_loss=")[1].split()[0])
+    assert round(best.metrics["val_loss"], 6) == best_val_loss
+    best_epoch = int(expected.split("best_epoch=")[1].split()[0])
+    assert best.step == best_epoch * TORCH_BATCHES_PER_EPOCH
+    # Validation ran at the end of every epoch.
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history if "val_loss" in r] == [
+        TORCH_BATCHES_PER_EPOCH * (e + 1) for e in range(3)
+    ]
+
+    # The whole model, rebuilt from the configuration stored in the checkpoint.
+    config = store.load(latest, subtree="config")
+    encoder, decoder = example.build_encoder(config), example.build_decoder(config)
+    encoder.load_state_dict(store.load(latest, subtree="encoder"))
+    decoder.load_state_dict(store.load(latest, subtree="decoder"))
+    assert example.params_sha(encoder, decoder) == expected.split("params_sha=")[1].split()[0]
+
+    # The encoder alone, from the best checkpoint: only its subtree is read.
+    best_config = store.load(best, subtree="config")
+    alone = example.build_encoder(best_config)
+    alone.load_state_dict(store.load(best, subtree="encoder"))
+    full = store.load(best)
+    for name, tensor in alone.state_dict().items():
+        assert torch.equal(tensor, full["encoder"][name])
+    assert set(store.load(best, subtree="encoder")) == set(alone.state_dict())
+
+    # Two optimizers and two schedulers, each saved under its own name.
+    final = store.load(latest)
+    assert final["enc_opt"]["param_groups"][0]["weight_decay"] == 1e-4  # AdamW
+    assert final["dec_opt"]["param_groups"][0]["momentum"] == 0.9  # SGD
+    assert final["enc_sched"]["last_epoch"] == final["dec_sched"]["last_epoch"] == latest.step
+    assert "T_max" in final["dec_sched"] and "step_size" in final["enc_sched"]
 
 
 # -- rl_episodes --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", ALL_SIGNALS, ids=lambda s: s.name)
 def test_rl_episodes_resume_from_the_next_episode(
     sig: signal.Signals, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     expected = reference("rl_episodes", tmp_path_factory)
     proc = start("rl_episodes", tmp_path)
     interrupt(proc, sig, lambda: has_checkpoint(tmp_path))
+    saved = max(checkpoint_steps(tmp_path))
     # The result line carries digests of the Q weights and the whole replay buffer.
     assert run_to_end("rl_episodes", tmp_path) == expected
+    # The resumed session started with the episode after the last checkpoint.
+    assert sessions(tmp_path)[-1]["start_step"] == saved > 0
+
+
+def test_rl_replay_buffer_is_restored_exactly(tmp_path_factory: pytest.TempPathFactory) -> None:
+    np = pytest.importorskip("numpy")
+    reference("rl_episodes", tmp_path_factory)
+    store = resumable.CheckpointStore(_reference_dirs[("rl_episodes",)] / "checkpoints")
+    buffer = store.load("latest", subtree="buffer")
+    assert buffer["obs"].dtype == np.float32 and buffer["dones"].dtype == np.bool_
+    assert buffer["actions"].dtype == np.int64 and buffer["obs"].shape == (2000, 24)
+    assert 0 < buffer["size"] <= 2000 and buffer["obs"][: buffer["size"]].any()
 
 
 # -- evolution ----------------------------------------------------------------
@@ -157,9 +244,7 @@ def assert_all_gone(processes: list[psutil.Process], timeout: float = 10) -> Non
     assert not alive, f"worker processes left behind: {[p.pid for p in alive]}"
 
 
-@pytest.mark.parametrize(
-    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name
-)
+@pytest.mark.parametrize("sig", ALL_SIGNALS, ids=lambda s: s.name)
 def test_evolution_resumes_generations_and_leaves_no_workers(
     sig: signal.Signals, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -242,7 +327,7 @@ def downloads_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     return _references["downloads"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", ALL_SIGNALS, ids=lambda s: s.name)
 def test_downloads_resume_fetches_only_missing_items(
     sig: signal.Signals,
     tmp_path: Path,
@@ -285,28 +370,49 @@ def test_downloads_never_count_a_file_cut_short(
 # -- optuna_search ------------------------------------------------------------
 
 
+def trial_counts(out: str) -> dict[str, int]:
+    lines = [line for line in out.splitlines() if line.startswith("trials: ")]
+    assert len(lines) == 1, out
+    return {k: int(v) for k, v in (kv.split("=") for kv in lines[0].split()[1:])}
+
+
 @pytest.mark.parametrize(
     ("sig", "storage"),
-    [(signal.SIGTERM, False), (signal.SIGKILL, False), (signal.SIGINT, True)],
-    ids=["SIGTERM", "SIGKILL", "SIGINT-sqlite"],
+    [(sig, False) for sig in ALL_SIGNALS] + [(signal.SIGINT, True), (signal.SIGKILL, True)],
+    ids=["SIGINT", "SIGTERM", "SIGKILL", "SIGINT-sqlite", "SIGKILL-sqlite"],
 )
 def test_optuna_search_reaches_exactly_n_trials(
     sig: signal.Signals, storage: bool, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    pytest.importorskip("optuna")
+    optuna = pytest.importorskip("optuna")
     expected = reference("optuna_search", tmp_path_factory)
-    assert "states=COMPLETE " in expected
+    n_trials = int(expected.split("finished=")[1].split()[0])
+    assert trial_counts(_reference_outputs[("optuna_search",)]) == {"COMPLETE": n_trials}
     extra = ("--storage", f"sqlite:///{tmp_path / 'study.db'}") if storage else ()
     proc = start("optuna_search", tmp_path, *extra)
     interrupt(proc, sig, lambda: has_checkpoint(tmp_path))
-    # Same trials, same sampler proposals, all COMPLETE: none lost, none repeated.
-    assert run_to_end("optuna_search", tmp_path, *extra) == expected
+    code, out, err = finish(start("optuna_search", tmp_path, *extra))
+    assert code == 0, err[-3000:]
+    # Same trials, same sampler proposals: none lost, none repeated.
+    assert result_line(out, err) == expected
+    counts = trial_counts(out)
+    if not (storage and sig == signal.SIGKILL):
+        assert counts == {"COMPLETE": n_trials}  # a stop leaves no trial RUNNING or FAIL
+        return
+    # A kill leaves at most the running trial in the storage: it is marked FAIL
+    # and stale, and the sampler proposes the same parameters again in the next trial.
+    assert counts["COMPLETE"] == n_trials and set(counts) <= {"COMPLETE", "FAIL"}
+    study = optuna.load_study(study_name="example", storage=extra[1])
+    for failed in (t for t in study.trials if t.state.name == "FAIL"):
+        assert failed.system_attrs["resumable:stale"] is True
+        again = study.trials[failed.number + 1].params
+        assert failed.params.items() <= again.items()
 
 
 # -- paper_trading ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", ALL_SIGNALS, ids=lambda s: s.name)
 def test_paper_trading_restores_the_portfolio_exactly(
     sig: signal.Signals, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
