@@ -423,3 +423,19 @@ def test_paper_trading_restores_the_portfolio_exactly(
     segments = list((tmp_path / "journal").glob("seg-*.log"))
     assert segments, "no journal segment"
     assert run_to_end("paper_trading", tmp_path) == expected
+
+
+def test_paper_trading_takes_the_standard_flags(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    expected = reference("paper_trading", tmp_path_factory)
+    code, out, err = finish(start("paper_trading", tmp_path, "--stop-after", "0.01s"))
+    assert code == 0 and "result: " not in out and "stopped (time-limit)" in err, err
+    assert run_to_end("paper_trading", tmp_path, "--keep-last", "1") == expected
+    assert len(checkpoint_steps(tmp_path)) == 1
+
+    code, _out, err = finish(start("paper_trading", tmp_path, "--resume", "never"))
+    assert code == 2 and "--clear" in err
+    code, out, err = finish(start("paper_trading", tmp_path, "--resume", "never", "--clear"))
+    assert code == 0 and "resumed" not in err  # started over from the first tick
+    assert result_line(out, err) == expected
