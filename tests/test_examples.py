@@ -117,6 +117,14 @@ def sessions(run_dir: Path) -> list[dict]:
     return json.loads((run_dir / "run.json").read_text())["sessions"]
 
 
+def assert_nothing_ran_twice(run_dir: Path, sig: signal.Signals) -> None:
+    """After a graceful stop the resumed session starts at the step the stopped one ended."""
+    if sig != signal.SIGKILL:
+        stopped, resumed = sessions(run_dir)[-2:]
+        assert stopped["exit_reason"] in ("keyboard", "signal:SIGTERM"), stopped
+        assert resumed["start_step"] == stopped["end_step"] > 0
+
+
 def checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
 
@@ -144,6 +152,7 @@ def test_train_torch_resumes_mid_epoch(
     assert run_to_end("train_torch", tmp_path) == expected
     resumed = sessions(tmp_path)[-1]
     assert resumed["start_step"] == stopped_at > 0  # resumed at the very next batch
+    assert_nothing_ran_twice(tmp_path, sig)
 
 
 def test_train_torch_model_rebuilds_from_a_checkpoint_alone(
@@ -213,6 +222,7 @@ def test_rl_episodes_resume_from_the_next_episode(
     assert run_to_end("rl_episodes", tmp_path) == expected
     # The resumed session started with the episode after the last checkpoint.
     assert sessions(tmp_path)[-1]["start_step"] == saved > 0
+    assert_nothing_ran_twice(tmp_path, sig)
 
 
 def test_rl_replay_buffer_is_restored_exactly(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -262,6 +272,7 @@ def test_evolution_resumes_generations_and_leaves_no_workers(
     assert exported and all(json.loads(p.read_text())["genome"]["conns"] for p in exported)
     assert not list((tmp_path / "best").glob(".tmp-*")) or sig == signal.SIGKILL
     assert run_to_end("evolution", tmp_path) == expected
+    assert_nothing_ran_twice(tmp_path, sig)
     generations = int(expected.split("generations=")[1].split()[0])
     assert len(list((tmp_path / "best").glob("gen-*.json"))) == generations
 
@@ -348,6 +359,7 @@ def test_downloads_resume_fetches_only_missing_items(
     else:
         assert twice == []
     assert len(fetched_before) < n_items
+    assert_nothing_ran_twice(tmp_path, sig)
     assert not list((tmp_path / "files").glob(".part-*"))
 
 
@@ -396,6 +408,7 @@ def test_optuna_search_reaches_exactly_n_trials(
     # Same trials, same sampler proposals: none lost, none repeated.
     assert result_line(out, err) == expected
     counts = trial_counts(out)
+    assert_nothing_ran_twice(tmp_path, sig)
     if not (storage and sig == signal.SIGKILL):
         assert counts == {"COMPLETE": n_trials}  # a stop leaves no trial RUNNING or FAIL
         return
@@ -407,6 +420,19 @@ def test_optuna_search_reaches_exactly_n_trials(
         assert failed.system_attrs["resumable:stale"] is True
         again = study.trials[failed.number + 1].params
         assert failed.params.items() <= again.items()
+
+
+def test_optuna_search_saves_every_n_trials_and_on_improvement(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    pytest.importorskip("optuna")
+    reference("optuna_search", tmp_path_factory)
+    events = (_reference_dirs[("optuna_search",)] / "events.jsonl").read_text().splitlines()
+    saves = [json.loads(e) for e in events if json.loads(e)["kind"] == "saved"]
+    periodic = {e["step"] for e in saves if e["reason"] == "periodic"}
+    improved = {e["step"] for e in saves if e["reason"] == "best"}
+    assert periodic == set(range(5, 20, 5))  # every --save-every (5) trials; 20 is "finished"
+    assert improved and all(step % 5 for step in improved)  # between them, on improvement
 
 
 # -- paper_trading ------------------------------------------------------------
