@@ -35,7 +35,9 @@ pytestmark = [
 ]
 
 
-def start(example: str, run_dir: Path, *extra: str) -> subprocess.Popen[str]:
+def start(
+    example: str, run_dir: Path, *extra: str, new_session: bool = False
+) -> subprocess.Popen[str]:
     env = dict(os.environ, RESUMABLE_EXAMPLE_SMALL="1")
     return subprocess.Popen(
         [sys.executable, str(EXAMPLES / f"{example}.py"), "--dir", str(run_dir), *extra],
@@ -43,6 +45,7 @@ def start(example: str, run_dir: Path, *extra: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        start_new_session=new_session,
     )
 
 
@@ -81,10 +84,18 @@ def wait_for(proc: subprocess.Popen[str], ready: Callable[[], bool], timeout: fl
 
 
 def interrupt(
-    proc: subprocess.Popen[str], sig: signal.Signals, ready: Callable[[], bool]
+    proc: subprocess.Popen[str],
+    sig: signal.Signals,
+    ready: Callable[[], bool],
+    *,
+    group: bool = False,
 ) -> tuple[int, str, str]:
+    """Signal ``proc`` once ``ready()``; ``group``: its whole process group, as a terminal does."""
     wait_for(proc, ready)
-    os.kill(proc.pid, sig)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(proc.pid, sig)
     code, out, err = finish(proc)
     if sig == signal.SIGKILL:
         assert code == -signal.SIGKILL
@@ -254,19 +265,26 @@ def assert_all_gone(processes: list[psutil.Process], timeout: float = 10) -> Non
     assert not alive, f"worker processes left behind: {[p.pid for p in alive]}"
 
 
-@pytest.mark.parametrize("sig", ALL_SIGNALS, ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    ("sig", "group"),
+    [(sig, False) for sig in ALL_SIGNALS] + [(signal.SIGINT, True)],
+    ids=["SIGINT", "SIGTERM", "SIGKILL", "SIGINT-terminal"],
+)
 def test_evolution_resumes_generations_and_leaves_no_workers(
-    sig: signal.Signals, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+    sig: signal.Signals, group: bool, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    # SIGINT-terminal: Ctrl+C on a terminal signals the whole foreground process
+    # group, workers included; they leave the stop to the parent.
     expected = reference("evolution", tmp_path_factory)
-    proc = start("evolution", tmp_path)
+    proc = start("evolution", tmp_path, new_session=group)
     workers: list[psutil.Process] = []
 
     def ready() -> bool:
         workers[:] = workers_of(proc.pid)
         return has_checkpoint(tmp_path) and len(workers) == 2
 
-    interrupt(proc, sig, ready)
+    _code, _out, err = interrupt(proc, sig, ready, group=group)
+    assert "Traceback" not in err  # no worker died of the signal mid-task
     assert_all_gone(workers)
     exported = sorted((tmp_path / "best").glob("gen-*.json"))
     assert exported and all(json.loads(p.read_text())["genome"]["conns"] for p in exported)
