@@ -376,8 +376,11 @@ class CheckpointCallback:
         should_stop: called after each trial; when it returns true the search
             ends after the trial that just finished, which is saved first.
         trials: ``False`` with an Optuna storage (save only the sampler); use
-            ``every_trials=1`` then, so the sampler state always matches the
-            trials in the storage (such a save is small and fast).
+            ``every_trials=1`` then, so the sampler state matches the trials
+            in the storage (such a save is small and fast). A kill between a
+            trial's end and its save still leaves the sampler one trial
+            behind; ``StudyState.optimize`` records the state in the trial
+            itself and has no such gap.
 
     ``study.optimize(objective, n_trials=..., callbacks=[CheckpointCallback(store)])``.
     The checkpoint's step is the number of finished trials.
@@ -439,4 +442,6 @@ def resume_study(store: Any, study: optuna.Study) -> int:
         return 0
     state = store.load("latest")["study"]
     load_study_state(study, state)
+    if state["trials"] is None:  # on a storage: it may hold newer recorded sampler states
+        restore_sampler_from_storage(study)
     return int(state["n_finished"])
