@@ -140,6 +140,30 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
 
 
+STANDARD_FLAGS = (
+    "--dir",
+    "--resume",
+    "--clear",
+    "--save-every",
+    "--save-every-seconds",
+    "--keep-last",
+    "--stop-after",
+    "--progress-every",
+    "--serve",
+)
+
+
+@pytest.mark.parametrize("example", sorted(p.stem for p in EXAMPLES.glob("*.py")))
+def test_every_example_takes_the_standard_flags(example: str) -> None:
+    help_text = subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{example}.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert [flag for flag in STANDARD_FLAGS if f"{flag} " not in help_text] == []
+
+
 # -- train_torch --------------------------------------------------------------
 
 TORCH_BATCHES_PER_EPOCH = 64  # 2048 samples in batches of 32 at the small size
