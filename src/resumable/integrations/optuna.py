@@ -306,9 +306,7 @@ class StudyState:
         """The number of COMPLETE and PRUNED trials in the study."""
         return len(finished_trials(self.study))
 
-    def optimize(
-        self, fn: Callable[[optuna.Trial], Any], n_trials: int = 1, **kwargs: Any
-    ) -> None:
+    def optimize(self, fn: Callable[[optuna.Trial], Any], n_trials: int = 1, **kwargs: Any) -> None:
         """``study.optimize(fn, n_trials=..., **kwargs)``, recording what a resume needs.
 
         With ``trials=False`` each trial is created tagged with the owner (as a
