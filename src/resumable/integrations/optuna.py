@@ -249,8 +249,9 @@ def load_study_state(study: optuna.Study, state: Mapping[str, Any]) -> None:
 def fail_stale_trials(study: optuna.Study, owner: str) -> list[FrozenTrial]:
     """Mark FAIL the trials ``owner`` left RUNNING (its process died); returns them.
 
-    Call it only while no process of this ``owner`` is running trials (a
-    resumed run holds its run directory's lock, which guarantees that). Each
+    Call it only while no process of this ``owner`` is running trials: with
+    the run directory as the owner, inside ``with Run(...)``, which refuses
+    to start while another live run uses that directory. Each
     such trial gets the system attribute ``resumable:stale`` first, so the
     sampler state is never taken from it.
     """
