@@ -13,19 +13,27 @@ RUNNING or FAIL, and checkpointed with the rest. The search ends with exactly
     python examples/optuna_search.py --dir runs/search --save-every 5
 
 With ``--storage sqlite:///runs/search.db`` the trials live in Optuna's own
-storage and the checkpoint (written after every trial) carries only the sampler
-state. The last line printed is ``result: ...``: the same for an uninterrupted
-search and for one stopped and resumed. ``--small`` or
-``RESUMABLE_EXAMPLE_SMALL=1`` runs fewer trials of a cheaper objective.
+storage, each with the sampler state after it, and the checkpoint (written
+after every trial) carries only the sampler state. After a SIGKILL the trial
+that was running is marked FAIL (``resumable:stale``) and proposed again.
+
+The last line printed is ``result: ...`` (finished trials, best value, a
+digest of all finished trials' parameters): the same for an uninterrupted
+search and for one stopped and resumed. The line before it, ``trials: ...``,
+counts the trials by state: only COMPLETE ones, except the one FAIL a kill
+leaves in an Optuna storage. ``--small`` or ``RESUMABLE_EXAMPLE_SMALL=1`` runs
+fewer trials of a cheaper objective.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import math
 import os
+from pathlib import Path
 
 import optuna
 
@@ -83,21 +91,24 @@ def main(argv: list[str] | None = None) -> None:
         save=resumable.OnImprovement("best", mode="min"),  # and whenever the best improves
         best=("value", "min"),
     ) as run:
-        run.track(study=StudyState(study, trials=not in_storage))
+        owner = str(Path(run.directory).resolve())
+        state = StudyState(study, trials=not in_storage, owner=owner)
+        run.track(study=state)
         for _ in run.steps():
-            if len(finished_trials(study)) >= n_trials:
+            if state.finished() >= n_trials:
                 continue  # done in the storage after the last checkpoint
-            study.optimize(lambda t: objective(t, work), n_trials=1)
+            state.optimize(lambda t: objective(t, work), n_trials=1)
             run.log(value=study.trials[-1].value, best=study.best_value)
     if run.exit_reason != "finished":
         return
     trials = finished_trials(study)
-    states = {t.state.name for t in study.trials}
+    states = collections.Counter(t.state.name for t in study.trials)
+    best = [t.number for t in trials].index(study.best_trial.number)
     params = json.dumps([t.params for t in trials], sort_keys=True).encode()
+    print("trials: " + " ".join(f"{k}={v}" for k, v in sorted(states.items())), flush=True)
     print(
-        f"result: finished={len(trials)} states={','.join(sorted(states))} "
-        f"best_value={study.best_value:.6f} best_trial={study.best_trial.number} "
-        f"params_sha={hashlib.sha256(params).hexdigest()[:16]}",
+        f"result: finished={len(trials)} best_value={study.best_value:.6f} "
+        f"best_finished_index={best} params_sha={hashlib.sha256(params).hexdigest()[:16]}",
         flush=True,
     )
 

@@ -12,9 +12,13 @@ the very same state because the market and the strategy are deterministic::
 
     python examples/paper_trading.py --dir runs/bot
 
-Ctrl+C or SIGTERM finishes the tick, appends the state and exits. The last
-line printed is ``result: ...``: the same for an uninterrupted run and for one
-stopped and resumed with the same ``--dir``. ``--small`` or
+Ctrl+C, SIGTERM or ``--stop-after`` finishes the tick, appends the state and
+exits. The standard flags apply to the journal: ``--save-every`` and
+``--save-every-seconds`` set how often it is compacted, ``--keep-last`` the
+checkpoints kept, ``--resume never --clear`` starts over, ``--progress-every``
+the seconds between progress lines (``--serve`` needs a ``Run`` and is
+ignored). The last line printed is ``result: ...``: the same for an
+uninterrupted run and for one stopped and resumed with the same ``--dir``. ``--small`` or
 ``RESUMABLE_EXAMPLE_SMALL=1`` runs fewer ticks.
 """
 
@@ -26,10 +30,14 @@ import json
 import logging
 import os
 import random
+import shutil
+import time
+from pathlib import Path
 from typing import Any
 
 import resumable
 from resumable.arguments import options_from_args
+from resumable.errors import ConfigError, ResumableError
 from resumable.interrupt import StopRequests
 from resumable.journal import Journal
 
@@ -85,6 +93,31 @@ def trade_tick(state: dict[str, Any], seed: int) -> int:
     return made
 
 
+def open_journal(options: dict[str, Any], small: bool) -> Journal:
+    """The journal of ``--dir``, emptied first with ``--resume never --clear``."""
+    directory = Path(options["directory"])
+    resume = str(options.get("resume", "auto"))
+    if resume not in ("auto", "never"):
+        raise ConfigError(
+            f"--resume {resume}: the bot resumes from its journal only; "
+            "use --resume auto, or --resume never --clear to start over"
+        )
+    compact_every = options.get("save_every_steps") or (50 if small else 200)
+    keep_last = options.get("keep_last") or 2
+    journal = Journal(directory, compact_every=compact_every, keep_last=keep_last)
+    if resume == "never" and journal.seq:
+        journal.close()
+        if not options.get("clear"):
+            raise ConfigError(
+                f"{directory} holds a journal at record {journal.seq}; "
+                "pass --clear with --resume never to delete it, or use another --dir"
+            )
+        shutil.rmtree(directory / "journal")
+        shutil.rmtree(directory / "checkpoints")
+        journal = Journal(directory, compact_every=compact_every, keep_last=keep_last)
+    return journal
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     resumable.add_arguments(parser, directory="runs/paper_trading")
@@ -97,22 +130,39 @@ def main(argv: list[str] | None = None) -> None:
     ticks = args.ticks or (2000 if small else 60_000)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("paper_trading")
+    if options.get("serve"):
+        log.warning("--serve is ignored: the bot keeps a journal, not a Run directory")
+    started = time.monotonic()
+    deadline = started + options["stop_after"] if options.get("stop_after") else None
+    compact_seconds = options.get("save_every_seconds")
+    progress_every = options.get("progress_every") or 30.0
 
     stops = StopRequests()
     stops.install()
-    journal = Journal(
-        options["directory"],
-        compact_every=options.get("save_every_steps") or (50 if small else 200),
-    )
+    try:
+        journal = open_journal(options, small)
+    except ResumableError as exc:
+        stops.restore()
+        parser.exit(2, f"error: {exc}\n")
+    last_compact = last_progress = started
     try:
         state = journal.replay().latest() or new_state()
         if state["tick"]:
             log.info("resumed at tick %d with %d trades", state["tick"], state["n_trades"])
         while state["tick"] < ticks and not stops.requested:
+            if deadline is not None and time.monotonic() >= deadline:
+                stops.request("time-limit")
+                break
             if trade_tick(state, args.seed):
                 journal.append(state)  # durable before the next tick
-                if journal.compaction_due:
+                now = time.monotonic()
+                due = compact_seconds is not None and now - last_compact >= compact_seconds
+                if journal.compaction_due or (due and journal.records_since_checkpoint):
                     journal.compact(state)
+                    last_compact = now
+                if now - last_progress >= progress_every:
+                    log.info("tick %d/%d, %d trades", state["tick"], ticks, state["n_trades"])
+                    last_progress = now
         if stops.requested:
             journal.append(state)  # the ticks since the last trade, too
             log.info("stopped (%s) at tick %d; run again to continue", stops.reason, state["tick"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -34,7 +35,9 @@ pytestmark = [
 ]
 
 
-def start(example: str, run_dir: Path, *extra: str) -> subprocess.Popen[str]:
+def start(
+    example: str, run_dir: Path, *extra: str, new_session: bool = False
+) -> subprocess.Popen[str]:
     env = dict(os.environ, RESUMABLE_EXAMPLE_SMALL="1")
     return subprocess.Popen(
         [sys.executable, str(EXAMPLES / f"{example}.py"), "--dir", str(run_dir), *extra],
@@ -42,6 +45,7 @@ def start(example: str, run_dir: Path, *extra: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        start_new_session=new_session,
     )
 
 
@@ -80,10 +84,18 @@ def wait_for(proc: subprocess.Popen[str], ready: Callable[[], bool], timeout: fl
 
 
 def interrupt(
-    proc: subprocess.Popen[str], sig: signal.Signals, ready: Callable[[], bool]
+    proc: subprocess.Popen[str],
+    sig: signal.Signals,
+    ready: Callable[[], bool],
+    *,
+    group: bool = False,
 ) -> tuple[int, str, str]:
+    """Signal ``proc`` once ``ready()``; ``group``: its whole process group, as a terminal does."""
     wait_for(proc, ready)
-    os.kill(proc.pid, sig)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(proc.pid, sig)
     code, out, err = finish(proc)
     if sig == signal.SIGKILL:
         assert code == -signal.SIGKILL
@@ -93,49 +105,169 @@ def interrupt(
     return code, out, err
 
 
+ALL_SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]
 _references: dict[tuple[str, ...], str] = {}
+_reference_dirs: dict[tuple[str, ...], Path] = {}
+_reference_outputs: dict[tuple[str, ...], str] = {}
 
 
 def reference(example: str, tmp_path_factory: pytest.TempPathFactory, *extra: str) -> str:
+    """The result line of an uninterrupted run (one per example and flags, shared by tests)."""
     key = (example, *extra)
     if key not in _references:
-        _references[key] = run_to_end(example, tmp_path_factory.mktemp(f"ref-{example}"), *extra)
+        run_dir = tmp_path_factory.mktemp(f"ref-{example}")
+        code, out, err = finish(start(example, run_dir, *extra))
+        assert code == 0, err[-3000:]
+        _references[key] = result_line(out, err)
+        _reference_dirs[key] = run_dir
+        _reference_outputs[key] = out
     return _references[key]
+
+
+def sessions(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "run.json").read_text())["sessions"]
+
+
+def assert_nothing_ran_twice(run_dir: Path, sig: signal.Signals) -> None:
+    """After a graceful stop the resumed session starts at the step the stopped one ended."""
+    if sig != signal.SIGKILL:
+        stopped, resumed = sessions(run_dir)[-2:]
+        assert stopped["exit_reason"] in ("keyboard", "signal:SIGTERM"), stopped
+        assert resumed["start_step"] == stopped["end_step"] > 0
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*"))
+
+
+STANDARD_FLAGS = (
+    "--dir",
+    "--resume",
+    "--clear",
+    "--save-every",
+    "--save-every-seconds",
+    "--keep-last",
+    "--stop-after",
+    "--progress-every",
+    "--serve",
+)
+
+
+@pytest.mark.parametrize("example", sorted(p.stem for p in EXAMPLES.glob("*.py")))
+def test_every_example_takes_the_standard_flags(example: str) -> None:
+    help_text = subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{example}.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert [flag for flag in STANDARD_FLAGS if f"{flag} " not in help_text] == []
 
 
 # -- train_torch --------------------------------------------------------------
 
+TORCH_BATCHES_PER_EPOCH = 64  # 2048 samples in batches of 32 at the small size
 
-def test_train_torch_resumes_mid_epoch_after_sigkill(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+
+@pytest.mark.parametrize("sig", ALL_SIGNALS, ids=lambda s: s.name)
+def test_train_torch_resumes_mid_epoch(
+    sig: signal.Signals, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    # One signal here (torch makes each process slow to start); SIGINT and
-    # SIGTERM are covered by the other examples, which share the same Run path.
     expected = reference("train_torch", tmp_path_factory)
     proc = start("train_torch", tmp_path)
 
     def mid_epoch_checkpoint() -> bool:
-        # Saves come every half epoch (64 batches an epoch at the small size).
+        # Saves come every half epoch: wait for one in the middle of an epoch.
         ckpt = tmp_path / "checkpoints"
         steps = [int(p.name.split("-")[1]) for p in ckpt.glob("step-*")] if ckpt.is_dir() else []
-        return any(step % 64 for step in steps)
+        return any(step % TORCH_BATCHES_PER_EPOCH for step in steps)
 
-    interrupt(proc, signal.SIGKILL, mid_epoch_checkpoint)
+    interrupt(proc, sig, mid_epoch_checkpoint)
+    stopped_at = max(checkpoint_steps(tmp_path))
     assert run_to_end("train_torch", tmp_path) == expected
+    resumed = sessions(tmp_path)[-1]
+    assert resumed["start_step"] == stopped_at > 0  # resumed at the very next batch
+    assert_nothing_ran_twice(tmp_path, sig)
+
+
+def test_train_torch_model_rebuilds_from_a_checkpoint_alone(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    torch = pytest.importorskip("torch")
+    expected = reference("train_torch", tmp_path_factory)
+    run_dir = _reference_dirs[("train_torch",)]
+    spec = importlib.util.spec_from_file_location(
+        "train_torch_example", EXAMPLES / "train_torch.py"
+    )
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    store = resumable.CheckpointStore(run_dir / "checkpoints", best=("val_loss", "min"))
+    latest, best = store.latest(), store.best()
+    assert latest is not None and best is not None
+    # The best checkpoint is kept (besides the newest ones): the best validation.
+    assert best.step in [info.step for info in store.list()]
+    best_val_loss = float(expected.split("best_val_loss=")[1].split()[0])
+    assert round(best.metrics["val_loss"], 6) == best_val_loss
+    best_epoch = int(expected.split("best_epoch=")[1].split()[0])
+    assert best.step == best_epoch * TORCH_BATCHES_PER_EPOCH
+    # Validation ran at the end of every epoch.
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history if "val_loss" in r] == [
+        TORCH_BATCHES_PER_EPOCH * (e + 1) for e in range(3)
+    ]
+
+    # The whole model, rebuilt from the configuration stored in the checkpoint.
+    config = store.load(latest, subtree="config")
+    encoder, decoder = example.build_encoder(config), example.build_decoder(config)
+    encoder.load_state_dict(store.load(latest, subtree="encoder"))
+    decoder.load_state_dict(store.load(latest, subtree="decoder"))
+    assert example.params_sha(encoder, decoder) == expected.split("params_sha=")[1].split()[0]
+
+    # The encoder alone, from the best checkpoint: only its subtree is read.
+    best_config = store.load(best, subtree="config")
+    alone = example.build_encoder(best_config)
+    alone.load_state_dict(store.load(best, subtree="encoder"))
+    full = store.load(best)
+    for name, tensor in alone.state_dict().items():
+        assert torch.equal(tensor, full["encoder"][name])
+    assert set(store.load(best, subtree="encoder")) == set(alone.state_dict())
+
+    # Two optimizers and two schedulers, each saved under its own name.
+    final = store.load(latest)
+    assert final["enc_opt"]["param_groups"][0]["weight_decay"] == 1e-4  # AdamW
+    assert final["dec_opt"]["param_groups"][0]["momentum"] == 0.9  # SGD
+    assert final["enc_sched"]["last_epoch"] == final["dec_sched"]["last_epoch"] == latest.step
+    assert "T_max" in final["dec_sched"] and "step_size" in final["enc_sched"]
 
 
 # -- rl_episodes --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", ALL_SIGNALS, ids=lambda s: s.name)
 def test_rl_episodes_resume_from_the_next_episode(
     sig: signal.Signals, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     expected = reference("rl_episodes", tmp_path_factory)
     proc = start("rl_episodes", tmp_path)
     interrupt(proc, sig, lambda: has_checkpoint(tmp_path))
+    saved = max(checkpoint_steps(tmp_path))
     # The result line carries digests of the Q weights and the whole replay buffer.
     assert run_to_end("rl_episodes", tmp_path) == expected
+    # The resumed session started with the episode after the last checkpoint.
+    assert sessions(tmp_path)[-1]["start_step"] == saved > 0
+    assert_nothing_ran_twice(tmp_path, sig)
+
+
+def test_rl_replay_buffer_is_restored_exactly(tmp_path_factory: pytest.TempPathFactory) -> None:
+    np = pytest.importorskip("numpy")
+    reference("rl_episodes", tmp_path_factory)
+    store = resumable.CheckpointStore(_reference_dirs[("rl_episodes",)] / "checkpoints")
+    buffer = store.load("latest", subtree="buffer")
+    assert buffer["obs"].dtype == np.float32 and buffer["dones"].dtype == np.bool_
+    assert buffer["actions"].dtype == np.int64 and buffer["obs"].shape == (2000, 24)
+    assert 0 < buffer["size"] <= 2000 and buffer["obs"][: buffer["size"]].any()
 
 
 # -- evolution ----------------------------------------------------------------
@@ -158,25 +290,31 @@ def assert_all_gone(processes: list[psutil.Process], timeout: float = 10) -> Non
 
 
 @pytest.mark.parametrize(
-    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name
+    ("sig", "group"),
+    [(sig, False) for sig in ALL_SIGNALS] + [(signal.SIGINT, True)],
+    ids=["SIGINT", "SIGTERM", "SIGKILL", "SIGINT-terminal"],
 )
 def test_evolution_resumes_generations_and_leaves_no_workers(
-    sig: signal.Signals, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+    sig: signal.Signals, group: bool, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
+    # SIGINT-terminal: Ctrl+C on a terminal signals the whole foreground process
+    # group, workers included; they leave the stop to the parent.
     expected = reference("evolution", tmp_path_factory)
-    proc = start("evolution", tmp_path)
+    proc = start("evolution", tmp_path, new_session=group)
     workers: list[psutil.Process] = []
 
     def ready() -> bool:
         workers[:] = workers_of(proc.pid)
         return has_checkpoint(tmp_path) and len(workers) == 2
 
-    interrupt(proc, sig, ready)
+    _code, _out, err = interrupt(proc, sig, ready, group=group)
+    assert "Traceback" not in err  # no worker died of the signal mid-task
     assert_all_gone(workers)
     exported = sorted((tmp_path / "best").glob("gen-*.json"))
     assert exported and all(json.loads(p.read_text())["genome"]["conns"] for p in exported)
     assert not list((tmp_path / "best").glob(".tmp-*")) or sig == signal.SIGKILL
     assert run_to_end("evolution", tmp_path) == expected
+    assert_nothing_ran_twice(tmp_path, sig)
     generations = int(expected.split("generations=")[1].split()[0])
     assert len(list((tmp_path / "best").glob("gen-*.json"))) == generations
 
@@ -242,7 +380,7 @@ def downloads_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     return _references["downloads"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", ALL_SIGNALS, ids=lambda s: s.name)
 def test_downloads_resume_fetches_only_missing_items(
     sig: signal.Signals,
     tmp_path: Path,
@@ -263,6 +401,7 @@ def test_downloads_resume_fetches_only_missing_items(
     else:
         assert twice == []
     assert len(fetched_before) < n_items
+    assert_nothing_ran_twice(tmp_path, sig)
     assert not list((tmp_path / "files").glob(".part-*"))
 
 
@@ -285,28 +424,63 @@ def test_downloads_never_count_a_file_cut_short(
 # -- optuna_search ------------------------------------------------------------
 
 
+def trial_counts(out: str) -> dict[str, int]:
+    lines = [line for line in out.splitlines() if line.startswith("trials: ")]
+    assert len(lines) == 1, out
+    return {k: int(v) for k, v in (kv.split("=") for kv in lines[0].split()[1:])}
+
+
 @pytest.mark.parametrize(
     ("sig", "storage"),
-    [(signal.SIGTERM, False), (signal.SIGKILL, False), (signal.SIGINT, True)],
-    ids=["SIGTERM", "SIGKILL", "SIGINT-sqlite"],
+    [(sig, False) for sig in ALL_SIGNALS] + [(signal.SIGINT, True), (signal.SIGKILL, True)],
+    ids=["SIGINT", "SIGTERM", "SIGKILL", "SIGINT-sqlite", "SIGKILL-sqlite"],
 )
 def test_optuna_search_reaches_exactly_n_trials(
     sig: signal.Signals, storage: bool, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    pytest.importorskip("optuna")
+    optuna = pytest.importorskip("optuna")
     expected = reference("optuna_search", tmp_path_factory)
-    assert "states=COMPLETE " in expected
+    n_trials = int(expected.split("finished=")[1].split()[0])
+    assert trial_counts(_reference_outputs[("optuna_search",)]) == {"COMPLETE": n_trials}
     extra = ("--storage", f"sqlite:///{tmp_path / 'study.db'}") if storage else ()
     proc = start("optuna_search", tmp_path, *extra)
     interrupt(proc, sig, lambda: has_checkpoint(tmp_path))
-    # Same trials, same sampler proposals, all COMPLETE: none lost, none repeated.
-    assert run_to_end("optuna_search", tmp_path, *extra) == expected
+    code, out, err = finish(start("optuna_search", tmp_path, *extra))
+    assert code == 0, err[-3000:]
+    # Same trials, same sampler proposals: none lost, none repeated.
+    assert result_line(out, err) == expected
+    counts = trial_counts(out)
+    assert_nothing_ran_twice(tmp_path, sig)
+    if not (storage and sig == signal.SIGKILL):
+        assert counts == {"COMPLETE": n_trials}  # a stop leaves no trial RUNNING or FAIL
+        return
+    # A kill leaves at most the running trial in the storage: it is marked FAIL
+    # and stale, and the sampler proposes the same parameters again in the next trial.
+    assert counts["COMPLETE"] == n_trials and set(counts) <= {"COMPLETE", "FAIL"}
+    study = optuna.load_study(study_name="example", storage=extra[1])
+    for failed in (t for t in study.trials if t.state.name == "FAIL"):
+        assert failed.system_attrs["resumable:stale"] is True
+        again = study.trials[failed.number + 1].params
+        assert failed.params.items() <= again.items()
+
+
+def test_optuna_search_saves_every_n_trials_and_on_improvement(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    pytest.importorskip("optuna")
+    reference("optuna_search", tmp_path_factory)
+    events = (_reference_dirs[("optuna_search",)] / "events.jsonl").read_text().splitlines()
+    saves = [json.loads(e) for e in events if json.loads(e)["kind"] == "saved"]
+    periodic = {e["step"] for e in saves if e["reason"] == "periodic"}
+    improved = {e["step"] for e in saves if e["reason"] == "best"}
+    assert periodic == set(range(5, 20, 5))  # every --save-every (5) trials; 20 is "finished"
+    assert improved and all(step % 5 for step in improved)  # between them, on improvement
 
 
 # -- paper_trading ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", ALL_SIGNALS, ids=lambda s: s.name)
 def test_paper_trading_restores_the_portfolio_exactly(
     sig: signal.Signals, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -317,3 +491,19 @@ def test_paper_trading_restores_the_portfolio_exactly(
     segments = list((tmp_path / "journal").glob("seg-*.log"))
     assert segments, "no journal segment"
     assert run_to_end("paper_trading", tmp_path) == expected
+
+
+def test_paper_trading_takes_the_standard_flags(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    expected = reference("paper_trading", tmp_path_factory)
+    code, out, err = finish(start("paper_trading", tmp_path, "--stop-after", "0.01s"))
+    assert code == 0 and "result: " not in out and "stopped (time-limit)" in err, err
+    assert run_to_end("paper_trading", tmp_path, "--keep-last", "1") == expected
+    assert len(checkpoint_steps(tmp_path)) == 1
+
+    code, _out, err = finish(start("paper_trading", tmp_path, "--resume", "never"))
+    assert code == 2 and "--clear" in err
+    code, out, err = finish(start("paper_trading", tmp_path, "--resume", "never", "--clear"))
+    assert code == 0 and "resumed" not in err  # started over from the first tick
+    assert result_line(out, err) == expected

@@ -116,3 +116,98 @@ def test_mismatched_sampler_is_refused(tmp_path: Path) -> None:
     maximize = optuna.create_study(direction="maximize", sampler=new_study().sampler)
     with pytest.raises(StateMismatch, match="directions"):
         StudyState(maximize).load_state_dict(state)
+
+
+KILLED_WORKER = """
+import sys, time, pathlib
+import optuna
+from resumable.integrations.optuna import StudyState
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+url, owner, marker, n_done = sys.argv[1:5]
+sampler = optuna.samplers.TPESampler(seed=7, n_startup_trials=5)
+study = optuna.create_study(sampler=sampler, storage=url, study_name="s", load_if_exists=True)
+state = StudyState(study, trials=False, owner=owner)
+
+def objective(trial):
+    x = trial.suggest_float("x", -5, 5)
+    kind = trial.suggest_categorical("kind", ["a", "b"])
+    n = trial.suggest_int("n", 1, 8, log=True)
+    trial.set_user_attr("double", 2 * x)
+    trial.report(x * x, step=0)
+    if len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) >= int(n_done):
+        pathlib.Path(marker).write_text("in the trial")
+        time.sleep(600)  # killed here, mid-trial
+    return (x - 1.5) ** 2 + (0.3 if kind == "a" else 0.0) + 0.01 * n
+
+state.optimize(objective, n_trials=100)
+"""
+
+
+def test_storage_trial_killed_mid_run_is_failed_and_proposed_again(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    marker = tmp_path / "marker"
+    script = tmp_path / "worker.py"
+    script.write_text(KILLED_WORKER)
+    proc = subprocess.Popen([sys.executable, str(script), url, "me", str(marker), "6"])
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the worker never got there"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    study = new_study(url)
+    running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    assert len(running) == 1 and running[0].params  # killed mid-trial, left RUNNING
+    # Another owner's view leaves it alone; the owner's own resume fails it.
+    assert StudyState(new_study(url), trials=False, owner="someone else").stale == []
+    state = StudyState(study, trials=False, owner="me")
+    assert [t.number for t in state.stale] == [running[0].number]
+    failed = study.trials[running[0].number]
+    assert failed.state == optuna.trial.TrialState.FAIL
+    assert failed.system_attrs["resumable:stale"] is True
+
+    state.optimize(objective, n_trials=16 - state.finished())
+    assert study.trials[failed.number + 1].params == failed.params  # proposed again
+    reference = new_study()
+    reference.optimize(objective, n_trials=16)
+    assert params(study) == params(reference)  # the sampler continued exactly
+
+
+def test_storage_newer_than_the_checkpoint_continues_the_sampler(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    store = CheckpointStore(tmp_path / "ckpt")
+    study = new_study(url)
+    state = StudyState(study, trials=False, owner="me")
+    state.optimize(objective, n_trials=5)
+    store.save({"study": state.state_dict()}, step=5)
+    # Three more trials reach the storage, then the process dies before its next save.
+    state.optimize(objective, n_trials=3)
+
+    resumed = new_study(url)  # a fresh sampler, seeded like the first
+    resumed_state = StudyState(resumed, trials=False, owner="me")
+    resumed_state.load_state_dict(store.load("latest")["study"])  # older than the storage
+    assert resumed_state.finished() == 8 and resumed_state.stale == []
+    resumed_state.optimize(objective, n_trials=8)
+    reference = new_study()
+    reference.optimize(objective, n_trials=16)
+    assert params(resumed) == params(reference)
+    assert {t.state for t in resumed.trials} == {optuna.trial.TrialState.COMPLETE}
+
+
+def test_storage_optimize_honours_study_stop(tmp_path: Path) -> None:
+    study = new_study(f"sqlite:///{tmp_path / 'study.db'}")
+    state = StudyState(study, trials=False, owner="me")
+
+    def stop_after_three(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if state.finished() >= 3:
+            study.stop()
+
+    state.optimize(objective, n_trials=10, callbacks=[stop_after_three])
+    assert state.finished() == 3
+    assert {t.state for t in study.trials} == {optuna.trial.TrialState.COMPLETE}

@@ -21,13 +21,35 @@ distributions as JSON (``optuna.distributions.distribution_to_json``), values,
 state, user and system attributes and intermediate values, plus the random
 states of the sampler (numpy ``RandomState`` arrays), so the sampler continues
 as if never stopped: a resumed seeded search proposes the same parameters an
-uninterrupted one would. With one of Optuna's own storages (``sqlite:///...``
-and other RDB storages) the trials already live in the storage; the checkpoint
-then carries only the sampler state (``StudyState(study, trials=False)``).
+uninterrupted one would.
+
+With one of Optuna's own storages (``sqlite:///...`` and other RDB storages)
+the trials already live in the storage, and a trial may be finished there
+after the newest checkpoint (a kill between the two writes). Track
+``StudyState(study, trials=False, owner=RUN_DIR)`` and search with
+``state.optimize(fn, n_trials=1)``: each trial is created tagged with the
+owner, and the sampler's random state is written into its system attributes
+in the same storage before the trial is told finished, so a finished trial
+always carries the sampler state after it.
+On resume the sampler continues from the newest finished trial, and a trial
+this owner left RUNNING (its process was killed) is marked FAIL with the
+system attribute ``resumable:stale``; the sampler then proposes the same
+parameters again in a new trial::
+
+    state = StudyState(study, trials=False, owner=str(run.directory))
+    run.track(study=state)
+    for _ in run.steps():
+        if state.finished() >= n_trials:
+            continue
+        state.optimize(objective, n_trials=1)
+
+Give each process that shares one study its own ``owner``: only RUNNING
+trials of the same owner are failed on resume.
 """
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -47,7 +69,9 @@ from resumable.errors import StateMismatch
 __all__ = [
     "CheckpointCallback",
     "StudyState",
+    "fail_stale_trials",
     "finished_trials",
+    "restore_sampler_from_storage",
     "resume_study",
     "sampler_state",
     "set_sampler_state",
@@ -55,6 +79,9 @@ __all__ = [
 ]
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+OWNER_ATTR = "resumable:owner"
+SAMPLER_ATTR = "resumable:sampler"
+STALE_ATTR = "resumable:stale"
 
 
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -85,6 +112,28 @@ def set_sampler_state(sampler: optuna.samplers.BaseSampler, state: Mapping[str, 
     for path, rng in found.items():
         saved = state[path]
         rng.set_state((str(saved[0]), saved[1], int(saved[2]), int(saved[3]), float(saved[4])))
+
+
+def _encode_sampler_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``sampler_state`` as JSON (the key array as base64 of little-endian uint32)."""
+    import numpy
+
+    encoded = {}
+    for path, (kind, keys, pos, has_gauss, gauss) in state.items():
+        raw = numpy.ascontiguousarray(keys, dtype="<u4").tobytes()
+        encoded[path] = [str(kind), base64.b64encode(raw).decode(), int(pos), int(has_gauss)]
+        encoded[path].append(float(gauss))
+    return encoded
+
+
+def _decode_sampler_state(encoded: Mapping[str, Any]) -> dict[str, Any]:
+    import numpy
+
+    state = {}
+    for path, (kind, keys, pos, has_gauss, gauss) in encoded.items():
+        array = numpy.frombuffer(base64.b64decode(keys), dtype="<u4").astype(numpy.uint32)
+        state[path] = (kind, array, pos, has_gauss, gauss)
+    return state
 
 
 def _walk_sampler(obj: Any, prefix: str, found: dict[str, Any], *, read: bool) -> None:
@@ -194,22 +243,126 @@ def load_study_state(study: optuna.Study, state: Mapping[str, Any]) -> None:
     set_sampler_state(study.sampler, sampler["rng"])
 
 
+# -- studies on Optuna's own storages -----------------------------------------
+
+
+def fail_stale_trials(study: optuna.Study, owner: str) -> list[FrozenTrial]:
+    """Mark FAIL the trials ``owner`` left RUNNING (its process died); returns them.
+
+    Call it only while no process of this ``owner`` is running trials: with
+    the run directory as the owner, inside ``with Run(...)``, which refuses
+    to start while another live run uses that directory. Each
+    such trial gets the system attribute ``resumable:stale`` first, so the
+    sampler state is never taken from it.
+    """
+    storage = study._storage
+    stale = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.system_attrs.get(OWNER_ATTR) == owner
+    ]
+    for trial in stale:
+        storage.set_trial_system_attr(trial._trial_id, STALE_ATTR, True)
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    return stale
+
+
+def restore_sampler_from_storage(study: optuna.Study) -> FrozenTrial | None:
+    """Set the sampler to the state recorded by the newest finished trial that has one.
+
+    Returns that trial, or None (sampler untouched) when no trial recorded one.
+    """
+    for trial in reversed(study.get_trials(deepcopy=False, states=FINISHED)):
+        recorded = trial.system_attrs.get(SAMPLER_ATTR)
+        if recorded is not None and not trial.system_attrs.get(STALE_ATTR):
+            set_sampler_state(study.sampler, _decode_sampler_state(recorded))
+            return trial
+    return None
+
+
 class StudyState:
     """A ``Stateful`` view of a study, to ``run.track(study=StudyState(study))``.
 
-    ``trials=False`` for a study on one of Optuna's own storages (the trials are
-    already durable there; only the sampler state is saved).
+    ``trials=False`` for a study on one of Optuna's own storages: the trials
+    are already durable there and only the sampler state is checkpointed.
+    Then search with ``self.optimize(fn)``, which tags each trial with its
+    owner and records the sampler state in it (see the module docstring),
+    and name an ``owner`` (the run
+    directory) distinct for every process sharing the study: building the
+    ``StudyState`` and restoring a checkpoint fail the trials this owner left
+    RUNNING and continue the sampler from the newest finished trial.
     """
 
-    def __init__(self, study: optuna.Study, *, trials: bool = True) -> None:
+    def __init__(
+        self, study: optuna.Study, *, trials: bool = True, owner: str = "resumable"
+    ) -> None:
         self.study = study
         self.trials = trials
+        self.owner = owner
+        self.stale: list[FrozenTrial] = []
+        if not trials:
+            self._recover()
+
+    def finished(self) -> int:
+        """The number of COMPLETE and PRUNED trials in the study."""
+        return len(finished_trials(self.study))
+
+    def optimize(self, fn: Callable[[optuna.Trial], Any], n_trials: int = 1, **kwargs: Any) -> None:
+        """``study.optimize(fn, n_trials=..., **kwargs)``, recording what a resume needs.
+
+        With ``trials=False`` each trial is created tagged with the owner (as a
+        WAITING trial that the search then runs, so no trial of this owner is
+        ever untagged) and ends with the sampler state in its system attributes.
+        With ``trials=True`` it is ``study.optimize`` itself.
+        """
+        if self.trials:
+            self.study.optimize(fn, n_trials=n_trials, **kwargs)
+            return
+        recording = self._recording(fn)
+        for _ in range(n_trials):
+            if not self._waiting():
+                template = optuna.trial.create_trial(
+                    state=TrialState.WAITING, system_attrs={OWNER_ATTR: self.owner}
+                )
+                self.study.add_trial(template)
+            self.study.optimize(recording, n_trials=1, **kwargs)
+            if getattr(self.study, "_stop_flag", False):  # study.stop() in a callback
+                break
+
+    def _waiting(self) -> bool:
+        """Whether a WAITING trial of this owner exists (a kill came before it ran)."""
+        waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        return any(t.system_attrs.get(OWNER_ATTR) == self.owner for t in waiting)
+
+    def _recording(self, fn: Callable[[optuna.Trial], Any]) -> Callable[[optuna.Trial], Any]:
+        owner = self.owner
+
+        def recording(trial: optuna.Trial) -> Any:
+            storage, trial_id = trial.study._storage, trial._trial_id
+            if storage.get_trial(trial_id).system_attrs.get(OWNER_ATTR) != owner:
+                # a trial queued by someone else (enqueue_trial): it is ours now
+                storage.set_trial_system_attr(trial_id, OWNER_ATTR, owner)
+            try:
+                return fn(trial)
+            finally:
+                # Written before Optuna tells the trial finished: a trial found
+                # finished in the storage always carries the state after it.
+                encoded = _encode_sampler_state(sampler_state(trial.study.sampler))
+                storage.set_trial_system_attr(trial_id, SAMPLER_ATTR, encoded)
+
+        return recording
 
     def state_dict(self) -> dict[str, Any]:
         return study_state(self.study, trials=self.trials)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         load_study_state(self.study, state)
+        if not self.trials:
+            self._recover()  # the storage may be newer than the checkpoint
+
+    def _recover(self) -> None:
+        self.stale += fail_stale_trials(self.study, self.owner)
+        restore_sampler_from_storage(self.study)
 
 
 class CheckpointCallback:
@@ -222,8 +375,11 @@ class CheckpointCallback:
         should_stop: called after each trial; when it returns true the search
             ends after the trial that just finished, which is saved first.
         trials: ``False`` with an Optuna storage (save only the sampler); use
-            ``every_trials=1`` then, so the sampler state always matches the
-            trials in the storage (such a save is small and fast).
+            ``every_trials=1`` then, so the sampler state matches the trials
+            in the storage (such a save is small and fast). A kill between a
+            trial's end and its save still leaves the sampler one trial
+            behind; ``StudyState.optimize`` records the state in the trial
+            itself and has no such gap.
 
     ``study.optimize(objective, n_trials=..., callbacks=[CheckpointCallback(store)])``.
     The checkpoint's step is the number of finished trials.
@@ -285,4 +441,6 @@ def resume_study(store: Any, study: optuna.Study) -> int:
         return 0
     state = store.load("latest")["study"]
     load_study_state(study, state)
+    if state["trials"] is None:  # on a storage: it may hold newer recorded sampler states
+        restore_sampler_from_storage(study)
     return int(state["n_finished"])
