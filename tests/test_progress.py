@@ -429,3 +429,47 @@ def test_tensor_and_array_scalars_are_shown_as_numbers() -> None:
     fields = tokens(stream.getvalue().splitlines()[-1])
     assert fields["loss"] == "0.25" and fields["acc"] == "0.5" and fields["best_loss"] == "0.25@1"
     assert type(progress.snapshot()["metrics"]["loss"]) is float
+
+
+def test_a_counter_that_starts_again_from_zero_keeps_a_positive_rate() -> None:
+    clock = FakeClock()
+    progress, _ = make(clock, total=100)
+    progress.start()
+    progress.count("evaluations", 0, total=50)
+    for generation in range(3):  # 50 evaluations a generation, 1 per second
+        progress.count("generation", generation, total=10)
+        for done in range(1, 51):
+            clock.advance(1.0)
+            progress.count("evaluations", done)
+        progress.count("evaluations", 0)
+    counters = progress.snapshot()["counters"]
+    assert counters["evaluations"] == {"value": 0, "total": 50, "rate": pytest.approx(1.0)}
+    assert counters["generation"]["value"] == 2 and counters["generation"]["total"] == 10
+
+
+def test_the_live_display_shows_every_figure_on_its_own_lines() -> None:
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=200, color_system=None)
+    clock = FakeClock()
+    progress = Progress(total=400, renderer=RichRenderer(console=console), clock=clock)
+    progress.start()
+    progress.set_phase("self-play")
+    for step in range(1, 101):
+        clock.advance(0.1)
+        progress.update(step)
+    progress.count("games", 120, total=1000)
+    progress.count("generation", 3, total=20)
+    progress.log(100, {"loss": 0.4123}, best={"val_loss": {"value": 0.39, "step": 90}})
+    progress.checkpoint_saved(90, "/r/checkpoints/step-000090")
+    clock.advance(12.0)
+    progress.close()
+    final = buffer.getvalue().split("100/400")[-1]  # the last frame drawn
+    lines = [line.strip() for line in final.splitlines() if line.strip()]
+    assert lines[1] == "phase=self-play games=120/1000 generation=3/20"
+    assert lines[2] == "loss=0.4123"
+    assert lines[3] == "best_val_loss=0.39@90"
+    machine = tokens(lines[4])
+    assert machine["ckpt_age"] == "12s"
+    assert machine["cpu"].endswith("%") and machine["rss"].endswith("B")

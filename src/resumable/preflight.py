@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from resumable.errors import ConfigError, ResumableError
 from resumable.progress import format_duration, format_size
@@ -196,6 +196,18 @@ class Preflight:
         rows += [_run_user_check(name, fn) for name, fn in self._user_checks]
         return PreflightResult(str(self.directory), rows)
 
+    def run_or_exit(self, stream: IO[str] | None = None) -> PreflightResult:
+        """Run the checks, write the table to ``stream`` (default stderr), and on a
+        no-go raise ``SystemExit(1)``; on a go return the result.
+        """
+        result = self.run()
+        out = stream if stream is not None else sys.stderr
+        out.write(result.format_table())
+        out.flush()
+        if not result.ok:
+            raise SystemExit(1)
+        return result
+
     def _builtin_checks(self) -> list[tuple[str, Callable[[], str]]]:
         checks: list[tuple[str, Callable[[], str]]] = [
             ("directory writable", self._check_writable),
@@ -246,10 +258,12 @@ class Preflight:
         if existing is None:
             raise CheckFailed(f"no existing directory above {self.directory}")
         free = shutil.disk_usage(existing).free
-        count = (self.keep_last or 1) + 2
+        # keep_last=None keeps every checkpoint: check for the fewest it will hold.
+        count = (1 if self.keep_last is None else self.keep_last) + 2
         needed = count * size
+        kept = " (keep_last=None keeps all: at least)" if self.keep_last is None else ""
         detail = (
-            f"need {format_size(needed)} ({count} checkpoints of ~{format_size(size)}), "
+            f"need {format_size(needed)}{kept} ({count} checkpoints of ~{format_size(size)}), "
             f"{format_size(free)} free on {existing}"
         )
         if free < needed:

@@ -194,16 +194,22 @@ class Progress:
         """Set the user counter ``name`` to its current ``value`` (not an increment).
 
         ``total`` is the value it will reach, when known; it is kept until changed.
+        A counter may start again from zero (evaluations in this generation); its
+        rate (per second, since its first ``count`` in this session) counts the
+        progress made across such restarts.
         """
         counter = self._counters.get(name)
-        now = self._clock()
         if counter is None:
             counter = self._counters[name] = {
                 "value": value,
                 "total": total,
-                "first": value,
-                "since": now,
+                "done": 0.0,
+                "since": self._clock(),
             }
+        else:
+            # The rate counts progress made: a counter that starts again from zero
+            # (evaluations in this generation) adds its new value, not a drop.
+            counter["done"] += value - counter["value"] if value >= counter["value"] else value
         counter["value"] = value
         if total is not None:
             counter["total"] = total
@@ -280,7 +286,7 @@ class Progress:
 
     def _counter_view(self, counter: dict[str, Any], now: float) -> dict[str, Any]:
         since = now - counter["since"]
-        rate = (counter["value"] - counter["first"]) / since if since > 0 else None
+        rate = counter["done"] / since if since > 0 else None
         return {"value": counter["value"], "total": counter["total"], "rate": rate}
 
     def _sample(self) -> None:
@@ -485,29 +491,39 @@ def _head_tokens(snapshot: Snapshot) -> list[str]:
 
 
 def _detail_tokens(snapshot: Snapshot) -> list[str]:
-    tokens = []
+    return [token for group in _detail_groups(snapshot) for token in group]
+
+
+def _detail_groups(snapshot: Snapshot) -> list[list[str]]:
+    """Tokens in groups: phase and counters; metrics; best; checkpoint and resources."""
+    doing = []
     if snapshot.get("phase"):
-        tokens.append(f"phase={format_number(snapshot['phase'])}")
+        doing.append(f"phase={format_number(snapshot['phase'])}")
     for name, counter in (snapshot.get("counters") or {}).items():
         value = format_number(counter.get("value"))
         if counter.get("total") is not None:
             value += f"/{format_number(counter['total'])}"
-        tokens.append(f"{_token(name)}={value}")
-    for name, value in (snapshot.get("metrics") or {}).items():
-        tokens.append(f"{_token(name)}={format_number(value)}")
-    for name, best in (snapshot.get("best") or {}).items():
-        tokens.append(f"best_{_token(name)}={format_number(best.get('value'))}@{best.get('step')}")
+        doing.append(f"{_token(name)}={value}")
+    metrics = [
+        f"{_token(name)}={format_number(value)}"
+        for name, value in (snapshot.get("metrics") or {}).items()
+    ]
+    best = [
+        f"best_{_token(name)}={format_number(b.get('value'))}@{b.get('step')}"
+        for name, b in (snapshot.get("best") or {}).items()
+    ]
+    machine = []
     checkpoint = snapshot.get("last_checkpoint")
     if checkpoint is not None:
-        tokens.append(f"ckpt_age={format_duration(checkpoint.get('age'))}")
+        machine.append(f"ckpt_age={format_duration(checkpoint.get('age'))}")
     resources = snapshot.get("resources") or {}
     if resources.get("cpu_percent") is not None:
-        tokens.append(f"cpu={resources['cpu_percent']:.0f}%")
+        machine.append(f"cpu={resources['cpu_percent']:.0f}%")
     if resources.get("rss_bytes") is not None:
-        tokens.append(f"rss={format_size(resources['rss_bytes'])}")
+        machine.append(f"rss={format_size(resources['rss_bytes'])}")
     if resources.get("gpu_memory_bytes") is not None:
-        tokens.append(f"gpu_mem={format_size(resources['gpu_memory_bytes'])}")
-    return tokens
+        machine.append(f"gpu_mem={format_size(resources['gpu_memory_bytes'])}")
+    return [group for group in (doing, metrics, best, machine) if group]
 
 
 def _token(name: str) -> str:
@@ -629,7 +645,9 @@ class RichRenderer:
 
 
 def build_rich_display(snapshot: Snapshot) -> Any:
-    """The renderable of the live display: a bar and a few lines of figures."""
+    """The renderable of the live display: a bar, then one line for each group of
+    figures (phase and counters; metrics; best values; checkpoint age and resources).
+    """
     from rich.console import Group
     from rich.progress_bar import ProgressBar
     from rich.table import Table
@@ -647,9 +665,8 @@ def build_rich_display(snapshot: Snapshot) -> Any:
         Text(f"eta {format_duration(snapshot.get('eta'))}" if total else ""),
     )
     lines: list[Any] = [head]
-    details = _detail_tokens(snapshot)
-    if details:
-        lines.append(Text(" ".join(details), style="dim"))
+    for group in _detail_groups(snapshot):
+        lines.append(Text("  " + " ".join(group), style="dim"))
     return Group(*lines)
 
 

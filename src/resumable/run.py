@@ -49,7 +49,7 @@ from resumable.errors import (
     SaveFailed,
     StateMismatch,
 )
-from resumable.history import History
+from resumable.history import History, require_tensorboard
 from resumable.interrupt import KeyboardMonitor, StopRequests
 from resumable.policy import (
     AnyOf,
@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     import argparse
 
     from resumable.format import CheckpointInfo
+    from resumable.preflight import Preflight
     from resumable.store import CheckpointStore
 
 __all__ = ["RESUME_ENV", "Run"]
@@ -136,7 +137,9 @@ class Run:
         snapshot: ``"auto"``, ``"fork"`` or ``"copy"``: how background saves
             snapshot the state.
         config: your own settings, recorded in ``run.json`` under ``config.user``.
-        history_csv: also keep ``metrics.csv`` up to date.
+        save_metrics: also keep ``metrics.csv`` (the history as CSV) up to date.
+        tensorboard: also mirror the logged numbers to TensorBoard event files
+            under ``tensorboard/`` (needs the ``tensorboard`` package).
         report: write ``report.txt``/``report.json``/``report.png`` at every exit.
         on_save, on_stop, on_finish, on_error: callbacks, called as
             ``on_save(run, info)``, ``on_stop(run)``, ``on_finish(run)``,
@@ -172,7 +175,8 @@ class Run:
         if_busy: str = "wait",
         snapshot: str = "auto",
         config: Mapping[str, Any] | None = None,
-        history_csv: bool = False,
+        save_metrics: bool = False,
+        tensorboard: bool = False,
         report: bool = True,
         on_save: Callback | None = None,
         on_stop: Callback | None = None,
@@ -204,7 +208,10 @@ class Run:
         self._if_busy = if_busy
         self._snapshot = snapshot
         self._user_config = dict(config or {})
-        self._history_csv = history_csv
+        if tensorboard:
+            require_tensorboard()
+        self._save_metrics = save_metrics
+        self._tensorboard = tensorboard
         self._report = report
         self._callbacks = {
             "on_save": on_save,
@@ -435,13 +442,20 @@ class Run:
         return self._last_info
 
     def summary(self, **fields: Any) -> None:
-        """Store your own fields under ``run.json["summary"]`` (shown in the report)."""
-        self._require_open("summary")
+        """Store your own fields under ``run.json["summary"]`` (shown in the report).
+
+        ``run.summary(parameters=n, win_rate=0.62)``. Also works after the
+        ``with`` block (a final evaluation): the report is then written again.
+        """
+        if not self._entered:
+            raise ConfigError("run.summary() needs a run that was entered: use `with Run(...)`")
 
         def update(data: dict[str, Any]) -> None:
             data.setdefault("summary", {}).update(fields)
 
         self._update_run_json(update)
+        if self._exited:
+            self._write_report()
 
     def set_phase(self, name: str | None) -> None:
         """Name what the loop is doing now ("training", "evaluation"); shown in progress."""
@@ -453,15 +467,21 @@ class Run:
         if self._progress is not None:
             self._progress.count(name, value, total)
 
-    def preflight(self, checks: Any = ()) -> Any:
-        """A ``preflight.Preflight`` for this run's directory and tracked state."""
+    def preflight(self, checks: Any = (), **options: Any) -> Preflight:
+        """A ``preflight.Preflight`` for this run's directory, tracked state and ``keep_last``.
+
+        ``options`` are the other ``Preflight`` arguments (``requires``, ``data``,
+        ``jsonl``, ``state_size``, ``round_trip``). Call it after ``track``;
+        ``run.preflight(requires=["torch>=2"]).run_or_exit()`` stops on a no-go.
+        """
         from resumable.preflight import Preflight
 
         return Preflight(
             self.directory,
             state=self._checkpoint_tree() if self.state else None,
-            keep_last=self._keep_last or 0,
+            keep_last=self._keep_last,
             checks=checks,
+            **options,
         )
 
     # -- starting ---------------------------------------------------------
@@ -482,7 +502,9 @@ class Run:
         self._session_start_step = self._step
         self._started_wall = time.time()
         self._started_clock = time.monotonic()
-        self._history = History(self.directory, csv=self._history_csv)
+        self._history = History(
+            self.directory, csv=self._save_metrics, tensorboard=self._tensorboard
+        )
         self._history.truncate_after(self._step if info is not None else -1)
         self._progress = Progress(
             total=self.total_steps,
