@@ -183,6 +183,14 @@ class History:
         """Export the history as CSV: ``step``, ``time``, then each metric in first-seen order."""
         return write_csv(self.records(), path)
 
+    def flush(self) -> None:
+        """Hand every logged step to the operating system (the TensorBoard mirror
+        is written by a background thread). Run calls it before each checkpoint,
+        so a killed process leaves the mirrors complete up to its last checkpoint.
+        """
+        if self._writer is not None:
+            self._writer.flush()
+
     def close(self) -> None:
         """Flush and close the TensorBoard writer, if any. Safe to call twice."""
         if self._writer is not None:
@@ -259,6 +267,9 @@ class _TensorBoardWriter:
         values = [self._summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
         summary = self._summary(value=values)
         self._file.add_event(self._event(step=step, wall_time=wall_time, summary=summary))
+
+    def flush(self) -> None:
+        self._file.flush()
 
     def close(self) -> None:
         self._file.close()

@@ -778,6 +778,8 @@ class Run:
                 )
                 return None
             self._collect_save(wait=True)
+        if self._history is not None:
+            self._history.flush()  # mirrors hold every step the checkpoint holds
         try:
             result = self._save_replacing_abandoned(reason, name)
         except CheckpointExists as exc:
