@@ -454,7 +454,8 @@ def format_number(value: Any) -> str:
             return str(value)
         if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
             return f"{value:.3e}"
-        return f"{value:.4f}".rstrip("0").rstrip(".") if abs(value) < 1000 else f"{value:.1f}"
+        # Four significant digits: 0.08333, 0.001234, 12.35; plain tenths from 1000.
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.1f}"
     return "_".join(str(value).split()) or '""'
 
 
