@@ -170,6 +170,9 @@ def test_a_run_stopped_killed_and_resumed_leaves_a_continuous_record(tmp_path: P
     assert status["counters"]["games"]["value"] == 24
     assert status["counters"]["games"]["total"] == 60
     assert status["best"]["loss"] == {"value": pytest.approx(1 / 12), "step": 12}
+    # Not named in best=, but its name says higher is better.
+    assert status["best"]["win_rate"] == {"value": pytest.approx(11 / 30), "step": 12}
+    assert last["best_win_rate"] == "0.3667@12"
     assert status["last_checkpoint"]["step"] == 12
     assert status["resources"]["rss_bytes"] > 0
     first = load_report(run_dir)
@@ -208,6 +211,8 @@ def test_a_run_stopped_killed_and_resumed_leaves_a_continuous_record(tmp_path: P
     assert report["metrics"]["final"]["loss"] == pytest.approx(1 / 30)
     assert report["metrics"]["best"]["loss"]["step"] == 30
     assert report["metrics"]["best"]["win_rate"]["step"] == 30  # a "win" metric is maximised
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["best"]["win_rate"] == {"value": pytest.approx(29 / 30), "step": 30}
     assert report["history"] == {
         "records": 30,
         "first_step": 1,
@@ -391,3 +396,18 @@ def test_a_stale_status_of_a_live_process_on_this_host_is_still_running(tmp_path
     status["updated"] = 1_000_000.0
     write_json_atomic(tmp_path / "status.json", status)
     assert build_report(tmp_path, now=now)["status"] == "interrupted"
+
+
+def test_best_values_are_kept_for_metrics_whose_names_say_which_way(tmp_path: Path) -> None:
+    from resumable import Run
+
+    with Run(tmp_path / "run", total_steps=4, progress=False, keyboard=False) as run:
+        for step in run.steps():
+            run.log(lr=0.1 * step, val_acc=[0.5, 0.9, 0.7, 0.8][step])
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["best"] == {"val_acc": {"value": 0.9, "step": 2}}  # lr has no direction
+    with Run(tmp_path / "run", total_steps=6, progress=False, keyboard=False) as run:
+        for step in run.steps():
+            run.log(lr=0.1 * step, val_acc=0.6)
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["best"] == {"val_acc": {"value": 0.9, "step": 2}}  # carried by the checkpoint

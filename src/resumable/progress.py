@@ -44,6 +44,7 @@ __all__ = [
     "format_number",
     "format_rate",
     "format_size",
+    "metric_direction",
 ]
 
 Snapshot = dict[str, Any]
@@ -412,6 +413,40 @@ def _gpu_memory() -> int | None:
         return int(sum(cuda.memory_reserved(i) for i in range(cuda.device_count())))
     except Exception:  # a broken driver must not break progress reporting
         return None
+
+
+# -- metric names -------------------------------------------------------------
+
+_MIN_WORDS = ("loss", "error", "err", "perplexity", "ppl", "mse", "mae", "rmse", "regret", "cost")
+_MAX_WORDS = (
+    "acc",
+    "accuracy",
+    "reward",
+    "return",
+    "score",
+    "win",
+    "f1",
+    "auc",
+    "precision",
+    "recall",
+    "sharpe",
+    "profit",
+    "elo",
+)
+
+
+def metric_direction(name: str) -> str | None:
+    """``"min"``, ``"max"`` or ``None``: which way a metric improves, by its name.
+
+    A word of the name (split at ``_`` and ``-``) decides: ``loss``, ``error``,
+    ``mse``... are minimised; ``acc``, ``reward``, ``score``, ``win``... maximised.
+    """
+    words = name.lower().replace("-", "_").split("_")
+    if any(w in _MIN_WORDS for w in words):
+        return "min"
+    if any(w in _MAX_WORDS for w in words):
+        return "max"
+    return None
 
 
 # -- formatting -------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Any
 
 from resumable.errors import CheckpointNotFound, ConfigError, ResumableError
 from resumable.history import HISTORY_FILE, csv_text, read_history, write_csv
-from resumable.progress import format_duration, format_number, format_size
+from resumable.progress import format_duration, format_number, format_size, metric_direction
 from resumable.runfiles import (
     RUN_FILE,
     STATUS_FILE,
@@ -62,24 +62,6 @@ REPORT_PNG = "report.png"
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
 MAX_PLOT_POINTS = 5000
-
-_MIN_WORDS = ("loss", "error", "err", "perplexity", "ppl", "mse", "mae", "rmse", "regret", "cost")
-_MAX_WORDS = (
-    "acc",
-    "accuracy",
-    "reward",
-    "return",
-    "score",
-    "win",
-    "f1",
-    "auc",
-    "precision",
-    "recall",
-    "sharpe",
-    "profit",
-    "elo",
-)
-
 
 # -- building -------------------------------------------------------------
 
@@ -419,16 +401,7 @@ def _best_spec(config: Mapping[str, Any]) -> tuple[str, str] | None:
     if isinstance(best, Mapping) and best.get("metric"):
         return str(best["metric"]), str(best.get("mode") or "min")
     if isinstance(best, str):
-        return best, _direction(best) or "min"
-    return None
-
-
-def _direction(name: str) -> str | None:
-    words = name.lower().replace("-", "_").split("_")
-    if any(w in _MIN_WORDS for w in words):
-        return "min"
-    if any(w in _MAX_WORDS for w in words):
-        return "max"
+        return best, metric_direction(best) or "min"
     return None
 
 
@@ -451,7 +424,7 @@ def _best_metrics(
         modes[spec[0]] = spec[1]
     for name in _metric_names(history):
         if name not in modes:
-            direction = _direction(name)
+            direction = metric_direction(name)
             if direction is not None:
                 modes[name] = direction
     best: dict[str, dict[str, Any]] = {}

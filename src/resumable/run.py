@@ -65,7 +65,7 @@ from resumable.policy import (
     is_better,
     parse_duration,
 )
-from resumable.progress import Progress, format_duration
+from resumable.progress import Progress, format_duration, metric_direction
 from resumable.saver import PendingSave
 
 if TYPE_CHECKING:
@@ -220,6 +220,7 @@ class Run:
             "on_error": on_error,
         }
         self._watched = _watched_metrics(self._save_policy, self._best_spec)
+        self._undirected: set[str] = set()  # logged metrics whose names tell no direction
 
         self.state: dict[str, Any] = {}
         """The tracked objects by name; assign here to update a tracked plain value."""
@@ -909,6 +910,15 @@ class Run:
                 policy.load_state_dict(state)
 
     def _update_best(self, step: int, metrics: Mapping[str, Any]) -> None:
+        for name in metrics:
+            # Beyond `best` and the policies' metrics, the best of any metric whose
+            # name says which way is better (loss, acc...), as the report does.
+            if name not in self._watched and name not in self._undirected:
+                direction = metric_direction(name)
+                if direction is None:
+                    self._undirected.add(name)
+                else:
+                    self._watched[name] = direction
         for name, mode in self._watched.items():
             value = _as_float(metrics.get(name))
             if value is None:
