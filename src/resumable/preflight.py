@@ -9,7 +9,8 @@
 - data files exist and are not empty;
 - JSONL files parse, with required fields, a minimum count and a class balance;
 - a round trip of the state through the checkpoint store (save, load, compare
-  bit for bit), which catches state that cannot be saved or restored.
+  bit for bit, then restore into the Stateful objects and compare what they
+  hand out again), which catches state that cannot be saved or restored.
 
 User checks are plain functions: ``None`` or ``True`` passes; ``False``, a
 string (the reason) or an exception fails. ``resumable preflight`` is the same
@@ -296,13 +297,49 @@ class Preflight:
                 raise CheckFailed(str(exc)) from exc
             finally:
                 store.close()
-        mismatches = compare_trees(tree, loaded)
-        if mismatches:
-            shown = "; ".join(mismatches[:3])
-            more = f" (and {len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
-            raise CheckFailed(f"loaded state differs: {shown}{more}")
+        _fail_on_differences("loaded state differs", compare_trees(tree, loaded))
+        restored = self._restore_into_objects(loaded)
         took = format_duration(time.monotonic() - started)
-        return f"{format_size(info.size)} saved and loaded back bit for bit in {took}"
+        into = f", restored into {restored} object(s)" if restored else ""
+        return f"{format_size(info.size)} saved and loaded back bit for bit{into} in {took}"
+
+    def _restore_into_objects(self, loaded: Any) -> int:
+        """Give each Stateful object its loaded state back, as a resume does, then
+        check that it hands out the same state again. The state is the one it
+        holds now, so a correct ``load_state_dict`` changes nothing.
+        """
+        if not isinstance(self.state, Mapping) or not isinstance(loaded, Mapping):
+            return 0
+        targets = {n: v for n, v in self.state.items() if _is_stateful(v) and n in loaded}
+        if not targets:
+            return 0
+        try:
+            from resumable.state import restore
+        except ImportError:
+            return 0
+        try:
+            restore(targets, loaded)
+        except Exception as exc:
+            raise CheckFailed(f"saved and loaded, but not restored: {exc}") from exc
+        again = _capture(targets)
+        expected = {name: loaded[name] for name in targets}
+        _fail_on_differences("state after restore differs", compare_trees(expected, again))
+        return len(targets)
+
+
+def _is_stateful(value: Any) -> bool:
+    return (
+        not isinstance(value, type)
+        and callable(getattr(value, "state_dict", None))
+        and callable(getattr(value, "load_state_dict", None))
+    )
+
+
+def _fail_on_differences(what: str, mismatches: list[str]) -> None:
+    if mismatches:
+        shown = "; ".join(mismatches[:3])
+        more = f" (and {len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
+        raise CheckFailed(f"{what}: {shown}{more}")
 
 
 # -- running checks -----------------------------------------------------------
