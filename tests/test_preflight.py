@@ -23,6 +23,7 @@ from resumable.preflight import (
     run_cli,
     version_satisfies,
 )
+from resumable.progress import format_size
 
 
 def row(result: PreflightResult, name: str) -> Any:
@@ -116,6 +117,9 @@ def test_existing_checkpoints_are_pointed_out_but_do_not_fail(tmp_path: Path) ->
     assert check.status == "warn" and check.ok and result.ok
     assert "2 found, latest step 200 (" in check.detail
     assert "resume='auto'" in check.detail
+    # Without a state, the newest checkpoint sizes the free disk check.
+    size = CheckpointStore(tmp_path / "checkpoints").latest().size
+    assert f"(5 checkpoints of ~{format_size(size)})" in row(result, "free disk").detail
 
 
 def test_a_missing_package_fails_with_the_pip_line(tmp_path: Path) -> None:

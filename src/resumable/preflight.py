@@ -152,7 +152,8 @@ class Preflight:
             "required": [fields], "min_count": n, "balance": field,
             "max_ratio": 3.0}``.
         state_size: the state's size in bytes, when there is no ``state``
-            to estimate it from.
+            to estimate it from (without either, the newest checkpoint in
+            ``directory`` gives the size).
         round_trip: save and load the state and compare (default True).
 
     Raises ``ConfigError`` for a malformed requirement or JSONL spec.
@@ -244,17 +245,24 @@ class Preflight:
         return f"{target}"
 
     def estimated_state_size(self) -> int | None:
-        """Bytes one checkpoint of the state takes, estimated; None when unknown."""
+        """Bytes one checkpoint of the state takes, estimated; None when unknown.
+
+        From ``state_size``, else the ``state``, else the newest checkpoint
+        already in the directory (a run about to resume).
+        """
         if self.state_size is not None:
             return self.state_size
-        if self.state is None:
-            return None
-        return estimate_state_size(self.state)
+        if self.state is not None:
+            return estimate_state_size(self.state)
+        checkpoints = list_checkpoints(self.directory)
+        if checkpoints and isinstance(checkpoints[-1]["size"], int):
+            return int(checkpoints[-1]["size"])
+        return None
 
     def _check_free_disk(self) -> str:
         size = self.estimated_state_size()
         if size is None:
-            raise CheckSkipped("no state or state size given")
+            raise CheckSkipped("no state, state size or existing checkpoint to size")
         existing = _existing_ancestor(self.directory)
         if existing is None:
             raise CheckFailed(f"no existing directory above {self.directory}")
