@@ -473,3 +473,55 @@ def test_the_live_display_shows_every_figure_on_its_own_lines() -> None:
     machine = tokens(lines[4])
     assert machine["ckpt_age"] == "12s"
     assert machine["cpu"].endswith("%") and machine["rss"].endswith("B")
+
+
+RUN_LIVE_SCRIPT = """
+import logging
+logging.basicConfig(level=logging.INFO, format="LOG %(name)s %(message)s")
+import resumable
+with resumable.Run({run_dir!r}, total_steps=30, save_every_steps=10, keyboard=False,
+                   best=("loss", "min")) as run:
+    assert type(run._progress._renderer).__name__ == "RichRenderer"
+    run.set_phase("self-play")
+    for step in run.steps():
+        run.count("games", 2 * (step + 1), total=60)
+        run.log(loss=1.0 / (step + 1))
+        if (step + 1) % 10 == 0:
+            print(f"user print at {{step + 1}}")
+            logging.getLogger("user").info("user log at %d", step + 1)
+print("after the run")
+"""
+
+
+def test_a_run_on_a_terminal_keeps_user_output_whole_and_shows_its_figures(
+    tmp_path: Path,
+) -> None:
+    output = run_in_terminal(RUN_LIVE_SCRIPT.format(run_dir=str(tmp_path / "run")))
+    text = output.decode(errors="replace")
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    lines = [line.strip() for line in re.split(r"\r\n|\r|\n", plain)]
+    for step in (10, 20, 30):
+        assert f"user print at {step}" in lines
+        assert f"LOG user user log at {step}" in lines
+    # The run's own summary, logged through the user's handler: whole, if wrapped to the width.
+    unwrapped = re.sub(r" ?\r\n", " ", plain)
+    assert "LOG resumable resumable: finished at step 30 of 30 (finished); 30 steps" in unwrapped
+    assert "after the run" in lines
+    final = plain.split("30/30")[-1]  # the last frame of the live display
+    assert "phase=self-play games=60/60" in final
+    assert "loss=0.03333" in final and "best_loss=0.03333@30" in final
+    assert "ckpt_age=" in final and "cpu=" in final and "rss=" in final
+
+
+def test_a_long_message_stays_one_line_above_the_display() -> None:
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=40, color_system=None)
+    progress = Progress(total=10, renderer=RichRenderer(console=console), clock=FakeClock())
+    progress.start()
+    text = "resumable: stopped at step 7 of 10 (keyboard); checkpoint runs/a/checkpoints/step-7"
+    progress.message(text)
+    progress.close()
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buffer.getvalue())
+    assert text in re.split(r"\r\n|\r|\n", plain)

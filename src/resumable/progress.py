@@ -650,7 +650,9 @@ class RichRenderer:
 
     def message(self, text: str) -> None:
         if self._console is not None:
-            self._console.print(text, markup=False, highlight=False)
+            # soft_wrap: one long line stays one line (the terminal wraps it), so
+            # it can be copied or grepped whole; it is printed above the display.
+            self._console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def close(self, snapshot: Snapshot) -> None:
         if self._live is None:
