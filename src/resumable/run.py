@@ -464,7 +464,12 @@ class Run:
             self._progress.set_phase(name)
 
     def count(self, name: str, value: float, total: float | None = None) -> None:
-        """Set a counter shown in progress (episodes, trials, downloaded bytes)."""
+        """Set a counter of your own, shown in progress, ``status.json`` and the report.
+
+        ``value`` is the current count, not an increment (``run.count("games",
+        games, total=1000)``); ``total`` is kept until given again. The report
+        gives its rate per second (games/s).
+        """
         if self._progress is not None:
             self._progress.count(name, value, total)
 
