@@ -525,3 +525,51 @@ def test_a_long_message_stays_one_line_above_the_display() -> None:
     progress.close()
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buffer.getvalue())
     assert text in re.split(r"\r\n|\r|\n", plain)
+
+
+class LockedStream(io.StringIO):
+    """A StringIO that the watch thread and the test can share."""
+
+    def lines(self) -> list[str]:
+        return self.getvalue().splitlines()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_inside_a_long_step_plain_lines_still_come_every_interval() -> None:
+    stream = LockedStream()
+    progress = Progress(total=100, every=0.05, stream=stream)
+    progress.start()
+    for step in range(1, 6):
+        progress.update(step)
+    # Step 6 is a long evaluation: the loop calls nothing but set_phase and count.
+    progress.set_phase("evaluation")
+    for done in range(1, 4):
+        progress.count("evaluations", done, total=50)
+        count = len(stream.lines())
+        wait_until(lambda count=count: len(stream.lines()) > count)
+    progress.close()
+    lines = stream.lines()
+    assert len(lines) >= 4 and all(line.startswith("progress step=5/100 ") for line in lines[-4:])
+    watched = [tokens(line) for line in lines[:-1]]
+    assert [w["evaluations"] for w in watched[-3:]] == ["1/50", "2/50", "3/50"]
+    assert all(w["phase"] == "evaluation" for w in watched[-3:])
+    assert tokens(lines[-1])["evaluations"] == "3/50"  # the last line comes from close
+
+
+def test_the_watch_thread_stops_at_close_and_can_be_left_out() -> None:
+    renderer = PlainRenderer(LockedStream(), interval=0.05)
+    progress = Progress(total=10, renderer=renderer)
+    progress.start()
+    thread = renderer._thread
+    assert thread is not None and thread.is_alive() and thread.daemon
+    progress.close()
+    assert not thread.is_alive()
+    quiet = PlainRenderer(LockedStream(), interval=0.05, watch=False)
+    quiet.start(lambda: {"step": 1})
+    assert quiet._thread is None

@@ -570,31 +570,76 @@ def _token(name: str) -> str:
 
 
 class PlainRenderer:
-    """One line every ``interval`` seconds, for logs that are not a terminal."""
+    """One line every ``interval`` seconds, for logs that are not a terminal.
 
-    def __init__(self, stream: IO[str] | None = None, interval: float = 30.0) -> None:
+    While steps go by, ``Progress.update`` asks for the lines. Inside one long
+    step (an evaluation) the loop is silent, so a daemon thread writes the line
+    instead when no line came for ``interval`` seconds and the loop's own
+    sampling delay (up to a second): the phase and counters set inside the step
+    still reach the log. ``watch=False`` leaves the thread out.
+    """
+
+    def __init__(
+        self, stream: IO[str] | None = None, interval: float = 30.0, *, watch: bool = True
+    ) -> None:
         self.stream = stream
         self.interval = interval
+        self._watch = watch
+        self._lock = threading.Lock()
+        self._last_line = time.monotonic()
+        self._last_watch_line = -math.inf
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def _write(self, text: str) -> None:
+    def _write(self, text: str, *, line: bool = False) -> None:
         stream = self.stream if self.stream is not None else sys.stderr
-        try:
-            stream.write(text + "\n")
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe must not kill the run
-            pass
+        with self._lock:
+            if line:
+                self._last_line = time.monotonic()
+            try:
+                stream.write(text + "\n")
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe must not kill the run
+                pass
 
     def start(self, snapshot: Callable[[], Snapshot]) -> None:
-        pass
+        self._last_line = time.monotonic()
+        if self._watch and self.interval > 0 and self._thread is None:
+            self._thread = threading.Thread(
+                target=self._watch_long_steps,
+                args=(snapshot,),
+                name="resumable-progress",
+                daemon=True,
+            )
+            self._thread.start()
+
+    def _watch_long_steps(self, snapshot: Callable[[], Snapshot]) -> None:
+        # The loop samples at most once a second, so its line may be that late.
+        silence = self.interval + min(self.interval, 1.0) + 0.25
+        while True:
+            due = self._last_line + silence - time.monotonic()
+            if self._stopped.wait(max(due, 0.01)):
+                return
+            if time.monotonic() - self._last_line >= silence:
+                try:
+                    self._write(format_line(snapshot()), line=True)
+                except Exception:  # a figure that fails to read must not end the watch
+                    logging.getLogger(__name__).debug("progress line failed", exc_info=True)
+                self._last_line = self._last_watch_line = time.monotonic()
 
     def render(self, snapshot: Snapshot) -> None:
-        self._write(format_line(snapshot))
+        if time.monotonic() - self._last_watch_line < self.interval / 2:
+            return  # the long step that just ended had its line already
+        self._write(format_line(snapshot), line=True)
 
     def message(self, text: str) -> None:
         self._write(text)
 
     def close(self, snapshot: Snapshot) -> None:
-        self._write(format_line(snapshot))
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        self._write(format_line(snapshot), line=True)
 
 
 class RichRenderer:
