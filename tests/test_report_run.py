@@ -411,3 +411,32 @@ def test_best_values_are_kept_for_metrics_whose_names_say_which_way(tmp_path: Pa
             run.log(lr=0.1 * step, val_acc=0.6)
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["best"] == {"val_acc": {"value": 0.9, "step": 2}}  # carried by the checkpoint
+
+
+def test_status_json_stays_fresh_inside_a_long_step(tmp_path: Path, monkeypatch: Any) -> None:
+    from resumable import Run, runfiles
+
+    monkeypatch.setattr(runfiles, "STATUS_INTERVAL", 0.05)
+    status_path = tmp_path / "run" / "status.json"
+
+    def status() -> dict[str, Any]:
+        return json.loads(status_path.read_text())
+
+    with Run(tmp_path / "run", total_steps=2, progress=False, keyboard=False) as run:
+        for step in run.steps():
+            if step == 1:  # a long evaluation: the loop writes nothing meanwhile
+                beat = run._heartbeat
+                run.set_phase("evaluation")
+                for done in (1, 2):
+                    run.count("evaluations", done, total=2)
+                    before = status()["updated"]
+                    deadline = time.monotonic() + 30
+                    while status()["updated"] == before:
+                        assert time.monotonic() < deadline, "status.json went stale"
+                        time.sleep(0.01)
+                    seen = status()
+                    assert seen["state"] == "running" and seen["phase"] == "evaluation"
+                    assert seen["counters"]["evaluations"]["value"] == done
+                assert runfiles.is_attached(status())
+    assert beat is not None and not beat.is_alive()
+    assert status()["state"] == "finished"

@@ -33,6 +33,7 @@ import importlib
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -259,6 +260,10 @@ class Run:
         self._started_clock = 0.0
         self._loop_clock = 0.0
         self._next_status = 0.0
+        self._status_lock = threading.Lock()
+        self._status_written = 0.0  # monotonic time of the last status.json
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
         self._next_control = 0.0
         self._error: str | None = None
 
@@ -526,6 +531,30 @@ class Run:
         self._start_server()
         self._write_status("running")
         self._next_status = self._started_clock + runfiles.STATUS_INTERVAL
+        self._start_heartbeat()
+
+    def _start_heartbeat(self) -> None:
+        # The loop rewrites status.json between steps; during one long step (an
+        # evaluation) this thread does, so readers still see a live run.
+        self._heartbeat = threading.Thread(target=self._beat, name="resumable-status", daemon=True)
+        self._heartbeat.start()
+
+    def _beat(self) -> None:
+        # Only when the loop missed its own rewrite: a fast loop writes every interval.
+        while not self._heartbeat_stop.wait(runfiles.STATUS_INTERVAL / 2):
+            if time.monotonic() - self._status_written < 1.5 * runfiles.STATUS_INTERVAL:
+                continue
+            state = "stopping" if self._pending_stop() is not None else "running"
+            try:
+                self._write_status(state, heartbeat=True)
+            except Exception:  # a figure that fails to read must not end the beat
+                logger.debug("status heartbeat failed", exc_info=True)
+
+    def _stop_heartbeat(self) -> None:
+        self._heartbeat_stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=10.0)
+            self._heartbeat = None
 
     def _refuse_if_attached(self) -> None:
         try:
@@ -983,6 +1012,7 @@ class Run:
                 self._store.close()  # waits for a save still being written
         except Exception as close_error:
             logger.error("closing the checkpoint store failed: %s", close_error)
+        self._stop_heartbeat()
         try:
             self._write_session_end(status)
             self._write_status(status)
@@ -1142,8 +1172,15 @@ class Run:
             "user": self._user_config,
         }
 
-    def _write_status(self, state: str) -> None:
+    def _write_status(self, state: str, *, heartbeat: bool = False) -> None:
+        with self._status_lock:
+            if heartbeat and self._heartbeat_stop.is_set():
+                return  # the run is closing: its final status must stay the last
+            self._write_status_locked(state)
+
+    def _write_status_locked(self, state: str) -> None:
         assert self._progress is not None
+        self._status_written = time.monotonic()
         snapshot = self._progress.snapshot()
         snapshot.update(
             pid=os.getpid(),
