@@ -171,7 +171,6 @@ def test_tensorboard_missing_message_names_the_pip_line(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard is not installed")
 def test_tensorboard_scalars_continue_across_a_resume(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     first = History(tmp_path, tensorboard=True)
@@ -190,3 +189,20 @@ def test_tensorboard_scalars_continue_across_a_resume(tmp_path: Path) -> None:
     assert events.Tags()["scalars"] == ["loss"]
     points = [(e.step, e.value) for e in events.Scalars("loss")]
     assert points == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
+
+
+@pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard is not installed")
+def test_the_tensorboard_mirror_does_not_import_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from resumable.history import History\n"
+        "h = History(sys.argv[1], tensorboard=True)\n"
+        "h.append(1, {'loss': 0.5})\n"
+        "h.close()\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1

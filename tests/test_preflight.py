@@ -23,6 +23,7 @@ from resumable.preflight import (
     run_cli,
     version_satisfies,
 )
+from resumable.progress import format_size
 
 
 def row(result: PreflightResult, name: str) -> Any:
@@ -116,6 +117,9 @@ def test_existing_checkpoints_are_pointed_out_but_do_not_fail(tmp_path: Path) ->
     assert check.status == "warn" and check.ok and result.ok
     assert "2 found, latest step 200 (" in check.detail
     assert "resume='auto'" in check.detail
+    # Without a state, the newest checkpoint sizes the free disk check.
+    size = CheckpointStore(tmp_path / "checkpoints").latest().size
+    assert f"(5 checkpoints of ~{format_size(size)})" in row(result, "free disk").detail
 
 
 def test_a_missing_package_fails_with_the_pip_line(tmp_path: Path) -> None:
@@ -337,7 +341,7 @@ def test_round_trip_of_a_real_state_passes(tmp_path: Path) -> None:
         "save/load round trip",
     )
     assert check.status == "ok", check.detail
-    assert "bit for bit" in check.detail
+    assert "bit for bit, restored into 2 object(s)" in check.detail
 
 
 @pytest.mark.skipif(not HAS_STORE, reason="the checkpoint store has not landed in this tree")
@@ -347,6 +351,46 @@ def test_round_trip_of_an_unsaveable_state_fails_with_the_path(tmp_path: Path) -
     )
     assert check.status == "fail"
     assert "callback" in check.detail
+
+
+class Schedule:
+    """A Stateful whose ``load_state_dict`` has a bug: it turns the milestones into a list."""
+
+    def __init__(self) -> None:
+        self.milestones = (10, 20)
+        self.epoch = 3
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"milestones": self.milestones, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.milestones = list(state["milestones"])
+        self.epoch = state["epoch"]
+
+
+class Loader:
+    """A Stateful that cannot take its own state back."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": 5}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise KeyError("offset")
+
+
+@pytest.mark.skipif(not HAS_STORE, reason="the checkpoint store has not landed in this tree")
+def test_round_trip_restores_into_the_objects_and_catches_what_does_not_come_back(
+    tmp_path: Path,
+) -> None:
+    check = row(Preflight(tmp_path, state={"schedule": Schedule()}).run(), "save/load round trip")
+    assert check.status == "fail"
+    assert check.detail == (
+        "state after restore differs: state['schedule']['milestones']: tuple became list"
+    )
+    check = row(Preflight(tmp_path, state={"loader": Loader()}).run(), "save/load round trip")
+    assert check.status == "fail"
+    assert check.detail.startswith("saved and loaded, but not restored: ")
+    assert "loader: 'offset'" in check.detail
 
 
 def cli_args(*argv: str) -> argparse.Namespace:

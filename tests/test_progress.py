@@ -429,3 +429,147 @@ def test_tensor_and_array_scalars_are_shown_as_numbers() -> None:
     fields = tokens(stream.getvalue().splitlines()[-1])
     assert fields["loss"] == "0.25" and fields["acc"] == "0.5" and fields["best_loss"] == "0.25@1"
     assert type(progress.snapshot()["metrics"]["loss"]) is float
+
+
+def test_a_counter_that_starts_again_from_zero_keeps_a_positive_rate() -> None:
+    clock = FakeClock()
+    progress, _ = make(clock, total=100)
+    progress.start()
+    progress.count("evaluations", 0, total=50)
+    for generation in range(3):  # 50 evaluations a generation, 1 per second
+        progress.count("generation", generation, total=10)
+        for done in range(1, 51):
+            clock.advance(1.0)
+            progress.count("evaluations", done)
+        progress.count("evaluations", 0)
+    counters = progress.snapshot()["counters"]
+    assert counters["evaluations"] == {"value": 0, "total": 50, "rate": pytest.approx(1.0)}
+    assert counters["generation"]["value"] == 2 and counters["generation"]["total"] == 10
+
+
+def test_the_live_display_shows_every_figure_on_its_own_lines() -> None:
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=200, color_system=None)
+    clock = FakeClock()
+    progress = Progress(total=400, renderer=RichRenderer(console=console), clock=clock)
+    progress.start()
+    progress.set_phase("self-play")
+    for step in range(1, 101):
+        clock.advance(0.1)
+        progress.update(step)
+    progress.count("games", 120, total=1000)
+    progress.count("generation", 3, total=20)
+    progress.log(100, {"loss": 0.4123}, best={"val_loss": {"value": 0.39, "step": 90}})
+    progress.checkpoint_saved(90, "/r/checkpoints/step-000090")
+    clock.advance(12.0)
+    progress.close()
+    final = buffer.getvalue().split("100/400")[-1]  # the last frame drawn
+    lines = [line.strip() for line in final.splitlines() if line.strip()]
+    assert lines[1] == "phase=self-play games=120/1000 generation=3/20"
+    assert lines[2] == "loss=0.4123"
+    assert lines[3] == "best_val_loss=0.39@90"
+    machine = tokens(lines[4])
+    assert machine["ckpt_age"] == "12s"
+    assert machine["cpu"].endswith("%") and machine["rss"].endswith("B")
+
+
+RUN_LIVE_SCRIPT = """
+import logging
+logging.basicConfig(level=logging.INFO, format="LOG %(name)s %(message)s")
+import resumable
+with resumable.Run({run_dir!r}, total_steps=30, save_every_steps=10, keyboard=False,
+                   best=("loss", "min")) as run:
+    assert type(run._progress._renderer).__name__ == "RichRenderer"
+    run.set_phase("self-play")
+    for step in run.steps():
+        run.count("games", 2 * (step + 1), total=60)
+        run.log(loss=1.0 / (step + 1))
+        if (step + 1) % 10 == 0:
+            print(f"user print at {{step + 1}}")
+            logging.getLogger("user").info("user log at %d", step + 1)
+print("after the run")
+"""
+
+
+def test_a_run_on_a_terminal_keeps_user_output_whole_and_shows_its_figures(
+    tmp_path: Path,
+) -> None:
+    output = run_in_terminal(RUN_LIVE_SCRIPT.format(run_dir=str(tmp_path / "run")))
+    text = output.decode(errors="replace")
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    lines = [line.strip() for line in re.split(r"\r\n|\r|\n", plain)]
+    for step in (10, 20, 30):
+        assert f"user print at {step}" in lines
+        assert f"LOG user user log at {step}" in lines
+    # The run's own summary, logged through the user's handler: whole, if wrapped to the width.
+    unwrapped = re.sub(r" ?\r\n", " ", plain)
+    assert "LOG resumable resumable: finished at step 30 of 30 (finished); 30 steps" in unwrapped
+    assert "after the run" in lines
+    final = plain.split("30/30")[-1]  # the last frame of the live display
+    assert "phase=self-play games=60/60" in final
+    assert "loss=0.03333" in final and "best_loss=0.03333@30" in final
+    assert "ckpt_age=" in final and "cpu=" in final and "rss=" in final
+
+
+def test_a_long_message_stays_one_line_above_the_display() -> None:
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=40, color_system=None)
+    progress = Progress(total=10, renderer=RichRenderer(console=console), clock=FakeClock())
+    progress.start()
+    text = "resumable: stopped at step 7 of 10 (keyboard); checkpoint runs/a/checkpoints/step-7"
+    progress.message(text)
+    progress.close()
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buffer.getvalue())
+    assert text in re.split(r"\r\n|\r|\n", plain)
+
+
+class LockedStream(io.StringIO):
+    """A StringIO that the watch thread and the test can share."""
+
+    def lines(self) -> list[str]:
+        return self.getvalue().splitlines()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_inside_a_long_step_plain_lines_still_come_every_interval() -> None:
+    stream = LockedStream()
+    progress = Progress(total=100, every=0.05, stream=stream)
+    progress.start()
+    for step in range(1, 6):
+        progress.update(step)
+    # Step 6 is a long evaluation: the loop calls nothing but set_phase and count.
+    progress.set_phase("evaluation")
+    for done in range(1, 4):
+        progress.count("evaluations", done, total=50)
+        count = len(stream.lines())
+        wait_until(lambda count=count: len(stream.lines()) > count)
+    progress.close()
+    lines = stream.lines()
+    assert len(lines) >= 4 and all(line.startswith("progress step=5/100 ") for line in lines[-4:])
+    watched = [tokens(line) for line in lines[:-1]]
+    assert [w["evaluations"] for w in watched[-3:]] == ["1/50", "2/50", "3/50"]
+    assert all(w["phase"] == "evaluation" for w in watched[-3:])
+    assert tokens(lines[-1])["evaluations"] == "3/50"  # the last line comes from close
+
+
+def test_the_watch_thread_stops_at_close_and_can_be_left_out() -> None:
+    renderer = PlainRenderer(LockedStream(), interval=0.05)
+    progress = Progress(total=10, renderer=renderer)
+    progress.start()
+    thread = renderer._thread
+    assert thread is not None and thread.is_alive() and thread.daemon
+    progress.close()
+    assert not thread.is_alive()
+    quiet = PlainRenderer(LockedStream(), interval=0.05, watch=False)
+    quiet.start(lambda: {"step": 1})
+    assert quiet._thread is None

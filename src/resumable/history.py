@@ -8,8 +8,9 @@ matches the state that was restored. A line torn by a crash is dropped too.
 
 Optional mirrors: ``metrics.csv`` (``csv=True``), kept consistent with the
 JSONL file, and TensorBoard event files under ``tensorboard/``
-(``tensorboard=True``, needs the ``tensorboard`` package), continued across
-resumes with ``purge_step`` so a resumed run does not draw the dropped steps.
+(``tensorboard=True``, needs the ``tensorboard`` package, not torch), continued
+across resumes: a resumed session's event file starts with a purge marker at
+its first step, so TensorBoard does not draw the steps that were dropped.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "csv_columns",
     "csv_text",
     "read_history",
+    "require_tensorboard",
     "write_csv",
 ]
 
@@ -107,7 +109,7 @@ class History:
         clock: Callable[[], float] = time.time,
     ) -> None:
         if tensorboard:
-            _require_tensorboard()
+            require_tensorboard()
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / HISTORY_FILE
         self.csv_path = self.run_dir / CSV_FILE if csv else None
@@ -181,6 +183,14 @@ class History:
         """Export the history as CSV: ``step``, ``time``, then each metric in first-seen order."""
         return write_csv(self.records(), path)
 
+    def flush(self) -> None:
+        """Hand every logged step to the operating system (the TensorBoard mirror
+        is written by a background thread). Run calls it before each checkpoint,
+        so a killed process leaves the mirrors complete up to its last checkpoint.
+        """
+        if self._writer is not None:
+            self._writer.flush()
+
     def close(self) -> None:
         """Flush and close the TensorBoard writer, if any. Safe to call twice."""
         if self._writer is not None:
@@ -220,29 +230,59 @@ class History:
 
     def _write_tensorboard(self, record: dict[str, Any]) -> None:
         if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(
-                log_dir=str(self.run_dir / TENSORBOARD_DIR), purge_step=self._purge_step
-            )
+            self._writer = _TensorBoardWriter(self.run_dir / TENSORBOARD_DIR, self._purge_step)
+        scalars = {}
         for key, value in record.items():
-            if key in RESERVED_KEYS:
-                continue
-            number = _as_number(value)
+            number = None if key in RESERVED_KEYS else _as_number(value)
             if number is not None:
-                self._writer.add_scalar(key, number, global_step=record["step"])
-        self._writer.flush()
+                scalars[key] = number
+        self._writer.add_scalars(record["step"], scalars, record["time"])
 
 
-def _require_tensorboard() -> None:
+class _TensorBoardWriter:
+    """Scalars into a TensorBoard event file, with the ``tensorboard`` package alone.
+
+    A resumed run starts its file with a ``SessionLog.START`` event at the first
+    step it will write again: TensorBoard then drops the older events from that
+    step on (the steps the interrupted session logged after its last checkpoint).
+    """
+
+    def __init__(self, log_dir: Path, purge_step: int | None) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self._event = Event
+        self._summary = Summary
+        # Written by a background thread, flushed every 2 s and at close: a killed
+        # run loses at most the last 2 s of the mirror (history.jsonl has them).
+        self._file = EventFileWriter(str(log_dir), flush_secs=2)
+        if purge_step is not None:
+            start = SessionLog(status=SessionLog.START)
+            self._file.add_event(Event(step=purge_step, wall_time=time.time(), session_log=start))
+
+    def add_scalars(self, step: int, scalars: Mapping[str, float], wall_time: float) -> None:
+        if not scalars:
+            return
+        values = [self._summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
+        summary = self._summary(value=values)
+        self._file.add_event(self._event(step=step, wall_time=wall_time, summary=summary))
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def require_tensorboard() -> None:
+    """Raise ``ConfigError`` with the pip line when the ``tensorboard`` package is missing."""
     import importlib.util
 
-    missing = [m for m in ("tensorboard", "torch") if importlib.util.find_spec(m) is None]
-    if missing:
+    if importlib.util.find_spec("tensorboard") is None:
         raise ConfigError(
-            f"tensorboard=True needs {' and '.join(missing)}, which "
-            f"{'is' if len(missing) == 1 else 'are'} not installed; "
-            f"run: pip install {' '.join(missing)}  (or pass tensorboard=False)"
+            "tensorboard=True needs the tensorboard package, which is not installed; "
+            "run: pip install tensorboard  (or pass tensorboard=False)"
         )
 
 

@@ -9,7 +9,8 @@
 - data files exist and are not empty;
 - JSONL files parse, with required fields, a minimum count and a class balance;
 - a round trip of the state through the checkpoint store (save, load, compare
-  bit for bit), which catches state that cannot be saved or restored.
+  bit for bit, then restore into the Stateful objects and compare what they
+  hand out again), which catches state that cannot be saved or restored.
 
 User checks are plain functions: ``None`` or ``True`` passes; ``False``, a
 string (the reason) or an exception fails. ``resumable preflight`` is the same
@@ -39,7 +40,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from resumable.errors import ConfigError, ResumableError
 from resumable.progress import format_duration, format_size
@@ -151,7 +152,8 @@ class Preflight:
             "required": [fields], "min_count": n, "balance": field,
             "max_ratio": 3.0}``.
         state_size: the state's size in bytes, when there is no ``state``
-            to estimate it from.
+            to estimate it from (without either, the newest checkpoint in
+            ``directory`` gives the size).
         round_trip: save and load the state and compare (default True).
 
     Raises ``ConfigError`` for a malformed requirement or JSONL spec.
@@ -196,6 +198,18 @@ class Preflight:
         rows += [_run_user_check(name, fn) for name, fn in self._user_checks]
         return PreflightResult(str(self.directory), rows)
 
+    def run_or_exit(self, stream: IO[str] | None = None) -> PreflightResult:
+        """Run the checks, write the table to ``stream`` (default stderr), and on a
+        no-go raise ``SystemExit(1)``; on a go return the result.
+        """
+        result = self.run()
+        out = stream if stream is not None else sys.stderr
+        out.write(result.format_table())
+        out.flush()
+        if not result.ok:
+            raise SystemExit(1)
+        return result
+
     def _builtin_checks(self) -> list[tuple[str, Callable[[], str]]]:
         checks: list[tuple[str, Callable[[], str]]] = [
             ("directory writable", self._check_writable),
@@ -231,25 +245,34 @@ class Preflight:
         return f"{target}"
 
     def estimated_state_size(self) -> int | None:
-        """Bytes one checkpoint of the state takes, estimated; None when unknown."""
+        """Bytes one checkpoint of the state takes, estimated; None when unknown.
+
+        From ``state_size``, else the ``state``, else the newest checkpoint
+        already in the directory (a run about to resume).
+        """
         if self.state_size is not None:
             return self.state_size
-        if self.state is None:
-            return None
-        return estimate_state_size(self.state)
+        if self.state is not None:
+            return estimate_state_size(self.state)
+        checkpoints = list_checkpoints(self.directory)
+        if checkpoints and isinstance(checkpoints[-1]["size"], int):
+            return int(checkpoints[-1]["size"])
+        return None
 
     def _check_free_disk(self) -> str:
         size = self.estimated_state_size()
         if size is None:
-            raise CheckSkipped("no state or state size given")
+            raise CheckSkipped("no state, state size or existing checkpoint to size")
         existing = _existing_ancestor(self.directory)
         if existing is None:
             raise CheckFailed(f"no existing directory above {self.directory}")
         free = shutil.disk_usage(existing).free
-        count = (self.keep_last or 1) + 2
+        # keep_last=None keeps every checkpoint: check for the fewest it will hold.
+        count = (1 if self.keep_last is None else self.keep_last) + 2
         needed = count * size
+        kept = " (keep_last=None keeps all: at least)" if self.keep_last is None else ""
         detail = (
-            f"need {format_size(needed)} ({count} checkpoints of ~{format_size(size)}), "
+            f"need {format_size(needed)}{kept} ({count} checkpoints of ~{format_size(size)}), "
             f"{format_size(free)} free on {existing}"
         )
         if free < needed:
@@ -282,13 +305,49 @@ class Preflight:
                 raise CheckFailed(str(exc)) from exc
             finally:
                 store.close()
-        mismatches = compare_trees(tree, loaded)
-        if mismatches:
-            shown = "; ".join(mismatches[:3])
-            more = f" (and {len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
-            raise CheckFailed(f"loaded state differs: {shown}{more}")
+        _fail_on_differences("loaded state differs", compare_trees(tree, loaded))
+        restored = self._restore_into_objects(loaded)
         took = format_duration(time.monotonic() - started)
-        return f"{format_size(info.size)} saved and loaded back bit for bit in {took}"
+        into = f", restored into {restored} object(s)" if restored else ""
+        return f"{format_size(info.size)} saved and loaded back bit for bit{into} in {took}"
+
+    def _restore_into_objects(self, loaded: Any) -> int:
+        """Give each Stateful object its loaded state back, as a resume does, then
+        check that it hands out the same state again. The state is the one it
+        holds now, so a correct ``load_state_dict`` changes nothing.
+        """
+        if not isinstance(self.state, Mapping) or not isinstance(loaded, Mapping):
+            return 0
+        targets = {n: v for n, v in self.state.items() if _is_stateful(v) and n in loaded}
+        if not targets:
+            return 0
+        try:
+            from resumable.state import restore
+        except ImportError:
+            return 0
+        try:
+            restore(targets, loaded)
+        except Exception as exc:
+            raise CheckFailed(f"saved and loaded, but not restored: {exc}") from exc
+        again = _capture(targets)
+        expected = {name: loaded[name] for name in targets}
+        _fail_on_differences("state after restore differs", compare_trees(expected, again))
+        return len(targets)
+
+
+def _is_stateful(value: Any) -> bool:
+    return (
+        not isinstance(value, type)
+        and callable(getattr(value, "state_dict", None))
+        and callable(getattr(value, "load_state_dict", None))
+    )
+
+
+def _fail_on_differences(what: str, mismatches: list[str]) -> None:
+    if mismatches:
+        shown = "; ".join(mismatches[:3])
+        more = f" (and {len(mismatches) - 3} more)" if len(mismatches) > 3 else ""
+        raise CheckFailed(f"{what}: {shown}{more}")
 
 
 # -- running checks -----------------------------------------------------------

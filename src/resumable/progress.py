@@ -44,6 +44,7 @@ __all__ = [
     "format_number",
     "format_rate",
     "format_size",
+    "metric_direction",
 ]
 
 Snapshot = dict[str, Any]
@@ -194,16 +195,22 @@ class Progress:
         """Set the user counter ``name`` to its current ``value`` (not an increment).
 
         ``total`` is the value it will reach, when known; it is kept until changed.
+        A counter may start again from zero (evaluations in this generation); its
+        rate (per second, since its first ``count`` in this session) counts the
+        progress made across such restarts.
         """
         counter = self._counters.get(name)
-        now = self._clock()
         if counter is None:
             counter = self._counters[name] = {
                 "value": value,
                 "total": total,
-                "first": value,
-                "since": now,
+                "done": 0.0,
+                "since": self._clock(),
             }
+        else:
+            # The rate counts progress made: a counter that starts again from zero
+            # (evaluations in this generation) adds its new value, not a drop.
+            counter["done"] += value - counter["value"] if value >= counter["value"] else value
         counter["value"] = value
         if total is not None:
             counter["total"] = total
@@ -280,7 +287,7 @@ class Progress:
 
     def _counter_view(self, counter: dict[str, Any], now: float) -> dict[str, Any]:
         since = now - counter["since"]
-        rate = (counter["value"] - counter["first"]) / since if since > 0 else None
+        rate = counter["done"] / since if since > 0 else None
         return {"value": counter["value"], "total": counter["total"], "rate": rate}
 
     def _sample(self) -> None:
@@ -408,6 +415,40 @@ def _gpu_memory() -> int | None:
         return None
 
 
+# -- metric names -------------------------------------------------------------
+
+_MIN_WORDS = ("loss", "error", "err", "perplexity", "ppl", "mse", "mae", "rmse", "regret", "cost")
+_MAX_WORDS = (
+    "acc",
+    "accuracy",
+    "reward",
+    "return",
+    "score",
+    "win",
+    "f1",
+    "auc",
+    "precision",
+    "recall",
+    "sharpe",
+    "profit",
+    "elo",
+)
+
+
+def metric_direction(name: str) -> str | None:
+    """``"min"``, ``"max"`` or ``None``: which way a metric improves, by its name.
+
+    A word of the name (split at ``_`` and ``-``) decides: ``loss``, ``error``,
+    ``mse``... are minimised; ``acc``, ``reward``, ``score``, ``win``... maximised.
+    """
+    words = name.lower().replace("-", "_").split("_")
+    if any(w in _MIN_WORDS for w in words):
+        return "min"
+    if any(w in _MAX_WORDS for w in words):
+        return "max"
+    return None
+
+
 # -- formatting -------------------------------------------------------------
 
 
@@ -448,7 +489,8 @@ def format_number(value: Any) -> str:
             return str(value)
         if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
             return f"{value:.3e}"
-        return f"{value:.4f}".rstrip("0").rstrip(".") if abs(value) < 1000 else f"{value:.1f}"
+        # Four significant digits: 0.08333, 0.001234, 12.35; plain tenths from 1000.
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.1f}"
     return "_".join(str(value).split()) or '""'
 
 
@@ -485,29 +527,39 @@ def _head_tokens(snapshot: Snapshot) -> list[str]:
 
 
 def _detail_tokens(snapshot: Snapshot) -> list[str]:
-    tokens = []
+    return [token for group in _detail_groups(snapshot) for token in group]
+
+
+def _detail_groups(snapshot: Snapshot) -> list[list[str]]:
+    """Tokens in groups: phase and counters; metrics; best; checkpoint and resources."""
+    doing = []
     if snapshot.get("phase"):
-        tokens.append(f"phase={format_number(snapshot['phase'])}")
+        doing.append(f"phase={format_number(snapshot['phase'])}")
     for name, counter in (snapshot.get("counters") or {}).items():
         value = format_number(counter.get("value"))
         if counter.get("total") is not None:
             value += f"/{format_number(counter['total'])}"
-        tokens.append(f"{_token(name)}={value}")
-    for name, value in (snapshot.get("metrics") or {}).items():
-        tokens.append(f"{_token(name)}={format_number(value)}")
-    for name, best in (snapshot.get("best") or {}).items():
-        tokens.append(f"best_{_token(name)}={format_number(best.get('value'))}@{best.get('step')}")
+        doing.append(f"{_token(name)}={value}")
+    metrics = [
+        f"{_token(name)}={format_number(value)}"
+        for name, value in (snapshot.get("metrics") or {}).items()
+    ]
+    best = [
+        f"best_{_token(name)}={format_number(b.get('value'))}@{b.get('step')}"
+        for name, b in (snapshot.get("best") or {}).items()
+    ]
+    machine = []
     checkpoint = snapshot.get("last_checkpoint")
     if checkpoint is not None:
-        tokens.append(f"ckpt_age={format_duration(checkpoint.get('age'))}")
+        machine.append(f"ckpt_age={format_duration(checkpoint.get('age'))}")
     resources = snapshot.get("resources") or {}
     if resources.get("cpu_percent") is not None:
-        tokens.append(f"cpu={resources['cpu_percent']:.0f}%")
+        machine.append(f"cpu={resources['cpu_percent']:.0f}%")
     if resources.get("rss_bytes") is not None:
-        tokens.append(f"rss={format_size(resources['rss_bytes'])}")
+        machine.append(f"rss={format_size(resources['rss_bytes'])}")
     if resources.get("gpu_memory_bytes") is not None:
-        tokens.append(f"gpu_mem={format_size(resources['gpu_memory_bytes'])}")
-    return tokens
+        machine.append(f"gpu_mem={format_size(resources['gpu_memory_bytes'])}")
+    return [group for group in (doing, metrics, best, machine) if group]
 
 
 def _token(name: str) -> str:
@@ -518,31 +570,76 @@ def _token(name: str) -> str:
 
 
 class PlainRenderer:
-    """One line every ``interval`` seconds, for logs that are not a terminal."""
+    """One line every ``interval`` seconds, for logs that are not a terminal.
 
-    def __init__(self, stream: IO[str] | None = None, interval: float = 30.0) -> None:
+    While steps go by, ``Progress.update`` asks for the lines. Inside one long
+    step (an evaluation) the loop is silent, so a daemon thread writes the line
+    instead when no line came for ``interval`` seconds and the loop's own
+    sampling delay (up to a second): the phase and counters set inside the step
+    still reach the log. ``watch=False`` leaves the thread out.
+    """
+
+    def __init__(
+        self, stream: IO[str] | None = None, interval: float = 30.0, *, watch: bool = True
+    ) -> None:
         self.stream = stream
         self.interval = interval
+        self._watch = watch
+        self._lock = threading.Lock()
+        self._last_line = time.monotonic()
+        self._last_watch_line = -math.inf
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def _write(self, text: str) -> None:
+    def _write(self, text: str, *, line: bool = False) -> None:
         stream = self.stream if self.stream is not None else sys.stderr
-        try:
-            stream.write(text + "\n")
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe must not kill the run
-            pass
+        with self._lock:
+            if line:
+                self._last_line = time.monotonic()
+            try:
+                stream.write(text + "\n")
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe must not kill the run
+                pass
 
     def start(self, snapshot: Callable[[], Snapshot]) -> None:
-        pass
+        self._last_line = time.monotonic()
+        if self._watch and self.interval > 0 and self._thread is None:
+            self._thread = threading.Thread(
+                target=self._watch_long_steps,
+                args=(snapshot,),
+                name="resumable-progress",
+                daemon=True,
+            )
+            self._thread.start()
+
+    def _watch_long_steps(self, snapshot: Callable[[], Snapshot]) -> None:
+        # The loop samples at most once a second, so its line may be that late.
+        silence = self.interval + min(self.interval, 1.0) + 0.25
+        while True:
+            due = self._last_line + silence - time.monotonic()
+            if self._stopped.wait(max(due, 0.01)):
+                return
+            if time.monotonic() - self._last_line >= silence:
+                try:
+                    self._write(format_line(snapshot()), line=True)
+                except Exception:  # a figure that fails to read must not end the watch
+                    logging.getLogger(__name__).debug("progress line failed", exc_info=True)
+                self._last_line = self._last_watch_line = time.monotonic()
 
     def render(self, snapshot: Snapshot) -> None:
-        self._write(format_line(snapshot))
+        if time.monotonic() - self._last_watch_line < self.interval / 2:
+            return  # the long step that just ended had its line already
+        self._write(format_line(snapshot), line=True)
 
     def message(self, text: str) -> None:
         self._write(text)
 
     def close(self, snapshot: Snapshot) -> None:
-        self._write(format_line(snapshot))
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        self._write(format_line(snapshot), line=True)
 
 
 class RichRenderer:
@@ -598,7 +695,9 @@ class RichRenderer:
 
     def message(self, text: str) -> None:
         if self._console is not None:
-            self._console.print(text, markup=False, highlight=False)
+            # soft_wrap: one long line stays one line (the terminal wraps it), so
+            # it can be copied or grepped whole; it is printed above the display.
+            self._console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def close(self, snapshot: Snapshot) -> None:
         if self._live is None:
@@ -629,7 +728,9 @@ class RichRenderer:
 
 
 def build_rich_display(snapshot: Snapshot) -> Any:
-    """The renderable of the live display: a bar and a few lines of figures."""
+    """The renderable of the live display: a bar, then one line for each group of
+    figures (phase and counters; metrics; best values; checkpoint age and resources).
+    """
     from rich.console import Group
     from rich.progress_bar import ProgressBar
     from rich.table import Table
@@ -647,9 +748,8 @@ def build_rich_display(snapshot: Snapshot) -> Any:
         Text(f"eta {format_duration(snapshot.get('eta'))}" if total else ""),
     )
     lines: list[Any] = [head]
-    details = _detail_tokens(snapshot)
-    if details:
-        lines.append(Text(" ".join(details), style="dim"))
+    for group in _detail_groups(snapshot):
+        lines.append(Text("  " + " ".join(group), style="dim"))
     return Group(*lines)
 
 

@@ -29,8 +29,17 @@ from typing import Any
 
 from resumable.errors import CheckpointNotFound, ConfigError, ResumableError
 from resumable.history import HISTORY_FILE, csv_text, read_history, write_csv
-from resumable.progress import format_duration, format_number, format_size
-from resumable.runfiles import RUN_FILE, STATUS_FILE, is_attached, read_json, write_json_atomic
+from resumable.progress import format_duration, format_number, format_size, metric_direction
+from resumable.runfiles import (
+    RUN_FILE,
+    STATUS_FILE,
+    STATUS_INTERVAL,
+    is_attached,
+    pid_alive,
+    read_json,
+    this_host,
+    write_json_atomic,
+)
 
 __all__ = [
     "REPORT_JSON",
@@ -54,24 +63,6 @@ CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
 MAX_PLOT_POINTS = 5000
 
-_MIN_WORDS = ("loss", "error", "err", "perplexity", "ppl", "mse", "mae", "rmse", "regret", "cost")
-_MAX_WORDS = (
-    "acc",
-    "accuracy",
-    "reward",
-    "return",
-    "score",
-    "win",
-    "f1",
-    "auc",
-    "precision",
-    "recall",
-    "sharpe",
-    "profit",
-    "elo",
-)
-
-
 # -- building -------------------------------------------------------------
 
 
@@ -87,7 +78,7 @@ def build_report(run_dir: str | os.PathLike[str], *, now: float | None = None) -
     status = _read_optional(run_dir / STATUS_FILE)
     history = read_history(run_dir)
     checkpoints = list_checkpoints(run_dir)
-    attached = is_attached(status, now)
+    attached = _is_live(status, now)
 
     sessions = _sessions(run, status, history, attached, now)
     final_step = _final_step(sessions, status, history, checkpoints)
@@ -101,6 +92,7 @@ def build_report(run_dir: str | os.PathLike[str], *, now: float | None = None) -
         "generated": now,
         "status": _status(run, status, attached),
         "attached": attached,
+        "status_updated": (status or {}).get("updated"),
         "exit_reason": run.get("exit_reason") or (this or {}).get("exit_reason"),
         "started": sessions[0]["started"] if sessions else None,
         "ended": None if attached else (this or {}).get("ended"),
@@ -126,6 +118,32 @@ def build_report(run_dir: str | os.PathLike[str], *, now: float | None = None) -
         "history": _history_facts(history),
     }
     return report
+
+
+def _is_live(status: Mapping[str, Any] | None, now: float) -> bool:
+    """Whether a process is still running the run: attached, or alive on this host.
+
+    A live run rewrites ``status.json`` only between steps, so one long step
+    (an evaluation) makes it look stale; on this host its pid settles it, as
+    long as that process is older than the status (a pid can be reused).
+    """
+    if is_attached(dict(status) if status else None, now):
+        return True
+    if not status or status.get("state") not in ("running", "stopping"):
+        return False
+    if status.get("host") != this_host():
+        return False
+    pid = _as_int(status.get("pid"))
+    if pid <= 0 or not pid_alive(pid):
+        return False
+    try:
+        import psutil
+
+        created = psutil.Process(pid).create_time()
+    except Exception:  # gone meanwhile, or not ours to inspect
+        return False
+    updated = status.get("updated")
+    return isinstance(updated, (int, float)) and created <= updated + 1.0
 
 
 def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -383,16 +401,7 @@ def _best_spec(config: Mapping[str, Any]) -> tuple[str, str] | None:
     if isinstance(best, Mapping) and best.get("metric"):
         return str(best["metric"]), str(best.get("mode") or "min")
     if isinstance(best, str):
-        return best, _direction(best) or "min"
-    return None
-
-
-def _direction(name: str) -> str | None:
-    words = name.lower().replace("-", "_").split("_")
-    if any(w in _MIN_WORDS for w in words):
-        return "min"
-    if any(w in _MAX_WORDS for w in words):
-        return "max"
+        return best, metric_direction(best) or "min"
     return None
 
 
@@ -415,7 +424,7 @@ def _best_metrics(
         modes[spec[0]] = spec[1]
     for name in _metric_names(history):
         if name not in modes:
-            direction = _direction(name)
+            direction = metric_direction(name)
             if direction is not None:
                 modes[name] = direction
     best: dict[str, dict[str, Any]] = {}
@@ -505,7 +514,7 @@ def format_text(report: Mapping[str, Any]) -> str:
     if report.get("run_id"):
         row("run id", report["run_id"])
     row("started", _when(report.get("started")))
-    row("ended", "still running" if report.get("attached") else _when(report.get("ended")))
+    row("ended", _ended_text(report))
     duration = report["duration"]
     row(
         "duration",
@@ -581,6 +590,17 @@ def format_text(report: Mapping[str, Any]) -> str:
         + ("" if history["continuous"] else " (NOT continuous)"),
     )
     return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def _ended_text(report: Mapping[str, Any]) -> str:
+    if not report.get("attached"):
+        return _when(report.get("ended"))
+    updated, generated = report.get("status_updated"), report.get("generated")
+    if isinstance(updated, (int, float)) and isinstance(generated, (int, float)):
+        age = generated - updated
+        if age > 3 * STATUS_INTERVAL + 1.0:
+            return f"still running (in a long step: no status update for {format_duration(age)})"
+    return "still running"
 
 
 def _session_line(session: Mapping[str, Any]) -> str:

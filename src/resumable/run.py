@@ -33,6 +33,7 @@ import importlib
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -49,7 +50,7 @@ from resumable.errors import (
     SaveFailed,
     StateMismatch,
 )
-from resumable.history import History
+from resumable.history import History, require_tensorboard
 from resumable.interrupt import KeyboardMonitor, StopRequests
 from resumable.policy import (
     AnyOf,
@@ -65,13 +66,14 @@ from resumable.policy import (
     is_better,
     parse_duration,
 )
-from resumable.progress import Progress, format_duration
+from resumable.progress import Progress, format_duration, metric_direction
 from resumable.saver import PendingSave
 
 if TYPE_CHECKING:
     import argparse
 
     from resumable.format import CheckpointInfo
+    from resumable.preflight import Preflight
     from resumable.store import CheckpointStore
 
 __all__ = ["RESUME_ENV", "Run"]
@@ -136,7 +138,9 @@ class Run:
         snapshot: ``"auto"``, ``"fork"`` or ``"copy"``: how background saves
             snapshot the state.
         config: your own settings, recorded in ``run.json`` under ``config.user``.
-        history_csv: also keep ``metrics.csv`` up to date.
+        save_metrics: also keep ``metrics.csv`` (the history as CSV) up to date.
+        tensorboard: also mirror the logged numbers to TensorBoard event files
+            under ``tensorboard/`` (needs the ``tensorboard`` package).
         report: write ``report.txt``/``report.json``/``report.png`` at every exit.
         on_save, on_stop, on_finish, on_error: callbacks, called as
             ``on_save(run, info)``, ``on_stop(run)``, ``on_finish(run)``,
@@ -172,7 +176,8 @@ class Run:
         if_busy: str = "wait",
         snapshot: str = "auto",
         config: Mapping[str, Any] | None = None,
-        history_csv: bool = False,
+        save_metrics: bool = False,
+        tensorboard: bool = False,
         report: bool = True,
         on_save: Callback | None = None,
         on_stop: Callback | None = None,
@@ -204,7 +209,10 @@ class Run:
         self._if_busy = if_busy
         self._snapshot = snapshot
         self._user_config = dict(config or {})
-        self._history_csv = history_csv
+        if tensorboard:
+            require_tensorboard()
+        self._save_metrics = save_metrics
+        self._tensorboard = tensorboard
         self._report = report
         self._callbacks = {
             "on_save": on_save,
@@ -213,6 +221,7 @@ class Run:
             "on_error": on_error,
         }
         self._watched = _watched_metrics(self._save_policy, self._best_spec)
+        self._undirected: set[str] = set()  # logged metrics whose names tell no direction
 
         self.state: dict[str, Any] = {}
         """The tracked objects by name; assign here to update a tracked plain value."""
@@ -251,6 +260,10 @@ class Run:
         self._started_clock = 0.0
         self._loop_clock = 0.0
         self._next_status = 0.0
+        self._status_lock = threading.Lock()
+        self._status_written = 0.0  # monotonic time of the last status.json
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
         self._next_control = 0.0
         self._error: str | None = None
 
@@ -435,13 +448,20 @@ class Run:
         return self._last_info
 
     def summary(self, **fields: Any) -> None:
-        """Store your own fields under ``run.json["summary"]`` (shown in the report)."""
-        self._require_open("summary")
+        """Store your own fields under ``run.json["summary"]`` (shown in the report).
+
+        ``run.summary(parameters=n, win_rate=0.62)``. Also works after the
+        ``with`` block (a final evaluation): the report is then written again.
+        """
+        if not self._entered:
+            raise ConfigError("run.summary() needs a run that was entered: use `with Run(...)`")
 
         def update(data: dict[str, Any]) -> None:
             data.setdefault("summary", {}).update(fields)
 
         self._update_run_json(update)
+        if self._exited:
+            self._write_report()
 
     def set_phase(self, name: str | None) -> None:
         """Name what the loop is doing now ("training", "evaluation"); shown in progress."""
@@ -449,19 +469,30 @@ class Run:
             self._progress.set_phase(name)
 
     def count(self, name: str, value: float, total: float | None = None) -> None:
-        """Set a counter shown in progress (episodes, trials, downloaded bytes)."""
+        """Set a counter of your own, shown in progress, ``status.json`` and the report.
+
+        ``value`` is the current count, not an increment (``run.count("games",
+        games, total=1000)``); ``total`` is kept until given again. The report
+        gives its rate per second (games/s).
+        """
         if self._progress is not None:
             self._progress.count(name, value, total)
 
-    def preflight(self, checks: Any = ()) -> Any:
-        """A ``preflight.Preflight`` for this run's directory and tracked state."""
+    def preflight(self, checks: Any = (), **options: Any) -> Preflight:
+        """A ``preflight.Preflight`` for this run's directory, tracked state and ``keep_last``.
+
+        ``options`` are the other ``Preflight`` arguments (``requires``, ``data``,
+        ``jsonl``, ``state_size``, ``round_trip``). Call it after ``track``;
+        ``run.preflight(requires=["torch>=2"]).run_or_exit()`` stops on a no-go.
+        """
         from resumable.preflight import Preflight
 
         return Preflight(
             self.directory,
             state=self._checkpoint_tree() if self.state else None,
-            keep_last=self._keep_last or 0,
+            keep_last=self._keep_last,
             checks=checks,
+            **options,
         )
 
     # -- starting ---------------------------------------------------------
@@ -482,7 +513,9 @@ class Run:
         self._session_start_step = self._step
         self._started_wall = time.time()
         self._started_clock = time.monotonic()
-        self._history = History(self.directory, csv=self._history_csv)
+        self._history = History(
+            self.directory, csv=self._save_metrics, tensorboard=self._tensorboard
+        )
         self._history.truncate_after(self._step if info is not None else -1)
         self._progress = Progress(
             total=self.total_steps,
@@ -498,6 +531,30 @@ class Run:
         self._start_server()
         self._write_status("running")
         self._next_status = self._started_clock + runfiles.STATUS_INTERVAL
+        self._start_heartbeat()
+
+    def _start_heartbeat(self) -> None:
+        # The loop rewrites status.json between steps; during one long step (an
+        # evaluation) this thread does, so readers still see a live run.
+        self._heartbeat = threading.Thread(target=self._beat, name="resumable-status", daemon=True)
+        self._heartbeat.start()
+
+    def _beat(self) -> None:
+        # Only when the loop missed its own rewrite: a fast loop writes every interval.
+        while not self._heartbeat_stop.wait(runfiles.STATUS_INTERVAL / 2):
+            if time.monotonic() - self._status_written < 1.5 * runfiles.STATUS_INTERVAL:
+                continue
+            state = "stopping" if self._pending_stop() is not None else "running"
+            try:
+                self._write_status(state, heartbeat=True)
+            except Exception:  # a figure that fails to read must not end the beat
+                logger.debug("status heartbeat failed", exc_info=True)
+
+    def _stop_heartbeat(self) -> None:
+        self._heartbeat_stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=10.0)
+            self._heartbeat = None
 
     def _refuse_if_attached(self) -> None:
         try:
@@ -756,6 +813,8 @@ class Run:
                 )
                 return None
             self._collect_save(wait=True)
+        if self._history is not None:
+            self._history.flush()  # mirrors hold every step the checkpoint holds
         try:
             result = self._save_replacing_abandoned(reason, name)
         except CheckpointExists as exc:
@@ -885,6 +944,15 @@ class Run:
                 policy.load_state_dict(state)
 
     def _update_best(self, step: int, metrics: Mapping[str, Any]) -> None:
+        for name in metrics:
+            # Beyond `best` and the policies' metrics, the best of any metric whose
+            # name says which way is better (loss, acc...), as the report does.
+            if name not in self._watched and name not in self._undirected:
+                direction = metric_direction(name)
+                if direction is None:
+                    self._undirected.add(name)
+                else:
+                    self._watched[name] = direction
         for name, mode in self._watched.items():
             value = _as_float(metrics.get(name))
             if value is None:
@@ -944,6 +1012,7 @@ class Run:
                 self._store.close()  # waits for a save still being written
         except Exception as close_error:
             logger.error("closing the checkpoint store failed: %s", close_error)
+        self._stop_heartbeat()
         try:
             self._write_session_end(status)
             self._write_status(status)
@@ -1103,8 +1172,15 @@ class Run:
             "user": self._user_config,
         }
 
-    def _write_status(self, state: str) -> None:
+    def _write_status(self, state: str, *, heartbeat: bool = False) -> None:
+        with self._status_lock:
+            if heartbeat and self._heartbeat_stop.is_set():
+                return  # the run is closing: its final status must stay the last
+            self._write_status_locked(state)
+
+    def _write_status_locked(self, state: str) -> None:
         assert self._progress is not None
+        self._status_written = time.monotonic()
         snapshot = self._progress.snapshot()
         snapshot.update(
             pid=os.getpid(),
