@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,6 +89,35 @@ def test_list_plain_output_is_a_table(run_dir: Path) -> None:
     assert any(line.startswith("100") and "warmup" in line for line in lines)
     assert any(line.startswith("400") and line.rstrip().endswith("latest") for line in lines)
     assert any(line.startswith("200") and "best" in line for line in lines)
+
+
+def test_list_on_a_terminal_is_a_rich_table(run_dir: Path) -> None:
+    import pty
+
+    leader, follower = pty.openpty()
+    env = {**os.environ, "COLUMNS": "160", "TERM": "xterm"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resumable", "list", str(run_dir)],
+        stdout=follower,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
+    text = shown.decode()
+    assert "\x1b[" in text  # styled by rich
+    assert "warmup" in text and "latest" in text and "best" in text
+    assert "\x1b[" not in cli("list", run_dir).stdout  # plain when piped
 
 
 def test_list_marks_a_checkpoint_whose_manifest_is_garbled(run_dir: Path) -> None:
@@ -333,3 +365,46 @@ def test_diff_of_different_shapes_says_so_without_loading(run_dir: Path, tmp_pat
     result = cli_json("diff", checkpoint(run_dir, 100), tmp_path / "other" / "step-000007")
     row = {r["path"]: r for r in result["values"]}["model.weight"]
     assert (row["changed"], row["shape"], row["shape_b"]) == (True, [4, 3], [2, 2])
+
+
+def test_diff_compares_tensors_under_any_key(tmp_path: Path) -> None:
+    # A torch state_dict has dotted keys ("0.weight"); optimizer states have int keys.
+    torch = pytest.importorskip("torch")
+    model_a = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
+    model_b = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
+    model_b.load_state_dict(model_a.state_dict())
+    with torch.no_grad():
+        model_b[2].bias += 0.75
+    store = store_module.CheckpointStore(tmp_path)
+    for step, model in ((1, model_a), (2, model_b)):
+        arrays = [np.arange(4.0) * step, np.ones(2)]
+        store.save({"model": model, "moments": {0: arrays[0]}, "list": arrays}, step)
+    store.close()
+    result = cli_json("diff", tmp_path / "step-000001", tmp_path / "step-000002")
+    values = {row["path"]: row for row in result["values"]}
+    assert values["model.2.bias"]["max_abs_diff"] == pytest.approx(0.75)
+    assert values["model.0.weight"] == {**values["model.0.weight"], "changed": False}
+    assert values["moments[0]"]["max_abs_diff"] == pytest.approx(3.0)
+    assert values["list[0]"]["max_abs_diff"] == pytest.approx(3.0)
+    assert values["list[1]"]["changed"] is False
+    assert all(row["changed"] is not None for row in values.values())
+
+
+def test_prune_keeps_the_newest_verified_when_the_newest_is_corrupt(run_dir: Path) -> None:
+    corrupt_tensor_file(checkpoint(run_dir, 400))
+    # keep-last 1 keeps 400 (corrupt), the best 200 and the named 100; 300 is the
+    # newest checkpoint that verifies, the one a resume would use: never pruned.
+    done = cli_json("prune", run_dir, "--keep-last", "1")
+    assert done["deleted"] == []
+    assert steps_on_disk(run_dir) == [100, 200, 300, 400]
+
+
+def test_prune_while_a_run_writes_the_store_is_bad_input(run_dir: Path) -> None:
+    writer = store_module.CheckpointStore(run_dir / "checkpoints")
+    writer.save(weights(500), 500)  # holds the write lock from here until close()
+    try:
+        out = cli("prune", run_dir, "--keep-last", "1")
+        assert_one_line_error(out, 2, "being written by pid")
+        assert steps_on_disk(run_dir) == [100, 200, 300, 400, 500]
+    finally:
+        writer.close()

@@ -707,7 +707,6 @@ class _Leaf:
 
     parts: tuple[str | int, ...]  # dict keys and list indices from the root
     node: dict[str, Any]
-    addressable: bool  # whether read_tree(subtree=...) can load it on its own
 
     @property
     def path(self) -> str:
@@ -718,10 +717,6 @@ class _Leaf:
             else:
                 text += f".{part}" if text else part
         return text or "(root)"
-
-    @property
-    def subtree(self) -> str:
-        return ".".join(str(part) for part in self.parts)
 
     @property
     def kind(self) -> str:
@@ -755,24 +750,23 @@ class _Leaf:
 _NO_VALUE = object()
 
 
-def _walk(node: Any, parts: tuple[str | int, ...] = (), addressable: bool = True) -> list[_Leaf]:
+def _walk(node: Any, parts: tuple[str | int, ...] = ()) -> list[_Leaf]:
     """Every node of a manifest tree, parents before children."""
     if not isinstance(node, dict) or "type" not in node:
-        raise CorruptCheckpoint(f"the state tree is malformed at {_Leaf(parts, {}, True).path}")
-    found = [_Leaf(parts, node, addressable)]
+        raise CorruptCheckpoint(f"the state tree is malformed at {_Leaf(parts, {}).path}")
+    found = [_Leaf(parts, node)]
     kind = node["type"]
     if kind == "dict" and isinstance(node.get("entries"), dict):
         for key, child in node["entries"].items():
-            found += _walk(child, (*parts, key), addressable and "." not in key)
+            found += _walk(child, (*parts, key))
     elif kind == "dict":
         for key_node, child in node.get("items") or []:
             key = _plain_value(key_node)
             key = key if isinstance(key, (int, str)) and not isinstance(key, bool) else str(key)
-            found += _walk(child, (*parts, key), addressable and "." not in str(key))
+            found += _walk(child, (*parts, key))
     elif kind in _CONTAINERS:
-        sequence = kind in ("list", "tuple")
         for index, child in enumerate(node.get("items") or []):
-            found += _walk(child, (*parts, index), addressable and sequence)
+            found += _walk(child, (*parts, index))
     return found
 
 
@@ -1010,8 +1004,6 @@ def _compare_leaf(
             row.update(a=described_a["value"], b=described_b.get("value"))
     elif "dtype_b" in row or "shape_b" in row:
         row["changed"] = True
-    elif not (a.addressable and b.addressable):
-        row.update(changed=None, note="not compared: its path cannot be loaded on its own")
     else:
         row.update(_compare_data(path_a, path_b, manifest_a, manifest_b, a, b))
     return row
@@ -1026,14 +1018,24 @@ def _compare_data(
     b: _Leaf,
 ) -> dict[str, Any]:
     """Load one pair (memory-mapped, checksums verified) and measure the difference."""
-    from resumable.format import read_tree
-
-    value_a = read_tree(path_a, manifest_a, subtree=a.subtree, mmap=True)
-    value_b = read_tree(path_b, manifest_b, subtree=b.subtree, mmap=True)
+    value_a = _read_leaf(path_a, manifest_a, a)
+    value_b = _read_leaf(path_b, manifest_b, b)
     if isinstance(value_a, (bytes, bytearray)):
         return {"changed": value_a != value_b}
     changed, largest = _difference(value_a, value_b)
     return {"changed": changed, "max_abs_diff": largest}
+
+
+def _read_leaf(path: Path, manifest: dict[str, Any], leaf: _Leaf) -> Any:
+    """The value of one tensor, array or bytes node, and nothing else of the checkpoint.
+
+    The node is decoded as a tree of its own (so any key works, dots and int
+    keys included, unlike a dotted ``subtree``); memory-mapped, only its bytes
+    are touched and their checksum verified.
+    """
+    from resumable.format import read_tree
+
+    return read_tree(path, {**manifest, "tree": leaf.node}, mmap=True)
 
 
 def _difference(a: Any, b: Any) -> tuple[bool, float | None]:
