@@ -255,6 +255,16 @@ def test_run_dir_from_command_reads_both_flag_forms() -> None:
     assert run_dir_from_command(["python", "t.py"]) is None
 
 
+def test_run_dir_from_command_knows_the_demo() -> None:
+    python = sys.executable
+    assert run_dir_from_command(["resumable", "demo", "runs/x"]) == Path("runs/x")
+    assert run_dir_from_command([python, "-m", "resumable", "demo", "--steps", "9", "d"]) == Path(
+        "d"
+    )
+    assert run_dir_from_command(["/usr/bin/resumable", "demo", "--no-serve"]) == Path("runs/demo")
+    assert run_dir_from_command(["resumable", "list", "runs/x"]) is None
+
+
 RESUMABLE_CHILD = textwrap.dedent(
     """
     import json, os, sys

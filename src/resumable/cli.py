@@ -202,7 +202,7 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         type=Path,
         default=None,
         help="the run directory whose run.json records the restarts "
-        "(default: the value of --dir in CMD)",
+        "(default: the value of --dir in CMD, or DIR of `resumable demo DIR`)",
     )
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="the command to run")
     p.set_defaults(handler=_cmd_run)

@@ -90,12 +90,31 @@ def backoff_delay(restart: int, base: float, cap: float) -> float:
 
 
 def run_dir_from_command(command: Sequence[str]) -> Path | None:
-    """The value of a ``--dir DIR`` or ``--dir=DIR`` flag in ``command``, if any."""
+    """The run directory ``command`` will use, if it can be told: the value of a
+    ``--dir DIR`` or ``--dir=DIR`` flag, or the ``DIR`` of ``resumable demo [DIR]``."""
     for i, arg in enumerate(command):
         if arg == "--dir" and i + 1 < len(command):
             return Path(command[i + 1])
         if arg.startswith("--dir="):
             return Path(arg.split("=", 1)[1])
+    return _demo_directory(command)
+
+
+DEMO_FLAGS_WITH_VALUE = ("--steps",)
+DEMO_DEFAULT_DIRECTORY = Path("runs/demo")  # as in ``resumable demo --help``
+
+
+def _demo_directory(command: Sequence[str]) -> Path | None:
+    """``DIR`` of ``resumable demo [DIR] ...`` or ``python -m resumable demo [DIR] ...``."""
+    for i in range(len(command) - 1):
+        if Path(command[i]).name == "resumable" and command[i + 1] == "demo":
+            rest = iter(command[i + 2 :])
+            for arg in rest:
+                if arg in DEMO_FLAGS_WITH_VALUE:
+                    next(rest, None)
+                elif not arg.startswith("-"):
+                    return Path(arg)
+            return DEMO_DEFAULT_DIRECTORY
     return None
 
 
