@@ -195,13 +195,44 @@ def test_a_newer_format_is_bad_input(run_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "argv",
-    [["frobnicate"], ["list"], ["list", ".", "--no-such-flag"], ["prune", "."]],
+    ("argv", "message"),
+    [
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["list"], "the following arguments are required: DIR"),
+        (["list", ".", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["list", ".", "--mode", "median"], "invalid choice: 'median'"),
+        (["prune", "."], "required: --keep-last"),
+        (["diff", "a"], "required: B"),
+        (["verify", ".", "extra"], "unrecognized arguments: extra"),
+    ],
 )
-def test_usage_errors_exit_2(argv: list[str]) -> None:
-    out = cli(*argv)
-    assert out.returncode == 2
-    assert "usage:" in out.stderr and "Traceback" not in out.stderr
+def test_usage_errors_are_one_line_and_exit_2(argv: list[str], message: str) -> None:
+    assert_one_line_error(cli(*argv), 2, message, "--help")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--keep-last", "0"], "--keep-last must be 1 or more, got 0"),
+        (["--keep-last", "2", "--keep-best", "0"], "--keep-best must be 1 or more, got 0"),
+        (["--keep-last", "2", "--delete", "nosuch"], "no checkpoint named 'nosuch'"),
+    ],
+)
+def test_bad_prune_values_are_one_line_and_delete_nothing(
+    run_dir: Path, flags: list[str], message: str
+) -> None:
+    before = snapshot(run_dir)
+    assert_one_line_error(cli("prune", run_dir, *flags), 2, message)
+    assert snapshot(run_dir) == before
+
+
+def test_a_missing_checkpoint_for_diff_is_bad_input(run_dir: Path, tmp_path: Path) -> None:
+    out = cli("diff", checkpoint(run_dir, 100), tmp_path / "nowhere")
+    assert_one_line_error(out, 2, "nowhere does not exist")
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert_one_line_error(cli("inspect", a_file), 2, "is a file")
+    assert_one_line_error(cli("verify", a_file), 2, "is a file")
 
 
 def test_no_command_prints_help_and_exits_2() -> None:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from resumable import __version__
 from resumable.errors import (
@@ -37,10 +37,17 @@ EXIT_BAD_INPUT = 2
 Handler = Callable[[argparse.Namespace], int]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit 2; subcommand parsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; the arguments of front ends owned by other modules are added
     only when ``command`` names them, so ``--help`` imports nothing optional."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="resumable",
         description="Make long-running Python processes safe to interrupt and cheap to resume.",
     )
@@ -83,7 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
-    args = parser.parse_args(argv)  # usage errors exit 2 inside argparse
+    args, extra = parser.parse_known_args(argv)  # usage errors exit 2 inside argparse
+    if extra:
+        where = f"resumable {args.command}" if args.command else "resumable"
+        parser.exit(
+            EXIT_BAD_INPUT,
+            f"{where}: error: unrecognized arguments: {' '.join(extra)}; see `{where} --help`\n",
+        )
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)
@@ -628,6 +641,9 @@ def _add_prune(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
+    for flag, value in (("--keep-last", args.keep_last), ("--keep-best", args.keep_best)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be 1 or more, got {value}")
     location = _locate(args.directory)
     best = _best_spec(args, location)
     if args.keep_best is not None and best is None:
