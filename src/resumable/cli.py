@@ -47,7 +47,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; the arguments of front ends owned by other modules are added
     only when ``command`` names them, so ``--help`` imports nothing optional."""
-    parser = _Parser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="resumable",
         description="Make long-running Python processes safe to interrupt and cheap to resume.",
     )
