@@ -4,7 +4,9 @@ that always ends with an emergency checkpoint, even when the name asked for is t
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -88,3 +90,26 @@ def test_a_stop_with_a_taken_name_pending_still_saves_the_emergency_checkpoint(
     assert latest.reason == "request"  # the emergency checkpoint of the stop request
     stopped = events(run_dir)[-1]
     assert stopped["kind"] == "stopped" and stopped["step"] == run.step
+
+
+def server_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("resumable-server")]
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_server_thread_ends_with_the_run(tmp_path: Path, fails: bool) -> None:
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    before = server_threads()
+    with (
+        pytest.raises(RuntimeError) if fails else contextlib.nullcontext(),
+        resumable.Run(
+            tmp_path / "run", total_steps=5, serve=True, progress=False, keyboard=False
+        ) as run,
+    ):
+        run.track(counter={"n": 0})
+        for step in run.steps():
+            assert len(server_threads()) == len(before) + 1  # serving during the run
+            if fails and step == 2:
+                raise RuntimeError("the loop failed")
+    assert server_threads() == before
