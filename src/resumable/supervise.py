@@ -7,8 +7,9 @@ ends, the supervisor decides:
 
 - exit code 0: the job is done; the supervisor exits 0;
 - a requested stop (the child ended after the supervisor forwarded a stop
-  signal, or the run's ``run.json`` says it stopped on request): not
-  restarted, the child's exit code passes through;
+  signal, it was killed by SIGINT, SIGTERM or SIGHUP sent to it directly, or
+  the run's ``run.json`` says it stopped on request): not restarted, the
+  child's exit code passes through;
 - anything else is a crash (a non-zero exit, or a death by a signal nobody
   asked for, such as the OOM killer's SIGKILL): the child is started again
   with ``RESUMABLE_RESUME=auto`` after an exponential backoff, at most
@@ -79,7 +80,7 @@ def classify(child: ChildExit, *, stop_forwarded: bool, run_stopped: bool) -> st
     """``"finished"``, ``"stopped"`` (on request) or ``"crashed"``: what a child's end means."""
     if child.returncode == 0:
         return "finished"
-    if stop_forwarded or run_stopped:
+    if stop_forwarded or run_stopped or child.signal in STOP_SIGNALS:
         return "stopped"
     return "crashed"
 
