@@ -245,6 +245,11 @@ def test_no_command_prints_help_and_exits_2() -> None:
 
 def test_read_only_commands_modify_nothing(run_dir: Path) -> None:
     corrupt_tensor_file(checkpoint(run_dir, 300))
+    # A save in progress (or a dead writer's leftover): only a writer may sweep it.
+    in_flight = run_dir / "checkpoints" / ".tmp-step-000500-abc"
+    in_flight.mkdir()
+    (in_flight / "tensors.safetensors").write_bytes(b"partial")
+    (run_dir / "checkpoints" / ".lock").unlink(missing_ok=True)
     before = snapshot(run_dir)
     a, b = checkpoint(run_dir, 100), checkpoint(run_dir, 200)
     for argv in (
@@ -254,6 +259,9 @@ def test_read_only_commands_modify_nothing(run_dir: Path) -> None:
         ["inspect", a, "--json"],
         ["diff", a, b],
         ["prune", run_dir, "--keep-last", "1", "--dry-run"],
+        ["verify", checkpoint(run_dir, 300), "--json"],
+        ["list", run_dir / "checkpoints", "--json"],
+        ["report", run_dir],
     ):
         out = cli(*argv)
         assert out.returncode in (0, 1), (argv, out.stderr)
