@@ -130,6 +130,19 @@ def test_the_demo_without_torch_says_how_to_install_it(tmp_path: Path) -> None:
     assert not (tmp_path / "demo").exists()
 
 
+def test_the_demo_without_the_server_says_how_to_get_the_dashboard(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    code = (
+        "import sys; sys.modules['fastapi'] = None; from resumable.cli import main; "
+        f"raise SystemExit(main(['demo', {str(tmp_path / 'demo')!r}, '--steps', '20']))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "running without the dashboard" in out.stderr and "'.[server]'" in out.stderr
+    assert "dashboard at" not in out.stderr
+    assert json.loads((tmp_path / "demo" / "run.json").read_text())["status"] == "finished"
+
+
 def test_the_demo_refuses_bad_input(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     a_file = tmp_path / "file"

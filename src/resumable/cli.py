@@ -281,16 +281,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return _fail(args, f"--steps must be 1 or more, got {config.steps}", EXIT_BAD_INPUT)
     _check_directory_target(args.directory)
     serve = not args.no_serve and _server_available()
+    if not args.no_serve and not serve:
+        sys.stderr.write(
+            "resumable demo: running without the dashboard, which needs FastAPI and uvicorn: "
+            "pip install -c constraints.txt -e '.[server]'\n"
+        )
     return run_demo(args.directory, config, serve=serve, stream=sys.stdout)
 
 
 def _server_available() -> bool:
-    import importlib.util
-
-    return all(
-        importlib.util.find_spec(name) is not None
-        for name in ("fastapi", "uvicorn", "resumable.server")
-    )
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _check_directory_target(path: Path) -> None:
