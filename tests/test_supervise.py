@@ -121,6 +121,7 @@ def test_a_script_that_crashes_twice_is_restarted_twice_and_finishes(
         (1, 1, None),
         (2, 1, None),
     ]
+    assert [r["delay"] for r in restarts] == [0.01, 0.02]  # exponential backoff
     assert err.count("restarting in") == 2
     assert "Traceback" not in err
 
