@@ -351,18 +351,21 @@ def test_save_and_stop_a_real_run_from_the_page(browser_page: Any, tmp_path: Pat
         expect(page.locator("#state")).to_have_text("live", timeout=WAIT_MS)
         page.get_by_role("button", name="Save checkpoint").click()
         page.locator("#save-name").fill("from-the-page")
+        page.locator("#save-note").fill("best so far")
         page.locator("#save-confirm").click()
         expect(page.locator(".toast.ok", has_text="Saved checkpoint from-the-page")).to_be_visible(
             timeout=WAIT_MS
         )
         row = page.locator("#checkpoints tbody tr", has_text="from-the-page")
         expect(row).to_be_visible(timeout=WAIT_MS)
+        expect(row).to_contain_text("best so far")
         [saved] = [
             i
             for i in store_module.CheckpointStore(run_dir / "checkpoints").list()
             if i.name == "from-the-page"
         ]
         assert saved.reason == "request" and saved.path.is_dir()
+        assert saved.metadata["note"] == "best so far"
         expect(row.locator("td").first).to_have_text(f"{saved.step:,}")
         screenshot(page, tmp_path, "dashboard-real-run")
 

@@ -27,8 +27,8 @@ def events(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
 
 
-def request(run_dir: Path, action: str, name: str | None = None) -> str:
-    control = runfiles.ControlRequest(action=action, name=name)
+def request(run_dir: Path, action: str, name: str | None = None, note: str | None = None) -> str:
+    control = runfiles.ControlRequest(action=action, name=name, note=note)
     runfiles.submit_request(run_dir, control)
     return control.id
 
@@ -49,7 +49,7 @@ def test_a_named_request_makes_one_checkpoint_while_it_is_written(tmp_path: Path
         for _ in run.steps():
             run.state["counter"]["n"] += 1
             if not asked:
-                asked.append(request(run_dir, "save", "looks-good"))
+                asked.append(request(run_dir, "save", "looks-good", note="plateau"))
             elif wait_for_event(run_dir, "saved", asked[0]) or time.monotonic() > deadline:
                 run.stop("done")
     kinds = [(e["kind"], e.get("request_id")) for e in events(run_dir)]
@@ -57,8 +57,9 @@ def test_a_named_request_makes_one_checkpoint_while_it_is_written(tmp_path: Path
     assert not [e for e in events(run_dir) if e["kind"] == "save-failed"], kinds
     saved = CheckpointStore(run_dir / "checkpoints").list()
     assert [i.name for i in saved].count("looks-good") == 1
-    requested = [i.name for i in saved if i.reason == "request"]
-    assert requested == ["looks-good"]  # no second save of the same request
+    requested = [i for i in saved if i.reason == "request"]
+    assert [i.name for i in requested] == ["looks-good"]  # no second save of the same request
+    assert requested[0].metadata["note"] == "plateau"  # the note given with the request
 
 
 def test_a_stop_with_a_taken_name_pending_still_saves_the_emergency_checkpoint(

@@ -232,6 +232,7 @@ class Run:
         self._last_save_clock: float | None = None
         self._pending_save: PendingSave | None = None
         self._save_requests: list[tuple[str | None, str | None]] = []  # (request_id, name)
+        self._request_notes: dict[str, str] = {}  # request id -> the note given with it
         # Requests answered by the background save in flight, not by a later one.
         self._inflight_requests: list[tuple[str | None, str | None]] = []
         self._stop_request_ids: list[str] = []
@@ -709,6 +710,10 @@ class Run:
     def _requested_name(self) -> str | None:
         return next((name for _, name in self._save_requests if name), None)
 
+    def _requested_note(self) -> str | None:
+        notes = self._request_notes
+        return next((notes[rid] for rid, _ in self._save_requests if rid in notes), None)
+
     def _poll_control(self) -> None:
         for path, request in runfiles.pending_requests(self.directory):
             if request.id in self._seen_requests:
@@ -718,6 +723,8 @@ class Run:
                 path.unlink()
             if request.action == "save":
                 self._save_requests.append((request.id, request.name))
+                if request.note:
+                    self._request_notes[request.id] = request.note
                 runfiles.append_event(
                     self.directory, "save-requested", self._step, request_id=request.id
                 )
@@ -845,12 +852,17 @@ class Run:
         assert self._store is not None
         store = self._store
 
+        metadata: dict[str, Any] = {"run_id": self._run_id, "session": self._session_index}
+        note = self._requested_note()
+        if note is not None:
+            metadata["note"] = note  # given with a save request (the dashboard's note)
+
         def save() -> CheckpointInfo | PendingSave:
             options: dict[str, Any] = {
                 "metrics": _plain_metrics(self._latest_metrics),
                 "name": name,
                 "reason": reason,
-                "metadata": {"run_id": self._run_id, "session": self._session_index},
+                "metadata": metadata,
             }
             if not self._async_save:
                 return store.save(self._checkpoint_tree(), self._step, **options)
