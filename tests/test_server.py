@@ -689,3 +689,42 @@ def test_serve_cli_refuses_a_busy_port(run_dir: Path, server: ServerHandle) -> N
     )
     assert proc.returncode == 2
     assert f"cannot listen on 127.0.0.1:{server.port}" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("127.0.0.1:8765", True),
+        ("localhost:8765", True),
+        ("localhost", True),
+        ("[::1]:8765", True),
+        ("127.0.0.2", True),
+        ("evil.example:8765", False),
+        ("192.168.1.10:8765", False),
+        ("", False),
+    ],
+)
+def test_without_a_token_only_loopback_host_names_are_answered(
+    client: Any, run_dir: Path, live_status: None, host: str, allowed: bool
+) -> None:
+    # A page on evil.example whose name is re-pointed at 127.0.0.1 (DNS rebinding)
+    # sends its own Host: it must not stop the run or delete checkpoints.
+    headers = {"Host": host}
+    status = client.get("/api/status", headers=headers)
+    stop = client.post("/api/stop", json={}, headers=headers)
+    if allowed:
+        assert (status.status_code, stop.status_code) == (200, 202)
+    else:
+        assert (status.status_code, stop.status_code) == (403, 403)
+        assert "127.0.0.1 or localhost" in stop.json()["detail"]
+        assert not control_files(run_dir)
+
+
+def test_with_a_token_any_host_name_is_answered(run_dir: Path) -> None:
+    with serve_in_thread(run_dir, token="t0ken") as handle:
+        answer = httpx.get(
+            handle.url + "api/status",
+            headers={"Host": "gpu-box.lan:8765", "X-Resumable-Token": "t0ken"},
+            timeout=TIMEOUT,
+        )
+    assert answer.status_code == 200
