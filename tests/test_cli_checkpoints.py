@@ -447,3 +447,11 @@ def test_prune_while_a_run_writes_the_store_is_bad_input(run_dir: Path) -> None:
         assert steps_on_disk(run_dir) == [100, 200, 300, 400, 500]
     finally:
         writer.close()
+
+
+def test_inspect_reads_no_tensor_data(run_dir: Path) -> None:
+    ckpt = checkpoint(run_dir, 300)
+    for data in [p for p in ckpt.iterdir() if p.name.startswith("tensors")]:
+        data.unlink()  # inspect must not need it
+    nodes = {node["path"]: node for node in cli_json("inspect", ckpt)["tree"]}
+    assert (nodes["model.weight"]["shape"], nodes["model.weight"]["dtype"]) == ([4, 3], "<f4")
