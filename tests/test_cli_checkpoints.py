@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,6 +91,35 @@ def test_list_plain_output_is_a_table(run_dir: Path) -> None:
     assert any(line.startswith("200") and "best" in line for line in lines)
 
 
+def test_list_on_a_terminal_is_a_rich_table(run_dir: Path) -> None:
+    import pty
+
+    leader, follower = pty.openpty()
+    env = {**os.environ, "COLUMNS": "160", "TERM": "xterm"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resumable", "list", str(run_dir)],
+        stdout=follower,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read() if proc.stderr else ""
+    text = shown.decode()
+    assert "\x1b[" in text  # styled by rich
+    assert "warmup" in text and "latest" in text and "best" in text
+    assert "\x1b[" not in cli("list", run_dir).stdout  # plain when piped
+
+
 def test_list_marks_a_checkpoint_whose_manifest_is_garbled(run_dir: Path) -> None:
     (checkpoint(run_dir, 400) / "manifest.json").write_text("{not json")
     rows = cli_json("list", run_dir)["checkpoints"]
@@ -163,13 +195,44 @@ def test_a_newer_format_is_bad_input(run_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "argv",
-    [["frobnicate"], ["list"], ["list", ".", "--no-such-flag"], ["prune", "."]],
+    ("argv", "message"),
+    [
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["list"], "the following arguments are required: DIR"),
+        (["list", ".", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["list", ".", "--mode", "median"], "invalid choice: 'median'"),
+        (["prune", "."], "required: --keep-last"),
+        (["diff", "a"], "required: B"),
+        (["verify", ".", "extra"], "unrecognized arguments: extra"),
+    ],
 )
-def test_usage_errors_exit_2(argv: list[str]) -> None:
-    out = cli(*argv)
-    assert out.returncode == 2
-    assert "usage:" in out.stderr and "Traceback" not in out.stderr
+def test_usage_errors_are_one_line_and_exit_2(argv: list[str], message: str) -> None:
+    assert_one_line_error(cli(*argv), 2, message, "--help")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--keep-last", "0"], "--keep-last must be 1 or more, got 0"),
+        (["--keep-last", "2", "--keep-best", "0"], "--keep-best must be 1 or more, got 0"),
+        (["--keep-last", "2", "--delete", "nosuch"], "no checkpoint named 'nosuch'"),
+    ],
+)
+def test_bad_prune_values_are_one_line_and_delete_nothing(
+    run_dir: Path, flags: list[str], message: str
+) -> None:
+    before = snapshot(run_dir)
+    assert_one_line_error(cli("prune", run_dir, *flags), 2, message)
+    assert snapshot(run_dir) == before
+
+
+def test_a_missing_checkpoint_for_diff_is_bad_input(run_dir: Path, tmp_path: Path) -> None:
+    out = cli("diff", checkpoint(run_dir, 100), tmp_path / "nowhere")
+    assert_one_line_error(out, 2, "nowhere does not exist")
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert_one_line_error(cli("inspect", a_file), 2, "is a file")
+    assert_one_line_error(cli("verify", a_file), 2, "is a file")
 
 
 def test_no_command_prints_help_and_exits_2() -> None:
@@ -182,6 +245,11 @@ def test_no_command_prints_help_and_exits_2() -> None:
 
 def test_read_only_commands_modify_nothing(run_dir: Path) -> None:
     corrupt_tensor_file(checkpoint(run_dir, 300))
+    # A save in progress (or a dead writer's leftover): only a writer may sweep it.
+    in_flight = run_dir / "checkpoints" / ".tmp-step-000500-abc"
+    in_flight.mkdir()
+    (in_flight / "tensors.safetensors").write_bytes(b"partial")
+    (run_dir / "checkpoints" / ".lock").unlink(missing_ok=True)
     before = snapshot(run_dir)
     a, b = checkpoint(run_dir, 100), checkpoint(run_dir, 200)
     for argv in (
@@ -191,6 +259,9 @@ def test_read_only_commands_modify_nothing(run_dir: Path) -> None:
         ["inspect", a, "--json"],
         ["diff", a, b],
         ["prune", run_dir, "--keep-last", "1", "--dry-run"],
+        ["verify", checkpoint(run_dir, 300), "--json"],
+        ["list", run_dir / "checkpoints", "--json"],
+        ["report", run_dir],
     ):
         out = cli(*argv)
         assert out.returncode in (0, 1), (argv, out.stderr)
@@ -333,3 +404,54 @@ def test_diff_of_different_shapes_says_so_without_loading(run_dir: Path, tmp_pat
     result = cli_json("diff", checkpoint(run_dir, 100), tmp_path / "other" / "step-000007")
     row = {r["path"]: r for r in result["values"]}["model.weight"]
     assert (row["changed"], row["shape"], row["shape_b"]) == (True, [4, 3], [2, 2])
+
+
+def test_diff_compares_tensors_under_any_key(tmp_path: Path) -> None:
+    # A torch state_dict has dotted keys ("0.weight"); optimizer states have int keys.
+    torch = pytest.importorskip("torch")
+    model_a = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
+    model_b = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
+    model_b.load_state_dict(model_a.state_dict())
+    with torch.no_grad():
+        model_b[2].bias += 0.75
+    store = store_module.CheckpointStore(tmp_path)
+    for step, model in ((1, model_a), (2, model_b)):
+        arrays = [np.arange(4.0) * step, np.ones(2)]
+        store.save({"model": model, "moments": {0: arrays[0]}, "list": arrays}, step)
+    store.close()
+    result = cli_json("diff", tmp_path / "step-000001", tmp_path / "step-000002")
+    values = {row["path"]: row for row in result["values"]}
+    assert values["model.2.bias"]["max_abs_diff"] == pytest.approx(0.75)
+    assert values["model.0.weight"] == {**values["model.0.weight"], "changed": False}
+    assert values["moments[0]"]["max_abs_diff"] == pytest.approx(3.0)
+    assert values["list[0]"]["max_abs_diff"] == pytest.approx(3.0)
+    assert values["list[1]"]["changed"] is False
+    assert all(row["changed"] is not None for row in values.values())
+
+
+def test_prune_keeps_the_newest_verified_when_the_newest_is_corrupt(run_dir: Path) -> None:
+    corrupt_tensor_file(checkpoint(run_dir, 400))
+    # keep-last 1 keeps 400 (corrupt), the best 200 and the named 100; 300 is the
+    # newest checkpoint that verifies, the one a resume would use: never pruned.
+    done = cli_json("prune", run_dir, "--keep-last", "1")
+    assert done["deleted"] == []
+    assert steps_on_disk(run_dir) == [100, 200, 300, 400]
+
+
+def test_prune_while_a_run_writes_the_store_is_bad_input(run_dir: Path) -> None:
+    writer = store_module.CheckpointStore(run_dir / "checkpoints")
+    writer.save(weights(500), 500)  # holds the write lock from here until close()
+    try:
+        out = cli("prune", run_dir, "--keep-last", "1")
+        assert_one_line_error(out, 2, "being written by pid")
+        assert steps_on_disk(run_dir) == [100, 200, 300, 400, 500]
+    finally:
+        writer.close()
+
+
+def test_inspect_reads_no_tensor_data(run_dir: Path) -> None:
+    ckpt = checkpoint(run_dir, 300)
+    for data in [p for p in ckpt.iterdir() if p.name.startswith("tensors")]:
+        data.unlink()  # inspect must not need it
+    nodes = {node["path"]: node for node in cli_json("inspect", ckpt)["tree"]}
+    assert (nodes["model.weight"]["shape"], nodes["model.weight"]["dtype"]) == ([4, 3], "<f4")

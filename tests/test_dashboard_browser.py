@@ -9,6 +9,7 @@ saves with the checkpoint store and answers through ``events.jsonl``.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,7 +25,12 @@ import resumable
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-sync_api = pytest.importorskip("playwright.sync_api")
+try:
+    from playwright import sync_api
+except ImportError as exc:  # the test extra installs it: its absence is a broken set-up
+    raise ImportError(
+        "playwright is missing: run scripts/test.sh, or pip install -c constraints.txt -e '.[test]'"
+    ) from exc
 store_module = pytest.importorskip("resumable.store")
 np = pytest.importorskip("numpy")
 
@@ -34,7 +40,7 @@ from resumable.server import ServerHandle, serve_in_thread  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser")
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -142,17 +148,44 @@ class SimulatedRun(threading.Thread):
         )
 
 
+def find_chromium() -> str | None:
+    """$RESUMABLE_CHROMIUM, else Debian's chromium (scripts/test.sh installs it as root)."""
+    given = os.environ.get("RESUMABLE_CHROMIUM")
+    if given:
+        return given
+    for candidate in CHROMIUM_CANDIDATES:
+        found = shutil.which(candidate)
+        if found:
+            return found
+    return None
+
+
 @pytest.fixture
 def browser_page() -> Iterator[Any]:
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip(
+            "chromium is not installed: apt-get install chromium (scripts/test.sh does it "
+            "as root), or point RESUMABLE_CHROMIUM at a chromium binary"
+        )
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 1000})
             yield page
         finally:
             browser.close()
+
+
+def record_requests(page: Any) -> list[str]:
+    """Every URL the page asks for: it must never leave its own server."""
+    urls: list[str] = []
+    page.on("request", lambda request: urls.append(request.url))
+    return urls
+
+
+def foreign(urls: list[str], base: str) -> list[str]:
+    return [url for url in urls if not url.startswith(base)]
 
 
 @pytest.fixture
@@ -189,6 +222,7 @@ def test_save_then_stop_from_the_page(
     store = run.store
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    requests = record_requests(page)
 
     page.goto(handle.page_url)  # the token travels in the fragment
     expect(page.locator("#state")).to_have_text("live", timeout=WAIT_MS)
@@ -244,6 +278,7 @@ def test_save_then_stop_from_the_page(
     assert [info.reason for info in store.list()] == ["stop"]
     screenshot(page, tmp_path, "dashboard-stopped")
     assert errors == []
+    assert requests and foreign(requests, handle.url) == []  # works offline
 
 
 def test_a_wrong_token_is_asked_for_again(
@@ -316,20 +351,32 @@ def test_save_and_stop_a_real_run_from_the_page(browser_page: Any, tmp_path: Pat
         expect(page.locator("#state")).to_have_text("live", timeout=WAIT_MS)
         page.get_by_role("button", name="Save checkpoint").click()
         page.locator("#save-name").fill("from-the-page")
+        page.locator("#save-note").fill("best so far")
         page.locator("#save-confirm").click()
         expect(page.locator(".toast.ok", has_text="Saved checkpoint from-the-page")).to_be_visible(
             timeout=WAIT_MS
         )
         row = page.locator("#checkpoints tbody tr", has_text="from-the-page")
         expect(row).to_be_visible(timeout=WAIT_MS)
+        expect(row).to_contain_text("best so far")
         [saved] = [
             i
             for i in store_module.CheckpointStore(run_dir / "checkpoints").list()
             if i.name == "from-the-page"
         ]
         assert saved.reason == "request" and saved.path.is_dir()
+        assert saved.metadata["note"] == "best so far"
         expect(row.locator("td").first).to_have_text(f"{saved.step:,}")
         screenshot(page, tmp_path, "dashboard-real-run")
+
+        # The same name again: the run cannot save it and the page says why.
+        page.get_by_role("button", name="Save checkpoint").click()
+        page.locator("#save-name").fill("from-the-page")
+        page.locator("#save-confirm").click()
+        failed = page.locator(".toast.error", has_text="Save failed")
+        expect(failed).to_be_visible(timeout=WAIT_MS)
+        expect(failed).to_contain_text("from-the-page")
+        assert proc.poll() is None  # a failed save does not stop the run
 
         page.get_by_role("button", name="Stop").click()
         page.locator("#confirm-ok").click()
@@ -343,6 +390,6 @@ def test_save_and_stop_a_real_run_from_the_page(browser_page: Any, tmp_path: Pat
     assert "exit request" in output
     emergency = store_module.CheckpointStore(run_dir / "checkpoints").latest()
     assert emergency is not None and emergency.reason == "request"
-    assert emergency.step > saved.step
+    assert emergency.step > saved.step, output
     expect(page.locator(".toast", has_text=f"stopped at step {emergency.step:,}")).to_be_visible()
     expect(page.get_by_role("button", name="Save checkpoint")).to_be_disabled(timeout=WAIT_MS)

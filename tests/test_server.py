@@ -483,7 +483,8 @@ def test_close_still_sends_the_runs_last_words(run_dir: Path) -> None:
 
 
 def test_history(client: Any, run_dir: Path) -> None:
-    assert client.get("/api/history").json() == {"records": [], "total": 0}
+    empty = client.get("/api/history").json()
+    assert (empty["records"], empty["total"], empty["reset"]) == ([], 0, True)
     history = History(run_dir)
     for step in range(1, 11):
         history.append(step, {"loss": 1.0 / step})
@@ -494,6 +495,41 @@ def test_history(client: Any, run_dir: Path) -> None:
     last = client.get("/api/history", params={"limit": 3}).json()
     assert [r["step"] for r in last["records"]] == [8, 9, 10] and last["total"] == 10
     assert client.get("/api/history", params={"limit": -1}).status_code == 422
+
+
+def test_history_with_a_cursor_sends_only_new_records(client: Any, run_dir: Path) -> None:
+    history = History(run_dir)
+    for step in range(1, 6):
+        history.append(step, {"loss": 1.0 / step})
+    first = client.get("/api/history").json()
+    assert first["reset"] is True and first["total"] == 5
+
+    nothing = client.get("/api/history", params={"cursor": first["cursor"]}).json()
+    assert (nothing["records"], nothing["reset"], nothing["total"]) == ([], False, 5)
+    for step in range(6, 9):
+        history.append(step, {"loss": 1.0 / step})
+    history.close()
+    with open(run_dir / "history.jsonl", "a") as f:
+        f.write('{"step": 9, "time": 1.0, "lo')  # a torn line waits for its end
+    newer = client.get("/api/history", params={"cursor": first["cursor"]}).json()
+    assert [r["step"] for r in newer["records"]] == [6, 7, 8]
+    assert newer["reset"] is False and newer["total"] == 8
+    with open(run_dir / "history.jsonl", "a") as f:
+        f.write('ss": 0.1}\n')
+    last = client.get("/api/history", params={"cursor": newer["cursor"]}).json()
+    assert [r["step"] for r in last["records"]] == [9] and last["total"] == 9
+
+    # A resume rewrites the file: old cursors are stale, the answer starts over.
+    resumed = History(run_dir)
+    resumed.truncate_after(4)
+    resumed.close()
+    again = client.get("/api/history", params={"cursor": last["cursor"]}).json()
+    assert again["reset"] is True and [r["step"] for r in again["records"]] == [1, 2, 3, 4]
+    for bogus in ("x", "1:2", "-1:-1:-1", again["cursor"].replace(":", ":9", 1)):
+        answer = client.get("/api/history", params={"cursor": bogus}).json()
+        assert answer["reset"] is True and answer["total"] == 4, bogus
+    behind = client.get("/api/history", params={"cursor": "0:0:0", "limit": 2}).json()
+    assert behind["reset"] is True and [r["step"] for r in behind["records"]] == [3, 4]
 
 
 def test_report(client: Any, run_dir: Path) -> None:
@@ -653,3 +689,42 @@ def test_serve_cli_refuses_a_busy_port(run_dir: Path, server: ServerHandle) -> N
     )
     assert proc.returncode == 2
     assert f"cannot listen on 127.0.0.1:{server.port}" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("127.0.0.1:8765", True),
+        ("localhost:8765", True),
+        ("localhost", True),
+        ("[::1]:8765", True),
+        ("127.0.0.2", True),
+        ("evil.example:8765", False),
+        ("192.168.1.10:8765", False),
+        ("", False),
+    ],
+)
+def test_without_a_token_only_loopback_host_names_are_answered(
+    client: Any, run_dir: Path, live_status: None, host: str, allowed: bool
+) -> None:
+    # A page on evil.example whose name is re-pointed at 127.0.0.1 (DNS rebinding)
+    # sends its own Host: it must not stop the run or delete checkpoints.
+    headers = {"Host": host}
+    status = client.get("/api/status", headers=headers)
+    stop = client.post("/api/stop", json={}, headers=headers)
+    if allowed:
+        assert (status.status_code, stop.status_code) == (200, 202)
+    else:
+        assert (status.status_code, stop.status_code) == (403, 403)
+        assert "127.0.0.1 or localhost" in stop.json()["detail"]
+        assert not control_files(run_dir)
+
+
+def test_with_a_token_any_host_name_is_answered(run_dir: Path) -> None:
+    with serve_in_thread(run_dir, token="t0ken") as handle:
+        answer = httpx.get(
+            handle.url + "api/status",
+            headers={"Host": "gpu-box.lan:8765", "X-Resumable-Token": "t0ken"},
+            timeout=TIMEOUT,
+        )
+    assert answer.status_code == 200

@@ -210,3 +210,49 @@ def serve_and_inspect_finished_run(run_dir: Path, named_id: str, latest_id: str)
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 0, output
+
+
+def test_a_flood_of_save_requests_to_a_live_run_is_coalesced(
+    training: tuple[subprocess.Popen[str], str, Path],
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    proc, url, run_dir = training
+    with httpx.Client(base_url=url, timeout=TIMEOUT) as client:
+        wait_for(lambda: client.get("/api/status").json()["attached"], "a live run", proc)
+        step_before = client.get("/api/status").json()["step"] or 0
+
+        def save(_: int) -> dict[str, Any]:
+            answer = client.post("/api/checkpoints", json={})
+            assert answer.status_code == 202
+            return dict(answer.json())
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(save, range(1000)))
+        assert len(answers) == 1000  # every request answered
+        ids = {a["request_id"] for a in answers}
+        assert sum(not a["coalesced"] for a in answers) == len(ids)
+        assert len(list((run_dir / "control").glob("*.json"))) <= 1  # at most one pending
+
+        def events() -> list[dict[str, Any]]:
+            lines = (run_dir / "events.jsonl").read_text().splitlines()
+            return [json.loads(line) for line in lines]
+
+        def all_answered() -> bool:
+            return ids <= {e.get("request_id") for e in events() if e["kind"] == "saved"}
+
+        wait_for(all_answered, "a saved event for every request", proc)
+        later = wait_for(
+            lambda: (s := client.get("/api/status").json())["step"] > step_before and s,
+            "the run to go on",
+            proc,
+        )
+        assert later["attached"] is True and proc.poll() is None
+    saved = [e for e in events() if e["kind"] == "saved" and e.get("request_id") in ids]
+    requested = [
+        i for i in CheckpointStore(run_dir / "checkpoints").list() if i.reason == "request"
+    ]
+    # One checkpoint per request that was not coalesced, none for the coalesced clicks.
+    assert len({e["path"] for e in saved}) <= len(ids) < 1000
+    assert len(requested) <= len(ids)
+    assert not [e for e in events() if e["kind"] == "save-failed"]

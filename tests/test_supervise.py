@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -42,7 +43,7 @@ CHILD = textwrap.dedent(
         run_json.write_text(json.dumps(data))
 
     def wait_for_signal():
-        (run_dir / f"ready-{start}").write_text("")
+        (run_dir / f"ready-{start}").write_text(str(os.getpid()))
         while True:
             time.sleep(0.05)
 
@@ -120,6 +121,7 @@ def test_a_script_that_crashes_twice_is_restarted_twice_and_finishes(
         (1, 1, None),
         (2, 1, None),
     ]
+    assert [r["delay"] for r in restarts] == [0.01, 0.02]  # exponential backoff
     assert err.count("restarting in") == 2
     assert "Traceback" not in err
 
@@ -158,6 +160,20 @@ def test_a_forwarded_stop_signal_is_not_restarted_and_the_exit_code_passes_throu
     assert len(starts(run_dir)) == 1
     assert "restarting" not in err
     assert "restarts" not in json.loads((run_dir / "run.json").read_text())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_sent_to_the_child_itself_is_not_restarted(
+    child: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    # A scheduler or a user may signal the job directly rather than the supervisor.
+    run_dir = make_run_dir(tmp_path)
+    proc = supervise(child, "default-signals", run_dir)
+    wait_until(lambda: (run_dir / "ready-1").exists() and (run_dir / "ready-1").read_text() != "")
+    os.kill(int((run_dir / "ready-1").read_text()), sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    assert len(starts(run_dir)) == 1 and "restarting" not in err
 
 
 def test_user_signals_are_forwarded_to_the_child(child: Path, tmp_path: Path) -> None:
@@ -235,6 +251,8 @@ def test_classify_separates_finished_stopped_and_crashed() -> None:
     assert classify(ChildExit(1), stop_forwarded=False, run_stopped=False) == "crashed"
     assert classify(ChildExit(-9), stop_forwarded=False, run_stopped=False) == "crashed"
     assert classify(ChildExit(-15), stop_forwarded=True, run_stopped=False) == "stopped"
+    assert classify(ChildExit(-15), stop_forwarded=False, run_stopped=False) == "stopped"
+    assert classify(ChildExit(-11), stop_forwarded=False, run_stopped=False) == "crashed"
     assert classify(ChildExit(2), stop_forwarded=False, run_stopped=True) == "stopped"
 
 
@@ -253,6 +271,16 @@ def test_run_dir_from_command_reads_both_flag_forms() -> None:
     assert run_dir_from_command(["python", "t.py", "--dir", "runs/a"]) == Path("runs/a")
     assert run_dir_from_command(["python", "t.py", "--dir=runs/b"]) == Path("runs/b")
     assert run_dir_from_command(["python", "t.py"]) is None
+
+
+def test_run_dir_from_command_knows_the_demo() -> None:
+    python = sys.executable
+    assert run_dir_from_command(["resumable", "demo", "runs/x"]) == Path("runs/x")
+    assert run_dir_from_command([python, "-m", "resumable", "demo", "--steps", "9", "d"]) == Path(
+        "d"
+    )
+    assert run_dir_from_command(["/usr/bin/resumable", "demo", "--no-serve"]) == Path("runs/demo")
+    assert run_dir_from_command(["resumable", "list", "runs/x"]) is None
 
 
 RESUMABLE_CHILD = textwrap.dedent(

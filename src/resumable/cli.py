@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from resumable import __version__
 from resumable.errors import (
@@ -37,10 +37,17 @@ EXIT_BAD_INPUT = 2
 Handler = Callable[[argparse.Namespace], int]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit 2; subcommand parsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; the arguments of front ends owned by other modules are added
     only when ``command`` names them, so ``--help`` imports nothing optional."""
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="resumable",
         description="Make long-running Python processes safe to interrupt and cheap to resume.",
     )
@@ -83,7 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
-    args = parser.parse_args(argv)  # usage errors exit 2 inside argparse
+    args, extra = parser.parse_known_args(argv)  # usage errors exit 2 inside argparse
+    if extra:
+        where = f"resumable {args.command}" if args.command else "resumable"
+        parser.exit(
+            EXIT_BAD_INPUT,
+            f"{where}: error: unrecognized arguments: {' '.join(extra)}; see `{where} --help`\n",
+        )
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)
@@ -202,7 +215,7 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         type=Path,
         default=None,
         help="the run directory whose run.json records the restarts "
-        "(default: the value of --dir in CMD)",
+        "(default: the value of --dir in CMD, or DIR of `resumable demo DIR`)",
     )
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="the command to run")
     p.set_defaults(handler=_cmd_run)
@@ -268,16 +281,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return _fail(args, f"--steps must be 1 or more, got {config.steps}", EXIT_BAD_INPUT)
     _check_directory_target(args.directory)
     serve = not args.no_serve and _server_available()
+    if not args.no_serve and not serve:
+        sys.stderr.write(
+            "resumable demo: running without the dashboard, which needs FastAPI and uvicorn: "
+            "pip install -c constraints.txt -e '.[server]'\n"
+        )
     return run_demo(args.directory, config, serve=serve, stream=sys.stdout)
 
 
 def _server_available() -> bool:
-    import importlib.util
-
-    return all(
-        importlib.util.find_spec(name) is not None
-        for name in ("fastapi", "uvicorn", "resumable.server")
-    )
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _check_directory_target(path: Path) -> None:
@@ -628,6 +646,9 @@ def _add_prune(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
+    for flag, value in (("--keep-last", args.keep_last), ("--keep-best", args.keep_best)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be 1 or more, got {value}")
     location = _locate(args.directory)
     best = _best_spec(args, location)
     if args.keep_best is not None and best is None:
@@ -707,7 +728,6 @@ class _Leaf:
 
     parts: tuple[str | int, ...]  # dict keys and list indices from the root
     node: dict[str, Any]
-    addressable: bool  # whether read_tree(subtree=...) can load it on its own
 
     @property
     def path(self) -> str:
@@ -718,10 +738,6 @@ class _Leaf:
             else:
                 text += f".{part}" if text else part
         return text or "(root)"
-
-    @property
-    def subtree(self) -> str:
-        return ".".join(str(part) for part in self.parts)
 
     @property
     def kind(self) -> str:
@@ -755,24 +771,23 @@ class _Leaf:
 _NO_VALUE = object()
 
 
-def _walk(node: Any, parts: tuple[str | int, ...] = (), addressable: bool = True) -> list[_Leaf]:
+def _walk(node: Any, parts: tuple[str | int, ...] = ()) -> list[_Leaf]:
     """Every node of a manifest tree, parents before children."""
     if not isinstance(node, dict) or "type" not in node:
-        raise CorruptCheckpoint(f"the state tree is malformed at {_Leaf(parts, {}, True).path}")
-    found = [_Leaf(parts, node, addressable)]
+        raise CorruptCheckpoint(f"the state tree is malformed at {_Leaf(parts, {}).path}")
+    found = [_Leaf(parts, node)]
     kind = node["type"]
     if kind == "dict" and isinstance(node.get("entries"), dict):
         for key, child in node["entries"].items():
-            found += _walk(child, (*parts, key), addressable and "." not in key)
+            found += _walk(child, (*parts, key))
     elif kind == "dict":
         for key_node, child in node.get("items") or []:
             key = _plain_value(key_node)
             key = key if isinstance(key, (int, str)) and not isinstance(key, bool) else str(key)
-            found += _walk(child, (*parts, key), addressable and "." not in str(key))
+            found += _walk(child, (*parts, key))
     elif kind in _CONTAINERS:
-        sequence = kind in ("list", "tuple")
         for index, child in enumerate(node.get("items") or []):
-            found += _walk(child, (*parts, index), addressable and sequence)
+            found += _walk(child, (*parts, index))
     return found
 
 
@@ -1010,8 +1025,6 @@ def _compare_leaf(
             row.update(a=described_a["value"], b=described_b.get("value"))
     elif "dtype_b" in row or "shape_b" in row:
         row["changed"] = True
-    elif not (a.addressable and b.addressable):
-        row.update(changed=None, note="not compared: its path cannot be loaded on its own")
     else:
         row.update(_compare_data(path_a, path_b, manifest_a, manifest_b, a, b))
     return row
@@ -1026,14 +1039,24 @@ def _compare_data(
     b: _Leaf,
 ) -> dict[str, Any]:
     """Load one pair (memory-mapped, checksums verified) and measure the difference."""
-    from resumable.format import read_tree
-
-    value_a = read_tree(path_a, manifest_a, subtree=a.subtree, mmap=True)
-    value_b = read_tree(path_b, manifest_b, subtree=b.subtree, mmap=True)
+    value_a = _read_leaf(path_a, manifest_a, a)
+    value_b = _read_leaf(path_b, manifest_b, b)
     if isinstance(value_a, (bytes, bytearray)):
         return {"changed": value_a != value_b}
     changed, largest = _difference(value_a, value_b)
     return {"changed": changed, "max_abs_diff": largest}
+
+
+def _read_leaf(path: Path, manifest: dict[str, Any], leaf: _Leaf) -> Any:
+    """The value of one tensor, array or bytes node, and nothing else of the checkpoint.
+
+    The node is decoded as a tree of its own (so any key works, dots and int
+    keys included, unlike a dotted ``subtree``); memory-mapped, only its bytes
+    are touched and their checksum verified.
+    """
+    from resumable.format import read_tree
+
+    return read_tree(path, {**manifest, "tree": leaf.node}, mmap=True)
 
 
 def _difference(a: Any, b: Any) -> tuple[bool, float | None]:

@@ -241,6 +241,9 @@ class Run:
         self._last_save_clock: float | None = None
         self._pending_save: PendingSave | None = None
         self._save_requests: list[tuple[str | None, str | None]] = []  # (request_id, name)
+        self._request_notes: dict[str, str] = {}  # request id -> the note given with it
+        # Requests answered by the background save in flight, not by a later one.
+        self._inflight_requests: list[tuple[str | None, str | None]] = []
         self._stop_request_ids: list[str] = []
         self._seen_requests: set[str] = set()
         self._step_metrics: dict[str, Any] = {}
@@ -764,6 +767,10 @@ class Run:
     def _requested_name(self) -> str | None:
         return next((name for _, name in self._save_requests if name), None)
 
+    def _requested_note(self) -> str | None:
+        notes = self._request_notes
+        return next((notes[rid] for rid, _ in self._save_requests if rid in notes), None)
+
     def _poll_control(self) -> None:
         for path, request in runfiles.pending_requests(self.directory):
             if request.id in self._seen_requests:
@@ -773,6 +780,8 @@ class Run:
                 path.unlink()
             if request.action == "save":
                 self._save_requests.append((request.id, request.name))
+                if request.note:
+                    self._request_notes[request.id] = request.note
                 runfiles.append_event(
                     self.directory, "save-requested", self._step, request_id=request.id
                 )
@@ -784,7 +793,11 @@ class Run:
 
     def _commit_requested(self) -> None:
         """Answer pending save requests outside a regular boundary save."""
-        if self._last_save_step == self._step and self._last_info is not None:
+        if (
+            self._last_save_step == self._step
+            and self._pending_save is None
+            and self._last_info is not None
+        ):
             # Nothing changed since the checkpoint at this step: answer with it.
             self._answer_requests(self._last_info)
             return
@@ -799,7 +812,10 @@ class Run:
         saved (or being saved); pending requests are answered.
         """
         if self._last_save_step == self._step and self._pending_save is not None:
-            return None  # the save of this step in flight answers the requests
+            # The save of this step in flight answers the requests.
+            self._inflight_requests += self._save_requests
+            self._save_requests = []
+            return None
         if self._last_save_step == self._step and self._last_info is not None:
             self._answer_requests(self._last_info)
             return self._last_info
@@ -819,7 +835,11 @@ class Run:
             result = self._save_replacing_abandoned(reason, name)
         except CheckpointExists as exc:
             self._report_save_failure(exc, self._step)
-            return None
+            if name is None or (reason == "request" and not self._exiting_now()):
+                return None
+            # The requested name is taken, but this save is due anyway (a stop,
+            # the policy): keep the state under no name rather than lose it.
+            return self._commit_checkpoint(reason)
         except (SaveFailed, OSError) as exc:
             self._report_save_failure(exc, self._step)
             raise
@@ -827,6 +847,9 @@ class Run:
         self._last_save_clock = time.monotonic()
         if isinstance(result, PendingSave):
             self._pending_save = result
+            # The requests travel with this save; one that arrives while it is
+            # written asks for a later checkpoint (and must not re-save this one).
+            self._inflight_requests, self._save_requests = self._save_requests, []
             return None
         return self._saved(result, reason)
 
@@ -842,28 +865,41 @@ class Run:
         if pending is None or (not wait and not pending.done()):
             return
         self._pending_save = None
+        requests, self._inflight_requests = self._inflight_requests, []
         try:
             info = pending.wait()
         except Exception as exc:
-            self._report_save_failure(exc, pending.step)
+            self._report_save_failure(exc, pending.step, requests)
             if self._last_save_step == pending.step:
                 self._last_save_step = self._last_info.step if self._last_info else None
             raise
-        self._saved(info, pending.reason or "")
+        self._saved(info, pending.reason or "", requests)
 
-    def _saved(self, info: CheckpointInfo, reason: str) -> CheckpointInfo:
+    def _saved(
+        self,
+        info: CheckpointInfo,
+        reason: str,
+        requests: list[tuple[str | None, str | None]] | None = None,
+    ) -> CheckpointInfo:
         self._last_info = info
         assert self._progress is not None
         self._progress.checkpoint_saved(info.step, info.path)
-        self._answer_requests(info, new=True)
+        self._answer_requests(info, new=True, requests=requests)
         logger.debug("checkpoint %s (%s)", info.path, reason)
         self._call("on_save", info)
         return info
 
-    def _report_save_failure(self, exc: BaseException, step: int) -> None:
+    def _report_save_failure(
+        self,
+        exc: BaseException,
+        step: int,
+        requests: list[tuple[str | None, str | None]] | None = None,
+    ) -> None:
+        """A ``save-failed`` event for each request (``requests``, else the pending ones)."""
         logger.error("checkpoint at step %d failed: %s", step, exc)
-        request_ids = [rid for rid, _ in self._save_requests] or [None]
-        self._save_requests = []
+        if requests is None:
+            requests, self._save_requests = self._save_requests, []
+        request_ids = [rid for rid, _ in requests] or [None]
         for rid in request_ids:
             runfiles.append_event(
                 self.directory, "save-failed", step, error=str(exc), request_id=rid
@@ -875,12 +911,17 @@ class Run:
         assert self._store is not None
         store = self._store
 
+        metadata: dict[str, Any] = {"run_id": self._run_id, "session": self._session_index}
+        note = self._requested_note()
+        if note is not None:
+            metadata["note"] = note  # given with a save request (the dashboard's note)
+
         def save() -> CheckpointInfo | PendingSave:
             options: dict[str, Any] = {
                 "metrics": _plain_metrics(self._latest_metrics),
                 "name": name,
                 "reason": reason,
-                "metadata": {"run_id": self._run_id, "session": self._session_index},
+                "metadata": metadata,
             }
             if not self._async_save:
                 return store.save(self._checkpoint_tree(), self._step, **options)
@@ -900,10 +941,18 @@ class Run:
         logger.info("replacing %s from an abandoned continuation", old.path)
         return save()
 
-    def _answer_requests(self, info: CheckpointInfo, *, new: bool = False) -> None:
-        """A ``saved`` event for each pending request; one plain event for a new checkpoint."""
-        request_ids = [rid for rid, _ in self._save_requests if rid is not None]
-        self._save_requests = []
+    def _answer_requests(
+        self,
+        info: CheckpointInfo,
+        *,
+        new: bool = False,
+        requests: list[tuple[str | None, str | None]] | None = None,
+    ) -> None:
+        """A ``saved`` event for each request (``requests``, else the pending ones);
+        one plain event for a new checkpoint."""
+        if requests is None:
+            requests, self._save_requests = self._save_requests, []
+        request_ids = [rid for rid, _ in requests if rid is not None]
         answers: list[str | None] = list(request_ids)
         if new and not answers:
             answers = [None]

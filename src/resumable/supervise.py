@@ -7,8 +7,9 @@ ends, the supervisor decides:
 
 - exit code 0: the job is done; the supervisor exits 0;
 - a requested stop (the child ended after the supervisor forwarded a stop
-  signal, or the run's ``run.json`` says it stopped on request): not
-  restarted, the child's exit code passes through;
+  signal, it was killed by SIGINT, SIGTERM or SIGHUP sent to it directly, or
+  the run's ``run.json`` says it stopped on request): not restarted, the
+  child's exit code passes through;
 - anything else is a crash (a non-zero exit, or a death by a signal nobody
   asked for, such as the OOM killer's SIGKILL): the child is started again
   with ``RESUMABLE_RESUME=auto`` after an exponential backoff, at most
@@ -79,7 +80,7 @@ def classify(child: ChildExit, *, stop_forwarded: bool, run_stopped: bool) -> st
     """``"finished"``, ``"stopped"`` (on request) or ``"crashed"``: what a child's end means."""
     if child.returncode == 0:
         return "finished"
-    if stop_forwarded or run_stopped:
+    if stop_forwarded or run_stopped or child.signal in STOP_SIGNALS:
         return "stopped"
     return "crashed"
 
@@ -90,12 +91,31 @@ def backoff_delay(restart: int, base: float, cap: float) -> float:
 
 
 def run_dir_from_command(command: Sequence[str]) -> Path | None:
-    """The value of a ``--dir DIR`` or ``--dir=DIR`` flag in ``command``, if any."""
+    """The run directory ``command`` will use, if it can be told: the value of a
+    ``--dir DIR`` or ``--dir=DIR`` flag, or the ``DIR`` of ``resumable demo [DIR]``."""
     for i, arg in enumerate(command):
         if arg == "--dir" and i + 1 < len(command):
             return Path(command[i + 1])
         if arg.startswith("--dir="):
             return Path(arg.split("=", 1)[1])
+    return _demo_directory(command)
+
+
+DEMO_FLAGS_WITH_VALUE = ("--steps",)
+DEMO_DEFAULT_DIRECTORY = Path("runs/demo")  # as in ``resumable demo --help``
+
+
+def _demo_directory(command: Sequence[str]) -> Path | None:
+    """``DIR`` of ``resumable demo [DIR] ...`` or ``python -m resumable demo [DIR] ...``."""
+    for i in range(len(command) - 1):
+        if Path(command[i]).name == "resumable" and command[i + 1] == "demo":
+            rest = iter(command[i + 2 :])
+            for arg in rest:
+                if arg in DEMO_FLAGS_WITH_VALUE:
+                    next(rest, None)
+                elif not arg.startswith("-"):
+                    return Path(arg)
+            return DEMO_DEFAULT_DIRECTORY
     return None
 
 

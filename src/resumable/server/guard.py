@@ -1,4 +1,4 @@
-"""The request guard in front of the API: token, JSON content type, body size.
+"""The request guard in front of the API: token, Host, JSON content type, body size.
 
 A plain ASGI middleware (not Starlette's ``BaseHTTPMiddleware``) so that the
 server-sent event stream passes through untouched.
@@ -6,6 +6,7 @@ server-sent event stream passes through untouched.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -27,6 +28,9 @@ TOKEN_HEADER = b"x-resumable-token"
 class RequestGuard:
     """Refuse requests without the token (401), state-changing requests whose
     content type is not JSON (415) and bodies over ``max_body`` bytes (413).
+    Without a token (a loopback server), refuse requests whose ``Host`` is not
+    a loopback name (403): a web page whose domain is re-pointed at 127.0.0.1
+    (DNS rebinding) must not reach the API as if it were the dashboard.
 
     The page itself (``/`` and ``/static/``) is public: it holds no data and
     asks for the token, which it then sends on every API request.
@@ -43,6 +47,14 @@ class RequestGuard:
             return
         headers = _headers(scope)
         path = scope.get("path", "")
+        if self.token is None and not _loopback_host(headers.get(b"host", b"")):
+            await _refuse(
+                send,
+                403,
+                "this server answers requests addressed to 127.0.0.1 or localhost only; "
+                "open it by that address (or serve with a token)",
+            )
+            return
         if self.token is not None and not _is_public(path) and not self._authorized(headers):
             await _refuse(
                 send,
@@ -85,6 +97,21 @@ class RequestGuard:
                 return False
             given = value.strip()
         return secrets.compare_digest(given, self.token.encode())
+
+
+def _loopback_host(raw: bytes) -> bool:
+    """Whether a ``Host`` header names this machine: localhost, 127.0.0.0/8 or ::1."""
+    host = raw.decode("latin-1").strip().lower()
+    if host.startswith("["):  # [::1]:8765
+        name = host[1 : host.find("]")] if "]" in host else ""
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_public(path: str) -> bool:

@@ -105,3 +105,7 @@ class HistoryOut(BaseModel):
 
     records: list[dict[str, Any]]
     total: int = Field(description="records in history.jsonl before the limit")
+    cursor: str = Field(description="pass it back as ?cursor= to get only newer records")
+    reset: bool = Field(
+        True, description="true: these records replace what the client had; false: append them"
+    )

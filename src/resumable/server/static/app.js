@@ -372,10 +372,20 @@ async function refreshStatus() {
 async function refreshCheckpoints() {
   try { renderCheckpoints((await api("GET", "/api/checkpoints")).checkpoints); } catch (e) { /* next time */ }
 }
-let lastHistory = 0;
+// The history is fetched whole once, then only the records logged since (the
+// cursor of the last answer): the server reads a few new lines, not the file.
+let lastHistory = 0, historyCursor = null, historyBusy = false;
 async function refreshHistory() {
+  if (historyBusy) return;
+  historyBusy = true;
   lastHistory = Date.now();
-  try { renderHistory((await api("GET", "/api/history?limit=20000")).records); } catch (e) { /* next time */ }
+  try {
+    const query = historyCursor ? "?cursor=" + encodeURIComponent(historyCursor) : "";
+    const answer = await api("GET", "/api/history" + query);
+    const records = answer.reset ? answer.records : state.history.concat(answer.records);
+    historyCursor = answer.cursor;
+    if (answer.reset || answer.records.length) renderHistory(records);
+  } catch (e) { /* next time */ } finally { historyBusy = false; }
 }
 function offline() {
   $("state").textContent = "server unreachable";
