@@ -97,3 +97,40 @@ def test_a_failed_background_save_is_raised_in_the_loop_and_recorded(
     assert record["status"] == "failed" and "SaveFailed" in record["error"]
     failed = [e for e in read_jsonl(run_dir / "events.jsonl") if e["kind"] == "save-failed"]
     assert [e["step"] for e in failed] == [4]
+
+
+@pytest.mark.parametrize("if_busy", ["wait", "skip"])
+def test_a_save_due_while_one_is_writing_waits_or_skips_and_says_so(
+    tmp_path: Path, if_busy: str
+) -> None:
+    np = pytest.importorskip("numpy")
+    weights = {"w": np.random.default_rng(0).random(8_000_000)}  # 64 MB: writes take a while
+    with Run(
+        tmp_path,
+        total_steps=6,
+        save_every_steps=1,
+        keep_last=None,
+        progress=False,
+        report=False,
+        if_busy=if_busy,
+    ) as run:
+        run.track(weights=weights)
+        for step in run.steps():
+            weights["w"][:] = step  # every step changes the whole state
+    events = read_jsonl(tmp_path / "events.jsonl")
+    kinds = [e["kind"] for e in events]
+    saved = _steps_on_disk(tmp_path)
+    if if_busy == "wait":
+        assert saved == [1, 2, 3, 4, 5, 6]
+        assert "save-waited" in kinds and "save-skipped" not in kinds
+    else:
+        skipped = [e["step"] for e in events if e["kind"] == "save-skipped"]
+        waited = [e["step"] for e in events if e["kind"] == "save-waited"]
+        assert skipped and set(waited) <= {6}  # only the exit waits
+        assert not set(skipped) & set(saved)
+        assert saved[-1] == 6  # the final checkpoint is never skipped
+    for step in saved:  # each checkpoint holds its own step's values
+        with Run(tmp_path, resume=step, progress=False, report=False) as run:
+            restored = {"w": np.zeros(8_000_000)}
+            run.track(weights=restored)
+            assert (restored["w"] == step - 1).all()

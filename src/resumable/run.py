@@ -827,8 +827,9 @@ class Run:
                     self._step,
                     busy.step,
                 )
+                runfiles.append_event(self.directory, "save-skipped", self._step, busy=busy.step)
                 return None
-            self._collect_save(wait=True)
+            self._wait_for_busy_save(busy)
         if self._history is not None:
             self._history.flush()  # mirrors hold every step the checkpoint holds
         try:
@@ -855,6 +856,18 @@ class Run:
 
     def _exiting_now(self) -> bool:
         return self._exit_reason is not None
+
+    def _wait_for_busy_save(self, busy: PendingSave) -> None:
+        """Wait for the save in flight before the next one, saying so when it took time."""
+        started = time.monotonic()
+        was_done = busy.done()
+        self._collect_save(wait=True)
+        if not was_done:
+            waited = time.monotonic() - started
+            logger.info("waited %.2f s for the save of step %d to finish", waited, busy.step)
+            runfiles.append_event(
+                self.directory, "save-waited", self._step, busy=busy.step, seconds=round(waited, 3)
+            )
 
     def _collect_save(self, *, wait: bool = False) -> None:
         """Finish a background save that is done (or, with ``wait``, wait for it).
