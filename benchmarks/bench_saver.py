@@ -32,7 +32,10 @@ from typing import Any
 
 import torch
 
+from resumable.format import ZSTD_LEVEL
 from resumable.store import CheckpointStore
+
+SETTLE_SECONDS = 3.0
 
 
 def build_state(size_gb: float, device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -119,19 +122,31 @@ def blocked_resumable(
     return statistics.median(blocked[1:]), statistics.median(throughput[1:])
 
 
-def sync_save_throughput(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, root: Path, repeats: int
-) -> float:
-    store = CheckpointStore(root / "ck-sync", keep_last=1)
-    rates = []
-    for step in range(repeats):
-        state = state_of(model, optimizer)
+def write_throughputs(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, root: Path, rounds: int
+) -> dict[str, list[float]]:
+    """GB/s from call to durable commit, synchronous and background, interleaved.
+
+    The two alternate, so that the stalls of a shared virtual disk hit both
+    alike; each waits ``SETTLE_SECONDS`` first for the previous write to settle.
+    """
+    store = CheckpointStore(root / "ck-rate", keep_last=1)
+    rates: dict[str, list[float]] = {"sync": [], "background": []}
+    size = nbytes(state_of(model, optimizer))
+    for step in range(2 * rounds):
+        kind = "sync" if step % 2 == 0 else "background"
+        time.sleep(SETTLE_SECONDS)
         start = time.perf_counter()
-        store.save(state, step)
-        rates.append(nbytes(state) / (time.perf_counter() - start) / 1e9)
+        if kind == "sync":
+            store.save(state_of(model, optimizer), step)
+        else:
+            pending = store.save_async(state_of(model, optimizer), step)
+            assert pending is not None
+            pending.wait()
+        rates[kind].append(size / (time.perf_counter() - start) / 1e9)
     store.close()
-    shutil.rmtree(root / "ck-sync", ignore_errors=True)
-    return statistics.median(rates)
+    shutil.rmtree(root / "ck-rate", ignore_errors=True)
+    return rates
 
 
 def blocked_dcp(
@@ -199,13 +214,16 @@ def training_overhead(root: Path, steps: int, every: int) -> tuple[float, float,
 def compression_speeds(sample: bytes) -> tuple[float, float]:
     import zstandard
 
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1)
+    zstd_seconds = min(_seconds(lambda: compressor.compress(sample)) for _ in range(3))
+    gzip_seconds = min(_seconds(lambda: gzip.compress(sample, compresslevel=6)) for _ in range(3))
+    return len(sample) / zstd_seconds / 1e6, len(sample) / gzip_seconds / 1e6
+
+
+def _seconds(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
-    zstandard.ZstdCompressor(level=3, threads=-1).compress(sample)
-    zstd_rate = len(sample) / (time.perf_counter() - start) / 1e6
-    start = time.perf_counter()
-    gzip.compress(sample, compresslevel=6)
-    gzip_rate = len(sample) / (time.perf_counter() - start) / 1e6
-    return zstd_rate, gzip_rate
+    fn()
+    return time.perf_counter() - start
 
 
 def sample_bytes(state: dict[str, Any], size: int) -> bytes:
@@ -267,17 +285,17 @@ def main() -> None:
             rows.append(
                 row("blocked per save, DCP async_save (baseline)", f"{dcp * 1e3:.1f} ms", "", "")
             )
-        sync_rate = sync_save_throughput(model, optimizer, root, 2)
-        best = strategies[0]
-        bg_rate = results[best][1]
-        rows.append(
-            row(
-                f"background write ({best}) vs synchronous save",
-                f"{bg_rate:.2f} vs {sync_rate:.2f} GB/s",
-                f"{bg_rate / sync_rate:.2f}x",
-                ">= 0.9x",
+        rates = write_throughputs(model, optimizer, root, max(args.repeats, 5))
+        for pick, label in ((max, "best"), (statistics.median, "median")):
+            bg_rate, sync_rate = pick(rates["background"]), pick(rates["sync"])
+            rows.append(
+                row(
+                    f"background write ({strategies[0]}) vs synchronous save, {label} run",
+                    f"{bg_rate:.2f} vs {sync_rate:.2f} GB/s",
+                    f"{bg_rate / sync_rate:.2f}x",
+                    ">= 0.9x",
+                )
             )
-        )
         sample = sample_bytes(state_of(model, optimizer), 64 << 20)
         del model, optimizer
         base, saved, step_time = training_overhead(root, args.loop_steps, 50)
@@ -292,7 +310,7 @@ def main() -> None:
         zstd_rate, gzip_rate = compression_speeds(sample)
         rows.append(
             row(
-                "zstd (level 3, all cores) vs gzip -6, same 64 MiB of state",
+                f"zstd (level {ZSTD_LEVEL}, all cores) vs gzip -6, same 64 MiB, best of 3",
                 f"{zstd_rate:.0f} vs {gzip_rate:.0f} MB/s",
                 f"{zstd_rate / gzip_rate:.1f}x",
                 ">= 20x",

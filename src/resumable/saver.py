@@ -384,6 +384,8 @@ def _child_write(store: _Store, job: _Job, pipe: int) -> None:  # pragma: no cov
         gc.disable()  # no finalizers of the parent's objects run here
         signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_IN_CHILD)
         _die_with_parent()
+        with contextlib.suppress(OSError):
+            os.nice(10)  # the loop's steps come first; the writer mostly waits on the disk
         store.write(
             job.staging, job.encoded, metrics=job.metrics, reason=job.reason, metadata=job.metadata
         )
