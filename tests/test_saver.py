@@ -95,18 +95,24 @@ def test_successive_saves_reuse_the_saver_and_commit_in_order(
         assert info.step == 9
 
 
-def test_auto_picks_fork_for_cpu_state_on_linux_and_copy_when_told() -> None:
+def test_auto_copies_and_fork_is_taken_only_when_asked() -> None:
     tree = {"w": torch.zeros(3)}
-    expected = "fork" if sys.platform.startswith("linux") else "copy"
-    assert choose_strategy(tree) == expected
+    assert choose_strategy(tree) == "copy"
     assert choose_strategy(tree, "copy") == "copy"
+    if sys.platform.startswith("linux"):
+        assert choose_strategy(tree, "fork") == "fork"
     with pytest.raises(ConfigError, match="unknown"):
         choose_strategy(tree, "teleport")
 
 
-def test_the_environment_can_force_the_copy_strategy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RESUMABLE_SNAPSHOT", "copy")
-    assert choose_strategy({"w": torch.zeros(3)}, "auto") == "copy"
+@pytest.mark.parametrize("strategy", ["copy", "fork"])
+def test_the_environment_chooses_the_strategy(
+    monkeypatch: pytest.MonkeyPatch, strategy: str
+) -> None:
+    if strategy == "fork" and not sys.platform.startswith("linux"):
+        pytest.skip("fork snapshots need Linux")
+    monkeypatch.setenv("RESUMABLE_SNAPSHOT", strategy)
+    assert choose_strategy({"w": torch.zeros(3)}, "auto") == strategy
 
 
 class _GatedStore(CheckpointStore):

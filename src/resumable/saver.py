@@ -7,23 +7,27 @@ the loop runs on. One save is in flight at a time.
 
 Snapshot strategies (``strategy=``):
 
-- ``"fork"`` (the default for CPU state on Linux): the process forks, and
-  the child writes the checkpoint from its copy-on-write view of memory,
-  the way Redis writes its background saves. The loop is blocked only for
-  ``fork()`` itself (page tables, not data: about 20 ms for 1 GiB here).
-  Pages the loop changes afterwards are copied by the kernel one by one,
-  so memory grows by at most one copy of the state, and only by what the
-  loop really touches. The child touches neither CUDA, torch's thread
-  pools nor any lock another thread may hold: everything it needs (the
-  encoded tree and raw memory views) is prepared before the fork, and it
-  leaves with ``os._exit``. It dies with its parent (``PR_SET_PDEATHSIG``),
-  so a killed run leaves only a temporary directory, swept at the next
-  start.
-- ``"copy"``: tensors are copied into host buffers that are reused from
-  one save to the next (pinned memory for CUDA tensors, the copies queued
-  on the device and waited on once), and a thread writes them. Used where
-  fork cannot apply: not Linux, CUDA tensors or pinned memory in the
-  state, or ``RESUMABLE_SNAPSHOT=copy`` in the environment.
+- ``"copy"`` (the default, ``"auto"``): tensors are copied into host
+  buffers that are reused from one save to the next (pinned memory for CUDA
+  tensors, the copies queued on the device and waited on once), and a
+  thread writes them. The loop pays one memory copy of the state and
+  nothing after it.
+- ``"fork"`` (Linux, CPU state, asked for by name or with
+  ``RESUMABLE_SNAPSHOT=fork``): the process forks, and the child writes the
+  checkpoint from its copy-on-write view of memory, the way Redis writes
+  its background saves. The call itself blocks only for ``fork()`` (page
+  tables, not data), but every page the loop changes afterwards is copied
+  by the kernel on its first write: when the next step changes every
+  parameter, that step pays a page fault per 4 KiB of state, which on a
+  virtual machine costs more than the copy it saved (measured in
+  benchmarks/bench_saver.py). It pays off when the loop changes little of
+  a large state between saves (a big replay buffer, a population). The
+  child touches neither CUDA, torch's thread pools nor any lock another
+  thread may hold: everything it needs (the encoded tree and raw memory
+  views) is prepared before the fork, and it leaves with ``os._exit``. It
+  dies with its parent (``PR_SET_PDEATHSIG``), so a killed run leaves only
+  a temporary directory, swept at the next start. With CUDA tensors or
+  pinned memory in the state it falls back to the copy.
 
 A background failure is kept and raised by the next call to ``submit``,
 ``check``, ``wait`` or ``close``: it is never lost.
@@ -151,12 +155,12 @@ def choose_strategy(tree: Any, requested: str = "auto") -> str:
     if requested not in STRATEGIES:
         raise ConfigError(f"snapshot strategy {requested!r} is unknown; use one of {STRATEGIES}")
     requested = os.environ.get("RESUMABLE_SNAPSHOT", requested)
-    if requested == "copy":
+    if requested != "fork":
         return "copy"
-    fork_possible = sys.platform.startswith("linux") and hasattr(os, "fork")
-    if requested == "fork" and not fork_possible:
+    if not (sys.platform.startswith("linux") and hasattr(os, "fork")):
         raise ConfigError("the fork snapshot needs Linux; use strategy='copy' or 'auto'")
-    if not fork_possible or _has_device_or_pinned_memory(tree):
+    if _has_device_or_pinned_memory(tree):
+        log.info("CUDA tensors or pinned memory in the state: snapshot by copy, not fork")
         return "copy"
     return "fork"
 
