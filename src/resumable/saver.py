@@ -58,6 +58,7 @@ log = logging.getLogger("resumable.saver")
 
 STRATEGIES = ("auto", "fork", "copy")
 IF_BUSY = ("wait", "skip")
+_WRITER_NICE = 10
 _PR_SET_PDEATHSIG = 1
 _BLOCKED_IN_CHILD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
 
@@ -377,8 +378,19 @@ class _Worker:
         self._thread.join()
 
     def _loop(self) -> None:
+        _lower_this_threads_priority()
         while (task := self._tasks.get()) is not None:
             task()
+
+
+def _lower_this_threads_priority() -> None:
+    """Let the loop's threads win the CPU over the writer (and the threads it starts).
+
+    On Linux a nice value is per thread and inherited by threads it creates.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _WRITER_NICE)
 
 
 def _child_write(store: _Store, job: _Job, pipe: int) -> None:  # pragma: no cover - in the child
@@ -389,7 +401,7 @@ def _child_write(store: _Store, job: _Job, pipe: int) -> None:  # pragma: no cov
         signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_IN_CHILD)
         _die_with_parent()
         with contextlib.suppress(OSError):
-            os.nice(10)  # the loop's steps come first; the writer mostly waits on the disk
+            os.nice(_WRITER_NICE)  # the loop's steps come first; the writer mostly waits
         store.write(
             job.staging, job.encoded, metrics=job.metrics, reason=job.reason, metadata=job.metadata
         )
