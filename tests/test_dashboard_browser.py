@@ -29,7 +29,8 @@ try:
     from playwright import sync_api
 except ImportError as exc:  # the test extra installs it: its absence is a broken set-up
     raise ImportError(
-        "playwright is missing: run scripts/test.sh, or pip install -c constraints.txt -e '.[test]'"
+        "playwright is missing: run scripts/test-setup.sh, "
+        "or pip install -c constraints.txt -e '.[test]'"
     ) from exc
 store_module = pytest.importorskip("resumable.store")
 np = pytest.importorskip("numpy")
@@ -149,7 +150,7 @@ class SimulatedRun(threading.Thread):
 
 
 def find_chromium() -> str | None:
-    """$RESUMABLE_CHROMIUM, else Debian's chromium (scripts/test.sh installs it as root)."""
+    """$RESUMABLE_CHROMIUM, else Debian's chromium (scripts/test-setup.sh installs it as root)."""
     given = os.environ.get("RESUMABLE_CHROMIUM")
     if given:
         return given
@@ -165,7 +166,7 @@ def browser_page() -> Iterator[Any]:
     chromium = find_chromium()
     if chromium is None:
         pytest.skip(
-            "chromium is not installed: apt-get install chromium (scripts/test.sh does it "
+            "chromium is not installed: apt-get install chromium (scripts/test-setup.sh does it "
             "as root), or point RESUMABLE_CHROMIUM at a chromium binary"
         )
     with sync_api.sync_playwright() as p:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The README's test command: installs everything the tests need on a fresh
-# machine, then runs lint, format, type checks and the test suite.
+# First half of the README's test command: installs everything the tests need
+# on a fresh machine, then runs lint, format and type checks. The second half
+# is `python3 -m pytest -q`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,4 +24,3 @@ fi
 python3 -m ruff check src tests benchmarks examples
 python3 -m ruff format --check src tests benchmarks examples
 python3 -m mypy
-python3 -m pytest -q "$@"
