@@ -14,19 +14,20 @@ Prints one table of ratios, every row measured in this run on this machine:
    store's synchronous save;
 4. zstd (as the store writes it) against gzip level 6 on the same bytes.
 
-Run: ``python benchmarks/bench_saver.py [--size-gb 1.0] [--dir DIR]``
+Run: ``python benchmarks/bench_saver.py [--size-gb 1.0] [--rounds 5] [--dir DIR]``
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import random
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,53 +80,119 @@ def touch_every_parameter(model: torch.nn.Module, optimizer: torch.optim.Optimiz
                     value.mul_(0.999)
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+class PlainCopy:
+    """The baseline: copy every tensor into preallocated buffers (pinned for CUDA)."""
 
+    name = "plain copy"
 
-def blocked_plain_copy(state: dict[str, Any], repeats: int) -> float:
-    sources = tensors_of(state)
-    pinned = sources[0].is_cuda
-    buffers = [torch.empty_like(t, device="cpu", pin_memory=pinned) for t in sources]
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.sources = tensors_of(state_of(model, optimizer))
+        self.pinned = self.sources[0].is_cuda
+        self.buffers = [
+            torch.empty_like(t, device="cpu", pin_memory=self.pinned) for t in self.sources
+        ]
 
-    def copy() -> None:
-        for buf, src in zip(buffers, sources, strict=True):
-            buf.copy_(src, non_blocking=pinned)
-        if pinned:
+    def save(self, step: int) -> Callable[[], None]:
+        for buf, src in zip(self.buffers, self.sources, strict=True):
+            buf.copy_(src, non_blocking=self.pinned)
+        if self.pinned:
             torch.cuda.synchronize()
+        return lambda: None
 
-    copy()  # first touch of the buffers is not part of a steady-state save
-    return median_seconds(copy, repeats)
+    def close(self) -> None:
+        self.buffers = []
 
 
-def blocked_resumable(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    root: Path,
-    snapshot: str,
-    repeats: int,
-) -> tuple[float, float]:
-    """Median blocked time per save, and of the next step that changes every tensor."""
-    store = CheckpointStore(root / f"ck-{snapshot}", keep_last=1, snapshot=snapshot)
-    blocked, touch = [], []
-    for step in range(repeats + 1):
-        state = state_of(model, optimizer)
-        start = time.perf_counter()
-        pending = store.save_async(state, step)
-        blocked.append(time.perf_counter() - start)
-        touched = time.perf_counter()
-        touch_every_parameter(model, optimizer)  # the next step changes every tensor
-        touch.append(time.perf_counter() - touched)
+class ResumableSave:
+    """``CheckpointStore.save_async`` with one snapshot strategy."""
+
+    def __init__(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, root: Path, snapshot: str
+    ) -> None:
+        self.name = f"{snapshot} snapshot"
+        self.model, self.optimizer = model, optimizer
+        self.store = CheckpointStore(root / f"ck-{snapshot}", keep_last=1, snapshot=snapshot)
+
+    def save(self, step: int) -> Callable[[], None]:
+        pending = self.store.save_async(state_of(self.model, self.optimizer), step)
         assert pending is not None
-        pending.wait()
-    store.close()
-    shutil.rmtree(root / f"ck-{snapshot}", ignore_errors=True)
-    return statistics.median(blocked[1:]), statistics.median(touch[1:])
+
+        def finish() -> None:
+            pending.wait()
+
+        return finish
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class DcpAsyncSave:
+    """``torch.distributed.checkpoint.async_save`` in a one-process gloo group."""
+
+    name = "DCP async_save"
+
+    def __init__(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, root: Path
+    ) -> None:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        self.dist, self.dcp = dist, dcp
+        self.model, self.optimizer, self.root = model, optimizer, root
+        init = f"file://{root / 'dist-init'}"
+        dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+
+    def save(self, step: int) -> Callable[[], None]:
+        target = self.root / f"dcp-{step}"
+        future: Any = self.dcp.async_save(
+            state_of(self.model, self.optimizer), checkpoint_id=str(target)
+        )
+
+        def finish() -> None:
+            future.result()
+            shutil.rmtree(target, ignore_errors=True)
+
+        return finish
+
+    def close(self) -> None:
+        self.dist.destroy_process_group()
+
+
+def dcp_available() -> bool:
+    try:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint  # noqa: F401
+    except ImportError:
+        return False
+    return dist.is_available()
+
+
+def blocked_times(
+    savers: list[Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, rounds: int
+) -> dict[str, tuple[list[float], list[float]]]:
+    """Per saver: seconds blocked per save, and seconds of the next step after it.
+
+    Rounds visit the savers in a new random order each time; each save starts
+    after the previous one is durable and the machine has settled, as in a
+    loop that saves every few minutes. The first save of each (allocations)
+    is not counted.
+    """
+    results: dict[str, tuple[list[float], list[float]]] = {s.name: ([], []) for s in savers}
+    order = random.Random(0)
+    for round_index in range(rounds + 1):
+        for saver in order.sample(savers, len(savers)):
+            time.sleep(SETTLE_SECONDS)
+            start = time.perf_counter()
+            finish = saver.save(round_index)
+            blocked = time.perf_counter() - start
+            start = time.perf_counter()
+            touch_every_parameter(model, optimizer)  # the next step changes every tensor
+            touched = time.perf_counter() - start
+            finish()
+            if round_index > 0:
+                results[saver.name][0].append(blocked)
+                results[saver.name][1].append(touched)
+    return results
 
 
 def write_throughputs(
@@ -155,35 +222,22 @@ def write_throughputs(
     return rates
 
 
-def blocked_dcp(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, root: Path, repeats: int
-) -> float | None:
-    try:
-        import torch.distributed as dist
-        import torch.distributed.checkpoint as dcp
-    except ImportError:
-        return None
-    if not dist.is_available():
-        return None
-    init_file = root / "dist-init"
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
-    try:
-        blocked = []
-        for step in range(repeats + 1):
-            state = state_of(model, optimizer)
-            start = time.perf_counter()
-            future = dcp.async_save(state, checkpoint_id=str(root / f"dcp-{step}"))
-            blocked.append(time.perf_counter() - start)
-            touch_every_parameter(model, optimizer)
-            future.result()
-            shutil.rmtree(root / f"dcp-{step}", ignore_errors=True)
-        return statistics.median(blocked[1:])
-    finally:
-        dist.destroy_process_group()
+@dataclass
+class LoopOverhead:
+    step_seconds: float
+    wall: tuple[float, float]  # mean extra per window, as a fraction; half-width of its 95% CI
+    cpu: tuple[float, float]
+    windows: int
 
 
-def training_overhead(root: Path, steps: int, every: int) -> tuple[float, float, float]:
-    """Seconds for the loop without and with async saves every ``every`` steps."""
+def training_overhead(root: Path, windows: int, every: int) -> LoopOverhead:
+    """Wall and CPU time a save every ``every`` steps adds to a real training loop.
+
+    One loop runs ``windows`` pairs of ``every``-step windows; the first
+    window of each pair starts with ``save_async``, the second does not, so
+    the drift of a shared machine's CPU hits both alike. The overhead is the
+    mean difference within pairs, with its 95% confidence interval.
+    """
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(1024, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 1024)
@@ -191,34 +245,39 @@ def training_overhead(root: Path, steps: int, every: int) -> tuple[float, float,
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     data = torch.randn(256, 1024)
 
-    def step_once() -> None:
-        optimizer.zero_grad()
-        model(data).square().mean().backward()
-        optimizer.step()
+    def window(store: CheckpointStore | None, step: int) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        if store is not None:
+            store.save_async({"model": model, "optimizer": optimizer}, step)
+        for _ in range(every):
+            optimizer.zero_grad()
+            model(data).square().mean().backward()
+            optimizer.step()
+        return time.perf_counter() - wall, time.process_time() - cpu
 
-    for _ in range(5):
-        step_once()
+    store = CheckpointStore(root / "ck-loop", keep_last=2)
+    window(store, 0)  # warm-up, and the buffers' first allocation
+    wall_extra, cpu_extra, plain_wall, plain_cpu = [], [], [], []
+    for pair in range(1, windows + 1):
+        with_wall, with_cpu = window(store, pair * every)
+        without_wall, without_cpu = window(None, 0)
+        wall_extra.append(with_wall / without_wall - 1)
+        cpu_extra.append(with_cpu / without_cpu - 1)
+        plain_wall.append(without_wall)
+        plain_cpu.append(without_cpu)
+    store.close()
+    shutil.rmtree(root / "ck-loop", ignore_errors=True)
+    return LoopOverhead(
+        step_seconds=statistics.median(plain_wall) / every,
+        wall=mean_and_interval(wall_extra),
+        cpu=mean_and_interval(cpu_extra),
+        windows=windows,
+    )
 
-    def plain() -> None:
-        for _ in range(steps):
-            step_once()
 
-    def with_saves() -> None:
-        store = CheckpointStore(root / "ck-loop", keep_last=2)
-        for step in range(steps):
-            step_once()
-            if (step + 1) % every == 0:
-                store.save_async(state_of(model, optimizer), step + 1)
-        store.close()
-        shutil.rmtree(root / "ck-loop", ignore_errors=True)
-
-    # Alternated, best of three each: the CPU of a shared virtual machine
-    # drifts by more than the goal between one minute and the next.
-    base, saved = float("inf"), float("inf")
-    for _ in range(3):
-        base = min(base, median_seconds(plain, 1))
-        saved = min(saved, median_seconds(with_saves, 1))
-    return base, saved, base / steps
+def mean_and_interval(values: list[float]) -> tuple[float, float]:
+    """The mean and the half-width of its 95% confidence interval (normal approximation)."""
+    return statistics.mean(values), 1.96 * statistics.stdev(values) / len(values) ** 0.5
 
 
 def compression_speeds(sample: bytes) -> tuple[float, float]:
@@ -239,6 +298,8 @@ def _seconds(fn: Callable[[], Any]) -> float:
 def sample_bytes(state: dict[str, Any], size: int) -> bytes:
     chunks, total = [], 0
     for tensor in tensors_of(state):
+        if tensor.dim() == 0:
+            continue
         raw = tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
         chunks.append(raw[: size - total])
         total += len(chunks[-1])
@@ -254,93 +315,16 @@ def row(name: str, value: str, ratio: str, goal: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gb", type=float, default=1.0)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="saves measured per method")
     parser.add_argument(
         "--dir", type=Path, default=None, help="where to write (default: a temp dir)"
     )
-    parser.add_argument("--loop-steps", type=int, default=300)
+    parser.add_argument("--loop-windows", type=int, default=12, help="pairs of 50-step windows")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-saver-", dir=args.dir))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        model, optimizer = build_state(args.size_gb, device)
-        state = state_of(model, optimizer)
-        size = nbytes(state)
-        count = len(tensors_of(state))
-        where = f"{count} tensors on {device}"
-        print(f"state: {size / 2**30:.2f} GiB in {where}; torch {torch.__version__}")
-        plain = blocked_plain_copy(state, args.repeats)
-        del state
-        rows = []
-        strategies = ["copy"] if device == "cuda" else ["copy", "fork"]
-        results = {
-            s: blocked_resumable(model, optimizer, root, s, args.repeats) for s in strategies
-        }
-        dcp = blocked_dcp(model, optimizer, root, args.repeats)
-        baseline = "pinned D2H copy" if device == "cuda" else "plain copy"
-        quiet = []
-        for _ in range(3):
-            start = time.perf_counter()
-            touch_every_parameter(model, optimizer)
-            quiet.append(time.perf_counter() - start)
-        quiet_touch = statistics.median(quiet)
-        for strategy, (blocked, touch) in results.items():
-            rows.append(
-                row(
-                    f"blocked per save, {strategy} snapshot",
-                    f"{blocked * 1e3:.1f} ms",
-                    f"{blocked / plain:.2f}x {baseline}"
-                    + (f", {blocked / dcp:.2f}x DCP async_save" if dcp else ""),
-                    "<= 1.2x pinned copy" if device == "cuda" else "<= 0.5x DCP",
-                )
-            )
-            rows.append(
-                row(
-                    f"next step after a {strategy} save (changes every tensor)",
-                    f"{touch * 1e3:.1f} ms",
-                    f"+{(touch - quiet_touch) * 1e3:.1f} ms over {quiet_touch * 1e3:.1f} ms "
-                    "with no save in flight",
-                    "",
-                )
-            )
-        rows.append(
-            row(f"blocked per save, {baseline} (baseline)", f"{plain * 1e3:.1f} ms", "1.00x", "")
-        )
-        if dcp is not None:
-            rows.append(
-                row("blocked per save, DCP async_save (baseline)", f"{dcp * 1e3:.1f} ms", "", "")
-            )
-        rates = write_throughputs(model, optimizer, root, max(args.repeats, 5))
-        for pick, label in ((max, "best"), (statistics.median, "median")):
-            bg_rate, sync_rate = pick(rates["background"]), pick(rates["sync"])
-            rows.append(
-                row(
-                    f"background write ({strategies[0]}) vs synchronous save, {label} run",
-                    f"{bg_rate:.2f} vs {sync_rate:.2f} GB/s",
-                    f"{bg_rate / sync_rate:.2f}x",
-                    ">= 0.9x",
-                )
-            )
-        sample = sample_bytes(state_of(model, optimizer), 64 << 20)
-        del model, optimizer
-        base, saved, step_time = training_overhead(root, args.loop_steps, 50)
-        rows.append(
-            row(
-                f"training loop, async save every 50 steps ({step_time * 1e3:.0f} ms/step)",
-                f"{saved:.2f} s vs {base:.2f} s",
-                f"{(saved / base - 1) * 100:+.2f}% wall time",
-                "< 2%",
-            )
-        )
-        zstd_rate, gzip_rate = compression_speeds(sample)
-        rows.append(
-            row(
-                f"zstd (level {ZSTD_LEVEL}, all cores) vs gzip -6, same 64 MiB, best of 3",
-                f"{zstd_rate:.0f} vs {gzip_rate:.0f} MB/s",
-                f"{zstd_rate / gzip_rate:.1f}x",
-                ">= 20x",
-            )
-        )
+        rows = run_benchmarks(args, root, device)
         print("| measure | value | ratio | goal |")
         print("|---|---|---|---|")
         for line in rows:
@@ -349,5 +333,102 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def run_benchmarks(args: argparse.Namespace, root: Path, device: str) -> list[str]:
+    model, optimizer = build_state(args.size_gb, device)
+    state = state_of(model, optimizer)
+    print(
+        f"state: {nbytes(state) / 2**30:.2f} GiB in {len(tensors_of(state))} tensors on "
+        f"{device}; torch {torch.__version__}; {args.rounds} rounds"
+    )
+    del state
+    strategies = ["copy"] if device == "cuda" else ["copy", "fork"]
+    savers: list[Any] = [PlainCopy(model, optimizer)]
+    savers += [ResumableSave(model, optimizer, root, s) for s in strategies]
+    if dcp_available():
+        savers.append(DcpAsyncSave(model, optimizer, root))
+    try:
+        times = blocked_times(savers, model, optimizer, args.rounds)
+    finally:
+        for saver in savers:
+            saver.close()
+    rows = blocked_rows(times, device)
+    rates = write_throughputs(model, optimizer, root, max(args.rounds, 5))
+    for pick, label in ((max, "best"), (statistics.median, "median")):
+        bg_rate, sync_rate = pick(rates["background"]), pick(rates["sync"])
+        rows.append(
+            row(
+                f"background write ({strategies[0]}) vs synchronous save, {label} run",
+                f"{bg_rate:.2f} vs {sync_rate:.2f} GB/s",
+                f"{bg_rate / sync_rate:.2f}x",
+                ">= 0.9x",
+            )
+        )
+    sample = sample_bytes(state_of(model, optimizer), 64 << 20)
+    del model, optimizer
+    loop = training_overhead(root, args.loop_windows, 50)
+    for label, (mean, half) in (("wall", loop.wall), ("CPU", loop.cpu)):
+        rows.append(
+            row(
+                f"training loop ({loop.step_seconds * 1e3:.0f} ms/step), async save every 50 steps,"
+                f" {label} time, {loop.windows} paired windows",
+                f"{mean * 100:+.2f}% (95% CI {(mean - half) * 100:+.2f}% to "
+                f"{(mean + half) * 100:+.2f}%)",
+                "",
+                "< 2% wall time" if label == "wall" else "",
+            )
+        )
+    zstd_rate, gzip_rate = compression_speeds(sample)
+    rows.append(
+        row(
+            f"zstd (level {ZSTD_LEVEL}, all cores) vs gzip -6, same 64 MiB, best of 3",
+            f"{zstd_rate:.0f} vs {gzip_rate:.0f} MB/s",
+            f"{zstd_rate / gzip_rate:.1f}x",
+            ">= 20x",
+        )
+    )
+    return rows
+
+
+def blocked_rows(times: dict[str, tuple[list[float], list[float]]], device: str) -> list[str]:
+    """Rows for the blocked time of each method, as ratios to the baselines."""
+    baseline = "plain copy"
+    baseline_label = "pinned D2H copy" if device == "cuda" else "plain copy"
+    quiet = statistics.median(times[baseline][1])
+    dcp = times.get("DCP async_save")
+    rows = []
+    for name, (blocked, touched) in times.items():
+        med, best = statistics.median(blocked), min(blocked)
+        ratios = [
+            f"{med / statistics.median(times[baseline][0]):.2f}x {baseline_label}"
+            if name != baseline
+            else "1.00x"
+        ]
+        if dcp is not None and name != "DCP async_save":
+            ratios.append(
+                f"{med / statistics.median(dcp[0]):.2f}x DCP (best {best / min(dcp[0]):.2f}x)"
+            )
+        is_ours = name.endswith("snapshot")
+        goal = ("<= 1.2x pinned copy" if device == "cuda" else "<= 0.5x DCP") if is_ours else ""
+        rows.append(
+            row(
+                f"blocked per save, {name}" + ("" if is_ours else " (baseline)"),
+                f"{med * 1e3:.1f} ms (best {best * 1e3:.1f})",
+                ", ".join(ratios),
+                goal,
+            )
+        )
+        if name != baseline:
+            extra = statistics.median(touched) - quiet
+            rows.append(
+                row(
+                    f"next step after a {name} (changes every tensor)",
+                    f"{extra * 1e3:+.1f} ms",
+                    f"over {quiet * 1e3:.1f} ms after a plain copy",
+                    "",
+                )
+            )
+    return rows
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

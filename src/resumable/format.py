@@ -33,6 +33,7 @@ from typing import Any
 
 import xxhash
 
+from resumable import directio
 from resumable.errors import (
     CheckpointNotFound,
     ConfigError,
@@ -607,7 +608,9 @@ def _write_tensor_file(
         if compression:
             file_info = _write_zstd(fd, header, entries)
         else:
-            _write_buffers(fd, [memoryview(header), *(e.data for e in entries)], kick=True)
+            buffers = [memoryview(header), *(e.data for e in entries)]
+            if not directio.write_direct(fd, buffers):
+                _write_buffers(fd, buffers, kick=True)
             file_info = {"size": len(header) + sum(e.nbytes for e in entries)}
     except BaseException:
         os.close(fd)
