@@ -14,7 +14,8 @@ Prints one table of ratios, every row measured in this run on this machine:
    store's synchronous save;
 4. zstd (as the store writes it) against gzip level 6 on the same bytes.
 
-Run: ``python benchmarks/bench_saver.py [--size-gb 1.0] [--rounds 5] [--dir DIR]``
+Run: ``python benchmarks/bench_saver.py [--size-gb 1.0] [--width 1104] [--rounds 5]
+[--loop-windows 12] [--parts blocked write loop zstd] [--dir DIR]``
 """
 
 from __future__ import annotations
@@ -39,9 +40,15 @@ from resumable.store import CheckpointStore
 SETTLE_SECONDS = 3.0
 
 
-def build_state(size_gb: float, device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """A model whose parameters plus Adam's two moments weigh ``size_gb``."""
-    width = 2048
+def build_state(
+    size_gb: float, width: int, device: str
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A model whose parameters plus Adam's two moments weigh ``size_gb``.
+
+    With the default width, 1 GiB is 73 layers, 584 tensors (146 weights and
+    biases, their two moments and step counts), about what a 1 GiB
+    transformer's state holds.
+    """
     params_per_layer = width * width + width
     layers = max(1, round(size_gb * 2**30 / 12 / params_per_layer))
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)]).to(device)
@@ -67,6 +74,12 @@ def tensors_of(tree: Any) -> list[torch.Tensor]:
 
 def nbytes(tree: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors_of(tree))
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work, so times count what it did (no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def touch_every_parameter(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -167,26 +180,36 @@ def dcp_available() -> bool:
     return dist.is_available()
 
 
+def train_for(seconds: float, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """What the loop does between two saves, as far as memory is concerned."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        touch_every_parameter(model, optimizer)
+        sync()
+
+
 def blocked_times(
     savers: list[Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, rounds: int
 ) -> dict[str, tuple[list[float], list[float]]]:
     """Per saver: seconds blocked per save, and seconds of the next step after it.
 
     Rounds visit the savers in a new random order each time; each save starts
-    after the previous one is durable and the machine has settled, as in a
-    loop that saves every few minutes. The first save of each (allocations)
+    after the previous one is durable and the loop has trained on for
+    ``SETTLE_SECONDS`` (the state is hot, the snapshot buffers are not), as in
+    a loop that saves every few minutes. The first save of each (allocations)
     is not counted.
     """
     results: dict[str, tuple[list[float], list[float]]] = {s.name: ([], []) for s in savers}
     order = random.Random(0)
     for round_index in range(rounds + 1):
         for saver in order.sample(savers, len(savers)):
-            time.sleep(SETTLE_SECONDS)
+            train_for(SETTLE_SECONDS, model, optimizer)
             start = time.perf_counter()
             finish = saver.save(round_index)
             blocked = time.perf_counter() - start
             start = time.perf_counter()
             touch_every_parameter(model, optimizer)  # the next step changes every tensor
+            sync()
             touched = time.perf_counter() - start
             finish()
             if round_index > 0:
@@ -198,25 +221,32 @@ def blocked_times(
 def write_throughputs(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, root: Path, rounds: int
 ) -> dict[str, list[float]]:
-    """GB/s from call to durable commit, synchronous and background, interleaved.
+    """GB/s to durable commit: the synchronous save, and the background save.
 
-    The two alternate, so that the stalls of a shared virtual disk hit both
-    alike; each waits ``SETTLE_SECONDS`` first for the previous write to settle.
+    The background save is timed twice: its write alone (from the return of
+    ``save_async`` to the commit) and from the call (snapshot included). The
+    two kinds alternate, so that the stalls of a shared virtual disk hit both
+    alike; before each, the loop trains on for ``SETTLE_SECONDS`` while the
+    previous write settles.
     """
     store = CheckpointStore(root / "ck-rate", keep_last=1)
-    rates: dict[str, list[float]] = {"sync": [], "background": []}
+    rates: dict[str, list[float]] = {"sync": [], "background write": [], "background call": []}
     size = nbytes(state_of(model, optimizer))
     for step in range(2 * rounds):
-        kind = "sync" if step % 2 == 0 else "background"
-        time.sleep(SETTLE_SECONDS)
+        train_for(SETTLE_SECONDS, model, optimizer)
+        sync()
         start = time.perf_counter()
-        if kind == "sync":
+        if step % 2 == 0:
             store.save(state_of(model, optimizer), step)
-        else:
-            pending = store.save_async(state_of(model, optimizer), step)
-            assert pending is not None
-            pending.wait()
-        rates[kind].append(size / (time.perf_counter() - start) / 1e9)
+            rates["sync"].append(size / (time.perf_counter() - start) / 1e9)
+            continue
+        pending = store.save_async(state_of(model, optimizer), step)
+        returned = time.perf_counter()
+        assert pending is not None
+        pending.wait()
+        end = time.perf_counter()
+        rates["background write"].append(size / (end - returned) / 1e9)
+        rates["background call"].append(size / (end - start) / 1e9)
     store.close()
     shutil.rmtree(root / "ck-rate", ignore_errors=True)
     return rates
@@ -230,7 +260,20 @@ class LoopOverhead:
     windows: int
 
 
-def training_overhead(root: Path, windows: int, every: int) -> LoopOverhead:
+def loop_model(device: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A model and batch whose training step takes tens of milliseconds on ``device``."""
+    width, depth, batch = (4096, 1, 8192) if device == "cuda" else (1024, 1, 256)
+    layers: list[torch.nn.Module] = []
+    for _ in range(depth):
+        layers += [
+            torch.nn.Linear(width, 2 * width),
+            torch.nn.ReLU(),
+            torch.nn.Linear(2 * width, width),
+        ]
+    return torch.nn.Sequential(*layers).to(device), torch.randn(batch, width, device=device)
+
+
+def training_overhead(root: Path, windows: int, every: int, device: str) -> LoopOverhead:
     """Wall and CPU time a save every ``every`` steps adds to a real training loop.
 
     One loop runs ``windows`` pairs of ``every``-step windows; the first
@@ -239,11 +282,8 @@ def training_overhead(root: Path, windows: int, every: int) -> LoopOverhead:
     mean difference within pairs, with its 95% confidence interval.
     """
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(1024, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 1024)
-    )
+    model, data = loop_model(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    data = torch.randn(256, 1024)
 
     def window(store: CheckpointStore | None, step: int) -> tuple[float, float]:
         wall, cpu = time.perf_counter(), time.process_time()
@@ -253,6 +293,7 @@ def training_overhead(root: Path, windows: int, every: int) -> LoopOverhead:
             optimizer.zero_grad()
             model(data).square().mean().backward()
             optimizer.step()
+        sync()
         return time.perf_counter() - wall, time.process_time() - cpu
 
     store = CheckpointStore(root / "ck-loop", keep_last=2)
@@ -315,11 +356,15 @@ def row(name: str, value: str, ratio: str, goal: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gb", type=float, default=1.0)
+    parser.add_argument("--width", type=int, default=1104, help="of the state's linear layers")
     parser.add_argument("--rounds", type=int, default=5, help="saves measured per method")
     parser.add_argument(
         "--dir", type=Path, default=None, help="where to write (default: a temp dir)"
     )
     parser.add_argument("--loop-windows", type=int, default=12, help="pairs of 50-step windows")
+    parser.add_argument(
+        "--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure"
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-saver-", dir=args.dir))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -333,39 +378,75 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+PARTS = ("blocked", "write", "loop", "zstd")
+
+
 def run_benchmarks(args: argparse.Namespace, root: Path, device: str) -> list[str]:
-    model, optimizer = build_state(args.size_gb, device)
+    model, optimizer = build_state(args.size_gb, args.width, device)
     state = state_of(model, optimizer)
+    where = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(
         f"state: {nbytes(state) / 2**30:.2f} GiB in {len(tensors_of(state))} tensors on "
-        f"{device}; torch {torch.__version__}; {args.rounds} rounds"
+        f"{where}; torch {torch.__version__}; {args.rounds} rounds"
     )
     del state
+    rows: list[str] = []
+    if "blocked" in args.parts:
+        rows += blocked_part(model, optimizer, root, device, args.rounds)
+    if "write" in args.parts:
+        rows += write_part(model, optimizer, root, max(args.rounds, 5))
+    sample = sample_bytes(state_of(model, optimizer), 64 << 20)
+    del model, optimizer
+    if "loop" in args.parts:
+        rows += loop_part(root, args.loop_windows, device)
+    if "zstd" in args.parts:
+        rows += zstd_part(sample)
+    return rows
+
+
+def blocked_part(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, root: Path, device: str, rounds: int
+) -> list[str]:
     strategies = ["copy"] if device == "cuda" else ["copy", "fork"]
     savers: list[Any] = [PlainCopy(model, optimizer)]
     savers += [ResumableSave(model, optimizer, root, s) for s in strategies]
     if dcp_available():
         savers.append(DcpAsyncSave(model, optimizer, root))
+    # fork last: after a fork every page of the process, not only the state's,
+    # is write-protected, and the first write to each costs the other methods
+    # a page fault; measured among them, it would slow them down.
+    forked = [s for s in savers if s.name == "fork snapshot"]
     try:
-        times = blocked_times(savers, model, optimizer, args.rounds)
+        times = blocked_times([s for s in savers if s not in forked], model, optimizer, rounds)
+        times.update(blocked_times(forked, model, optimizer, rounds))
     finally:
         for saver in savers:
             saver.close()
-    rows = blocked_rows(times, device)
-    rates = write_throughputs(model, optimizer, root, max(args.rounds, 5))
-    for pick, label in ((max, "best"), (statistics.median, "median")):
-        bg_rate, sync_rate = pick(rates["background"]), pick(rates["sync"])
-        rows.append(
-            row(
-                f"background write ({strategies[0]}) vs synchronous save, {label} run",
-                f"{bg_rate:.2f} vs {sync_rate:.2f} GB/s",
-                f"{bg_rate / sync_rate:.2f}x",
-                ">= 0.9x",
+    return blocked_rows(times, device)
+
+
+def write_part(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, root: Path, rounds: int
+) -> list[str]:
+    rates = write_throughputs(model, optimizer, root, rounds)
+    rows = []
+    for kind, label in (("background write", "its write"), ("background call", "call to commit")):
+        for pick, which in ((max, "best"), (statistics.median, "median")):
+            bg_rate, sync_rate = pick(rates[kind]), pick(rates["sync"])
+            rows.append(
+                row(
+                    f"background save ({label}) vs synchronous save, {which} run",
+                    f"{bg_rate:.2f} vs {sync_rate:.2f} GB/s",
+                    f"{bg_rate / sync_rate:.2f}x",
+                    ">= 0.9x" if kind == "background write" else "",
+                )
             )
-        )
-    sample = sample_bytes(state_of(model, optimizer), 64 << 20)
-    del model, optimizer
-    loop = training_overhead(root, args.loop_windows, 50)
+    return rows
+
+
+def loop_part(root: Path, windows: int, device: str) -> list[str]:
+    loop = training_overhead(root, windows, 50, device)
+    rows = []
     for label, (mean, half) in (("wall", loop.wall), ("CPU", loop.cpu)):
         rows.append(
             row(
@@ -377,16 +458,19 @@ def run_benchmarks(args: argparse.Namespace, root: Path, device: str) -> list[st
                 "< 2% wall time" if label == "wall" else "",
             )
         )
+    return rows
+
+
+def zstd_part(sample: bytes) -> list[str]:
     zstd_rate, gzip_rate = compression_speeds(sample)
-    rows.append(
+    return [
         row(
             f"zstd (level {ZSTD_LEVEL}, all cores) vs gzip -6, same 64 MiB, best of 3",
             f"{zstd_rate:.0f} vs {gzip_rate:.0f} MB/s",
             f"{zstd_rate / gzip_rate:.1f}x",
             ">= 20x",
         )
-    )
-    return rows
+    ]
 
 
 def blocked_rows(times: dict[str, tuple[list[float], list[float]]], device: str) -> list[str]:

@@ -16,8 +16,11 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT
 BOUNCE = directio._BOUNCE_BYTES
 
 
-def _pieces(sizes: list[int]) -> list[memoryview]:
-    return [memoryview(os.urandom(size)) for size in sizes]
+def _pieces(sizes: list[int], writable: bool = False) -> list[memoryview]:
+    """Read-only buffers are copied in GIL-holding slices, writable ones by memmove."""
+    return [
+        memoryview(bytearray(os.urandom(size)) if writable else os.urandom(size)) for size in sizes
+    ]
 
 
 def _write(path: Path, buffers: list[memoryview]) -> bool:
@@ -32,11 +35,20 @@ def _write(path: Path, buffers: list[memoryview]) -> bool:
     "sizes",
     [[], [1], [4096], [BOUNCE], [BOUNCE + 1], [17, BOUNCE - 5, 3 * 4096 + 9, 0, 2 * BOUNCE + 123]],
 )
-def test_the_file_holds_exactly_the_bytes(tmp_path: Path, sizes: list[int]) -> None:
-    buffers = _pieces(sizes)
+@pytest.mark.parametrize("writable", [False, True], ids=["read-only", "writable"])
+def test_the_file_holds_exactly_the_bytes(tmp_path: Path, sizes: list[int], writable: bool) -> None:
+    buffers = _pieces(sizes, writable)
     path = tmp_path / "data"
     assert _write(path, buffers)
     assert path.read_bytes() == b"".join(bytes(b) for b in buffers)
+
+
+def test_only_writable_contiguous_buffers_are_copied_by_address() -> None:
+    data = bytearray(b"abcdefgh")
+    assert directio._address(memoryview(data)) is not None
+    assert directio._address(memoryview(bytes(data))) is None
+    assert directio._address(memoryview(data)[::2]) is None
+    assert directio._address(memoryview(bytearray())) is None
 
 
 def test_buffers_of_any_item_format_are_written_as_bytes(tmp_path: Path) -> None:

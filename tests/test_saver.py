@@ -276,28 +276,6 @@ def test_closing_leaves_no_thread_and_no_child_process(tmp_path: Path) -> None:
     assert psutil.Process(os.getpid()).children() == []
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_tensors_are_staged_in_reused_pinned_buffers(tmp_path: Path) -> None:
-    model = torch.nn.Linear(256, 256).cuda()
-    state = {"model": model.state_dict()}
-    expected = {k: v.cpu() for k, v in state["model"].items()}
-    with CheckpointStore(tmp_path / "ck") as store:
-        pending = store.save_async(state, 1)
-        assert pending is not None
-        with torch.no_grad():
-            model.weight.add_(1.0)
-        loaded = store.load(pending.wait().path)
-        for key, value in expected.items():
-            assert torch.equal(loaded["model"][key], value)
-        pool = store._saver._pool if store._saver else None
-        assert pool is not None and pool._pinned
-        pinned_before = [b.data_ptr() for b in pool._pinned.values()]
-        store.save_async(state, 2)
-        store.wait()
-        assert [b.data_ptr() for b in pool._pinned.values()] == pinned_before
-
-
 def test_saving_state_that_cannot_be_saved_fails_before_anything_is_written(
     tmp_path: Path,
 ) -> None:

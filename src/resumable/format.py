@@ -26,7 +26,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -307,9 +307,9 @@ class _Encoder:
         self.groups.setdefault(group, []).append((value, node, self.unique_key(path)))
         return node
 
-    def finish_tensors(self) -> None:
-        for members in self.groups.values():
-            self.entries.append(_storage_entry(members, self.copy))
+    def finish_tensors(self, host_copies: Mapping[tuple[str, int], Any]) -> None:
+        for group, members in self.groups.items():
+            self.entries.append(_storage_entry(members, self.copy, host_copies.get(group)))
 
 
 def _alignment(itemsize: int) -> int:
@@ -342,34 +342,35 @@ def _byte_view(u8: Any) -> memoryview:
     return memoryview(array).cast("B")
 
 
-def _storage_entry(members: list[tuple[Any, dict[str, Any], str]], copy: bool) -> TensorEntry:
-    """One entry for every tensor that shares a storage (tied weights stored once)."""
+def _storage_entry(
+    members: list[tuple[Any, dict[str, Any], str]], copy: bool, host_copy: Any = None
+) -> TensorEntry:
+    """One entry for every tensor that shares a storage (tied weights stored once).
+
+    ``host_copy``, for a CUDA storage, is a host uint8 tensor already holding
+    a copy of the whole storage: its bytes are used instead of a new copy.
+    """
     torch = sys.modules["torch"]
     first, _, key = members[0]
     storage = first.untyped_storage()
-    sizes = {t.element_size() for t, _, _ in members}
-    dtypes = {t.dtype for t, _, _ in members}
-    widest = max(sizes)
-    start = min(t.storage_offset() * t.element_size() for t, _, _ in members)
-    end = max(_byte_end(t) for t, _, _ in members)
-    start -= start % widest
-    end += -end % widest
+    widest, start, end = _span(members)
     padded = end > storage.nbytes()
     available = min(end, storage.nbytes())
-    u8 = torch.empty(0, dtype=torch.uint8, device=first.device)
-    u8.set_(storage, start, (available - start,), (1,))
+    if host_copy is not None:
+        u8 = host_copy[start:available]
+    else:
+        u8 = torch.empty(0, dtype=torch.uint8, device=first.device)
+        u8.set_(storage, start, (available - start,), (1,))
     if u8.device.type != "cpu":
         u8 = u8.cpu()
-    elif copy or padded:
+    elif (copy or padded) and host_copy is None:
         u8 = u8.clone()
-    if padded:
-        u8 = torch.cat([u8, torch.zeros(end - available, dtype=torch.uint8)])
     for tensor, node, _ in members:
         node["entry"] = key
         node["offset"] = (tensor.storage_offset() * tensor.element_size() - start) // (
             tensor.element_size()
         )
-    only = first.dtype if len(dtypes) == 1 else None
+    only = first.dtype if all(t.dtype == first.dtype for t, _, _ in members) else None
     st_dtype = _TORCH_TO_ST.get(str(only).removeprefix("torch.")) if only is not None else None
     # A member that is exactly the whole span (the usual weight) names the
     # entry and gives it its shape, so safetensors readers see the real tensor.
@@ -395,24 +396,42 @@ def _storage_entry(members: list[tuple[Any, dict[str, Any], str]], copy: bool) -
     return TensorEntry(key, st_dtype, shape, widest, _byte_view(u8), u8)
 
 
+def _span(members: list[tuple[Any, dict[str, Any], str]]) -> tuple[int, int, int]:
+    """The widest element size and the byte range ``[start, end)`` the members cover."""
+    if len(members) == 1 and members[0][0].is_contiguous():  # the usual case, made cheap
+        tensor = members[0][0]
+        size = tensor.element_size()
+        start = tensor.storage_offset() * size
+        return size, start, start + tensor.numel() * size
+    widest = max(t.element_size() for t, _, _ in members)
+    start = min(t.storage_offset() * t.element_size() for t, _, _ in members)
+    end = max(_byte_end(t) for t, _, _ in members)
+    return widest, start - start % widest, end + -end % widest
+
+
 def _byte_end(tensor: Any) -> int:
     extent = sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride(), strict=False) if n > 0)
     return (tensor.storage_offset() + extent + 1) * tensor.element_size()
 
 
-def encode(tree: Any, *, copy: bool = False) -> Encoded:
+def encode(
+    tree: Any, *, copy: bool = False, host_copies: Mapping[tuple[str, int], Any] | None = None
+) -> Encoded:
     """Encode a captured state tree into JSON nodes plus tensor entries.
 
     With ``copy=False`` the entries reference the live tensor memory (CUDA
     tensors are always copied to host memory); the caller must not modify
     the tensors until the entries are written. ``copy=True`` makes a
     private host copy of every buffer (a snapshot a background writer can
-    own). Tensors sharing a storage become one entry. Raises
+    own). Tensors sharing a storage become one entry. ``host_copies`` maps
+    ``(device, storage pointer)`` of CUDA storages to host uint8 tensors that
+    already hold (or are being filled with) a copy of the whole storage, as
+    ``staging.PinnedStaging`` makes; their bytes are not read here. Raises
     ``UnsupportedState`` for values that cannot be stored.
     """
     encoder = _Encoder(copy)
     root = encoder.node(tree, ())
-    encoder.finish_tensors()
+    encoder.finish_tensors(host_copies or {})
     # Widest alignment first: with sizes that are multiples of their alignment
     # and a header padded to 8 bytes, every entry starts aligned.
     encoder.entries.sort(key=lambda entry: -entry.align)

@@ -8,8 +8,9 @@ the loop runs on. One save is in flight at a time.
 Snapshot strategies (``strategy=``):
 
 - ``"copy"`` (the default, ``"auto"``): tensors are copied into host
-  buffers that are reused from one save to the next (pinned memory for CUDA
-  tensors, the copies queued on the device and waited on once), and a
+  buffers that are reused from one save to the next (CUDA tensors into one
+  page-locked arena per device, see ``staging``: the copies are queued on
+  the device, run while the tree is encoded, and are waited on once), and a
   thread writes them. The loop pays one memory copy of the state and
   nothing after it.
 - ``"fork"`` (Linux, CPU state, asked for by name or with
@@ -50,6 +51,7 @@ from typing import Any, Protocol
 
 from resumable import format as fmt
 from resumable.errors import ConfigError, ResumableError, SaveFailed
+from resumable.staging import PinnedStaging, Staged, tensors_in
 from resumable.state import capture, is_torch_tensor
 
 __all__ = ["STRATEGIES", "BackgroundSaver", "PendingSave", "choose_strategy"]
@@ -172,22 +174,10 @@ def _has_device_or_pinned_memory(tree: Any) -> bool:
     if torch is None:
         return False
     cuda_live = torch.cuda.is_available() and torch.cuda.is_initialized()
-    for tensor in _tensors(tree):
+    for tensor in tensors_in(tree):
         if tensor.device.type != "cpu" or (cuda_live and tensor.is_pinned()):
             return True
     return False
-
-
-def _tensors(tree: Any) -> Any:
-    stack = [tree]
-    while stack:
-        value = stack.pop()
-        if is_torch_tensor(value):
-            yield value
-        elif isinstance(value, dict):
-            stack.extend(value.values())
-        elif isinstance(value, (list, tuple, set, frozenset)):
-            stack.extend(value)
 
 
 class BackgroundSaver:
@@ -215,6 +205,7 @@ class BackgroundSaver:
         self._pending: PendingSave | None = None
         self._worker: _Worker | None = None
         self._pool = _BufferPool()
+        self._staging = PinnedStaging()
         self._closed = False
 
     @property
@@ -257,9 +248,8 @@ class BackgroundSaver:
         started = time.perf_counter()
         tree = capture(state)
         strategy = choose_strategy(tree, self.strategy)
-        if strategy == "copy":
-            tree = self._pool.stage_device_tensors(tree)
-        encoded = fmt.encode(tree)
+        staged = self._staging.stage(tree) if strategy == "copy" else Staged()
+        encoded = fmt.encode(tree, host_copies=staged.copies)  # while the device copies run
         staging = self.store.begin(step, name=name)
         pending = PendingSave(step, staging.name, reason)
         job = _Job(staging, encoded, metrics, reason, metadata, pending)
@@ -267,7 +257,9 @@ class BackgroundSaver:
             if strategy == "fork":
                 self._start_fork(job)
             else:
-                job.encoded = self._pool.snapshot(encoded)
+                # Host entries are copied while the device copies still run.
+                job.encoded = self._pool.snapshot(encoded, self._staging.owns)
+                staged.wait()
                 self._run_in_background(lambda: self._write_and_commit(job))
         except BaseException:
             self.store.abort(staging)
@@ -305,6 +297,7 @@ class BackgroundSaver:
                 self._worker.stop()
                 self._worker = None
             self._pool.release()
+            self._staging.release()
 
     # ------------------------------------------------------------ workers
 
@@ -460,28 +453,28 @@ def _as_save_error(exc: BaseException, step: int) -> BaseException:
 
 
 class _BufferPool:
-    """Host buffers reused from one save to the next (pinned for CUDA tensors).
+    """Host buffers reused from one save to the next, one per tensor entry.
 
-    Memory: one buffer per tensor entry (or CUDA storage), so at most one
-    extra copy of the state, allocated at the first save and reused while
-    the sizes stay the same.
+    Memory: at most one extra copy of the host state, allocated at the
+    first save and reused while the sizes stay the same. (CUDA tensors are
+    staged in ``staging.PinnedStaging`` and not copied again here.)
     """
 
     def __init__(self) -> None:
         self._host: dict[str, Any] = {}
-        self._pinned: dict[tuple[int, str], Any] = {}
 
     def release(self) -> None:
         self._host.clear()
-        self._pinned.clear()
 
-    def snapshot(self, encoded: fmt.Encoded) -> fmt.Encoded:
-        """Copy every entry's bytes into a reused buffer; the live tensors are free after."""
-        pinned = {base.data_ptr() for base in self._pinned.values()}
+    def snapshot(self, encoded: fmt.Encoded, private: Callable[[Any], bool]) -> fmt.Encoded:
+        """Copy every entry's bytes into a reused buffer; the live tensors are free after.
+
+        Entries whose owner ``private`` accepts are already private copies.
+        """
         entries = []
         for entry in encoded.entries:
-            if _storage_pointer(entry.owner) in pinned:
-                entries.append(entry)  # already a private pinned copy
+            if is_torch_tensor(entry.owner) and private(entry.owner):
+                entries.append(entry)
                 continue
             buffer = self._host_buffer(entry.key, entry.nbytes)
             _copy_bytes(buffer, entry.data)
@@ -496,61 +489,6 @@ class _BufferPool:
             buffer = bytearray(nbytes)
             self._host[key] = buffer
         return memoryview(buffer)
-
-    def stage_device_tensors(self, tree: Any) -> Any:
-        """Replace CUDA tensors by views of reused pinned host copies.
-
-        Every CUDA storage is copied once (tied weights stay tied), all
-        copies are queued without blocking and waited for together.
-        """
-        torch = sys.modules.get("torch")
-        if torch is None or not any(t.device.type != "cpu" for t in _tensors(tree)):
-            return tree
-        staged: dict[tuple[int, str], Any] = {}
-        result = _map_tensors(
-            tree, lambda t: self._stage(t, staged) if t.device.type != "cpu" else t
-        )
-        for device in {key[1] for key in staged}:
-            torch.cuda.synchronize(device)
-        return result
-
-    def _stage(self, tensor: Any, staged: dict[tuple[int, str], Any]) -> Any:
-        torch = sys.modules["torch"]
-        storage = tensor.untyped_storage()
-        key = (storage.data_ptr(), str(tensor.device))
-        base = staged.get(key)
-        if base is None:
-            base = self._pinned.get(key)
-            if base is None or base.numel() != storage.nbytes():
-                base = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=True)
-                self._pinned[key] = base
-            source = torch.empty(0, dtype=torch.uint8, device=tensor.device)
-            source.set_(storage, 0, (storage.nbytes(),), (1,))
-            base.copy_(source, non_blocking=True)
-            staged[key] = base
-        view = torch.empty(0, dtype=tensor.dtype)
-        return view.set_(
-            base.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride()
-        )
-
-
-def _map_tensors(value: Any, fn: Callable[[Any], Any]) -> Any:
-    """The tree with ``fn`` applied to every tensor (containers rebuilt, same types)."""
-    if is_torch_tensor(value):
-        return fn(value)
-    if isinstance(value, dict):
-        return {k: _map_tensors(v, fn) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_map_tensors(v, fn) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_map_tensors(v, fn) for v in value)
-    return value
-
-
-def _storage_pointer(owner: Any) -> int | None:
-    if is_torch_tensor(owner):
-        return int(owner.untyped_storage().data_ptr())
-    return None
 
 
 def _copy_bytes(target: memoryview, source: memoryview) -> None:
