@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from resumable.format import ZSTD_LEVEL
+from resumable.state import tensors_in
 from resumable.store import CheckpointStore
 
 SETTLE_SECONDS = 3.0
@@ -63,13 +64,7 @@ def state_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[s
 
 
 def tensors_of(tree: Any) -> list[torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        return [t for v in tree.values() for t in tensors_of(v)]
-    if isinstance(tree, (list, tuple)):
-        return [t for v in tree for t in tensors_of(v)]
-    return []
+    return list(tensors_in(tree))
 
 
 def nbytes(tree: Any) -> int:
@@ -233,8 +228,7 @@ def write_throughputs(
     rates: dict[str, list[float]] = {"sync": [], "background write": [], "background call": []}
     size = nbytes(state_of(model, optimizer))
     for step in range(2 * rounds):
-        train_for(SETTLE_SECONDS, model, optimizer)
-        sync()
+        train_for(SETTLE_SECONDS, model, optimizer)  # ends with the GPU idle
         start = time.perf_counter()
         if step % 2 == 0:
             store.save(state_of(model, optimizer), step)
@@ -262,15 +256,11 @@ class LoopOverhead:
 
 def loop_model(device: str) -> tuple[torch.nn.Module, torch.Tensor]:
     """A model and batch whose training step takes tens of milliseconds on ``device``."""
-    width, depth, batch = (4096, 1, 8192) if device == "cuda" else (1024, 1, 256)
-    layers: list[torch.nn.Module] = []
-    for _ in range(depth):
-        layers += [
-            torch.nn.Linear(width, 2 * width),
-            torch.nn.ReLU(),
-            torch.nn.Linear(2 * width, width),
-        ]
-    return torch.nn.Sequential(*layers).to(device), torch.randn(batch, width, device=device)
+    width, batch = (4096, 8192) if device == "cuda" else (1024, 256)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(width, 2 * width), torch.nn.ReLU(), torch.nn.Linear(2 * width, width)
+    )
+    return model.to(device), torch.randn(batch, width, device=device)
 
 
 def training_overhead(root: Path, windows: int, every: int, device: str) -> LoopOverhead:
@@ -298,14 +288,13 @@ def training_overhead(root: Path, windows: int, every: int, device: str) -> Loop
 
     store = CheckpointStore(root / "ck-loop", keep_last=2)
     window(store, 0)  # warm-up, and the buffers' first allocation
-    wall_extra, cpu_extra, plain_wall, plain_cpu = [], [], [], []
+    wall_extra, cpu_extra, plain_wall = [], [], []
     for pair in range(1, windows + 1):
         with_wall, with_cpu = window(store, pair * every)
         without_wall, without_cpu = window(None, 0)
         wall_extra.append(with_wall / without_wall - 1)
         cpu_extra.append(with_cpu / without_cpu - 1)
         plain_wall.append(without_wall)
-        plain_cpu.append(without_cpu)
     store.close()
     shutil.rmtree(root / "ck-loop", ignore_errors=True)
     return LoopOverhead(

@@ -85,6 +85,15 @@ def test_a_small_view_of_a_big_tensor_stores_only_its_span(tmp_path: Path) -> No
     assert fmt.read_tree(directory)["piece"].storage_offset() == 0
 
 
+def test_views_of_mixed_widths_past_the_storage_end_are_padded(tmp_path: Path) -> None:
+    base = torch.arange(6, dtype=torch.uint8)  # 6 bytes; the int32 view makes 4 the widest
+    tree = {"bytes": base, "word": base[:4].view(torch.int32)}
+    (entry,) = fmt.encode(tree).entries
+    assert entry.nbytes == 8 and entry.shape == (8,) and entry.nbytes % entry.align == 0
+    assert bytes(entry.data) == bytes(range(6)) + b"\0\0"
+    assert_same(tree, roundtrip(tmp_path, tree))
+
+
 def test_tied_weights_are_stored_once_and_restored_shared(tmp_path: Path) -> None:
     embedding = torch.randn(100, 16)
     model = torch.nn.Sequential(torch.nn.Embedding(100, 16), torch.nn.Linear(16, 100, bias=False))

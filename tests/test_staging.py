@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from resumable import format as fmt
-from resumable.staging import ALIGN, PinnedStaging, tensors_in
+from resumable.staging import ALIGN, PinnedStaging
+from resumable.state import tensors_in
 from resumable.store import CheckpointStore
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

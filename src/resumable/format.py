@@ -363,8 +363,10 @@ def _storage_entry(
         u8.set_(storage, start, (available - start,), (1,))
     if u8.device.type != "cpu":
         u8 = u8.cpu()
-    elif (copy or padded) and host_copy is None:
+    elif copy and host_copy is None and not padded:
         u8 = u8.clone()
+    if padded:  # a new tensor: the span rounded up to the widest element
+        u8 = torch.cat([u8, torch.zeros(end - available, dtype=torch.uint8)])
     for tensor, node, _ in members:
         node["entry"] = key
         node["offset"] = (tensor.storage_offset() * tensor.element_size() - start) // (

@@ -51,8 +51,8 @@ from typing import Any, Protocol
 
 from resumable import format as fmt
 from resumable.errors import ConfigError, ResumableError, SaveFailed
-from resumable.staging import PinnedStaging, Staged, tensors_in
-from resumable.state import capture, is_torch_tensor
+from resumable.staging import PinnedStaging, Staged
+from resumable.state import capture, is_torch_tensor, tensors_in
 
 __all__ = ["STRATEGIES", "BackgroundSaver", "PendingSave", "choose_strategy"]
 

@@ -23,13 +23,12 @@ import ctypes
 import logging
 import mmap
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from resumable.state import is_torch_tensor
+from resumable.state import tensors_in
 
-__all__ = ["PinnedStaging", "Staged", "tensors_in"]
+__all__ = ["PinnedStaging", "Staged"]
 
 log = logging.getLogger("resumable.staging")
 
@@ -79,8 +78,8 @@ class PinnedStaging:
             return Staged()
         copies: dict[tuple[str, int], Any] = {}
         for device, storages in by_device.items():
-            _, total = _layout(storage for storage, _ in storages.values())
-            copies.update(self._arena_for(device, total).copy_all(storages))
+            offsets, total = _layout(storage for storage, _ in storages.values())
+            copies.update(self._arena_for(device, total).copy_all(storages, offsets))
         torch = sys.modules["torch"]
         return Staged(copies, {torch.device(d) for d in by_device})
 
@@ -118,17 +117,19 @@ class _Arena:
     def contains(self, pointer: int) -> bool:
         return self.pointer <= pointer < self.pointer + self.nbytes
 
-    def copy_all(self, storages: dict[tuple[str, int], tuple[Any, Any]]) -> dict[Any, Any]:
+    def copy_all(
+        self, storages: dict[tuple[str, int], tuple[Any, Any]], offsets: list[int]
+    ) -> dict[Any, Any]:
         """Queue a copy of each storage into the arena; return the host pieces by key.
 
-        ``storages`` maps a key to ``(storage, a tensor on it)``. A piece is
+        ``storages`` maps a key to ``(storage, a tensor on it)``, placed at
+        ``offsets`` in the arena. A piece is
         a host uint8 tensor over the copy's bytes with a storage of its own
         (so the encoder sees one storage per device storage), which keeps
         the arena's memory alive. Pieces are kept for the next save, whose
         layout is usually the same.
         """
         torch = sys.modules["torch"]
-        offsets, _ = _layout(storage for storage, _ in storages.values())
         pieces: dict[Any, Any] = {}
         used: dict[tuple[int, int, Any], tuple[Any, Any]] = {}
         with torch.no_grad():
@@ -215,16 +216,3 @@ def _layout(storages: Any) -> tuple[list[int], int]:
         offsets.append(total)
         total += -(-storage.nbytes() // ALIGN) * ALIGN
     return offsets, max(total, ALIGN)
-
-
-def tensors_in(tree: Any) -> Iterator[Any]:
-    """Every torch tensor of a (captured) tree."""
-    stack = [tree]
-    while stack:
-        value = stack.pop()
-        if is_torch_tensor(value):
-            yield value
-        elif isinstance(value, dict):
-            stack.extend(value.values())
-        elif isinstance(value, (list, tuple, set, frozenset)):
-            stack.extend(value)

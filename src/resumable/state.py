@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from resumable.errors import StateMismatch, UnsupportedState
@@ -65,6 +65,19 @@ def is_numpy_scalar(value: Any) -> bool:
     """True when ``value`` is a numpy scalar such as ``np.float32(1)``."""
     np = _numpy_module()
     return np is not None and isinstance(value, np.generic)
+
+
+def tensors_in(tree: Any) -> Iterator[Any]:
+    """Every torch tensor of a (captured) tree."""
+    stack = [tree]
+    while stack:
+        value = stack.pop()
+        if is_torch_tensor(value):
+            yield value
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend(value)
 
 
 def _refuse(path: tuple[Any, ...], value: Any, hint: str) -> UnsupportedState:
