@@ -3,7 +3,7 @@
 Prints one table of ratios, every row measured in this run on this machine:
 
 1. time the loop is blocked per save of a ~1 GiB torch state (model + Adam):
-   resumable's fork snapshot and reused-buffer copy, against a plain copy of
+   killsafe's fork snapshot and reused-buffer copy, against a plain copy of
    the state into preallocated buffers and against
    ``torch.distributed.checkpoint.async_save`` (single process, gloo);
    on a GPU (when one is visible) the state lives there and the baseline is a
@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from resumable.format import ZSTD_LEVEL
-from resumable.state import tensors_in
-from resumable.store import CheckpointStore
+from killsafe.format import ZSTD_LEVEL
+from killsafe.state import tensors_in
+from killsafe.store import CheckpointStore
 
 SETTLE_SECONDS = 3.0
 
@@ -111,7 +111,7 @@ class PlainCopy:
         self.buffers = []
 
 
-class ResumableSave:
+class KillsafeSave:
     """``CheckpointStore.save_async`` with one snapshot strategy."""
 
     def __init__(
@@ -398,7 +398,7 @@ def blocked_part(
 ) -> list[str]:
     strategies = ["copy"] if device == "cuda" else ["copy", "fork"]
     savers: list[Any] = [PlainCopy(model, optimizer)]
-    savers += [ResumableSave(model, optimizer, root, s) for s in strategies]
+    savers += [KillsafeSave(model, optimizer, root, s) for s in strategies]
     if dcp_available():
         savers.append(DcpAsyncSave(model, optimizer, root))
     # fork last: after a fork every page of the process, not only the state's,

@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from resumable.journal import Journal, encode_record
-from resumable.store import CheckpointStore
+from killsafe.journal import Journal, encode_record
+from killsafe.store import CheckpointStore
 
 
 def portfolio(i: int) -> dict:

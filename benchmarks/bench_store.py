@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 import torch
 
-from resumable.store import CheckpointStore
+from killsafe.store import CheckpointStore
 
 GB = 1e9
 SETTLE_SECONDS = 1.0
@@ -197,11 +197,11 @@ def bench_saves(
         raw_write(views, work / "raw.bin")
 
     rows = {
-        "resumable save (durable)": ours,
+        "killsafe save (durable)": ours,
         "torch.save + fsync + rename": torch_save,
         "safetensors save_file + fsync": safetensors_save,
         "raw write of the bytes + fsync + rename": raw,
-        "resumable save, zstd": ours_zstd,
+        "killsafe save, zstd": ours_zstd,
     }
     times = rounds(rows, clear, repeat)
     return {
@@ -234,9 +234,9 @@ def bench_loads(work: Path, model: Any, opt: Any, nbytes: int, repeat: int) -> d
                 live.copy_(tree["optimizer"]["state"][index][key])
 
     rows = {
-        "resumable load": lambda: into_live(store.load(info)),
-        "resumable load, mmap": lambda: into_live(store.load(info, mmap=True)),
-        "resumable load, mmap, verify=False": lambda: into_live(
+        "killsafe load": lambda: into_live(store.load(info)),
+        "killsafe load, mmap": lambda: into_live(store.load(info, mmap=True)),
+        "killsafe load, mmap, verify=False": lambda: into_live(
             store.load(info, mmap=True, verify=False)
         ),
         "torch.load": lambda: into_live(torch.load(pt, weights_only=True)),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from resumable.progress import Progress
+from killsafe.progress import Progress
 
 
 def per_call_ns(fn: Callable[[int], None], steps: int, repeats: int = 5) -> float:

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from resumable import Run
+from killsafe import Run
 
 STEPS = 200_000
 
@@ -62,7 +62,7 @@ def loader_resume_table() -> None:
     except ImportError:
         print("torch not installed: loader table skipped")
         return
-    from resumable.integrations.torch import ResumableLoader
+    from killsafe.integrations.torch import ResumableLoader
 
     length, batch = 1_000_000, 1
     dataset = torch.utils.data.TensorDataset(torch.arange(length))

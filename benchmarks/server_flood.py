@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from resumable import Run
-from resumable.store import CheckpointStore
+from killsafe import Run
+from killsafe.store import CheckpointStore
 
 STEPS_EACH = 600
 REQUESTS = 1000

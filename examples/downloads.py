@@ -13,7 +13,7 @@ last checkpoint::
 
 The last line printed is ``result: ...`` (items, bytes and a digest of all
 files): the same for an uninterrupted run and for one stopped and resumed.
-``--small`` or ``RESUMABLE_EXAMPLE_SMALL=1`` fetches fewer items.
+``--small`` or ``KILLSAFE_EXAMPLE_SMALL=1`` fetches fewer items.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import os
 import urllib.request
 from pathlib import Path
 
-import resumable
+import killsafe
 
 
 def fetch(url: str, target: Path, timeout: float = 30) -> int:
@@ -58,16 +58,16 @@ def fsync_dir(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    resumable.add_arguments(parser, directory="runs/downloads")
+    killsafe.add_arguments(parser, directory="runs/downloads")
     parser.add_argument("--base-url", required=True, help="where item-NNNNN are served")
     parser.add_argument("--items", type=int, default=None)
     parser.add_argument("--small", action="store_true", help="fewer items, for tests")
     args = parser.parse_args(argv)
-    small = args.small or os.environ.get("RESUMABLE_EXAMPLE_SMALL") == "1"
+    small = args.small or os.environ.get("KILLSAFE_EXAMPLE_SMALL") == "1"
     n_items = args.items or (40 if small else 2000)
     done: dict[str, int] = {}  # item -> size, recorded after the rename
 
-    with resumable.Run.from_args(args, total_steps=n_items, save_every_steps=5) as run:
+    with killsafe.Run.from_args(args, total_steps=n_items, save_every_steps=5) as run:
         run.track(done=done)
         files = Path(run.directory) / "files"
         files.mkdir(exist_ok=True)

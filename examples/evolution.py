@@ -16,7 +16,7 @@ its own JSON file, written atomically, to ``DIR/best/gen-NNNNN.json``::
 
 The last line printed is ``result: ...``: the same for an uninterrupted run and
 for one stopped and resumed with the same ``--dir``. ``--small`` or
-``RESUMABLE_EXAMPLE_SMALL=1`` runs a tiny version.
+``KILLSAFE_EXAMPLE_SMALL=1`` runs a tiny version.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import resumable
+import killsafe
 
 N_INPUTS = 2  # plus one bias input
 CASES = [((a, b), float(a ^ b)) for a in (0, 1) for b in (0, 1)]  # XOR
@@ -251,20 +251,20 @@ def genome_sha(genome: Genome) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    resumable.add_arguments(parser, directory="runs/evolution")
+    killsafe.add_arguments(parser, directory="runs/evolution")
     parser.add_argument("--generations", type=int, default=None)
     parser.add_argument("--population", type=int, default=None)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--small", action="store_true", help="a tiny run for tests")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    small = args.small or os.environ.get("RESUMABLE_EXAMPLE_SMALL") == "1"
+    small = args.small or os.environ.get("KILLSAFE_EXAMPLE_SMALL") == "1"
     generations = args.generations or (20 if small else 300)
     evo = Evolution(args.population or (40 if small else 200), seed=args.seed)
     record = {"best_fitness": -1.0, "best_sha": "", "generation": -1}
 
     context = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
-    with resumable.Run.from_args(
+    with killsafe.Run.from_args(
         args, total_steps=generations, save_every_steps=5, best=("best_fitness", "max")
     ) as run:
         run.track(evolution=evo, record=record)

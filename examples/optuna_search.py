@@ -15,13 +15,13 @@ RUNNING or FAIL, and checkpointed with the rest. The search ends with exactly
 With ``--storage sqlite:///runs/search.db`` the trials live in Optuna's own
 storage, each with the sampler state after it, and the checkpoint (written
 after every trial) carries only the sampler state. After a SIGKILL the trial
-that was running is marked FAIL (``resumable:stale``) and proposed again.
+that was running is marked FAIL (``killsafe:stale``) and proposed again.
 
 The last line printed is ``result: ...`` (finished trials, best value, a
 digest of all finished trials' parameters): the same for an uninterrupted
 search and for one stopped and resumed. The line before it, ``trials: ...``,
 counts the trials by state: only COMPLETE ones, except the one FAIL a kill
-leaves in an Optuna storage. ``--small`` or ``RESUMABLE_EXAMPLE_SMALL=1`` runs
+leaves in an Optuna storage. ``--small`` or ``KILLSAFE_EXAMPLE_SMALL=1`` runs
 fewer trials of a cheaper objective.
 """
 
@@ -37,8 +37,8 @@ from pathlib import Path
 
 import optuna
 
-import resumable
-from resumable.integrations.optuna import StudyState, finished_trials
+import killsafe
+from killsafe.integrations.optuna import StudyState, finished_trials
 
 
 def objective(trial: optuna.Trial, work: int) -> float:
@@ -65,13 +65,13 @@ def objective(trial: optuna.Trial, work: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    resumable.add_arguments(parser, directory="runs/optuna_search")
+    killsafe.add_arguments(parser, directory="runs/optuna_search")
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--storage", default=None, help="an Optuna storage URL (sqlite:///...)")
     parser.add_argument("--small", action="store_true", help="a tiny run for tests")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    small = args.small or os.environ.get("RESUMABLE_EXAMPLE_SMALL") == "1"
+    small = args.small or os.environ.get("KILLSAFE_EXAMPLE_SMALL") == "1"
     n_trials = args.trials or (20 if small else 150)
     work = 3000 if small else 100_000
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -84,11 +84,11 @@ def main(argv: list[str] | None = None) -> None:
         load_if_exists=args.storage is not None,
     )
     in_storage = args.storage is not None
-    with resumable.Run.from_args(
+    with killsafe.Run.from_args(
         args,
         total_steps=n_trials,
         save_every_steps=1 if in_storage else 5,
-        save=resumable.OnImprovement("best", mode="min"),  # and whenever the best improves
+        save=killsafe.OnImprovement("best", mode="min"),  # and whenever the best improves
         best=("value", "min"),
     ) as run:
         owner = str(Path(run.directory).resolve())

@@ -3,7 +3,7 @@
 The bot trades a few symbols on a simulated market (a seeded random walk per
 tick) with a moving-average crossover. After every tick with a trade, the
 whole bot state (cash, positions, the trade log, the price windows of the
-strategy, the tick) is appended to a ``resumable.journal.Journal``: one write
+strategy, the tick) is appended to a ``killsafe.journal.Journal``: one write
 and one fdatasync, about the cost of a SQLite commit, so not one trade is
 lost to a crash or a power cut. Every ``--save-every`` records (default 200)
 the journal is compacted into a regular checkpoint. Ticks without a trade are
@@ -19,7 +19,7 @@ checkpoints kept, ``--resume never --clear`` starts over, ``--progress-every``
 the seconds between progress lines (``--serve`` needs a ``Run`` and is
 ignored). The last line printed is ``result: ...``: the same for an
 uninterrupted run and for one stopped and resumed with the same ``--dir``. ``--small`` or
-``RESUMABLE_EXAMPLE_SMALL=1`` runs fewer ticks.
+``KILLSAFE_EXAMPLE_SMALL=1`` runs fewer ticks.
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import resumable
-from resumable.arguments import options_from_args
-from resumable.errors import ConfigError, ResumableError
-from resumable.interrupt import StopRequests
-from resumable.journal import Journal
+import killsafe
+from killsafe.arguments import options_from_args
+from killsafe.errors import ConfigError, KillsafeError
+from killsafe.interrupt import StopRequests
+from killsafe.journal import Journal
 
 SYMBOLS = ("AAPL", "MSFT", "NVDA", "AMZN", "GOOG")
 FAST, SLOW = 5, 20
@@ -120,13 +120,13 @@ def open_journal(options: dict[str, Any], small: bool) -> Journal:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    resumable.add_arguments(parser, directory="runs/paper_trading")
+    killsafe.add_arguments(parser, directory="runs/paper_trading")
     parser.add_argument("--ticks", type=int, default=None)
     parser.add_argument("--small", action="store_true", help="a tiny run for tests")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     options = options_from_args(args)
-    small = args.small or os.environ.get("RESUMABLE_EXAMPLE_SMALL") == "1"
+    small = args.small or os.environ.get("KILLSAFE_EXAMPLE_SMALL") == "1"
     ticks = args.ticks or (2000 if small else 60_000)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log = logging.getLogger("paper_trading")
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     stops.install()
     try:
         journal = open_journal(options, small)
-    except ResumableError as exc:
+    except KillsafeError as exc:
         stops.restore()
         parser.exit(2, f"error: {exc}\n")
     last_compact = last_progress = started

@@ -1,4 +1,4 @@
-"""Reinforcement learning by episodes, resumable from the next episode.
+"""Reinforcement learning by episodes, killsafe from the next episode.
 
 A DQN-style agent (a linear Q-function over features, trained with numpy)
 learns a noisy corridor task from a replay buffer of numpy arrays. One step is
@@ -12,7 +12,7 @@ exactly what an uninterrupted run draws::
 
 The last line printed is ``result: ...``: the same for an uninterrupted run and
 for one stopped (Ctrl+C, SIGTERM, SIGKILL) and resumed with the same ``--dir``.
-``--small`` or ``RESUMABLE_EXAMPLE_SMALL=1`` runs a tiny version.
+``--small`` or ``KILLSAFE_EXAMPLE_SMALL=1`` runs a tiny version.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-import resumable
+import killsafe
 
 N_STATES = 24
 N_ACTIONS = 2  # left, right
@@ -157,12 +157,12 @@ class Agent:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    resumable.add_arguments(parser, directory="runs/rl_episodes")
+    killsafe.add_arguments(parser, directory="runs/rl_episodes")
     parser.add_argument("--episodes", type=int, default=None)
     parser.add_argument("--small", action="store_true", help="a tiny run for tests")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    small = args.small or os.environ.get("RESUMABLE_EXAMPLE_SMALL") == "1"
+    small = args.small or os.environ.get("KILLSAFE_EXAMPLE_SMALL") == "1"
     episodes = args.episodes or (150 if small else 2000)
 
     env = Corridor(length=12 if small else 16, slip=0.1)
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     buffer = ReplayBuffer(capacity=2000 if small else 50_000)
     stats = {"returns": 0.0, "solved": 0, "env_steps": 0}
 
-    with resumable.Run.from_args(
+    with killsafe.Run.from_args(
         args, total_steps=episodes, save_every_steps=10, keep_last=2, best=("return", "max")
     ) as run:
         run.track(agent=agent, buffer=buffer, stats=stats)

@@ -11,14 +11,14 @@ encoder can be loaded on its own::
     python examples/train_torch.py --dir runs/torch          # Ctrl+C, then again:
     python examples/train_torch.py --dir runs/torch          # continues
 
-    store = resumable.CheckpointStore("runs/torch/checkpoints")
+    store = killsafe.CheckpointStore("runs/torch/checkpoints")
     config = store.load("latest", subtree="config")
     encoder = build_encoder(config)
     encoder.load_state_dict(store.load("latest", subtree="encoder"))
 
 The last line printed is ``result: ...``: the same for an uninterrupted run and
 for one stopped and resumed any number of times. ``--small`` (or the
-environment variable ``RESUMABLE_EXAMPLE_SMALL=1``) runs a tiny version.
+environment variable ``KILLSAFE_EXAMPLE_SMALL=1``) runs a tiny version.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-import resumable
-from resumable.integrations.torch import ResumableLoader
+import killsafe
+from killsafe.integrations.torch import ResumableLoader
 
 
 def build_encoder(config: dict[str, Any]) -> nn.Module:
@@ -74,12 +74,12 @@ def params_sha(*modules: nn.Module) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    resumable.add_arguments(parser, directory="runs/train_torch")
+    killsafe.add_arguments(parser, directory="runs/train_torch")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--small", action="store_true", help="a tiny run for tests")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    small = args.small or os.environ.get("RESUMABLE_EXAMPLE_SMALL") == "1"
+    small = args.small or os.environ.get("KILLSAFE_EXAMPLE_SMALL") == "1"
 
     torch.set_num_threads(1)  # bit-identical results between runs
     torch.manual_seed(args.seed)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         decoder.train()
         return loss
 
-    with resumable.Run.from_args(
+    with killsafe.Run.from_args(
         args,
         total_steps=total,
         save_every_steps=max(1, per_epoch // 2),
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def show_encoder_alone(directory: Path) -> None:
     """Rebuild the encoder from the best checkpoint alone: its config and its weights."""
-    store = resumable.CheckpointStore(directory / "checkpoints", best=("val_loss", "min"))
+    store = killsafe.CheckpointStore(directory / "checkpoints", best=("val_loss", "min"))
     best = store.best() or store.latest()
     assert best is not None
     config = store.load(best, subtree="config")

@@ -9,9 +9,9 @@ python3 -m pip install --quiet --disable-pip-version-check -c constraints.txt -e
 
 # The dashboard tests drive Debian's chromium through Playwright (installed by
 # the test extra above); Playwright's own browser download cannot work on
-# machines without general network access. RESUMABLE_CHROMIUM may name another
+# machines without general network access. KILLSAFE_CHROMIUM may name another
 # chromium binary.
-if [ -z "${RESUMABLE_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+if [ -z "${KILLSAFE_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null; then
             echo "could not install chromium with apt-get: browser tests will be skipped" >&2

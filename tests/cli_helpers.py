@@ -12,9 +12,9 @@ from typing import Any
 
 
 def cli(*args: str | os.PathLike[str], cwd: Path | None = None, timeout: float = 120) -> Any:
-    """Run ``python -m resumable ARGS`` and return the CompletedProcess (text)."""
+    """Run ``python -m killsafe ARGS`` and return the CompletedProcess (text)."""
     return subprocess.run(
-        [sys.executable, "-m", "resumable", *map(str, args)],
+        [sys.executable, "-m", "killsafe", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -8,7 +8,7 @@ import sys
 import pytest
 from cli_helpers import assert_one_line_error, cli
 
-from resumable.cli import build_parser
+from killsafe.cli import build_parser
 
 
 def mounted_commands() -> list[str]:
@@ -28,7 +28,7 @@ def test_help_lists_every_command() -> None:
 def test_help_imports_no_optional_dependency() -> None:
     code = (
         "import sys\n"
-        "from resumable.cli import main\n"
+        "from killsafe.cli import main\n"
         "try:\n"
         "    main(['--help'])\n"
         "except SystemExit:\n"
@@ -47,19 +47,19 @@ def test_every_command_has_its_own_help(command: str) -> None:
         pytest.skip(f"{command} is not mounted in this tree")
     out = cli(command, "--help")
     assert out.returncode == 0
-    assert out.stdout.startswith("usage: resumable " + command)
+    assert out.stdout.startswith("usage: killsafe " + command)
 
 
 def test_an_unknown_command_exits_2_with_one_line() -> None:
     out = cli("frobnicate")
-    assert_one_line_error(out, 2, "invalid choice: 'frobnicate'", "resumable --help")
+    assert_one_line_error(out, 2, "invalid choice: 'frobnicate'", "killsafe --help")
 
 
 def test_an_unknown_flag_exits_2_with_one_line() -> None:
     out = cli("list", ".", "--no-such-flag-at-all")
-    assert_one_line_error(out, 2, "resumable list: error: unrecognized arguments")
+    assert_one_line_error(out, 2, "killsafe list: error: unrecognized arguments")
     out = cli("run", "--max-restarts", "x", "--", "true")
-    assert_one_line_error(out, 2, "invalid int value: 'x'", "resumable run --help")
+    assert_one_line_error(out, 2, "invalid int value: 'x'", "killsafe run --help")
 
 
 def test_no_command_prints_help_and_exits_2() -> None:
@@ -70,4 +70,4 @@ def test_no_command_prints_help_and_exits_2() -> None:
 
 def test_version() -> None:
     out = cli("--version")
-    assert out.returncode == 0 and out.stdout.startswith("resumable ")
+    assert out.returncode == 0 and out.stdout.startswith("killsafe ")

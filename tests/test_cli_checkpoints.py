@@ -1,4 +1,4 @@
-"""``resumable list / inspect / verify / prune / diff`` through real subprocesses."""
+"""``killsafe list / inspect / verify / prune / diff`` through real subprocesses."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from cli_helpers import assert_one_line_error, cli, cli_json, snapshot
 
 np = pytest.importorskip("numpy")
-store_module = pytest.importorskip("resumable.store")
+store_module = pytest.importorskip("killsafe.store")
 
 
 def weights(seed: int) -> dict[str, object]:
@@ -97,7 +97,7 @@ def test_list_on_a_terminal_is_a_rich_table(run_dir: Path) -> None:
     leader, follower = pty.openpty()
     env = {**os.environ, "COLUMNS": "160", "TERM": "xterm"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "resumable", "list", str(run_dir)],
+        [sys.executable, "-m", "killsafe", "list", str(run_dir)],
         stdout=follower,
         stderr=subprocess.PIPE,
         env=env,
@@ -340,7 +340,7 @@ def test_inspect_text_lists_metadata_and_every_path(run_dir: Path) -> None:
 
 
 def test_inspect_of_a_run_directory_says_to_pick_a_checkpoint(run_dir: Path) -> None:
-    assert_one_line_error(cli("inspect", run_dir), 2, "resumable list")
+    assert_one_line_error(cli("inspect", run_dir), 2, "killsafe list")
 
 
 # --- diff -----------------------------------------------------------------------------

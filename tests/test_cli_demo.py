@@ -1,5 +1,5 @@
-"""``resumable demo``: a real training run with its dashboard, stopped with Ctrl+C
-(SIGINT) and resumed; killed under ``resumable run`` and restarted."""
+"""``killsafe demo``: a real training run with its dashboard, stopped with Ctrl+C
+(SIGINT) and resumed; killed under ``killsafe run`` and restarted."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ STEPS = 400  # a few seconds: the default (about two minutes) is for people
 
 
 def demo_command(run_dir: Path, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "resumable", "demo", str(run_dir), "--steps", str(STEPS), *flags]
+    return [sys.executable, "-m", "killsafe", "demo", str(run_dir), "--steps", str(STEPS), *flags]
 
 
 def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen[str], timeout: float = 120) -> None:
@@ -70,8 +70,8 @@ def test_the_demo_serves_stops_on_ctrl_c_and_the_same_command_finishes_it(
     assert run["status"] == "stopped" and run["exit_reason"] == "keyboard", run
     stopped_at = run["sessions"][-1]["end_step"]
     assert 0 < stopped_at < STEPS
-    assert f"resumable demo {run_dir}" in out  # what to try next, with the real directory
-    assert f"resumable report {run_dir}" in out
+    assert f"killsafe demo {run_dir}" in out  # what to try next, with the real directory
+    assert f"killsafe report {run_dir}" in out
     with pytest.raises(httpx.TransportError):  # the dashboard ended with the run
         httpx.get(url + "api/status", timeout=5)
 
@@ -86,7 +86,7 @@ def test_the_demo_serves_stops_on_ctrl_c_and_the_same_command_finishes_it(
     assert [s["start_step"] for s in run["sessions"]] == [0, stopped_at]
     steps = [json.loads(line)["step"] for line in (run_dir / "history.jsonl").open()]
     assert len(steps) == len(set(steps)) == STEPS  # every step once: nothing lost or redone
-    assert "resumable report:" in again.stdout and (run_dir / "report.txt").exists()
+    assert "killsafe report:" in again.stdout and (run_dir / "report.txt").exists()
     assert f"({run_dir} is finished)" in again.stdout
     report = json.loads((run_dir / "report.json").read_text())
     assert report["status"] == "finished"
@@ -95,7 +95,7 @@ def test_the_demo_serves_stops_on_ctrl_c_and_the_same_command_finishes_it(
 def test_the_demo_killed_under_the_supervisor_is_restarted_and_finishes(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     run_dir = tmp_path / "demo"
-    supervisor = [sys.executable, "-m", "resumable", "run", "--backoff", "0", "--"]
+    supervisor = [sys.executable, "-m", "killsafe", "run", "--backoff", "0", "--"]
     proc = subprocess.Popen(
         [*supervisor, *demo_command(run_dir, "--no-serve")],
         stdout=subprocess.PIPE,
@@ -117,12 +117,12 @@ def test_the_demo_killed_under_the_supervisor_is_restarted_and_finishes(tmp_path
     assert run["status"] == "finished"
     assert [(r["attempt"], r["signal"]) for r in run["restarts"]] == [(1, "SIGKILL")]
     assert len(run["sessions"]) == 2 and run["sessions"][1]["start_step"] > 0
-    assert "resumable report:" in out
+    assert "killsafe report:" in out
 
 
 def test_the_demo_without_torch_says_how_to_install_it(tmp_path: Path) -> None:
     code = (
-        "import sys; sys.modules['torch'] = None; from resumable.cli import main; "
+        "import sys; sys.modules['torch'] = None; from killsafe.cli import main; "
         f"raise SystemExit(main(['demo', {str(tmp_path / 'demo')!r}]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -133,7 +133,7 @@ def test_the_demo_without_torch_says_how_to_install_it(tmp_path: Path) -> None:
 def test_the_demo_without_the_server_says_how_to_get_the_dashboard(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     code = (
-        "import sys; sys.modules['fastapi'] = None; from resumable.cli import main; "
+        "import sys; sys.modules['fastapi'] = None; from killsafe.cli import main; "
         f"raise SystemExit(main(['demo', {str(tmp_path / 'demo')!r}, '--steps', '20']))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

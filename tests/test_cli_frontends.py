@@ -1,4 +1,4 @@
-"""``resumable report`` and ``resumable preflight``: the front ends the CLI mounts."""
+"""``killsafe report`` and ``killsafe preflight``: the front ends the CLI mounts."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def test_preflight_go_and_no_go(tmp_path: Path) -> None:
     result = cli_json("preflight", "--dir", tmp_path / "new-run")
     assert result["ok"] is True
     failed = cli_json(
-        "preflight", "--dir", tmp_path, "--require", "no_such_package_resumable_xyz", expect=1
+        "preflight", "--dir", tmp_path, "--require", "no_such_package_killsafe_xyz", expect=1
     )
     assert failed["ok"] is False
 

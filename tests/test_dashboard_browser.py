@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-import resumable
+import killsafe
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -32,12 +32,12 @@ except ImportError as exc:  # the test extra installs it: its absence is a broke
         "playwright is missing: run scripts/test-setup.sh, "
         "or pip install -c constraints.txt -e '.[test]'"
     ) from exc
-store_module = pytest.importorskip("resumable.store")
+store_module = pytest.importorskip("killsafe.store")
 np = pytest.importorskip("numpy")
 
-from resumable import runfiles  # noqa: E402
-from resumable.history import History  # noqa: E402
-from resumable.server import ServerHandle, serve_in_thread  # noqa: E402
+from killsafe import runfiles  # noqa: E402
+from killsafe.history import History  # noqa: E402
+from killsafe.server import ServerHandle, serve_in_thread  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
@@ -54,7 +54,7 @@ WAIT_MS = 15_000
 
 
 class SimulatedRun(threading.Thread):
-    """A small loop that behaves like ``resumable.Run`` towards the run directory."""
+    """A small loop that behaves like ``killsafe.Run`` towards the run directory."""
 
     def __init__(self, run_dir: Path, total_steps: int = 100_000):
         super().__init__(name="simulated-run", daemon=True)
@@ -150,8 +150,8 @@ class SimulatedRun(threading.Thread):
 
 
 def find_chromium() -> str | None:
-    """$RESUMABLE_CHROMIUM, else Debian's chromium (scripts/test-setup.sh installs it as root)."""
-    given = os.environ.get("RESUMABLE_CHROMIUM")
+    """$KILLSAFE_CHROMIUM, else Debian's chromium (scripts/test-setup.sh installs it as root)."""
+    given = os.environ.get("KILLSAFE_CHROMIUM")
     if given:
         return given
     for candidate in CHROMIUM_CANDIDATES:
@@ -167,7 +167,7 @@ def browser_page() -> Iterator[Any]:
     if chromium is None:
         pytest.skip(
             "chromium is not installed: apt-get install chromium (scripts/test-setup.sh does it "
-            "as root), or point RESUMABLE_CHROMIUM at a chromium binary"
+            "as root), or point KILLSAFE_CHROMIUM at a chromium binary"
         )
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
@@ -205,8 +205,8 @@ def live_run(tmp_path: Path) -> Iterator[tuple[SimulatedRun, ServerHandle]]:
 
 
 def screenshot(page: Any, tmp_path: Path, name: str) -> Path:
-    """Keep a screenshot next to the test's files (and in $RESUMABLE_SCREENSHOTS if set)."""
-    folder = Path(os.environ.get("RESUMABLE_SCREENSHOTS", tmp_path))
+    """Keep a screenshot next to the test's files (and in $KILLSAFE_SCREENSHOTS if set)."""
+    folder = Path(os.environ.get("KILLSAFE_SCREENSHOTS", tmp_path))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
@@ -301,10 +301,10 @@ def test_a_wrong_token_is_asked_for_again(
 
 TRAIN_SCRIPT = """
 import sys, time
-import resumable
+import killsafe
 
 run_dir, port = sys.argv[1], int(sys.argv[2])
-with resumable.Run(run_dir, total_steps=1_000_000, serve=port, keyboard=False,
+with killsafe.Run(run_dir, total_steps=1_000_000, serve=port, keyboard=False,
                    progress=False, report=False) as run:
     run.track(weights=[0.0] * 16)
     for step in run.steps():
@@ -324,8 +324,8 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_save_and_stop_a_real_run_from_the_page(browser_page: Any, tmp_path: Path) -> None:
-    if not hasattr(resumable, "Run"):
-        pytest.skip("resumable.Run has not landed in this tree yet")
+    if not hasattr(killsafe, "Run"):
+        pytest.skip("killsafe.Run has not landed in this tree yet")
     expect = sync_api.expect
     page = browser_page
     run_dir = tmp_path / "run"

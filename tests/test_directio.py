@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from resumable import directio
+from killsafe import directio
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT here")
 
@@ -69,7 +69,7 @@ def test_the_descriptor_is_left_without_o_direct(tmp_path: Path) -> None:
 
 
 def test_switched_off_by_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RESUMABLE_DIRECT_IO", "0")
+    monkeypatch.setenv("KILLSAFE_DIRECT_IO", "0")
     path = tmp_path / "data"
     assert not _write(path, _pieces([5000]))
     assert path.read_bytes() == b""
@@ -119,13 +119,13 @@ def test_a_checkpoint_is_the_same_file_either_way(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     torch = pytest.importorskip("torch")
-    from resumable import format as fmt
-    from resumable.store import CheckpointStore
+    from killsafe import format as fmt
+    from killsafe.store import CheckpointStore
 
     state = {"w": torch.arange(1_000_003, dtype=torch.float32), "b": torch.ones(7)}
     files = []
     for setting in ("1", "0"):
-        monkeypatch.setenv("RESUMABLE_DIRECT_IO", setting)
+        monkeypatch.setenv("KILLSAFE_DIRECT_IO", setting)
         store = CheckpointStore(tmp_path / f"store-{setting}")
         info = store.save(state, 1)
         store.close()

@@ -25,20 +25,20 @@ from pathlib import Path
 import psutil
 import pytest
 
-import resumable
+import killsafe
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not hasattr(resumable, "Run"), reason="resumable.Run has not landed"),
+    pytest.mark.skipif(not hasattr(killsafe, "Run"), reason="killsafe.Run has not landed"),
 ]
 
 
 def start(
     example: str, run_dir: Path, *extra: str, new_session: bool = False
 ) -> subprocess.Popen[str]:
-    env = dict(os.environ, RESUMABLE_EXAMPLE_SMALL="1")
+    env = dict(os.environ, KILLSAFE_EXAMPLE_SMALL="1")
     return subprocess.Popen(
         [sys.executable, str(EXAMPLES / f"{example}.py"), "--dir", str(run_dir), *extra],
         stdout=subprocess.PIPE,
@@ -203,7 +203,7 @@ def test_train_torch_model_rebuilds_from_a_checkpoint_alone(
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
 
-    store = resumable.CheckpointStore(run_dir / "checkpoints", best=("val_loss", "min"))
+    store = killsafe.CheckpointStore(run_dir / "checkpoints", best=("val_loss", "min"))
     latest, best = store.latest(), store.best()
     assert latest is not None and best is not None
     # The best checkpoint is kept (besides the newest ones): the best validation.
@@ -263,7 +263,7 @@ def test_rl_episodes_resume_from_the_next_episode(
 def test_rl_replay_buffer_is_restored_exactly(tmp_path_factory: pytest.TempPathFactory) -> None:
     np = pytest.importorskip("numpy")
     reference("rl_episodes", tmp_path_factory)
-    store = resumable.CheckpointStore(_reference_dirs[("rl_episodes",)] / "checkpoints")
+    store = killsafe.CheckpointStore(_reference_dirs[("rl_episodes",)] / "checkpoints")
     buffer = store.load("latest", subtree="buffer")
     assert buffer["obs"].dtype == np.float32 and buffer["dones"].dtype == np.bool_
     assert buffer["actions"].dtype == np.int64 and buffer["obs"].shape == (2000, 24)
@@ -459,7 +459,7 @@ def test_optuna_search_reaches_exactly_n_trials(
     assert counts["COMPLETE"] == n_trials and set(counts) <= {"COMPLETE", "FAIL"}
     study = optuna.load_study(study_name="example", storage=extra[1])
     for failed in (t for t in study.trials if t.state.name == "FAIL"):
-        assert failed.system_attrs["resumable:stale"] is True
+        assert failed.system_attrs["killsafe:stale"] is True
         again = study.trials[failed.number + 1].params
         assert failed.params.items() <= again.items()
 

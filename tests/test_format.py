@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from roundtrip_helpers import assert_same, tensor_bytes
 
-from resumable import format as fmt
-from resumable.errors import CheckpointNotFound, CorruptCheckpoint, UnsupportedFormat
+from killsafe import format as fmt
+from killsafe.errors import CheckpointNotFound, CorruptCheckpoint, UnsupportedFormat
 
 ALL_DTYPES = [
     d
@@ -153,7 +153,7 @@ def test_numpy_arrays_and_scalars_round_trip(tmp_path: Path) -> None:
     loaded["c"][0, 0] = 99  # arrays are writable
 
 
-def test_safetensors_reads_the_weights_without_resumable(tmp_path: Path) -> None:
+def test_safetensors_reads_the_weights_without_killsafe(tmp_path: Path) -> None:
     from safetensors import safe_open
 
     tree = {
@@ -335,7 +335,7 @@ def test_missing_directory_and_non_checkpoint_directory(tmp_path: Path) -> None:
 
 def test_newer_format_version_is_refused(checkpoint: Path) -> None:
     edit_manifest(checkpoint, lambda m: m.update(format_version=99))
-    with pytest.raises(UnsupportedFormat, match="upgrade resumable"):
+    with pytest.raises(UnsupportedFormat, match="upgrade killsafe"):
         fmt.read_manifest(checkpoint)
 
 
@@ -347,7 +347,7 @@ def test_newer_format_version_is_refused(checkpoint: Path) -> None:
         (lambda m: m.update(metrics=[1]), "metrics must be dict"),
         (lambda m: m.update(tree="x"), "tree must be dict"),
         (lambda m: m.update(name=3), "name must be"),
-        (lambda m: m.update(format="other"), "not a resumable manifest"),
+        (lambda m: m.update(format="other"), "not a killsafe manifest"),
         (
             lambda m: m["files"].update({"../../etc/passwd": {"size": 1, "xxh3": "0"}}),
             "not a checkpoint file",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import resumable.errors
+import killsafe.errors
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = (ROOT / "docs" / "guide.md").read_text()
@@ -24,7 +24,7 @@ def test_troubleshooting_explains_every_error_class() -> None:
         m.group(1): m.group(2)
         for m in re.finditer(r"^\| `(\w+)` \| (.+?) \| (.+?) \|$", section("Troubleshooting"), re.M)
     }
-    errors = [n for n in resumable.errors.__all__ if n != "ResumableError"]
+    errors = [n for n in killsafe.errors.__all__ if n != "KillsafeError"]
     assert sorted(rows) == sorted(errors)
     assert all(len(text) > 20 for text in rows.values())
 

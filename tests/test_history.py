@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from resumable.errors import ConfigError
-from resumable.history import History, read_history, write_csv
+from killsafe.errors import ConfigError
+from killsafe.history import History, read_history, write_csv
 
 
 def read_csv(path: Path) -> list[list[str]]:
@@ -77,7 +77,7 @@ def test_a_crash_while_appending_from_a_real_process_leaves_a_readable_history(
 ) -> None:
     code = (
         "import os, sys\n"
-        "from resumable.history import History\n"
+        "from killsafe.history import History\n"
         "h = History(sys.argv[1])\n"
         "for step in range(1, 51):\n"
         "    h.append(step, {'loss': 1.0 / step})\n"
@@ -156,8 +156,8 @@ def test_tensorboard_missing_message_names_the_pip_line(tmp_path: Path) -> None:
         "import importlib.util\n"
         "real = importlib.util.find_spec\n"
         "importlib.util.find_spec = lambda n, *a: None if n == 'tensorboard' else real(n, *a)\n"
-        "from resumable.history import History\n"
-        "from resumable.errors import ConfigError\n"
+        "from killsafe.history import History\n"
+        "from killsafe.errors import ConfigError\n"
         "try:\n"
         "    History(sys.argv[1], tensorboard=True)\n"
         "except ConfigError as e:\n"
@@ -195,7 +195,7 @@ def test_tensorboard_scalars_continue_across_a_resume(tmp_path: Path) -> None:
 def test_the_tensorboard_mirror_does_not_import_torch(tmp_path: Path) -> None:
     code = (
         "import sys\n"
-        "from resumable.history import History\n"
+        "from killsafe.history import History\n"
         "h = History(sys.argv[1], tensorboard=True)\n"
         "h.append(1, {'loss': 0.5})\n"
         "h.close()\n"

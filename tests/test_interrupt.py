@@ -11,8 +11,8 @@ from types import FrameType
 
 import pytest
 
-from resumable.errors import ConfigError
-from resumable.interrupt import KeyboardMonitor, StopRequests, parse_signal, signal_reason
+from killsafe.errors import ConfigError
+from killsafe.interrupt import KeyboardMonitor, StopRequests, parse_signal, signal_reason
 
 
 @pytest.fixture
@@ -155,7 +155,7 @@ def test_keyboard_monitor_stops_on_q_and_restores_the_terminal() -> None:
             monitor.stop()
             assert not monitor.running
             assert termios.tcgetattr(slave) == settings
-            assert not [t for t in threading.enumerate() if t.name == "resumable-keyboard"]
+            assert not [t for t in threading.enumerate() if t.name == "killsafe-keyboard"]
     finally:
         os.close(master)
         os.close(slave)

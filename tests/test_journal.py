@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from resumable.errors import ConfigError, CorruptCheckpoint, StoreLocked, UnsupportedState
-from resumable.journal import Journal, decode_record, encode_record
+from killsafe.errors import ConfigError, CorruptCheckpoint, StoreLocked, UnsupportedState
+from killsafe.journal import Journal, decode_record, encode_record
 
 
 def segment_files(directory: Path) -> list[Path]:
@@ -117,7 +117,7 @@ def test_sigkill_mid_appends_loses_nothing_acknowledged(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import sys
-        from resumable.journal import Journal
+        from killsafe.journal import Journal
         j = Journal({str(tmp_path)!r}, compact_every=50)
         state = {{"n": j.replay().latest()["n"] if j.seq else 0}}
         while True:

@@ -8,14 +8,14 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from resumable.errors import StateMismatch  # noqa: E402
-from resumable.integrations.optuna import (  # noqa: E402
+from killsafe.errors import StateMismatch  # noqa: E402
+from killsafe.integrations.optuna import (  # noqa: E402
     CheckpointCallback,
     StudyState,
     finished_trials,
     resume_study,
 )
-from resumable.store import CheckpointStore  # noqa: E402
+from killsafe.store import CheckpointStore  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -121,7 +121,7 @@ def test_mismatched_sampler_is_refused(tmp_path: Path) -> None:
 KILLED_WORKER = """
 import sys, time, pathlib
 import optuna
-from resumable.integrations.optuna import StudyState
+from killsafe.integrations.optuna import StudyState
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 url, owner, marker, n_done = sys.argv[1:5]
 sampler = optuna.samplers.TPESampler(seed=7, n_startup_trials=5)
@@ -170,7 +170,7 @@ def test_storage_trial_killed_mid_run_is_failed_and_proposed_again(tmp_path: Pat
     assert [t.number for t in state.stale] == [running[0].number]
     failed = study.trials[running[0].number]
     assert failed.state == optuna.trial.TrialState.FAIL
-    assert failed.system_attrs["resumable:stale"] is True
+    assert failed.system_attrs["killsafe:stale"] is True
 
     state.optimize(objective, n_trials=16 - state.finished())
     assert study.trials[failed.number + 1].params == failed.params  # proposed again

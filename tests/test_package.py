@@ -5,21 +5,21 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import resumable
+import killsafe
 
 
-def test_every_error_derives_from_resumable_error() -> None:
-    errors = [getattr(resumable, name) for name in resumable.__all__ if name[0].isupper()]
+def test_every_error_derives_from_killsafe_error() -> None:
+    errors = [getattr(killsafe, name) for name in killsafe.__all__ if name[0].isupper()]
     exceptions = [e for e in errors if isinstance(e, type) and issubclass(e, BaseException)]
     assert exceptions
     for exc in exceptions:
-        assert issubclass(exc, resumable.ResumableError)
+        assert issubclass(exc, killsafe.KillsafeError)
         assert issubclass(exc, Exception)
 
 
 def test_import_does_not_pull_optional_dependencies() -> None:
     code = (
-        "import sys, resumable; "
+        "import sys, killsafe; "
         "heavy = [m for m in ('torch', 'numpy', 'optuna', 'fastapi', 'matplotlib') "
         "if m in sys.modules]; print(','.join(heavy))"
     )
@@ -29,7 +29,7 @@ def test_import_does_not_pull_optional_dependencies() -> None:
 
 def test_python_dash_m_runs_the_command_line() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "resumable", "--version"], capture_output=True, text=True
+        [sys.executable, "-m", "killsafe", "--version"], capture_output=True, text=True
     )
     assert out.returncode == 0
-    assert out.stdout.startswith("resumable ")
+    assert out.stdout.startswith("killsafe ")

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from resumable.errors import ConfigError
-from resumable.policy import (
+from killsafe.errors import ConfigError
+from killsafe.policy import (
     AnyOf,
     AtSteps,
     Boundary,

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from resumable.errors import ConfigError
-from resumable.preflight import (
+from killsafe.errors import ConfigError
+from killsafe.preflight import (
     Preflight,
     PreflightResult,
     add_cli_arguments,
@@ -23,7 +23,7 @@ from resumable.preflight import (
     run_cli,
     version_satisfies,
 )
-from resumable.progress import format_size
+from killsafe.progress import format_size
 
 
 def row(result: PreflightResult, name: str) -> Any:
@@ -83,7 +83,7 @@ def test_directory_under_a_file_is_not_writable(tmp_path: Path) -> None:
 
 
 def test_directory_on_a_read_only_filesystem_is_not_writable() -> None:
-    check = row(Preflight("/sys/resumable-preflight-test").run(), "directory writable")
+    check = row(Preflight("/sys/killsafe-preflight-test").run(), "directory writable")
     assert check.status == "fail" and "cannot write in /sys" in check.detail
 
 
@@ -107,7 +107,7 @@ def test_free_disk_is_skipped_without_a_state(tmp_path: Path) -> None:
 
 
 def test_existing_checkpoints_are_pointed_out_but_do_not_fail(tmp_path: Path) -> None:
-    from resumable.store import CheckpointStore
+    from killsafe.store import CheckpointStore
 
     with CheckpointStore(tmp_path / "checkpoints") as store:
         for step in (100, 200):
@@ -123,7 +123,7 @@ def test_existing_checkpoints_are_pointed_out_but_do_not_fail(tmp_path: Path) ->
 
 
 def test_a_missing_package_fails_with_the_pip_line(tmp_path: Path) -> None:
-    name = "resumable-surely-not-installed-pkg"
+    name = "killsafe-surely-not-installed-pkg"
     check = row(Preflight(tmp_path, requires=[f"{name}>=1.0"]).run(), f"package {name}>=1.0")
     assert check.status == "fail"
     assert check.detail == f"not installed; run: pip install '{name}>=1.0'"
@@ -325,7 +325,7 @@ def test_parse_size_refuses_nonsense() -> None:
         parse_size("lots")
 
 
-HAS_STORE = importlib.util.find_spec("resumable.store") is not None
+HAS_STORE = importlib.util.find_spec("killsafe.store") is not None
 
 
 @pytest.mark.skipif(not HAS_STORE, reason="the checkpoint store has not landed in this tree")

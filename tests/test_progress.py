@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from resumable.errors import ConfigError
-from resumable.progress import (
+from killsafe.errors import ConfigError
+from killsafe.progress import (
     PlainRenderer,
     Progress,
     Renderer,
@@ -305,7 +305,7 @@ def test_resource_monitor_reads_this_process() -> None:
 LIVE_SCRIPT = """
 import logging, sys
 logging.basicConfig(level=logging.INFO, format="LOG %(message)s")
-from resumable.progress import Progress
+from killsafe.progress import Progress
 progress = Progress(total=40)
 assert type(progress._renderer).__name__ == "RichRenderer", progress._renderer
 progress.start()
@@ -395,7 +395,7 @@ def test_closing_the_stream_does_not_break_the_run() -> None:
 
 def test_subprocess_off_a_terminal_writes_plain_lines_to_stderr(tmp_path: Path) -> None:
     code = (
-        "from resumable.progress import Progress\n"
+        "from killsafe.progress import Progress\n"
         "p = Progress(total=5, every=30)\n"
         "p.start()\n"
         "for s in range(1, 6): p.update(s)\n"
@@ -478,8 +478,8 @@ def test_the_live_display_shows_every_figure_on_its_own_lines() -> None:
 RUN_LIVE_SCRIPT = """
 import logging
 logging.basicConfig(level=logging.INFO, format="LOG %(name)s %(message)s")
-import resumable
-with resumable.Run({run_dir!r}, total_steps=30, save_every_steps=10, keyboard=False,
+import killsafe
+with killsafe.Run({run_dir!r}, total_steps=30, save_every_steps=10, keyboard=False,
                    best=("loss", "min")) as run:
     assert type(run._progress._renderer).__name__ == "RichRenderer"
     run.set_phase("self-play")
@@ -505,7 +505,7 @@ def test_a_run_on_a_terminal_keeps_user_output_whole_and_shows_its_figures(
         assert f"LOG user user log at {step}" in lines
     # The run's own summary, logged through the user's handler: whole, if wrapped to the width.
     unwrapped = re.sub(r" ?\r\n", " ", plain)
-    assert "LOG resumable resumable: finished at step 30 of 30 (finished); 30 steps" in unwrapped
+    assert "LOG killsafe killsafe: finished at step 30 of 30 (finished); 30 steps" in unwrapped
     assert "after the run" in lines
     final = plain.split("30/30")[-1]  # the last frame of the live display
     assert "phase=self-play games=60/60" in final
@@ -520,7 +520,7 @@ def test_a_long_message_stays_one_line_above_the_display() -> None:
     console = Console(file=buffer, force_terminal=True, width=40, color_system=None)
     progress = Progress(total=10, renderer=RichRenderer(console=console), clock=FakeClock())
     progress.start()
-    text = "resumable: stopped at step 7 of 10 (keyboard); checkpoint runs/a/checkpoints/step-7"
+    text = "killsafe: stopped at step 7 of 10 (keyboard); checkpoint runs/a/checkpoints/step-7"
     progress.message(text)
     progress.close()
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buffer.getvalue())

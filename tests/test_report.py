@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from resumable.errors import CheckpointNotFound, ConfigError
-from resumable.history import History
-from resumable.report import (
+from killsafe.errors import CheckpointNotFound, ConfigError
+from killsafe.history import History
+from killsafe.report import (
     add_cli_arguments,
     build_report,
     format_text,
@@ -25,8 +25,8 @@ from resumable.report import (
     run_cli,
     write_report,
 )
-from resumable.runfiles import write_json_atomic
-from resumable.store import CheckpointStore
+from killsafe.runfiles import write_json_atomic
+from killsafe.store import CheckpointStore
 
 T0 = 1_780_000_000.0  # a fixed wall-clock origin for the fake runs
 
@@ -225,7 +225,7 @@ def test_report_text_names_every_part(tmp_path: Path) -> None:
     run_dir = interrupted_and_resumed_run(tmp_path / "run")
     text = format_text(build_report(run_dir))
     lines = text.splitlines()
-    assert lines[0] == f"resumable report: {run_dir}"
+    assert lines[0] == f"killsafe report: {run_dir}"
     assert "status:            finished (finished)" in lines
     assert "started:           2026-05-28 20:26:40 UTC" in lines
     assert "duration:          this session 21s, all sessions 1m42s" in lines
@@ -386,7 +386,7 @@ def cli(*argv: str) -> argparse.Namespace:
 def test_cli_prints_text_json_and_csv(tmp_path: Path, capsys: Any) -> None:
     run_dir = interrupted_and_resumed_run(tmp_path / "run")
     assert run_cli(cli(str(run_dir))) == 0
-    assert capsys.readouterr().out.startswith(f"resumable report: {run_dir}\n")
+    assert capsys.readouterr().out.startswith(f"killsafe report: {run_dir}\n")
     assert not (run_dir / "report.txt").exists()  # printing does not write
 
     assert run_cli(cli(str(run_dir), "--json")) == 0
@@ -411,7 +411,7 @@ def test_cli_bad_directory_exits_2_with_one_line(tmp_path: Path, capsys: Any) ->
 
 
 def test_a_long_history_is_thinned_for_the_plot_but_keeps_its_last_point(tmp_path: Path) -> None:
-    from resumable.report import MAX_PLOT_POINTS, _numeric_series
+    from killsafe.report import MAX_PLOT_POINTS, _numeric_series
 
     history = [{"step": s, "time": T0 + s, "loss": float(s)} for s in range(1, 12_346)]
     ((name, steps, values),) = _numeric_series(history)

@@ -30,7 +30,7 @@ HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 JOB = """
 import json, sys, time
 from pathlib import Path
-import resumable
+import killsafe
 
 run_dir, mode, total, hold_at, tensorboard = sys.argv[1:6]
 total, hold_at = int(total), int(hold_at)
@@ -42,7 +42,7 @@ options = dict(
 )
 if mode == "time-limit":
     options["stop_after"] = 0.3
-with resumable.Run(run_dir, **options) as run:
+with killsafe.Run(run_dir, **options) as run:
     run.track(tally={"games": 0})
     tally = run.state["tally"]
     run.set_phase("self-play")
@@ -113,7 +113,7 @@ class Job:
 
 def report_cli(run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "resumable", "report", str(run_dir), *args],
+        [sys.executable, "-m", "killsafe", "report", str(run_dir), *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -141,7 +141,7 @@ def red_pixels(path: Path) -> int:
 def load_report(run_dir: Path) -> dict[str, Any]:
     report = json.loads((run_dir / "report.json").read_text())
     text = (run_dir / "report.txt").read_text()
-    assert text.startswith(f"resumable report: {run_dir}\n")
+    assert text.startswith(f"killsafe report: {run_dir}\n")
     assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return report
 
@@ -296,7 +296,7 @@ def test_every_kind_of_exit_writes_the_report(
 
 
 def test_summary_after_the_run_rewrites_the_report(tmp_path: Path) -> None:
-    from resumable import Run
+    from killsafe import Run
 
     with Run(tmp_path / "run", total_steps=3, progress=False, keyboard=False) as run:
         for _ in run.steps():
@@ -315,21 +315,21 @@ def test_tensorboard_without_the_package_is_refused_by_run_in_one_line(tmp_path:
         "import importlib.util\n"
         "real = importlib.util.find_spec\n"
         "importlib.util.find_spec = lambda n, *a: None if n == 'tensorboard' else real(n, *a)\n"
-        "import resumable\n"
-        "resumable.Run(sys.argv[1], tensorboard=True)\n"
+        "import killsafe\n"
+        "killsafe.Run(sys.argv[1], tensorboard=True)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True
     )
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("resumable.errors.ConfigError: tensorboard=True needs the tensorboard")
+    assert last.startswith("killsafe.errors.ConfigError: tensorboard=True needs the tensorboard")
     assert "pip install tensorboard" in last
     assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_preflight_of_a_run_checks_its_tracked_state_and_stops_on_no_go(tmp_path: Path) -> None:
-    from resumable import Run
+    from killsafe import Run
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"x": i, "y": i % 2}) + "\n" for i in range(40)))
@@ -366,7 +366,7 @@ def test_preflight_of_a_run_checks_its_tracked_state_and_stops_on_no_go(tmp_path
 
 
 def test_preflight_keep_all_checks_room_for_at_least_three(tmp_path: Path) -> None:
-    from resumable.preflight import Preflight
+    from killsafe.preflight import Preflight
 
     rows = Preflight(tmp_path, state_size=1000, keep_last=None).run().rows
     disk = next(row for row in rows if row.name == "free disk")
@@ -375,8 +375,8 @@ def test_preflight_keep_all_checks_room_for_at_least_three(tmp_path: Path) -> No
 
 
 def test_a_stale_status_of_a_live_process_on_this_host_is_still_running(tmp_path: Path) -> None:
-    from resumable.report import build_report, format_text
-    from resumable.runfiles import this_host, write_json_atomic
+    from killsafe.report import build_report, format_text
+    from killsafe.runfiles import this_host, write_json_atomic
 
     updated = time.time()  # this process is older than its status
     line = json.dumps({"step": 1, "time": updated - 20, "loss": 1})
@@ -399,7 +399,7 @@ def test_a_stale_status_of_a_live_process_on_this_host_is_still_running(tmp_path
 
 
 def test_best_values_are_kept_for_metrics_whose_names_say_which_way(tmp_path: Path) -> None:
-    from resumable import Run
+    from killsafe import Run
 
     with Run(tmp_path / "run", total_steps=4, progress=False, keyboard=False) as run:
         for step in run.steps():
@@ -414,7 +414,7 @@ def test_best_values_are_kept_for_metrics_whose_names_say_which_way(tmp_path: Pa
 
 
 def test_status_json_stays_fresh_inside_a_long_step(tmp_path: Path, monkeypatch: Any) -> None:
-    from resumable import Run, runfiles
+    from killsafe import Run, runfiles
 
     monkeypatch.setattr(runfiles, "STATUS_INTERVAL", 0.05)
     status_path = tmp_path / "run" / "status.json"

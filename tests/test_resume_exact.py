@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from resumable.runfiles import read_jsonl
+from killsafe.runfiles import read_jsonl
 
 pytest.importorskip("torch")
 pytest.importorskip("numpy")
@@ -38,8 +38,8 @@ TRAIN = textwrap.dedent(
     import torch
     from torch import nn
 
-    from resumable.integrations.torch import ResumableLoader
-    from resumable.run import Run
+    from killsafe.integrations.torch import ResumableLoader
+    from killsafe.run import Run
 
     run_dir = Path(sys.argv[1])
     total = int(sys.argv[2])
@@ -165,7 +165,7 @@ def _indices(batches: list[Any]) -> list[int]:
 
 
 def test_the_loader_resumes_mid_epoch_without_reading_the_skipped_batches() -> None:
-    from resumable.integrations.torch import ResumableLoader
+    from killsafe.integrations.torch import ResumableLoader
 
     reference = _indices(list(ResumableLoader(CountingDataset(50), batch_size=4, seed=3)))
     assert sorted(reference) == list(range(50))
@@ -186,7 +186,7 @@ def test_the_loader_resumes_mid_epoch_without_reading_the_skipped_batches() -> N
 
 
 def test_a_huge_skip_is_immediate() -> None:
-    from resumable.integrations.torch import ResumableLoader
+    from killsafe.integrations.torch import ResumableLoader
 
     dataset = CountingDataset(1_000_000)
     loader = ResumableLoader(dataset, batch_size=1, seed=0)
@@ -199,7 +199,7 @@ def test_a_huge_skip_is_immediate() -> None:
 
 
 def test_prefetching_workers_never_make_a_resume_skip_samples() -> None:
-    from resumable.integrations.torch import ResumableLoader
+    from killsafe.integrations.torch import ResumableLoader
 
     kwargs: dict[str, Any] = dict(batch_size=3, seed=11, num_workers=2, prefetch_factor=4)
     reference = _indices(list(ResumableLoader(CountingDataset(40), batch_size=3, seed=11)))
@@ -214,7 +214,7 @@ def test_prefetching_workers_never_make_a_resume_skip_samples() -> None:
 
 
 def test_forever_crosses_epochs_with_a_new_order_each_time() -> None:
-    from resumable.integrations.torch import ResumableLoader
+    from killsafe.integrations.torch import ResumableLoader
 
     loader = ResumableLoader(CountingDataset(6), batch_size=4, seed=0)
     batches = loader.forever()
@@ -224,8 +224,8 @@ def test_forever_crosses_epochs_with_a_new_order_each_time() -> None:
 
 
 def test_a_loader_that_does_not_fit_the_saved_position_is_a_mismatch() -> None:
-    from resumable.errors import StateMismatch
-    from resumable.integrations.torch import ResumableLoader
+    from killsafe.errors import StateMismatch
+    from killsafe.integrations.torch import ResumableLoader
 
     state = ResumableLoader(CountingDataset(10), batch_size=2, seed=0).state_dict()
     with pytest.raises(StateMismatch) as err:

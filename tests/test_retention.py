@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from resumable.errors import ConfigError
-from resumable.retention import Retention
+from killsafe.errors import ConfigError
+from killsafe.retention import Retention
 
 
 @dataclass

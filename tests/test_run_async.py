@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from resumable.errors import ConfigError
-from resumable.run import Run
-from resumable.runfiles import read_json, read_jsonl
+from killsafe.errors import ConfigError
+from killsafe.run import Run
+from killsafe.runfiles import read_json, read_jsonl
 
 
 def _steps_on_disk(run_dir: Path) -> list[int]:
@@ -56,7 +56,7 @@ FULL_DISK = textwrap.dedent(
     """
     import resource, signal, sys
     import torch
-    from resumable import Run, SaveFailed
+    from killsafe import Run, SaveFailed
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full disk: writes fail with EFBIG
     weights = {"w": torch.zeros(1 << 20)}
 

@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-import resumable
-from resumable import runfiles
+import killsafe
+from killsafe import runfiles
 
 np = pytest.importorskip("numpy")
-if not hasattr(resumable, "Run"):
-    pytest.skip("resumable.Run has not landed in this tree yet", allow_module_level=True)
+if not hasattr(killsafe, "Run"):
+    pytest.skip("killsafe.Run has not landed in this tree yet", allow_module_level=True)
 
-from resumable.store import CheckpointStore  # noqa: E402
+from killsafe.store import CheckpointStore  # noqa: E402
 
 
 def events(run_dir: Path) -> list[dict[str, Any]]:
@@ -41,7 +41,7 @@ def test_a_named_request_makes_one_checkpoint_while_it_is_written(tmp_path: Path
     run_dir = tmp_path / "run"
     big = np.random.default_rng(0).standard_normal(4_000_000)  # 32 MB: written over many steps
     asked: list[str] = []
-    with resumable.Run(
+    with killsafe.Run(
         run_dir, total_steps=None, progress=False, keyboard=False, report=False
     ) as run:
         run.track(weights=big, counter={"n": 0})
@@ -67,7 +67,7 @@ def test_a_stop_with_a_taken_name_pending_still_saves_the_emergency_checkpoint(
 ) -> None:
     run_dir = tmp_path / "run"
     ids: dict[str, str] = {}
-    with resumable.Run(
+    with killsafe.Run(
         run_dir, total_steps=None, progress=False, keyboard=False, report=False
     ) as run:
         run.track(counter={"n": 0})
@@ -94,7 +94,7 @@ def test_a_stop_with_a_taken_name_pending_still_saves_the_emergency_checkpoint(
 
 
 def server_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("resumable-server")]
+    return [t for t in threading.enumerate() if t.name.startswith("killsafe-server")]
 
 
 @pytest.mark.parametrize("fails", [False, True])
@@ -104,7 +104,7 @@ def test_the_server_thread_ends_with_the_run(tmp_path: Path, fails: bool) -> Non
     before = server_threads()
     with (
         pytest.raises(RuntimeError) if fails else contextlib.nullcontext(),
-        resumable.Run(
+        killsafe.Run(
             tmp_path / "run", total_steps=5, serve=True, progress=False, keyboard=False
         ) as run,
     ):

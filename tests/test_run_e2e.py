@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from resumable.runfiles import ControlRequest, read_jsonl, submit_request
+from killsafe.runfiles import ControlRequest, read_jsonl, submit_request
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ CHILD = textwrap.dedent(
     from pathlib import Path
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    from resumable.run import Run
+    from killsafe.run import Run
 
     opts = json.loads(sys.argv[1])
     run_dir = Path(opts.pop("dir"))
@@ -357,7 +357,7 @@ def test_resume_from_a_path_a_step_and_a_missing_one(child: Child) -> None:
 
 def test_the_environment_overrides_resume(child: Child) -> None:
     assert child.run(total_steps=4, save_every_steps=2).returncode == 0
-    proc = child.start(env={"RESUMABLE_RESUME": "auto"}, total_steps=6, resume="never")
+    proc = child.start(env={"KILLSAFE_RESUME": "auto"}, total_steps=6, resume="never")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert (child.tmp / "resumed.txt").read_text() == "4"

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from resumable.arguments import add_arguments, options_from_args
-from resumable.errors import CheckpointNotFound, ConfigError, StateMismatch, UnsupportedState
-from resumable.policy import EarlyStopping, EveryNSteps, OnImprovement
-from resumable.run import Run
-from resumable.runfiles import read_jsonl
+from killsafe.arguments import add_arguments, options_from_args
+from killsafe.errors import CheckpointNotFound, ConfigError, StateMismatch, UnsupportedState
+from killsafe.policy import EarlyStopping, EveryNSteps, OnImprovement
+from killsafe.run import Run
+from killsafe.runfiles import read_jsonl
 
 
 class Counter:
@@ -196,7 +196,7 @@ def test_callbacks_are_called_and_a_failing_one_is_only_logged(
         raise RuntimeError("notification service down")
 
     with (
-        caplog.at_level(logging.ERROR, logger="resumable"),
+        caplog.at_level(logging.ERROR, logger="killsafe"),
         Run(
             tmp_path,
             total_steps=3,
@@ -428,7 +428,7 @@ def test_auto_skips_a_corrupt_newest_checkpoint(
     payload.write_bytes(bytes(data))
     restored = np.full(64, -1.0)
     with (
-        caplog.at_level(logging.WARNING, logger="resumable"),
+        caplog.at_level(logging.WARNING, logger="killsafe"),
         Run(tmp_path, total_steps=4, progress=False, report=False) as run,
     ):
         run.track(weights=restored)

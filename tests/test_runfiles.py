@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from resumable import runfiles
-from resumable.errors import CorruptCheckpoint
+from killsafe import runfiles
+from killsafe.errors import CorruptCheckpoint
 
 
 def test_write_json_atomic_replaces_and_leaves_no_temporary(tmp_path: Path) -> None:

@@ -18,10 +18,10 @@ import psutil
 import pytest
 import torch
 
-from resumable import format as fmt
-from resumable.errors import ConfigError
-from resumable.saver import BackgroundSaver, choose_strategy
-from resumable.store import CheckpointStore
+from killsafe import format as fmt
+from killsafe.errors import ConfigError
+from killsafe.saver import BackgroundSaver, choose_strategy
+from killsafe.store import CheckpointStore
 
 STRATEGIES = ["fork", "copy"]
 
@@ -111,7 +111,7 @@ def test_the_environment_chooses_the_strategy(
 ) -> None:
     if strategy == "fork" and not sys.platform.startswith("linux"):
         pytest.skip("fork snapshots need Linux")
-    monkeypatch.setenv("RESUMABLE_SNAPSHOT", strategy)
+    monkeypatch.setenv("KILLSAFE_SNAPSHOT", strategy)
     assert choose_strategy({"w": torch.zeros(3)}, "auto") == strategy
 
 
@@ -133,11 +133,11 @@ def test_when_busy_skip_returns_none_and_wait_waits(
     store = _GatedStore(tmp_path / "ck")
     first = store.save_async({"x": 1}, 1)
     assert first is not None and not first.done()
-    with caplog.at_level("INFO", logger="resumable.saver"):
+    with caplog.at_level("INFO", logger="killsafe.saver"):
         assert store.save_async({"x": 2}, 2, if_busy="skip") is None
     assert "skipping the save of step 2: step 1 is still being written" in caplog.text
     threading.Timer(0.05, store.gate.set).start()
-    with caplog.at_level("INFO", logger="resumable.saver"):
+    with caplog.at_level("INFO", logger="killsafe.saver"):
         second = store.save_async({"x": 3}, 3)  # waits for step 1 first
     assert "waiting for the save of step 1 before saving step 3" in caplog.text
     assert first.done()
@@ -158,8 +158,8 @@ FULL_DISK = textwrap.dedent(
     """
     import resource, signal, sys
     import torch
-    from resumable.errors import SaveFailed
-    from resumable.store import CheckpointStore
+    from killsafe.errors import SaveFailed
+    from killsafe.store import CheckpointStore
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full disk: writes fail with EFBIG
     store = CheckpointStore(sys.argv[1], snapshot=sys.argv[2])
     store.save({"w": torch.zeros(10)}, 1)
@@ -212,7 +212,7 @@ def test_a_background_failure_is_raised_never_lost(tmp_path: Path, strategy: str
 WRITER = textwrap.dedent(
     """
     import sys, torch
-    from resumable.store import CheckpointStore
+    from killsafe.store import CheckpointStore
     store = CheckpointStore(sys.argv[1], keep_last=2, snapshot=sys.argv[2])
     latest = store.latest()
     step = latest.step + 1 if latest else 0
@@ -272,7 +272,7 @@ def test_closing_leaves_no_thread_and_no_child_process(tmp_path: Path) -> None:
     store_copy.save_async({"w": torch.randn(1000)}, 0)
     store_copy.close()
     after = {t.name for t in threading.enumerate()}
-    assert not {name for name in after - before if name.startswith("resumable")}
+    assert not {name for name in after - before if name.startswith("killsafe")}
     assert psutil.Process(os.getpid()).children() == []
 
 

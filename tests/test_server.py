@@ -23,10 +23,10 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from resumable import runfiles  # noqa: E402
-from resumable.errors import ConfigError  # noqa: E402
-from resumable.history import History  # noqa: E402
-from resumable.server import ServerHandle, is_loopback, serve_in_thread  # noqa: E402
+from killsafe import runfiles  # noqa: E402
+from killsafe.errors import ConfigError  # noqa: E402
+from killsafe.history import History  # noqa: E402
+from killsafe.server import ServerHandle, is_loopback, serve_in_thread  # noqa: E402
 
 TIMEOUT = 10.0
 
@@ -312,7 +312,7 @@ def test_a_save_flood_makes_one_pending_request_and_answers_all(
 def test_two_servers_on_one_run_coalesce_into_one_request(
     run_dir: Path, server: ServerHandle, live_status: None
 ) -> None:
-    # The run's own server and `resumable serve` share control/ (a file lock, not
+    # The run's own server and `killsafe serve` share control/ (a file lock, not
     # a thread lock, keeps them from both submitting).
     with serve_in_thread(run_dir) as other:
         clients = [httpx.Client(base_url=h.url, timeout=TIMEOUT) for h in (server, other)]
@@ -360,7 +360,7 @@ def test_the_token_is_required_on_the_api_when_set(run_dir: Path) -> None:
 
         bearer = c.get("/api/status", headers={"Authorization": f"Bearer {token}"})
         assert bearer.status_code == 200 and bearer.json()["attached"] is True
-        header = c.post("/api/checkpoints", json={}, headers={"X-Resumable-Token": token})
+        header = c.post("/api/checkpoints", json={}, headers={"X-Killsafe-Token": token})
         assert header.status_code == 202
         # The page itself is public: it holds no data and asks for the token.
         assert c.get("/").status_code == 200
@@ -368,12 +368,12 @@ def test_the_token_is_required_on_the_api_when_set(run_dir: Path) -> None:
 
 
 def test_a_generated_token_is_logged_once(run_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="resumable.server")
+    caplog.set_level(logging.INFO, logger="killsafe.server")
     with serve_in_thread(run_dir, token=True) as handle:
         assert handle.token and len(handle.token) >= 24
         assert sum(handle.token in r.getMessage() for r in caplog.records) == 1
         ok = httpx.get(
-            handle.url + "api/status", headers={"X-Resumable-Token": handle.token}, timeout=TIMEOUT
+            handle.url + "api/status", headers={"X-Killsafe-Token": handle.token}, timeout=TIMEOUT
         )
         assert ok.status_code == 200
 
@@ -587,7 +587,7 @@ def test_the_page_and_its_assets_are_local(client: Any) -> None:
         assert client.get(cdn_page).status_code == 404
 
 
-# ---- resumable serve (serve_forever) in its own process ----
+# ---- killsafe serve (serve_forever) in its own process ----
 
 
 def free_port() -> int:
@@ -598,7 +598,7 @@ def free_port() -> int:
 
 SERVE_SCRIPT = """
 import argparse, logging, sys
-from resumable.server import add_cli_arguments, run_cli
+from killsafe.server import add_cli_arguments, run_cli
 logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
 parser = argparse.ArgumentParser()
 add_cli_arguments(parser)
@@ -659,7 +659,7 @@ def test_serve_cli_with_a_token(run_dir: Path) -> None:
         url = f"http://127.0.0.1:{port}/"
         wait_until_serving(url, proc)
         assert httpx.get(url + "api/status", timeout=TIMEOUT).status_code == 401
-        ok = httpx.get(url + "api/status", headers={"X-Resumable-Token": "t0k"}, timeout=TIMEOUT)
+        ok = httpx.get(url + "api/status", headers={"X-Killsafe-Token": "t0k"}, timeout=TIMEOUT)
         assert ok.status_code == 200
     finally:
         proc.send_signal(signal.SIGINT)
@@ -676,7 +676,7 @@ def test_serve_cli_refuses_a_missing_directory(tmp_path: Path) -> None:
         timeout=TIMEOUT * 3,
     )
     assert proc.returncode == 2
-    assert proc.stderr.startswith("resumable serve: error: no run directory at ")
+    assert proc.stderr.startswith("killsafe serve: error: no run directory at ")
     assert len(proc.stderr.splitlines()) == 1
 
 
@@ -724,7 +724,7 @@ def test_with_a_token_any_host_name_is_answered(run_dir: Path) -> None:
     with serve_in_thread(run_dir, token="t0ken") as handle:
         answer = httpx.get(
             handle.url + "api/status",
-            headers={"Host": "gpu-box.lan:8765", "X-Resumable-Token": "t0ken"},
+            headers={"Host": "gpu-box.lan:8765", "X-Killsafe-Token": "t0ken"},
             timeout=TIMEOUT,
         )
     assert answer.status_code == 200

@@ -12,10 +12,10 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
-store_module = pytest.importorskip("resumable.store")
+store_module = pytest.importorskip("killsafe.store")
 
-from resumable import runfiles  # noqa: E402
-from resumable.server import ServerHandle, serve_in_thread  # noqa: E402
+from killsafe import runfiles  # noqa: E402
+from killsafe.server import ServerHandle, serve_in_thread  # noqa: E402
 
 TIMEOUT = 10.0
 

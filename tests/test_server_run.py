@@ -1,5 +1,5 @@
-"""End to end: a real ``resumable.Run`` in a subprocess with ``serve=PORT``, steered
-over HTTP on 127.0.0.1; then ``resumable serve`` on the finished run directory."""
+"""End to end: a real ``killsafe.Run`` in a subprocess with ``serve=PORT``, steered
+over HTTP on 127.0.0.1; then ``killsafe serve`` on the finished run directory."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-import resumable
+import killsafe
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
-if not hasattr(resumable, "Run"):
-    pytest.skip("resumable.Run has not landed in this tree yet", allow_module_level=True)
+if not hasattr(killsafe, "Run"):
+    pytest.skip("killsafe.Run has not landed in this tree yet", allow_module_level=True)
 
-from resumable.store import CheckpointStore  # noqa: E402
+from killsafe.store import CheckpointStore  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +30,10 @@ TIMEOUT = 30.0
 
 TRAIN_SCRIPT = """
 import sys, time
-import resumable
+import killsafe
 
 run_dir, port = sys.argv[1], int(sys.argv[2])
-with resumable.Run(run_dir, total_steps=1_000_000, serve=port, keyboard=False,
+with killsafe.Run(run_dir, total_steps=1_000_000, serve=port, keyboard=False,
                    progress=False, report=False) as run:
     run.track(weights=[0.0] * 16)
     for step in run.steps():
@@ -168,13 +168,13 @@ def test_save_and_stop_a_live_run_over_http(
         httpx.get(url + "api/status", timeout=2.0)
     assert not list((run_dir / "control").glob("*.json"))
 
-    # `resumable serve` shows the finished run from another process.
+    # `killsafe serve` shows the finished run from another process.
     serve_and_inspect_finished_run(run_dir, mine["id"], emergency.path.name)
 
 
 SERVE_SCRIPT = """
 import argparse, sys
-from resumable.server import add_cli_arguments, run_cli
+from killsafe.server import add_cli_arguments, run_cli
 parser = argparse.ArgumentParser()
 add_cli_arguments(parser)
 sys.exit(run_cli(parser.parse_args(sys.argv[1:])))
@@ -191,7 +191,7 @@ def serve_and_inspect_finished_run(run_dir: Path, named_id: str, latest_id: str)
     )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}/", timeout=TIMEOUT) as client:
-            status = wait_for(lambda: client.get("/api/status").json(), "resumable serve", proc)
+            status = wait_for(lambda: client.get("/api/status").json(), "killsafe serve", proc)
             assert status["attached"] is False and status["state"] == "stopped"
             assert client.post("/api/checkpoints", json={}).status_code == 409
             assert client.post("/api/stop", json={}).status_code == 409

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import torch
 
-from resumable import format as fmt
-from resumable.staging import ALIGN, PinnedStaging
-from resumable.state import tensors_in
-from resumable.store import CheckpointStore
+from killsafe import format as fmt
+from killsafe.staging import ALIGN, PinnedStaging
+from killsafe.state import tensors_in
+from killsafe.store import CheckpointStore
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

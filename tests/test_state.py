@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from resumable.errors import StateMismatch, UnsupportedState
-from resumable.state import RNGState, Stateful, capture, restore
+from killsafe.errors import StateMismatch, UnsupportedState
+from killsafe.state import RNGState, Stateful, capture, restore
 
 
 class Counter:
@@ -107,7 +107,7 @@ def test_rng_state_is_restored_after_other_targets() -> None:
 
 def test_capture_never_imports_torch_or_numpy() -> None:
     code = (
-        "import sys; from resumable.state import capture; "
+        "import sys; from killsafe.state import capture; "
         "capture({'a': [1, 2.5, b'x', {3}], 'b': (None,)}); "
         "print([m for m in ('torch', 'numpy') if m in sys.modules])"
     )

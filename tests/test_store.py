@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from resumable import format as fmt
-from resumable.errors import (
+from killsafe import format as fmt
+from killsafe.errors import (
     CheckpointExists,
     CheckpointNotFound,
     ConfigError,
@@ -23,7 +23,7 @@ from resumable.errors import (
     InvalidName,
     StoreLocked,
 )
-from resumable.store import CheckpointStore, sanitize_name
+from killsafe.store import CheckpointStore, sanitize_name
 
 
 def state(n: int) -> dict[str, object]:
@@ -141,7 +141,7 @@ def test_latest_skips_a_corrupt_checkpoint_and_never_deletes_it(
     store.save(state(1), 1)
     newest = store.save(state(2), 2)
     flip_last_byte(newest.path / fmt.TENSOR_FILE)
-    with caplog.at_level(logging.WARNING, logger="resumable.store"):
+    with caplog.at_level(logging.WARNING, logger="killsafe.store"):
         assert store.latest().step == 1
         assert store.load()["n"] == 1
     assert "corrupt" in caplog.text
@@ -201,8 +201,8 @@ def test_store_path_that_is_a_file(tmp_path: Path) -> None:
 HOLD = textwrap.dedent(
     """
     import os, sys
-    from resumable.store import CheckpointStore
-    from resumable.errors import StoreLocked
+    from killsafe.store import CheckpointStore
+    from killsafe.errors import StoreLocked
     directory, go = sys.argv[1], sys.argv[2]
     store = CheckpointStore(directory)
     while not os.path.exists(go):
@@ -254,7 +254,7 @@ def test_a_second_store_in_the_same_process_is_locked_out(tmp_path: Path) -> Non
 
 def test_a_dead_holders_lock_is_taken_over(tmp_path: Path) -> None:
     code = (
-        "import sys, os, signal; from resumable.store import CheckpointStore; "
+        "import sys, os, signal; from killsafe.store import CheckpointStore; "
         "s = CheckpointStore(sys.argv[1]); s.save({'a': 1}, 1); "
         "print(os.getpid(), flush=True); os.kill(os.getpid(), signal.SIGKILL)"
     )
@@ -273,8 +273,8 @@ def test_a_dead_holders_lock_is_taken_over(tmp_path: Path) -> None:
 FULL_DISK = textwrap.dedent(
     """
     import json, os, resource, signal, sys
-    from resumable.store import CheckpointStore
-    from resumable.errors import SaveFailed
+    from killsafe.store import CheckpointStore
+    from killsafe.errors import SaveFailed
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     store = CheckpointStore(sys.argv[1])
     store.save({"small": b"x" * 1000}, 1)
@@ -304,7 +304,7 @@ def test_a_full_disk_fails_clearly_and_leaves_earlier_checkpoints(tmp_path: Path
 def test_staged_commit_from_a_background_thread_with_a_snapshot(store: CheckpointStore) -> None:
     import threading
 
-    from resumable.state import capture
+    from killsafe.state import capture
 
     weights = torch.ones(8)
     encoded = fmt.encode(capture({"w": weights}), copy=True)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from resumable.store import CheckpointStore
+from killsafe.store import CheckpointStore
 
 WRITER = textwrap.dedent(
     """
     import os, sys
-    from resumable.store import CheckpointStore
+    from killsafe.store import CheckpointStore
     store = CheckpointStore(sys.argv[1], keep_last=3)
     latest = store.latest()
     step = latest.step + 1 if latest else 0

@@ -1,4 +1,4 @@
-"""``resumable run``: the supervisor, driven through real subprocesses and real signals."""
+"""``killsafe run``: the supervisor, driven through real subprocesses and real signals."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from resumable.supervise import ChildExit, backoff_delay, classify, run_dir_from_command
+from killsafe.supervise import ChildExit, backoff_delay, classify, run_dir_from_command
 
 # The child records every start (and the environment the supervisor gave it) in
-# starts.jsonl, opens a session in run.json as a resumable run does, then acts
+# starts.jsonl, opens a session in run.json as a killsafe run does, then acts
 # out the behaviour named on its command line.
 CHILD = textwrap.dedent(
     """
@@ -29,9 +29,9 @@ CHILD = textwrap.dedent(
     starts = run_dir / "starts.jsonl"
     with open(starts, "a") as f:
         f.write(json.dumps({
-            "resume": os.environ.get("RESUMABLE_RESUME"),
-            "supervisor": os.environ.get("RESUMABLE_SUPERVISOR"),
-            "restarts": os.environ.get("RESUMABLE_RESTARTS"),
+            "resume": os.environ.get("KILLSAFE_RESUME"),
+            "supervisor": os.environ.get("KILLSAFE_SUPERVISOR"),
+            "restarts": os.environ.get("KILLSAFE_RESTARTS"),
             "own_group": os.getpgrp() == os.getpid(),
         }) + "\\n")
     start = len(starts.read_text().splitlines())
@@ -88,7 +88,7 @@ def make_run_dir(tmp_path: Path, run_json: bool = True) -> Path:
 
 
 def supervise(child: Path, behaviour: str, run_dir: Path, *options: str) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "resumable", "run", "--backoff", "0.01", *options]
+    command = [sys.executable, "-m", "killsafe", "run", "--backoff", "0.01", *options]
     command += ["--", sys.executable, str(child), behaviour, "--dir", str(run_dir)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -194,9 +194,9 @@ def test_gives_up_after_max_restarts_with_the_childs_exit_code(child: Path, tmp_
     assert proc.returncode == 7
     assert len(starts(run_dir)) == 3
     last = err.strip().splitlines()[-1]
-    assert last.startswith("resumable run: giving up after 2 restart(s)")
+    assert last.startswith("killsafe run: giving up after 2 restart(s)")
     assert "exited with code 7" in last
-    assert not (run_dir / "run.json").exists()  # not a resumable run: nothing recorded
+    assert not (run_dir / "run.json").exists()  # not a killsafe run: nothing recorded
 
 
 def test_a_run_that_stopped_on_request_is_not_restarted(child: Path, tmp_path: Path) -> None:
@@ -209,7 +209,7 @@ def test_a_run_that_stopped_on_request_is_not_restarted(child: Path, tmp_path: P
 
 def test_a_stop_signal_during_the_backoff_ends_the_supervision(child: Path, tmp_path: Path) -> None:
     run_dir = make_run_dir(tmp_path)
-    command = [sys.executable, "-m", "resumable", "run", "--backoff", "120", "--max-backoff", "120"]
+    command = [sys.executable, "-m", "killsafe", "run", "--backoff", "120", "--max-backoff", "120"]
     command += ["--", sys.executable, str(child), "always-fail", "--dir", str(run_dir)]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     wait_until(lambda: "restarts" in json.loads((run_dir / "run.json").read_text()))
@@ -221,7 +221,7 @@ def test_a_stop_signal_during_the_backoff_ends_the_supervision(child: Path, tmp_
 
 def test_the_command_may_follow_without_a_double_dash(child: Path, tmp_path: Path) -> None:
     run_dir = make_run_dir(tmp_path)
-    command = [sys.executable, "-m", "resumable", "run", "--backoff", "0"]
+    command = [sys.executable, "-m", "killsafe", "run", "--backoff", "0"]
     command += [sys.executable, str(child), "crash-twice", "--dir", str(run_dir)]
     out = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -232,14 +232,14 @@ def test_the_command_may_follow_without_a_double_dash(child: Path, tmp_path: Pat
     ("argv", "message"),
     [
         (["run"], "no command given"),
-        (["run", "--", "no-such-command-resumable"], "command not found"),
+        (["run", "--", "no-such-command-killsafe"], "command not found"),
         (["run", "--max-restarts", "-1", "--", "true"], "--max-restarts must be 0 or more"),
         (["run", "--backoff", "soon", "--", "true"], "invalid float value"),
     ],
 )
 def test_bad_usage_exits_2_with_one_line(argv: list[str], message: str) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "resumable", *argv], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "killsafe", *argv], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 2
     assert message in out.stderr
@@ -275,23 +275,23 @@ def test_run_dir_from_command_reads_both_flag_forms() -> None:
 
 def test_run_dir_from_command_knows_the_demo() -> None:
     python = sys.executable
-    assert run_dir_from_command(["resumable", "demo", "runs/x"]) == Path("runs/x")
-    assert run_dir_from_command([python, "-m", "resumable", "demo", "--steps", "9", "d"]) == Path(
+    assert run_dir_from_command(["killsafe", "demo", "runs/x"]) == Path("runs/x")
+    assert run_dir_from_command([python, "-m", "killsafe", "demo", "--steps", "9", "d"]) == Path(
         "d"
     )
-    assert run_dir_from_command(["/usr/bin/resumable", "demo", "--no-serve"]) == Path("runs/demo")
-    assert run_dir_from_command(["resumable", "list", "runs/x"]) is None
+    assert run_dir_from_command(["/usr/bin/killsafe", "demo", "--no-serve"]) == Path("runs/demo")
+    assert run_dir_from_command(["killsafe", "list", "runs/x"]) is None
 
 
-RESUMABLE_CHILD = textwrap.dedent(
+KILLSAFE_CHILD = textwrap.dedent(
     """
     import json, os, sys
-    import resumable
+    import killsafe
 
     run_dir = sys.argv[1]
-    start = int(os.environ["RESUMABLE_RESTARTS"]) + 1
+    start = int(os.environ["KILLSAFE_RESTARTS"]) + 1
     crash_at = {1: 37, 2: 71}.get(start)
-    with resumable.Run(run_dir, total_steps=100, save_every_steps=10, progress=False) as run:
+    with killsafe.Run(run_dir, total_steps=100, save_every_steps=10, progress=False) as run:
         totals = {"sum": 0}
         run.track(totals=totals)
         for step in run.steps():
@@ -304,12 +304,12 @@ RESUMABLE_CHILD = textwrap.dedent(
 )
 
 
-def test_a_resumable_run_crashing_twice_ends_as_if_never_interrupted(tmp_path: Path) -> None:
-    pytest.importorskip("resumable.run")
+def test_a_killsafe_run_crashing_twice_ends_as_if_never_interrupted(tmp_path: Path) -> None:
+    pytest.importorskip("killsafe.run")
     script = tmp_path / "train.py"
-    script.write_text(RESUMABLE_CHILD)
+    script.write_text(KILLSAFE_CHILD)
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "resumable", "run", "--backoff", "0", "--dir", str(run_dir)]
+    command = [sys.executable, "-m", "killsafe", "run", "--backoff", "0", "--dir", str(run_dir)]
     command += ["--", sys.executable, str(script), str(run_dir)]
     out = subprocess.run(
         command,

@@ -1,0 +1,242 @@
+"""State trees: the Stateful protocol, capture (validate) and restore, RNG state.
+
+A *state tree* holds None, bool, int, float, str, bytes, list, tuple, dict
+(str or int keys), set, frozenset, numpy arrays and scalars, torch tensors and
+Stateful objects (anything with ``state_dict()`` and ``load_state_dict()``).
+torch and numpy are never imported here: they are looked up in
+``sys.modules``, so a value can only be a tensor if torch is already loaded.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from killsafe.errors import StateMismatch, UnsupportedState
+
+__all__ = ["RNGState", "Stateful", "capture", "format_path", "restore"]
+
+_PLAIN = (type(None), bool, int, float, str, bytes)
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Anything that can hand out its state and take it back."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> Any: ...
+
+
+def format_path(path: tuple[Any, ...]) -> str:
+    """Render a path like ``state["optimizer"]["param_groups"][0]``."""
+    return "state" + "".join(
+        f"[{part!r}]" if not isinstance(part, _SetItem) else "{...}" for part in path
+    )
+
+
+class _SetItem:
+    """Path marker for an element of a set (sets have no index)."""
+
+
+def _torch_module() -> Any:
+    return sys.modules.get("torch")
+
+
+def _numpy_module() -> Any:
+    return sys.modules.get("numpy")
+
+
+def is_torch_tensor(value: Any) -> bool:
+    """True when ``value`` is a torch tensor (without importing torch)."""
+    torch = _torch_module()
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def is_numpy_array(value: Any) -> bool:
+    """True when ``value`` is a numpy ndarray (without importing numpy)."""
+    np = _numpy_module()
+    return np is not None and isinstance(value, np.ndarray)
+
+
+def is_numpy_scalar(value: Any) -> bool:
+    """True when ``value`` is a numpy scalar such as ``np.float32(1)``."""
+    np = _numpy_module()
+    return np is not None and isinstance(value, np.generic)
+
+
+def tensors_in(tree: Any) -> Iterator[Any]:
+    """Every torch tensor of a (captured) tree."""
+    stack = [tree]
+    while stack:
+        value = stack.pop()
+        if is_torch_tensor(value):
+            yield value
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend(value)
+
+
+def _refuse(path: tuple[Any, ...], value: Any, hint: str) -> UnsupportedState:
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    return UnsupportedState(f"cannot save {format_path(path)} of type {kind}: {hint}")
+
+
+def check_tensor(value: Any, path: tuple[Any, ...]) -> None:
+    """Refuse tensors that cannot be stored byte for byte."""
+    if value.is_quantized:
+        raise _refuse(
+            path, value, "quantized tensors are not supported; save .dequantize() or int_repr()"
+        )
+    if value.layout is not _torch_module().strided:
+        raise _refuse(path, value, f"{value.layout} tensors are not supported; save .to_dense()")
+    if value.device.type == "meta":
+        raise _refuse(path, value, "meta tensors hold no data; materialize the module first")
+    if type(value).__name__ == "FakeTensor" or getattr(value, "_is_functional", False):
+        raise _refuse(path, value, "fake or functional tensors hold no data")
+
+
+def check_array(value: Any, path: tuple[Any, ...]) -> None:
+    """Refuse numpy arrays whose dtype cannot be stored as plain bytes."""
+    if value.dtype.kind not in "biufcmMSU" or value.dtype.fields is not None:
+        raise _refuse(
+            path, value, f"numpy dtype {value.dtype} is not supported; convert to a numeric dtype"
+        )
+
+
+def capture(tree: Any) -> Any:
+    """Return the tree with every Stateful replaced by its ``state_dict()``.
+
+    Every value is validated; tensors and arrays are not copied. Raises
+    ``UnsupportedState`` naming the exact path of the first bad value.
+    """
+    return _capture(tree, (), set())
+
+
+def _capture(value: Any, path: tuple[Any, ...], active: set[int]) -> Any:
+    if isinstance(value, _PLAIN):
+        return value
+    if is_torch_tensor(value):
+        check_tensor(value, path)
+        return value
+    if is_numpy_array(value):
+        check_array(value, path)
+        return value
+    if is_numpy_scalar(value):
+        if value.dtype.kind not in "biufcmMSU":
+            raise _refuse(
+                path, value, "only numeric, bool, date and string numpy scalars are supported"
+            )
+        return value
+    marker = id(value)
+    if marker in active:
+        raise _refuse(path, value, "the state contains a reference cycle; break the cycle")
+    active.add(marker)
+    try:
+        return _capture_container(value, path, active)
+    finally:
+        active.discard(marker)
+
+
+def _capture_container(value: Any, path: tuple[Any, ...], active: set[int]) -> Any:
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if isinstance(key, bool) or not isinstance(key, (str, int)):
+                raise UnsupportedState(
+                    f"cannot save {format_path(path)}: key {key!r} of type "
+                    f"{type(key).__name__} is not a str or int; convert the key to str"
+                )
+            out[key] = _capture(item, (*path, key), active)
+        return out
+    if type(value) in (list, tuple):
+        items = [_capture(item, (*path, i), active) for i, item in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    if type(value) in (set, frozenset):
+        members = [_capture(item, (*path, _SetItem()), active) for item in value]
+        return set(members) if isinstance(value, set) else frozenset(members)
+    if isinstance(value, Stateful) and not isinstance(value, type):
+        return _capture(value.state_dict(), path, active)
+    raise _refuse(
+        path,
+        value,
+        "only None, bool, int, float, str, bytes, list, tuple, dict, set, numpy arrays, "
+        "torch tensors and objects with state_dict()/load_state_dict() can be saved; "
+        "convert it or save its state_dict()",
+    )
+
+
+def restore(targets: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str, Any]:
+    """Load ``saved`` into ``targets`` and return the restored values by name.
+
+    A Stateful target gets ``load_state_dict(saved[name])``; any other target
+    is replaced by the saved value (returned in the dict). RNGState targets
+    are restored last so that restoring other objects cannot consume
+    randomness. Raises ``StateMismatch`` listing missing names and the
+    errors ``load_state_dict`` raised.
+    """
+    missing = [name for name in targets if name not in saved]
+    if missing:
+        raise StateMismatch(
+            f"checkpoint has no state for {', '.join(sorted(missing))} "
+            f"(it holds {', '.join(sorted(map(str, saved))) or 'nothing'}); "
+            "track the same objects as when it was saved"
+        )
+    order = sorted(targets, key=lambda name: isinstance(targets[name], RNGState))
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    for name in order:
+        target = targets[name]
+        if isinstance(target, Stateful) and not isinstance(target, type):
+            try:
+                target.load_state_dict(saved[name])
+            except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+                problems.append(
+                    f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                )
+                continue
+            out[name] = target
+        else:
+            out[name] = saved[name]
+    if problems:
+        raise StateMismatch("state does not fit: " + "; ".join(problems))
+    return out
+
+
+class RNGState:
+    """The random number generators as one Stateful object.
+
+    Covers Python's ``random``, NumPy's global RNG (when numpy is imported)
+    and torch's CPU and CUDA generators (when torch is imported).
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the states of every RNG that is loaded."""
+        state: dict[str, Any] = {"python": random.getstate()}
+        np = _numpy_module()
+        if np is not None:
+            state["numpy"] = np.random.get_state()
+        torch = _torch_module()
+        if torch is not None:
+            state["torch"] = torch.get_rng_state()
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the RNG states present in ``state`` (others are left alone)."""
+        if "python" in state:
+            version, internal, gauss = state["python"]
+            random.setstate((version, tuple(internal), gauss))
+        np = _numpy_module()
+        if np is not None and "numpy" in state:
+            np.random.set_state(tuple(state["numpy"]))
+        torch = _torch_module()
+        if torch is not None and "torch" in state:
+            torch.set_rng_state(state["torch"])
+            cuda = state.get("cuda")
+            if cuda and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(list(cuda)[: torch.cuda.device_count()])

@@ -1,0 +1,586 @@
+"""A directory of checkpoints: commit, list, load, verify, delete, prune, lock.
+
+A checkpoint exists once its directory has been renamed into place; a reader
+never sees a partial one. One process writes to a store at a time (an
+``flock`` on ``.lock``, taken at the first mutating call); readers never lock.
+
+Example::
+
+    store = CheckpointStore("runs/exp1/checkpoints", keep_last=3)
+    store.save({"weights": weights, "epoch": 3}, step=300)
+    state = store.load("latest")
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from killsafe import format as fmt
+from killsafe.errors import (
+    CheckpointExists,
+    CheckpointNotFound,
+    ConfigError,
+    CorruptCheckpoint,
+    InvalidName,
+    KillsafeError,
+    SaveFailed,
+    StoreLocked,
+    UnsupportedFormat,
+)
+from killsafe.format import CheckpointInfo
+from killsafe.retention import Retention, best_of
+from killsafe.saver import STRATEGIES, BackgroundSaver, PendingSave
+from killsafe.state import capture
+
+__all__ = ["CheckpointStore", "Staging", "sanitize_name"]
+
+log = logging.getLogger("killsafe.store")
+
+LOCK_NAME = ".lock"
+TMP_PREFIX = ".tmp-"
+MAX_NAME_LENGTH = 64
+_RESERVED = {"latest", "best"}
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def sanitize_name(name: Any) -> str:
+    """Return a safe checkpoint name or raise ``InvalidName``.
+
+    Path separators, NUL, ``.``/``..``, hidden names (leading dot), names
+    made of digits only (they read as steps) and the reserved ``latest`` and
+    ``best`` are refused; runs of other unsafe characters become ``-``.
+    """
+    if not isinstance(name, str):
+        raise InvalidName(f"checkpoint name {name!r} must be a str")
+    text = name.strip()
+    if any(sep in text for sep in ("/", "\\", "\0")):
+        raise InvalidName(
+            f"checkpoint name {name!r} contains a path separator; use letters, digits, . _ -"
+        )
+    if text.startswith("."):
+        raise InvalidName(
+            f"checkpoint name {name!r} starts with a dot; hidden names are not allowed"
+        )
+    clean = _UNSAFE.sub("-", text).strip("-")
+    if not clean or clean in (".", ".."):
+        raise InvalidName(
+            f"checkpoint name {name!r} is empty once sanitized; use letters or digits"
+        )
+    if len(clean) > MAX_NAME_LENGTH:
+        raise InvalidName(f"checkpoint name {name!r} is longer than {MAX_NAME_LENGTH} characters")
+    if clean.isdigit() or clean.lower() in _RESERVED:
+        raise InvalidName(f"checkpoint name {name!r} reads as a step or reference; add a letter")
+    return clean
+
+
+@dataclass
+class Staging:
+    """A checkpoint being written: its temporary and final directories."""
+
+    step: int
+    name: str | None
+    tmp_path: Path
+    final_path: Path
+    manifest: dict[str, Any] | None = None
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class CheckpointStore:
+    """A directory of checkpoints with atomic commits and retention.
+
+    Args:
+        directory: where checkpoints live; created at the first save.
+        keep_last: keep this many newest unnamed checkpoints (None: all).
+        keep_best: keep this many best on ``best`` as well.
+        best: ``(metric, "min"|"max")`` ranking checkpoints by a metric.
+        compression: None or ``"zstd"`` (multithreaded) for the tensor file.
+        snapshot: how ``save_async`` snapshots the state: ``"auto"``,
+            ``"fork"`` or ``"copy"`` (see ``killsafe.saver``).
+
+    Thread safety: mutating calls are serialized by an internal lock, so a
+    background saver may ``commit`` while the main thread reads. One process
+    writes at a time (``StoreLocked`` otherwise); readers never lock.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        best: tuple[str, str] | None = None,
+        compression: str | None = None,
+        snapshot: str = "auto",
+    ) -> None:
+        if snapshot not in STRATEGIES:
+            raise ConfigError(f"snapshot={snapshot!r} is unknown; use one of {STRATEGIES}")
+        if compression not in (None, "zstd"):
+            raise ConfigError(f"compression={compression!r} is not supported; use None or 'zstd'")
+        self.directory = Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ConfigError(f"checkpoint store {self.directory} is a file, not a directory")
+        self.retention = Retention(keep_last=keep_last, keep_best=keep_best, best=best)
+        self.compression = compression
+        self._lock_fd: int | None = None
+        self._mutex = threading.RLock()
+        self._warned: set[str] = set()
+        self._snapshot = snapshot
+        self._saver: BackgroundSaver | None = None
+
+    def __repr__(self) -> str:
+        return f"CheckpointStore({str(self.directory)!r})"
+
+    def __enter__(self) -> CheckpointStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ lock
+
+    def _acquire(self) -> None:
+        """Take the write lock (once) and sweep leftovers of dead writers."""
+        if self._lock_fd is not None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = self._wait_for_holder(fd)
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise SaveFailed(
+                    f"cannot lock {self.directory / LOCK_NAME}: {exc.strerror}"
+                ) from exc
+            raise StoreLocked(
+                f"checkpoint store {self.directory} is being written by pid "
+                f"{holder.get('pid', '?')} on host {holder.get('host', '?')}; "
+                "stop that process or use another directory"
+            ) from None
+        # A flock dies with its process, so whatever the file says about an
+        # earlier holder is stale now: we take the lock over.
+        previous = self._read_holder(fd)
+        if previous and previous.get("pid") != os.getpid():
+            log.info("taking over the lock of %s from pid %s", self.directory, previous.get("pid"))
+        record = json.dumps(
+            {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        )
+        os.pwrite(fd, record.encode(), 0)
+        os.ftruncate(fd, len(record.encode()))
+        self._lock_fd = fd
+        self._sweep()
+
+    def _wait_for_holder(self, fd: int) -> dict[str, Any]:
+        """The live holder's record; it may lag the flock by a moment, so poll briefly."""
+        holder: dict[str, Any] = {}
+        for _ in range(50):
+            holder = self._read_holder(fd)
+            pid = holder.get("pid")
+            if isinstance(pid, int) and _pid_alive(pid):
+                break
+            time.sleep(0.01)
+        return holder
+
+    @staticmethod
+    def _read_holder(fd: int) -> dict[str, Any]:
+        try:
+            data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _sweep(self) -> None:
+        for entry in os.scandir(self.directory):
+            if entry.name.startswith(TMP_PREFIX):
+                log.info("removing leftover %s", entry.path)
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+    def close(self) -> None:
+        """Finish a save in flight, then release the write lock (if held).
+
+        Raises the failure of that save, if any, after releasing the lock.
+        The store can be used again later.
+        """
+        try:
+            if self._saver is not None:
+                self._saver.close()
+        finally:
+            self._saver = None
+            self._release()
+
+    def _release(self) -> None:
+        with self._mutex:
+            if self._lock_fd is not None:
+                try:
+                    os.ftruncate(self._lock_fd, 0)
+                finally:
+                    os.close(self._lock_fd)
+                    self._lock_fd = None
+
+    # ------------------------------------------------------------ saving
+
+    def save(
+        self,
+        state: Any,
+        step: int,
+        *,
+        metrics: dict[str, Any] | None = None,
+        name: str | None = None,
+        reason: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> CheckpointInfo:
+        """Write ``state`` as the checkpoint of ``step`` and commit it atomically.
+
+        Raises ``UnsupportedState`` (before anything is written),
+        ``CheckpointExists`` when an unnamed checkpoint of this step (or a
+        checkpoint of this name) exists, ``InvalidName``, ``StoreLocked`` and
+        ``SaveFailed`` (disk full, I/O error; earlier checkpoints untouched).
+        """
+        self.wait()
+        tree = capture(state)
+        encoded = fmt.encode(tree)
+        staging = self.begin(step, name=name)
+        try:
+            self.write(staging, encoded, metrics=metrics, reason=reason, metadata=metadata)
+        except BaseException:
+            self.abort(staging)
+            raise
+        return self.commit(staging)
+
+    def save_async(
+        self,
+        state: Any,
+        step: int,
+        *,
+        metrics: dict[str, Any] | None = None,
+        name: str | None = None,
+        reason: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        if_busy: str = "wait",
+    ) -> PendingSave | None:
+        """Snapshot ``state`` and write it in the background; return once staged.
+
+        The caller may change the state as soon as this returns: the
+        checkpoint holds the values of this moment. One save is in flight at
+        a time; when another is still being written, ``if_busy="wait"``
+        waits for it and ``"skip"`` returns ``None`` without saving. The
+        handle's ``wait()`` returns the ``CheckpointInfo``. A background
+        failure is raised by that ``wait()``, or else by the next
+        ``save_async``, ``save``, ``wait`` or ``close`` of this store.
+        """
+        if self._saver is None:
+            self._saver = BackgroundSaver(self, strategy=self._snapshot)
+        return self._saver.submit(
+            state,
+            step,
+            metrics=metrics,
+            name=name,
+            reason=reason,
+            metadata=metadata,
+            if_busy=if_busy,
+        )
+
+    def wait(self) -> CheckpointInfo | None:
+        """Wait for a save in flight; return its info, or ``None`` if none was."""
+        if self._saver is None:
+            return None
+        return self._saver.wait()
+
+    def begin(self, step: int, *, name: str | None = None) -> Staging:
+        """Check the step and name, take the lock and create the temporary directory."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigError(f"step={step!r} must be a non-negative int")
+        clean = sanitize_name(name) if name is not None else None
+        with self._mutex:
+            self._acquire()
+            final = self.directory / (f"step-{step:06d}" + (f"--{clean}" if clean else ""))
+            self._check_free(step, clean, final)
+            tmp = self.directory / f"{TMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                tmp.mkdir()
+            except OSError as exc:
+                raise SaveFailed(f"cannot create {tmp}: {exc.strerror}; check the disk") from exc
+        return Staging(step=step, name=clean, tmp_path=tmp, final_path=final)
+
+    def _check_free(self, step: int, name: str | None, final: Path) -> None:
+        if final.exists():
+            what = f"named {name!r}" if name else "unnamed"
+            raise CheckpointExists(
+                f"an {what} checkpoint of step {step} exists at {final}; "
+                "save under another step or name, or delete it first"
+            )
+        if name is not None:
+            for info in self.list():
+                if info.name == name:
+                    raise CheckpointExists(
+                        f"a checkpoint named {name!r} exists at {info.path}; choose another name"
+                    )
+
+    def write(
+        self,
+        staging: Staging,
+        encoded: fmt.Encoded,
+        *,
+        metrics: dict[str, Any] | None = None,
+        reason: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Write the checkpoint's files into the staging directory (any thread)."""
+        try:
+            staging.manifest = fmt.write_encoded(
+                staging.tmp_path,
+                encoded,
+                step=staging.step,
+                name=staging.name,
+                reason=reason,
+                metrics=metrics,
+                metadata=metadata,
+                compression=self.compression,
+            )
+        except OSError as exc:
+            raise SaveFailed(
+                f"writing checkpoint of step {staging.step} to {self.directory} failed: "
+                f"{exc.strerror or exc}; free disk space or check the device "
+                "(earlier checkpoints are intact)"
+            ) from exc
+        return staging.manifest
+
+    def commit(self, staging: Staging) -> CheckpointInfo:
+        """Make a written staging directory a checkpoint, then apply retention.
+
+        Order matters: the files were fsynced by ``write``; fsyncing the
+        temporary directory makes their names durable; the rename is the
+        atomic commit point; fsyncing the parent makes the rename durable.
+        Retention deletes only after that, so a crash at any moment leaves
+        the previous checkpoints intact. Safe to call from a background thread.
+        """
+        if staging.manifest is None:
+            raise ConfigError("commit() needs a staging directory that write() has filled")
+        with self._mutex:
+            try:
+                _fsync_directory(staging.tmp_path)
+                if staging.final_path.exists():
+                    raise CheckpointExists(
+                        f"{staging.final_path} appeared while saving; not replaced"
+                    )
+                os.rename(staging.tmp_path, staging.final_path)
+                _fsync_directory(self.directory)
+            except OSError as exc:
+                self.abort(staging)
+                raise SaveFailed(f"committing {staging.final_path} failed: {exc.strerror}") from exc
+            except KillsafeError:
+                self.abort(staging)
+                raise
+            info = CheckpointInfo.from_manifest(staging.manifest, staging.final_path)
+            if self.retention.prunes:
+                self._prune(dry_run=False)
+            return info
+
+    def abort(self, staging: Staging) -> None:
+        """Remove a staging directory that will not be committed."""
+        shutil.rmtree(staging.tmp_path, ignore_errors=True)
+
+    # ------------------------------------------------------------ reading
+
+    def list(self) -> list[CheckpointInfo]:
+        """Committed checkpoints with a readable manifest, by step then time.
+
+        Reads manifests only. Unreadable ones are skipped (logged once).
+        """
+        try:
+            entries = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            return []
+        except NotADirectoryError as exc:
+            raise ConfigError(f"checkpoint store {self.directory} is not a directory") from exc
+        infos = []
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.name.startswith("step-"):
+                continue
+            try:
+                manifest = fmt.read_manifest(entry.path)
+            except (CorruptCheckpoint, UnsupportedFormat, CheckpointNotFound) as exc:
+                self._warn_once(entry.path, f"skipping {entry.path}: {exc}")
+                continue
+            infos.append(CheckpointInfo.from_manifest(manifest, Path(entry.path)))
+        infos.sort(key=lambda info: (info.step, info.created))
+        return infos
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+
+    def _first_good(
+        self, candidates: builtins.list[CheckpointInfo], verify: bool
+    ) -> CheckpointInfo | None:
+        for info in candidates:
+            if not verify:
+                return info
+            try:
+                fmt.verify_checkpoint(info.path)
+            except (CorruptCheckpoint, CheckpointNotFound, UnsupportedFormat) as exc:
+                self._warn_once(str(info.path), f"skipping corrupt checkpoint {info.path}: {exc}")
+                continue
+            return info
+        return None
+
+    def latest(self, *, verify: bool = True) -> CheckpointInfo | None:
+        """The newest checkpoint that verifies (corrupt ones skipped with a warning)."""
+        return self._first_good(self.list()[::-1], verify)
+
+    def best(self, *, verify: bool = True) -> CheckpointInfo | None:
+        """The best checkpoint on the store's ``best`` metric that verifies."""
+        if self.retention.best is None:
+            raise ConfigError("best() needs the store to be created with best=(metric, mode)")
+        ranked: builtins.list[Any] = best_of(self.list(), self.retention.best)
+        return self._first_good(ranked, verify)
+
+    def get(self, ref: Any = "latest") -> CheckpointInfo:
+        """Resolve a reference: "latest", "best", a step, a name, a CheckpointInfo or a path."""
+        if isinstance(ref, CheckpointInfo):
+            return self._from_path(ref.path)
+        if ref == "latest" or ref == "best":
+            info = self.latest() if ref == "latest" else self.best()
+            if info is None:
+                raise CheckpointNotFound(f"no {ref} checkpoint in {self.directory}; save one first")
+            return info
+        if isinstance(ref, str) and ref.isdigit():
+            ref = int(ref)  # names are never all digits, so this is a step
+        if isinstance(ref, int) and not isinstance(ref, bool):
+            matches = [info for info in self.list() if info.step == ref]
+            unnamed = [info for info in matches if info.name is None]
+            if not matches:
+                raise CheckpointNotFound(f"no checkpoint of step {ref} in {self.directory}")
+            return (unnamed or matches)[-1]
+        if isinstance(ref, str) and "/" not in ref and ref not in (".", ".."):
+            for info in self.list():
+                if info.name == ref or info.path.name == ref:
+                    return info
+            raise CheckpointNotFound(
+                f"no checkpoint named {ref!r} in {self.directory}; `killsafe list` shows them"
+            )
+        if isinstance(ref, (str, os.PathLike)):
+            return self._from_path(Path(ref))
+        raise ConfigError(
+            f"checkpoint reference {ref!r} must be a step, name, path or CheckpointInfo"
+        )
+
+    def _from_path(self, path: Path) -> CheckpointInfo:
+        return CheckpointInfo.from_manifest(fmt.read_manifest(path), path)
+
+    def load(
+        self,
+        ref: Any = "latest",
+        *,
+        subtree: str | None = None,
+        mmap: bool = False,
+        verify: bool = True,
+    ) -> Any:
+        """Load a checkpoint's tree, verifying the checksums of what is read.
+
+        With ``ref="latest"`` a checkpoint that fails to verify is skipped
+        with a warning and the next newest one is loaded. ``subtree`` (dotted,
+        e.g. ``"model"``) reads only that part; ``mmap=True`` maps tensors
+        copy-on-write from the file; ``verify=False`` skips the checksums
+        (with mmap, bytes are then read only when used). Raises ``CheckpointNotFound``,
+        ``CorruptCheckpoint`` or ``UnsupportedFormat``.
+        """
+        if ref == "latest":
+            for info in self.list()[::-1]:
+                try:
+                    return fmt.read_tree(info.path, subtree=subtree, mmap=mmap, verify=verify)
+                except (CorruptCheckpoint, UnsupportedFormat) as exc:
+                    self._warn_once(
+                        str(info.path), f"skipping corrupt checkpoint {info.path}: {exc}"
+                    )
+            raise CheckpointNotFound(f"no loadable checkpoint in {self.directory}; save one first")
+        info = self.get(ref)
+        return fmt.read_tree(info.path, subtree=subtree, mmap=mmap, verify=verify)
+
+    def verify(self, ref: Any = "latest") -> CheckpointInfo:
+        """Check every checksum of a checkpoint; raise ``CorruptCheckpoint`` if one fails."""
+        info = self.get(ref) if ref != "latest" else self._newest_listed()
+        fmt.verify_checkpoint(info.path)
+        return info
+
+    def _newest_listed(self) -> CheckpointInfo:
+        infos = self.list()
+        if not infos:
+            raise CheckpointNotFound(f"no checkpoint in {self.directory}")
+        return infos[-1]
+
+    # ------------------------------------------------------------ deleting
+
+    def delete(self, ref: Any, *, force: bool = False) -> CheckpointInfo:
+        """Delete one checkpoint. The newest and the best need ``force=True``."""
+        with self._mutex:
+            info = self.get(ref)
+            if not force:
+                infos = self.list()
+                protected = {infos[-1].path} if infos else set()
+                if self.retention.best is not None:
+                    ranked = best_of(infos, self.retention.best)
+                    if ranked:
+                        protected.add(ranked[0].path)  # type: ignore[attr-defined]
+                if info.path in protected:
+                    raise ConfigError(
+                        f"{info.path} is the newest or the best checkpoint; "
+                        "pass force=True to delete it"
+                    )
+            self._acquire()
+            self._remove(info)
+            return info
+
+    def _remove(self, info: CheckpointInfo) -> None:
+        # Rename first (atomic), so no reader sees a half-deleted checkpoint.
+        doomed = self.directory / f"{TMP_PREFIX}delete-{info.path.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(info.path, doomed)
+        _fsync_directory(self.directory)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def prune(self, *, dry_run: bool = False) -> builtins.list[CheckpointInfo]:
+        """Apply retention now; return what was (or, dry run, would be) deleted."""
+        with self._mutex:
+            return self._prune(dry_run=dry_run)
+
+    def _prune(self, *, dry_run: bool) -> builtins.list[CheckpointInfo]:
+        doomed: builtins.list[Any] = self.retention.select_deletions(self.list())
+        if dry_run or not doomed:
+            return list(doomed)
+        self._acquire()
+        for info in doomed:
+            self._remove(info)
+        return list(doomed)
