@@ -18,11 +18,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import cli, cli_json
 
 import killsafe
 from killsafe import environment
 from killsafe.journal import Journal
-from tests.cli_helpers import cli, cli_json
 
 FIXTURE = Path(__file__).parent / "fixtures" / "resumable-0.1"
 
