@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from manifest_helpers import edit_manifest
 from roundtrip_helpers import assert_same, tensor_bytes
 
 from killsafe import format as fmt
@@ -289,11 +290,6 @@ def flip_byte(path: Path, offset: int) -> None:
         f.write(bytes([byte[0] ^ 0x10]))
 
 
-def edit_manifest(directory: Path, change: Any) -> None:
-    path = directory / fmt.MANIFEST_NAME
-    manifest = json.loads(path.read_text())
-    change(manifest)
-    path.write_text(json.dumps(manifest))
 
 
 @pytest.fixture
@@ -342,23 +338,24 @@ def test_newer_format_version_is_refused(checkpoint: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda m: m.update(step="5"), "step must be int"),
-        (lambda m: m.update(step=True), "step must be int"),
-        (lambda m: m.update(metrics=[1]), "metrics must be dict"),
-        (lambda m: m.update(tree="x"), "tree must be dict"),
-        (lambda m: m.update(name=3), "name must be"),
+        (lambda m: m.update(step="5"), r"Expected `int`, got `str` - at `\$.step`"),
+        (lambda m: m.update(step=True), r"Expected `int`, got `bool` - at `\$.step`"),
+        (lambda m: m.update(metrics=[1]), r"Expected `object`, got `array` - at `\$.metrics`"),
+        (lambda m: m.update(tree="x"), r"Expected `object`, got `str` - at `\$.tree`"),
+        (lambda m: m.update(name=3), r"at `\$.name`"),
         (lambda m: m.update(format="other"), "not a killsafe manifest"),
         (
             lambda m: m["files"].update({"../../etc/passwd": {"size": 1, "xxh3": "0"}}),
-            "not a checkpoint file",
+            r"Invalid enum value '../../etc/passwd' - at `key` in `\$.files`",
         ),
-        (lambda m: m["tensors"].update(file="../outside.safetensors"), "not listed in files"),
+        (lambda m: m["tensors"].update(file="../outside.safetensors"), r"at `\$.tensors.file`"),
+        (lambda m: m["tensors"].update(file="tensors.safetensors.zst"), "not listed in files"),
         (
             lambda m: m["tensors"]["entries"]["w"].update(offsets=[0, 10**12]),
             "outside the tensor file",
         ),
-        (lambda m: m["tensors"]["entries"]["w"].update(offsets=[-8, 4]), "outside the tensor file"),
-        (lambda m: m["files"]["tensors.safetensors"].update(size="big"), "size must be int"),
+        (lambda m: m["tensors"]["entries"]["w"].update(offsets=[-8, 4]), r"Expected `int` >= 0"),
+        (lambda m: m["files"]["tensors.safetensors"].update(size="big"), r"got `str` - at `\$"),
     ],
 )
 def test_hostile_manifests_get_typed_errors(checkpoint: Path, change: Any, message: str) -> None:
