@@ -290,8 +290,6 @@ def flip_byte(path: Path, offset: int) -> None:
         f.write(bytes([byte[0] ^ 0x10]))
 
 
-
-
 @pytest.fixture
 def checkpoint(tmp_path: Path) -> Path:
     return write(tmp_path, {"w": torch.arange(256, dtype=torch.float32), "n": 3, "b": b"x" * 500})
