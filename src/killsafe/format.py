@@ -63,7 +63,10 @@ __all__ = [
     "CheckpointInfo",
     "Encoded",
     "TensorEntry",
+    "check_files",
     "encode",
+    "float_value",
+    "int_value",
     "manifest_digest",
     "read_manifest",
     "read_tree",
@@ -81,6 +84,7 @@ MANIFEST_NAME = "manifest.json"
 TENSOR_FILE = "tensors.safetensors"
 TENSOR_FILE_ZSTD = "tensors.safetensors.zst"
 _DATA_FILES = (TENSOR_FILE, TENSOR_FILE_ZSTD)
+_ZSTD_MAX_FRAME_HEADER = 18
 _INLINE_BYTES = 64  # bytes values up to this size live in the manifest (base64)
 _WRITE_CHUNK = 1 << 28  # stay far below Linux's 2 GiB per write() call
 _IOV_MAX = 512
@@ -892,6 +896,45 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
+def check_files(directory: str | os.PathLike[str], manifest: Mapping[str, Any]) -> None:
+    """Check, without reading them, that the manifest's files are regular files of their size.
+
+    One ``lstat`` each: a missing, linked, special or truncated tensor file is
+    found when checkpoints are listed, not only when they are loaded.
+    """
+    directory = Path(directory)
+    for name, info in manifest["files"].items():
+        try:
+            found = os.lstat(directory / name)
+        except FileNotFoundError:
+            raise _missing(directory, name) from None
+        if stat.S_ISLNK(found.st_mode):
+            raise _corrupt(directory, f"{name} is a symbolic link, never followed")
+        if not stat.S_ISREG(found.st_mode):
+            raise _corrupt(directory, f"{name} is not a regular file")
+        if found.st_size != info["size"]:
+            raise _corrupt(directory, f"{name} has {found.st_size} bytes, expected {info['size']}")
+        if info.get("codec") == "zstd":
+            _check_frame_size(directory, name, info["raw_size"])
+
+
+def _check_frame_size(directory: Path, name: str, raw_size: int) -> None:
+    """The zstd frame header must announce the ``raw_size`` the manifest claims."""
+    import zstandard
+
+    fd = _open_regular(directory, name)
+    try:
+        head = os.pread(fd, _ZSTD_MAX_FRAME_HEADER, 0)
+    finally:
+        os.close(fd)
+    try:
+        framed = zstandard.frame_content_size(head)
+    except zstandard.ZstdError as exc:
+        raise _corrupt(directory, f"{name} is not a zstd frame") from exc
+    if framed != raw_size:
+        raise _corrupt(directory, f"{name} holds {framed} bytes, raw_size says {raw_size}")
+
+
 def _check_version(directory: Path, manifest: Any) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") not in FORMAT_NAMES:
         raise _corrupt(directory, f"{MANIFEST_NAME} is not a killsafe manifest")
@@ -1018,12 +1061,7 @@ def _decompress(directory: Path, fd: int, path: Path, info: dict[str, Any], veri
     if verify and xxhash.xxh3_64_hexdigest(compressed) != info["xxh3"]:
         raise _corrupt(directory, f"{path.name} fails its checksum")
     raw_size = int(info.get("raw_size", 0))
-    try:
-        framed = zstandard.frame_content_size(compressed)
-    except zstandard.ZstdError as exc:
-        raise _corrupt(directory, f"{path.name} is not a zstd frame") from exc
-    if framed != raw_size:  # checked before allocating what raw_size claims
-        raise _corrupt(directory, f"{path.name} holds {framed} bytes, raw_size says {raw_size}")
+    _check_frame_size(directory, path.name, raw_size)  # before allocating what it claims
     try:
         buffer = _anonymous_buffer(raw_size)
     except (OSError, MemoryError, OverflowError) as exc:
@@ -1216,6 +1254,20 @@ def verify_checkpoint(
     read_tree(directory, manifest, mmap=True, verify=compressed)
 
 
+def int_value(node: Mapping[str, Any]) -> int:
+    """The value of an ``int`` node of a checked manifest (``hex`` has no digit limit)."""
+    if "value" in node:
+        return int(_typed(node["value"], int))
+    return int(_typed(node["hex"], str), 16)
+
+
+def float_value(node: Mapping[str, Any]) -> float:
+    """The value of a ``float`` node of a checked manifest (``bits``: nan and inf)."""
+    if "value" in node:
+        return float(_typed(node["value"], (int, float)))
+    return float(struct.unpack("<d", bytes.fromhex(_typed(node["bits"], str)))[0])
+
+
 class _Decoder:
     def __init__(self, directory: Path, buffers: dict[str, tuple[Any, int, int]]) -> None:
         self.directory = directory
@@ -1230,13 +1282,9 @@ class _Decoder:
         if kind == "bool":
             return _typed(node["value"], bool)
         if kind == "int":
-            return (
-                _typed(node["value"], int) if "value" in node else int(_typed(node["hex"], str), 16)
-            )
+            return int_value(node)
         if kind == "float":
-            if "value" in node:
-                return float(_typed(node["value"], (int, float)))
-            return struct.unpack("<d", bytes.fromhex(_typed(node["bits"], str)))[0]
+            return float_value(node)
         if kind == "str":
             return _typed(node["value"], str)
         if kind == "bytes":

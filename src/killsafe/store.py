@@ -526,7 +526,9 @@ class CheckpointStore:
         )
 
     def _from_path(self, path: Path) -> CheckpointInfo:
-        return CheckpointInfo.from_manifest(fmt.read_manifest(path), path)
+        manifest = fmt.read_manifest(path)
+        fmt.check_files(path, manifest)
+        return CheckpointInfo.from_manifest(manifest, path)
 
     def load(
         self,
