@@ -56,6 +56,7 @@ MAX_NAME_LENGTH = 64
 _RESERVED = {"latest", "best"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _NONE_LEFT = object()  # no candidate checkpoint could be used
+_MAX_RANKINGS = 1000  # a reader racing a pruner ranks again; bounded against endless churn
 
 
 def sanitize_name(name: Any) -> str:
@@ -156,6 +157,7 @@ class CheckpointStore:
         self._lock_fd: int | None = None
         self._mutex = threading.RLock()
         self._warned: set[str] = set()
+        self._vanished = 0  # checkpoints seen by list() that were gone when read (pruned)
         self._snapshot = snapshot
         self._saver: BackgroundSaver | None = None
 
@@ -437,6 +439,8 @@ class CheckpointStore:
             except CheckpointNotFound as exc:
                 if os.path.lexists(entry.path):
                     self._warn_once(entry.path, f"skipping {entry.path}: {exc}")
+                else:
+                    self._vanished += 1
             except (CorruptCheckpoint, UnsupportedFormat) as exc:
                 self._warn_once(entry.path, f"skipping {entry.path}: {exc}")
         infos.sort(key=lambda info: (info.step, info.created))
@@ -453,11 +457,13 @@ class CheckpointStore:
         A candidate that fails as corrupt is skipped with a warning. One that
         vanished meanwhile was pruned by a writer, not damaged: the
         candidates are ranked again (newer ones may have been committed) and
-        the first good one of the new ranking is used. Returns
-        ``_NONE_LEFT`` when none is left.
+        the first good one of the new ranking is used; so too when every
+        candidate vanished while being listed. Returns ``_NONE_LEFT`` when
+        none is left.
         """
         failed: set[Path] = set()
-        while True:
+        for _ in range(_MAX_RANKINGS):
+            vanished = self._vanished
             for info in rank():
                 if info.path in failed:
                     continue
@@ -472,7 +478,9 @@ class CheckpointStore:
                         continue
                     break  # pruned while we read it: rank again
             else:
-                return _NONE_LEFT
+                if self._vanished == vanished:
+                    return _NONE_LEFT
+        return _NONE_LEFT
 
     def _verified(self, verify: bool) -> Any:
         def check(info: CheckpointInfo) -> CheckpointInfo:
