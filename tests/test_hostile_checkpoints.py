@@ -211,6 +211,7 @@ def test_a_resumed_run_starts_from_the_previous_one(damaged: tuple[Path, Path, P
     assert os.path.lexists(bad)
 
 
+@pytest.mark.slow
 def test_the_command_line_reports_it_in_one_line(damaged: tuple[Path, Path, Path]) -> None:
     run_dir, bad, good = damaged
     before = snapshot(run_dir.parent)
