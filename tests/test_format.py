@@ -419,3 +419,25 @@ def test_a_pickle_where_the_tensor_file_should_be_is_never_executed(
     with pytest.raises(CorruptCheckpoint):
         fmt.read_manifest(checkpoint)
     assert not marker.exists()
+
+
+def test_a_bit_flip_in_the_manifest_or_in_its_checksum_is_caught(tmp_path: Path) -> None:
+    directory = write(tmp_path, {"w": torch.ones(3)}, step=500)
+    path = directory / fmt.MANIFEST_NAME
+    raw = path.read_bytes()
+    at = raw.index(b'"step": 500') + len(b'"step": ')
+    checksum_at = raw.index(b'"manifest_xxh3": "') + len(b'"manifest_xxh3": "')
+    for offset, bit in ((at, 0x02), (checksum_at, 0x01)):  # "500" -> "700"; one hex digit
+        flipped = bytearray(raw)
+        flipped[offset] ^= bit
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(CorruptCheckpoint, match="fails its own checksum"):
+            fmt.read_manifest(directory)
+    path.write_bytes(raw)
+    assert fmt.read_manifest(directory)["step"] == 500
+
+
+def test_a_version_2_manifest_without_its_checksum_is_corrupt(checkpoint: Path) -> None:
+    edit_manifest(checkpoint, lambda m: m.pop(fmt.CHECKSUM_FIELD), reseal=False)
+    with pytest.raises(CorruptCheckpoint, match="has no manifest_xxh3"):
+        fmt.read_manifest(checkpoint)
