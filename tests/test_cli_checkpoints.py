@@ -13,6 +13,7 @@ from cli_helpers import assert_one_line_error, cli, cli_json, snapshot
 
 np = pytest.importorskip("numpy")
 store_module = pytest.importorskip("killsafe.store")
+FORMAT_VERSION = pytest.importorskip("killsafe.format").FORMAT_VERSION
 
 
 def weights(seed: int) -> dict[str, object]:
@@ -315,7 +316,7 @@ def test_prune_keep_best_without_a_metric_is_bad_input(run_dir: Path) -> None:
 def test_inspect_json_describes_the_tree_from_the_manifest(run_dir: Path) -> None:
     ckpt = checkpoint(run_dir, 200)
     shown = cli_json("inspect", ckpt)
-    assert (shown["step"], shown["name"], shown["format_version"]) == (200, None, 1)
+    assert (shown["step"], shown["name"], shown["format_version"]) == (200, None, FORMAT_VERSION)
     assert shown["metrics"]["val_loss"] == pytest.approx(0.3)
     nodes = {node["path"]: node for node in shown["tree"]}
     weight = nodes["model.weight"]

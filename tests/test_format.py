@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from manifest_helpers import edit_manifest
 from roundtrip_helpers import assert_same, tensor_bytes
 
 from killsafe import format as fmt
@@ -289,13 +290,6 @@ def flip_byte(path: Path, offset: int) -> None:
         f.write(bytes([byte[0] ^ 0x10]))
 
 
-def edit_manifest(directory: Path, change: Any) -> None:
-    path = directory / fmt.MANIFEST_NAME
-    manifest = json.loads(path.read_text())
-    change(manifest)
-    path.write_text(json.dumps(manifest))
-
-
 @pytest.fixture
 def checkpoint(tmp_path: Path) -> Path:
     return write(tmp_path, {"w": torch.arange(256, dtype=torch.float32), "n": 3, "b": b"x" * 500})
@@ -342,23 +336,24 @@ def test_newer_format_version_is_refused(checkpoint: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda m: m.update(step="5"), "step must be int"),
-        (lambda m: m.update(step=True), "step must be int"),
-        (lambda m: m.update(metrics=[1]), "metrics must be dict"),
-        (lambda m: m.update(tree="x"), "tree must be dict"),
-        (lambda m: m.update(name=3), "name must be"),
+        (lambda m: m.update(step="5"), r"Expected `int`, got `str` - at `\$.step`"),
+        (lambda m: m.update(step=True), r"Expected `int`, got `bool` - at `\$.step`"),
+        (lambda m: m.update(metrics=[1]), r"Expected `object`, got `array` - at `\$.metrics`"),
+        (lambda m: m.update(tree="x"), r"Expected `object`, got `str` - at `\$.tree`"),
+        (lambda m: m.update(name=3), r"at `\$.name`"),
         (lambda m: m.update(format="other"), "not a killsafe manifest"),
         (
             lambda m: m["files"].update({"../../etc/passwd": {"size": 1, "xxh3": "0"}}),
-            "not a checkpoint file",
+            r"Invalid enum value '../../etc/passwd' - at `key` in `\$.files`",
         ),
-        (lambda m: m["tensors"].update(file="../outside.safetensors"), "not listed in files"),
+        (lambda m: m["tensors"].update(file="../outside.safetensors"), r"at `\$.tensors.file`"),
+        (lambda m: m["tensors"].update(file="tensors.safetensors.zst"), "not listed in files"),
         (
             lambda m: m["tensors"]["entries"]["w"].update(offsets=[0, 10**12]),
             "outside the tensor file",
         ),
-        (lambda m: m["tensors"]["entries"]["w"].update(offsets=[-8, 4]), "outside the tensor file"),
-        (lambda m: m["files"]["tensors.safetensors"].update(size="big"), "size must be int"),
+        (lambda m: m["tensors"]["entries"]["w"].update(offsets=[-8, 4]), r"Expected `int` >= 0"),
+        (lambda m: m["files"]["tensors.safetensors"].update(size="big"), r"got `str` - at `\$"),
     ],
 )
 def test_hostile_manifests_get_typed_errors(checkpoint: Path, change: Any, message: str) -> None:
@@ -424,3 +419,25 @@ def test_a_pickle_where_the_tensor_file_should_be_is_never_executed(
     with pytest.raises(CorruptCheckpoint):
         fmt.read_manifest(checkpoint)
     assert not marker.exists()
+
+
+def test_a_bit_flip_in_the_manifest_or_in_its_checksum_is_caught(tmp_path: Path) -> None:
+    directory = write(tmp_path, {"w": torch.ones(3)}, step=500)
+    path = directory / fmt.MANIFEST_NAME
+    raw = path.read_bytes()
+    at = raw.index(b'"step": 500') + len(b'"step": ')
+    checksum_at = raw.index(b'"manifest_xxh3": "') + len(b'"manifest_xxh3": "')
+    for offset, bit in ((at, 0x02), (checksum_at, 0x01)):  # "500" -> "700"; one hex digit
+        flipped = bytearray(raw)
+        flipped[offset] ^= bit
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(CorruptCheckpoint, match="fails its own checksum"):
+            fmt.read_manifest(directory)
+    path.write_bytes(raw)
+    assert fmt.read_manifest(directory)["step"] == 500
+
+
+def test_a_version_2_manifest_without_its_checksum_is_corrupt(checkpoint: Path) -> None:
+    edit_manifest(checkpoint, lambda m: m.pop(fmt.CHECKSUM_FIELD), reseal=False)
+    with pytest.raises(CorruptCheckpoint, match="has no manifest_xxh3"):
+        fmt.read_manifest(checkpoint)

@@ -588,8 +588,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     path = _existing_directory(args.path, f"{WHAT_DIR}, or a checkpoint")
     if (path / MANIFEST_FILE).exists():
         store = _open_store(path.parent)
-        store.get(path)  # a manifest that cannot be read is bad input: exit 2
-        entries = [_Entry(path, None, problem=_verify_problem(store, path))]
+        info = store.get(path)  # a manifest that cannot be read is bad input: exit 2
+        entries = [_Entry(path, info, problem=_verify_problem(store, path))]
     else:
         entries = _entries(_locate(path).store_dir, verify=True)
     bad = [e for e in entries if e.problem is not None]
@@ -599,7 +599,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                 "ok": not bad,
                 "checked": len(entries),
                 "checkpoints": [
-                    {"path": str(e.path), "ok": e.problem is None, "problem": e.problem}
+                    {
+                        "path": str(e.path),
+                        "ok": e.problem is None,
+                        "problem": e.problem,
+                        "manifest_checksum": e.info is not None and e.info.manifest_checksum,
+                    }
                     for e in entries
                 ],
             }
@@ -607,6 +612,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     else:
         for entry in entries:
             verdict = "ok" if entry.problem is None else f"CORRUPT: {entry.problem}"
+            if entry.problem is None and not entry.info.manifest_checksum:
+                verdict += " (no manifest checksum: written by an older version)"
             sys.stdout.write(f"{entry.path}: {verdict}\n")
     if not entries:
         sys.stderr.write(f"killsafe verify: no checkpoints in {path}\n")
@@ -791,9 +798,13 @@ def _walk(node: Any, parts: tuple[str | int, ...] = ()) -> list[_Leaf]:
 
 
 def _plain_value(node: dict[str, Any]) -> Any:
-    """The value of a scalar node (int, float, str, bool, None, small bytes), else _NO_VALUE."""
+    """The value of a scalar node (int, float, str, bool, None, small bytes), else _NO_VALUE.
+
+    ``node`` belongs to a manifest checked by ``format.read_manifest``.
+    """
     import base64
-    import struct
+
+    from killsafe.format import float_value, int_value
 
     kind = node.get("type")
     if kind == "none":
@@ -801,16 +812,24 @@ def _plain_value(node: dict[str, Any]) -> Any:
     if kind in ("bool", "str"):
         return node.get("value")
     if kind == "int":
-        return int(node["hex"], 16) if "hex" in node else node.get("value")
+        return _shown_int(int_value(node))
     if kind == "float":
-        if "bits" in node:
-            return struct.unpack("<d", bytes.fromhex(node["bits"]))[0]
-        return node.get("value")
+        return float_value(node)
     if kind == "bytes" and "base64" in node:
         return f"<{len(base64.b64decode(node['base64']))} bytes>"
     if kind == "npscalar":
         return f"<numpy {node.get('dtype')}>"
     return _NO_VALUE
+
+
+_MAX_DECIMAL_BITS = 13_000  # about 3,900 digits: below Python's int-to-str limit
+
+
+def _shown_int(value: int) -> int | str:
+    """``value``, or its hex text (``0x...``) when too long for decimal (and for JSON)."""
+    if value.bit_length() <= _MAX_DECIMAL_BITS:
+        return value
+    return f"-0x{-value:x}" if value < 0 else f"0x{value:x}"
 
 
 def _node_nbytes(node: dict[str, Any]) -> int | None:

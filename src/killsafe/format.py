@@ -17,11 +17,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
+import errno
 import json
 import math
 import mmap as mmap_module
 import os
 import re
+import stat
 import struct
 import sys
 import threading
@@ -33,11 +35,12 @@ from typing import Any
 
 import xxhash
 
-from killsafe import directio
+from killsafe import directio, schema
 from killsafe.errors import (
     CheckpointNotFound,
     ConfigError,
     CorruptCheckpoint,
+    KillsafeError,
     UnsupportedFormat,
     UnsupportedState,
 )
@@ -51,14 +54,20 @@ from killsafe.state import (
 )
 
 __all__ = [
+    "CHECKSUM_FIELD",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "MAX_MANIFEST_BYTES",
     "TENSOR_FILE",
     "TENSOR_FILE_ZSTD",
     "CheckpointInfo",
     "Encoded",
     "TensorEntry",
+    "check_files",
     "encode",
+    "float_value",
+    "int_value",
+    "manifest_digest",
     "read_manifest",
     "read_tree",
     "verify_checkpoint",
@@ -66,20 +75,22 @@ __all__ = [
     "write_encoded",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries its own checksum; 1 is still read
+CHECKSUM_FIELD = "manifest_xxh3"
+MAX_MANIFEST_BYTES = 1 << 27  # a manifest is read whole: bound what a hostile one costs
 FORMAT_NAME = "killsafe"
 FORMAT_NAMES = (FORMAT_NAME, "resumable")  # the second: manifests written before the rename
 MANIFEST_NAME = "manifest.json"
 TENSOR_FILE = "tensors.safetensors"
 TENSOR_FILE_ZSTD = "tensors.safetensors.zst"
 _DATA_FILES = (TENSOR_FILE, TENSOR_FILE_ZSTD)
+_ZSTD_MAX_FRAME_HEADER = 18
 _INLINE_BYTES = 64  # bytes values up to this size live in the manifest (base64)
 _WRITE_CHUNK = 1 << 28  # stay far below Linux's 2 GiB per write() call
 _IOV_MAX = 512
 # Level 1: on float tensors it compresses as well as level 3 (about 0.92 of
 # the raw size) and runs faster; the write is the bottleneck either way.
 ZSTD_LEVEL = 1
-_MAX_JSON_DEPTH_HINT = "the manifest is nested too deeply"
 
 # torch dtype name -> safetensors dtype name, for dtypes safetensors can name.
 _TORCH_TO_ST = {
@@ -136,6 +147,7 @@ class CheckpointInfo:
     path: Path
     metadata: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    manifest_checksum: bool = True  # False: an older manifest without its own checksum
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any], path: Path) -> CheckpointInfo:
@@ -151,6 +163,7 @@ class CheckpointInfo:
             path=Path(path),
             metadata=dict(manifest["metadata"]),
             format_version=manifest["format_version"],
+            manifest_checksum=CHECKSUM_FIELD in manifest,
         )
 
 
@@ -732,6 +745,7 @@ def write_encoded(
         "tensors": tensors,
         "tree": encoded.tree,
     }
+    manifest[CHECKSUM_FIELD] = manifest_digest(manifest)
     try:
         _write_json_file(directory / MANIFEST_NAME, manifest)
     finally:
@@ -773,120 +787,178 @@ def _corrupt(directory: Path, what: str) -> CorruptCheckpoint:
     )
 
 
-def _expect(directory: Path, value: Any, kinds: Any, what: str) -> Any:
-    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
-        raise _corrupt(directory, f"{what} must be {_kind_names(kinds)}, not bool")
-    if not isinstance(value, kinds):
-        raise _corrupt(
-            directory, f"{what} must be {_kind_names(kinds)}, not {type(value).__name__}"
-        )
-    return value
-
-
 def _kind_names(kinds: Any) -> str:
     kinds = kinds if isinstance(kinds, tuple) else (kinds,)
     return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
 
 
-def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and validate ``manifest.json``: types, version, file names.
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """The manifest's own checksum: xxh3 of its canonical JSON, without the checksum field.
 
-    Raises ``CheckpointNotFound`` when the directory or its manifest is
-    missing, ``UnsupportedFormat`` for a newer format version and
-    ``CorruptCheckpoint`` for anything malformed.
+    Canonical: keys sorted, no spaces, UTF-8. Python's JSON floats round-trip
+    exactly, so a reader recomputes the writer's bytes from the decoded data.
     """
-    directory = Path(directory)
-    path = directory / MANIFEST_NAME
+    body = {key: value for key, value in manifest.items() if key != CHECKSUM_FIELD}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return xxhash.xxh3_64_hexdigest(text.encode("utf-8", "surrogatepass"))
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _open_regular(directory: Path, name: str) -> int:
+    """A read descriptor of ``directory/name``, which must be a regular file.
+
+    The file is opened without following a symbolic link and without
+    blocking (a named pipe would block ``open``), then checked with
+    ``fstat``: links, pipes, devices and directories are refused as corrupt.
+    A missing file is ``CheckpointNotFound`` when the whole checkpoint
+    vanished meanwhile (deleted or pruned), corrupt otherwise.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        raw = path.read_bytes()
+        fd = os.open(directory / name, flags)
     except FileNotFoundError:
-        if not directory.exists():
-            raise CheckpointNotFound(f"checkpoint {directory} does not exist") from None
-        raise CheckpointNotFound(
-            f"{directory} is not a checkpoint: it has no {MANIFEST_NAME}"
-        ) from None
-    except (NotADirectoryError, IsADirectoryError) as exc:
-        raise CheckpointNotFound(f"{directory} is not a checkpoint directory") from exc
+        raise _missing(directory, name) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _corrupt(directory, f"{name} is a symbolic link, never followed") from None
+        raise _corrupt(directory, f"cannot open {name} ({exc.strerror})") from exc
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _corrupt(directory, f"{name} is not a regular file")
+    return fd
+
+
+def _missing(directory: Path, name: str) -> KillsafeError:
+    if not os.path.lexists(directory):
+        return CheckpointNotFound(
+            f"checkpoint {directory} vanished while being read (deleted or pruned); "
+            "load another one"
+        )
+    return _corrupt(directory, f"{name} is missing")
+
+
+def _read_manifest_bytes(directory: Path) -> bytes:
+    if os.path.islink(directory):
+        raise _corrupt(directory, "the checkpoint directory is a symbolic link, never followed")
+    try:
+        fd = _open_regular(directory, MANIFEST_NAME)
+    except CheckpointNotFound:
+        raise CheckpointNotFound(f"checkpoint {directory} does not exist") from None
+    except CorruptCheckpoint:
+        if not os.path.isdir(directory):
+            raise CheckpointNotFound(f"{directory} is not a checkpoint directory") from None
+        if not os.path.lexists(directory / MANIFEST_NAME):
+            raise CheckpointNotFound(
+                f"{directory} is not a checkpoint: it has no {MANIFEST_NAME}"
+            ) from None
+        raise
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise _corrupt(
+                directory, f"{MANIFEST_NAME} has {size} bytes, over the limit {MAX_MANIFEST_BYTES}"
+            )
+        with open(fd, "rb", buffering=0, closefd=False) as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
     except OSError as exc:
         raise _corrupt(directory, f"cannot read {MANIFEST_NAME} ({exc.strerror})") from exc
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise _corrupt(directory, f"{MANIFEST_NAME} grew over the limit while being read")
+    return raw
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read ``manifest.json`` and check it: its own checksum, then the schema.
+
+    Only a regular file of at most ``MAX_MANIFEST_BYTES`` is read, never
+    through a symbolic link. Raises ``CheckpointNotFound`` when the directory
+    or its manifest is missing, ``UnsupportedFormat`` for a newer format
+    version and ``CorruptCheckpoint`` for anything else that does not check out.
+    """
+    directory = Path(directory)
+    raw = _read_manifest_bytes(directory)
     try:
-        manifest = json.loads(raw)
+        manifest = json.loads(raw, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:
         raise _corrupt(directory, f"{MANIFEST_NAME} is not valid JSON") from exc
-    _validate_manifest(directory, manifest)
+    _check_version(directory, manifest)
+    _check_digest(directory, manifest)
+    try:
+        schema.check(manifest)
+    except schema.SchemaError as exc:
+        raise _corrupt(directory, f"{MANIFEST_NAME} does not match the format: {exc}") from exc
     return manifest
 
 
-def _validate_manifest(directory: Path, m: Any) -> None:
-    _expect(directory, m, dict, MANIFEST_NAME)
-    # Checkpoints written before the project was renamed say "resumable".
-    if m.get("format") not in FORMAT_NAMES:
+def check_files(directory: str | os.PathLike[str], manifest: Mapping[str, Any]) -> None:
+    """Check, without reading them, that the manifest's files are regular files of their size.
+
+    One ``lstat`` each: a missing, linked, special or truncated tensor file is
+    found when checkpoints are listed, not only when they are loaded.
+    """
+    directory = Path(directory)
+    for name, info in manifest["files"].items():
+        try:
+            found = os.lstat(directory / name)
+        except FileNotFoundError:
+            raise _missing(directory, name) from None
+        if stat.S_ISLNK(found.st_mode):
+            raise _corrupt(directory, f"{name} is a symbolic link, never followed")
+        if not stat.S_ISREG(found.st_mode):
+            raise _corrupt(directory, f"{name} is not a regular file")
+        if found.st_size != info["size"]:
+            raise _corrupt(directory, f"{name} has {found.st_size} bytes, expected {info['size']}")
+        if info.get("codec") == "zstd":
+            _check_frame_size(directory, name, info["raw_size"])
+
+
+def _check_frame_size(directory: Path, name: str, raw_size: int) -> None:
+    """The zstd frame header must announce the ``raw_size`` the manifest claims."""
+    import zstandard
+
+    fd = _open_regular(directory, name)
+    try:
+        head = os.pread(fd, _ZSTD_MAX_FRAME_HEADER, 0)
+    finally:
+        os.close(fd)
+    try:
+        framed = zstandard.frame_content_size(head)
+    except zstandard.ZstdError as exc:
+        raise _corrupt(directory, f"{name} is not a zstd frame") from exc
+    if framed != raw_size:
+        raise _corrupt(directory, f"{name} holds {framed} bytes, raw_size says {raw_size}")
+
+
+def _check_version(directory: Path, manifest: Any) -> None:
+    if not isinstance(manifest, dict) or manifest.get("format") not in FORMAT_NAMES:
         raise _corrupt(directory, f"{MANIFEST_NAME} is not a killsafe manifest")
-    version = _expect(directory, m.get("format_version"), int, "format_version")
-    if version > FORMAT_VERSION:
+    version = manifest.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise UnsupportedFormat(
             f"checkpoint {directory} has format version {version}, newer than {FORMAT_VERSION}; "
             "upgrade killsafe to read it"
         )
-    if version < 1:
-        raise _corrupt(directory, f"format_version {version} is invalid")
-    step = _expect(directory, m.get("step"), int, "step")
-    if step < 0:
-        raise _corrupt(directory, f"step {step} is negative")
-    _expect(directory, m.get("name"), (str, type(None)), "name")
-    _expect(directory, m.get("reason"), (str, type(None)), "reason")
-    _expect(directory, m.get("created"), (int, float), "created")
-    _expect(directory, m.get("metrics"), dict, "metrics")
-    _expect(directory, m.get("metadata"), dict, "metadata")
-    _expect(directory, m.get("tree"), dict, "tree")
-    files = _expect(directory, m.get("files"), dict, "files")
-    for file_name, info in files.items():
-        if file_name not in _DATA_FILES:
-            raise _corrupt(directory, f"files names {file_name!r}, which is not a checkpoint file")
-        _expect(directory, info, dict, f"files[{file_name!r}]")
-        size = _expect(directory, info.get("size"), int, f"files[{file_name!r}].size")
-        _expect(directory, info.get("xxh3"), str, f"files[{file_name!r}].xxh3")
-        if size < 0:
-            raise _corrupt(directory, f"files[{file_name!r}].size is negative")
-    _validate_tensor_table(directory, m.get("tensors"), files)
 
 
-def _validate_tensor_table(directory: Path, tensors: Any, files: dict[str, Any]) -> None:
-    _expect(directory, tensors, dict, "tensors")
-    entries = _expect(directory, tensors.get("entries"), dict, "tensors.entries")
-    if not entries:
+def _check_digest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Version 2 manifests carry their checksum; version 1 ones (older releases) may not."""
+    stored = manifest.get(CHECKSUM_FIELD)
+    if stored is None and manifest.get("format_version") == 1:
         return
-    file_name = tensors.get("file")
-    if file_name not in files:
-        raise _corrupt(directory, f"tensors.file {file_name!r} is not listed in files")
-    header_size = _expect(directory, tensors.get("header_size"), int, "tensors.header_size")
-    _expect(directory, tensors.get("header_xxh3"), str, "tensors.header_xxh3")
-    info = files[file_name]
-    data_size = info.get("raw_size", info["size"])
-    _expect(directory, data_size, int, "raw_size")
-    if not 8 <= header_size <= data_size:
-        raise _corrupt(directory, "tensors.header_size is out of range")
-    for key, row in entries.items():
-        what = f"tensors.entries[{key!r}]"
-        _expect(directory, row, dict, what)
-        offsets = _expect(directory, row.get("offsets"), list, f"{what}.offsets")
-        _expect(directory, row.get("xxh3"), str, f"{what}.xxh3")
-        if (
-            len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1] <= data_size - header_size
-        ):
-            raise _corrupt(directory, f"{what}.offsets lie outside the tensor file")
-
-
-class _Source:
-    """Where the bytes of each entry are: one buffer and an absolute offset."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[str, tuple[Any, int, int]] = {}
-
-    def get(self, key: str) -> tuple[Any, int, int]:
-        return self.buffers[key]
+    try:
+        actual = manifest_digest(manifest)
+    except (ValueError, RecursionError) as exc:
+        raise _corrupt(directory, f"{MANIFEST_NAME} cannot be checksummed") from exc
+    if stored is None:
+        raise _corrupt(directory, f"{MANIFEST_NAME} has no {CHECKSUM_FIELD}")
+    if stored != actual:
+        raise _corrupt(directory, f"{MANIFEST_NAME} fails its own checksum")
 
 
 def _needed_entries(node: Any, out: set[str]) -> None:
@@ -928,17 +1000,17 @@ def _select(directory: Path, tree: dict[str, Any], subtree: str | None) -> dict[
     return node
 
 
-def _open_data(directory: Path, manifest: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+def _open_data(directory: Path, manifest: dict[str, Any]) -> tuple[int, Path, dict[str, Any]]:
+    """A descriptor of the tensor file (a regular file of the recorded size), its path and info."""
     tensors = manifest["tensors"]
     info = manifest["files"][tensors["file"]]
     path = directory / tensors["file"]
-    try:
-        size = os.stat(path).st_size
-    except FileNotFoundError:
-        raise _corrupt(directory, f"{tensors['file']} is missing") from None
+    fd = _open_regular(directory, tensors["file"])
+    size = os.fstat(fd).st_size
     if size != info["size"]:
+        os.close(fd)
         raise _corrupt(directory, f"{tensors['file']} has {size} bytes, expected {info['size']}")
-    return path, info
+    return fd, path, info
 
 
 def _anonymous_buffer(size: int) -> Any:
@@ -956,10 +1028,10 @@ def _anonymous_buffer(size: int) -> Any:
     return buffer
 
 
-def _read_full(path: Path, size: int) -> Any:
+def _read_full(fd: int, path: Path, size: int) -> Any:
     buffer = _anonymous_buffer(size)
     view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
+    with open(fd, "rb", buffering=0, closefd=False) as f:
         done = 0
         while done < size:
             n = f.readinto(view[done : done + _WRITE_CHUNK])
@@ -968,14 +1040,13 @@ def _read_full(path: Path, size: int) -> Any:
             done += n
     view.release()
     if done != size:
-        raise OSError(f"{path} shrank while being read")
+        raise _corrupt(path.parent, f"{path.name} shrank while being read")
     return buffer
 
 
-def _map_file(path: Path) -> Any:
+def _map_file(fd: int) -> Any:
     """Copy-on-write map of a file, with the kernel asked to read it ahead."""
-    with open(path, "rb") as f:
-        mapped = mmap_module.mmap(f.fileno(), 0, access=mmap_module.ACCESS_COPY)
+    mapped = mmap_module.mmap(fd, 0, access=mmap_module.ACCESS_COPY)
     advice = getattr(mmap_module, "MADV_WILLNEED", None)
     if advice is not None and len(mapped):
         with contextlib.suppress(OSError):
@@ -983,14 +1054,20 @@ def _map_file(path: Path) -> Any:
     return mapped
 
 
-def _decompress(directory: Path, path: Path, info: dict[str, Any], verify: bool) -> Any:
+def _decompress(directory: Path, fd: int, path: Path, info: dict[str, Any], verify: bool) -> Any:
     import zstandard
 
-    compressed = _read_full(path, info["size"])
+    compressed = _read_full(fd, path, info["size"])
     if verify and xxhash.xxh3_64_hexdigest(compressed) != info["xxh3"]:
         raise _corrupt(directory, f"{path.name} fails its checksum")
     raw_size = int(info.get("raw_size", 0))
-    buffer = _anonymous_buffer(raw_size)
+    _check_frame_size(directory, path.name, raw_size)  # before allocating what it claims
+    try:
+        buffer = _anonymous_buffer(raw_size)
+    except (OSError, MemoryError, OverflowError) as exc:
+        raise _corrupt(
+            directory, f"{path.name} claims {raw_size} bytes, more than can be allocated"
+        ) from exc
     view = memoryview(buffer)
     done = 0
     try:
@@ -1028,15 +1105,33 @@ def _load_buffers(
         )
     if not needed:
         return {}
-    path, info = _open_data(directory, manifest)
+    fd, path, info = _open_data(directory, manifest)
+    try:
+        return _read_entries(directory, fd, path, info, tensors, needed, full, mmap, verify)
+    finally:
+        os.close(fd)
+
+
+def _read_entries(
+    directory: Path,
+    fd: int,
+    path: Path,
+    info: dict[str, Any],
+    tensors: dict[str, Any],
+    needed: set[str],
+    full: bool,
+    mmap: bool,
+    verify: bool,
+) -> dict[str, tuple[Any, int, int]]:
+    table = tensors["entries"]
     base = tensors["header_size"]
     result: dict[str, tuple[Any, int, int]] = {}
     if info.get("codec") == "zstd":
-        buffer: Any = _decompress(directory, path, info, verify)
+        buffer: Any = _decompress(directory, fd, path, info, verify)
     elif mmap:
-        buffer = _map_file(path)
+        buffer = _map_file(fd)
     elif full:
-        buffer = _read_full(path, info["size"])
+        buffer = _read_full(fd, path, info["size"])
     else:
         buffer = None
     if buffer is not None:
@@ -1046,13 +1141,12 @@ def _load_buffers(
             start, end = table[key]["offsets"]
             result[key] = (buffer, base + start, end - start)
     else:
-        with open(path, "rb", buffering=0) as f:
-            for key in sorted(needed, key=lambda k: table[k]["offsets"][0]):
-                start, end = table[key]["offsets"]
-                chunk = bytearray(end - start)
-                if os.preadv(f.fileno(), [chunk], base + start) != len(chunk):
-                    raise _corrupt(directory, f"{path.name} is truncated")
-                result[key] = (chunk, 0, len(chunk))
+        for key in sorted(needed, key=lambda k: table[k]["offsets"][0]):
+            start, end = table[key]["offsets"]
+            chunk = bytearray(end - start)
+            if os.preadv(fd, [chunk], base + start) != len(chunk):
+                raise _corrupt(directory, f"{path.name} is truncated")
+            result[key] = (chunk, 0, len(chunk))
     if verify:
         bad = _first_bad_entry(result, table)
         if bad is not None:
@@ -1114,10 +1208,26 @@ def read_tree(
     buffers = _load_buffers(directory, manifest, needed, not subtree, mmap, verify)
     try:
         return _Decoder(directory, buffers).decode(node)
-    except (KeyError, TypeError, ValueError, IndexError, OverflowError, AttributeError) as exc:
-        raise _corrupt(directory, f"the tree is malformed ({type(exc).__name__}: {exc})") from exc
     except RecursionError as exc:
-        raise _corrupt(directory, _MAX_JSON_DEPTH_HINT) from exc
+        raise _corrupt(directory, "the state tree is nested too deeply") from exc
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError, AttributeError) as exc:
+        raise _corrupt(directory, f"the tree is malformed ({_one_line(exc)})") from exc
+    except (RuntimeError, MemoryError) as exc:  # torch refusing a view it cannot build
+        raise _corrupt(directory, f"a value cannot be rebuilt ({_one_line(exc)})") from exc
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, short: torch appends C++ backtraces."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _file_digest(f: Any) -> str:
+    digest = xxhash.xxh3_64()
+    while chunk := f.read(1 << 24):
+        digest.update(chunk)
+    return str(digest.hexdigest())
 
 
 def verify_checkpoint(
@@ -1134,18 +1244,28 @@ def verify_checkpoint(
     if used - needed:
         raise _corrupt(directory, "the tree names tensor entries that are not in the table")
     if needed:
-        path, info = _open_data(directory, manifest)
-        if info.get("codec") != "zstd":
-            digest = xxhash.xxh3_64()
-            with open(path, "rb", buffering=0) as f:
-                while chunk := f.read(1 << 24):
-                    digest.update(chunk)
-            if digest.hexdigest() != info["xxh3"]:
+        fd, path, info = _open_data(directory, manifest)
+        with open(fd, "rb", buffering=0) as f:
+            if info.get("codec") != "zstd" and _file_digest(f) != info["xxh3"]:
                 raise _corrupt(directory, f"{path.name} fails its checksum")
     # The whole-file checksum above covers an uncompressed file; rebuilding
     # the tree then only checks its structure and bounds.
     compressed = bool(needed) and manifest["files"][tensors["file"]].get("codec") == "zstd"
     read_tree(directory, manifest, mmap=True, verify=compressed)
+
+
+def int_value(node: Mapping[str, Any]) -> int:
+    """The value of an ``int`` node of a checked manifest (``hex`` has no digit limit)."""
+    if "value" in node:
+        return int(_typed(node["value"], int))
+    return int(_typed(node["hex"], str), 16)
+
+
+def float_value(node: Mapping[str, Any]) -> float:
+    """The value of a ``float`` node of a checked manifest (``bits``: nan and inf)."""
+    if "value" in node:
+        return float(_typed(node["value"], (int, float)))
+    return float(struct.unpack("<d", bytes.fromhex(_typed(node["bits"], str)))[0])
 
 
 class _Decoder:
@@ -1162,13 +1282,9 @@ class _Decoder:
         if kind == "bool":
             return _typed(node["value"], bool)
         if kind == "int":
-            return (
-                _typed(node["value"], int) if "value" in node else int(_typed(node["hex"], str), 16)
-            )
+            return int_value(node)
         if kind == "float":
-            if "value" in node:
-                return float(_typed(node["value"], (int, float)))
-            return struct.unpack("<d", bytes.fromhex(_typed(node["bits"], str)))[0]
+            return float_value(node)
         if kind == "str":
             return _typed(node["value"], str)
         if kind == "bytes":

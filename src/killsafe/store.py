@@ -55,6 +55,8 @@ TMP_PREFIX = ".tmp-"
 MAX_NAME_LENGTH = 64
 _RESERVED = {"latest", "best"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_NONE_LEFT = object()  # no candidate checkpoint could be used
+_MAX_RANKINGS = 1000  # a reader racing a pruner ranks again; bounded against endless churn
 
 
 def sanitize_name(name: Any) -> str:
@@ -155,6 +157,7 @@ class CheckpointStore:
         self._lock_fd: int | None = None
         self._mutex = threading.RLock()
         self._warned: set[str] = set()
+        self._vanished = 0  # checkpoints seen by list() that were gone when read (pruned)
         self._snapshot = snapshot
         self._saver: BackgroundSaver | None = None
 
@@ -417,7 +420,9 @@ class CheckpointStore:
     def list(self) -> list[CheckpointInfo]:
         """Committed checkpoints with a readable manifest, by step then time.
 
-        Reads manifests only. Unreadable ones are skipped (logged once).
+        Reads manifests only. Unreadable ones, and symbolic links (never
+        followed), are skipped with a warning logged once; one that vanished
+        while being listed (pruned by a writer) is skipped silently.
         """
         try:
             entries = list(os.scandir(self.directory))
@@ -430,11 +435,14 @@ class CheckpointStore:
             if entry.name.startswith(".") or not entry.name.startswith("step-"):
                 continue
             try:
-                manifest = fmt.read_manifest(entry.path)
-            except (CorruptCheckpoint, UnsupportedFormat, CheckpointNotFound) as exc:
+                infos.append(self._from_path(Path(entry.path)))
+            except CheckpointNotFound as exc:
+                if os.path.lexists(entry.path):
+                    self._warn_once(entry.path, f"skipping {entry.path}: {exc}")
+                else:
+                    self._vanished += 1
+            except (CorruptCheckpoint, UnsupportedFormat) as exc:
                 self._warn_once(entry.path, f"skipping {entry.path}: {exc}")
-                continue
-            infos.append(CheckpointInfo.from_manifest(manifest, Path(entry.path)))
         infos.sort(key=lambda info: (info.step, info.created))
         return infos
 
@@ -443,30 +451,57 @@ class CheckpointStore:
             self._warned.add(key)
             log.warning(message)
 
-    def _first_good(
-        self, candidates: builtins.list[CheckpointInfo], verify: bool
-    ) -> CheckpointInfo | None:
-        for info in candidates:
-            if not verify:
-                return info
-            try:
+    def _first_good(self, rank: Any, use: Any) -> Any:
+        """``use(info)`` on the first candidate of ``rank()`` for which it succeeds.
+
+        A candidate that fails as corrupt is skipped with a warning. One that
+        vanished meanwhile was pruned by a writer, not damaged: the
+        candidates are ranked again (newer ones may have been committed) and
+        the first good one of the new ranking is used; so too when every
+        candidate vanished while being listed. Returns ``_NONE_LEFT`` when
+        none is left.
+        """
+        failed: set[Path] = set()
+        for _ in range(_MAX_RANKINGS):
+            vanished = self._vanished
+            for info in rank():
+                if info.path in failed:
+                    continue
+                try:
+                    return use(info)
+                except (CorruptCheckpoint, CheckpointNotFound, UnsupportedFormat) as exc:
+                    failed.add(info.path)
+                    if os.path.lexists(info.path):
+                        self._warn_once(
+                            str(info.path), f"skipping corrupt checkpoint {info.path}: {exc}"
+                        )
+                        continue
+                    break  # pruned while we read it: rank again
+            else:
+                if self._vanished == vanished:
+                    return _NONE_LEFT
+        return _NONE_LEFT
+
+    def _verified(self, verify: bool) -> Any:
+        def check(info: CheckpointInfo) -> CheckpointInfo:
+            if verify:
                 fmt.verify_checkpoint(info.path)
-            except (CorruptCheckpoint, CheckpointNotFound, UnsupportedFormat) as exc:
-                self._warn_once(str(info.path), f"skipping corrupt checkpoint {info.path}: {exc}")
-                continue
             return info
-        return None
+
+        return check
 
     def latest(self, *, verify: bool = True) -> CheckpointInfo | None:
         """The newest checkpoint that verifies (corrupt ones skipped with a warning)."""
-        return self._first_good(self.list()[::-1], verify)
+        found = self._first_good(lambda: self.list()[::-1], self._verified(verify))
+        return None if found is _NONE_LEFT else found
 
     def best(self, *, verify: bool = True) -> CheckpointInfo | None:
         """The best checkpoint on the store's ``best`` metric that verifies."""
-        if self.retention.best is None:
+        spec = self.retention.best
+        if spec is None:
             raise ConfigError("best() needs the store to be created with best=(metric, mode)")
-        ranked: builtins.list[Any] = best_of(self.list(), self.retention.best)
-        return self._first_good(ranked, verify)
+        found = self._first_good(lambda: best_of(self.list(), spec), self._verified(verify))
+        return None if found is _NONE_LEFT else found
 
     def get(self, ref: Any = "latest") -> CheckpointInfo:
         """Resolve a reference: "latest", "best", a step, a name, a CheckpointInfo or a path."""
@@ -499,7 +534,9 @@ class CheckpointStore:
         )
 
     def _from_path(self, path: Path) -> CheckpointInfo:
-        return CheckpointInfo.from_manifest(fmt.read_manifest(path), path)
+        manifest = fmt.read_manifest(path)
+        fmt.check_files(path, manifest)
+        return CheckpointInfo.from_manifest(manifest, path)
 
     def load(
         self,
@@ -519,14 +556,15 @@ class CheckpointStore:
         ``CorruptCheckpoint`` or ``UnsupportedFormat``.
         """
         if ref == "latest":
-            for info in self.list()[::-1]:
-                try:
-                    return fmt.read_tree(info.path, subtree=subtree, mmap=mmap, verify=verify)
-                except (CorruptCheckpoint, UnsupportedFormat) as exc:
-                    self._warn_once(
-                        str(info.path), f"skipping corrupt checkpoint {info.path}: {exc}"
-                    )
-            raise CheckpointNotFound(f"no loadable checkpoint in {self.directory}; save one first")
+            tree = self._first_good(
+                lambda: self.list()[::-1],
+                lambda info: fmt.read_tree(info.path, subtree=subtree, mmap=mmap, verify=verify),
+            )
+            if tree is _NONE_LEFT:
+                raise CheckpointNotFound(
+                    f"no loadable checkpoint in {self.directory}; save one first"
+                )
+            return tree
         info = self.get(ref)
         return fmt.read_tree(info.path, subtree=subtree, mmap=mmap, verify=verify)
 
