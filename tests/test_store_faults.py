@@ -15,60 +15,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fault_helpers import SmallDisk, damage, mounted_small_disk, one_line, open_fds
 
 from killsafe.errors import ConfigError, KillsafeError, SaveFailed
 from killsafe.format import verify_checkpoint
 from killsafe.store import CheckpointStore
 
 
-class SmallDisk:
-    """A tiny tmpfs that can be filled up and freed again."""
-
-    def __init__(self, mount: Path) -> None:
-        self.mount = mount
-        self._filler = mount / "filler"
-
-    def fill(self) -> None:
-        fd = os.open(self._filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            while os.write(fd, b"\0" * 4096):
-                pass
-        except OSError:
-            pass  # full
-        finally:
-            os.close(fd)
-
-    def free(self) -> None:
-        self._filler.unlink(missing_ok=True)
-
-
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if not sys.platform.startswith("linux"):
-        pytest.skip("tmpfs needs Linux")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield SmallDisk(mount)
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def open_fds() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc)
-    assert "\n" not in text, text
-    return text
+    yield from mounted_small_disk(tmp_path)
 
 
 # ------------------------------------------------------------ a full disk
@@ -247,15 +203,6 @@ def test_a_forked_child_never_holds_the_parents_lock(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------ damaged checkpoints
-
-
-def damage(checkpoint: Path) -> dict[str, bytes]:
-    """Flip a byte of the tensor file; return every file's bytes, as damaged."""
-    tensors = next(p for p in checkpoint.iterdir() if p.suffix == ".safetensors")
-    data = bytearray(tensors.read_bytes())
-    data[-1] ^= 0xFF
-    tensors.write_bytes(bytes(data))
-    return {p.name: p.read_bytes() for p in checkpoint.iterdir()}
 
 
 def test_a_save_at_the_step_of_a_damaged_checkpoint_goes_beside_it(tmp_path: Path) -> None:

@@ -317,8 +317,11 @@ class Run:
             self._stop_heartbeat()
             self._store.close()
             if isinstance(exc, OSError):  # the run files could not be written
-                where = Path(exc.filename) if exc.filename else self.directory
-                raise io_error("starting the run: writing", where, exc) from exc
+                if exc.filename:
+                    raise io_error("starting the run: writing", Path(exc.filename), exc) from exc
+                raise io_error(
+                    "starting the run: writing its files in", self.directory, exc
+                ) from exc
             raise
         return self
 

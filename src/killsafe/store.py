@@ -274,6 +274,9 @@ class CheckpointStore:
     def _open_lock_file(self, path: Path) -> int:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise io_error("creating the checkpoint store", self.directory, exc) from exc
+        try:
             # O_NOFOLLOW: a planted symlink must not redirect the lock record.
             return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as exc:
