@@ -124,11 +124,13 @@ class Run:
         stop_after: stop with a checkpoint before this wall time ("3h50m", seconds).
         save_on_exit: commit a checkpoint when the loop ends (finish or stop).
         signals: extra signals that request a graceful stop (SIGINT and SIGTERM
-            always do), e.g. ``("SIGUSR1",)`` for SLURM's ``--signal``.
+            always do), e.g. ``("SIGUSR1",)`` for SLURM's ``--signal``; SIGKILL
+            and SIGSTOP cannot be caught (``ConfigError``).
         keyboard: watch for ``q`` + Enter; ``None`` watches on an interactive terminal.
         progress: show progress (live on a terminal, plain lines off one).
         progress_every: seconds between two plain progress lines.
-        serve: ``True`` or a port: serve the dashboard and API on 127.0.0.1.
+        serve: ``True`` (a free port) or a port from 0 to 65535: serve the
+            dashboard and API on 127.0.0.1 (anything else is a ``ConfigError``).
         compression: passed to the store (e.g. ``"zstd"``).
         async_save: write checkpoints in the background: the loop waits only
             for a snapshot of the state (see ``killsafe.saver``). A failed
@@ -428,7 +430,10 @@ class Run:
         self._progress.log(step, metrics, best=self._best)
 
     def save(self, name: str | None = None) -> None:
-        """Ask for a checkpoint: at the next step boundary inside the loop, at once outside it."""
+        """Ask for a checkpoint: at the next step boundary inside the loop, at once outside it.
+
+        Raises ``InvalidName`` here, at the call, when ``name`` is unusable.
+        """
         self._require_open("save")
         if name is not None:
             from killsafe.store import sanitize_name

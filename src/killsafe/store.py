@@ -300,7 +300,8 @@ class CheckpointStore:
                     raise _lock_error(self.directory / LOCK_NAME, exc) from exc
             holder = self._read_holder(fd)
             pid = holder.get("pid")
-            alive = isinstance(pid, int) and _pid_alive(pid)
+            elsewhere = holder.get("host", socket.gethostname()) != socket.gethostname()
+            alive = elsewhere or (isinstance(pid, int) and _pid_alive(pid))
             if alive or time.monotonic() > deadline:
                 state = "" if alive or pid is None else " (no longer running)"
                 raise StoreLocked(
