@@ -175,8 +175,18 @@ def _close_locks_in_child() -> None:
     _HELD_LOCKS.clear()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_locks_in_child)
+_fork_hook = threading.Lock()
+_fork_hook_registered = False
+
+
+def _hold_lock(store: CheckpointStore) -> None:
+    """Remember a store holding the lock, so forked children drop their copy of it."""
+    global _fork_hook_registered
+    with _fork_hook:
+        if not _fork_hook_registered and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_close_locks_in_child)
+            _fork_hook_registered = True
+    _HELD_LOCKS.add(store)
 
 
 def _verifies(path: Path) -> bool:
@@ -268,7 +278,7 @@ class CheckpointStore:
             os.close(fd)  # also drops the flock, if it was taken
             raise
         self._lock_fd = fd
-        _HELD_LOCKS.add(self)
+        _hold_lock(self)
         self._sweep()
 
     def _open_lock_file(self, path: Path) -> int:
