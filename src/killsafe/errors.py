@@ -74,7 +74,11 @@ class StoreLocked(KillsafeError):
 
 
 class CheckpointExists(KillsafeError):
-    """A save would overwrite an existing checkpoint."""
+    """A save would overwrite an existing checkpoint (``path``, when known)."""
+
+    def __init__(self, message: str, path: object = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class InvalidName(KillsafeError):

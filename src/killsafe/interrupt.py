@@ -36,6 +36,8 @@ __all__ = ["KeyboardMonitor", "StopRequests", "parse_signal", "signal_reason"]
 
 logger = logging.getLogger("killsafe")
 
+_UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
+
 Handler = Callable[[int, FrameType | None], Any] | int | None
 
 
@@ -74,7 +76,16 @@ class StopRequests:
     """
 
     def __init__(self, signals: Iterable[str | int | signal.Signals] = ()) -> None:
-        wanted = [signal.SIGINT, signal.SIGTERM, *(parse_signal(s) for s in signals)]
+        if isinstance(signals, (str, int)):
+            signals = (signals,)
+        extra = [parse_signal(s) for s in signals]
+        for sig in extra:
+            if sig in _UNCATCHABLE:
+                raise ConfigError(
+                    f"signals: {sig.name} cannot be caught by any process, so it cannot ask "
+                    "for a graceful stop; use a catchable one such as SIGUSR1 or SIGTERM"
+                )
+        wanted = [signal.SIGINT, signal.SIGTERM, *extra]
         self.signals: tuple[signal.Signals, ...] = tuple(dict.fromkeys(wanted))
         self.reason: str | None = None
         self.count = 0

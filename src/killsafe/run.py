@@ -124,11 +124,13 @@ class Run:
         stop_after: stop with a checkpoint before this wall time ("3h50m", seconds).
         save_on_exit: commit a checkpoint when the loop ends (finish or stop).
         signals: extra signals that request a graceful stop (SIGINT and SIGTERM
-            always do), e.g. ``("SIGUSR1",)`` for SLURM's ``--signal``.
+            always do), e.g. ``("SIGUSR1",)`` for SLURM's ``--signal``; SIGKILL
+            and SIGSTOP cannot be caught (``ConfigError``).
         keyboard: watch for ``q`` + Enter; ``None`` watches on an interactive terminal.
         progress: show progress (live on a terminal, plain lines off one).
         progress_every: seconds between two plain progress lines.
-        serve: ``True`` or a port: serve the dashboard and API on 127.0.0.1.
+        serve: ``True`` (a free port) or a port from 0 to 65535: serve the
+            dashboard and API on 127.0.0.1 (anything else is a ``ConfigError``).
         compression: passed to the store (e.g. ``"zstd"``).
         async_save: write checkpoints in the background: the loop waits only
             for a snapshot of the state (see ``killsafe.saver``). A failed
@@ -202,7 +204,7 @@ class Run:
         self._keyboard_option = keyboard
         self._progress_option = progress
         self._progress_every = progress_every
-        self._serve_option = serve
+        self._serve_option = _checked_serve(serve)
         self._compression = compression
         if if_busy not in ("wait", "skip"):
             raise ConfigError(f"if_busy={if_busy!r}: use 'wait' or 'skip'")
@@ -270,6 +272,7 @@ class Run:
         self._heartbeat: threading.Thread | None = None
         self._next_control = 0.0
         self._error: str | None = None
+        self._already_finished = False  # found finished at the start: records stay as they are
 
     # -- construction from flags ------------------------------------------
 
@@ -291,10 +294,13 @@ class Run:
         if self._entered:
             raise ConfigError(f"Run({self.directory}) was already entered; create a new Run")
         self._entered = True
-        self.directory.mkdir(parents=True, exist_ok=True)
         from killsafe.state import RNGState
-        from killsafe.store import CheckpointStore
+        from killsafe.store import CheckpointStore, io_error
 
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise io_error("creating the run directory", self.directory, exc) from exc
         self._rng = RNGState()
         self._store = CheckpointStore(
             self.directory / CHECKPOINTS_DIR,
@@ -306,11 +312,18 @@ class Run:
         )
         try:
             self._open_session()
-        except BaseException:
+        except BaseException as exc:
             if self._keyboard is not None:
                 self._keyboard.stop()
             self._interrupts.restore()
+            self._stop_heartbeat()
             self._store.close()
+            if isinstance(exc, OSError):  # the run files could not be written
+                if exc.filename:
+                    raise io_error("starting the run: writing", Path(exc.filename), exc) from exc
+                raise io_error(
+                    "starting the run: writing its files in", self.directory, exc
+                ) from exc
             raise
         return self
 
@@ -404,6 +417,8 @@ class Run:
     def log(self, **metrics: Any) -> None:
         """Record metrics for the current step: history, progress, best values, policies."""
         self._require_open("log")
+        if self._already_finished:
+            return  # the history of a finished run is not rewritten
         step = self._step + 1 if self._in_step else self._step
         assert self._history is not None and self._progress is not None
         self._history.append(step, metrics)
@@ -415,8 +430,17 @@ class Run:
         self._progress.log(step, metrics, best=self._best)
 
     def save(self, name: str | None = None) -> None:
-        """Ask for a checkpoint: at the next step boundary inside the loop, at once outside it."""
+        """Ask for a checkpoint: at the next step boundary inside the loop, at once outside it.
+
+        Raises ``InvalidName`` here, at the call, when ``name`` is unusable.
+        """
         self._require_open("save")
+        if name is not None:
+            from killsafe.store import sanitize_name
+
+            sanitize_name(name)  # InvalidName now, not at the next boundary
+        if self._already_finished:
+            return  # its final checkpoint is the state: nothing new to keep
         self._save_requests.append((None, name))
         if not self._in_step:
             self._commit_requested()
@@ -517,6 +541,9 @@ class Run:
         self._session_start_step = self._step
         self._started_wall = time.time()
         self._started_clock = time.monotonic()
+        if info is not None and self.total_steps is not None and self._step >= self.total_steps:
+            self._open_finished(info)
+            return
         self._history = History(
             self.directory, csv=self._save_metrics, tensorboard=self._tensorboard
         )
@@ -536,6 +563,27 @@ class Run:
         self._write_status("running")
         self._next_status = self._started_clock + runfiles.STATUS_INTERVAL
         self._start_heartbeat()
+
+    def _open_finished(self, info: CheckpointInfo) -> None:
+        """A start that finds the run finished: nothing to run, nothing to record.
+
+        The loop yields no step, and run.json, status.json, the history, the
+        events and the report stay as the finishing session left them (a
+        session of zero steps would wipe its figures). The tracked objects are
+        still restored, for an evaluation after the loop.
+        """
+        self._already_finished = True
+        self._exit_reason = "finished"
+        self._history = History(self.directory)
+        self._progress = Progress(total=self.total_steps, start_step=self._step, enabled=False)
+        text = (
+            f"killsafe: {self.directory} already finished at step {self._step} of "
+            f"{self.total_steps} (checkpoint {info.path}); nothing to run, records kept; "
+            "raise total_steps to continue it"
+        )
+        logger.info(text)
+        if self._progress_option and not logger.hasHandlers():
+            sys.stderr.write(text + "\n")  # nobody logs: the one line must still show
 
     def _start_heartbeat(self) -> None:
         # The loop rewrites status.json between steps; during one long step (an
@@ -597,7 +645,7 @@ class Run:
         if newer:
             logger.warning(
                 "resuming from step %d although %s holds newer checkpoints (steps %s); "
-                "they are replaced as this run reaches their steps",
+                "valid ones are replaced as this run reaches their steps, damaged ones kept",
                 info.step,
                 self._store_dir(),
                 ", ".join(map(str, newer)),
@@ -945,13 +993,16 @@ class Run:
 
         try:
             return save()
-        except CheckpointExists:
-            if name is not None or self._step <= self._session_start_step:
+        except CheckpointExists as exc:
+            if name is not None or self._step <= self._session_start_step or exc.path is None:
                 raise
+            existing = exc.path
         # Resumed from an older checkpoint: the one at this step belongs to the
-        # abandoned continuation, and this session's state replaces it.
+        # abandoned continuation, and this session's state replaces it. (The
+        # store raised this only because it verified: a damaged checkpoint is
+        # never replaced, the new one goes beside it.)
         store.wait()
-        old = store.delete(self._step, force=True)
+        old = store.delete(existing, force=True)
         logger.info("replacing %s from an abandoned continuation", old.path)
         return save()
 
@@ -1066,6 +1117,9 @@ class Run:
         return "stopped"
 
     def _close(self, exc: BaseException | None) -> None:
+        if self._already_finished:
+            self._close_finished(exc)
+            return
         if self._keyboard is not None:
             self._keyboard.stop()
         self._interrupts.restore()
@@ -1102,6 +1156,18 @@ class Run:
             if self._server is not None:
                 with contextlib.suppress(Exception):
                     self._server.close()
+
+    def _close_finished(self, exc: BaseException | None) -> None:
+        """Close a run that was finished at its start, writing none of its records."""
+        assert self._store is not None and self._history is not None
+        try:
+            self._store.close()
+        finally:
+            self._history.close()
+            if exc is None:
+                self._call("on_finish")
+            elif isinstance(exc, Exception):
+                self._call("on_error", exc)
 
     def _summary_line(self) -> str:
         total = f" of {self.total_steps}" if self.total_steps is not None else ""
@@ -1310,6 +1376,18 @@ def _build_stop_policies(
     if stop_after is not None:
         policies.append(TimeLimit(parse_duration(stop_after)))
     return policies
+
+
+def _checked_serve(serve: Any) -> bool | int | None:
+    """``serve=``: ``None``/``False`` (no dashboard), ``True`` (a free port) or a port."""
+    if serve is None or isinstance(serve, bool):
+        return serve
+    if isinstance(serve, int) and 0 <= serve <= 65535:
+        return serve
+    raise ConfigError(
+        f"serve={serve!r}: use True (a free port), a port number from 0 to 65535, "
+        "or None for no dashboard"
+    )
 
 
 def _best_spec(best: tuple[str, str] | str | None) -> tuple[str, str] | None:

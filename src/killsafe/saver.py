@@ -27,7 +27,9 @@ Snapshot strategies (``strategy=``):
   thread may hold: everything it needs (the encoded tree and raw memory
   views) is prepared before the fork, and it leaves with ``os._exit``. It
   dies with its parent (``PR_SET_PDEATHSIG``), so a killed run leaves only
-  a temporary directory, swept at the next start. With CUDA tensors or
+  a temporary directory, swept at the next start; it never holds the store
+  lock (its inherited copy is closed at the fork), so a restart right after
+  a kill gets the lock. With CUDA tensors or
   pinned memory in the state it falls back to the copy.
 
 A background failure is kept and raised by the next call to ``submit``,
@@ -333,11 +335,12 @@ class BackgroundSaver:
         job.metrics = fmt.clean_json(dict(job.metrics or {}), "metrics")
         job.metadata = fmt.clean_json(dict(job.metadata or {}), "metadata")
         read_end, write_end = os.pipe()
+        parent = os.getpid()
         with _fork_warning_silenced():
-            pid = os.fork()
+            pid = os.fork()  # the child drops its copy of the store lock at once (store.py)
         if pid == 0:  # pragma: no cover - the child ends in os._exit
             os.close(read_end)
-            _child_write(self.store, job, write_end)
+            _child_write(self.store, job, write_end, parent)
         os.close(write_end)
         self._run_in_background(lambda: self._reap_child(job, pid, read_end))
 
@@ -387,13 +390,15 @@ def _lower_this_threads_priority() -> None:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _WRITER_NICE)
 
 
-def _child_write(store: _Store, job: _Job, pipe: int) -> None:  # pragma: no cover - in the child
+def _child_write(
+    store: _Store, job: _Job, pipe: int, parent: int
+) -> None:  # pragma: no cover - in the child
     """Write the staged checkpoint from the child's copy of memory, then exit."""
     code = 1
     try:
         gc.disable()  # no finalizers of the parent's objects run here
         signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_IN_CHILD)
-        _die_with_parent()
+        _die_with_parent(parent)
         with contextlib.suppress(OSError):
             os.nice(_WRITER_NICE)  # the loop's steps come first; the writer mostly waits
         store.write(
@@ -407,13 +412,15 @@ def _child_write(store: _Store, job: _Job, pipe: int) -> None:  # pragma: no cov
         os._exit(code)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - in the child
+def _die_with_parent(parent: int) -> None:  # pragma: no cover - in the child
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    # The parent died before prctl took effect: the child was reparented (to
+    # init or a subreaper, so compare with the parent's pid, not with 1).
+    if os.getppid() != parent:
         os._exit(1)
 
 

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import fcntl
 import json
@@ -25,6 +26,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,7 @@ from killsafe.retention import Retention, best_of
 from killsafe.saver import STRATEGIES, BackgroundSaver, PendingSave
 from killsafe.state import capture
 
-__all__ = ["CheckpointStore", "Staging", "sanitize_name"]
+__all__ = ["CheckpointStore", "Staging", "free_space", "io_error", "sanitize_name"]
 
 log = logging.getLogger("killsafe.store")
 
@@ -57,6 +59,11 @@ _RESERVED = {"latest", "best"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _NONE_LEFT = object()  # no candidate checkpoint could be used
 _MAX_RANKINGS = 1000  # a reader racing a pruner ranks again; bounded against endless churn
+MAX_BESIDE = 100
+"""At most this many directories (one valid, the rest damaged) for one step and name."""
+DEAD_HOLDER_GRACE_SECONDS = 5.0
+"""How long a writer waits for a lock whose recorded holder is dead (see ``_lock_or_wait``)."""
+_SPACE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def sanitize_name(name: Any) -> str:
@@ -106,6 +113,91 @@ def _fsync_directory(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def free_space(path: str | os.PathLike[str]) -> str:
+    """The free space of the file system holding ``path`` (or its nearest parent), as text."""
+    here = Path(path).absolute()
+    for candidate in (here, *here.parents):
+        try:
+            free = shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+        return _human_bytes(free) + " free"
+    return "free space unknown"
+
+
+def _human_bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def io_error(what: str, path: Path, exc: OSError) -> KillsafeError:
+    """A failed write as one typed line: ``SaveFailed`` when the disk is the cause, else
+    ``ConfigError`` (a path that cannot hold files: a directory in the way, /proc...)."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in _SPACE_ERRORS or exc.errno == errno.EIO:
+        return SaveFailed(
+            f"{what} {path} failed: {reason} ({free_space(path)}); "
+            "free disk space or use another directory"
+        )
+    if exc.errno == errno.EISDIR:
+        return ConfigError(f"{what} {path} failed: it is a directory; remove it")
+    if exc.errno == errno.ELOOP:
+        return ConfigError(f"{what} {path} failed: it is a symbolic link; remove it")
+    return ConfigError(
+        f"{what} {path} failed: {reason}; use a writable directory on a local file system"
+    )
+
+
+def _lock_error(path: Path, exc: OSError) -> KillsafeError:
+    return io_error("locking the checkpoint store at", path, exc)
+
+
+_HELD_LOCKS: weakref.WeakSet[CheckpointStore] = weakref.WeakSet()
+
+
+def _close_locks_in_child() -> None:
+    """In a forked child, drop the inherited lock descriptors at once.
+
+    A flock belongs to the open file, shared by every process holding a copy
+    of the descriptor: a child (the fork writer, a data loader worker) would
+    otherwise keep the store locked after its parent was killed. Closing the
+    copy (never ``LOCK_UN``, which would unlock the parent too) leaves the
+    lock to the parent alone.
+    """
+    for store in list(_HELD_LOCKS):
+        fd, store._lock_fd = store._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+_fork_hook = threading.Lock()
+_fork_hook_registered = False
+
+
+def _hold_lock(store: CheckpointStore) -> None:
+    """Remember a store holding the lock, so forked children drop their copy of it."""
+    global _fork_hook_registered
+    with _fork_hook:
+        if not _fork_hook_registered and hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_close_locks_in_child)
+            _fork_hook_registered = True
+    _HELD_LOCKS.add(store)
+
+
+def _verifies(path: Path) -> bool:
+    """Whether ``path`` holds a checkpoint that passes every check."""
+    try:
+        fmt.verify_checkpoint(path)
+    except (CorruptCheckpoint, CheckpointNotFound, UnsupportedFormat):
+        return False
+    return True
 
 
 def _pid_alive(pid: int) -> bool:
@@ -173,25 +265,66 @@ class CheckpointStore:
     # ------------------------------------------------------------ lock
 
     def _acquire(self) -> None:
-        """Take the write lock (once) and sweep leftovers of dead writers."""
+        """Take the write lock (once) and sweep leftovers of dead writers.
+
+        Every failure leaves no descriptor open and no lock held, so a later
+        call (after the disk was freed, say) starts afresh.
+        """
         if self._lock_fd is not None:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        path = self.directory / LOCK_NAME
+        fd = self._open_lock_file(path)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock_or_wait(fd)
+            self._write_holder(fd, path)
+        except BaseException:
+            os.close(fd)  # also drops the flock, if it was taken
+            raise
+        self._lock_fd = fd
+        _hold_lock(self)
+        self._sweep()
+
+    def _open_lock_file(self, path: Path) -> int:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            holder = self._wait_for_holder(fd)
-            os.close(fd)
-            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise SaveFailed(
-                    f"cannot lock {self.directory / LOCK_NAME}: {exc.strerror}"
-                ) from exc
-            raise StoreLocked(
-                f"checkpoint store {self.directory} is being written by pid "
-                f"{holder.get('pid', '?')} on host {holder.get('host', '?')}; "
-                "stop that process or use another directory"
-            ) from None
+            raise io_error("creating the checkpoint store", self.directory, exc) from exc
+        try:
+            # O_NOFOLLOW: a planted symlink must not redirect the lock record.
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise _lock_error(path, exc) from exc
+
+    def _lock_or_wait(self, fd: int) -> None:
+        """Take the flock; wait while the recorded holder is dead.
+
+        A dead holder's flock outlives it only in a child it forked that has
+        not yet dropped its copy of the descriptor (children close it at once,
+        see ``_close_locks_in_child``): that lasts a moment, so a restart right
+        after a kill waits for it instead of failing.
+        """
+        deadline = time.monotonic() + DEAD_HOLDER_GRACE_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise _lock_error(self.directory / LOCK_NAME, exc) from exc
+            holder = self._read_holder(fd)
+            pid = holder.get("pid")
+            elsewhere = holder.get("host", socket.gethostname()) != socket.gethostname()
+            alive = elsewhere or (isinstance(pid, int) and _pid_alive(pid))
+            if alive or time.monotonic() > deadline:
+                state = "" if alive or pid is None else " (no longer running)"
+                raise StoreLocked(
+                    f"checkpoint store {self.directory} is being written by pid "
+                    f"{holder.get('pid', '?')}{state} on host {holder.get('host', '?')}; "
+                    "stop that process or use another directory"
+                )
+            time.sleep(0.01)
+
+    def _write_holder(self, fd: int, path: Path) -> None:
         # A flock dies with its process, so whatever the file says about an
         # earlier holder is stale now: we take the lock over.
         previous = self._read_holder(fd)
@@ -199,28 +332,18 @@ class CheckpointStore:
             log.info("taking over the lock of %s from pid %s", self.directory, previous.get("pid"))
         record = json.dumps(
             {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        )
-        os.pwrite(fd, record.encode(), 0)
-        os.ftruncate(fd, len(record.encode()))
-        self._lock_fd = fd
-        self._sweep()
-
-    def _wait_for_holder(self, fd: int) -> dict[str, Any]:
-        """The live holder's record; it may lag the flock by a moment, so poll briefly."""
-        holder: dict[str, Any] = {}
-        for _ in range(50):
-            holder = self._read_holder(fd)
-            pid = holder.get("pid")
-            if isinstance(pid, int) and _pid_alive(pid):
-                break
-            time.sleep(0.01)
-        return holder
+        ).encode()
+        try:
+            os.pwrite(fd, record, 0)
+            os.ftruncate(fd, len(record))
+        except OSError as exc:
+            raise _lock_error(path, exc) from exc
 
     @staticmethod
     def _read_holder(fd: int) -> dict[str, Any]:
         try:
             data = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        except ValueError:
+        except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
 
@@ -246,8 +369,10 @@ class CheckpointStore:
     def _release(self) -> None:
         with self._mutex:
             if self._lock_fd is not None:
+                _HELD_LOCKS.discard(self)
                 try:
-                    os.ftruncate(self._lock_fd, 0)
+                    with contextlib.suppress(OSError):  # the record is advisory
+                        os.ftruncate(self._lock_fd, 0)
                 finally:
                     os.close(self._lock_fd)
                     self._lock_fd = None
@@ -328,28 +453,54 @@ class CheckpointStore:
         clean = sanitize_name(name) if name is not None else None
         with self._mutex:
             self._acquire()
-            final = self.directory / (f"step-{step:06d}" + (f"--{clean}" if clean else ""))
-            self._check_free(step, clean, final)
+            final = self._free_path(step, clean)
             tmp = self.directory / f"{TMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
                 tmp.mkdir()
             except OSError as exc:
-                raise SaveFailed(f"cannot create {tmp}: {exc.strerror}; check the disk") from exc
+                raise io_error("creating", tmp, exc) from exc
         return Staging(step=step, name=clean, tmp_path=tmp, final_path=final)
 
-    def _check_free(self, step: int, name: str | None, final: Path) -> None:
-        if final.exists():
-            what = f"named {name!r}" if name else "unnamed"
-            raise CheckpointExists(
-                f"an {what} checkpoint of step {step} exists at {final}; "
-                "save under another step or name, or delete it first"
+    def _free_path(self, step: int, name: str | None) -> Path:
+        """Where the checkpoint of ``step`` (and ``name``) goes; never over a damaged one.
+
+        A valid checkpoint already there is ``CheckpointExists`` (the caller
+        decides whether to replace it). A directory there that does not verify
+        is left for the user to inspect: the new checkpoint goes beside it,
+        under the same name with ``.2``, ``.3``... appended.
+        """
+        base = f"step-{step:06d}" + (f"--{name}" if name else "")
+        self._check_name_free(name)
+        for attempt in range(1, MAX_BESIDE + 1):
+            final = self.directory / (base if attempt == 1 else f"{base}.{attempt}")
+            if not os.path.lexists(final):
+                return final
+            if _verifies(final):
+                what = f"named {name!r}" if name else "unnamed"
+                raise CheckpointExists(
+                    f"an {what} checkpoint of step {step} exists at {final}; "
+                    "save under another step or name, or delete it first",
+                    path=final,
+                )
+            self._warn_once(
+                f"beside:{final}",
+                f"{final} does not verify; it is kept for inspection and the new "
+                "checkpoint is written beside it",
             )
-        if name is not None:
-            for info in self.list():
-                if info.name == name:
-                    raise CheckpointExists(
-                        f"a checkpoint named {name!r} exists at {info.path}; choose another name"
-                    )
+        raise SaveFailed(
+            f"{MAX_BESIDE} damaged checkpoints of step {step} in {self.directory}; "
+            "inspect them with `killsafe verify`, then move them away"
+        )
+
+    def _check_name_free(self, name: str | None) -> None:
+        if name is None:
+            return
+        for info in self.list():
+            if info.name == name:
+                raise CheckpointExists(
+                    f"a checkpoint named {name!r} exists at {info.path}; choose another name",
+                    path=info.path,
+                )
 
     def write(
         self,
@@ -375,8 +526,8 @@ class CheckpointStore:
         except OSError as exc:
             raise SaveFailed(
                 f"writing checkpoint of step {staging.step} to {self.directory} failed: "
-                f"{exc.strerror or exc}; free disk space or check the device "
-                "(earlier checkpoints are intact)"
+                f"{exc.strerror or exc} ({free_space(self.directory)}); free disk space or "
+                "check the device (earlier checkpoints are intact)"
             ) from exc
         return staging.manifest
 
@@ -402,7 +553,10 @@ class CheckpointStore:
                 _fsync_directory(self.directory)
             except OSError as exc:
                 self.abort(staging)
-                raise SaveFailed(f"committing {staging.final_path} failed: {exc.strerror}") from exc
+                raise SaveFailed(
+                    f"committing {staging.final_path} failed: {exc.strerror} "
+                    f"({free_space(self.directory)})"
+                ) from exc
             except KillsafeError:
                 self.abort(staging)
                 raise
