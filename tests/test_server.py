@@ -51,6 +51,7 @@ def write_status(run_dir: Path, **fields: Any) -> dict[str, Any]:
         "last_checkpoint": None,
         "resources": {"cpu_percent": 50.0, "rss_bytes": 1 << 20, "gpu_memory_bytes": None},
         "control": True,
+        "session": "session-1",
         **fields,
     }
     runfiles.write_json_atomic(run_dir / runfiles.STATUS_FILE, status)
@@ -289,11 +290,12 @@ def test_a_save_flood_makes_one_pending_request_and_answers_all(
     requests = 1000
 
     def save(i: int) -> tuple[int, dict[str, Any]]:
-        answer = client.post("/api/checkpoints", json={"name": f"n{i}"})
+        answer = client.post("/api/checkpoints", json={"name": "flood"} if i % 2 else {})
         return answer.status_code, answer.json()
 
+    first = save(1)  # named: the clicks after it, named alike or unnamed, join it
     with ThreadPoolExecutor(max_workers=8) as pool:
-        answers = list(pool.map(save, range(requests)))
+        answers = [first, *pool.map(save, range(1, requests))]
 
     assert len(answers) == requests
     assert {code for code, _ in answers} == {202}
@@ -301,6 +303,8 @@ def test_a_save_flood_makes_one_pending_request_and_answers_all(
     ids = {body["request_id"] for _, body in answers}
     assert ids == {pending.stem}
     assert sum(not body["coalesced"] for _, body in answers) == 1
+    # Every answer says the name the checkpoint will have: the pending request's.
+    assert {body["name"] for _, body in answers} == {"flood"}
 
     # Once the run has taken the request, the next click makes a new one.
     pending.unlink()

@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import threading
+import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from killsafe.errors import CheckpointNotFound, InvalidName, KillsafeError, Stor
 from killsafe.history import HISTORY_FILE
 from killsafe.server.events import HEARTBEAT_SECONDS, POLL_SECONDS, event_stream
 from killsafe.server.guard import MAX_BODY_BYTES, RequestGuard
+from killsafe.server.limits import ServeLimits
 from killsafe.server.models import (
     AcceptedOut,
     CheckpointListOut,
@@ -49,8 +52,9 @@ CHECKPOINTS_DIR = "checkpoints"
 REPORT_FILE = "report.json"
 SUBMIT_LOCK = ".submit.lock"
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (400, 401, 404, 409, 413, 415, 422)
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429)
 }
+RATE_WINDOW = 60.0
 
 
 def check_name(name: str) -> str:
@@ -68,9 +72,11 @@ def check_name(name: str) -> str:
 class RunDirectory:
     """Read access to a run directory and the control requests the server sends it."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, limits: ServeLimits | None = None):
         self.path = Path(run_dir)
+        self.limits = limits if limits is not None else ServeLimits()
         self._submit_lock = threading.Lock()
+        self._save_times: deque[float] = deque()  # save requests that reached control/
 
     def status(self) -> dict[str, Any]:
         try:
@@ -88,20 +94,67 @@ class RunDirectory:
     def attached(self) -> bool:
         return bool(self.status()["attached"])
 
-    def submit(self, action: str, **fields: Any) -> AcceptedOut:
-        """Drop a request into ``control/``; while one of the same action is pending,
-        answer with its id instead (a flood of clicks makes one request).
+    def submit(
+        self,
+        action: str,
+        *,
+        session: str | None,
+        name: str | None = None,
+        note: str | None = None,
+    ) -> AcceptedOut:
+        """Drop a request for the live session ``session`` into ``control/``.
 
+        While one of the same action and session is pending, answer with its id
+        and the name it will save under instead (a flood of clicks makes one
+        request); a save asking for another name than the pending one is refused
+        (409). A save that would pass the ``limits`` is refused (429).
         Serialized by a thread lock and, across processes (the run's own server
         and ``killsafe serve``), by ``flock`` on ``control/.submit.lock``.
         """
         with self._submit_lock, _flocked(self.path / runfiles.CONTROL_DIR / SUBMIT_LOCK):
             for _, pending in runfiles.pending_requests(self.path):
-                if pending.action == action:
-                    return AcceptedOut(request_id=pending.id, action=action, coalesced=True)
-            request = runfiles.ControlRequest(action=action, **fields)
+                if pending.action == action and pending.session == session:
+                    return _coalesced(pending, name)
+            if action == "save":
+                self._check_limits(name)
+            request = runfiles.ControlRequest(action, name=name, note=note, session=session)
             runfiles.submit_request(self.path, request)
-            return AcceptedOut(request_id=request.id, action=action, coalesced=False)
+            if action == "save":
+                self._save_times.append(time.monotonic())
+            return AcceptedOut(request_id=request.id, action=action, coalesced=False, name=name)
+
+    def _check_limits(self, name: str | None) -> None:
+        per_minute = self.limits.saves_per_minute
+        now = time.monotonic()
+        while self._save_times and now - self._save_times[0] >= RATE_WINDOW:
+            self._save_times.popleft()
+        if per_minute is not None and len(self._save_times) >= per_minute:
+            wait = int(RATE_WINDOW - (now - self._save_times[0])) + 1
+            raise _TooMany(
+                f"at most {per_minute} save requests a minute reach the run "
+                f"(ServeLimits.saves_per_minute, --saves-per-minute); retry in {wait} s",
+                retry_after=wait,
+            )
+        kept = self.limits.named_saves_kept
+        if name is None or kept is None:
+            return
+        named = self._request_named_count()
+        if named >= kept:
+            raise _TooMany(
+                f"{named} checkpoints named by save requests exist, the limit is {kept} "
+                "(ServeLimits.named_saves_kept, --named-saves-kept); save without a name, "
+                "or delete named ones once the run has ended",
+                retry_after=None,
+            )
+
+    def _request_named_count(self) -> int:
+        if not (self.path / CHECKPOINTS_DIR).is_dir():
+            return 0
+        return sum(
+            1
+            for info in self.store().list()
+            if info.name is not None and (info.metadata or {}).get("request_id")
+        )
 
     def store(self) -> Any:
         from killsafe.store import CheckpointStore
@@ -179,6 +232,27 @@ class _Conflict(KillsafeError):
     """The request contradicts the run's state (answered with 409)."""
 
 
+class _TooMany(KillsafeError):
+    """A save request over a ``ServeLimits`` cap (answered with 429)."""
+
+    def __init__(self, message: str, *, retry_after: int | None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _coalesced(pending: runfiles.ControlRequest, name: str | None) -> AcceptedOut:
+    """The answer for a request that joins ``pending``: the name it will save under."""
+    if name is not None and name != pending.name:
+        asked = f"named {pending.name!r}" if pending.name else "without a name"
+        raise _Conflict(
+            f"a save request {asked} is pending (request {pending.id}); ask for {name!r} "
+            "again once it is answered on /api/events"
+        )
+    return AcceptedOut(
+        request_id=pending.id, action=pending.action, coalesced=True, name=pending.name
+    )
+
+
 def create_app(
     run_dir: str | Path,
     *,
@@ -187,13 +261,15 @@ def create_app(
     poll: float = POLL_SECONDS,
     heartbeat: float = HEARTBEAT_SECONDS,
     max_body: int = MAX_BODY_BYTES,
+    limits: ServeLimits | None = None,
 ) -> Any:
     """Build the ASGI app serving ``run_dir``: the API under ``/api``, the page at ``/``.
 
     ``token``, when given, is required on every API request. ``stopping`` ends
-    the event streams (set it before shutting the server down).
+    the event streams (set it before shutting the server down). ``limits``
+    caps what save requests can create (default ``ServeLimits()``).
     """
-    run = RunDirectory(Path(run_dir))
+    run = RunDirectory(Path(run_dir), limits)
     stopping = stopping if stopping is not None else threading.Event()
     api = FastAPI(
         title="killsafe",
@@ -238,10 +314,11 @@ def _add_routes(
         """Ask the live run for a checkpoint at its next step boundary. The answer
         (``saved`` or ``save-failed`` with this ``request_id``) arrives on
         ``/api/events``. While a save request is pending, new ones are coalesced
-        into it. 409 when no live run is attached."""
+        into it (``name``: the name it saves under; 409 when another name is
+        asked for). 409 when no live run is attached; 429 over the limits."""
         name = check_name(body.name) if body.name is not None else None
-        _require_attached(run)
-        return run.submit("save", name=name, note=body.note or None)
+        session = _require_attached(run)
+        return run.submit("save", session=session, name=name, note=body.note or None)
 
     @api.delete("/api/checkpoints/{checkpoint_id}", response_model=DeletedOut, tags=["checkpoints"])
     def delete_checkpoint(
@@ -256,8 +333,8 @@ def _add_routes(
     def request_stop(body: StopIn | None = None) -> AcceptedOut:
         """Ask the live run to stop like on SIGTERM: it finishes the step, commits an
         emergency checkpoint and exits. 409 when no live run is attached."""
-        _require_attached(run)
-        return run.submit("stop", note=(body.reason if body else None) or None)
+        session = _require_attached(run)
+        return run.submit("stop", session=session, note=(body.reason if body else None) or None)
 
     @api.get("/api/history", response_model=HistoryOut, tags=["run"])
     def get_history(
@@ -298,11 +375,15 @@ def _add_routes(
         )
 
 
-def _require_attached(run: RunDirectory) -> None:
-    if not run.attached():
+def _require_attached(run: RunDirectory) -> str | None:
+    """The live session's id (``None`` from a run that does not say it); 409 without one."""
+    status = run.status()
+    if not status["attached"]:
         raise _Conflict(
             f"no live run is attached to {run.path}; start or resume the run to save or stop it"
         )
+    session = status.get("session")
+    return session if isinstance(session, str) else None
 
 
 def _add_error_handlers(api: FastAPI) -> None:
@@ -311,12 +392,15 @@ def _add_error_handlers(api: FastAPI) -> None:
         (CheckpointNotFound, 404),
         (StoreLocked, 409),
         (_Conflict, 409),
+        (_TooMany, 429),
         (KillsafeError, 409),
     ]
 
     async def killsafe_error(request: Request, exc: Exception) -> JSONResponse:
         code = next(code for cls, code in status_of if isinstance(exc, cls))
-        return JSONResponse({"detail": _one_line(str(exc))}, status_code=code)
+        retry_after = getattr(exc, "retry_after", None)
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        return JSONResponse({"detail": _one_line(str(exc))}, status_code=code, headers=headers)
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
