@@ -136,9 +136,7 @@ def test_requests_of_an_earlier_session_do_not_act_on_the_next(tmp_path: Path) -
     stale_save = runfiles.ControlRequest("save", name="stale", created=time.time() - 60)
     runfiles.submit_request(run_dir, stale_stop)
     runfiles.submit_request(run_dir, stale_save)
-    with killsafe.Run(
-        run_dir, total_steps=20, progress=False, keyboard=False, report=False
-    ) as run:
+    with killsafe.Run(run_dir, total_steps=20, progress=False, keyboard=False, report=False) as run:
         run.track(n={"steps": 0})
         for _ in run.steps():
             run.state["n"]["steps"] += 1
