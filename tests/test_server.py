@@ -838,3 +838,42 @@ def test_with_a_token_any_host_name_is_answered(run_dir: Path) -> None:
             timeout=TIMEOUT,
         )
     assert answer.status_code == 200
+
+
+def test_serve_cli_takes_the_limits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from killsafe.server import add_cli_arguments
+
+    parser = argparse.ArgumentParser()
+    add_cli_arguments(parser)
+    args = parser.parse_args([str(tmp_path), "--saves-per-minute", "none"])
+    assert args.saves_per_minute is None
+    assert args.named_saves_kept == ServeLimits().named_saves_kept
+    args = parser.parse_args([str(tmp_path), "--named-saves-kept", "5"])
+    assert args.named_saves_kept == 5
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args([str(tmp_path), "--saves-per-minute", "many"])
+    assert exited.value.code == 2
+    assert "'many': use a whole number or 'none'" in capsys.readouterr().err
+
+
+def test_recent_answers_are_built_once_a_period() -> None:
+    from killsafe.server.app import RecentAnswers
+
+    builds: list[int] = []
+
+    def build() -> bytes:
+        builds.append(1)
+        return b"%d" % len(builds)
+
+    def fail() -> bytes:
+        raise ConfigError("nothing to answer yet")
+
+    kept = RecentAnswers(ttl=3600.0)
+    with pytest.raises(ConfigError):
+        kept.get("report", fail)  # an error is never kept
+    assert [kept.get("report", build) for _ in range(5)] == [b"1"] * 5
+    assert kept.get(("history", 3), build) == b"2"  # another key, another answer
+    fresh = RecentAnswers(ttl=0.0)
+    assert [fresh.get("report", build) for _ in range(2)] == [b"3", b"4"]

@@ -274,6 +274,7 @@ def _make_server(
     *,
     limits: ServeLimits | None = None,
     handle_signals: bool = True,
+    reuse_for: float = 0.0,
 ) -> Any:
     try:
         import uvicorn
@@ -283,7 +284,7 @@ def _make_server(
         ) from exc
     from killsafe.server.app import create_app
 
-    app = create_app(run_dir, token=token, stopping=stopping, limits=limits)
+    app = create_app(run_dir, token=token, stopping=stopping, limits=limits, reuse_for=reuse_for)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.requests import Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from killsafe import runfiles
@@ -228,6 +228,27 @@ class RunDirectory:
         return report
 
 
+class RecentAnswers:
+    """Encoded answers reused for ``ttl`` seconds; one request builds, the others wait
+    for it and reuse it, so clients polling in a loop cost one build per ``ttl``."""
+
+    def __init__(self, ttl: float):
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._answers: dict[Hashable, tuple[float, bytes]] = {}
+
+    def get(self, key: Hashable, build: Callable[[], bytes]) -> bytes:
+        if self.ttl <= 0:
+            return build()
+        with self._lock:
+            kept = self._answers.get(key)
+            if kept is not None and time.monotonic() - kept[0] < self.ttl:
+                return kept[1]
+            answer = build()  # an error is raised, never kept
+            self._answers[key] = (time.monotonic(), answer)
+            return answer
+
+
 class _Conflict(KillsafeError):
     """The request contradicts the run's state (answered with 409)."""
 
@@ -262,12 +283,16 @@ def create_app(
     heartbeat: float = HEARTBEAT_SECONDS,
     max_body: int = MAX_BODY_BYTES,
     limits: ServeLimits | None = None,
+    reuse_for: float = 0.0,
 ) -> Any:
     """Build the ASGI app serving ``run_dir``: the API under ``/api``, the page at ``/``.
 
     ``token``, when given, is required on every API request. ``stopping`` ends
     the event streams (set it before shutting the server down). ``limits``
     caps what save requests can create (default ``ServeLimits()``).
+    ``reuse_for``: seconds a whole-history or report answer is reused (the
+    two answers that read whole files), so that clients polling in a loop cost
+    one build per period; 0 builds every answer.
     """
     run = RunDirectory(Path(run_dir), limits)
     stopping = stopping if stopping is not None else threading.Event()
@@ -284,7 +309,7 @@ def create_app(
     api.state.run = run
     api.state.stopping = stopping
     _add_error_handlers(api)
-    _add_routes(api, run, stopping, poll=poll, heartbeat=heartbeat)
+    _add_routes(api, run, stopping, RecentAnswers(reuse_for), poll=poll, heartbeat=heartbeat)
     api.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     guarded: Any = RequestGuard(api, token=token, max_body=max_body)
     guarded.fastapi = api
@@ -292,7 +317,13 @@ def create_app(
 
 
 def _add_routes(
-    api: FastAPI, run: RunDirectory, stopping: threading.Event, *, poll: float, heartbeat: float
+    api: FastAPI,
+    run: RunDirectory,
+    stopping: threading.Event,
+    recent: RecentAnswers,
+    *,
+    poll: float,
+    heartbeat: float,
 ) -> None:
     @api.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -344,16 +375,24 @@ def _add_routes(
             max_length=100,
             description="the cursor of an earlier answer: only the records logged since",
         ),
-    ) -> HistoryOut:
+    ) -> Any:
         """The logged metrics, one record per log call. With ``cursor``, the records
         appended since that answer; ``reset`` true means start over with these records
-        (the first call, a resumed run rewrote the file, or more than ``limit`` new)."""
-        return run.history(limit, cursor)
+        (the first call, a resumed run rewrote the file, or more than ``limit`` new).
+        From the run's own server, an answer without ``cursor`` may be a second old."""
+        if cursor is not None:
+            return run.history(limit, cursor)
+        body = recent.get(
+            ("history", limit), lambda: run.history(limit, None).model_dump_json().encode()
+        )
+        return Response(body, media_type="application/json")
 
     @api.get("/api/report", response_model=dict[str, Any], tags=["run"])
-    def get_report() -> dict[str, Any]:
-        """The end-of-run report (``report.json``), or one built from the files so far."""
-        return run.report()
+    def get_report() -> Any:
+        """The end-of-run report (``report.json``), or one built from the files so far
+        (from the run's own server, up to a second old)."""
+        body = recent.get("report", lambda: json.dumps(run.report()).encode())
+        return Response(body, media_type="application/json")
 
     @api.get(
         "/api/events",

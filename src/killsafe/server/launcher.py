@@ -54,6 +54,9 @@ __all__ = ["ChildServer", "start_child_server"]
 log = logging.getLogger("killsafe.server")
 
 CHILD_NICE = 10
+REUSE_ANSWERS_FOR = 1.0
+"""Seconds the child reuses a whole-history or report answer: polling clients cost
+one build a second, which keeps the child's CPU small beside the training."""
 PARENT_POLL_SECONDS = 0.5
 _PR_SET_PDEATHSIG = 1
 
@@ -228,7 +231,12 @@ def main() -> int:
     stop = threading.Event()
     limits = ServeLimits.from_json(config["limits"])
     server = _make_server(
-        config["run_dir"], config["token"], stop, limits=limits, handle_signals=False
+        config["run_dir"],
+        config["token"],
+        stop,
+        limits=limits,
+        handle_signals=False,
+        reuse_for=REUSE_ANSWERS_FOR,
     )
     sock = socket.socket(fileno=int(config["socket_fd"]))
     threading.Thread(
