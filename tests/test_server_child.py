@@ -175,3 +175,12 @@ def test_a_request_left_unread_at_the_end_is_answered_not_kept(tmp_path: Path) -
         for _ in run.steps():
             run.state["n"]["steps"] += 1
     assert run.exit_reason == "finished" and run.step == 6
+
+
+def test_serve_limits_are_checked_when_the_run_is_made(tmp_path: Path) -> None:
+    from killsafe.server import ServeLimits
+
+    with pytest.raises(killsafe.ConfigError, match=r"serve_limits=30: pass killsafe\.server"):
+        killsafe.Run(tmp_path / "run", serve=True, serve_limits=30)
+    limits = ServeLimits(saves_per_minute=None)
+    assert killsafe.Run(tmp_path / "run", serve=True, serve_limits=limits)._serve_limits is limits

@@ -207,6 +207,8 @@ class Run:
         self._progress_option = progress
         self._progress_every = progress_every
         self._serve_option = serve
+        if serve_limits is not None:  # checked now, not when the run starts serving
+            importlib.import_module("killsafe.server.launcher").check_limits(serve_limits)
         self._serve_limits = serve_limits
         self._compression = compression
         if if_busy not in ("wait", "skip"):

@@ -49,7 +49,7 @@ from killsafe.server import (
 )
 from killsafe.server.limits import ServeLimits
 
-__all__ = ["ChildServer", "start_child_server"]
+__all__ = ["ChildServer", "check_limits", "start_child_server"]
 
 log = logging.getLogger("killsafe.server")
 
@@ -99,6 +99,16 @@ class ChildServer:
             self.process.wait()
 
 
+def check_limits(limits: object) -> ServeLimits | None:
+    """``limits`` if it is a ``ServeLimits`` or ``None``, else ``ConfigError`` (one line)."""
+    if limits is None or isinstance(limits, ServeLimits):
+        return limits
+    raise ConfigError(
+        f"serve_limits={limits!r}: pass killsafe.server.ServeLimits(saves_per_minute=..., "
+        "named_saves_kept=...) or None"
+    )
+
+
 def start_child_server(
     run_dir: str | Path,
     *,
@@ -118,6 +128,7 @@ def start_child_server(
             raise ConfigError(
                 "the dashboard needs FastAPI and uvicorn; pip install fastapi uvicorn"
             )
+    limits = check_limits(limits)
     token = _resolve_token(host, token)
     sock = _bind(host, port)
     bound_port = int(sock.getsockname()[1])
