@@ -66,7 +66,7 @@ with httpx.Client(base_url=url, timeout=60) as client:
             if os.path.exists(done):
                 break
             if body is not None and "name" in body:
-                body = {"name": f"client{me}-{count}"}
+                body = {"name": f"client{os.getpid()}-{count}"}
             answer = client.request(method, path, json=body)
             codes[f"{method} {answer.status_code}"] += 1
             count += 1
