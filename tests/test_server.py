@@ -26,7 +26,7 @@ pytest.importorskip("uvicorn")
 from killsafe import runfiles  # noqa: E402
 from killsafe.errors import ConfigError  # noqa: E402
 from killsafe.history import History  # noqa: E402
-from killsafe.server import ServerHandle, is_loopback, serve_in_thread  # noqa: E402
+from killsafe.server import ServeLimits, ServerHandle, is_loopback, serve_in_thread  # noqa: E402
 
 TIMEOUT = 10.0
 
@@ -51,6 +51,7 @@ def write_status(run_dir: Path, **fields: Any) -> dict[str, Any]:
         "last_checkpoint": None,
         "resources": {"cpu_percent": 50.0, "rss_bytes": 1 << 20, "gpu_memory_bytes": None},
         "control": True,
+        "session": "session-1",
         **fields,
     }
     runfiles.write_json_atomic(run_dir / runfiles.STATUS_FILE, status)
@@ -289,11 +290,12 @@ def test_a_save_flood_makes_one_pending_request_and_answers_all(
     requests = 1000
 
     def save(i: int) -> tuple[int, dict[str, Any]]:
-        answer = client.post("/api/checkpoints", json={"name": f"n{i}"})
+        answer = client.post("/api/checkpoints", json={"name": "flood"} if i % 2 else {})
         return answer.status_code, answer.json()
 
+    first = save(1)  # named: the clicks after it, named alike or unnamed, join it
     with ThreadPoolExecutor(max_workers=8) as pool:
-        answers = list(pool.map(save, range(requests)))
+        answers = [first, *pool.map(save, range(1, requests))]
 
     assert len(answers) == requests
     assert {code for code, _ in answers} == {202}
@@ -301,6 +303,8 @@ def test_a_save_flood_makes_one_pending_request_and_answers_all(
     ids = {body["request_id"] for _, body in answers}
     assert ids == {pending.stem}
     assert sum(not body["coalesced"] for _, body in answers) == 1
+    # Every answer says the name the checkpoint will have: the pending request's.
+    assert {body["name"] for _, body in answers} == {"flood"}
 
     # Once the run has taken the request, the next click makes a new one.
     pending.unlink()
@@ -328,6 +332,112 @@ def test_two_servers_on_one_run_coalesce_into_one_request(
             c.close()
     [pending] = control_files(run_dir)
     assert ids == {pending.stem}
+
+
+def test_requests_carry_the_live_session(client: Any, run_dir: Path, live_status: None) -> None:
+    answer = client.post("/api/checkpoints", json={"name": "tagged"})
+    assert answer.status_code == 202
+    [pending] = control_files(run_dir)
+    assert json.loads(pending.read_text())["session"] == "session-1"
+
+
+def test_a_coalesced_save_answers_the_name_it_will_have_or_409(
+    client: Any, run_dir: Path, live_status: None
+) -> None:
+    first = client.post("/api/checkpoints", json={"name": "good"}).json()
+    assert first["name"] == "good" and first["coalesced"] is False
+    same = client.post("/api/checkpoints", json={"name": "good"}).json()
+    unnamed = client.post("/api/checkpoints", json={}).json()
+    assert same == unnamed == {**first, "coalesced": True}
+    other = client.post("/api/checkpoints", json={"name": "better"})
+    assert other.status_code == 409
+    detail = other.json()["detail"]
+    assert "'good'" in detail and "'better'" in detail and "\n" not in detail
+    [pending] = control_files(run_dir)
+    assert json.loads(pending.read_text())["name"] == "good"
+
+    # An unnamed save pending: a named one does not silently become unnamed.
+    pending.unlink()
+    plain = client.post("/api/checkpoints", json={}).json()
+    assert plain["name"] is None and plain["coalesced"] is False
+    assert client.post("/api/checkpoints", json={"name": "late"}).status_code == 409
+
+
+def test_save_requests_a_minute_are_capped_with_429(run_dir: Path, live_status: None) -> None:
+    with (
+        serve_in_thread(run_dir, limits=ServeLimits(saves_per_minute=2)) as handle,
+        httpx.Client(base_url=handle.url, timeout=TIMEOUT) as client,
+    ):
+        for _ in range(2):
+            assert client.post("/api/checkpoints", json={}).json()["coalesced"] is False
+            # Joining the pending request creates nothing, so it is never capped.
+            assert client.post("/api/checkpoints", json={}).json()["coalesced"] is True
+            for path in control_files(run_dir):
+                path.unlink()  # the run took it
+        refused = client.post("/api/checkpoints", json={})
+        assert refused.status_code == 429
+        assert "2 save requests a minute" in refused.json()["detail"]
+        assert "\n" not in refused.json()["detail"]
+        assert 0 < int(refused.headers["retry-after"]) <= 61
+        assert control_files(run_dir) == []
+        # Stop requests are not saves: never capped.
+        assert client.post("/api/stop", json={}).status_code == 202
+
+
+def test_checkpoints_named_by_requests_are_capped_with_429(
+    run_dir: Path, live_status: None
+) -> None:
+    from killsafe.store import CheckpointStore
+
+    store = CheckpointStore(run_dir / "checkpoints")
+    store.save({"w": [1.0]}, step=1, name="asked", metadata={"request_id": "r1"})
+    store.save({"w": [1.0]}, step=2, name="from-code")  # run.save(name=...): not counted
+    store.close()
+    with (
+        serve_in_thread(run_dir, limits=ServeLimits(named_saves_kept=2)) as handle,
+        httpx.Client(base_url=handle.url, timeout=TIMEOUT) as client,
+    ):
+        assert client.post("/api/checkpoints", json={"name": "second"}).status_code == 202
+        for path in control_files(run_dir):
+            path.unlink()
+        store = CheckpointStore(run_dir / "checkpoints")
+        store.save({"w": [1.0]}, step=3, name="second", metadata={"request_id": "r2"})
+        store.close()
+        refused = client.post("/api/checkpoints", json={"name": "third"})
+        assert refused.status_code == 429
+        assert "2 checkpoints named by save requests" in refused.json()["detail"]
+        assert control_files(run_dir) == []
+        # Unnamed saves are pruned by retention: still welcome.
+        assert client.post("/api/checkpoints", json={}).status_code == 202
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ConfigError, match="saves_per_minute=0"):
+        ServeLimits(saves_per_minute=0)
+    with pytest.raises(ConfigError, match="named_saves_kept=-1"):
+        ServeLimits(named_saves_kept=-1)
+    assert ServeLimits(saves_per_minute=None, named_saves_kept=0).named_saves_kept == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/api/checkpoints"), ("POST", "/api/stop"), ("DELETE", "/api/checkpoints/x")],
+)
+def test_cross_origin_state_changing_requests_are_refused(
+    client: Any, server: ServerHandle, run_dir: Path, live_status: None, method: str, path: str
+) -> None:
+    for origin in ("http://evil.example", f"http://localhost:{server.port}", "null"):
+        refused = client.request(method, path, json={}, headers={"Origin": origin})
+        assert refused.status_code == 403, origin
+        assert "cross-origin" in refused.json()["detail"]
+    assert control_files(run_dir) == []
+    same = client.request(
+        method, path, json={}, headers={"Origin": f"http://127.0.0.1:{server.port}"}
+    )
+    assert same.status_code != 403
+    assert client.request(method, path, json={}).status_code != 403  # no Origin: curl, scripts
+    # Reading stays open to the page's own fetches, whatever the Origin.
+    assert client.get("/api/status", headers={"Origin": "http://evil.example"}).status_code == 200
 
 
 # ---- the token ----
@@ -728,3 +838,42 @@ def test_with_a_token_any_host_name_is_answered(run_dir: Path) -> None:
             timeout=TIMEOUT,
         )
     assert answer.status_code == 200
+
+
+def test_serve_cli_takes_the_limits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from killsafe.server import add_cli_arguments
+
+    parser = argparse.ArgumentParser()
+    add_cli_arguments(parser)
+    args = parser.parse_args([str(tmp_path), "--saves-per-minute", "none"])
+    assert args.saves_per_minute is None
+    assert args.named_saves_kept == ServeLimits().named_saves_kept
+    args = parser.parse_args([str(tmp_path), "--named-saves-kept", "5"])
+    assert args.named_saves_kept == 5
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args([str(tmp_path), "--saves-per-minute", "many"])
+    assert exited.value.code == 2
+    assert "'many': use a whole number or 'none'" in capsys.readouterr().err
+
+
+def test_recent_answers_are_built_once_a_period() -> None:
+    from killsafe.server.app import RecentAnswers
+
+    builds: list[int] = []
+
+    def build() -> bytes:
+        builds.append(1)
+        return b"%d" % len(builds)
+
+    def fail() -> bytes:
+        raise ConfigError("nothing to answer yet")
+
+    kept = RecentAnswers(ttl=3600.0)
+    with pytest.raises(ConfigError):
+        kept.get("report", fail)  # an error is never kept
+    assert [kept.get("report", build) for _ in range(5)] == [b"1"] * 5
+    assert kept.get(("history", 3), build) == b"2"  # another key, another answer
+    fresh = RecentAnswers(ttl=0.0)
+    assert [fresh.get("report", build) for _ in range(2)] == [b"3", b"4"]

@@ -22,6 +22,7 @@ pytest.importorskip("fastapi")
 if not hasattr(killsafe, "Run"):
     pytest.skip("killsafe.Run has not landed in this tree yet", allow_module_level=True)
 
+from killsafe.server import ServeLimits  # noqa: E402
 from killsafe.store import CheckpointStore  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -224,12 +225,15 @@ def test_a_flood_of_save_requests_to_a_live_run_is_coalesced(
 
         def save(_: int) -> dict[str, Any]:
             answer = client.post("/api/checkpoints", json={})
-            assert answer.status_code == 202
-            return dict(answer.json())
+            # 429: more save requests reached the run this minute than ServeLimits allows.
+            assert answer.status_code in (202, 429), answer.text
+            return dict(answer.json()) if answer.status_code == 202 else {}
 
         with ThreadPoolExecutor(max_workers=8) as pool:
-            answers = list(pool.map(save, range(1000)))
-        assert len(answers) == 1000  # every request answered
+            everything = list(pool.map(save, range(1000)))
+        answers = [a for a in everything if a]
+        assert len(everything) == 1000  # every request answered
+        assert len({a["request_id"] for a in answers}) <= ServeLimits().saves_per_minute
         ids = {a["request_id"] for a in answers}
         assert sum(not a["coalesced"] for a in answers) == len(ids)
         assert len(list((run_dir / "control").glob("*.json"))) <= 1  # at most one pending

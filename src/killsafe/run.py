@@ -130,7 +130,10 @@ class Run:
         progress: show progress (live on a terminal, plain lines off one).
         progress_every: seconds between two plain progress lines.
         serve: ``True`` (a free port) or a port from 0 to 65535: serve the
-            dashboard and API on 127.0.0.1 (anything else is a ``ConfigError``).
+            dashboard and API on 127.0.0.1 from a child process that ends with
+            the run (docs/dashboard.md); anything else is a ``ConfigError``.
+        serve_limits: caps on the checkpoints that save requests over HTTP can
+            create (``killsafe.server.ServeLimits``; default: 10 a minute, 20 named).
         compression: passed to the store (e.g. ``"zstd"``).
         async_save: write checkpoints in the background: the loop waits only
             for a snapshot of the state (see ``killsafe.saver``). A failed
@@ -174,6 +177,7 @@ class Run:
         progress: bool = True,
         progress_every: float = 30.0,
         serve: bool | int | None = None,
+        serve_limits: Any = None,
         compression: str | None = None,
         async_save: bool = True,
         if_busy: str = "wait",
@@ -205,6 +209,9 @@ class Run:
         self._progress_option = progress
         self._progress_every = progress_every
         self._serve_option = _checked_serve(serve)
+        if serve_limits is not None:  # checked now, not when the run starts serving
+            importlib.import_module("killsafe.server.launcher").check_limits(serve_limits)
+        self._serve_limits = serve_limits
         self._compression = compression
         if if_busy not in ("wait", "skip"):
             raise ConfigError(f"if_busy={if_busy!r}: use 'wait' or 'skip'")
@@ -249,6 +256,7 @@ class Run:
         self._inflight_requests: list[tuple[str | None, str | None]] = []
         self._stop_request_ids: list[str] = []
         self._seen_requests: set[str] = set()
+        self._session_id = uuid.uuid4().hex[:12]  # tags the control requests it accepts
         self._step_metrics: dict[str, Any] = {}
         self._latest_metrics: dict[str, Any] = {}
         self._best: dict[str, dict[str, Any]] = {}
@@ -725,8 +733,10 @@ class Run:
             return
         port = 0 if self._serve_option is True else int(self._serve_option)
         try:
-            server = importlib.import_module("killsafe.server")
-            self._server = server.serve_in_thread(self.directory, host="127.0.0.1", port=port)
+            launcher = importlib.import_module("killsafe.server.launcher")
+            self._server = launcher.start_child_server(
+                self.directory, host="127.0.0.1", port=port, limits=self._serve_limits
+            )
         except Exception as exc:  # the dashboard must never stop a run from starting
             logger.warning("dashboard not started: %s", exc)
             return
@@ -824,6 +834,9 @@ class Run:
         for path, request in runfiles.pending_requests(self.directory):
             if request.id in self._seen_requests:
                 continue
+            if not self._accepted_by_this_session(request):
+                self._discard_request(path, request, "made for an earlier session")
+                continue
             self._seen_requests.add(request.id)
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -837,6 +850,32 @@ class Run:
             elif request.action == "stop":
                 self._stop_request_ids.append(request.id)
                 self.stop("request")
+
+    def _accepted_by_this_session(self, request: runfiles.ControlRequest) -> bool:
+        if request.session is not None:
+            return request.session == self._session_id
+        return request.created >= self._started_wall  # untagged: by its age
+
+    def _discard_request(self, path: Path, request: runfiles.ControlRequest, why: str) -> None:
+        """Remove a request this session will not act on, with an event that says so."""
+        with contextlib.suppress(OSError):
+            path.unlink()
+        runfiles.append_event(
+            self.directory,
+            "request-discarded",
+            self._step,
+            request_id=request.id,
+            action=request.action,
+            session=request.session,
+            reason=why,
+        )
+        logger.info("%s request %s discarded: %s", request.action, request.id, why)
+
+    def _discard_unread_requests(self) -> None:
+        """At the end: requests still in ``control/`` are answered, never left for later."""
+        for path, request in runfiles.pending_requests(self.directory):
+            if request.id not in self._seen_requests:
+                self._discard_request(path, request, "the run ended before acting on it")
 
     # -- saving -----------------------------------------------------------
 
@@ -977,6 +1016,9 @@ class Run:
         note = self._requested_note()
         if note is not None:
             metadata["note"] = note  # given with a save request (the dashboard's note)
+        request_id = next((rid for rid, n in self._save_requests if rid and n == name), None)
+        if name is not None and request_id is not None:
+            metadata["request_id"] = request_id  # the server caps request-named checkpoints
 
         def save() -> CheckpointInfo | PendingSave:
             options: dict[str, Any] = {
@@ -1133,6 +1175,7 @@ class Run:
         try:
             self._write_session_end(status)
             self._write_status(status)
+            self._discard_unread_requests()
             kind = {"finished": "finished", "failed": "failed"}.get(status, "stopped")
             runfiles.append_event(
                 self.directory,
@@ -1229,6 +1272,7 @@ class Run:
             "resumed_from": str(info.path) if info is not None else None,
             "exit_reason": None,
             "status": "running",
+            "id": self._session_id,
         }
 
         def update(data: dict[str, Any]) -> None:
@@ -1318,6 +1362,7 @@ class Run:
             state=state,
             step=self._step,
             run_id=self._run_id,
+            session=self._session_id,
             exit_reason=self._exit_reason,
             control=state in ("running", "stopping"),
         )

@@ -92,13 +92,18 @@ def append_event(run_dir: Path, kind: str, step: int | None = None, **fields: An
 
 @dataclass(frozen=True)
 class ControlRequest:
-    """A request from another process to a live run: save a checkpoint or stop."""
+    """A request from another process to a live run: save a checkpoint or stop.
+
+    ``session`` is the id of the run's session that accepted it (``status.json``
+    says which is live): a later session discards it instead of acting on it.
+    """
 
     action: str
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     name: str | None = None
     note: str | None = None
     created: float = field(default_factory=time.time)
+    session: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -107,6 +112,7 @@ class ControlRequest:
             "name": self.name,
             "note": self.note,
             "created": self.created,
+            "session": self.session,
         }
 
 
@@ -153,6 +159,7 @@ def _parse_request(path: Path) -> ControlRequest | None:
             name=data.get("name"),
             note=data.get("note"),
             created=float(data.get("created") or 0.0),
+            session=data.get("session") if isinstance(data.get("session"), str) else None,
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

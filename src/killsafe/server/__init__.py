@@ -1,10 +1,12 @@
 """The dashboard and HTTP control API of a run directory.
 
-``serve_in_thread`` runs the server in a daemon thread of the training process
-(``Run(serve=...)``); ``serve_forever`` serves any run directory from another
-process (``killsafe serve DIR``), live or finished. Either way the server only
-reads the run directory's files and drops control requests into it, so it
-never blocks the training loop.
+``Run(serve=...)`` serves from a child process (``killsafe.server.launcher``),
+so that no request takes the training process's CPU or GIL; ``serve_forever``
+serves any run directory from another process (``killsafe serve DIR``), live or
+finished; ``serve_in_thread`` serves from a daemon thread of the calling
+process (tests, notebooks). Either way the server only reads the run
+directory's files and drops control requests into it, so it never blocks the
+training loop. ``ServeLimits`` caps what save requests can create.
 
 Security: the server binds 127.0.0.1 unless told otherwise. Binding any other
 address needs a token (given, or generated and logged once), which every API
@@ -28,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from killsafe.errors import ConfigError
+from killsafe.server.limits import ServeLimits
 
 __all__ = [
     "DEFAULT_HOST",
+    "ServeLimits",
     "ServerHandle",
     "add_cli_arguments",
     "run_cli",
@@ -89,18 +93,20 @@ def serve_in_thread(
     host: str = DEFAULT_HOST,
     port: int = 0,
     token: str | bool | None = None,
+    limits: ServeLimits | None = None,
 ) -> ServerHandle:
     """Serve ``run_dir`` from a daemon thread and return once the server accepts connections.
 
     ``port=0`` picks a free port (read it from ``handle.port``). ``token``: a
     string to require it, ``True`` to generate one (logged once), ``None`` for
-    none, which only a loopback ``host`` allows. Raises ``ConfigError`` for a
+    none, which only a loopback ``host`` allows. ``limits``: caps on save
+    requests (default ``ServeLimits()``). Raises ``ConfigError`` for a
     non-loopback host without a token or a port that cannot be bound.
     """
     token = _resolve_token(host, token)
     sock = _bind(host, port)
     stopping = threading.Event()
-    server = _make_server(run_dir, token, stopping)
+    server = _make_server(run_dir, token, stopping, limits=limits)
     bound_port = sock.getsockname()[1]
     thread = threading.Thread(
         target=_run_server, args=(server, sock), name=f"killsafe-server:{bound_port}", daemon=True
@@ -125,16 +131,17 @@ def serve_forever(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     token: str | bool | None = None,
+    limits: ServeLimits | None = None,
 ) -> None:
     """Serve ``run_dir`` in this thread until SIGINT or SIGTERM (``killsafe serve DIR``).
 
-    ``token`` as for ``serve_in_thread``; a non-loopback host without one raises
-    ``ConfigError``.
+    ``token`` and ``limits`` as for ``serve_in_thread``; a non-loopback host
+    without a token raises ``ConfigError``.
     """
     token = _resolve_token(host, token)
     sock = _bind(host, port)
     stopping = threading.Event()
-    server = _make_server(run_dir, token, stopping)
+    server = _make_server(run_dir, token, stopping, limits=limits)
     bound_port = sock.getsockname()[1]
     url = _url(host, bound_port)
     log.info("serving %s at %s", run_dir, f"{url}#token={token}" if token else url)
@@ -161,6 +168,32 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="require this token on API requests (generated and "
         "printed once when --host is not a loopback address and none is given)",
     )
+    defaults = ServeLimits()
+    parser.add_argument(
+        "--saves-per-minute",
+        type=_cap,
+        default=defaults.saves_per_minute,
+        metavar="N|none",
+        help="save requests that may reach the run per minute, 429 beyond "
+        f"(default {defaults.saves_per_minute})",
+    )
+    parser.add_argument(
+        "--named-saves-kept",
+        type=_cap,
+        default=defaults.named_saves_kept,
+        metavar="N|none",
+        help="checkpoints named by save requests that may exist at once, 429 beyond "
+        f"(default {defaults.named_saves_kept})",
+    )
+
+
+def _cap(text: str) -> int | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a whole number or 'none'") from None
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -176,7 +209,11 @@ def run_cli(args: argparse.Namespace) -> int:
     if token is None and not is_loopback(args.host):
         token = True
     try:
-        serve_forever(run_dir, host=args.host, port=args.port, token=token)
+        limits = ServeLimits(
+            saves_per_minute=getattr(args, "saves_per_minute", ServeLimits.saves_per_minute),
+            named_saves_kept=getattr(args, "named_saves_kept", ServeLimits.named_saves_kept),
+        )
+        serve_forever(run_dir, host=args.host, port=args.port, token=token, limits=limits)
     except ConfigError as exc:
         return _cli_error(str(exc))
     return 0
@@ -230,7 +267,15 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _make_server(run_dir: str | Path, token: str | None, stopping: threading.Event) -> Any:
+def _make_server(
+    run_dir: str | Path,
+    token: str | None,
+    stopping: threading.Event,
+    *,
+    limits: ServeLimits | None = None,
+    handle_signals: bool = True,
+    reuse_for: float = 0.0,
+) -> Any:
     try:
         import uvicorn
     except ImportError as exc:
@@ -239,7 +284,7 @@ def _make_server(run_dir: str | Path, token: str | None, stopping: threading.Eve
         ) from exc
     from killsafe.server.app import create_app
 
-    app = create_app(run_dir, token=token, stopping=stopping)
+    app = create_app(run_dir, token=token, stopping=stopping, limits=limits, reuse_for=reuse_for)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -250,7 +295,7 @@ def _make_server(run_dir: str | Path, token: str | None, stopping: threading.Eve
         def capture_signals(self) -> Iterator[None]:
             # Like uvicorn's, without re-raising the signal after the shutdown: a
             # server stopped by Ctrl+C or SIGTERM has done its job and exits 0.
-            if threading.current_thread() is not threading.main_thread():
+            if not handle_signals or threading.current_thread() is not threading.main_thread():
                 yield
                 return
             handled = (signal.SIGINT, signal.SIGTERM)

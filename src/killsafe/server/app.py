@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.requests import Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from killsafe import runfiles
@@ -30,6 +32,7 @@ from killsafe.errors import CheckpointNotFound, InvalidName, KillsafeError, Stor
 from killsafe.history import HISTORY_FILE
 from killsafe.server.events import HEARTBEAT_SECONDS, POLL_SECONDS, event_stream
 from killsafe.server.guard import MAX_BODY_BYTES, RequestGuard
+from killsafe.server.limits import ServeLimits
 from killsafe.server.models import (
     AcceptedOut,
     CheckpointListOut,
@@ -49,8 +52,9 @@ CHECKPOINTS_DIR = "checkpoints"
 REPORT_FILE = "report.json"
 SUBMIT_LOCK = ".submit.lock"
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (400, 401, 404, 409, 413, 415, 422)
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429)
 }
+RATE_WINDOW = 60.0
 
 
 def check_name(name: str) -> str:
@@ -68,9 +72,11 @@ def check_name(name: str) -> str:
 class RunDirectory:
     """Read access to a run directory and the control requests the server sends it."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, limits: ServeLimits | None = None):
         self.path = Path(run_dir)
+        self.limits = limits if limits is not None else ServeLimits()
         self._submit_lock = threading.Lock()
+        self._save_times: deque[float] = deque()  # save requests that reached control/
 
     def status(self) -> dict[str, Any]:
         try:
@@ -88,20 +94,67 @@ class RunDirectory:
     def attached(self) -> bool:
         return bool(self.status()["attached"])
 
-    def submit(self, action: str, **fields: Any) -> AcceptedOut:
-        """Drop a request into ``control/``; while one of the same action is pending,
-        answer with its id instead (a flood of clicks makes one request).
+    def submit(
+        self,
+        action: str,
+        *,
+        session: str | None,
+        name: str | None = None,
+        note: str | None = None,
+    ) -> AcceptedOut:
+        """Drop a request for the live session ``session`` into ``control/``.
 
+        While one of the same action and session is pending, answer with its id
+        and the name it will save under instead (a flood of clicks makes one
+        request); a save asking for another name than the pending one is refused
+        (409). A save that would pass the ``limits`` is refused (429).
         Serialized by a thread lock and, across processes (the run's own server
         and ``killsafe serve``), by ``flock`` on ``control/.submit.lock``.
         """
         with self._submit_lock, _flocked(self.path / runfiles.CONTROL_DIR / SUBMIT_LOCK):
             for _, pending in runfiles.pending_requests(self.path):
-                if pending.action == action:
-                    return AcceptedOut(request_id=pending.id, action=action, coalesced=True)
-            request = runfiles.ControlRequest(action=action, **fields)
+                if pending.action == action and pending.session == session:
+                    return _coalesced(pending, name)
+            if action == "save":
+                self._check_limits(name)
+            request = runfiles.ControlRequest(action, name=name, note=note, session=session)
             runfiles.submit_request(self.path, request)
-            return AcceptedOut(request_id=request.id, action=action, coalesced=False)
+            if action == "save":
+                self._save_times.append(time.monotonic())
+            return AcceptedOut(request_id=request.id, action=action, coalesced=False, name=name)
+
+    def _check_limits(self, name: str | None) -> None:
+        per_minute = self.limits.saves_per_minute
+        now = time.monotonic()
+        while self._save_times and now - self._save_times[0] >= RATE_WINDOW:
+            self._save_times.popleft()
+        if per_minute is not None and len(self._save_times) >= per_minute:
+            wait = int(RATE_WINDOW - (now - self._save_times[0])) + 1
+            raise _TooMany(
+                f"at most {per_minute} save requests a minute reach the run "
+                f"(ServeLimits.saves_per_minute, --saves-per-minute); retry in {wait} s",
+                retry_after=wait,
+            )
+        kept = self.limits.named_saves_kept
+        if name is None or kept is None:
+            return
+        named = self._request_named_count()
+        if named >= kept:
+            raise _TooMany(
+                f"{named} checkpoints named by save requests exist, the limit is {kept} "
+                "(ServeLimits.named_saves_kept, --named-saves-kept); save without a name, "
+                "or delete named ones once the run has ended",
+                retry_after=None,
+            )
+
+    def _request_named_count(self) -> int:
+        if not (self.path / CHECKPOINTS_DIR).is_dir():
+            return 0
+        return sum(
+            1
+            for info in self.store().list()
+            if info.name is not None and (info.metadata or {}).get("request_id")
+        )
 
     def store(self) -> Any:
         from killsafe.store import CheckpointStore
@@ -175,8 +228,50 @@ class RunDirectory:
         return report
 
 
+class RecentAnswers:
+    """Encoded answers reused for ``ttl`` seconds; one request builds, the others wait
+    for it and reuse it, so clients polling in a loop cost one build per ``ttl``."""
+
+    def __init__(self, ttl: float):
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._answers: dict[Hashable, tuple[float, bytes]] = {}
+
+    def get(self, key: Hashable, build: Callable[[], bytes]) -> bytes:
+        if self.ttl <= 0:
+            return build()
+        with self._lock:
+            kept = self._answers.get(key)
+            if kept is not None and time.monotonic() - kept[0] < self.ttl:
+                return kept[1]
+            answer = build()  # an error is raised, never kept
+            self._answers[key] = (time.monotonic(), answer)
+            return answer
+
+
 class _Conflict(KillsafeError):
     """The request contradicts the run's state (answered with 409)."""
+
+
+class _TooMany(KillsafeError):
+    """A save request over a ``ServeLimits`` cap (answered with 429)."""
+
+    def __init__(self, message: str, *, retry_after: int | None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _coalesced(pending: runfiles.ControlRequest, name: str | None) -> AcceptedOut:
+    """The answer for a request that joins ``pending``: the name it will save under."""
+    if name is not None and name != pending.name:
+        asked = f"named {pending.name!r}" if pending.name else "without a name"
+        raise _Conflict(
+            f"a save request {asked} is pending (request {pending.id}); ask for {name!r} "
+            "again once it is answered on /api/events"
+        )
+    return AcceptedOut(
+        request_id=pending.id, action=pending.action, coalesced=True, name=pending.name
+    )
 
 
 def create_app(
@@ -187,13 +282,19 @@ def create_app(
     poll: float = POLL_SECONDS,
     heartbeat: float = HEARTBEAT_SECONDS,
     max_body: int = MAX_BODY_BYTES,
+    limits: ServeLimits | None = None,
+    reuse_for: float = 0.0,
 ) -> Any:
     """Build the ASGI app serving ``run_dir``: the API under ``/api``, the page at ``/``.
 
     ``token``, when given, is required on every API request. ``stopping`` ends
-    the event streams (set it before shutting the server down).
+    the event streams (set it before shutting the server down). ``limits``
+    caps what save requests can create (default ``ServeLimits()``).
+    ``reuse_for``: seconds a whole-history or report answer is reused (the
+    two answers that read whole files), so that clients polling in a loop cost
+    one build per period; 0 builds every answer.
     """
-    run = RunDirectory(Path(run_dir))
+    run = RunDirectory(Path(run_dir), limits)
     stopping = stopping if stopping is not None else threading.Event()
     api = FastAPI(
         title="killsafe",
@@ -208,7 +309,7 @@ def create_app(
     api.state.run = run
     api.state.stopping = stopping
     _add_error_handlers(api)
-    _add_routes(api, run, stopping, poll=poll, heartbeat=heartbeat)
+    _add_routes(api, run, stopping, RecentAnswers(reuse_for), poll=poll, heartbeat=heartbeat)
     api.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     guarded: Any = RequestGuard(api, token=token, max_body=max_body)
     guarded.fastapi = api
@@ -216,7 +317,13 @@ def create_app(
 
 
 def _add_routes(
-    api: FastAPI, run: RunDirectory, stopping: threading.Event, *, poll: float, heartbeat: float
+    api: FastAPI,
+    run: RunDirectory,
+    stopping: threading.Event,
+    recent: RecentAnswers,
+    *,
+    poll: float,
+    heartbeat: float,
 ) -> None:
     @api.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -238,10 +345,11 @@ def _add_routes(
         """Ask the live run for a checkpoint at its next step boundary. The answer
         (``saved`` or ``save-failed`` with this ``request_id``) arrives on
         ``/api/events``. While a save request is pending, new ones are coalesced
-        into it. 409 when no live run is attached."""
+        into it (``name``: the name it saves under; 409 when another name is
+        asked for). 409 when no live run is attached; 429 over the limits."""
         name = check_name(body.name) if body.name is not None else None
-        _require_attached(run)
-        return run.submit("save", name=name, note=body.note or None)
+        session = _require_attached(run)
+        return run.submit("save", session=session, name=name, note=body.note or None)
 
     @api.delete("/api/checkpoints/{checkpoint_id}", response_model=DeletedOut, tags=["checkpoints"])
     def delete_checkpoint(
@@ -256,8 +364,8 @@ def _add_routes(
     def request_stop(body: StopIn | None = None) -> AcceptedOut:
         """Ask the live run to stop like on SIGTERM: it finishes the step, commits an
         emergency checkpoint and exits. 409 when no live run is attached."""
-        _require_attached(run)
-        return run.submit("stop", note=(body.reason if body else None) or None)
+        session = _require_attached(run)
+        return run.submit("stop", session=session, note=(body.reason if body else None) or None)
 
     @api.get("/api/history", response_model=HistoryOut, tags=["run"])
     def get_history(
@@ -267,16 +375,24 @@ def _add_routes(
             max_length=100,
             description="the cursor of an earlier answer: only the records logged since",
         ),
-    ) -> HistoryOut:
+    ) -> Any:
         """The logged metrics, one record per log call. With ``cursor``, the records
         appended since that answer; ``reset`` true means start over with these records
-        (the first call, a resumed run rewrote the file, or more than ``limit`` new)."""
-        return run.history(limit, cursor)
+        (the first call, a resumed run rewrote the file, or more than ``limit`` new).
+        From the run's own server, an answer without ``cursor`` may be a second old."""
+        if cursor is not None:
+            return run.history(limit, cursor)
+        body = recent.get(
+            ("history", limit), lambda: run.history(limit, None).model_dump_json().encode()
+        )
+        return Response(body, media_type="application/json")
 
     @api.get("/api/report", response_model=dict[str, Any], tags=["run"])
-    def get_report() -> dict[str, Any]:
-        """The end-of-run report (``report.json``), or one built from the files so far."""
-        return run.report()
+    def get_report() -> Any:
+        """The end-of-run report (``report.json``), or one built from the files so far
+        (from the run's own server, up to a second old)."""
+        body = recent.get("report", lambda: json.dumps(run.report()).encode())
+        return Response(body, media_type="application/json")
 
     @api.get(
         "/api/events",
@@ -298,11 +414,15 @@ def _add_routes(
         )
 
 
-def _require_attached(run: RunDirectory) -> None:
-    if not run.attached():
+def _require_attached(run: RunDirectory) -> str | None:
+    """The live session's id (``None`` from a run that does not say it); 409 without one."""
+    status = run.status()
+    if not status["attached"]:
         raise _Conflict(
             f"no live run is attached to {run.path}; start or resume the run to save or stop it"
         )
+    session = status.get("session")
+    return session if isinstance(session, str) else None
 
 
 def _add_error_handlers(api: FastAPI) -> None:
@@ -311,12 +431,15 @@ def _add_error_handlers(api: FastAPI) -> None:
         (CheckpointNotFound, 404),
         (StoreLocked, 409),
         (_Conflict, 409),
+        (_TooMany, 429),
         (KillsafeError, 409),
     ]
 
     async def killsafe_error(request: Request, exc: Exception) -> JSONResponse:
         code = next(code for cls, code in status_of if isinstance(exc, cls))
-        return JSONResponse({"detail": _one_line(str(exc))}, status_code=code)
+        retry_after = getattr(exc, "retry_after", None)
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        return JSONResponse({"detail": _one_line(str(exc))}, status_code=code, headers=headers)
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

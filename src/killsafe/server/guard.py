@@ -1,4 +1,4 @@
-"""The request guard in front of the API: token, Host, JSON content type, body size.
+"""The request guard in front of the API: token, Host, Origin, JSON content type, body size.
 
 A plain ASGI middleware (not Starlette's ``BaseHTTPMiddleware``) so that the
 server-sent event stream passes through untouched.
@@ -11,6 +11,7 @@ import json
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import urlsplit
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -26,8 +27,10 @@ TOKEN_HEADER = b"x-killsafe-token"
 
 
 class RequestGuard:
-    """Refuse requests without the token (401), state-changing requests whose
-    content type is not JSON (415) and bodies over ``max_body`` bytes (413).
+    """Refuse requests without the token (401), state-changing requests sent by
+    a page of another origin (``Origin`` other than this server: 403) or whose
+    content type is not JSON (415), and bodies over ``max_body`` bytes (413).
+    Requests without ``Origin`` (curl, scripts, the command line) pass.
     Without a token (a loopback server), refuse requests whose ``Host`` is not
     a loopback name (403): a web page whose domain is re-pointed at 127.0.0.1
     (DNS rebinding) must not reach the API as if it were the dashboard.
@@ -65,6 +68,15 @@ class RequestGuard:
             return
         if scope["method"] in SAFE_METHODS:
             await self.app(scope, receive, send)
+            return
+        origin = headers.get(b"origin")
+        if origin is not None and not _same_origin(origin, headers.get(b"host", b"")):
+            await _refuse(
+                send,
+                403,
+                f"cross-origin request refused: a page of {origin.decode('latin-1')!r} may not "
+                "change this run; use the dashboard at this server's own address",
+            )
             return
         if _media_type(headers) != "application/json":
             await _refuse(
@@ -112,6 +124,17 @@ def _loopback_host(raw: bytes) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def _same_origin(origin: bytes, host: bytes) -> bool:
+    """Whether ``Origin`` (``http://127.0.0.1:8765``) names the server the request reached."""
+    try:
+        parts = urlsplit(origin.decode("latin-1").strip())
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return False
+    return parts.netloc.lower() == host.decode("latin-1").strip().lower()
 
 
 def _is_public(path: str) -> bool:

@@ -94,6 +94,9 @@ class AcceptedOut(BaseModel):
     coalesced: bool = Field(
         False, description="an identical request was already pending; this is its id"
     )
+    name: str | None = Field(
+        None, description="for a save: the name the checkpoint will have (none: unnamed)"
+    )
 
 
 class DeletedOut(BaseModel):

@@ -275,8 +275,9 @@ async function saveCheckpoint() {
   try {
     const answer = await api("POST", "/api/checkpoints", { name: name || null, note: note || null });
     state.saveRequests.add(answer.request_id);
-    toast(answer.coalesced ? "A save is already pending; it will be taken at the next step."
-                           : `Save requested: ${name || "checkpoint"}`, "info");
+    const saved = answer.name || "an unnamed checkpoint";
+    toast(answer.coalesced ? `A save is already pending (${saved}); it will be taken at the next step.`
+                           : `Save requested: ${saved}`, "info");
   } catch (error) {
     toast("Save not requested: " + error.message, "error");
   }
