@@ -31,6 +31,7 @@ import pytest
 
 import killsafe
 from killsafe import runfiles
+from killsafe.policy import Boundary
 
 REAL_RENAME = os.rename
 
@@ -186,3 +187,33 @@ def test_the_boundary_decides_as_the_table_says(
     # A busy row's step-1 checkpoint was due while the step-0 one was in flight.
     if combination[4] != "none" and saves.startswith("1 "):
         assert waited_at_step_one(tmp_path / "run")
+
+
+class WarmupSaves:
+    """Your own policy, giving its own reason."""
+
+    def should_save(self, boundary: Boundary) -> str | None:
+        return "warmup" if boundary.step <= 1 else None
+
+
+class EveryThirdStep:
+    """Your own policy, answering True or False."""
+
+    def should_save(self, boundary: Boundary) -> bool:
+        return boundary.step % 3 == 0
+
+
+def test_a_policy_of_your_own_gives_the_checkpoint_its_reason(tmp_path: Path) -> None:
+    policy = killsafe.AnyOf(WarmupSaves(), EveryThirdStep())
+    with killsafe.Run(
+        tmp_path / "run", total_steps=4, save=policy, progress=False, keyboard=False, report=False
+    ) as run:
+        run.track(counter={"n": 0})
+        for _ in run.steps():
+            run.state["counter"]["n"] += 1
+    saved = killsafe.CheckpointStore(tmp_path / "run" / "checkpoints").list()
+    assert [(info.step, info.reason) for info in saved] == [
+        (1, "warmup"),
+        (3, "policy"),
+        (4, "finished"),
+    ]
