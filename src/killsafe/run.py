@@ -718,14 +718,13 @@ class Run:
             # finished only when there was no step count to reach.
             complete = finished or self.total_steps is None
             self._exit_reason = stop_reason or ("finished" if complete else "exit")
-        reason = self._save_policy.should_save(boundary)
-        if reason and boundary.exiting and not boundary.requested:
-            # No step ran in this session: nothing new to keep.
-            reason = reason if self._step != self._session_start_step else None
-        if reason:
-            if reason == "exit":  # OnExit's: the checkpoint says why the run ends
-                reason = self._exit_reason or reason
-            self._commit_checkpoint(reason, self._requested_name())
+        save_reason = self._save_policy.should_save(boundary)
+        if boundary.exiting and not boundary.requested and self._step == self._session_start_step:
+            save_reason = None  # no step ran in this session: nothing new to keep
+        if save_reason:
+            if save_reason == "exit":  # OnExit's: the checkpoint says why the run ends
+                save_reason = self._exit_reason or save_reason
+            self._commit_checkpoint(save_reason, self._requested_name())
         if now >= self._next_status:
             self._next_status = now + runfiles.STATUS_INTERVAL
             self._write_status("stopping" if stop_reason else "running")
