@@ -23,7 +23,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,6 @@ import pytest
 import killsafe
 from killsafe import runfiles
 from killsafe.policy import Boundary
-
-REAL_RENAME = os.rename
 
 
 def main_thread_waits() -> bool:
@@ -54,22 +53,36 @@ class CommitGate:
     needs, without depending on how fast the disk is.
     """
 
+    GIVE_UP_SECONDS = 60.0  # a wait this test cannot see fails the row instead of hanging
+
     def __init__(self) -> None:
         self.released = threading.Event()
+        self.gave_up = False
 
-    def rename(self, src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
-        on_writer = threading.current_thread() is not threading.main_thread()
-        if on_writer and Path(dst).parent.name == "checkpoints":
-            while not self.released.wait(0.002):
-                if main_thread_waits():
-                    break
-        REAL_RENAME(src, dst, *args, **kwargs)
+    def around(self, rename: Callable[..., None]) -> Callable[..., None]:
+        """``rename`` (``os.rename`` or ``os.replace``), held on the writer thread."""
+
+        def held(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+            on_writer = threading.current_thread() is not threading.main_thread()
+            if on_writer and Path(dst).parent.name == "checkpoints":
+                self.hold()
+            rename(src, dst, *args, **kwargs)
+
+        return held
+
+    def hold(self) -> None:
+        give_up = time.monotonic() + self.GIVE_UP_SECONDS
+        while not (self.released.wait(0.002) or main_thread_waits()):
+            if time.monotonic() > give_up:
+                self.gave_up = True
+                return
 
 
 @pytest.fixture
 def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[CommitGate]:
     held = CommitGate()
-    monkeypatch.setattr(os, "rename", held.rename)
+    monkeypatch.setattr(os, "rename", held.around(os.rename))
+    monkeypatch.setattr(os, "replace", held.around(os.replace))
     yield held
     held.released.set()
 
@@ -182,6 +195,7 @@ def test_the_boundary_decides_as_the_table_says(
 ) -> None:
     _, saves, reason = TABLE[first_row(combination)]
     outcome = run_case(tmp_path / "run", gate, *combination)
+    assert not gate.gave_up, "the loop waited for a held save in a way the gate cannot see"
     steps = 2 if reason == "finished" else 1
     assert outcome == (expected_saves(saves), reason, steps)
     # A busy row's step-1 checkpoint was due while the step-0 one was in flight.
