@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # First half of the README's test command: installs everything the tests need
-# on a fresh machine, then runs lint, format and type checks. The second half
-# is `python3 -m pytest -q`.
+# on a fresh machine, then runs lint, format and type checks and the import
+# contracts of pyproject.toml. The second half is `python3 -m pytest -q`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,3 +24,4 @@ fi
 python3 -m ruff check src tests benchmarks examples
 python3 -m ruff format --check src tests benchmarks examples
 python3 -m mypy
+lint-imports

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 
@@ -24,53 +25,82 @@ from killsafe.policy import (
 )
 
 
+@dataclass(frozen=True)
+class OddSteps:
+    """A policy of one's own that answers True or False."""
+
+    def should_save(self, boundary: Boundary) -> bool:
+        return boundary.step % 2 == 1
+
+
+@dataclass(frozen=True)
+class WarmupSteps:
+    """A policy of one's own that gives its own reason."""
+
+    def should_save(self, boundary: Boundary) -> str | None:
+        return "warmup" if boundary.step <= 2 else None
+
+
 @pytest.mark.parametrize(
     ("policy", "boundary", "expected"),
     [
-        (EveryNSteps(3), Boundary(step=0), False),
-        (EveryNSteps(3), Boundary(step=2), False),
-        (EveryNSteps(3), Boundary(step=3), True),
-        (EveryNSteps(3), Boundary(step=7), False),
-        (EveryNSteps(3), Boundary(step=9, last_save_step=8), True),
-        (EveryNSteps(1), Boundary(step=1), True),
-        (EveryNSeconds(60), Boundary(step=5, since_save=59.9), False),
-        (EveryNSeconds(60), Boundary(step=5, since_save=60.0), True),
-        (EveryNSeconds(0.5), Boundary(step=5, since_save=3.0), True),
-        (AtSteps([10, 20]), Boundary(step=10), True),
-        (AtSteps([10, 20]), Boundary(step=15), False),
-        (OnImprovement("loss"), Boundary(step=1, metrics={"loss": 1.0}), True),
-        (OnImprovement("loss"), Boundary(step=1, metrics={"acc": 1.0}), False),
-        (OnImprovement("loss"), Boundary(step=2, metrics={"loss": 0.9}, best={"loss": 1.0}), True),
-        (OnImprovement("loss"), Boundary(step=2, metrics={"loss": 1.0}, best={"loss": 1.0}), False),
-        (OnImprovement("loss"), Boundary(step=2, metrics={"loss": 1.1}, best={"loss": 1.0}), False),
+        (EveryNSteps(3), Boundary(step=0), None),
+        (EveryNSteps(3), Boundary(step=2), None),
+        (EveryNSteps(3), Boundary(step=3), "periodic"),
+        (EveryNSteps(3), Boundary(step=7), None),
+        (EveryNSteps(3), Boundary(step=9, last_save_step=8), "periodic"),
+        (EveryNSteps(1), Boundary(step=1), "periodic"),
+        (EveryNSeconds(60), Boundary(step=5, since_save=59.9), None),
+        (EveryNSeconds(60), Boundary(step=5, since_save=60.0), "periodic"),
+        (EveryNSeconds(0.5), Boundary(step=5, since_save=3.0), "periodic"),
+        (AtSteps([10, 20]), Boundary(step=10), "periodic"),
+        (AtSteps([10, 20]), Boundary(step=15), None),
+        (OnImprovement("loss"), Boundary(step=1, metrics={"loss": 1.0}), "best"),
+        (OnImprovement("loss"), Boundary(step=1, metrics={"acc": 1.0}), None),
+        (
+            OnImprovement("loss"),
+            Boundary(step=2, metrics={"loss": 0.9}, best={"loss": 1.0}),
+            "best",
+        ),
+        (OnImprovement("loss"), Boundary(step=2, metrics={"loss": 1.0}, best={"loss": 1.0}), None),
+        (OnImprovement("loss"), Boundary(step=2, metrics={"loss": 1.1}, best={"loss": 1.0}), None),
         (
             OnImprovement("loss", min_delta=0.2),
             Boundary(step=2, metrics={"loss": 0.9}, best={"loss": 1.0}),
-            False,
+            None,
         ),
         (
             OnImprovement("acc", mode="max"),
             Boundary(step=2, metrics={"acc": 0.8}, best={"acc": 0.7}),
-            True,
+            "best",
         ),
         (
             OnImprovement("acc", mode="max"),
             Boundary(step=2, metrics={"acc": float("nan")}, best={"acc": 0.7}),
-            False,
+            None,
         ),
-        (OnExit(), Boundary(step=4), False),
-        (OnExit(), Boundary(step=4, exiting=True), True),
-        (OnRequest(), Boundary(step=4), False),
-        (OnRequest(), Boundary(step=4, requested=True), True),
-        (AnyOf(EveryNSteps(10), OnExit()), Boundary(step=10), True),
-        (AnyOf(EveryNSteps(10), OnExit()), Boundary(step=11), False),
-        (AnyOf(EveryNSteps(10), OnExit()), Boundary(step=11, exiting=True), True),
-        (EveryNSteps(10) | EveryNSeconds(5), Boundary(step=3, since_save=6), True),
-        (AnyOf(), Boundary(step=10, exiting=True), False),
+        (OnExit(), Boundary(step=4), None),
+        (OnExit(), Boundary(step=4, exiting=True), "exit"),
+        (OnRequest(), Boundary(step=4), None),
+        (OnRequest(), Boundary(step=4, requested=True), "request"),
+        (AnyOf(EveryNSteps(10), OnExit()), Boundary(step=10), "periodic"),
+        (AnyOf(EveryNSteps(10), OnExit()), Boundary(step=11), None),
+        (AnyOf(EveryNSteps(10), OnExit()), Boundary(step=11, exiting=True), "exit"),
+        # The first reason wins.
+        (AnyOf(EveryNSteps(10), OnExit()), Boundary(step=10, exiting=True), "periodic"),
+        (AnyOf(OnExit(), EveryNSteps(10)), Boundary(step=10, exiting=True), "exit"),
+        (AnyOf(OnRequest(), OddSteps()), Boundary(step=3, requested=True), "request"),
+        # A policy answering True or False still works: True is the reason "policy".
+        (AnyOf(OddSteps()), Boundary(step=3), "policy"),
+        (AnyOf(OddSteps()), Boundary(step=4), None),
+        (AnyOf(OddSteps(), OnRequest()), Boundary(step=4, requested=True), "request"),
+        (AnyOf(OddSteps(), WarmupSteps()), Boundary(step=2), "warmup"),
+        (EveryNSteps(10) | EveryNSeconds(5), Boundary(step=3, since_save=6), "periodic"),
+        (AnyOf(), Boundary(step=10, exiting=True), None),
     ],
 )
-def test_save_policy_table(policy: SavePolicy, boundary: Boundary, expected: bool) -> None:
-    assert policy.should_save(boundary) is expected
+def test_save_policy_table(policy: SavePolicy, boundary: Boundary, expected: str | None) -> None:
+    assert policy.should_save(boundary) == expected
 
 
 def test_any_of_flattens_and_is_frozen() -> None:

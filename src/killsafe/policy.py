@@ -3,10 +3,16 @@
 A ``Run`` asks its policies at every step boundary, handing them a ``Boundary``
 (the step, the clocks, the metrics logged during the step, the best values so
 far, whether the run is exiting or a save was requested). Save policies are
-frozen dataclasses with one pure method, ``should_save(boundary) -> bool``,
-validated when built and composed with ``AnyOf`` or ``|``::
+frozen dataclasses with one pure method, ``should_save(boundary) -> reason |
+None``: the reason a checkpoint is due (``"periodic"``, ``"best"``, ...), which
+the checkpoint records. They are validated when built and composed with
+``AnyOf`` or ``|``, where the first reason wins::
 
     policy = EveryNSteps(500) | EveryNSeconds(600) | OnImprovement("val_loss")
+    policy.should_save(Boundary(step=500))  # "periodic"
+
+A policy of your own may also answer ``True``/``False``; ``True`` counts as
+the reason ``"policy"``.
 
 Stop policies answer ``should_stop(boundary) -> reason | None``. ``TimeLimit``
 is pure; ``EarlyStopping`` keeps counters and is ``Stateful``, so a ``Run``
@@ -82,9 +88,13 @@ class Boundary(NamedTuple):
 
 @runtime_checkable
 class SavePolicy(Protocol):
-    """Decides whether a checkpoint is due at a boundary. Must not do I/O."""
+    """Decides whether a checkpoint is due at a boundary, and why. Must not do I/O.
 
-    def should_save(self, boundary: Boundary) -> bool: ...
+    ``should_save`` returns the reason (a short word the checkpoint records)
+    or ``None``; ``True`` means the reason ``"policy"``, ``False`` means not due.
+    """
+
+    def should_save(self, boundary: Boundary) -> str | bool | None: ...
 
 
 @runtime_checkable
@@ -113,8 +123,8 @@ class EveryNSteps(_Composable):
         if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
             raise ConfigError(f"EveryNSteps(n={self.n!r}): n must be a positive integer")
 
-    def should_save(self, boundary: Boundary) -> bool:
-        return boundary.step > 0 and boundary.step % self.n == 0
+    def should_save(self, boundary: Boundary) -> str | None:
+        return "periodic" if boundary.step > 0 and boundary.step % self.n == 0 else None
 
 
 @dataclass(frozen=True)
@@ -129,8 +139,8 @@ class EveryNSeconds(_Composable):
                 f"EveryNSeconds(seconds={self.seconds!r}): seconds must be a positive number"
             )
 
-    def should_save(self, boundary: Boundary) -> bool:
-        return boundary.since_save >= self.seconds
+    def should_save(self, boundary: Boundary) -> str | None:
+        return "periodic" if boundary.since_save >= self.seconds else None
 
 
 @dataclass(frozen=True)
@@ -145,8 +155,8 @@ class AtSteps(_Composable):
             raise ConfigError(f"AtSteps({sorted(values)!r}): steps must be positive integers")
         object.__setattr__(self, "steps", values)
 
-    def should_save(self, boundary: Boundary) -> bool:
-        return boundary.step in self.steps
+    def should_save(self, boundary: Boundary) -> str | None:
+        return "periodic" if boundary.step in self.steps else None
 
 
 @dataclass(frozen=True)
@@ -163,33 +173,42 @@ class OnImprovement(_Composable):
     def __post_init__(self) -> None:
         _check_metric(self.metric, self.mode, self.min_delta, "OnImprovement")
 
-    def should_save(self, boundary: Boundary) -> bool:
+    def should_save(self, boundary: Boundary) -> str | None:
         value = _number(boundary.metrics.get(self.metric))
         if value is None:
-            return False
+            return None
         best = boundary.best.get(self.metric)
-        return best is None or is_better(value, best, self.mode, self.min_delta)
+        improved = best is None or is_better(value, best, self.mode, self.min_delta)
+        return "best" if improved else None
 
 
 @dataclass(frozen=True)
 class OnExit(_Composable):
-    """Save when the run ends: finished, or stopped (signal, ``q``, time limit, request)."""
+    """Save when the run ends: finished, or stopped (signal, ``q``, time limit, request).
 
-    def should_save(self, boundary: Boundary) -> bool:
-        return boundary.exiting
+    Its reason is ``"exit"``; a ``Run`` records why it ends instead
+    (``finished``, ``signal:SIGTERM``, ...).
+    """
+
+    def should_save(self, boundary: Boundary) -> str | None:
+        return "exit" if boundary.exiting else None
 
 
 @dataclass(frozen=True)
 class OnRequest(_Composable):
     """Save when asked: ``run.save()`` or a ``save`` request from another process."""
 
-    def should_save(self, boundary: Boundary) -> bool:
-        return boundary.requested
+    def should_save(self, boundary: Boundary) -> str | None:
+        return "request" if boundary.requested else None
 
 
 @dataclass(frozen=True)
 class AnyOf(_Composable):
-    """Save when any of ``policies`` says so. Nested ``AnyOf`` are flattened."""
+    """Save when any of ``policies`` says so, for the first reason given, in order.
+
+    Nested ``AnyOf`` are flattened. A policy that answers ``True`` gives the
+    reason ``"policy"``.
+    """
 
     policies: tuple[SavePolicy, ...]
 
@@ -203,15 +222,16 @@ class AnyOf(_Composable):
             else:
                 raise ConfigError(
                     f"AnyOf got {type(policy).__name__}; pass save policies "
-                    "(objects with should_save(boundary) -> bool)"
+                    "(objects with should_save(boundary) -> reason or None)"
                 )
         object.__setattr__(self, "policies", tuple(flat))
 
-    def should_save(self, boundary: Boundary) -> bool:
-        for policy in self.policies:  # noqa: SIM110 - a plain loop is faster per step
-            if policy.should_save(boundary):
-                return True
-        return False
+    def should_save(self, boundary: Boundary) -> str | None:
+        for policy in self.policies:
+            reason = policy.should_save(boundary)
+            if reason:
+                return reason if isinstance(reason, str) else "policy"
+        return None
 
 
 @dataclass(frozen=True)

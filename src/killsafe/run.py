@@ -89,15 +89,6 @@ RUN_KEY = "__run__"
 RNG_KEY = "__rng__"
 CONTROL_POLL_SECONDS = 0.25
 
-# Why a policy asked for a save, by policy type; anything else is "policy".
-_POLICY_REASONS = {
-    "EveryNSteps": "periodic",
-    "EveryNSeconds": "periodic",
-    "AtSteps": "periodic",
-    "OnImprovement": "best",
-    "OnRequest": "request",
-}
-
 Callback = Callable[..., Any]
 
 
@@ -785,12 +776,13 @@ class Run:
             # finished only when there was no step count to reach.
             complete = finished or self.total_steps is None
             self._exit_reason = stop_reason or ("finished" if complete else "exit")
-        due = self._save_policy.should_save(boundary)
-        if due and boundary.exiting and not boundary.requested:
-            # No step ran in this session: nothing new to keep.
-            due = self._step != self._session_start_step
-        if due:
-            self._commit_checkpoint(self._save_reason(boundary), self._requested_name())
+        save_reason = self._save_policy.should_save(boundary)
+        if boundary.exiting and not boundary.requested and self._step == self._session_start_step:
+            save_reason = None  # no step ran in this session: nothing new to keep
+        if save_reason:
+            if save_reason == "exit":  # OnExit's: the checkpoint says why the run ends
+                save_reason = self._exit_reason or save_reason
+            self._commit_checkpoint(save_reason, self._requested_name())
         if now >= self._next_status:
             self._next_status = now + runfiles.STATUS_INTERVAL
             self._write_status("stopping" if stop_reason else "running")
@@ -813,15 +805,6 @@ class Run:
 
     def _pending_stop(self) -> str | None:
         return self._stop_reason or self._interrupts.reason
-
-    def _save_reason(self, boundary: Boundary) -> str:
-        policies = self._save_policy.policies
-        if boundary.exiting and any(isinstance(p, OnExit) for p in policies):
-            return self._exit_reason or "exit"
-        for policy in policies:
-            if not isinstance(policy, (OnExit, OnRequest)) and policy.should_save(boundary):
-                return _POLICY_REASONS.get(type(policy).__name__, "policy")
-        return "request"
 
     def _requested_name(self) -> str | None:
         return next((name for _, name in self._save_requests if name), None)
@@ -1389,9 +1372,8 @@ def _build_save_policy(
     every_seconds: float | str | None,
     on_exit: bool,
 ) -> AnyOf:
-    policies: list[SavePolicy] = [OnRequest()]
-    if on_exit:
-        policies.append(OnExit())
+    # The first reason given wins: the exit's, then the regular policies', then a request's.
+    policies: list[SavePolicy] = [OnExit()] if on_exit else []
     if every_steps is not None:
         policies.append(EveryNSteps(every_steps))
     if every_seconds is not None:
@@ -1400,6 +1382,7 @@ def _build_save_policy(
         if not isinstance(save, SavePolicy):
             raise ConfigError(f"save={save!r}: pass a save policy such as policy.EveryNSteps(500)")
         policies.append(save)
+    policies.append(OnRequest())
     return AnyOf(*policies)
 
 
