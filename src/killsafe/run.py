@@ -1158,7 +1158,8 @@ class Run:
         try:
             self._write_session_end(status)
             self._write_status(status)
-            self._discard_unread_requests()
+            with contextlib.suppress(OSError):  # a full disk must not hide the last event
+                self._discard_unread_requests()
             kind = {"finished": "finished", "failed": "failed"}.get(status, "stopped")
             runfiles.append_event(
                 self.directory,

@@ -202,7 +202,7 @@ class RunDirectory:
     def history(self, limit: int, cursor: str | None = None) -> HistoryOut:
         """The last ``limit`` records, or with the ``cursor`` of an earlier answer only
         the records appended since (``reset`` false): a page that polls parses a few
-        new lines, not the whole file, in the training process's server thread."""
+        new lines, not the whole file, however long the run."""
         page = read_history_page(self.path / HISTORY_FILE, cursor)
         if page.reset or len(page.records) > limit:
             return HistoryOut(
