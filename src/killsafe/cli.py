@@ -406,7 +406,7 @@ def _entries(store_dir: Path, *, verify: bool) -> list[_Entry]:
     bad: list[_Entry] = []
     for path in _checkpoint_dirs(store_dir):
         try:
-            info = store.get(path)
+            info = store.listed(path)
         except (CorruptCheckpoint, UnsupportedFormat, CheckpointNotFound) as exc:
             bad.append(_Entry(path, None, problem=str(exc)))
             continue

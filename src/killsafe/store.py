@@ -589,7 +589,7 @@ class CheckpointStore:
             if entry.name.startswith(".") or not entry.name.startswith("step-"):
                 continue
             try:
-                infos.append(self._from_path(Path(entry.path)))
+                infos.append(self.listed(Path(entry.path)))
             except CheckpointNotFound as exc:
                 if os.path.lexists(entry.path):
                     self._warn_once(entry.path, f"skipping {entry.path}: {exc}")
@@ -599,6 +599,17 @@ class CheckpointStore:
                 self._warn_once(entry.path, f"skipping {entry.path}: {exc}")
         infos.sort(key=lambda info: (info.step, info.created))
         return infos
+
+    @staticmethod
+    def listed(path: Path) -> CheckpointInfo:
+        """What ``list()`` sees of one checkpoint directory, or the typed error that skips it.
+
+        Reads the manifest (checksum, schema) and checks with ``lstat`` only
+        that its files are regular files of their recorded sizes.
+        """
+        manifest = fmt.read_manifest(path)
+        fmt.check_files(path, manifest)
+        return CheckpointInfo.from_manifest(manifest, path)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -688,9 +699,7 @@ class CheckpointStore:
         )
 
     def _from_path(self, path: Path) -> CheckpointInfo:
-        manifest = fmt.read_manifest(path)
-        fmt.check_files(path, manifest)
-        return CheckpointInfo.from_manifest(manifest, path)
+        return CheckpointInfo.from_manifest(fmt.read_manifest(path), path)
 
     def load(
         self,
