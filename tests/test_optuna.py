@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import collections
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +25,9 @@ from killsafe.integrations.optuna import (  # noqa: E402
     resume_study,
 )
 from killsafe.store import CheckpointStore  # noqa: E402
+
+JournalStorage = optuna.storages.journal.JournalStorage
+JournalFileBackend = optuna.storages.journal.JournalFileBackend
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -211,3 +223,85 @@ def test_storage_optimize_honours_study_stop(tmp_path: Path) -> None:
     state.optimize(objective, n_trials=10, callbacks=[stop_after_three])
     assert state.finished() == 3
     assert {t.state for t in study.trials} == {optuna.trial.TrialState.COMPLETE}
+
+
+# -- study.optimize as people call it -------------------------------------------
+
+SEARCH = Path(__file__).with_name("optuna_search_script.py")
+N_TRIALS = 10
+STOPPED = 75
+
+
+def start_search(kind: str, directory: Path, hold_at: int | None = None) -> subprocess.Popen[str]:
+    env = dict(os.environ)
+    env.pop("KILLSAFE_TEST_HOLD_AT", None)
+    if hold_at is not None:
+        env["KILLSAFE_TEST_HOLD_AT"] = str(hold_at)
+    command = [sys.executable, str(SEARCH), kind, str(directory), str(N_TRIALS)]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def search_result(proc: subprocess.Popen[str]) -> dict:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    lines = [line for line in out.splitlines() if line.startswith("result: ")]
+    assert len(lines) == 1, out
+    return json.loads(lines[0].removeprefix("result: "))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return search_result(start_search("memory", tmp_path_factory.mktemp("reference")))
+
+
+def hold_then_signal(proc: subprocess.Popen[str], directory: Path, sig: signal.Signals) -> None:
+    """Signal ``proc`` while its held trial runs; a trial asked to stop then goes on."""
+    deadline = time.monotonic() + 60
+    while not (directory / "holding").exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the search never reached the held trial"
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    if sig != signal.SIGKILL:
+        time.sleep(0.05)  # the handler has run; the trial must not notice
+        (directory / "go").write_text("")
+    out, err = proc.communicate(timeout=120)
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == STOPPED, err[-3000:]
+        assert "result: " not in out and "stopped" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "journal"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name
+)
+def test_search_signalled_mid_trial_ends_as_an_uninterrupted_one(
+    kind: str, sig: signal.Signals, tmp_path: Path, uninterrupted: dict
+) -> None:
+    hold_at = random.randint(2, N_TRIALS - 1)
+    hold_then_signal(start_search(kind, tmp_path, hold_at), tmp_path, sig)
+    # The same command again: the same trials, parameters, states and best value.
+    assert search_result(start_search(kind, tmp_path)) == uninterrupted
+    starts = (tmp_path / "starts.log").read_text().splitlines()
+    repeated = [p for p, n in collections.Counter(starts).items() if n > 1]
+    if sig != signal.SIGKILL:
+        assert len(starts) == N_TRIALS and repeated == []  # the held trial finished
+        return
+    # The trial cut short ran again, once, with the same parameters.
+    assert len(starts) == N_TRIALS + 1 and repeated == [starts[hold_at - 1]]
+    if kind != "memory":
+        study = optuna.load_study(study_name="search", storage=storage_of(kind, tmp_path))
+        failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+        assert len(failed) == 1 and failed[0].system_attrs["killsafe:stale"] is True
+        assert study.trials[failed[0].number + 1].params == failed[0].params
+
+
+def storage_of(kind: str, directory: Path) -> Any:
+    if kind == "sqlite":
+        return f"sqlite:///{directory / 'study.db'}"
+    return JournalStorage(JournalFileBackend(str(directory / "journal.log")))
