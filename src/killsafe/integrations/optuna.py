@@ -299,21 +299,28 @@ def restore_sampler_from_storage(study: optuna.Study) -> FrozenTrial | None:
 
 
 def _recorded_sampler(trial: FrozenTrial) -> Mapping[str, Any] | None:
+    """The sampler state ``trial`` recorded, if it ended as recorded; else None."""
+    end = trial.system_attrs.get(END_ATTR)
+    if end is not None:
+        return end["sampler"] if _ended_as_told(trial) else None
+    return trial.system_attrs.get(SAMPLER_ATTR) if _ended_as_told(trial) else None
+
+
+def _ended_as_told(trial: FrozenTrial) -> bool:
+    """Whether ``trial`` ended in the state its own process recorded it was telling."""
     attrs = trial.system_attrs
     end = attrs.get(END_ATTR)
     if end is not None:
-        return end["sampler"] if end["state"] == trial.state.name else None
-    # written by an earlier version: the sampler alone, trusted unless failed as stale
-    if attrs.get(SAMPLER_ATTR) is not None and not attrs.get(STALE_ATTR):
-        return attrs[SAMPLER_ATTR]
-    return None
+        return bool(end["state"] == trial.state.name)
+    # recorded by an earlier version (the sampler alone): trusted unless failed as stale
+    return attrs.get(SAMPLER_ATTR) is not None and not attrs.get(STALE_ATTR)
 
 
 def _is_cut_short(trial: FrozenTrial) -> bool:
     """A trial of ours that failed without its process telling so (killed or interrupted)."""
     if trial.state != TrialState.FAIL or OWNER_ATTR not in trial.system_attrs:
         return False
-    return _recorded_sampler(trial) is None
+    return not _ended_as_told(trial)
 
 
 def _counts(trial: FrozenTrial) -> bool:
@@ -355,13 +362,16 @@ def _recording(
     fn: Callable[[optuna.Trial], Any],
     owner: str,
     on_start: Callable[[], None] | None = None,
+    *,
+    with_sampler: bool = True,
 ) -> Callable[[optuna.Trial], Any]:
     """``fn`` wrapped to tag its trial with ``owner`` and record how it ends.
 
-    The sampler state and the state the trial is about to be told are written
-    into the trial before Optuna tells it: a trial found finished in the
-    storage always carries the sampler state after it. An interrupt
-    (``KeyboardInterrupt``) records nothing, so the trial counts as cut short.
+    The state the trial is about to be told (and, ``with_sampler``, the
+    sampler state) is written into the trial before Optuna tells it: a trial
+    found finished in the storage always carries the sampler state after it.
+    An interrupt (``KeyboardInterrupt``) records nothing, so the trial counts
+    as cut short.
     """
 
     def recording(trial: optuna.Trial) -> Any:
@@ -650,6 +660,7 @@ class ResumableStudy(optuna.Study):
         self.finished = False
         self.stop_reason: str | None = None
         self.store: CheckpointStore | None = None
+        self._saved = 0  # the step of the newest checkpoint (in memory)
         self.workers = is_heartbeat_enabled(self._storage)
         if isinstance(self._storage, optuna.storages.InMemoryStorage):
             if directory is None:
@@ -658,7 +669,7 @@ class ResumableStudy(optuna.Study):
                     "for its checkpoints, or use an Optuna storage (sqlite:///...)"
                 )
             self.store = CheckpointStore(Path(directory) / "checkpoints", keep_last=2)
-            resume_study(self.store, self)
+            self._saved = resume_study(self.store, self)
         elif not self.workers:
             fail_stale_trials(self, owner)
             restore_sampler_from_storage(self)
@@ -701,7 +712,10 @@ class ResumableStudy(optuna.Study):
         deadline = None if timeout is None else time.monotonic() + timeout
         stops = StopRequests()
         stops.install()
-        recording = _recording(func, self.owner, on_start=self._lock.release)
+        # In memory the checkpoint holds the sampler state: trials need not.
+        recording = _recording(
+            func, self.owner, on_start=self._lock.release, with_sampler=self.store is None
+        )
         try:
             while stops.reason is None and (deadline is None or time.monotonic() < deadline):
                 if not self._one_trial(recording, n_trials, catch, callbacks, gc_after_trial):
@@ -790,11 +804,11 @@ class ResumableStudy(optuna.Study):
             return
         state = study_state(self)
         finished = state["n_finished"]
-        latest = self.store.latest()
-        if latest is not None and latest.step >= finished:
+        if finished <= self._saved:
             return
         metrics = {} if state["best_value"] is None else {"best_value": state["best_value"]}
         self.store.save({"study": state}, step=finished, reason="trial", metrics=metrics)
+        self._saved = finished
 
 
 def resumable_study(
