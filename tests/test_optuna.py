@@ -17,11 +17,12 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from killsafe.errors import StateMismatch  # noqa: E402
+from killsafe.errors import ConfigError, StateMismatch  # noqa: E402
 from killsafe.integrations.optuna import (  # noqa: E402
     CheckpointCallback,
     StudyState,
     finished_trials,
+    resumable_study,
     resume_study,
 )
 from killsafe.store import CheckpointStore  # noqa: E402
@@ -305,3 +306,68 @@ def storage_of(kind: str, directory: Path) -> Any:
     if kind == "sqlite":
         return f"sqlite:///{directory / 'study.db'}"
     return JournalStorage(JournalFileBackend(str(directory / "journal.log")))
+
+
+def test_n_trials_counts_the_trials_of_earlier_starts(tmp_path: Path) -> None:
+    study = resumable_study(new_study(), tmp_path)
+    study.optimize(objective, n_trials=6)
+    assert study.finished and study.exit_code == 0
+    again = resumable_study(new_study(), tmp_path)  # a new process, the same command
+    assert len(again.ran_to_end()) == 6
+    again.optimize(objective, n_trials=6)
+    assert again.finished and len(again.trials) == 6  # nothing more to run
+    again.optimize(objective, n_trials=9)
+    reference = new_study()
+    reference.optimize(objective, n_trials=9)
+    assert params(again) == params(reference)
+
+
+@pytest.mark.parametrize("storage", [None, "sqlite"])
+def test_a_trial_cut_by_a_second_ctrl_c_runs_again_with_its_parameters(
+    storage: str | None, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}" if storage else None
+    seen: list[dict] = []
+
+    def cut_at_the_fifth(trial: optuna.Trial) -> float:
+        value = objective(trial)
+        seen.append(dict(trial.params))
+        if len(seen) == 5:
+            raise KeyboardInterrupt  # what a second Ctrl+C raises mid-trial
+        return value
+
+    with pytest.raises(KeyboardInterrupt):
+        resumable_study(new_study(url), tmp_path).optimize(cut_at_the_fifth, n_trials=9)
+    resumed = resumable_study(new_study(url), tmp_path)
+    resumed.optimize(cut_at_the_fifth, n_trials=9)
+    assert seen[5] == seen[4] and len(seen) == 10  # the cut trial, again, once
+    reference = new_study()
+    reference.optimize(objective, n_trials=9)
+    assert params(resumed) == params(reference)
+
+
+def test_failures_of_the_objective_count_and_callbacks_can_stop(tmp_path: Path) -> None:
+    def fails_on_odd(trial: optuna.Trial) -> float:
+        value = objective(trial)
+        if trial.number % 2:
+            raise ValueError("odd")
+        return value
+
+    def stop_at_five(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.number == 4:
+            study.stop()
+
+    study = resumable_study(new_study(f"sqlite:///{tmp_path / 'study.db'}"))
+    study.optimize(fails_on_odd, n_trials=8, catch=ValueError, callbacks=[stop_at_five])
+    assert not study.finished and len(study.ran_to_end()) == 5
+    study.optimize(fails_on_odd, n_trials=8, catch=(ValueError,))
+    states = [t.state.name for t in study.ran_to_end()]
+    assert study.finished and states == ["COMPLETE", "FAIL"] * 4
+
+
+def test_resumable_study_refuses_what_it_cannot_resume(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="give resumable_study a directory"):
+        resumable_study(new_study())
+    study = resumable_study(new_study(), tmp_path)
+    with pytest.raises(ConfigError, match="n_jobs=2"):
+        study.optimize(objective, n_trials=2, n_jobs=2)

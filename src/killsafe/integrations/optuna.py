@@ -1,50 +1,35 @@
 """Optuna: a study whose trials and sampler survive a stop, a kill or a crash.
 
-Two ways in. With a ``Run``, one step is one trial and the study is a tracked
-``Stateful``; a stop request (Ctrl+C, SIGTERM, a time limit) lets the running
-trial finish, and the checkpoint includes it::
+The way in: wrap the study, then call ``optimize`` as usual::
 
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
-    with killsafe.Run("runs/search", total_steps=100, save_every_steps=10) as run:
-        run.track(study=StudyState(study))    # resumed: trials and sampler restored
-        for _ in run.steps():
-            study.optimize(objective, n_trials=1)
-            run.log(value=study.trials[-1].value, best=study.best_value)
+    study = resumable_study(study, "runs/search")   # in memory: checkpoints go here
+    study.optimize(objective, n_trials=40)           # the same command resumes
+    sys.exit(study.exit_code)                        # 0 when done, 75 when stopped
 
-Without a ``Run``, ``CheckpointCallback`` saves the study into a
-``CheckpointStore`` every N trials and on every improvement, and ends the
-search after the running trial when ``should_stop()`` turns true;
-``resume_study`` rebuilds the study from the newest checkpoint.
+``n_trials`` counts the trials of earlier starts, so the search ends with
+exactly 40 trials that ran to their end, the same parameters and best value
+as one never interrupted. Ctrl+C or SIGTERM lets the running trial finish; a
+trial cut short (SIGKILL, a second Ctrl+C) runs again with the same
+parameters. With Optuna's storages (SQLite, journal files, PostgreSQL) each
+trial records, before Optuna tells it finished, the state it is told and the
+sampler state after it (system attribute ``killsafe:end``); several workers
+on a storage with Optuna's heartbeat share one study and stop at exactly
+``n_trials`` between them (see ``ResumableStudy``).
 
 The checkpoint holds plain data only: each finished trial's params, its
 distributions as JSON (``optuna.distributions.distribution_to_json``), values,
 state, user and system attributes and intermediate values, plus the random
 states of the sampler (numpy ``RandomState`` arrays), so the sampler continues
-as if never stopped: a resumed seeded search proposes the same parameters an
-uninterrupted one would.
+as if never stopped.
 
-With one of Optuna's own storages (``sqlite:///...`` and other RDB storages)
-the trials already live in the storage, and a trial may be finished there
-after the newest checkpoint (a kill between the two writes). Track
-``StudyState(study, trials=False, owner=RUN_DIR)`` and search with
-``state.optimize(fn, n_trials=1)``: each trial is created tagged with the
-owner, and the sampler's random state is written into its system attributes
-in the same storage before the trial is told finished, so a finished trial
-always carries the sampler state after it.
-On resume the sampler continues from the newest finished trial, and a trial
-this owner left RUNNING (its process was killed) is marked FAIL with the
-system attribute ``killsafe:stale``; the sampler then proposes the same
-parameters again in a new trial::
-
-    state = StudyState(study, trials=False, owner=str(run.directory))
-    run.track(study=state)
-    for _ in run.steps():
-        if state.finished() >= n_trials:
-            continue
-        state.optimize(objective, n_trials=1)
-
-Give each process that shares one study its own ``owner``: only RUNNING
-trials of the same owner are failed on resume.
+Other ways in, for a study inside a ``killsafe.Run`` or a store of your own:
+``StudyState`` is a ``Stateful`` view of a study (one step of the run is one
+trial; ``StudyState(study, trials=False, owner=RUN_DIR)`` and
+``state.optimize(fn, n_trials=1)`` with an Optuna storage, whose RUNNING
+trials of that owner are marked FAIL with ``killsafe:stale`` on resume);
+``CheckpointCallback`` saves the study into a ``CheckpointStore`` from
+Optuna's callbacks and ``resume_study`` restores the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -725,6 +710,8 @@ class ResumableStudy(optuna.Study):
         finally:
             stops.restore()
             self._lock.release()
+            if self.store is not None:
+                self.store.close()  # another process may continue the search now
         self.stop_reason = stops.reason
         if self.stop_reason is not None and not self.finished:
             logger.warning(
