@@ -6,10 +6,13 @@ import collections
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +255,23 @@ def search_result(proc: subprocess.Popen[str]) -> dict:
     return json.loads(lines[0].removeprefix("result: "))
 
 
+@pytest.fixture
+def directory(tmp_path: Path) -> Iterator[Path]:
+    """A directory for a search, in memory-backed /dev/shm where there is one.
+
+    SQLite commits every storage write with fsync; on a busy disk that, not
+    the search, would take most of the test's time.
+    """
+    if not Path("/dev/shm").is_dir():
+        yield tmp_path
+        return
+    path = Path(tempfile.mkdtemp(prefix="killsafe-optuna-", dir="/dev/shm"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return search_result(start_search("memory", tmp_path_factory.mktemp("reference")))
@@ -282,13 +302,13 @@ def hold_then_signal(proc: subprocess.Popen[str], directory: Path, sig: signal.S
     "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name
 )
 def test_search_signalled_mid_trial_ends_as_an_uninterrupted_one(
-    kind: str, sig: signal.Signals, tmp_path: Path, uninterrupted: dict
+    kind: str, sig: signal.Signals, directory: Path, uninterrupted: dict
 ) -> None:
     hold_at = random.randint(2, N_TRIALS - 1)
-    hold_then_signal(start_search(kind, tmp_path, hold_at), tmp_path, sig)
+    hold_then_signal(start_search(kind, directory, hold_at), directory, sig)
     # The same command again: the same trials, parameters, states and best value.
-    assert search_result(start_search(kind, tmp_path)) == uninterrupted
-    starts = (tmp_path / "starts.log").read_text().splitlines()
+    assert search_result(start_search(kind, directory)) == uninterrupted
+    starts = (directory / "starts.log").read_text().splitlines()
     repeated = [p for p, n in collections.Counter(starts).items() if n > 1]
     if sig != signal.SIGKILL:
         assert len(starts) == N_TRIALS and repeated == []  # the held trial finished
@@ -296,7 +316,7 @@ def test_search_signalled_mid_trial_ends_as_an_uninterrupted_one(
     # The trial cut short ran again, once, with the same parameters.
     assert len(starts) == N_TRIALS + 1 and repeated == [starts[hold_at - 1]]
     if kind != "memory":
-        study = optuna.load_study(study_name="search", storage=storage_of(kind, tmp_path))
+        study = optuna.load_study(study_name="search", storage=storage_of(kind, directory))
         failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
         assert len(failed) == 1 and failed[0].system_attrs["killsafe:stale"] is True
         assert study.trials[failed[0].number + 1].params == failed[0].params

@@ -646,6 +646,7 @@ class ResumableStudy(optuna.Study):
         self.stop_reason: str | None = None
         self.store: CheckpointStore | None = None
         self._saved = 0  # the step of the newest checkpoint (in memory)
+        self._waited = False  # whether waiting for other processes was logged
         self.workers = is_heartbeat_enabled(self._storage)
         if isinstance(self._storage, optuna.storages.InMemoryStorage):
             if directory is None:
@@ -683,7 +684,8 @@ class ResumableStudy(optuna.Study):
         """Run trials until the study holds ``n_trials`` that ran to their end.
 
         Unlike ``optuna.Study.optimize``, ``n_trials`` counts the trials of
-        earlier starts too. ``timeout`` (seconds) limits this call. Returns
+        earlier starts too; ``show_progress_bar`` is ignored. ``timeout``
+        (seconds) limits this call. Returns
         when done (``finished`` true), at ``timeout``, after ``study.stop()``
         or after a stop signal (``stop_reason`` says which signal).
         """
@@ -740,7 +742,7 @@ class ResumableStudy(optuna.Study):
             running = sum(1 for t in trials if t.state == TrialState.RUNNING)
             if n_trials is not None and not waiting and counted + running >= n_trials:
                 self._lock.release()
-                time.sleep(self._poll_seconds())  # the last trials run elsewhere; one may die
+                self._wait_for_others(counted, running, n_trials)
                 return True
             if not waiting:
                 _reserve(self, self.owner)
@@ -782,9 +784,25 @@ class ResumableStudy(optuna.Study):
             for trial in _waiting_of(self, None):
                 self._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
 
-    def _poll_seconds(self) -> float:
+    def _wait_for_others(self, counted: int, running: int, n_trials: int) -> None:
+        """The last trials run in other processes: wait, as one of them may die."""
+        if not self._waited:
+            advice = (
+                "a dead worker's trial is failed once its heartbeat is stale"
+                if self.workers
+                else "without Optuna's heartbeat (RDBStorage(heartbeat_interval=...)) a trial "
+                "of a dead process stays RUNNING: fail it, or turn the heartbeat on"
+            )
+            logger.warning(
+                "optuna: %d of %d trials ran, %d run in other processes; waiting (%s)",
+                counted,
+                n_trials,
+                running,
+                advice,
+            )
+            self._waited = True
         interval = getattr(self._storage, "get_heartbeat_interval", lambda: None)()
-        return float(min(interval or 1, 1))
+        time.sleep(min(interval or 1, 1))
 
     def _checkpoint(self) -> None:
         if self.store is None:
