@@ -9,6 +9,7 @@ uninterrupted run; an interrupted run is signalled once a checkpoint exists
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -153,7 +154,12 @@ STANDARD_FLAGS = (
 )
 
 
-@pytest.mark.parametrize("example", sorted(p.stem for p in EXAMPLES.glob("*.py")))
+# optuna_search drives no Run: Optuna's study.optimize owns its loop, and its
+# flags are the search's own (--dir, --trials, --storage).
+RUN_EXAMPLES = sorted(p.stem for p in EXAMPLES.glob("*.py") if p.stem != "optuna_search")
+
+
+@pytest.mark.parametrize("example", RUN_EXAMPLES)
 def test_every_example_takes_the_standard_flags(example: str) -> None:
     help_text = subprocess.run(
         [sys.executable, str(EXAMPLES / f"{example}.py"), "--help"],
@@ -430,51 +436,49 @@ def trial_counts(out: str) -> dict[str, int]:
     return {k: int(v) for k, v in (kv.split("=") for kv in lines[0].split()[1:])}
 
 
+def completed_in(database: Path) -> int:
+    """COMPLETE trials in an Optuna SQLite storage, 0 before its tables exist."""
+    import sqlite3
+
+    if not database.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(database, timeout=5)) as connection:
+        try:
+            query = "SELECT count(*) FROM trials WHERE state = 'COMPLETE'"
+            return int(connection.execute(query).fetchone()[0])
+        except sqlite3.OperationalError:  # tables not created yet
+            return 0
+
+
 @pytest.mark.parametrize(
     ("sig", "storage"),
-    [(sig, False) for sig in ALL_SIGNALS] + [(signal.SIGINT, True), (signal.SIGKILL, True)],
-    ids=["SIGINT", "SIGTERM", "SIGKILL", "SIGINT-sqlite", "SIGKILL-sqlite"],
+    [(sig, False) for sig in ALL_SIGNALS] + [(signal.SIGKILL, True)],
+    ids=["SIGINT", "SIGTERM", "SIGKILL", "SIGKILL-sqlite"],
 )
-def test_optuna_search_reaches_exactly_n_trials(
+def test_optuna_search_resumes_to_the_uninterrupted_result(
     sig: signal.Signals, storage: bool, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    optuna = pytest.importorskip("optuna")
+    pytest.importorskip("optuna")
     expected = reference("optuna_search", tmp_path_factory)
-    n_trials = int(expected.split("finished=")[1].split()[0])
-    assert trial_counts(_reference_outputs[("optuna_search",)]) == {"COMPLETE": n_trials}
-    extra = ("--storage", f"sqlite:///{tmp_path / 'study.db'}") if storage else ()
+    expected_counts = trial_counts(_reference_outputs[("optuna_search",)])
+    database = tmp_path / "study.db"
+    extra = ("--storage", f"sqlite:///{database}") if storage else ()
     proc = start("optuna_search", tmp_path, *extra)
-    interrupt(proc, sig, lambda: has_checkpoint(tmp_path))
+    ready = (lambda: completed_in(database) >= 3) if storage else (lambda: has_checkpoint(tmp_path))
+    wait_for(proc, ready)
+    os.kill(proc.pid, sig)
+    code, out, err = finish(proc)
+    # A stop lets the running trial finish and exits 75 ("run me again").
+    assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 75), err[-3000:]
+    assert "result: " not in out, "the search finished before the signal arrived"
     code, out, err = finish(start("optuna_search", tmp_path, *extra))
     assert code == 0, err[-3000:]
-    # Same trials, same sampler proposals: none lost, none repeated.
+    # Same trials, same sampler proposals, same pruning: none lost, none repeated.
     assert result_line(out, err) == expected
     counts = trial_counts(out)
-    assert_nothing_ran_twice(tmp_path, sig)
-    if not (storage and sig == signal.SIGKILL):
-        assert counts == {"COMPLETE": n_trials}  # a stop leaves no trial RUNNING or FAIL
-        return
-    # A kill leaves at most the running trial in the storage: it is marked FAIL
-    # and stale, and the sampler proposes the same parameters again in the next trial.
-    assert counts["COMPLETE"] == n_trials and set(counts) <= {"COMPLETE", "FAIL"}
-    study = optuna.load_study(study_name="example", storage=extra[1])
-    for failed in (t for t in study.trials if t.state.name == "FAIL"):
-        assert failed.system_attrs["killsafe:stale"] is True
-        again = study.trials[failed.number + 1].params
-        assert failed.params.items() <= again.items()
-
-
-def test_optuna_search_saves_every_n_trials_and_on_improvement(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> None:
-    pytest.importorskip("optuna")
-    reference("optuna_search", tmp_path_factory)
-    events = (_reference_dirs[("optuna_search",)] / "events.jsonl").read_text().splitlines()
-    saves = [json.loads(e) for e in events if json.loads(e)["kind"] == "saved"]
-    periodic = {e["step"] for e in saves if e["reason"] == "periodic"}
-    improved = {e["step"] for e in saves if e["reason"] == "best"}
-    assert periodic == set(range(5, 20, 5))  # every --save-every (5) trials; 20 is "finished"
-    assert improved and all(step % 5 for step in improved)  # between them, on improvement
+    if storage:  # a trial the kill cut short stays in the storage as one FAIL
+        assert counts.pop("FAIL", 0) <= 1
+    assert counts == expected_counts
 
 
 # -- paper_trading ------------------------------------------------------------
