@@ -17,6 +17,7 @@ object-store backend relies on for create-only puts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -184,17 +185,36 @@ class LocalS3Server:
         except (OSError, ValueError):
             return False
 
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after 10 s)."""
+    def stop(self, grace: float = 2.0) -> None:
+        """Stop the server: SIGTERM, then SIGKILL after ``grace`` seconds.
+
+        SeaweedFS takes about 15 s to stop gracefully; what it acknowledged
+        is already on disk, so a short grace loses nothing a test needs.
+        """
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        for socket_path in self._unix_sockets():
+            with contextlib.suppress(FileNotFoundError):
+                socket_path.unlink()
+
+    def _unix_sockets(self) -> list[Path]:
+        """The sockets SeaweedFS leaves in /tmp, named after this server's ports."""
+        tmp = Path("/tmp")
+        grpc = [
+            tmp / f"seaweedfs-{name.split('.')[0]}-grpc-{port}.sock"
+            for name, port in self.ports.items()
+            if name.endswith(".grpc")
+        ]
+        http = [
+            tmp / f"seaweedfs-{name}-{self.ports[name + '.port']}.sock" for name in ("s3", "filer")
+        ]
+        return grpc + http
 
     def __enter__(self) -> LocalS3Server:
         return self.start()
