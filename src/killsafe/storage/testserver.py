@@ -228,29 +228,35 @@ class LocalS3Server:
         self.stop()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Serve S3 on 127.0.0.1 from a directory until interrupted."""
+    """Serve S3 on 127.0.0.1 from a directory until SIGINT or SIGTERM."""
     parser = argparse.ArgumentParser(
         prog="python -m killsafe.storage.testserver",
-        description="Run SeaweedFS's S3 server on 127.0.0.1 for trying object-store checkpoints.",
+        description="Run SeaweedFS's S3 server on 127.0.0.1 for trying object-store URLs.",
     )
     parser.add_argument("directory", help="where the server keeps its data and log")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Both signals unwind through the with block (also during start-up, and in
+    # a background job where SIGINT starts out ignored), so weed never outlives us.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        server = LocalS3Server(args.directory).start()
+        with LocalS3Server(args.directory) as server:
+            for name, value in server.environment().items():
+                sys.stdout.write(f"export {name}={value}\n")
+            sys.stdout.write(f"# serving; data and log in {server.directory}; Ctrl+C stops\n")
+            sys.stdout.flush()
+            while True:
+                signal.pause()
+    except KeyboardInterrupt:
+        return 0
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"error: {exc}\n")
         return 2
-    with server:
-        for name, value in server.environment().items():
-            sys.stdout.write(f"export {name}={value}\n")
-        sys.stdout.write("# serving; Ctrl+C stops\n")
-        sys.stdout.flush()
-        stop_signals = {signal.SIGINT, signal.SIGTERM}
-        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-        signal.sigwait(stop_signals)
-    return 0
 
 
 if __name__ == "__main__":
