@@ -7,9 +7,12 @@ on 127.0.0.1 (the session's ``s3_server``) and is skipped without it.
 from __future__ import annotations
 
 import os
+import random
+import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -221,6 +224,12 @@ def test_local_partial_files_of_a_killed_writer_are_never_listed(tmp_path: Path)
     assert [info.key for info in backend.list("")] == ["dir/other"]
     assert any(p.name.startswith(".ks-partial-") for p in (tmp_path / "dir").iterdir())
     assert backend.path("dir/other").read_bytes() == b"ok"
+    assert backend.remove_partials(older_than=3600) == 0
+    hour_ago = time.time() - 3601
+    for partial in (tmp_path / "dir").glob(".ks-partial-*"):
+        os.utime(partial, (hour_ago, hour_ago))
+    assert backend.remove_partials(older_than=3600) == 1
+    assert sorted(p.name for p in (tmp_path / "dir").iterdir()) == ["other"]
 
 
 def test_local_delete_removes_emptied_directories(tmp_path: Path) -> None:
@@ -294,3 +303,35 @@ def test_importing_storage_does_not_import_the_object_store_client() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+_SLOW_WRITER = """
+import sys
+from killsafe import storage
+url = sys.argv[1]
+backend = storage.open(url, **({"part_size": 5 << 20} if url.startswith("s3") else {}))
+with backend.open_write("victim") as sink:
+    for n in range(64):
+        sink.write(bytes([n]) * (1 << 20))
+        print(n, flush=True)
+"""
+
+
+def test_a_writer_killed_mid_object_leaves_no_object(backend: Backend) -> None:
+    if isinstance(backend, MemoryBackend):
+        pytest.skip("a memory area lives in one process")
+    rng = random.Random(18)
+    for _ in range(3):
+        writer = subprocess.Popen(
+            [sys.executable, "-c", _SLOW_WRITER, backend.url], stdout=subprocess.PIPE, text=True
+        )
+        assert writer.stdout is not None
+        stop_after = rng.randrange(1, 40)
+        for line in writer.stdout:
+            if int(line) >= stop_after:
+                break
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        assert list(backend.list("")) == []
+    write_bytes(backend, "victim", b"written whole afterwards")
+    assert [info.key for info in backend.list("")] == ["victim"]

@@ -99,7 +99,7 @@ def test_a_server_that_keeps_failing_raises_save_failed_and_leaves_no_object(
         _upload(backend, "tensors", os.urandom(11 * MiB))
     message = str(caught.value)
     assert "\n" not in message
-    assert f"{s3_url}/tensors" in message and "HTTP 503" in message and "retries" in message
+    assert f"{s3_url}/tensors" in message and "HTTP 503" in message and "after 2 retries" in message
     with pytest.raises(SaveFailed, match="HTTP 503"):
         backend.create_if_absent("manifest.json", b"{}")
     assert list(_direct(s3_server, s3_url, monkeypatch).list("")) == []

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,12 +60,20 @@ class _LocalSink(Sink):
         self._backend = backend
         self._final = backend.path(key)
         self._partial = self._final.parent / f"{_PARTIAL_PREFIX}{uuid.uuid4().hex}"
-        self._fd: int | None = None
-        try:
-            self._final.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self._partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except OSError as exc:
-            raise backend.save_failed(key, exc) from exc
+        self._fd: int | None = self._create_partial()
+
+    def _create_partial(self) -> int:
+        attempts_left = 3
+        while True:
+            attempts_left -= 1
+            try:
+                self._final.parent.mkdir(parents=True, exist_ok=True)
+                return os.open(self._partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileNotFoundError as exc:  # a delete removed the emptied directory meanwhile
+                if not attempts_left:
+                    raise self._backend.save_failed(self.key, exc) from exc
+            except OSError as exc:
+                raise self._backend.save_failed(self.key, exc) from exc
 
     def write(self, data: BytesLike) -> None:
         if self._fd is None:
@@ -261,6 +270,31 @@ class LocalBackend:
             except OSError:  # not empty, or already gone: either way done
                 return
             directory = directory.parent
+
+    def remove_partials(self, older_than: float = 3600.0) -> int:
+        """Delete partial files of writers that died, untouched for ``older_than`` seconds.
+
+        A live writer touches its partial file with every write, so a grace
+        period longer than any pause between writes never removes one in use.
+        Returns how many were removed.
+        """
+        cutoff = time.time() - older_than
+        removed = 0
+        for directory, _, filenames in os.walk(self.root):
+            for filename in filenames:
+                path = Path(directory, filename)
+                if filename.startswith(_PARTIAL_PREFIX) and self._modified(path) < cutoff:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                        removed += 1
+        return removed
+
+    @staticmethod
+    def _modified(path: Path) -> float:
+        try:
+            return path.stat().st_mtime
+        except FileNotFoundError:
+            return float("inf")
 
     def rename(self, source: str, target: str) -> None:
         """Move the object or prefix ``source`` to ``target`` atomically.

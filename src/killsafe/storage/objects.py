@@ -59,6 +59,7 @@ MiB = 1 << 20
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 _STATUS = re.compile(r"status code: (\d{3})(?: ([A-Za-z ]+))?")
 _CODE = re.compile(r"<Code>([^<]+)</Code>")
+_RETRIES = re.compile(r"after (\d+) retries")
 
 
 def _aws_profile() -> dict[str, str]:
@@ -123,8 +124,10 @@ def _describe(exc: BaseException) -> str:
         return text.splitlines()[0] if text else type(exc).__name__
     reason = (status.group(2) or "").strip()
     code = _CODE.search(text)
+    retries = _RETRIES.search(text)
     described = f"HTTP {status.group(1)}" + (f" {reason}" if reason else "")
-    return described + (f" ({code.group(1)})" if code else "")
+    described += f" ({code.group(1)})" if code else ""
+    return described + (f" after {retries.group(1)} retries" if retries else "")
 
 
 def _status(exc: BaseException) -> int:
