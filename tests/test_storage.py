@@ -335,3 +335,26 @@ def test_a_writer_killed_mid_object_leaves_no_object(backend: Backend) -> None:
         assert list(backend.list("")) == []
     write_bytes(backend, "victim", b"written whole afterwards")
     assert [info.key for info in backend.list("")] == ["victim"]
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "allowed"),
+    [
+        ("http://127.0.0.1:8333", True),
+        ("http://localhost:9000", True),
+        ("http://[::1]:9000", True),
+        ("https://127.0.0.1:8333", False),
+        ("http://minio.example.com:9000", False),
+        ("", False),
+    ],
+)
+def test_plain_http_is_allowed_for_loopback_endpoints_only(
+    endpoint: str, allowed: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pytest.importorskip("obstore")
+    from killsafe.storage import objects
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    assert objects._allow_http("s3://bucket/prefix") is allowed
