@@ -8,6 +8,9 @@ fed from memory, as the saver feeds it). Rows run in a new random order
 every round. Prints a table of ratios measured in this one run; it is not a
 test and asserts nothing. CPU is the process's CPU time (all threads) per
 GB uploaded: what an upload takes from a training loop running beside it.
+A last pass uploads once more per client beside a pure-Python thread and
+reports how fast that thread ran during the upload, relative to just before
+(the GIL and the cores the upload leaves to a loop).
 
     python benchmarks/bench_object_upload.py                 # 256 MiB, 3 rounds
     python benchmarks/bench_object_upload.py --size-mib 512 --repeat 5
@@ -24,9 +27,11 @@ import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +104,51 @@ def killsafe_upload(data: bytes) -> Upload:
     return upload
 
 
+class LoopProbe:
+    """Pure-Python work on another thread, standing in for a training loop's Python side.
+
+    ``rate(seconds)`` counts how much it gets done per second; comparing the
+    rate during an upload with the rate just before shows how much the
+    upload (its CPU and its hold on the GIL) slows the loop.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        while not self._stop.is_set():
+            for _ in range(1000):
+                pass
+            self.count += 1
+
+    def rate_during(self, work: Callable[[], object]) -> float:
+        start, began = self.count, time.perf_counter()
+        work()
+        return (self.count - start) / (time.perf_counter() - began)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def loop_progress(uploads: dict[str, Upload], backend: storage.Backend) -> dict[str, float]:
+    """Per client: the probe's rate during an upload over its rate in the second before."""
+    probe = LoopProbe()
+    progress: dict[str, float] = {}
+    try:
+        for name in random.sample(list(uploads), len(uploads)):
+            idle = probe.rate_during(lambda: time.sleep(1.0))
+            key = f"probe/{name.split()[0]}"
+            progress[name] = probe.rate_during(partial(uploads[name], key)) / idle
+            backend.delete(key)
+    finally:
+        probe.stop()
+    return progress
+
+
 def measure(upload: Upload, key: str) -> tuple[float, float]:
     """Wall seconds and process CPU seconds of one upload."""
     wall, cpu = time.perf_counter(), time.process_time()
@@ -143,11 +193,16 @@ def main() -> None:
                 results[name].append(measure(uploads[name], key))
                 killsafe_backend.delete(key)
                 time.sleep(0.5)
-        print_table(results, size, args.repeat, sorted(set(rows) - set(uploads)))
+        progress = loop_progress(uploads, killsafe_backend)
+        print_table(results, progress, size, args.repeat, sorted(set(rows) - set(uploads)))
 
 
 def print_table(
-    results: dict[str, list[tuple[float, float]]], size: int, repeat: int, skipped: list[str]
+    results: dict[str, list[tuple[float, float]]],
+    progress: dict[str, float],
+    size: int,
+    repeat: int,
+    skipped: list[str],
 ) -> None:
     gb = size / GB
     best = {name: gb / min(wall for wall, _ in runs) for name, runs in results.items()}
@@ -158,16 +213,17 @@ def print_table(
     boto = "boto3 upload_file" if "boto3 upload_file" in results else None
     print(f"\nupload of {size // MiB} MiB to SeaweedFS on 127.0.0.1, {repeat} rounds")
     header = f"{'client':32s} {'best GB/s':>9s} {'median':>7s} {'CPU s/GB':>9s}"
-    print(header + "  best vs fastest baseline   CPU vs boto3")
+    print(header + "  best vs fastest baseline   CPU vs boto3   loop speed")
     for name in results:
         vs_fastest = f"{best[name] / best[fastest]:.2f}x" if fastest else "-"
         vs_boto = f"{cpu[name] / cpu[boto]:.2f}x" if boto else "-"
         print(
             f"{name:32s} {best[name]:9.3f} {median[name]:7.3f} {cpu[name]:9.2f}"
-            f"  {vs_fastest:>24s}   {vs_boto:>11s}"
+            f"  {vs_fastest:>24s}   {vs_boto:>11s}   {progress[name]:9.2f}x"
         )
     if fastest:
         print(f"fastest baseline: {fastest}")
+    print("loop speed: a pure-Python thread's rate during one upload over its rate just before")
     for name in skipped:
         print(f"skipped (client not installed): {name}")
 
