@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ log = logging.getLogger("killsafe.storage")
 
 ACCESS_KEY = "killsafe"
 SECRET_KEY = "killsafe-local-secret"
+_PR_SET_PDEATHSIG = 1
 _PORT_NAMES = (
     "master.port",
     "master.port.grpc",
@@ -58,6 +60,13 @@ def find_weed() -> str | None:
     if beside_python.is_file() and os.access(beside_python, os.X_OK):
         return str(beside_python)
     return shutil.which("weed")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the process that started it dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _free_ports(count: int) -> list[int]:
@@ -145,6 +154,8 @@ class LocalS3Server:
                 stdin=subprocess.DEVNULL,
                 cwd=self.directory,
                 start_new_session=True,
+                # A test run or benchmark killed outright must not leave weed behind.
+                preexec_fn=_die_with_parent,
             )
         try:
             self._wait_until_ready()
