@@ -109,8 +109,11 @@ def _s3_config() -> dict[str, Any]:
 
 
 def _allow_http(url: str) -> bool:
+    """Plain http only to an S3 endpoint on this machine (a local test server)."""
+    if not url.startswith("s3://"):
+        return False
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
-    if url.startswith("s3") and not endpoint:
+    if not endpoint:
         endpoint = _aws_profile().get("endpoint_url", "")
     parts = urlsplit(endpoint)
     return parts.scheme == "http" and (parts.hostname or "") in _LOOPBACK_HOSTS
