@@ -216,6 +216,16 @@ def test_local_rename_moves_a_whole_prefix_atomically(tmp_path: Path) -> None:
     assert backend.capabilities.rename and backend.capabilities.mmap
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_local_write_buffers_stores_their_concatenation(tmp_path: Path, direct: bool) -> None:
+    backend = LocalBackend(tmp_path)
+    pieces = [os.urandom(9 * MiB + 5), b"", bytearray(b"tail"), memoryview(os.urandom(4097))]
+    backend.write_buffers("tensors", pieces, direct=direct)
+    assert backend.path("tensors").read_bytes() == b"".join(bytes(p) for p in pieces)
+    assert backend.capabilities.direct_io
+    assert [p.name for p in tmp_path.iterdir()] == ["tensors"]
+
+
 def test_local_partial_files_of_a_killed_writer_are_never_listed(tmp_path: Path) -> None:
     backend = LocalBackend(tmp_path)
     sink = backend.open_write("dir/obj")
@@ -353,6 +363,7 @@ def test_plain_http_is_allowed_for_loopback_endpoints_only(
 ) -> None:
     pytest.importorskip("obstore")
     from killsafe.storage import objects
+
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
