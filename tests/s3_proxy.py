@@ -8,7 +8,8 @@ after answering), except those that match an armed fault:
 - ``drop_response``: forward the request whole, let the server act on it,
   then close without passing the answer on (the client cannot know it landed).
 
-``seen`` records ``(method, target, action)`` for every request.
+``seen`` records ``(method, target, action)`` for every request, and
+``most_in_flight`` the most requests it was handling at once.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class FaultProxy:
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.seen: list[tuple[str, str, str]] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -94,6 +97,7 @@ class FaultProxy:
             match = _LENGTH.search(head)
             length = int(match.group(1)) if match else 0
             action = self._choose(method.decode(), target.decode())
+            self._count_in_flight(+1)
             try:
                 if action == "slowdown":
                     _read_exactly(client, body_start, length)
@@ -105,6 +109,13 @@ class FaultProxy:
                     self._forward(client, head, body_start, length, action == "forward")
             except OSError:
                 return
+            finally:
+                self._count_in_flight(-1)
+
+    def _count_in_flight(self, change: int) -> None:
+        with self._lock:
+            self.in_flight += change
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
 
     def _forward(
         self, client: socket.socket, head: bytes, body_start: bytes, length: int, answer: bool

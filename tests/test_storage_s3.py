@@ -58,6 +58,14 @@ def test_throttled_parts_are_retried_with_backoff(
     assert read_bytes(_direct(s3_server, s3_url, monkeypatch), "tensors") == data
 
 
+def test_parts_go_up_in_parallel(s3_url: str, proxy: FaultProxy) -> None:
+    backend = storage.open(s3_url, part_size=5 * MiB, concurrency=4)
+    _upload(backend, "tensors", os.urandom(20 * MiB + 1))
+    parts = [target for method, target, _ in proxy.seen if "partNumber=" in target]
+    assert len(parts) == 5
+    assert proxy.most_in_flight >= 2
+
+
 def test_a_connection_dropped_mid_part_is_retried(
     s3_server: LocalS3Server, s3_url: str, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
