@@ -5,15 +5,19 @@ Every error the library raises on purpose derives from ``KillsafeError``, so
 
     KillsafeError(Exception)
     ├── CheckpointNotFound     no checkpoint matches a reference, or a path is missing
+    │   └── KeyNotFound        no object is stored at a key
     ├── CorruptCheckpoint      files fail their checksum, are truncated or malformed
     ├── UnsupportedFormat      written by a newer format version than this one reads
     ├── UnsupportedState       a value in the state cannot be saved (path and type named)
     ├── StateMismatch          a checkpoint does not fit the objects it is loaded into
     ├── StoreLocked            another live process writes to this store
     ├── CheckpointExists       a save would overwrite an existing checkpoint
+    │   └── KeyExists          a create-only write found its key already there
     ├── InvalidName            a user-given checkpoint name is unusable
     ├── SaveFailed             writing a checkpoint failed (disk full, I/O error)
+    ├── StorageError           reading, listing or deleting on a medium failed
     └── ConfigError            an argument or option has a bad value
+        └── InvalidKey         a storage key or URL is unusable (``..``, absolute)
 
 ``ResumableError`` is the same class under the project's former name, kept so
 that code written for ``resumable`` keeps catching it.
@@ -30,11 +34,15 @@ __all__ = [
     "CheckpointNotFound",
     "ConfigError",
     "CorruptCheckpoint",
+    "InvalidKey",
     "InvalidName",
+    "KeyExists",
+    "KeyNotFound",
     "KillsafeError",
     "ResumableError",
     "SaveFailed",
     "StateMismatch",
+    "StorageError",
     "StoreLocked",
     "UnsupportedFormat",
     "UnsupportedState",
@@ -91,3 +99,19 @@ class SaveFailed(KillsafeError):
 
 class ConfigError(KillsafeError):
     """An argument or option has a bad value."""
+
+
+class KeyNotFound(CheckpointNotFound):
+    """No object is stored at a storage key."""
+
+
+class KeyExists(CheckpointExists):
+    """A create-only write found an object already stored at its key."""
+
+
+class StorageError(KillsafeError):
+    """Reading, listing or deleting on a storage medium failed (server error, lost connection)."""
+
+
+class InvalidKey(ConfigError):
+    """A storage key or URL is unusable: empty, absolute, or with ``..`` segments."""

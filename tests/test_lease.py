@@ -1,0 +1,188 @@
+"""One writer per store through a lease object: races, expiry, takeover, killed holders.
+
+Time is a fake clock where expiry matters, so no test waits for a lease to
+run out. Killed holders are real processes killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from killsafe import storage
+from killsafe.errors import StoreLocked
+from killsafe.lease import Lease, LeaseRecord
+from killsafe.storage import Backend, write_bytes
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(params=["memory", "local", "s3"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "memory":
+        opened = storage.open(f"memory://lease-{uuid.uuid4().hex}")
+    elif request.param == "local":
+        opened = storage.open(tmp_path / "store")
+    else:
+        opened = storage.open(request.getfixturevalue("s3_url"))
+    yield opened
+    opened.close()
+
+
+def _lease(backend: Backend, clock: FakeClock, host: str, pid: int = 4242) -> Lease:
+    return Lease(backend, ttl=30.0, clock=clock, host=host, pid=pid)
+
+
+def test_a_second_writer_is_refused_with_the_holders_host_and_pid(
+    backend: Backend, clock: FakeClock
+) -> None:
+    first = _lease(backend, clock, "node-a", pid=111)
+    held = first.acquire()
+    assert held.generation == 0 and first.holder() == held
+    with pytest.raises(StoreLocked) as caught:
+        _lease(backend, clock, "node-b", pid=222).acquire()
+    message = str(caught.value)
+    assert "pid 111 on node-a" in message and "\n" not in message
+    first.check()
+
+
+def test_an_expired_lease_is_taken_over_and_the_old_holder_learns_it(
+    backend: Backend, clock: FakeClock
+) -> None:
+    old = _lease(backend, clock, "node-a", pid=111)
+    old.acquire()
+    clock.now += 20
+    old.renew()  # extends to now + 30
+    clock.now += 29
+    with pytest.raises(StoreLocked):
+        _lease(backend, clock, "node-b", pid=222).acquire()
+    clock.now += 2
+    new = _lease(backend, clock, "node-b", pid=222)
+    assert new.acquire().generation == 1
+    with pytest.raises(StoreLocked, match="pid 222 on node-b"):
+        old.renew()
+    with pytest.raises(StoreLocked, match="pid 222 on node-b"):
+        old.check()
+    new.check()
+    keys = [info.key for info in backend.list("lease/")]
+    assert keys == ["lease/000000000001.json"]
+
+
+def test_a_holder_that_could_not_renew_in_time_stops_itself(
+    backend: Backend, clock: FakeClock
+) -> None:
+    lease = _lease(backend, clock, "node-a")
+    lease.acquire()
+    clock.now += 31
+    with pytest.raises(StoreLocked, match="lease expired"):
+        lease.check()
+
+
+def test_a_released_lease_is_free_at_once_and_generations_only_grow(
+    backend: Backend, clock: FakeClock
+) -> None:
+    for expected in range(3):
+        lease = _lease(backend, clock, f"node-{expected}")
+        assert lease.acquire().generation == expected
+        lease.release()
+        lease.release()
+    assert [info.key for info in backend.list("lease/")] == ["lease/000000000002.json"]
+
+
+def test_a_malformed_lease_object_does_not_block_the_store(
+    backend: Backend, clock: FakeClock
+) -> None:
+    write_bytes(backend, "lease/000000000007.json", b"not json")
+    assert _lease(backend, clock, "node-a").acquire().generation == 8
+
+
+def test_racing_writers_have_exactly_one_winner(backend: Backend, clock: FakeClock) -> None:
+    results: list[str] = []
+    barrier = threading.Barrier(5)
+
+    def contend(n: int) -> None:
+        lease = _lease(backend, clock, f"node-{n}", pid=1000 + n)
+        barrier.wait()
+        try:
+            lease.acquire()
+            results.append("won")
+        except StoreLocked:
+            results.append("locked")
+
+    threads = [threading.Thread(target=contend, args=(n,)) for n in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == ["locked"] * 4 + ["won"]
+    holder = _lease(backend, clock, "observer").holder()
+    assert holder is not None and holder.host.startswith("node-")
+
+
+def test_the_context_manager_renews_in_the_background_and_releases(backend: Backend) -> None:
+    with Lease(backend, ttl=0.3) as lease:
+        assert lease.held is not None
+        first_expiry = lease.held.expires
+        # renew() is what the thread calls; calling it here too is safe.
+        assert lease.renew().expires >= first_expiry
+        assert any(t.name == "killsafe-lease" for t in threading.enumerate())
+    assert not any(t.name == "killsafe-lease" for t in threading.enumerate())
+    record = Lease(backend).holder()
+    assert isinstance(record, LeaseRecord) and record.released
+
+
+_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from killsafe import storage
+    from killsafe.lease import Lease
+    lease = Lease(storage.open(sys.argv[1]), ttl=3600)
+    lease.acquire()
+    print("holding", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_a_writer_killed_while_holding_the_lease_is_taken_over_at_once(
+    backend: Backend,
+) -> None:
+    if isinstance(backend, storage.MemoryBackend):
+        pytest.skip("a memory area lives in one process")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, backend.url], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        with pytest.raises(StoreLocked, match=f"pid {holder.pid} on "):
+            Lease(backend, ttl=3600).acquire()
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    # The lease had an hour left, but its holder is gone from this host.
+    successor = Lease(backend, ttl=3600)
+    assert successor.acquire().generation == 1
+    successor.release()
