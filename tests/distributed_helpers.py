@@ -31,11 +31,11 @@ class Job:
         self.store = dist.TCPStore(
             "127.0.0.1", 0, None, True, timeout=timedelta(seconds=60), wait_for_workers=False
         )
+        self.place = [str(self.store.port), str(workdir)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
         self.ranks = [
             subprocess.Popen(
-                [sys.executable, str(WORKER), scenario, str(rank), str(world)]
-                + [str(self.store.port), str(workdir), *args],
+                [sys.executable, str(WORKER), scenario, str(rank), str(world), *self.place, *args],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,

@@ -35,7 +35,9 @@ def votes_for(step: int, rank: int, world: int) -> Vote:
     if step == 3:
         return Vote(stop="time limit" if rank in (0, last) else None, save="exit" if rank else None)
     if step == 4:
-        return Vote(stop="é" * 3000 if rank == last else None, name="ünïcode" if rank == 0 else None)
+        return Vote(
+            stop="é" * 3000 if rank == last else None, name="ünïcode" if rank == 0 else None
+        )
     return Vote()
 
 
@@ -56,24 +58,128 @@ def agree(rank: int, world: int, workdir: Path, *args: str) -> dict[str, Any]:
 
 @scenario
 def lost(rank: int, world: int, workdir: Path, *args: str) -> dict[str, Any]:
-    """Rank ``args[0]`` exits, is killed or hangs after one good step; the others agree."""
-    victim, how = int(args[0]), args[1]
+    """After one good step the victims (``args``: ``RANK:kill`` or ``RANK:hang``) go;
+    the others try to agree twice."""
+    victims = dict(arg.split(":") for arg in args)
     coordinator = TorchCoordinator(timeout=3)
     coordinator.agree(Vote())
-    if rank == victim:
-        if how == "exit":
-            os._exit(3)
-        if how == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(600)  # hangs; the test kills it
-    started = time.monotonic()
+    how = victims.get(str(rank))
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "hang":
+        time.sleep(600)  # the test kills it
     errors = []
     for _ in range(2):  # the second call fails at once: the coordinator stays failed
         try:
             coordinator.agree(Vote(stop="never agreed"))
         except RankUnresponsive as exc:
             errors.append({"message": str(exc), "ranks": list(exc.ranks), "hosts": list(exc.hosts)})
-    return {"errors": errors, "seconds": time.monotonic() - started}
+    return {"errors": errors, "hosts": [coordinator.host(r) for r in range(world)]}
+
+
+def full_state(seed: int = 0) -> dict[str, Any]:
+    """The whole state the sharded scenarios save (also built by the test to compare)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "model": {
+            "w": torch.randn(10, 6, generator=generator),
+            "b": torch.randn(7, generator=generator).to(torch.bfloat16),
+        },
+        "optim": {
+            "exp_avg": torch.randn(10, 6, generator=generator),
+            "step": torch.tensor(12, dtype=torch.int64),
+            "config": {"lr": 0.01, "betas": (0.9, 0.999), "name": "adam", "huge": 2**70},
+        },
+        "data": {"seen": b"\x00\x01" * 50, "epoch": 3},
+    }
+
+
+def sharded(state: dict[str, Any], mesh: Any, world: int) -> dict[str, Any]:
+    """``state`` as DTensors: rows of w sharded, exp_avg by columns on 3 ranks, b replicated."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    model, optim = state["model"], state["optim"]
+    return {
+        "model": {
+            "w": distribute_tensor(model["w"], mesh, [Shard(0)]),
+            "b": distribute_tensor(model["b"], mesh, [Replicate()]),
+        },
+        "optim": {
+            "exp_avg": distribute_tensor(optim["exp_avg"], mesh, [Shard(1 if world == 3 else 0)]),
+            "step": optim["step"],
+            "config": optim["config"],
+        },
+        "data": state["data"],
+    }
+
+
+def zeroed(state: Any) -> Any:
+    if isinstance(state, dict):
+        return {k: zeroed(v) for k, v in state.items()}
+    if isinstance(state, torch.Tensor):
+        return torch.zeros_like(state)
+    return None
+
+
+def plain(state: Any) -> Any:
+    """A loaded state as JSON: tensors as (dtype, nested lists) of their full value."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(state, dict):
+        return {k: plain(v) for k, v in state.items()}
+    if isinstance(state, DTensor):
+        state = state.full_tensor()
+    if isinstance(state, torch.Tensor):
+        return [str(state.dtype), state.float().tolist()]
+    if isinstance(state, bytes):
+        return ["bytes", state.hex()]
+    if isinstance(state, tuple):
+        return ["tuple", [plain(v) for v in state]]
+    return state
+
+
+@scenario
+def save_then_die(rank: int, world: int, workdir: Path, *args: str) -> dict[str, Any]:
+    """Save a DTensor state and a replicated one; then rank 1 dies while saving a third."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from killsafe.distributed import ShardedWriter, save_sharded
+
+    coordinator = TorchCoordinator(timeout=float(args[0]))
+    mesh = init_device_mesh("cpu", (world,))
+    state = sharded(full_state(), mesh, world)
+    save_sharded(state, workdir / "dtensor", coordinator=coordinator, step=7, name="first")
+    replicated = {"model": full_state()["model"], "rank0_only": {"step": 1}}
+    save_sharded(replicated, workdir / "ddp", coordinator=coordinator, step=8)
+
+    write_data = ShardedWriter.write_data
+
+    def dying_write(self: Any, plan: Any, planner: Any) -> Any:
+        result = write_data(self, plan, planner)
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # after writing its file, before reporting
+        return result
+
+    ShardedWriter.write_data = dying_write  # type: ignore[method-assign]
+    try:
+        save_sharded(state, workdir / "never", coordinator=coordinator, step=9)
+    except KillsafeError as exc:
+        return {"error": type(exc).__name__, "message": str(exc)}
+    return {"error": None}
+
+
+@scenario
+def load_resharded(rank: int, world: int, workdir: Path, *args: str) -> dict[str, Any]:
+    """Load the DTensor checkpoint into a state sharded differently over ``world`` ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from killsafe.distributed import load_sharded
+
+    coordinator = TorchCoordinator(timeout=30)
+    mesh = init_device_mesh("cpu", (world,))
+    state = sharded(zeroed(full_state()), mesh, world)
+    load_sharded(state, workdir / "dtensor", coordinator=coordinator)
+    return {"state": plain(state)}
 
 
 def main() -> None:

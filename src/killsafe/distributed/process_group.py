@@ -113,6 +113,13 @@ class TorchCoordinator:
         """Every rank's JSON value, in rank order, on every rank."""
         return self._collective("gather", lambda: self._gather(value))
 
+    def guard(self, what: str, call: Callable[[], T]) -> T:
+        """Run ``call``, which runs collectives on ``group`` (a DCP save, say), as one of ours.
+
+        A rank that does not answer makes it raise ``RankUnresponsive``.
+        """
+        return self._collective(what, call)
+
     # ------------------------------------------------------------ inside
 
     def _agree(self, vote: Vote) -> Agreement:
