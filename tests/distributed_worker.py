@@ -45,9 +45,12 @@ def votes_for(step: int, rank: int, world: int) -> Vote:
 def agree(rank: int, world: int, workdir: Path, *args: str) -> dict[str, Any]:
     coordinator = TorchCoordinator(timeout=30)
     agreements = [coordinator.agree(votes_for(step, rank, world)).__dict__ for step in range(6)]
+    # each start settles the one before; a pending agreement is never lost
+    pending = [coordinator.agree_async(votes_for(step, rank, world)) for step in range(6)]
     coordinator.barrier("the end of the agree scenario")
     return {
         "agreements": agreements,
+        "pipelined": [p.wait().__dict__ for p in pending],
         "broadcast": coordinator.broadcast({"from": rank, "list": [1, 2.5, None]}, src=world - 1),
         "gather": coordinator.gather(f"rank {rank}"),
         "rank": coordinator.rank,

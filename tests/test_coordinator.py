@@ -45,6 +45,9 @@ def test_local_coordinator_is_the_identity() -> None:
     assert local.agree(Vote(stop="q", save="exit", name="last")) == Agreement(
         stop="q", stopped_by=0, save="exit", name="last"
     )
+    pending = local.agree_async(Vote(stop="q"))
+    assert pending.done()
+    assert pending.wait() == pending.wait() == Agreement(stop="q", stopped_by=0)
     assert local.broadcast({"a": [1, 2]}) == {"a": [1, 2]}
     assert local.gather("x") == ["x"]
     local.barrier("anywhere")

@@ -53,6 +53,7 @@ def test_three_ranks_agree_broadcast_and_gather(tmp_path: Path) -> None:
     for rank in range(3):
         result = job.result(rank)
         assert result["agreements"] == expected
+        assert result["pipelined"] == expected
         assert result["broadcast"] == {"from": 2, "list": [1, 2.5, None]}
         assert result["gather"] == ["rank 0", "rank 1", "rank 2"]
         assert (result["rank"], result["world_size"]) == (rank, 3)

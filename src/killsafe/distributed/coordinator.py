@@ -7,6 +7,11 @@ them receive the same ``Agreement``:
 - save when rank 0 says so (its policies run on its clock), with rank 0's
   reason and checkpoint name.
 
+``agree`` waits for every rank. ``agree_async`` only starts the exchange and
+returns a ``PendingAgreement``: a loop that waits for it at the next step
+boundary pays nothing for the exchange, which ran during the step, and acts
+on each decision one step late, on every rank at the same step.
+
 ``LocalCoordinator`` is the one-process case, where agreeing is the
 identity. ``TorchCoordinator`` (``killsafe.distributed.torch``) agrees over
 ``torch.distributed``. Both keep values to plain JSON (str, int, float, bool,
@@ -15,10 +20,11 @@ None, lists and str-keyed dicts), so nothing is pickled between processes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Agreement", "Coordinator", "LocalCoordinator", "Vote", "decide"]
+__all__ = ["Agreement", "Coordinator", "LocalCoordinator", "PendingAgreement", "Vote", "decide"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,35 @@ def decide(votes: list[Vote]) -> Agreement:
     )
 
 
+class PendingAgreement:
+    """An agreement being exchanged; ``wait()`` returns it (and raises what the exchange raised).
+
+    Waiting twice returns the same agreement. A coordinator settles a pending
+    agreement itself before its next collective, so none is ever lost.
+    """
+
+    def __init__(self, finish: Callable[[], Agreement]) -> None:
+        self._finish: Callable[[], Agreement] | None = finish
+        self._result: Agreement | None = None
+
+    @classmethod
+    def settled(cls, agreement: Agreement) -> PendingAgreement:
+        pending = cls(lambda: agreement)
+        pending.wait()
+        return pending
+
+    def done(self) -> bool:
+        """Whether ``wait()`` returns at once."""
+        return self._finish is None
+
+    def wait(self) -> Agreement:
+        if self._finish is not None:
+            finish, self._finish = self._finish, None
+            self._result = finish()
+        assert self._result is not None
+        return self._result
+
+
 @runtime_checkable
 class Coordinator(Protocol):
     """The processes of one run, deciding together.
@@ -85,6 +120,10 @@ class Coordinator(Protocol):
 
     def agree(self, vote: Vote) -> Agreement:
         """Combine every rank's vote into one decision (see ``decide``)."""
+        ...
+
+    def agree_async(self, vote: Vote) -> PendingAgreement:
+        """Start ``agree``; the decision is ``wait()`` on the result."""
         ...
 
     def barrier(self, what: str) -> None:
@@ -110,6 +149,9 @@ class LocalCoordinator:
         if vote.stop is None and vote.save is None and vote.name is None:
             return CONTINUE
         return decide([vote])
+
+    def agree_async(self, vote: Vote) -> PendingAgreement:
+        return PendingAgreement.settled(self.agree(vote))
 
     def barrier(self, what: str) -> None:
         return None

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from killsafe.distributed.coordinator import CONTINUE, Agreement, Vote
+from killsafe.distributed.coordinator import CONTINUE, Agreement, PendingAgreement, Vote
 from killsafe.errors import ConfigError, RankUnresponsive
 
 __all__ = ["TorchCoordinator"]
@@ -70,6 +70,7 @@ class TorchCoordinator:
         self._prefix = f"killsafe/{dist.get_backend(self._group)}-{_group_name(self._group)}/"
         self._calls = 0
         self._failure: RankUnresponsive | None = None
+        self._pending: PendingAgreement | None = None
         self._hosts = ["unknown host"] * self._world_size
         here = {"host": socket.gethostname(), "pid": os.getpid()}
         self._hosts = [f"{h['host']} pid {h['pid']}" for h in self.gather(here)]
@@ -101,6 +102,30 @@ class TorchCoordinator:
         """Every rank's vote combined: stop if any asks, save as rank 0 says."""
         return self._collective("agree", lambda: self._agree(vote))
 
+    def agree_async(self, vote: Vote) -> PendingAgreement:
+        """Start ``agree`` in the background; ``wait()`` on the result gives the decision.
+
+        The exchange runs on gloo's threads while the loop works; waiting for
+        it at the next step boundary usually costs nothing.
+        """
+        packed, reason, request = self._pack(vote)
+        work = self._collective(
+            "agree",
+            lambda: dist.all_reduce(packed, op=dist.ReduceOp.MIN, group=self._group, async_op=True),
+        )
+        pending: PendingAgreement
+
+        def finish() -> Agreement:
+            if self._pending is pending:
+                self._pending = None
+            return self._collective(
+                "agree", lambda: self._wait_and_unpack(work, packed, reason, request)
+            )
+
+        pending = PendingAgreement(finish)
+        self._pending = pending
+        return pending
+
     def barrier(self, what: str) -> None:
         """Wait until every rank reached ``what``."""
         self._collective(what, lambda: self._all_reduce_min([0]))
@@ -123,12 +148,31 @@ class TorchCoordinator:
     # ------------------------------------------------------------ inside
 
     def _agree(self, vote: Vote) -> Agreement:
+        packed, reason, request = self._pack(vote)
+        dist.all_reduce(packed, op=dist.ReduceOp.MIN, group=self._group)
+        return self._unpack(packed, reason, request)
+
+    def _pack(self, vote: Vote) -> tuple[torch.Tensor, bytes | None, bytes]:
+        """The vote as two integers for a MIN all_reduce, and the strings it may send.
+
+        The first is the lowest stopping rank with its reason's length (or
+        _NO_STOP), the second minus the length of rank 0's save request.
+        """
         reason = _clip(vote.stop) if vote.stop is not None else None
         request = b""
         if self._rank == 0 and (vote.save is not None or vote.name is not None):
             request = json.dumps([vote.save, vote.name]).encode()
         stopper = _NO_STOP if reason is None else (self._rank << 32) | len(reason)
-        packed_stop, packed_request = self._all_reduce_min([stopper, -len(request)])
+        return torch.tensor([stopper, -len(request)], dtype=torch.int64), reason, request
+
+    def _wait_and_unpack(
+        self, work: Any, packed: torch.Tensor, reason: bytes | None, request: bytes
+    ) -> Agreement:
+        work.wait()
+        return self._unpack(packed, reason, request)
+
+    def _unpack(self, packed: torch.Tensor, reason: bytes | None, request: bytes) -> Agreement:
+        packed_stop, packed_request = (int(v) for v in packed.tolist())
         if packed_stop == _NO_STOP and packed_request == 0:
             return CONTINUE
         stop: str | None = None
@@ -180,6 +224,8 @@ class TorchCoordinator:
             raise RankUnresponsive(
                 str(self._failure), self._failure.ranks, self._failure.hosts
             ) from self._failure
+        if self._pending is not None:  # its strings must come before anything else
+            self._pending.wait()
         self._calls += 1
         try:
             return call()
