@@ -228,12 +228,11 @@ def launch(args: argparse.Namespace, role: str, world: int, out: Path) -> dict[s
         "127.0.0.1", 0, None, True, timeout=timedelta(seconds=120), wait_for_workers=False
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = [f"--port={store.port}", f"--out={out}", f"--size-gb={args.size_gb}"]
+    common += [f"--repeat={args.repeat}", f"--steps={args.steps}", f"--world={world}"]
     ranks = [
         subprocess.Popen(
-            [sys.executable, __file__, "--role", role, "--rank", str(rank), "--world", str(world)]
-            + ["--port", str(store.port), "--out", str(out), "--size-gb", str(args.size_gb)]
-            + ["--repeat", str(args.repeat), "--steps", str(args.steps)],
-            env=env,
+            [sys.executable, __file__, f"--role={role}", f"--rank={rank}", *common], env=env
         )
         for rank in range(world)
     ]
@@ -245,57 +244,40 @@ def launch(args: argparse.Namespace, role: str, world: int, out: Path) -> dict[s
 
 def report(args: argparse.Namespace, saved: dict[str, Any], loaded: dict[str, Any]) -> None:
     agree = saved["agree"]
-    step_ms = STEP_SECONDS * 1e3
-    in_loop = agree["loop_agreed"] - agree["loop_plain"]
-    piped = agree["loop_pipelined"] - agree["loop_plain"]
-    print(
-        f"\nagree on {args.ranks} gloo ranks            per step     share of a {step_ms:.0f} ms step"
-    )
-    print(
-        f"  nothing to decide (one all_reduce)   {agree['quiet'] * 1e6:8.1f} us   {agree['quiet'] / STEP_SECONDS:8.2%}"
-    )
-    print(
-        f"  rank 0 asks to save (+ broadcast)    {agree['asking'] * 1e6:8.1f} us   {agree['asking'] / STEP_SECONDS:8.2%}"
-    )
-    print(
-        f"  in a loop of {step_ms:.0f} ms steps (median)   {in_loop * 1e6:8.1f} us   {in_loop / agree['loop_plain']:8.2%}"
-    )
-    print(
-        f"  same, agree_async waited next step   {piped * 1e6:8.1f} us   {piped / agree['loop_plain']:8.2%}"
-    )
+    step = agree["loop_plain"]
+    rows = [
+        ("nothing to decide (one all_reduce)", agree["quiet"], agree["quiet"] / STEP_SECONDS),
+        ("rank 0 asks to save (+ broadcast)", agree["asking"], agree["asking"] / STEP_SECONDS),
+        ("20 ms steps, agree each (median)", agree["loop_agreed"] - step, 0.0),
+        ("20 ms steps, agree_async (median)", agree["loop_pipelined"] - step, 0.0),
+    ]
+    print(f"\nagree on {args.ranks} gloo ranks{'per step':>26}{'share of a 20 ms step':>24}")
+    for label, seconds, share in rows:
+        share = share or seconds / step
+        print(f"  {label:38} {seconds * 1e6:8.1f} us {share:14.2%}")
 
     save = saved["save"]
-    gb = save["bytes"] / GIB
+    gib = save["bytes"] / GIB
     ref = min(save["times"]["dcp"])
-    print(
-        f"\nsync sharded save, {gb:.2f} GiB DTensor state on {args.ranks} ranks (best of {args.repeat})"
-    )
-    print(f"  {'':34} {'best s':>8} {'median s':>9} {'GiB/s':>7} {'vs dcp.save':>12}")
-    for label, kind in (
-        ("dcp.save + FileSystemWriter", "dcp"),
-        ("save_sharded (killsafe)", "ours"),
-    ):
+    print(f"\nsync save, {gib:.2f} GiB DTensor state on {args.ranks} ranks (best of {args.repeat})")
+    print(f"  {'':38} {'best s':>8} {'median s':>9} {'GiB/s':>7} {'vs dcp.save':>12}")
+    for label, kind in (("dcp.save + FileSystemWriter", "dcp"), ("save_sharded", "ours")):
         runs = save["times"][kind]
-        best = min(runs)
-        print(
-            f"  {label:34} {best:8.3f} {statistics.median(runs):9.3f} {gb / best:7.2f} {best / ref:11.2f}x"
-        )
+        best, median = min(runs), statistics.median(runs)
+        print(f"  {label:38} {best:8.3f} {median:9.3f} {gib / best:7.2f} {best / ref:11.2f}x")
 
     load = loaded["load"]["times"]
+    same = all(loaded["load"]["same"])
     cold_ref, warm_ref = min(load["dcp"]["cold"]), min(load["dcp"]["warm"])
     print(
-        f"\nload resharded {args.ranks} -> {args.load_ranks} ranks (best of {args.repeat}); "
-        f"same tensors from both: {all(loaded['load']['same'])}"
+        f"\nload resharded {args.ranks} -> {args.load_ranks} ranks (best of {args.repeat}), "
+        f"equal tensors from both: {same}"
     )
-    print(f"  {'':34} {'cold s':>8} {'warm s':>8} {'vs dcp.load cold / warm':>24}")
-    for label, kind in (
-        ("dcp.load + FileSystemReader", "dcp"),
-        ("load_sharded (killsafe)", "ours"),
-    ):
+    print(f"  {'':38} {'cold s':>8} {'warm s':>8} {'vs dcp.load cold / warm':>25}")
+    for label, kind in (("dcp.load + FileSystemReader", "dcp"), ("load_sharded", "ours")):
         cold, warm = min(load[kind]["cold"]), min(load[kind]["warm"])
-        print(
-            f"  {label:34} {cold:8.3f} {warm:8.3f} {cold / cold_ref:15.2f}x / {warm / warm_ref:.2f}x"
-        )
+        ratios = f"{cold / cold_ref:.2f}x / {warm / warm_ref:.2f}x"
+        print(f"  {label:38} {cold:8.3f} {warm:8.3f} {ratios:>25}")
 
 
 def main() -> None:

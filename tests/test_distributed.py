@@ -156,7 +156,7 @@ def test_a_flipped_byte_is_caught_on_load(saved: tuple[Path, Job], tmp_path: Pat
 
 
 def test_one_process_save_refuses_what_json_cannot_hold(tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedState, match="'extra.fn'"):
+    with pytest.raises(UnsupportedState, match=r"'extra\.fn'"):
         save_sharded({"w": torch.ones(2), "extra": {"fn": print}}, tmp_path / "c")
     assert list(tmp_path.iterdir()) == []
     save_sharded({"w": torch.ones(2)}, tmp_path / "c")
