@@ -41,9 +41,7 @@ def votes_for(step: int, rank: int, world: int) -> Vote:
     return Vote()
 
 
-@scenario
-def agree(rank: int, world: int, workdir: Path, *args: str) -> dict[str, Any]:
-    coordinator = TorchCoordinator(timeout=30)
+def agree_everything(coordinator: TorchCoordinator, rank: int, world: int) -> dict[str, Any]:
     agreements = [coordinator.agree(votes_for(step, rank, world)).__dict__ for step in range(6)]
     # each start settles the one before; a pending agreement is never lost
     pending = [coordinator.agree_async(votes_for(step, rank, world)) for step in range(6)]
@@ -55,17 +53,17 @@ def agree(rank: int, world: int, workdir: Path, *args: str) -> dict[str, Any]:
         "gather": coordinator.gather(f"rank {rank}"),
         "rank": coordinator.rank,
         "world_size": coordinator.world_size,
-        "host": coordinator.host(rank),
+        "hosts": [coordinator.host(r) for r in range(world)],
     }
 
 
 @scenario
-def lost(rank: int, world: int, workdir: Path, *args: str) -> dict[str, Any]:
-    """After one good step the victims (``args``: ``RANK:kill`` or ``RANK:hang``) go;
-    the others try to agree twice."""
+def agree_then_lose(rank: int, world: int, workdir: Path, *args: str) -> dict[str, Any]:
+    """Agree, broadcast and gather; then the victims (``args``: ``RANK:kill`` or
+    ``RANK:hang``) go and the others try to agree twice."""
     victims = dict(arg.split(":") for arg in args)
     coordinator = TorchCoordinator(timeout=3)
-    coordinator.agree(Vote())
+    result = agree_everything(coordinator, rank, world)
     how = victims.get(str(rank))
     if how == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -77,7 +75,7 @@ def lost(rank: int, world: int, workdir: Path, *args: str) -> dict[str, Any]:
             coordinator.agree(Vote(stop="never agreed"))
         except RankUnresponsive as exc:
             errors.append({"message": str(exc), "ranks": list(exc.ranks), "hosts": list(exc.hosts)})
-    return {"errors": errors, "hosts": [coordinator.host(r) for r in range(world)]}
+    return {**result, "errors": errors}
 
 
 def full_state(seed: int = 0) -> dict[str, Any]:

@@ -34,7 +34,12 @@ from killsafe.errors import (  # noqa: E402
     UnsupportedState,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.distributed,
+    # DCP says so whenever it saves or loads in one process, as these tests do on purpose
+    pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning"),
+]
 
 
 def expected_agreement(step: int, world: int) -> dict[str, Any]:
@@ -44,33 +49,36 @@ def expected_agreement(step: int, world: int) -> dict[str, Any]:
     return agreement.__dict__
 
 
-def test_three_ranks_agree_broadcast_and_gather(tmp_path: Path) -> None:
-    job = run_job("agree", 3, tmp_path)
-    expected = [expected_agreement(step, 3) for step in range(6)]
-    assert expected[1] == {"stop": "q pressed", "stopped_by": 1, "save": None, "name": None}
-    assert expected[2]["save"] == "every 2 steps"
-    hosts = set()
-    for rank in range(3):
-        result = job.result(rank)
-        assert result["agreements"] == expected
-        assert result["pipelined"] == expected
-        assert result["broadcast"] == {"from": 2, "list": [1, 2.5, None]}
-        assert result["gather"] == ["rank 0", "rank 1", "rank 2"]
-        assert (result["rank"], result["world_size"]) == (rank, 3)
-        hosts.add(result["host"])
-    assert len(hosts) == 3  # host name and pid of each rank
-
-
-def test_a_killed_and_a_hung_rank_are_named_instead_of_hanging(tmp_path: Path) -> None:
-    job = Job("lost", 4, tmp_path, "1:kill", "2:hang")
+@pytest.fixture(scope="module")
+def lost(tmp_path_factory: pytest.TempPathFactory) -> Job:
+    """Four ranks agree; then rank 1 is killed, rank 2 hangs and ranks 0 and 3 go on."""
+    job = Job("agree_then_lose", 4, tmp_path_factory.mktemp("lost"), "1:kill", "2:hang")
     try:
         for rank in (0, 3):
-            job.ranks[rank].wait(timeout=90)
+            job.ranks[rank].wait(timeout=120)
     finally:
         job.ranks[2].send_signal(signal.SIGKILL)
         job.wait()
+    return job
+
+
+def test_ranks_agree_broadcast_and_gather(lost: Job) -> None:
+    expected = [expected_agreement(step, 4) for step in range(6)]
+    assert expected[1] == {"stop": "q pressed", "stopped_by": 1, "save": None, "name": None}
+    assert expected[2]["save"] == "every 2 steps"
     for rank in (0, 3):
-        result = job.result(rank)
+        result = lost.result(rank)
+        assert result["agreements"] == expected
+        assert result["pipelined"] == expected
+        assert result["broadcast"] == {"from": 3, "list": [1, 2.5, None]}
+        assert result["gather"] == ["rank 0", "rank 1", "rank 2", "rank 3"]
+        assert (result["rank"], result["world_size"]) == (rank, 4)
+        assert len(set(result["hosts"])) == 4  # host name and pid of each rank
+
+
+def test_a_killed_and_a_hung_rank_are_named_instead_of_hanging(lost: Job) -> None:
+    for rank in (0, 3):
+        result = lost.result(rank)
         first, again = result["errors"]
         assert first["ranks"] == [1, 2]
         assert first["hosts"] == result["hosts"][1:3]

@@ -3,9 +3,10 @@
 - ``coordinator``: the ``Coordinator`` seam, ``Vote``, ``Agreement`` and
   ``LocalCoordinator`` (one process); no torch needed.
 - ``process_group``: ``TorchCoordinator`` over ``torch.distributed``.
-- ``sharded``: a storage writer, reader and planners for
-  ``torch.distributed.checkpoint`` that write our format (safetensors
-  layout, xxh3 checksums, JSON metadata, no pickle) and commit once.
+- ``sharded``: ``save_sharded`` / ``load_sharded`` through
+  ``torch.distributed.checkpoint`` with our storage ``writer``, ``reader``,
+  ``manifest`` and JSON ``planners``: safetensors layout, xxh3 checksums,
+  JSON metadata, no pickle, one commit.
 
 Only this package imports ``torch.distributed``; the torch parts load when
 first named.
@@ -15,7 +16,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from killsafe.distributed.coordinator import Agreement, Coordinator, LocalCoordinator, Vote, decide
+from killsafe.distributed.coordinator import (
+    Agreement,
+    Coordinator,
+    LocalCoordinator,
+    PendingAgreement,
+    Vote,
+    decide,
+)
 
 __all__ = [
     "Agreement",
@@ -23,6 +31,7 @@ __all__ = [
     "JsonLoadPlanner",
     "JsonSavePlanner",
     "LocalCoordinator",
+    "PendingAgreement",
     "ShardedReader",
     "ShardedWriter",
     "TorchCoordinator",
@@ -34,10 +43,10 @@ __all__ = [
 
 _LAZY = {
     "TorchCoordinator": "killsafe.distributed.process_group",
-    "JsonLoadPlanner": "killsafe.distributed.sharded",
-    "JsonSavePlanner": "killsafe.distributed.sharded",
-    "ShardedReader": "killsafe.distributed.sharded",
-    "ShardedWriter": "killsafe.distributed.sharded",
+    "JsonLoadPlanner": "killsafe.distributed.planners",
+    "JsonSavePlanner": "killsafe.distributed.planners",
+    "ShardedReader": "killsafe.distributed.reader",
+    "ShardedWriter": "killsafe.distributed.writer",
     "load_sharded": "killsafe.distributed.sharded",
     "save_sharded": "killsafe.distributed.sharded",
 }

@@ -79,7 +79,8 @@ class PendingAgreement:
 
     def __init__(self, finish: Callable[[], Agreement]) -> None:
         self._finish: Callable[[], Agreement] | None = finish
-        self._result: Agreement | None = None
+        self._result: Agreement = CONTINUE
+        self._error: BaseException | None = None
 
     @classmethod
     def settled(cls, agreement: Agreement) -> PendingAgreement:
@@ -94,8 +95,12 @@ class PendingAgreement:
     def wait(self) -> Agreement:
         if self._finish is not None:
             finish, self._finish = self._finish, None
-            self._result = finish()
-        assert self._result is not None
+            try:
+                self._result = finish()
+            except BaseException as exc:  # kept for every later wait, then raised
+                self._error = exc
+        if self._error is not None:
+            raise self._error
         return self._result
 
 
