@@ -172,3 +172,43 @@ def test_one_process_save_refuses_what_json_cannot_hold(tmp_path: Path) -> None:
         save_sharded({"w": torch.ones(2)}, tmp_path / "c")
     with pytest.raises(StateMismatch, match="w2"):
         load_sharded({"w2": torch.zeros(2)}, tmp_path / "c")
+
+
+def test_pickling_planners_are_refused(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from killsafe.distributed import ShardedReader, ShardedWriter
+    from killsafe.errors import ConfigError
+
+    state = {"w": torch.ones(2), "step": 3}
+    with pytest.raises(CheckpointException) as caught:
+        dcp.save(state, storage_writer=ShardedWriter(tmp_path / "c"), no_dist=True)
+    assert any(isinstance(error, ConfigError) for error, _ in caught.value.failures.values())
+    assert not (tmp_path / "c").exists()
+    save_sharded(state, tmp_path / "c")
+    with pytest.raises(CheckpointException) as caught:
+        dcp.load(state, storage_reader=ShardedReader(tmp_path / "c"), no_dist=True)
+    assert any(isinstance(error, ConfigError) for error, _ in caught.value.failures.values())
+
+
+def test_a_hostile_manifest_is_corrupt_not_a_crash(tmp_path: Path) -> None:
+    from killsafe.distributed.manifest import self_checksum
+
+    save_sharded({"w": torch.arange(6.0).reshape(2, 3), "step": 3}, tmp_path / "c")
+    path = tmp_path / "c" / "manifest.json"
+    original = json.loads(path.read_text())
+    hostile = [
+        lambda m: m["dcp"]["state"]["w"].update(chunks="x"),
+        lambda m: m["dcp"]["state"]["w"].update(dtype="Tensor"),
+        lambda m: m["dcp"]["storage"][0].update(end=10**12),
+        lambda m: m["dcp"]["storage"][0].update(file="../../etc/passwd"),
+        lambda m: m["dcp"].update(storage=[]),
+    ]
+    for change in hostile:
+        manifest = json.loads(json.dumps(original))
+        change(manifest)
+        manifest["manifest_xxh3"] = self_checksum(manifest)
+        path.write_text(json.dumps(manifest))
+        with pytest.raises(CorruptCheckpoint):
+            load_sharded({"w": torch.zeros(2, 3), "step": None}, tmp_path / "c")
