@@ -39,7 +39,6 @@ from killsafe.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
-    _write_buffers,
 )
 
 __all__ = [
@@ -50,7 +49,6 @@ __all__ = [
     "metadata_from_json",
     "metadata_to_json",
     "self_checksum",
-    "write_json",
 ]
 
 LAYOUT = "dcp-sharded"
@@ -78,16 +76,6 @@ class Piece:
     end: int
     xxh3: str
     record: FileRecord | None = None  # set on the writing side only
-
-
-def write_json(path: Path, document: dict[str, Any]) -> None:
-    text = json.dumps(document, indent=1, allow_nan=False).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        _write_buffers(fd, [memoryview(text)])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_directory(path: Path) -> None:

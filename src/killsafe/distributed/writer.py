@@ -43,7 +43,6 @@ from killsafe.distributed.manifest import (
     fsync_directory,
     metadata_to_json,
     self_checksum,
-    write_json,
 )
 from killsafe.distributed.planners import JsonSavePlanner
 from killsafe.errors import (
@@ -63,6 +62,7 @@ from killsafe.format import (
     _HashThread,
     _safetensors_header,
     _write_buffers,
+    _write_json_file,
     clean_json,
 )
 
@@ -183,7 +183,7 @@ class ShardedWriter(StorageWriter):
         try:
             _check_files(staging, records.values())
             manifest = self._manifest(metadata, pieces, records, len(results))
-            write_json(staging / MANIFEST_NAME, manifest)
+            _write_json_file(staging / MANIFEST_NAME, manifest)
             fsync_directory(staging)
             self._commit(staging)
         except OSError as exc:
