@@ -31,6 +31,17 @@ def test_only_the_distributed_room_imports_torch_distributed() -> None:
     assert offenders == []
 
 
+def test_only_run_may_import_the_distributed_room() -> None:
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.relative_to(PACKAGE).parts[0] in ("distributed", "run", "run.py"):
+            continue
+        for name in imported_modules(path):
+            if name == "killsafe.distributed" or name.startswith("killsafe.distributed."):
+                offenders.append(f"{path.relative_to(PACKAGE)} imports {name}")
+    assert offenders == []
+
+
 def test_the_check_sees_imports_of_torch_distributed(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text(

@@ -89,7 +89,13 @@ def save_sharded(
         _guarded(coordinator, f"the save of {writer.directory}", save)
     except CheckpointException as exc:
         writer.discard()
-        raise _translate(exc, lambda m: SaveFailed(f"saving {writer.directory}: {m}")) from None
+        raise _translate(
+            exc,
+            lambda m: SaveFailed(
+                f"saving {writer.directory}: {m}; nothing was committed, the earlier "
+                "checkpoints stand"
+            ),
+        ) from None
     except KillsafeError:
         writer.discard()
         raise
@@ -127,7 +133,12 @@ def load_sharded(
     except CheckpointException as exc:
         if reader.error is not None:
             raise reader.error from None
-        raise _translate(exc, lambda m: StateMismatch(f"loading {reader.directory}: {m}")) from None
+        raise _translate(
+            exc,
+            lambda m: StateMismatch(
+                f"loading {reader.directory}: {m}; load into a state with the saved keys"
+            ),
+        ) from None
     return state_dict
 
 
