@@ -152,6 +152,11 @@ def save_then_die(rank: int, world: int, workdir: Path, *args: str) -> dict[str,
     save_sharded(state, workdir / "dtensor", coordinator=coordinator, step=7, name="first")
     replicated = {"model": full_state()["model"], "rank0_only": {"step": 1}}
     save_sharded(replicated, workdir / "ddp", coordinator=coordinator, step=8)
+    try:
+        save_sharded({"seen": rank}, workdir / "per-rank", coordinator=coordinator)
+        refused = None
+    except KillsafeError as exc:
+        refused = f"{type(exc).__name__}: {exc}"
 
     write_data = ShardedWriter.write_data
 
@@ -165,8 +170,8 @@ def save_then_die(rank: int, world: int, workdir: Path, *args: str) -> dict[str,
     try:
         save_sharded(state, workdir / "never", coordinator=coordinator, step=9)
     except KillsafeError as exc:
-        return {"error": type(exc).__name__, "message": str(exc)}
-    return {"error": None}
+        return {"error": type(exc).__name__, "message": str(exc), "refused": refused}
+    return {"error": None, "refused": refused}
 
 
 @scenario

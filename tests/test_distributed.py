@@ -110,6 +110,13 @@ def test_a_rank_dying_mid_save_leaves_nothing_visible(saved: tuple[Path, Job]) -
     assert worker.plain(state) == worker.plain(worker.full_state())
 
 
+def test_a_value_that_differs_between_ranks_is_refused(saved: tuple[Path, Job]) -> None:
+    workdir, job = saved
+    refused = job.result(0)["refused"]
+    assert refused.startswith("UnsupportedState: 'seen' differs between rank 0 and rank 1")
+    assert not (workdir / "per-rank").exists()
+
+
 def test_a_sharded_checkpoint_is_json_and_safetensors(saved: tuple[Path, Job]) -> None:
     from safetensors import safe_open
 

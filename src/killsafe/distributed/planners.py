@@ -9,12 +9,15 @@ checkpoint. These planners store such values with killsafe's tree codec
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 from pathlib import Path
 from typing import Any
 
+import xxhash
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import (
     ReadItem,
     SavePlan,
@@ -64,7 +67,9 @@ class JsonSavePlanner(DefaultSavePlanner):
     """DCP's default save planner, with non-tensor values encoded as JSON, not pickled.
 
     Every value is encoded while planning, so a value that cannot be stored
-    fails the save on every rank before anything is written.
+    fails the save on every rank before anything is written. DCP stores a
+    key once for all ranks, so a value that differs between ranks is
+    refused rather than silently kept from one rank only.
     """
 
     def create_local_plan(self) -> SavePlan:
@@ -74,7 +79,14 @@ class JsonSavePlanner(DefaultSavePlanner):
             for item in plan.items
             if item.type == WriteItemType.BYTE_IO
         }
-        return plan
+        digests = {fqn: xxhash.xxh3_64_hexdigest(p) for fqn, p in self._payloads.items()}
+        # the digests ride along to the coordinator, which compares them
+        return dataclasses.replace(plan, planner_data=(plan.planner_data, digests))
+
+    def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        _refuse_values_that_differ([plan.planner_data[1] for plan in all_plans])
+        plans = [dataclasses.replace(p, planner_data=p.planner_data[0]) for p in all_plans]
+        return super().create_global_plan(plans)
 
     def transform_object(self, write_item: WriteItem, object: Any) -> Any:
         if write_item.type != WriteItemType.BYTE_IO:
@@ -83,6 +95,19 @@ class JsonSavePlanner(DefaultSavePlanner):
         if payload is None:
             payload = encode_value(object, write_item.index.fqn)
         return io.BytesIO(payload)
+
+
+def _refuse_values_that_differ(digests_by_rank: list[dict[str, str]]) -> None:
+    first_seen: dict[str, tuple[int, str]] = {}
+    for rank, digests in enumerate(digests_by_rank):
+        for fqn, digest in digests.items():
+            other_rank, other = first_seen.setdefault(fqn, (rank, digest))
+            if other != digest:
+                raise UnsupportedState(
+                    f"{fqn!r} differs between rank {other_rank} and rank {rank}, and a key is "
+                    "saved once for all ranks; give per-rank values a key of their own "
+                    f"(for example {fqn + '.rank' + str(rank)!r})"
+                )
 
 
 class JsonLoadPlanner(DefaultLoadPlanner):
