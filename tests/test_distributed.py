@@ -188,6 +188,12 @@ def test_pickling_planners_are_refused(tmp_path: Path) -> None:
     from killsafe.distributed import ShardedReader, ShardedWriter
     from killsafe.errors import ConfigError
 
+    tensors = {"w": torch.arange(4.0), "b": torch.ones(2, dtype=torch.int32)}
+    dcp.save(tensors, storage_writer=ShardedWriter(tmp_path / "t"), no_dist=True)
+    loaded = {"w": torch.zeros(4), "b": torch.zeros(2, dtype=torch.int32)}
+    dcp.load(loaded, storage_reader=ShardedReader(tmp_path / "t"), no_dist=True)
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+
     state = {"w": torch.ones(2), "step": 3}
     with pytest.raises(CheckpointException) as caught:
         dcp.save(state, storage_writer=ShardedWriter(tmp_path / "c"), no_dist=True)
