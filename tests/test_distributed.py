@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,6 @@ torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import distributed_worker as worker  # noqa: E402
 from distributed_helpers import Job, run_job  # noqa: E402
