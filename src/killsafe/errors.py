@@ -16,8 +16,9 @@ Every error the library raises on purpose derives from ``KillsafeError``, so
     ├── InvalidName            a user-given checkpoint name is unusable
     ├── SaveFailed             writing a checkpoint failed (disk full, I/O error)
     ├── StorageError           reading, listing or deleting on a medium failed
-    └── ConfigError            an argument or option has a bad value
-        └── InvalidKey         a storage key or URL is unusable (``..``, absolute)
+    ├── ConfigError            an argument or option has a bad value
+    │   └── InvalidKey         a storage key or URL is unusable (``..``, absolute)
+    └── RankUnresponsive       another process of a distributed job died or hangs
 
 ``ResumableError`` is the same class under the project's former name, kept so
 that code written for ``resumable`` keeps catching it.
@@ -39,6 +40,7 @@ __all__ = [
     "KeyExists",
     "KeyNotFound",
     "KillsafeError",
+    "RankUnresponsive",
     "ResumableError",
     "SaveFailed",
     "StateMismatch",
@@ -115,3 +117,16 @@ class StorageError(KillsafeError):
 
 class InvalidKey(ConfigError):
     """A storage key or URL is unusable: empty, absolute, or with ``..`` segments."""
+
+
+class RankUnresponsive(KillsafeError):
+    """Ranks of a distributed job did not answer a collective within its timeout.
+
+    ``ranks`` lists the ranks that did not answer (empty when they could not
+    be told apart) and ``hosts`` their host names, in the same order.
+    """
+
+    def __init__(self, message: str, ranks: tuple[int, ...] = (), hosts: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.ranks = ranks
+        self.hosts = hosts
