@@ -13,7 +13,8 @@ Every error the library raises on purpose derives from ``KillsafeError``, so
     ├── CheckpointExists       a save would overwrite an existing checkpoint
     ├── InvalidName            a user-given checkpoint name is unusable
     ├── SaveFailed             writing a checkpoint failed (disk full, I/O error)
-    └── ConfigError            an argument or option has a bad value
+    ├── ConfigError            an argument or option has a bad value
+    └── RankUnresponsive       another process of a distributed job died or hangs
 
 ``ResumableError`` is the same class under the project's former name, kept so
 that code written for ``resumable`` keeps catching it.
@@ -32,6 +33,7 @@ __all__ = [
     "CorruptCheckpoint",
     "InvalidName",
     "KillsafeError",
+    "RankUnresponsive",
     "ResumableError",
     "SaveFailed",
     "StateMismatch",
@@ -91,3 +93,16 @@ class SaveFailed(KillsafeError):
 
 class ConfigError(KillsafeError):
     """An argument or option has a bad value."""
+
+
+class RankUnresponsive(KillsafeError):
+    """Ranks of a distributed job did not answer a collective within its timeout.
+
+    ``ranks`` lists the ranks that did not answer (empty when they could not
+    be told apart) and ``hosts`` their host names, in the same order.
+    """
+
+    def __init__(self, message: str, ranks: tuple[int, ...] = (), hosts: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.ranks = ranks
+        self.hosts = hosts

@@ -1,0 +1,168 @@
+"""Collective decisions at a step boundary: the ``Coordinator`` seam.
+
+Every process of a run casts a ``Vote`` at each step boundary and all of
+them receive the same ``Agreement``:
+
+- stop if any rank asks to, with the reason of the lowest rank that asked;
+- save when rank 0 says so (its policies run on its clock), with rank 0's
+  reason and checkpoint name.
+
+``agree`` waits for every rank. ``agree_async`` only starts the exchange and
+returns a ``PendingAgreement``: a loop that waits for it at the next step
+boundary pays nothing for the exchange, which ran during the step, and acts
+on each decision one step late, on every rank at the same step.
+
+``LocalCoordinator`` is the one-process case, where agreeing is the
+identity. ``TorchCoordinator`` (``killsafe.distributed.torch``) agrees over
+``torch.distributed``. Both keep values to plain JSON (str, int, float, bool,
+None, lists and str-keyed dicts), so nothing is pickled between processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["Agreement", "Coordinator", "LocalCoordinator", "PendingAgreement", "Vote", "decide"]
+
+
+@dataclass(frozen=True)
+class Vote:
+    """What one rank would do at this step boundary.
+
+    ``stop`` is the reason this rank wants to stop (a signal, a request, a
+    time limit), or None. ``save`` is the reason to save now and ``name``
+    the checkpoint's name; only rank 0's ``save`` and ``name`` count.
+    """
+
+    stop: str | None = None
+    save: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """What every rank does at this step boundary.
+
+    ``stop`` is the reason to stop (None: go on) and ``stopped_by`` the
+    lowest rank that asked; ``save`` and ``name`` come from rank 0.
+    """
+
+    stop: str | None = None
+    stopped_by: int | None = None
+    save: str | None = None
+    name: str | None = None
+
+
+CONTINUE = Agreement()
+
+
+def decide(votes: list[Vote]) -> Agreement:
+    """Combine the votes of ranks 0..n-1 the way every coordinator does."""
+    stopper = next((rank for rank, vote in enumerate(votes) if vote.stop is not None), None)
+    first = votes[0]
+    return Agreement(
+        stop=None if stopper is None else votes[stopper].stop,
+        stopped_by=stopper,
+        save=first.save,
+        name=first.name,
+    )
+
+
+class PendingAgreement:
+    """An agreement being exchanged; ``wait()`` returns it (and raises what the exchange raised).
+
+    Waiting twice returns the same agreement. A coordinator settles a pending
+    agreement itself before its next collective, so none is ever lost.
+    """
+
+    def __init__(self, finish: Callable[[], Agreement]) -> None:
+        self._finish: Callable[[], Agreement] | None = finish
+        self._result: Agreement = CONTINUE
+        self._error: BaseException | None = None
+
+    @classmethod
+    def settled(cls, agreement: Agreement) -> PendingAgreement:
+        pending = cls(lambda: agreement)
+        pending.wait()
+        return pending
+
+    def done(self) -> bool:
+        """Whether ``wait()`` returns at once."""
+        return self._finish is None
+
+    def wait(self) -> Agreement:
+        if self._finish is not None:
+            finish, self._finish = self._finish, None
+            try:
+                self._result = finish()
+            except BaseException as exc:  # kept for every later wait, then raised
+                self._error = exc
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+@runtime_checkable
+class Coordinator(Protocol):
+    """The processes of one run, deciding together.
+
+    Every method is collective: all ranks call it in the same order. A rank
+    that does not answer within the coordinator's timeout makes the call
+    raise ``RankUnresponsive`` on the ranks that did, naming it.
+    """
+
+    @property
+    def rank(self) -> int:
+        """This process's rank, 0 to ``world_size - 1``."""
+        ...
+
+    @property
+    def world_size(self) -> int:
+        """How many processes take part."""
+        ...
+
+    def agree(self, vote: Vote) -> Agreement:
+        """Combine every rank's vote into one decision (see ``decide``)."""
+        ...
+
+    def agree_async(self, vote: Vote) -> PendingAgreement:
+        """Start ``agree``; the decision is ``wait()`` on the result."""
+        ...
+
+    def barrier(self, what: str) -> None:
+        """Wait until every rank got here; ``what`` names the place in errors."""
+        ...
+
+    def broadcast(self, value: Any, src: int = 0) -> Any:
+        """Rank ``src``'s JSON value, on every rank."""
+        ...
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's JSON value, in rank order, on every rank."""
+        ...
+
+
+class LocalCoordinator:
+    """A run of one process: every collective is the identity."""
+
+    rank = 0
+    world_size = 1
+
+    def agree(self, vote: Vote) -> Agreement:
+        if vote.stop is None and vote.save is None and vote.name is None:
+            return CONTINUE
+        return decide([vote])
+
+    def agree_async(self, vote: Vote) -> PendingAgreement:
+        return PendingAgreement.settled(self.agree(vote))
+
+    def barrier(self, what: str) -> None:
+        return None
+
+    def broadcast(self, value: Any, src: int = 0) -> Any:
+        return value
+
+    def gather(self, value: Any) -> list[Any]:
+        return [value]

@@ -1,0 +1,227 @@
+"""The manifest of a sharded checkpoint: DCP's ``Metadata`` and our file table as JSON.
+
+``manifest.json`` holds the usual header (format, version, step, name,
+reason, created, metrics, metadata), the world size, every rank file with
+its size and xxh3, DCP's metadata (tensor sizes and chunks, the flattening
+map, where each piece lies and its checksum) and the manifest's own
+checksum. Reading it validates every field, so a hostile manifest fails as
+``CorruptCheckpoint`` rather than as an arbitrary error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.storage import WriteResult
+
+from killsafe.errors import (
+    CorruptCheckpoint,
+    UnsupportedFormat,
+    UnsupportedState,
+)
+from killsafe.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+)
+
+__all__ = [
+    "LAYOUT",
+    "FileRecord",
+    "Piece",
+    "fsync_directory",
+    "metadata_from_json",
+    "metadata_to_json",
+    "self_checksum",
+]
+
+LAYOUT = "dcp-sharded"
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One rank file as its rank wrote it: size, whole-file and header checksums."""
+
+    name: str
+    rank: int
+    size: int
+    xxh3: str
+    header_size: int
+    header_xxh3: str
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Where one write item's bytes are: a key of a rank file and its byte range."""
+
+    file: str
+    key: str
+    start: int  # offsets past the header, as in the safetensors header
+    end: int
+    xxh3: str
+    record: FileRecord | None = None  # set on the writing side only
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def self_checksum(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_xxh3"}
+    return xxhash.xxh3_64_hexdigest(json.dumps(body, sort_keys=True, allow_nan=False).encode())
+
+
+def metadata_to_json(metadata: Metadata, pieces: list[WriteResult]) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    for fqn, item in metadata.state_dict_metadata.items():
+        if isinstance(item, TensorStorageMetadata):
+            state[fqn] = {
+                "kind": "tensor",
+                "dtype": str(item.properties.dtype).removeprefix("torch."),
+                "size": list(item.size),
+                "chunks": [[list(c.offsets), list(c.sizes)] for c in item.chunks],
+            }
+        elif isinstance(item, BytesStorageMetadata):
+            state[fqn] = {"kind": "bytes"}
+        else:
+            raise UnsupportedState(
+                f"{fqn!r} has DCP metadata of unknown kind {type(item).__name__}"
+            )
+    storage = []
+    for result in pieces:
+        piece, index = result.storage_data, result.index
+        storage.append(
+            {
+                "fqn": index.fqn,
+                "offset": None if index.offset is None else list(index.offset),
+                "file": piece.file,
+                "key": piece.key,
+                "start": piece.start,
+                "end": piece.end,
+                "xxh3": piece.xxh3,
+            }
+        )
+    return {
+        "version": metadata.version,
+        "state": state,
+        "paths": _paths_to_json(metadata.planner_data),
+        "storage": storage,
+    }
+
+
+def _paths_to_json(planner_data: Any) -> dict[str, list[str | int]] | None:
+    """DCP's flattening map (key -> path in the nested state), which is plain data."""
+    if planner_data is None:
+        return None
+    if isinstance(planner_data, dict) and all(
+        isinstance(path, (tuple, list))
+        and all(isinstance(p, (str, int)) and not isinstance(p, bool) for p in path)
+        for path in planner_data.values()
+    ):
+        return {str(fqn): list(path) for fqn, path in planner_data.items()}
+    raise UnsupportedState(
+        f"the save planner's data ({type(planner_data).__name__}) is not plain key paths; "
+        "save with JsonSavePlanner"
+    )
+
+
+def metadata_from_json(document: Any, directory: Path) -> tuple[Metadata, dict[str, Any]]:
+    """DCP ``Metadata`` from the manifest's ``dcp`` section, and the files table."""
+    try:
+        manifest = _checked_manifest(document, directory)
+        dcp_doc = manifest["dcp"]
+        state: dict[str, Any] = {}
+        for fqn, item in _typed(dcp_doc["state"], dict).items():
+            if item["kind"] == "bytes":
+                state[fqn] = BytesStorageMetadata()
+                continue
+            if item["kind"] != "tensor":
+                raise ValueError(f"unknown kind {item['kind']!r}")
+            chunks = [
+                ChunkStorageMetadata(torch.Size(_ints(o)), torch.Size(_ints(s)))
+                for o, s in _typed(item["chunks"], list)
+            ]
+            properties = TensorProperties(dtype=_torch_dtype(item["dtype"]))
+            state[fqn] = TensorStorageMetadata(properties, torch.Size(_ints(item["size"])), chunks)
+        storage = {}
+        files = _typed(manifest["files"], dict)
+        for row in _typed(dcp_doc["storage"], list):
+            offset = None if row["offset"] is None else _ints(row["offset"])
+            index = MetadataIndex(_typed(row["fqn"], str), offset)
+            piece = Piece(
+                _typed(row["file"], str),
+                _typed(row["key"], str),
+                _typed(row["start"], int),
+                _typed(row["end"], int),
+                _typed(row["xxh3"], str),
+            )
+            if piece.file not in files or not 0 <= piece.start <= piece.end:
+                raise ValueError(f"piece {piece.key!r} points outside the files")
+            storage[index] = piece
+        paths = dcp_doc.get("paths")
+        planner_data = None if paths is None else {k: tuple(v) for k, v in paths.items()}
+        metadata = Metadata(
+            state_dict_metadata=state,
+            planner_data=planner_data,
+            storage_data=storage,
+            storage_meta=StorageMeta(checkpoint_id=str(directory), load_id=uuid.uuid4().hex),
+            version=dcp_doc.get("version"),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CorruptCheckpoint(
+            f"checkpoint {directory}: {MANIFEST_NAME} is malformed ({exc}); "
+            "restore from another checkpoint"
+        ) from exc
+    return metadata, files
+
+
+def _checked_manifest(document: Any, directory: Path) -> dict[str, Any]:
+    manifest = _typed(document, dict)
+    if manifest.get("format") != FORMAT_NAME or manifest.get("layout") != LAYOUT:
+        raise ValueError(f"not a killsafe {LAYOUT} manifest")
+    version = _typed(manifest.get("format_version"), int)
+    if version > FORMAT_VERSION:
+        raise UnsupportedFormat(
+            f"checkpoint {directory} has format version {version}, newer than {FORMAT_VERSION}; "
+            "upgrade killsafe to read it"
+        )
+    if manifest.get("manifest_xxh3") != self_checksum(manifest):
+        raise ValueError(f"{MANIFEST_NAME} fails its own checksum")
+    return manifest
+
+
+def _typed(value: Any, kind: type) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool):
+        raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _ints(value: Any) -> list[int]:
+    return [_typed(v, int) for v in _typed(value, list)]
+
+
+def _torch_dtype(name: Any) -> torch.dtype:
+    dtype = getattr(torch, _typed(name, str), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown torch dtype {name!r}")
+    return dtype

@@ -1,0 +1,264 @@
+"""``ShardedReader``: DCP's storage reader for checkpoints ``ShardedWriter`` wrote."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future as ThreadFuture
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+from torch.distributed.checkpoint.metadata import (
+    Metadata,
+    MetadataIndex,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    ReadItem,
+)
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
+
+from killsafe.distributed.manifest import Piece, metadata_from_json
+from killsafe.distributed.planners import JsonLoadPlanner
+from killsafe.errors import (
+    CheckpointNotFound,
+    ConfigError,
+    CorruptCheckpoint,
+    KillsafeError,
+    StateMismatch,
+)
+from killsafe.format import (
+    MANIFEST_NAME,
+    _byte_view,
+)
+
+__all__ = ["ShardedReader"]
+
+_READ_THREADS = 4
+_READS_IN_FLIGHT = 8
+_READ_CHUNK = 1 << 30
+
+
+class ShardedReader(StorageReader):
+    """A DCP ``StorageReader`` for checkpoints ``ShardedWriter`` wrote.
+
+    Reads only the pieces this rank's plan needs, on a few threads, and
+    (with ``verify``) checks each against its xxh3 before copying it into
+    the target tensors. Use it with ``JsonLoadPlanner`` (``load_sharded``
+    does).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, verify: bool = True) -> None:
+        super().__init__()
+        self.directory = Path(directory).absolute()
+        self.verify = verify
+        self.pieces: dict[MetadataIndex, Piece] = {}
+        self.files: dict[str, Any] = {}
+        self.state: dict[str, Any] = {}
+        self.error: KillsafeError | None = None
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id:
+            self.directory = Path(checkpoint_id).absolute()
+        self.pieces = {}
+        self.error = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        try:
+            metadata, self.files = metadata_from_json(self._manifest(), self.directory)
+        except KillsafeError as exc:
+            self.error = exc  # DCP hides it in an AssertionError; load_sharded raises it
+            raise
+        return metadata
+
+    def _manifest(self) -> Any:
+        path = self.directory / MANIFEST_NAME
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise CheckpointNotFound(
+                f"{self.directory} is not a committed checkpoint: it has no {MANIFEST_NAME}"
+            ) from None
+        except OSError as exc:
+            raise CorruptCheckpoint(f"cannot read {path} ({exc.strerror})") from exc
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise CorruptCheckpoint(
+                f"{path} is not valid JSON; restore another checkpoint"
+            ) from exc
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        self.pieces = dict(metadata.storage_data or {})
+        self.state = metadata.state_dict_metadata
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        if isinstance(planner, JsonLoadPlanner):
+            planner.where = self.directory
+        by_piece: dict[Piece, list[ReadItem]] = {}
+        for request in plan.items:
+            if request.type == LoadItemType.BYTE_IO and not isinstance(planner, JsonLoadPlanner):
+                raise ConfigError(
+                    f"{request.dest_index.fqn!r} is not a tensor and the planner would unpickle "
+                    "it; load with planner=JsonLoadPlanner() (load_sharded does)"
+                )
+            piece = self.pieces.get(request.storage_index)
+            if piece is None:
+                raise self._corrupt(f"no stored piece for {request.storage_index.fqn!r}")
+            by_piece.setdefault(piece, []).append(request)
+        jobs = [
+            (piece, requests, self._direct_target(piece, requests, planner))
+            for piece, requests in by_piece.items()
+        ]
+        for (_, requests, target), data in self._read_pieces(jobs):
+            if target is not None:  # the bytes went straight into it
+                planner.commit_tensor(requests[0], target)
+                continue
+            for request in requests:
+                self._deliver(request, data, planner)
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future
+
+    def _direct_target(
+        self, piece: Piece, requests: list[ReadItem], planner: LoadPlanner
+    ) -> torch.Tensor | None:
+        """The target memory a piece can be read into directly, when it is all of one target:
+        the usual case when the shards line up (same world size, or rows split further)."""
+        if len(requests) != 1 or requests[0].type != LoadItemType.TENSOR:
+            return None
+        request = requests[0]
+        chunk = self._chunk(request.storage_index)
+        if any(request.storage_offsets) or list(request.lengths) != chunk:
+            return None
+        target = planner.resolve_tensor(request).detach()
+        fits = (
+            target.device.type == "cpu"
+            and target.dtype == self._dtype(request.storage_index)
+            and target.is_contiguous()
+            and list(target.shape) == chunk
+            and target.numel() > 0
+        )
+        if not fits:
+            return None
+        if piece.end - piece.start != target.numel() * target.element_size():
+            raise self._corrupt(f"the piece of {request.storage_index.fqn!r} has the wrong size")
+        return target
+
+    def _read_pieces(
+        self, jobs: list[tuple[Piece, list[ReadItem], torch.Tensor | None]]
+    ) -> Iterator[tuple[tuple[Piece, list[ReadItem], torch.Tensor | None], torch.Tensor]]:
+        """Each job with its piece's verified bytes, read on threads a few pieces ahead."""
+        jobs.sort(key=lambda job: (job[0].file, job[0].start))
+        descriptors: dict[str, int] = {}
+        try:
+            for name in {job[0].file for job in jobs}:
+                descriptors[name] = self._open(name)
+            with ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="killsafe-read") as pool:
+                pending: deque[tuple[Any, ThreadFuture[torch.Tensor]]] = deque()
+                for job in jobs:
+                    piece, _, target = job
+                    read = pool.submit(self._read, descriptors[piece.file], piece, target)
+                    pending.append((job, read))
+                    if len(pending) >= _READS_IN_FLIGHT:
+                        done, future = pending.popleft()
+                        yield done, future.result()
+                while pending:
+                    done, future = pending.popleft()
+                    yield done, future.result()
+        finally:
+            for fd in descriptors.values():
+                os.close(fd)
+
+    def _open(self, name: str) -> int:
+        path = self.directory / name
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise self._corrupt(f"cannot open {name} ({exc.strerror})") from exc
+        size = os.fstat(fd).st_size
+        expected = self.files[name].get("size") if isinstance(self.files[name], dict) else None
+        if size != expected:
+            os.close(fd)
+            raise self._corrupt(f"{name} has {size} bytes, the manifest says {expected}")
+        return fd
+
+    def _read(self, fd: int, piece: Piece, target: torch.Tensor | None) -> torch.Tensor:
+        """Read and verify a piece, into ``target``'s memory or a new uint8 tensor."""
+        size = piece.end - piece.start
+        buffer = target if target is not None else torch.empty(size, dtype=torch.uint8)
+        view = _byte_view(buffer.reshape(-1).view(torch.uint8)) if size else memoryview(b"")
+        offset = self.files[piece.file]["header_size"] + piece.start
+        done = 0
+        while done < size:  # one pread moves at most about 2 GiB
+            n = os.preadv(fd, [view[done : done + _READ_CHUNK]], offset + done)
+            if n <= 0:
+                raise self._corrupt(f"{piece.file} is truncated")
+            done += n
+        if self.verify and xxhash.xxh3_64_hexdigest(view) != piece.xxh3:
+            raise self._corrupt(f"{piece.key!r} in {piece.file} fails its checksum")
+        return buffer
+
+    def _deliver(self, request: ReadItem, data: torch.Tensor, planner: LoadPlanner) -> None:
+        if request.type == LoadItemType.BYTE_IO:
+            raw = bytes(_byte_view(data)) if data.numel() else b""
+            planner.load_bytes(request, io.BytesIO(raw))
+            return
+        target = planner.resolve_tensor(request).detach()
+        source = self._tensor(request, data)
+        for dim, (offset, length) in enumerate(
+            zip(request.storage_offsets, request.lengths, strict=True)
+        ):
+            source = source.narrow(dim, offset, length)
+        if source.shape != target.shape:
+            raise StateMismatch(
+                f"{request.dest_index.fqn!r}: checkpoint piece {tuple(source.shape)} does not fit "
+                f"the target {tuple(target.shape)}; load into a state of the saved shapes"
+            )
+        target.copy_(source)
+        planner.commit_tensor(request, target)
+
+    def _tensor(self, request: ReadItem, data: torch.Tensor) -> torch.Tensor:
+        index = request.storage_index
+        chunk = self._chunk(index)
+        stored = self._dtype(index)
+        if data.numel() != torch.Size(chunk).numel() * stored.itemsize:
+            raise self._corrupt(f"the piece of {index.fqn!r} has the wrong size")
+        if not data.numel():
+            return torch.empty(chunk, dtype=stored)
+        return data.view(stored).reshape(chunk)
+
+    def _chunk(self, index: MetadataIndex) -> list[int]:
+        entry = self.state[index.fqn]
+        for chunk in entry.chunks:
+            if tuple(chunk.offsets) == tuple(index.offset or ()):
+                return list(chunk.sizes)
+        raise self._corrupt(f"no chunk of {index.fqn!r} at {list(index.offset or ())}")
+
+    def _dtype(self, index: MetadataIndex) -> torch.dtype:
+        dtype: torch.dtype = self.state[index.fqn].properties.dtype
+        return dtype
+
+    def _corrupt(self, what: str) -> CorruptCheckpoint:
+        return CorruptCheckpoint(f"checkpoint {self.directory}: {what}; restore another checkpoint")
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return (Path(checkpoint_id) / MANIFEST_NAME).is_file()

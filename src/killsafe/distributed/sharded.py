@@ -1,0 +1,167 @@
+"""Sharded checkpoints through ``torch.distributed.checkpoint`` (DCP), in our format.
+
+DCP plans the save (who writes which shard of each DTensor, replicated
+tensors written once, spread over the ranks) and the load (resharding to
+any world size). This module is the storage underneath, with our rules:
+
+- every rank writes one file, ``rank-NNNNN.safetensors``, in the
+  safetensors layout (readable by ``safetensors`` without killsafe), and
+  records an xxh3 checksum of every piece; pieces are verified on load;
+- the metadata is ``manifest.json``: DCP's ``Metadata`` as plain JSON, the
+  files with their sizes and checksums, and the manifest's own checksum;
+- values that are not tensors are stored as JSON (our tree codec), never
+  pickled; ``JsonSavePlanner`` / ``JsonLoadPlanner`` do that and the writer
+  and reader refuse any other planner for such values;
+- the commit is ours: the ranks write into a temporary directory next to
+  the target, and only after every rank reported its files does the
+  coordinator write the manifest, fsync and rename the directory into
+  place. A save that failed anywhere is never visible; the checkpoints
+  already there are never touched.
+
+``save_sharded`` and ``load_sharded`` wrap ``dcp.save`` / ``dcp.load`` with
+these parts and turn DCP's errors into killsafe's.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from killsafe.distributed.planners import JsonLoadPlanner, JsonSavePlanner
+from killsafe.distributed.reader import ShardedReader
+from killsafe.distributed.writer import ShardedWriter
+from killsafe.errors import (
+    KillsafeError,
+    SaveFailed,
+    StateMismatch,
+)
+
+__all__ = [
+    "JsonLoadPlanner",
+    "JsonSavePlanner",
+    "ShardedReader",
+    "ShardedWriter",
+    "load_sharded",
+    "save_sharded",
+]
+
+
+def save_sharded(
+    state_dict: dict[str, Any],
+    directory: str | os.PathLike[str],
+    *,
+    coordinator: Any = None,
+    step: int = 0,
+    name: str | None = None,
+    reason: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Save ``state_dict`` (DTensors, plain tensors, JSON-able values) as one checkpoint.
+
+    Collective: every rank calls it with its part of the state. DCP plans
+    the save on ``coordinator``'s side group when it has one (a
+    ``TorchCoordinator``: timeouts and the names of missing ranks), else
+    on the default group, else on this process alone. Returns the committed
+    directory on every rank. Raises ``SaveFailed`` (nothing committed, the
+    temporary files removed), ``CheckpointExists``, ``UnsupportedState``,
+    or ``RankUnresponsive`` when a rank died or hangs.
+    """
+    writer = ShardedWriter(
+        directory, step=step, name=name, reason=reason, metrics=metrics, metadata=metadata
+    )
+
+    def save() -> None:
+        dcp.save(
+            state_dict,
+            storage_writer=writer,
+            planner=JsonSavePlanner(),
+            process_group=getattr(coordinator, "group", None),
+            no_dist=_single_process(),
+        )
+
+    try:
+        _guarded(coordinator, f"the save of {writer.directory}", save)
+    except CheckpointException as exc:
+        writer.discard()
+        raise _translate(
+            exc,
+            lambda m: SaveFailed(
+                f"saving {writer.directory}: {m}; nothing was committed, the earlier "
+                "checkpoints stand"
+            ),
+        ) from None
+    except KillsafeError:
+        writer.discard()
+        raise
+    return writer.directory
+
+
+def load_sharded(
+    state_dict: dict[str, Any],
+    directory: str | os.PathLike[str],
+    *,
+    coordinator: Any = None,
+    verify: bool = True,
+) -> dict[str, Any]:
+    """Load a ``save_sharded`` checkpoint into ``state_dict`` in place, resharding as needed.
+
+    Collective, like ``save_sharded``. Tensors (DTensors included) are
+    filled in place; other values are replaced. Returns ``state_dict``.
+    Raises ``CheckpointNotFound``, ``CorruptCheckpoint`` (a checksum or the
+    manifest is wrong), ``StateMismatch`` (keys or shapes do not fit) or
+    ``RankUnresponsive``.
+    """
+    reader = ShardedReader(directory, verify=verify)
+
+    def load() -> None:
+        dcp.load(
+            state_dict,
+            storage_reader=reader,
+            planner=JsonLoadPlanner(),
+            process_group=getattr(coordinator, "group", None),
+            no_dist=_single_process(),
+        )
+
+    try:
+        _guarded(coordinator, f"the load of {reader.directory}", load)
+    except CheckpointException as exc:
+        if reader.error is not None:
+            raise reader.error from None
+        raise _translate(
+            exc,
+            lambda m: StateMismatch(
+                f"loading {reader.directory}: {m}; load into a state with the saved keys"
+            ),
+        ) from None
+    return state_dict
+
+
+def _single_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
+def _guarded(coordinator: Any, what: str, call: Any) -> None:
+    guard = getattr(coordinator, "guard", None)
+    if guard is None:
+        call()
+    else:
+        guard(what, call)
+
+
+def _translate(exc: CheckpointException, wrap: Any) -> KillsafeError:
+    """DCP's per-rank failures as one killsafe error: a killsafe error of the lowest rank
+    as it is, anything else wrapped (``wrap(message)``) with its rank and first line."""
+    failures = sorted(exc.failures.items())
+    for _, (error, _trace) in failures:
+        if isinstance(error, KillsafeError):
+            return error
+    rank, (error, _trace) = failures[0]
+    first_line = (str(error).strip().splitlines() or [""])[0][:300]
+    error = wrap(f"rank {rank} failed: {type(error).__name__}: {first_line}")
+    return error

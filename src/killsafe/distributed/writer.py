@@ -1,0 +1,334 @@
+"""``ShardedWriter``: DCP's storage writer for our format, with our commit.
+
+The coordinator makes a temporary directory next to the target while
+planning; every rank writes its items into one file, ``rank-NNNNN.safetensors``
+(safetensors layout, xxh3 per piece), fsyncs it and reports its pieces; the
+coordinator then writes the manifest and renames the directory into place.
+A save that failed anywhere never reaches the rename, so it is never
+visible, and the checkpoints already there are never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import (
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+)
+from torch.distributed.checkpoint.planner import (
+    SavePlan,
+    SavePlanner,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.futures import Future
+
+from killsafe import directio
+from killsafe.distributed.manifest import (
+    LAYOUT,
+    FileRecord,
+    Piece,
+    fsync_directory,
+    metadata_to_json,
+    self_checksum,
+)
+from killsafe.distributed.planners import JsonSavePlanner
+from killsafe.errors import (
+    CheckpointExists,
+    ConfigError,
+    SaveFailed,
+    UnsupportedState,
+)
+from killsafe.format import (
+    _TORCH_TO_ST,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    TensorEntry,
+    _alignment,
+    _byte_view,
+    _HashThread,
+    _safetensors_header,
+    _write_buffers,
+    _write_json_file,
+    clean_json,
+)
+
+__all__ = ["ShardedWriter"]
+
+_STAGING_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where one rank writes: the shared temporary directory and its file name."""
+
+    staging: str
+    file: str
+
+
+class ShardedWriter(StorageWriter):
+    """A DCP ``StorageWriter`` that writes one killsafe checkpoint directory.
+
+    ``directory`` must not exist yet; it appears, complete, only when the
+    save succeeded on every rank. ``step``, ``name``, ``reason``,
+    ``metrics`` and ``metadata`` go into the manifest. Use it with
+    ``JsonSavePlanner`` (``save_sharded`` does).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        step: int = 0,
+        name: str | None = None,
+        reason: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.directory = Path(directory).absolute()
+        self.header = {
+            "step": int(step),
+            "name": name,
+            "reason": reason,
+            "metrics": clean_json(dict(metrics or {}), "metrics"),
+            "metadata": clean_json(dict(metadata or {}), "metadata"),
+        }
+        self.save_id = uuid.uuid4().hex
+        self.rank = 0
+        self.is_coordinator = True
+        self.staging: Path | None = None
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id:
+            self.directory = Path(checkpoint_id).absolute()
+        self.save_id = uuid.uuid4().hex
+        self.staging = None
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = int(kwargs.get("rank") or 0)
+        if kwargs.get("use_collectives") is False:
+            raise ConfigError(
+                "ShardedWriter commits through the coordinator; "
+                "call dcp.save with use_collectives=True (the default)"
+            )
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=str(self.directory), save_id=self.save_id)
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        """On the coordinator: refuse an existing target, make the temporary directory."""
+        if self.directory.exists():
+            raise CheckpointExists(
+                f"checkpoint {self.directory} already exists; save under a new name "
+                "(a checkpoint is never overwritten)"
+            )
+        staging = self.directory.parent / f"{_STAGING_PREFIX}{self.directory.name}-{self.save_id}"
+        try:
+            staging.mkdir(parents=True)
+        except OSError as exc:
+            raise SaveFailed(f"cannot create {staging} ({exc.strerror}); check the disk") from exc
+        self.staging = staging
+        return [
+            dataclasses.replace(plan, storage_data=_Target(str(staging), _rank_file(rank)))
+            for rank, plan in enumerate(plans)
+        ]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        target = plan.storage_data
+        if not isinstance(target, _Target):
+            raise ConfigError("ShardedWriter got a plan it did not prepare; save with dcp.save")
+        entries, items = _entries(plan.items, planner)
+        results: list[WriteResult] = []
+        if entries:
+            path = Path(target.staging) / target.file
+            try:
+                record, digests = _write_rank_file(path, entries, self.rank)
+            except OSError as exc:
+                raise SaveFailed(
+                    f"rank {self.rank} could not write {path} ({exc.strerror or exc}); "
+                    "free disk space or check the file system"
+                ) from exc
+            for item, entry, (start, end) in items:
+                piece = Piece(target.file, entry.key, start, end, digests[entry.key], record)
+                results.append(WriteResult(item.index, entry.nbytes, piece))
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(results)
+        return future
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """On the coordinator, after every rank wrote: the manifest, then the rename."""
+        staging = self.staging
+        if staging is None:
+            raise ConfigError("ShardedWriter.finish ran before prepare_global_plan")
+        pieces = [result for rank_results in results for result in rank_results]
+        records = {p.storage_data.record.name: p.storage_data.record for p in pieces}
+        try:
+            _check_files(staging, records.values())
+            manifest = self._manifest(metadata, pieces, records, len(results))
+            _write_json_file(staging / MANIFEST_NAME, manifest)
+            fsync_directory(staging)
+            self._commit(staging)
+        except OSError as exc:
+            raise SaveFailed(
+                f"committing {self.directory} failed ({exc.strerror or exc}); "
+                "nothing was committed, the earlier checkpoints stand"
+            ) from exc
+
+    def _commit(self, staging: Path) -> None:
+        # The one commit point. Every rank file and the manifest were fsynced
+        # into the temporary directory first, so the rename publishes a whole
+        # checkpoint; fsyncing the parent makes the rename itself durable.
+        if self.directory.exists():
+            raise CheckpointExists(
+                f"checkpoint {self.directory} appeared while saving; not replaced"
+            )
+        os.rename(staging, self.directory)
+        fsync_directory(self.directory.parent)
+        self.staging = None
+
+    def discard(self) -> None:
+        """Remove this save's temporary directory (after a failed save; coordinator only)."""
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
+
+    def _manifest(
+        self,
+        metadata: Metadata,
+        pieces: list[WriteResult],
+        records: dict[str, FileRecord],
+        world_size: int,
+    ) -> dict[str, Any]:
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "layout": LAYOUT,
+            **self.header,
+            "created": time.time(),
+            "world_size": world_size,
+            "files": {
+                name: {
+                    "rank": r.rank,
+                    "size": r.size,
+                    "xxh3": r.xxh3,
+                    "header_size": r.header_size,
+                    "header_xxh3": r.header_xxh3,
+                }
+                for name, r in sorted(records.items())
+            },
+            "dcp": metadata_to_json(metadata, pieces),
+        }
+        manifest["manifest_xxh3"] = self_checksum(manifest)
+        return manifest
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return not Path(checkpoint_id).exists()
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.safetensors"
+
+
+def _entry_key(index: MetadataIndex, item: WriteItem) -> str:
+    data = item.tensor_data
+    if data is None or (
+        not any(index.offset or ()) and tuple(data.chunk.sizes) == tuple(data.size)
+    ):
+        return index.fqn  # a whole tensor or a value keeps its own name
+    return f"{index.fqn}@{','.join(str(o) for o in index.offset or ())}"
+
+
+def _entries(
+    items: Sequence[WriteItem], planner: SavePlanner
+) -> tuple[list[TensorEntry], list[tuple[WriteItem, TensorEntry, tuple[int, int]]]]:
+    """The file entries of a plan's items, ordered for alignment, and their byte ranges."""
+    pairs = []
+    for item in items:
+        data = planner.resolve_data(item)
+        key = _entry_key(item.index, item)
+        if key == "__metadata__":
+            raise UnsupportedState("a state key may not be '__metadata__' (safetensors uses it)")
+        if isinstance(data, torch.Tensor):
+            pairs.append((item, _tensor_entry(key, data)))
+        elif item.type == WriteItemType.BYTE_IO and isinstance(planner, JsonSavePlanner):
+            payload = data.getvalue()  # JSON, made by JsonSavePlanner
+            pairs.append((item, TensorEntry(key, "U8", (len(payload),), 1, memoryview(payload))))
+        else:
+            raise ConfigError(
+                f"{item.index.fqn!r} is not a tensor and the planner would pickle it; "
+                "save with planner=JsonSavePlanner() (save_sharded does)"
+            )
+    pairs.sort(key=lambda pair: -pair[1].align)
+    ranges = []
+    offset = 0
+    for _, entry in pairs:
+        ranges.append((offset, offset + entry.nbytes))
+        offset += entry.nbytes
+    entries = [entry for _, entry in pairs]
+    return entries, [(item, entry, r) for (item, entry), r in zip(pairs, ranges, strict=True)]
+
+
+def _tensor_entry(key: str, tensor: torch.Tensor) -> TensorEntry:
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    tensor = tensor.contiguous()
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    st_dtype = _TORCH_TO_ST.get(dtype)
+    nbytes = tensor.numel() * tensor.element_size()
+    data = _byte_view(tensor.reshape(-1).view(torch.uint8)) if nbytes else memoryview(b"")
+    shape = tuple(tensor.shape) if st_dtype else (nbytes,)
+    return TensorEntry(
+        key, st_dtype or "U8", shape, _alignment(tensor.element_size()), data, tensor
+    )
+
+
+def _write_rank_file(
+    path: Path, entries: list[TensorEntry], rank: int
+) -> tuple[FileRecord, dict[str, str]]:
+    """Write, fsync and check one rank file; its record and per-entry checksums."""
+    header, _ = _safetensors_header(entries)
+    hasher = _HashThread(header, entries, whole=True)
+    hasher.start()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        buffers = [memoryview(header), *(e.data for e in entries)]
+        if not directio.write_direct(fd, buffers):
+            _write_buffers(fd, buffers, kick=True)
+        os.fsync(fd)
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+        hasher.join()
+    digests = hasher.digests()
+    expected = len(header) + sum(e.nbytes for e in entries)
+    if size != expected:
+        raise OSError(f"{path.name} has {size} bytes after writing, expected {expected}")
+    record = FileRecord(path.name, rank, size, digests["file"], len(header), digests["header"])
+    return record, digests["entries"]
+
+
+def _check_files(staging: Path, records: Any) -> None:
+    for record in records:
+        size = (staging / record.name).stat().st_size
+        if size != record.size:
+            raise OSError(f"{record.name} has {size} bytes, its rank wrote {record.size}")

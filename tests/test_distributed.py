@@ -1,0 +1,224 @@
+"""Real multi-process jobs on gloo: agreeing, losing ranks, sharded saves and resharded loads.
+
+Every job runs 2 to 4 processes on 127.0.0.1 (see distributed_helpers.py).
+Starting a process that imports torch takes seconds, so each job checks
+several things.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+import distributed_worker as worker  # noqa: E402
+from distributed_helpers import Job, run_job  # noqa: E402
+
+from killsafe.distributed import Agreement, decide, load_sharded, save_sharded  # noqa: E402
+from killsafe.errors import (  # noqa: E402
+    CheckpointExists,
+    CorruptCheckpoint,
+    StateMismatch,
+    UnsupportedState,
+)
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.distributed,
+    # DCP says so whenever it saves or loads in one process, as these tests do on purpose
+    pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning"),
+]
+
+
+def expected_agreement(step: int, world: int) -> dict[str, Any]:
+    agreement = decide([worker.votes_for(step, rank, world) for rank in range(world)])
+    if agreement.stop is not None and len(agreement.stop.encode()) > 4096:
+        agreement = Agreement(**{**agreement.__dict__, "stop": agreement.stop[:2048]})
+    return agreement.__dict__
+
+
+@pytest.fixture(scope="module")
+def lost(tmp_path_factory: pytest.TempPathFactory) -> Job:
+    """Four ranks agree; then rank 1 is killed, rank 2 hangs and ranks 0 and 3 go on."""
+    job = Job("agree_then_lose", 4, tmp_path_factory.mktemp("lost"), "1:kill", "2:hang")
+    try:
+        for rank in (0, 3):
+            job.ranks[rank].wait(timeout=120)
+    finally:
+        job.ranks[2].send_signal(signal.SIGKILL)
+        job.wait()
+    return job
+
+
+def test_ranks_agree_broadcast_and_gather(lost: Job) -> None:
+    expected = [expected_agreement(step, 4) for step in range(6)]
+    assert expected[1] == {"stop": "q pressed", "stopped_by": 1, "save": None, "name": None}
+    assert expected[2]["save"] == "every 2 steps"
+    for rank in (0, 3):
+        result = lost.result(rank)
+        assert result["agreements"] == expected
+        assert result["pipelined"] == expected
+        assert result["broadcast"] == {"from": 3, "list": [1, 2.5, None]}
+        assert result["gather"] == ["rank 0", "rank 1", "rank 2", "rank 3"]
+        assert (result["rank"], result["world_size"]) == (rank, 4)
+        assert len(set(result["hosts"])) == 4  # host name and pid of each rank
+
+
+def test_a_killed_and_a_hung_rank_are_named_instead_of_hanging(lost: Job) -> None:
+    for rank in (0, 3):
+        result = lost.result(rank)
+        first, again = result["errors"]
+        assert first["ranks"] == [1, 2]
+        assert first["hosts"] == result["hosts"][1:3]
+        assert "rank 1 (" in first["message"] and "rank 2 (" in first["message"]
+        assert "did not answer agree within 3 s" in first["message"]
+        assert again == first
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Job]:
+    """Two ranks save a DTensor state and a replicated one; rank 1 dies in a third save."""
+    workdir = tmp_path_factory.mktemp("sharded")
+    job = Job("save_then_die", 2, workdir, "3")
+    codes = job.wait()
+    assert codes[0] == 0, job.output(0)
+    assert codes[1] == -signal.SIGKILL, job.output(1)
+    return workdir, job
+
+
+def test_a_rank_dying_mid_save_leaves_nothing_visible(saved: tuple[Path, Job]) -> None:
+    workdir, job = saved
+    result = job.result(0)
+    assert result["error"] == "RankUnresponsive"
+    assert "rank 1 (" in result["message"]
+    # no partial checkpoint, no leftover temporary directory, the earlier ones intact
+    assert sorted(p.name for p in workdir.iterdir()) == ["ddp", "dtensor", "rank-0.json"]
+    state = worker.zeroed(worker.full_state())
+    load_sharded(state, workdir / "dtensor")
+    assert worker.plain(state) == worker.plain(worker.full_state())
+
+
+def test_a_value_that_differs_between_ranks_is_refused(saved: tuple[Path, Job]) -> None:
+    workdir, job = saved
+    refused = job.result(0)["refused"]
+    assert refused.startswith("UnsupportedState: 'seen' differs between rank 0 and rank 1")
+    assert not (workdir / "per-rank").exists()
+
+
+def test_a_sharded_checkpoint_is_json_and_safetensors(saved: tuple[Path, Job]) -> None:
+    from safetensors import safe_open
+
+    workdir, _ = saved
+    manifest = json.loads((workdir / "dtensor" / "manifest.json").read_text())
+    assert (manifest["step"], manifest["name"], manifest["world_size"]) == (7, "first", 2)
+    assert sorted(manifest["files"]) == ["rank-00000.safetensors", "rank-00001.safetensors"]
+    chunks = manifest["dcp"]["state"]["model.w"]["chunks"]
+    assert chunks == [[[0, 0], [5, 6]], [[5, 0], [5, 6]]]
+    assert manifest["dcp"]["state"]["optim.config.betas"] == {"kind": "bytes"}
+    full = worker.full_state()
+    with safe_open(str(workdir / "dtensor" / "rank-00001.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("model.w@5,0"), full["model"]["w"][5:])
+    for path in (workdir / "dtensor").iterdir():
+        assert b"\x80\x04" not in path.read_bytes()[:64]  # no pickle stream anywhere
+
+
+def test_replicated_tensors_are_written_once_spread_over_ranks(saved: tuple[Path, Job]) -> None:
+    workdir, _ = saved
+    manifest = json.loads((workdir / "ddp" / "manifest.json").read_text())
+    stored = [row["fqn"] for row in manifest["dcp"]["storage"]]
+    assert sorted(stored) == ["model.b", "model.w", "rank0_only.step"]
+    writers = {row["file"] for row in manifest["dcp"]["storage"]}
+    assert len(writers) == 2  # both ranks wrote a part
+    state = {"model": worker.zeroed(worker.full_state()["model"]), "rank0_only": {"step": None}}
+    load_sharded(state, workdir / "ddp")
+    assert worker.plain(state["model"]) == worker.plain(worker.full_state()["model"])
+    assert state["rank0_only"] == {"step": 1}
+
+
+def test_saved_on_two_loads_resharded_on_three(saved: tuple[Path, Job]) -> None:
+    workdir, _ = saved
+    job = run_job("load_resharded", 3, workdir)
+    expected = worker.plain(worker.full_state())
+    for rank in range(3):
+        assert job.result(rank)["state"] == expected
+
+
+def test_a_flipped_byte_is_caught_on_load(saved: tuple[Path, Job], tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(saved[0] / "dtensor", copy)
+    data = copy / "rank-00001.safetensors"
+    raw = bytearray(data.read_bytes())
+    raw[-20] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCheckpoint, match="fails its checksum"):
+        load_sharded(worker.zeroed(worker.full_state()), copy)
+    manifest = copy / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"step": 7', '"step": 8'))
+    with pytest.raises(CorruptCheckpoint, match="own checksum"):
+        load_sharded(worker.zeroed(worker.full_state()), copy)
+
+
+def test_one_process_save_refuses_what_json_cannot_hold(tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedState, match=r"'extra\.fn'"):
+        save_sharded({"w": torch.ones(2), "extra": {"fn": print}}, tmp_path / "c")
+    assert list(tmp_path.iterdir()) == []
+    save_sharded({"w": torch.ones(2)}, tmp_path / "c")
+    with pytest.raises(CheckpointExists):
+        save_sharded({"w": torch.ones(2)}, tmp_path / "c")
+    with pytest.raises(StateMismatch, match="w2"):
+        load_sharded({"w2": torch.zeros(2)}, tmp_path / "c")
+
+
+def test_pickling_planners_are_refused(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from killsafe.distributed import ShardedReader, ShardedWriter
+    from killsafe.errors import ConfigError
+
+    tensors = {"w": torch.arange(4.0), "b": torch.ones(2, dtype=torch.int32)}
+    dcp.save(tensors, storage_writer=ShardedWriter(tmp_path / "t"), no_dist=True)
+    loaded = {"w": torch.zeros(4), "b": torch.zeros(2, dtype=torch.int32)}
+    dcp.load(loaded, storage_reader=ShardedReader(tmp_path / "t"), no_dist=True)
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+
+    state = {"w": torch.ones(2), "step": 3}
+    with pytest.raises(CheckpointException) as caught:
+        dcp.save(state, storage_writer=ShardedWriter(tmp_path / "c"), no_dist=True)
+    assert any(isinstance(error, ConfigError) for error, _ in caught.value.failures.values())
+    assert not (tmp_path / "c").exists()
+    save_sharded(state, tmp_path / "c")
+    with pytest.raises(CheckpointException) as caught:
+        dcp.load(state, storage_reader=ShardedReader(tmp_path / "c"), no_dist=True)
+    assert any(isinstance(error, ConfigError) for error, _ in caught.value.failures.values())
+
+
+def test_a_hostile_manifest_is_corrupt_not_a_crash(tmp_path: Path) -> None:
+    from killsafe.distributed.manifest import self_checksum
+
+    save_sharded({"w": torch.arange(6.0).reshape(2, 3), "step": 3}, tmp_path / "c")
+    path = tmp_path / "c" / "manifest.json"
+    original = json.loads(path.read_text())
+    hostile = [
+        lambda m: m["dcp"]["state"]["w"].update(chunks="x"),
+        lambda m: m["dcp"]["state"]["w"].update(dtype="Tensor"),
+        lambda m: m["dcp"]["storage"][0].update(end=10**12),
+        lambda m: m["dcp"]["storage"][0].update(file="../../etc/passwd"),
+        lambda m: m["dcp"].update(storage=[]),
+    ]
+    for change in hostile:
+        manifest = json.loads(json.dumps(original))
+        change(manifest)
+        manifest["manifest_xxh3"] = self_checksum(manifest)
+        path.write_text(json.dumps(manifest))
+        with pytest.raises(CorruptCheckpoint):
+            load_sharded({"w": torch.zeros(2, 3), "step": None}, tmp_path / "c")
