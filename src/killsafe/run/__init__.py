@@ -3,6 +3,7 @@
 ``Run`` (``facade``) holds its configuration (``config``) and delegates to
 small parts, one concept each:
 
+- ``opening``: a session opened: resume, the parts wired, records started;
 - ``position``: where the loop is (steps completed, this session's start);
 - ``boundary``: at each step boundary, one ``Decision`` (stop? save? why?
   under which name?) agreed through a ``Coordinator``, then acted on;

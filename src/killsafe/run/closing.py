@@ -69,10 +69,10 @@ class Closer:
 
     # -- why it ended ----------------------------------------------------------
 
-    def exit_normally(self, boundary: StepBoundary | None) -> None:
+    def exit_normally(self, boundary: StepBoundary) -> None:
         """The with-block ended without an exception: the last boundary, then the last save."""
         self._position.close_open_step()
-        if self._ending.reason is None and boundary is not None:
+        if self._ending.reason is None:
             boundary.end(exiting=True)
         if self._ledger.requested:
             self._ledger.commit_requested()
@@ -101,8 +101,14 @@ class Closer:
 
     # -- teardown --------------------------------------------------------------
 
-    def close(self, exc: BaseException | None) -> None:
-        """Stop watching, let the store finish, record the end, then tell the user."""
+    def close(self, exc: BaseException | None, *, finished_at_start: bool = False) -> None:
+        """Stop watching, let the store finish, record the end, then tell the user.
+
+        A run found finished at its start writes none of its records.
+        """
+        if finished_at_start:
+            self._close_finished(exc)
+            return
         self._services.stop_keyboard()
         self._stops.interrupts.restore()
         status = self._ending.status()
@@ -121,8 +127,7 @@ class Closer:
             self._call_final(exc, status)
             self._services.close_server()
 
-    def close_finished(self, exc: BaseException | None) -> None:
-        """Close a run that was finished at its start, writing none of its records."""
+    def _close_finished(self, exc: BaseException | None) -> None:
         try:
             self._store.close()
         finally:

@@ -34,60 +34,37 @@ import os
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from killsafe.distributed.coordinator import Coordinator, LocalCoordinator
+from killsafe.distributed.coordinator import LocalCoordinator
 from killsafe.errors import ConfigError
 from killsafe.policy import SavePolicy, StopPolicy
 from killsafe.run.best import BestTracker
-from killsafe.run.boundary import StepBoundary
 from killsafe.run.callbacks import Callbacks
-from killsafe.run.closing import Closer, write_report
+from killsafe.run.closing import write_report
 from killsafe.run.config import Callback, RunConfig, keywords_from_args
-from killsafe.run.control import ControlInbox
 from killsafe.run.ending import Ending
-from killsafe.run.ledger import Ledger, SaveHooks
+from killsafe.run.ledger import SaveHooks
 from killsafe.run.metrics import LoggedMetrics
+from killsafe.run.opening import Opened, Parts, open_session
 from killsafe.run.position import Position
-from killsafe.run.resume import Resume
 from killsafe.run.services import Services
-from killsafe.run.session import (
-    EventLog,
-    SessionRecord,
-    StatusFigures,
-    refuse_if_attached,
-    update_run_json,
-)
+from killsafe.run.session import EventLog, SessionRecord, StatusFigures, update_run_json
 from killsafe.run.stops import Stops
-from killsafe.run.tree import checkpoint_tree, load_run_state
+from killsafe.run.tree import checkpoint_tree
 
 if TYPE_CHECKING:
     import argparse
 
     from killsafe.format import CheckpointInfo
     from killsafe.preflight import Preflight
-    from killsafe.store import CheckpointStore
 
 __all__ = ["RESUME_ENV", "Run"]
 
 RESUME_ENV = "KILLSAFE_RESUME"
 """Environment variable that overrides ``resume`` (``killsafe run`` sets it to ``auto``)."""
-
-
-@dataclass
-class _Opened:
-    """The parts of a session, made when the with-block is entered."""
-
-    store: CheckpointStore
-    rng: Any
-    resume: Resume
-    session: SessionRecord
-    ledger: Ledger
-    boundary: StepBoundary
-    closer: Closer
 
 
 class Run:
@@ -219,20 +196,22 @@ class Run:
         self.total_steps: int | None = self._config.total_steps
         self.state: dict[str, Any] = {}
         """The tracked objects by name; assign here to update a tracked plain value."""
-        self._position = Position()
-        self._stops = Stops(self._config.signals)
-        self._ending = Ending()
-        self._metrics = LoggedMetrics()
-        self._best = BestTracker(self._config.watched_metrics())
-        self._services = Services(self._config)
-        self._callbacks = Callbacks(self, self._config.callbacks)
-        self._coordinator: Coordinator = LocalCoordinator()
-        self._session_id = uuid.uuid4().hex[:12]  # tags the control requests it accepts
-        self._opened: _Opened | None = None
+        self._parts = Parts(
+            config=self._config,
+            position=Position(),
+            stops=Stops(self._config.signals),
+            ending=Ending(),
+            metrics=LoggedMetrics(),
+            best=BestTracker(self._config.watched_metrics()),
+            services=Services(self._config),
+            callbacks=Callbacks(self, self._config.callbacks),
+            coordinator=LocalCoordinator(),
+            session_id=uuid.uuid4().hex[:12],  # tags the control requests it accepts
+        )
+        self._opened: Opened | None = None
         self._entered = False
         self._exited = False
         self._loop_started = False
-        self._already_finished = False  # found finished at the start: records stay as they are
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **options: Any) -> Run:
@@ -267,15 +246,18 @@ class Run:
             compression=config.compression,
             snapshot=config.snapshot,
         )
-        events = EventLog(self.directory)
         session = SessionRecord(
-            self.directory, self._session_id, events, self._status_figures, self._live_state
+            self.directory,
+            self._parts.session_id,
+            EventLog(self.directory),
+            self._status_figures,
+            self._live_state,
         )
         try:
-            self._open_session(store, rng, events, session)
+            self._opened = open_session(self._parts, store, rng, session, self._save_hooks(session))
         except BaseException as exc:
-            self._services.stop_keyboard()
-            self._stops.interrupts.restore()
+            self._parts.services.stop_keyboard()
+            self._parts.stops.interrupts.restore()
             session.stop_heartbeat()
             store.close()
             if isinstance(exc, OSError):  # the run files could not be written
@@ -296,17 +278,14 @@ class Run:
         if self._exited or self._opened is None:
             return
         self._exited = True
-        closer = self._opened.closer
+        opened = self._opened
         try:
             if exc is None:
-                closer.exit_normally(None if self._already_finished else self._opened.boundary)
+                opened.closer.exit_normally(opened.boundary)
             else:
-                closer.exit_on_exception(exc)
+                opened.closer.exit_on_exception(exc)
         finally:
-            if self._already_finished:
-                closer.close_finished(exc)
-            else:
-                closer.close(exc)
+            opened.closer.close(exc, finished_at_start=opened.finished)
 
     # -- what the loop calls ----------------------------------------------
 
@@ -349,9 +328,9 @@ class Run:
         opened.resume.restore_rng(opened.rng)
         boundary = opened.boundary
         boundary.loop_clock = time.monotonic()
-        assert self._services.progress is not None
-        self._services.progress.start()
-        position, ending, stops = self._position, self._ending, self._stops
+        assert self._parts.services.progress is not None
+        self._parts.services.progress.start()
+        position, ending, stops = self._parts.position, self._parts.ending, self._parts.stops
         total = self._config.total_steps
         while total is None or position.step < total:
             if ending.reason is not None:
@@ -370,15 +349,15 @@ class Run:
     def log(self, **metrics: Any) -> None:
         """Record metrics for the current step: history, progress, best values, policies."""
         self._require_open("log")
-        if self._already_finished:
+        if self._finished_at_start:
             return  # the history of a finished run is not rewritten
-        step = self._position.logged_step()
-        history, progress = self._services.history, self._services.progress
+        step = self._parts.position.logged_step()
+        history, progress = self._parts.services.history, self._parts.services.progress
         assert history is not None and progress is not None
         history.append(step, metrics)
-        self._metrics.log(metrics)
-        self._best.log(step, metrics)
-        progress.log(step, metrics, best=self._best.records)
+        self._parts.metrics.log(metrics)
+        self._parts.best.log(step, metrics)
+        progress.log(step, metrics, best=self._parts.best.records)
 
     def save(self, name: str | None = None) -> None:
         """Ask for a checkpoint: at the next step boundary inside the loop, at once outside it.
@@ -390,25 +369,25 @@ class Run:
             from killsafe.store import sanitize_name
 
             sanitize_name(name)  # InvalidName now, not at the next boundary
-        if self._already_finished:
+        if self._finished_at_start:
             return  # its final checkpoint is the state: nothing new to keep
         opened.ledger.ask(None, name)
-        if not self._position.in_step:
+        if not self._parts.position.in_step:
             opened.ledger.commit_requested()
 
     def stop(self, reason: str = "stop") -> None:
         """Ask the loop to stop at the next step boundary, with a checkpoint and ``reason``."""
-        self._stops.request(reason)
+        self._parts.stops.request(reason)
 
     @property
     def should_stop(self) -> bool:
         """Whether a stop was requested: check it in long inner loops (an evaluation)."""
-        return self._stops.pending() is not None
+        return self._parts.stops.pending() is not None
 
     @property
     def step(self) -> int:
         """Steps completed so far (in all sessions)."""
-        return self._position.step
+        return self._parts.position.step
 
     @property
     def resumed_from(self) -> CheckpointInfo | None:
@@ -418,7 +397,7 @@ class Run:
     @property
     def exit_reason(self) -> str | None:
         """Why the run ended: ``finished``, a stop reason, ``error`` or ``keyboard:forced``."""
-        return self._ending.reason
+        return self._parts.ending.reason
 
     @property
     def last_checkpoint(self) -> CheckpointInfo | None:
@@ -443,8 +422,8 @@ class Run:
 
     def set_phase(self, name: str | None) -> None:
         """Name what the loop is doing now ("training", "evaluation"); shown in progress."""
-        if self._services.progress is not None:
-            self._services.progress.set_phase(name)
+        if self._parts.services.progress is not None:
+            self._parts.services.progress.set_phase(name)
 
     def count(self, name: str, value: float, total: float | None = None) -> None:
         """Set a counter of your own, shown in progress, ``status.json`` and the report.
@@ -453,8 +432,8 @@ class Run:
         games, total=1000)``); ``total`` is kept until given again. The report
         gives its rate per second (games/s).
         """
-        if self._services.progress is not None:
-            self._services.progress.count(name, value, total)
+        if self._parts.services.progress is not None:
+            self._parts.services.progress.count(name, value, total)
 
     def preflight(self, checks: Any = (), **options: Any) -> Preflight:
         """A ``preflight.Preflight`` for this run's directory, tracked state and ``keep_last``.
@@ -473,129 +452,38 @@ class Run:
             **options,
         )
 
-    # -- the parts, assembled ---------------------------------------------
-
-    def _open_session(
-        self, store: CheckpointStore, rng: Any, events: EventLog, session: SessionRecord
-    ) -> None:
-        config, position = self._config, self._position
-        refuse_if_attached(self.directory)
-        resume = Resume(store, self.directory, config.store_dir, config.resume, clear=config.clear)
-        info = resume.choose()
-        ledger = Ledger(
-            store,
-            position,
-            events,
-            self._ending,
-            self._save_hooks(session),
-            async_save=config.async_save,
-            if_busy=config.if_busy,
-        )
-        if info is not None:
-            ledger.resumed(info)
-            position.step = int(info.step)
-            load_run_state(resume.run_state, self._best, config.stop_policies)
-        position.session_start = position.step
-        started_wall, started_clock = time.time(), time.monotonic()
-        finished = info is not None and config.total_steps is not None
-        finished = finished and position.step >= (config.total_steps or 0)
-        if finished:
-            progress = self._services.open_quiet(position.step)
-        else:
-            progress = self._services.open_display(position.step, resumed=bool(info))
-        inbox = ControlInbox(
-            self.directory,
-            self._session_id,
-            started_wall,
-            events,
-            ask_save=ledger.ask,
-            ask_stop=self._stops.request,
-        )
-        boundary = StepBoundary(
-            total_steps=config.total_steps,
-            save_policy=config.save_policy,
-            stop_policies=config.stop_policies,
-            position=position,
-            stops=self._stops,
-            ending=self._ending,
-            metrics=self._metrics,
-            best=self._best,
-            ledger=ledger,
-            inbox=inbox,
-            session=session,
-            progress=progress,
-            events=events,
-            coordinator=self._coordinator,
-            started_clock=started_clock,
-        )
-        closer = Closer(
-            config=config,
-            position=position,
-            ending=self._ending,
-            stops=self._stops,
-            services=self._services,
-            store=store,
-            session=session,
-            inbox=inbox,
-            ledger=ledger,
-            best=self._best,
-            events=events,
-            callbacks=self._callbacks,
-            started_clock=started_clock,
-        )
-        self._opened = _Opened(store, rng, resume, session, ledger, boundary, closer)
-        if finished:
-            assert info is not None
-            self._open_finished(info)
-            return
-        if info is not None:
-            progress.checkpoint_saved(info.step, info.path)
-        session.write_start(info, position.step, started_wall, config.record())
-        self._stops.interrupts.install()
-        self._services.start_keyboard(self._stops.interrupts)
-        self._services.start_server()
-        session.write_status("running")
-        session.start_heartbeat(started_clock)
-
-    def _open_finished(self, info: CheckpointInfo) -> None:
-        """A start that finds the run finished: nothing to run, nothing to record.
-
-        The loop yields no step, and run.json, status.json, the history, the
-        events and the report stay as the finishing session left them (a
-        session of zero steps would wipe its figures). The tracked objects are
-        still restored, for an evaluation after the loop.
-        """
-        self._already_finished = True
-        self._ending.reason = "finished"
-        self._services.say(
-            f"killsafe: {self.directory} already finished at step {self._position.step} of "
-            f"{self.total_steps} (checkpoint {info.path}); nothing to run, records kept; "
-            "raise total_steps to continue it"
-        )
+    # -- what the parts read of the run ----------------------------------
 
     def _save_hooks(self, session: SessionRecord) -> SaveHooks:
         return SaveHooks(
             tree=self._checkpoint_tree,
-            metrics=self._metrics.plain,
+            metrics=self._parts.metrics.plain,
             metadata=session.metadata,
-            before_write=self._services.flush_history,
-            committed=self._services.checkpoint_shown,
-            saved=lambda info: self._callbacks.call("on_save", info),
+            before_write=self._parts.services.flush_history,
+            committed=self._parts.services.checkpoint_shown,
+            saved=lambda info: self._parts.callbacks.call("on_save", info),
         )
 
     def _checkpoint_tree(self) -> dict[str, Any]:
         rng = self._opened.rng if self._opened is not None else None
-        return checkpoint_tree(self.state, self._best, self._config.stop_policies, rng)
+        return checkpoint_tree(self.state, self._parts.best, self._config.stop_policies, rng)
 
     def _status_figures(self) -> StatusFigures:
-        progress = self._services.progress
+        progress = self._parts.services.progress
         assert progress is not None
-        return StatusFigures(progress.snapshot(), self._position.step, self._ending.reason)
+        return StatusFigures(
+            progress.snapshot(), self._parts.position.step, self._parts.ending.reason
+        )
 
     def _live_state(self) -> str:
-        return "stopping" if self._stops.pending() is not None else "running"
+        return "stopping" if self._parts.stops.pending() is not None else "running"
 
-    def _require_open(self, what: str) -> _Opened:
+    @property
+    def _finished_at_start(self) -> bool:
+        """Found finished when entered: nothing runs, its records stay as they are."""
+        return self._opened is not None and self._opened.finished
+
+    def _require_open(self, what: str) -> Opened:
         if not self._entered or self._exited or self._opened is None:
             raise ConfigError(
                 f"run.{what}() needs an open run: use it inside `with Run(...) as run:`"
@@ -606,7 +494,11 @@ class Run:
 
     @property
     def _server(self) -> Any:
-        return self._services.server
+        return self._parts.services.server
+
+    @property
+    def _progress(self) -> Any:
+        return self._parts.services.progress
 
     @property
     def _heartbeat(self) -> Any:

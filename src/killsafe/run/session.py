@@ -93,7 +93,7 @@ class SessionRecord:
         self.session_id = session_id
         self.run_id = ""
         self.index = -1
-        self._events = events
+        self.events = events
         self._figures = figures
         self._live_state = live_state
         self._lock = threading.Lock()
@@ -134,10 +134,10 @@ class SessionRecord:
 
         self.update_run_json(update)
         if info is not None:
-            self._events.append("resumed", step, path=str(info.path), reason=info.reason)
+            self.events.append("resumed", step, path=str(info.path), reason=info.reason)
             logger.info("resumed from %s at step %d", info.path, info.step)
         else:
-            self._events.append("started", step)
+            self.events.append("started", step)
 
     def write_end(
         self,
