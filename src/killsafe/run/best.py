@@ -18,7 +18,8 @@ class BestTracker:
 
     ``records`` maps a metric to ``{"value", "step"}`` (shown in progress, the
     summary and ``status.json``, saved with each checkpoint). Policies see the
-    best values *before* the step's own metrics (``for_policies``), so that a
+    best values *before* the step's own metrics (``for_policies``, kept as
+    an attribute: it is read after every step), so that a
     step that improves a metric can be recognised as an improvement.
     """
 
@@ -28,11 +29,13 @@ class BestTracker:
         self.records: dict[str, dict[str, Any]] = {}
         self._values: dict[str, float] = {}
         self._before_step: dict[str, float] | None = None
+        # The best values as they were before the step under way logged anything.
+        self.for_policies: Mapping[str, float] = self._values
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Take the metrics logged at ``step`` into account."""
         if self._before_step is None:
-            self._before_step = dict(self._values)
+            self._before_step = self.for_policies = dict(self._values)
         self._learn_directions(metrics)
         for name, mode in self._watched.items():
             value = as_float(metrics.get(name))
@@ -43,13 +46,9 @@ class BestTracker:
                 self.records[name] = {"value": value, "step": step}
                 self._values[name] = value
 
-    def for_policies(self) -> Mapping[str, float]:
-        """The best values as they were before the step under way logged anything."""
-        before = self._before_step
-        return self._values if before is None else before
-
     def next_step(self) -> None:
         self._before_step = None
+        self.for_policies = self._values
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
         return {k: dict(v) for k, v in self.records.items()}
@@ -57,6 +56,8 @@ class BestTracker:
     def load_state_dict(self, saved: Mapping[str, Any]) -> None:
         self.records = {k: dict(v) for k, v in saved.items()}
         self._values = {k: v["value"] for k, v in self.records.items()}
+        if self._before_step is None:
+            self.for_policies = self._values
 
     def _learn_directions(self, metrics: Mapping[str, Any]) -> None:
         for name in metrics:

@@ -127,26 +127,30 @@ class StepBoundary:
         self._session = session
         self._progress = progress
         self._events = events
-        self._coordinator = coordinator
+        self._agree = coordinator.agree
         self._started_clock = started_clock
         self.loop_clock = 0.0  # when steps() started the loop
         self._announced = False
 
     def end(self, *, exiting: bool = False) -> None:
         """The boundary after a step (``exiting``: the loop ends here whatever is decided)."""
+        # Runs after every step: the common path is a few attribute reads and calls.
         now = time.monotonic()
-        self._observe(now)
-        decision = self.decide(now, exiting)
-        agreement = self._coordinator.agree(vote_for(decision))
-        self._act(now, settle(decision, agreement))
-
-    def _observe(self, now: float) -> None:
         ledger = self._ledger
         if ledger.pending is not None:
-            ledger.collect()
+            ledger.collect()  # a background save that finished (its failure is raised here)
         step = self._position.step
         self._progress.update(step)
-        self._inbox.poll_if_due(now, step)
+        inbox = self._inbox
+        if now >= inbox.next_poll:
+            inbox.poll_at(now, step)
+        decision = self.decide(now, exiting)
+        agreement = self._agree(_IDLE_VOTE if decision is NOTHING else vote_for(decision))
+        if agreement.stop is None and agreement.save is None:
+            if now >= self._session.next_status:
+                self._session.write_status_at(now, "running")
+            return
+        self._act(now, settle(decision, agreement))
 
     def decide(self, now: float, exiting: bool) -> Decision:
         """Ask the stop and save policies; changes nothing but the policies' own counters."""
@@ -154,8 +158,9 @@ class StepBoundary:
         finished = self._total is not None and step >= self._total
         stop_reason = self._stops.pending()
         boundary = self._policy_view(now, exiting or finished or stop_reason is not None)
-        self._best.next_step()
-        self._metrics.next_step()
+        if self._metrics.step:  # the policies keep this step's; the next step starts afresh
+            self._metrics.next_step()
+            self._best.next_step()
         for policy in self._stop_policies:
             reason = policy.should_stop(boundary)
             if reason is not None:
@@ -163,22 +168,27 @@ class StepBoundary:
         if stop_reason is None and self._stops.pending() is not None:
             stop_reason = self._stops.pending()
             boundary = boundary._replace(exiting=True)
+        save_reason = self._save_policy.should_save(boundary)
+        if not (save_reason or boundary.exiting):
+            return NOTHING
+        if boundary.exiting and not boundary.requested and step == self._position.session_start:
+            save_reason = None  # no step ran in this session: nothing new to keep
+        return self._decision(boundary.exiting, finished, stop_reason, save_reason)
+
+    def _decision(
+        self, exiting: bool, finished: bool, stop_reason: str | None, save_reason: str | None
+    ) -> Decision:
         exit_reason = None
-        if boundary.exiting:
+        if exiting:
             # Left early without a stop request (a `break`, no loop at all):
             # finished only when there was no step count to reach.
             complete = finished or self._total is None
             exit_reason = stop_reason or ("finished" if complete else "exit")
-        save_reason = self._save_policy.should_save(boundary)
-        if boundary.exiting and not boundary.requested and step == self._position.session_start:
-            save_reason = None  # no step ran in this session: nothing new to keep
-        if not (save_reason or boundary.exiting):
-            return NOTHING
         if save_reason == "exit":  # OnExit's: the checkpoint says why the run ends
             save_reason = exit_reason or save_reason
         ledger = self._ledger
         return Decision(
-            stop=boundary.exiting,
+            stop=exiting,
             stop_reason=exit_reason,
             asked=stop_reason is not None,
             save=bool(save_reason),
@@ -199,10 +209,10 @@ class StepBoundary:
             now - since,
             ledger.last_save_step,
             self._metrics.step,
-            self._best.for_policies(),
+            self._best.for_policies,
             (now - self.loop_clock) / ran if ran > 0 else 0.0,
             exiting,
-            ledger.requested,
+            bool(ledger.requests),
         )
 
     def _act(self, now: float, decision: Decision) -> None:
@@ -213,7 +223,8 @@ class StepBoundary:
         if decision.save:
             assert decision.save_reason is not None
             self._ledger.commit(decision.save_reason, decision.name, decision.note)
-        self._session.write_status_if_due(now, "stopping" if decision.asked else "running")
+        if now >= self._session.next_status:
+            self._session.write_status_at(now, "stopping" if decision.asked else "running")
 
     def _announce_stop(self, reason: str | None) -> None:
         if self._announced:

@@ -50,10 +50,10 @@ class ControlInbox:
         """The id of the first stop request acted on, if a request stopped the run."""
         return self.stop_request_ids[0] if self.stop_request_ids else None
 
-    def poll_if_due(self, now: float, step: int) -> None:
-        if now >= self.next_poll:
-            self.next_poll = now + CONTROL_POLL_SECONDS
-            self.poll(step)
+    def poll_at(self, now: float, step: int) -> None:
+        """Read the requests now; the next read is due ``CONTROL_POLL_SECONDS`` later."""
+        self.next_poll = now + CONTROL_POLL_SECONDS
+        self.poll(step)
 
     def poll(self, step: int) -> None:
         for path, request in runfiles.pending_requests(self._directory):

@@ -79,7 +79,7 @@ class Ledger:
         self.last_info: CheckpointInfo | None = None
         self.last_save_step: int | None = None
         self.last_save_clock: float | None = None
-        self._requests: list[Request] = []
+        self.requests: list[Request] = []  # asked, not answered yet; read, never changed, outside
         self._notes: dict[str, str] = {}  # request id -> the note given with it
         # Requests answered by the background save in flight, not by a later one.
         self._inflight: list[Request] = []
@@ -88,20 +88,21 @@ class Ledger:
 
     def ask(self, request_id: str | None, name: str | None, note: str | None = None) -> None:
         """A save was asked for (``run.save()`` or a control request)."""
-        self._requests.append((request_id, name))
+        self.requests.append((request_id, name))
         if request_id is not None and note:
             self._notes[request_id] = note
 
     @property
     def requested(self) -> bool:
-        return bool(self._requests)
+        """Whether a save was asked for and not answered yet."""
+        return bool(self.requests)
 
     def requested_name(self) -> str | None:
-        return next((name for _, name in self._requests if name), None)
+        return next((name for _, name in self.requests if name), None)
 
     def requested_note(self) -> str | None:
         notes = self._notes
-        return next((notes[rid] for rid, _ in self._requests if rid in notes), None)
+        return next((notes[rid] for rid, _ in self.requests if rid in notes), None)
 
     def resumed(self, info: CheckpointInfo) -> None:
         """The session starts from ``info``: it counts as saved at its step."""
@@ -135,8 +136,8 @@ class Ledger:
         step = self._position.step
         if self.last_save_step == step and self.pending is not None:
             # The save of this step in flight answers the requests.
-            self._inflight += self._requests
-            self._requests = []
+            self._inflight += self.requests
+            self.requests = []
             return None
         if self.last_save_step == step and self.last_info is not None:
             self._answer(self.last_info)
@@ -162,7 +163,7 @@ class Ledger:
             self.pending = result
             # The requests travel with this save; one that arrives while it is
             # written asks for a later checkpoint (and must not re-save this one).
-            self._inflight, self._requests = self._requests, []
+            self._inflight, self.requests = self.requests, []
             return None
         return self._saved(result, reason)
 
@@ -211,7 +212,7 @@ class Ledger:
         metadata = self._hooks.metadata()
         if note is not None:
             metadata["note"] = note  # given with a save request (the dashboard's note)
-        request_id = next((rid for rid, n in self._requests if rid and n == name), None)
+        request_id = next((rid for rid, n in self.requests if rid and n == name), None)
         if name is not None and request_id is not None:
             metadata["request_id"] = request_id  # the server caps request-named checkpoints
 
@@ -261,7 +262,7 @@ class Ledger:
         """A ``saved`` event for each request (``requests``, else the pending ones);
         one plain event for a new checkpoint."""
         if requests is None:
-            requests, self._requests = self._requests, []
+            requests, self.requests = self.requests, []
         answers: list[str | None] = [rid for rid, _ in requests if rid is not None]
         if new and not answers:
             answers = [None]
@@ -281,6 +282,6 @@ class Ledger:
         """A ``save-failed`` event for each request (``requests``, else the pending ones)."""
         logger.error("checkpoint at step %d failed: %s", step, exc)
         if requests is None:
-            requests, self._requests = self._requests, []
+            requests, self.requests = self.requests, []
         for rid in [rid for rid, _ in requests] or [None]:
             self._events.append("save-failed", step, error=str(exc), request_id=rid)

@@ -77,8 +77,9 @@ class SessionRecord:
 
     ``figures`` returns what ``status.json`` shows of the loop; ``live_state``
     says ``running`` or ``stopping`` for the heartbeat. The loop rewrites
-    ``status.json`` between steps (``write_status_if_due``); during one long
-    step the heartbeat thread does, so readers still see a live run.
+    ``status.json`` between steps (``write_status_at``, when ``next_status``
+    is due); during one long step the heartbeat thread does, so readers
+    still see a live run.
     """
 
     def __init__(
@@ -179,10 +180,10 @@ class SessionRecord:
 
     # -- status.json ---------------------------------------------------------
 
-    def write_status_if_due(self, now: float, state: str) -> None:
-        if now >= self.next_status:
-            self.next_status = now + runfiles.STATUS_INTERVAL
-            self.write_status(state)
+    def write_status_at(self, now: float, state: str) -> None:
+        """The loop's own rewrite, due at ``next_status``; the next one is an interval later."""
+        self.next_status = now + runfiles.STATUS_INTERVAL
+        self.write_status(state)
 
     def write_status(self, state: str, *, heartbeat: bool = False) -> None:
         with self._lock:
