@@ -1,0 +1,237 @@
+"""The step boundary: observe, decide one ``Decision``, agree on it, then act.
+
+After the body of a step returns, the boundary
+
+1. observes: a background save that finished, control requests, signals,
+   the stop policies and the time limit;
+2. decides one value, ``Decision``: does the loop stop here and why, is a
+   checkpoint due and why, under which name;
+3. hands it to the coordinator as a ``Vote`` and receives the ``Agreement``
+   (one process: the identity; many: every rank acts alike);
+4. acts on the agreed decision: announces a stop, records the exit reason,
+   commits the checkpoint, rewrites ``status.json`` when due.
+
+It runs after every step, so the common case (nothing to do) costs a few
+attribute reads and no allocation beyond the policies' ``Boundary``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import NamedTuple
+
+from killsafe.distributed.coordinator import Agreement, Coordinator, Vote
+from killsafe.policy import AnyOf, Boundary, StopPolicy
+from killsafe.progress import Progress
+from killsafe.run.best import BestTracker
+from killsafe.run.control import ControlInbox
+from killsafe.run.ending import Ending
+from killsafe.run.ledger import Ledger
+from killsafe.run.metrics import LoggedMetrics
+from killsafe.run.position import Position
+from killsafe.run.session import EventLog, SessionRecord
+from killsafe.run.stops import Stops
+
+__all__ = ["NOTHING", "Decision", "StepBoundary", "settle", "vote_for"]
+
+logger = logging.getLogger("killsafe")
+
+
+class Decision(NamedTuple):
+    """What the loop does at one step boundary, decided before anything is done.
+
+    ``stop``: the loop ends here; ``stop_reason``: why (a stop's reason such
+    as ``signal:SIGTERM``, ``request``, ``time-limit``, or ``finished``, or
+    ``exit`` when the loop was left early); ``asked``: the stop was asked for
+    (a signal, a request, a policy), so it is announced. ``save``: a
+    checkpoint is due, for ``save_reason``, named ``name`` (a request's),
+    with ``note`` (a request's note).
+    """
+
+    stop: bool = False
+    stop_reason: str | None = None
+    asked: bool = False
+    save: bool = False
+    save_reason: str | None = None
+    name: str | None = None
+    note: str | None = None
+
+
+NOTHING = Decision()
+_IDLE_VOTE = Vote()
+
+
+def vote_for(decision: Decision) -> Vote:
+    """The vote this process casts for ``decision``."""
+    if decision is NOTHING:
+        return _IDLE_VOTE
+    return Vote(
+        stop=decision.stop_reason if decision.stop else None,
+        save=decision.save_reason if decision.save else None,
+        name=decision.name if decision.save else None,
+    )
+
+
+def settle(decision: Decision, agreement: Agreement) -> Decision:
+    """The decision every process acts on: ``agreement``, with this process's note.
+
+    A stop another process asked for is announced here too.
+    """
+    if agreement.stop is None and agreement.save is None:
+        return NOTHING
+    stop = agreement.stop is not None
+    return Decision(
+        stop=stop,
+        stop_reason=agreement.stop,
+        asked=stop and (decision.asked or not decision.stop),
+        save=agreement.save is not None,
+        save_reason=agreement.save,
+        name=agreement.name,
+        note=decision.note if agreement.save is not None else None,
+    )
+
+
+class StepBoundary:
+    """Decides and acts at each step boundary of one session."""
+
+    def __init__(
+        self,
+        *,
+        total_steps: int | None,
+        save_policy: AnyOf,
+        stop_policies: tuple[StopPolicy, ...],
+        position: Position,
+        stops: Stops,
+        ending: Ending,
+        metrics: LoggedMetrics,
+        best: BestTracker,
+        ledger: Ledger,
+        inbox: ControlInbox,
+        session: SessionRecord,
+        progress: Progress,
+        events: EventLog,
+        coordinator: Coordinator,
+        started_clock: float,
+    ) -> None:
+        self._total = total_steps
+        self._save_policy = save_policy
+        self._stop_policies = stop_policies
+        self._position = position
+        self._stops = stops
+        self._ending = ending
+        self._metrics = metrics
+        self._best = best
+        self._ledger = ledger
+        self._inbox = inbox
+        self._session = session
+        self._progress = progress
+        self._events = events
+        self._agree = coordinator.agree
+        self._started_clock = started_clock
+        self.loop_clock = 0.0  # when steps() started the loop
+        self._announced = False
+
+    def end(self, *, exiting: bool = False) -> None:
+        """The boundary after a step (``exiting``: the loop ends here whatever is decided)."""
+        # Runs after every step: the common path is a few attribute reads and calls.
+        now = time.monotonic()
+        ledger = self._ledger
+        if ledger.pending is not None:
+            ledger.collect()  # a background save that finished (its failure is raised here)
+        step = self._position.step
+        self._progress.update(step)
+        inbox = self._inbox
+        if now >= inbox.next_poll:
+            inbox.poll_at(now, step)
+        decision = self.decide(now, exiting)
+        agreement = self._agree(_IDLE_VOTE if decision is NOTHING else vote_for(decision))
+        if agreement.stop is None and agreement.save is None:
+            if now >= self._session.next_status:
+                self._session.write_status_at(now, "running")
+            return
+        self._act(now, settle(decision, agreement))
+
+    def decide(self, now: float, exiting: bool) -> Decision:
+        """Ask the stop and save policies; changes nothing but the policies' own counters."""
+        step = self._position.step
+        finished = self._total is not None and step >= self._total
+        stop_reason = self._stops.pending()
+        boundary = self._policy_view(now, exiting or finished or stop_reason is not None)
+        if self._metrics.step:  # the policies keep this step's; the next step starts afresh
+            self._metrics.next_step()
+            self._best.next_step()
+        for policy in self._stop_policies:
+            reason = policy.should_stop(boundary)
+            if reason is not None:
+                self._stops.request(reason)
+        if stop_reason is None and self._stops.pending() is not None:
+            stop_reason = self._stops.pending()
+            boundary = boundary._replace(exiting=True)
+        save_reason = self._save_policy.should_save(boundary)
+        if not (save_reason or boundary.exiting):
+            return NOTHING
+        if boundary.exiting and not boundary.requested and step == self._position.session_start:
+            save_reason = None  # no step ran in this session: nothing new to keep
+        return self._decision(boundary.exiting, finished, stop_reason, save_reason)
+
+    def _decision(
+        self, exiting: bool, finished: bool, stop_reason: str | None, save_reason: str | None
+    ) -> Decision:
+        exit_reason = None
+        if exiting:
+            # Left early without a stop request (a `break`, no loop at all):
+            # finished only when there was no step count to reach.
+            complete = finished or self._total is None
+            exit_reason = stop_reason or ("finished" if complete else "exit")
+        if save_reason == "exit":  # OnExit's: the checkpoint says why the run ends
+            save_reason = exit_reason or save_reason
+        ledger = self._ledger
+        return Decision(
+            stop=exiting,
+            stop_reason=exit_reason,
+            asked=stop_reason is not None,
+            save=bool(save_reason),
+            save_reason=save_reason or None,
+            name=ledger.requested_name() if save_reason else None,
+            note=ledger.requested_note() if save_reason else None,
+        )
+
+    def _policy_view(self, now: float, exiting: bool) -> Boundary:
+        position = self._position
+        ledger = self._ledger
+        ran = position.step - position.session_start
+        last_save = ledger.last_save_clock
+        since = last_save if last_save is not None else self.loop_clock
+        return Boundary(
+            position.step,
+            now - self._started_clock,
+            now - since,
+            ledger.last_save_step,
+            self._metrics.step,
+            self._best.for_policies,
+            (now - self.loop_clock) / ran if ran > 0 else 0.0,
+            exiting,
+            bool(ledger.requests),
+        )
+
+    def _act(self, now: float, decision: Decision) -> None:
+        if decision.stop:
+            if decision.asked:
+                self._announce_stop(decision.stop_reason)
+            self._ending.reason = decision.stop_reason
+        if decision.save:
+            assert decision.save_reason is not None
+            self._ledger.commit(decision.save_reason, decision.name, decision.note)
+        if now >= self._session.next_status:
+            self._session.write_status_at(now, "stopping" if decision.asked else "running")
+
+    def _announce_stop(self, reason: str | None) -> None:
+        if self._announced:
+            return
+        self._announced = True
+        step = self._position.step
+        self._events.append(
+            "stop-requested", step, reason=reason, request_id=self._inbox.first_stop_request
+        )
+        logger.info("stop requested (%s): finishing at step %d", reason, step)

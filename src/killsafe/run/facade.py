@@ -1,0 +1,509 @@
+"""``Run``: any loop that can be stopped at any moment and continued exactly.
+
+::
+
+    with Run("runs/exp1", total_steps=10_000, save_every_steps=500) as run:
+        run.track(model=model, optimizer=optimizer, data=loader)
+        for step in run.steps():          # starts after the restored checkpoint
+            loss = train_step(step)
+            run.log(loss=loss)
+
+``run.step`` counts the steps completed. ``steps()`` yields 0-based step
+numbers; after the body of step ``k`` returns, ``k + 1`` steps are complete and
+that is the *step boundary* where everything happens: save policies are asked,
+stop requests (signals, ``q``, a time limit, ``control/`` requests) are
+honoured, ``status.json`` is rewritten every few seconds. A checkpoint taken
+at step ``n`` holds the state after ``n`` steps, so a resumed run's first step
+is ``n``: no step is repeated or skipped.
+
+A requested stop finishes the current step, commits an emergency checkpoint
+whose reason says why (``signal:SIGTERM``, ``keyboard``, ``time-limit``,
+``request``, ``early-stop``), releases accelerator caches, logs a short summary
+and leaves the with-block normally. An exception propagates: no checkpoint of
+a possibly half-updated state is written, ``run.json`` records the failure, and
+the last good checkpoint stays the one to resume from.
+
+``Run`` is a facade: it holds its configuration and the parts that do the
+work (``killsafe.run.boundary``, ``ledger``, ``resume``, ``session``,
+``closing``...). See docs/run.md for the guide.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from killsafe.distributed.coordinator import LocalCoordinator
+from killsafe.errors import ConfigError
+from killsafe.policy import SavePolicy, StopPolicy
+from killsafe.run.best import BestTracker
+from killsafe.run.callbacks import Callbacks
+from killsafe.run.closing import write_report
+from killsafe.run.config import Callback, RunConfig, keywords_from_args
+from killsafe.run.ending import Ending
+from killsafe.run.ledger import SaveHooks
+from killsafe.run.metrics import LoggedMetrics
+from killsafe.run.opening import Opened, Parts, open_session
+from killsafe.run.position import Position
+from killsafe.run.services import Services
+from killsafe.run.session import EventLog, SessionRecord, StatusFigures, update_run_json
+from killsafe.run.stops import Stops
+from killsafe.run.tree import checkpoint_tree
+
+if TYPE_CHECKING:
+    import argparse
+
+    from killsafe.format import CheckpointInfo
+    from killsafe.preflight import Preflight
+
+__all__ = ["RESUME_ENV", "Run"]
+
+RESUME_ENV = "KILLSAFE_RESUME"
+"""Environment variable that overrides ``resume`` (``killsafe run`` sets it to ``auto``)."""
+
+
+class Run:
+    """A loop whose state is checkpointed, stopped gracefully and resumed exactly.
+
+    Args:
+        directory: the run directory (created if missing): ``checkpoints/``,
+            ``run.json``, ``status.json``, ``history.jsonl``, ``events.jsonl``.
+        total_steps: the number of steps to reach; ``None`` loops until stopped.
+        save_every_steps: save when the step count is a multiple of this.
+        save_every_seconds: save when this many seconds passed since the last save.
+        keep_last: keep the newest N checkpoints (``None`` keeps all).
+        keep_best: also keep the best K by ``best`` (default 1 when ``best`` is given).
+        best: ``(metric, "min"|"max")`` or a metric name (min): the metric that
+            ranks checkpoints, is shown as best in progress and summaries.
+        resume: ``"auto"`` (newest verified checkpoint, fresh when none),
+            ``"never"`` (fresh; refuses existing checkpoints unless ``clear``),
+            ``"ask"`` (on a terminal), ``"latest"``, a step, a name or a path
+            (missing is an error). ``KILLSAFE_RESUME`` overrides it.
+        clear: with ``resume="never"``, delete existing checkpoints and history.
+        save: your own save policy (``policy.SavePolicy``), combined with the shortcuts.
+        stop_policy: a stop policy or a list of them, e.g. ``EarlyStopping(...)``.
+        stop_after: stop with a checkpoint before this wall time ("3h50m", seconds).
+        save_on_exit: commit a checkpoint when the loop ends (finish or stop).
+        signals: extra signals that request a graceful stop (SIGINT and SIGTERM
+            always do), e.g. ``("SIGUSR1",)`` for SLURM's ``--signal``; SIGKILL
+            and SIGSTOP cannot be caught (``ConfigError``).
+        keyboard: watch for ``q`` + Enter; ``None`` watches on an interactive terminal.
+        progress: show progress (live on a terminal, plain lines off one).
+        progress_every: seconds between two plain progress lines.
+        serve: ``True`` (a free port) or a port from 0 to 65535: serve the
+            dashboard and API on 127.0.0.1 from a child process that ends with
+            the run (docs/dashboard.md); anything else is a ``ConfigError``.
+        serve_limits: caps on the checkpoints that save requests over HTTP can
+            create (``killsafe.server.ServeLimits``; default: 10 a minute, 20 named).
+        compression: passed to the store (e.g. ``"zstd"``).
+        async_save: write checkpoints in the background: the loop waits only
+            for a snapshot of the state (see ``killsafe.saver``). A failed
+            background save is raised at the next step boundary or at exit.
+        if_busy: when a save is due while the previous one is still being
+            written: ``"wait"`` for it, or ``"skip"`` (retried at the next
+            step). Saves at exit always wait.
+        snapshot: ``"auto"``, ``"fork"`` or ``"copy"``: how background saves
+            snapshot the state.
+        config: your own settings, recorded in ``run.json`` under ``config.user``.
+        save_metrics: also keep ``metrics.csv`` (the history as CSV) up to date.
+        tensorboard: also mirror the logged numbers to TensorBoard event files
+            under ``tensorboard/`` (needs the ``tensorboard`` package).
+        report: write ``report.txt``/``report.json``/``report.png`` at every exit.
+        on_save, on_stop, on_finish, on_error: callbacks, called as
+            ``on_save(run, info)``, ``on_stop(run)``, ``on_finish(run)``,
+            ``on_error(run, exc)``; a failing callback is logged, never raised.
+
+    Use it on one thread, as a context manager; signal handlers are installed
+    only when it is entered on the main thread.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        total_steps: int | None = None,
+        save_every_steps: int | None = None,
+        save_every_seconds: float | str | None = None,
+        keep_last: int | None = 3,
+        keep_best: int | None = None,
+        best: tuple[str, str] | str | None = None,
+        resume: str | int | os.PathLike[str] = "auto",
+        clear: bool = False,
+        save: SavePolicy | None = None,
+        stop_policy: StopPolicy | list[StopPolicy] | tuple[StopPolicy, ...] | None = None,
+        stop_after: float | str | None = None,
+        save_on_exit: bool = True,
+        signals: tuple[str | int, ...] | list[str | int] = (),
+        keyboard: bool | None = None,
+        progress: bool = True,
+        progress_every: float = 30.0,
+        serve: bool | int | None = None,
+        serve_limits: Any = None,
+        compression: str | None = None,
+        async_save: bool = True,
+        if_busy: str = "wait",
+        snapshot: str = "auto",
+        config: Mapping[str, Any] | None = None,
+        save_metrics: bool = False,
+        tensorboard: bool = False,
+        report: bool = True,
+        on_save: Callback | None = None,
+        on_stop: Callback | None = None,
+        on_finish: Callback | None = None,
+        on_error: Callback | None = None,
+    ) -> None:
+        self._config = RunConfig.build(
+            directory,
+            total_steps=total_steps,
+            save_every_steps=save_every_steps,
+            save_every_seconds=save_every_seconds,
+            keep_last=keep_last,
+            keep_best=keep_best,
+            best=best,
+            resume=resume,
+            clear=clear,
+            save=save,
+            stop_policy=stop_policy,
+            stop_after=stop_after,
+            save_on_exit=save_on_exit,
+            signals=signals,
+            keyboard=keyboard,
+            progress=progress,
+            progress_every=progress_every,
+            serve=serve,
+            serve_limits=serve_limits,
+            compression=compression,
+            async_save=async_save,
+            if_busy=if_busy,
+            snapshot=snapshot,
+            config=config,
+            save_metrics=save_metrics,
+            tensorboard=tensorboard,
+            report=report,
+            callbacks={
+                "on_save": on_save,
+                "on_stop": on_stop,
+                "on_finish": on_finish,
+                "on_error": on_error,
+            },
+        )
+        self.directory: Path = self._config.directory
+        self.total_steps: int | None = self._config.total_steps
+        self.state: dict[str, Any] = {}
+        """The tracked objects by name; assign here to update a tracked plain value."""
+        self._parts = Parts(
+            config=self._config,
+            position=Position(),
+            stops=Stops(self._config.signals),
+            ending=Ending(),
+            metrics=LoggedMetrics(),
+            best=BestTracker(self._config.watched_metrics()),
+            services=Services(self._config),
+            callbacks=Callbacks(self, self._config.callbacks),
+            coordinator=LocalCoordinator(),
+            session_id=uuid.uuid4().hex[:12],  # tags the control requests it accepts
+        )
+        self._opened: Opened | None = None
+        self._entered = False
+        self._exited = False
+        self._loop_started = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **options: Any) -> Run:
+        """A Run from the flags of ``killsafe.add_arguments``; ``options`` are the defaults.
+
+        A flag given on the command line wins over the same option given here.
+        """
+        keywords = keywords_from_args(args, **options)
+        directory = keywords.pop("directory")
+        return cls(directory, **keywords)
+
+    # -- the with-block ---------------------------------------------------
+
+    def __enter__(self) -> Run:
+        if self._entered:
+            raise ConfigError(f"Run({self.directory}) was already entered; create a new Run")
+        self._entered = True
+        from killsafe.state import RNGState
+        from killsafe.store import CheckpointStore, io_error
+
+        config = self._config
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise io_error("creating the run directory", self.directory, exc) from exc
+        rng = RNGState()
+        store = CheckpointStore(
+            config.store_dir,
+            keep_last=config.keep_last,
+            keep_best=config.keep_best,
+            best=config.best,
+            compression=config.compression,
+            snapshot=config.snapshot,
+        )
+        session = SessionRecord(
+            self.directory,
+            self._parts.session_id,
+            EventLog(self.directory),
+            self._status_figures,
+            self._live_state,
+        )
+        try:
+            self._opened = open_session(self._parts, store, rng, session, self._save_hooks(session))
+        except BaseException as exc:
+            self._parts.services.stop_keyboard()
+            self._parts.stops.interrupts.restore()
+            session.stop_heartbeat()
+            store.close()
+            if isinstance(exc, OSError):  # the run files could not be written
+                if exc.filename:
+                    raise io_error("starting the run: writing", Path(exc.filename), exc) from exc
+                raise io_error(
+                    "starting the run: writing its files in", self.directory, exc
+                ) from exc
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._exited or self._opened is None:
+            return
+        self._exited = True
+        opened = self._opened
+        try:
+            if exc is None:
+                opened.closer.exit_normally(opened.boundary)
+            else:
+                opened.closer.exit_on_exception(exc)
+        finally:
+            opened.closer.close(exc, finished_at_start=opened.finished)
+
+    # -- what the loop calls ----------------------------------------------
+
+    def track(self, **objects: Any) -> dict[str, Any]:
+        """Register state to checkpoint; when resuming, restore it right here.
+
+        Stateful objects (``state_dict``/``load_state_dict``: modules, optimizers,
+        schedulers, samplers) are restored in place. Plain values (numbers,
+        strings, lists, dicts, arrays, tensors) are replaced by the saved value;
+        a dict or list is updated in place, so your reference stays valid. Read
+        and update plain values through ``run.state[name]``. Returns the tracked
+        objects by name, restored. RNG states are tracked automatically and
+        restored last, when ``steps()`` starts.
+
+        Raises ``UnsupportedState`` at once when a value cannot be saved, and
+        ``StateMismatch`` when the checkpoint does not fit (keys and shapes listed).
+        """
+        opened = self._require_open("track")
+        from killsafe import state as state_module
+
+        for name in objects:
+            if name.startswith("__"):
+                raise ConfigError(f"track({name}=...): names starting with '__' are reserved")
+        # A dry capture now, so an unsaveable value fails here and not hours later.
+        state_module.capture(dict(objects))
+        restored = opened.resume.restore(objects)
+        self.state.update(restored)
+        return restored
+
+    def steps(self) -> Iterator[int]:
+        """Yield 0-based step numbers from the restored step up to ``total_steps``.
+
+        Ends early once a stop was requested and its checkpoint is committed.
+        Iterate it once per run.
+        """
+        opened = self._require_open("steps")
+        if self._loop_started:
+            raise ConfigError("run.steps() was already iterated; a Run has one loop")
+        self._loop_started = True
+        opened.resume.restore_rng(opened.rng)
+        boundary = opened.boundary
+        boundary.loop_clock = time.monotonic()
+        assert self._parts.services.progress is not None
+        self._parts.services.progress.start()
+        position, ending, stops = self._parts.position, self._parts.ending, self._parts.stops
+        total = self._config.total_steps
+        while total is None or position.step < total:
+            if ending.reason is not None:
+                return
+            if stops.pending() is not None:
+                boundary.end(exiting=True)
+                return
+            position.in_step = True
+            yield position.step
+            position.in_step = False
+            position.step += 1
+            boundary.end()
+        if ending.reason is None:
+            boundary.end(exiting=True)
+
+    def log(self, **metrics: Any) -> None:
+        """Record metrics for the current step: history, progress, best values, policies."""
+        self._require_open("log")
+        if self._finished_at_start:
+            return  # the history of a finished run is not rewritten
+        step = self._parts.position.logged_step()
+        history, progress = self._parts.services.history, self._parts.services.progress
+        assert history is not None and progress is not None
+        history.append(step, metrics)
+        self._parts.metrics.log(metrics)
+        self._parts.best.log(step, metrics)
+        progress.log(step, metrics, best=self._parts.best.records)
+
+    def save(self, name: str | None = None) -> None:
+        """Ask for a checkpoint: at the next step boundary inside the loop, at once outside it.
+
+        Raises ``InvalidName`` here, at the call, when ``name`` is unusable.
+        """
+        opened = self._require_open("save")
+        if name is not None:
+            from killsafe.store import sanitize_name
+
+            sanitize_name(name)  # InvalidName now, not at the next boundary
+        if self._finished_at_start:
+            return  # its final checkpoint is the state: nothing new to keep
+        opened.ledger.ask(None, name)
+        if not self._parts.position.in_step:
+            opened.ledger.commit_requested()
+
+    def stop(self, reason: str = "stop") -> None:
+        """Ask the loop to stop at the next step boundary, with a checkpoint and ``reason``."""
+        self._parts.stops.request(reason)
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether a stop was requested: check it in long inner loops (an evaluation)."""
+        return self._parts.stops.pending() is not None
+
+    @property
+    def step(self) -> int:
+        """Steps completed so far (in all sessions)."""
+        return self._parts.position.step
+
+    @property
+    def resumed_from(self) -> CheckpointInfo | None:
+        """The checkpoint this session resumed from, or ``None`` for a fresh start."""
+        return self._opened.resume.info if self._opened is not None else None
+
+    @property
+    def exit_reason(self) -> str | None:
+        """Why the run ended: ``finished``, a stop reason, ``error`` or ``keyboard:forced``."""
+        return self._parts.ending.reason
+
+    @property
+    def last_checkpoint(self) -> CheckpointInfo | None:
+        """The newest checkpoint committed or resumed from in this session."""
+        return self._opened.ledger.last_info if self._opened is not None else None
+
+    def summary(self, **fields: Any) -> None:
+        """Store your own fields under ``run.json["summary"]`` (shown in the report).
+
+        ``run.summary(parameters=n, win_rate=0.62)``. Also works after the
+        ``with`` block (a final evaluation): the report is then written again.
+        """
+        if not self._entered:
+            raise ConfigError("run.summary() needs a run that was entered: use `with Run(...)`")
+
+        def update(data: dict[str, Any]) -> None:
+            data.setdefault("summary", {}).update(fields)
+
+        update_run_json(self.directory, update)
+        if self._exited and self._config.report:
+            write_report(self.directory)
+
+    def set_phase(self, name: str | None) -> None:
+        """Name what the loop is doing now ("training", "evaluation"); shown in progress."""
+        if self._parts.services.progress is not None:
+            self._parts.services.progress.set_phase(name)
+
+    def count(self, name: str, value: float, total: float | None = None) -> None:
+        """Set a counter of your own, shown in progress, ``status.json`` and the report.
+
+        ``value`` is the current count, not an increment (``run.count("games",
+        games, total=1000)``); ``total`` is kept until given again. The report
+        gives its rate per second (games/s).
+        """
+        if self._parts.services.progress is not None:
+            self._parts.services.progress.count(name, value, total)
+
+    def preflight(self, checks: Any = (), **options: Any) -> Preflight:
+        """A ``preflight.Preflight`` for this run's directory, tracked state and ``keep_last``.
+
+        ``options`` are the other ``Preflight`` arguments (``requires``, ``data``,
+        ``jsonl``, ``state_size``, ``round_trip``). Call it after ``track``;
+        ``run.preflight(requires=["torch>=2"]).run_or_exit()`` stops on a no-go.
+        """
+        from killsafe.preflight import Preflight
+
+        return Preflight(
+            self.directory,
+            state=self._checkpoint_tree() if self.state else None,
+            keep_last=self._config.keep_last,
+            checks=checks,
+            **options,
+        )
+
+    # -- what the parts read of the run ----------------------------------
+
+    def _save_hooks(self, session: SessionRecord) -> SaveHooks:
+        return SaveHooks(
+            tree=self._checkpoint_tree,
+            metrics=self._parts.metrics.plain,
+            metadata=session.metadata,
+            before_write=self._parts.services.flush_history,
+            committed=self._parts.services.checkpoint_shown,
+            saved=lambda info: self._parts.callbacks.call("on_save", info),
+        )
+
+    def _checkpoint_tree(self) -> dict[str, Any]:
+        rng = self._opened.rng if self._opened is not None else None
+        return checkpoint_tree(self.state, self._parts.best, self._config.stop_policies, rng)
+
+    def _status_figures(self) -> StatusFigures:
+        progress = self._parts.services.progress
+        assert progress is not None
+        return StatusFigures(
+            progress.snapshot(), self._parts.position.step, self._parts.ending.reason
+        )
+
+    def _live_state(self) -> str:
+        return "stopping" if self._parts.stops.pending() is not None else "running"
+
+    @property
+    def _finished_at_start(self) -> bool:
+        """Found finished when entered: nothing runs, its records stay as they are."""
+        return self._opened is not None and self._opened.finished
+
+    def _require_open(self, what: str) -> Opened:
+        if not self._entered or self._exited or self._opened is None:
+            raise ConfigError(
+                f"run.{what}() needs an open run: use it inside `with Run(...) as run:`"
+            )
+        return self._opened
+
+    # -- for tests and tools that look inside -----------------------------
+
+    @property
+    def _server(self) -> Any:
+        return self._parts.services.server
+
+    @property
+    def _progress(self) -> Any:
+        return self._parts.services.progress
+
+    @property
+    def _heartbeat(self) -> Any:
+        return self._opened.session.heartbeat if self._opened is not None else None
+
+    @property
+    def _serve_limits(self) -> Any:
+        return self._config.serve_limits

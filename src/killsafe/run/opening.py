@@ -1,0 +1,197 @@
+"""Opening a session: choose what to resume from, wire the parts, start records and services."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from killsafe.distributed.coordinator import Coordinator
+from killsafe.progress import Progress
+from killsafe.run.best import BestTracker
+from killsafe.run.boundary import StepBoundary
+from killsafe.run.callbacks import Callbacks
+from killsafe.run.closing import Closer
+from killsafe.run.config import RunConfig
+from killsafe.run.control import ControlInbox
+from killsafe.run.ending import Ending
+from killsafe.run.ledger import Ledger, SaveHooks
+from killsafe.run.metrics import LoggedMetrics
+from killsafe.run.position import Position
+from killsafe.run.resume import Resume
+from killsafe.run.services import Services
+from killsafe.run.session import SessionRecord, refuse_if_attached
+from killsafe.run.stops import Stops
+from killsafe.run.tree import load_run_state
+
+if TYPE_CHECKING:
+    from killsafe.format import CheckpointInfo
+    from killsafe.store import CheckpointStore
+
+__all__ = ["Opened", "Parts", "open_session"]
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The parts a ``Run`` holds from its making: none of them touches the disk."""
+
+    config: RunConfig
+    position: Position
+    stops: Stops
+    ending: Ending
+    metrics: LoggedMetrics
+    best: BestTracker
+    services: Services
+    callbacks: Callbacks
+    coordinator: Coordinator
+    session_id: str
+
+
+@dataclass(frozen=True)
+class Opened:
+    """The parts of an open session, made when the with-block is entered.
+
+    ``finished``: the run was found finished at its start; nothing runs and
+    its records stay as they are.
+    """
+
+    store: CheckpointStore
+    rng: Any
+    resume: Resume
+    session: SessionRecord
+    ledger: Ledger
+    boundary: StepBoundary
+    closer: Closer
+    finished: bool
+
+
+@dataclass(frozen=True)
+class _Start:
+    """When this session started, and from which checkpoint."""
+
+    info: CheckpointInfo | None
+    wall: float
+    clock: float
+
+
+def open_session(
+    parts: Parts,
+    store: CheckpointStore,
+    rng: Any,
+    session: SessionRecord,
+    hooks: SaveHooks,
+) -> Opened:
+    """Resume (or start fresh), then start this session's records and services."""
+    config, position = parts.config, parts.position
+    refuse_if_attached(config.directory)
+    resume = Resume(store, config.directory, config.store_dir, config.resume, clear=config.clear)
+    info = resume.choose()
+    ledger = Ledger(
+        store,
+        position,
+        session.events,
+        parts.ending,
+        hooks,
+        async_save=config.async_save,
+        if_busy=config.if_busy,
+    )
+    if info is not None:
+        ledger.resumed(info)
+        position.step = int(info.step)
+        load_run_state(resume.run_state, parts.best, config.stop_policies)
+    position.session_start = position.step
+    start = _Start(info, time.time(), time.monotonic())
+    total = config.total_steps
+    finished = info is not None and total is not None and position.step >= total
+    if finished:
+        progress = parts.services.open_quiet(position.step)
+    else:
+        progress = parts.services.open_display(position.step, resumed=info is not None)
+    boundary, closer = _wire(parts, store, session, ledger, progress, start)
+    opened = Opened(store, rng, resume, session, ledger, boundary, closer, finished)
+    if finished:
+        _found_finished(parts, info)
+    else:
+        _start(parts, session, progress, start)
+    return opened
+
+
+def _wire(
+    parts: Parts,
+    store: CheckpointStore,
+    session: SessionRecord,
+    ledger: Ledger,
+    progress: Progress,
+    start: _Start,
+) -> tuple[StepBoundary, Closer]:
+    inbox = ControlInbox(
+        parts.config.directory,
+        parts.session_id,
+        start.wall,
+        session.events,
+        ask_save=ledger.ask,
+        ask_stop=parts.stops.request,
+    )
+    boundary = StepBoundary(
+        total_steps=parts.config.total_steps,
+        save_policy=parts.config.save_policy,
+        stop_policies=parts.config.stop_policies,
+        position=parts.position,
+        stops=parts.stops,
+        ending=parts.ending,
+        metrics=parts.metrics,
+        best=parts.best,
+        ledger=ledger,
+        inbox=inbox,
+        session=session,
+        progress=progress,
+        events=session.events,
+        coordinator=parts.coordinator,
+        started_clock=start.clock,
+    )
+    closer = Closer(
+        config=parts.config,
+        position=parts.position,
+        ending=parts.ending,
+        stops=parts.stops,
+        services=parts.services,
+        store=store,
+        session=session,
+        inbox=inbox,
+        ledger=ledger,
+        best=parts.best,
+        events=session.events,
+        callbacks=parts.callbacks,
+        started_clock=start.clock,
+    )
+    return boundary, closer
+
+
+def _start(parts: Parts, session: SessionRecord, progress: Progress, start: _Start) -> None:
+    info = start.info
+    if info is not None:
+        progress.checkpoint_saved(info.step, info.path)
+    session.write_start(info, parts.position.step, start.wall, parts.config.record())
+    parts.stops.interrupts.install()
+    parts.services.start_keyboard(parts.stops.interrupts)
+    parts.services.start_server()
+    session.write_status("running")
+    session.start_heartbeat(start.clock)
+
+
+def _found_finished(parts: Parts, info: CheckpointInfo | None) -> None:
+    """A start that finds the run finished: nothing to run, nothing to record.
+
+    The loop yields no step, and run.json, status.json, the history, the
+    events and the report stay as the finishing session left them (a
+    session of zero steps would wipe its figures). The tracked objects are
+    still restored, for an evaluation after the loop.
+    """
+    assert info is not None
+    config = parts.config
+    parts.ending.reason = "finished"
+    parts.services.say(
+        f"killsafe: {config.directory} already finished at step {parts.position.step} of "
+        f"{config.total_steps} (checkpoint {info.path}); nothing to run, records kept; "
+        "raise total_steps to continue it"
+    )

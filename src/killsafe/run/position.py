@@ -1,0 +1,39 @@
+"""Where the loop is: the steps completed, where this session began, whether a step is open."""
+
+from __future__ import annotations
+
+__all__ = ["Position"]
+
+
+class Position:
+    """The loop's position, shared by the parts of a ``Run`` that need it.
+
+    ``step`` counts the steps completed in all sessions; a checkpoint taken at
+    step ``n`` holds the state after ``n`` steps, so a resumed loop's first
+    step is ``n``. ``in_step`` is true while the body of a step runs.
+    ``epoch`` and ``batch_index`` stay ``None`` until the loop counts them.
+    """
+
+    __slots__ = ("batch_index", "epoch", "in_step", "session_start", "step")
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.session_start = 0
+        self.in_step = False
+        self.epoch: int | None = None
+        self.batch_index: int | None = None
+
+    @property
+    def ran(self) -> int:
+        """Steps completed in this session."""
+        return self.step - self.session_start
+
+    def logged_step(self) -> int:
+        """The step a metric logged now belongs to: the open one, else the last one."""
+        return self.step + 1 if self.in_step else self.step
+
+    def close_open_step(self) -> None:
+        """Count a step left with ``break``: its work is done."""
+        if self.in_step:
+            self.in_step = False
+            self.step += 1

@@ -1,0 +1,41 @@
+"""What a run's checkpoint holds: the tracked objects, the run's own state, the RNG states."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from killsafe.policy import StopPolicy
+from killsafe.run.best import BestTracker
+
+__all__ = ["RNG_KEY", "RUN_KEY", "checkpoint_tree", "load_run_state"]
+
+RUN_KEY = "__run__"
+RNG_KEY = "__rng__"
+
+
+def checkpoint_tree(
+    tracked: Mapping[str, Any], best: BestTracker, stop_policies: Sequence[StopPolicy], rng: Any
+) -> dict[str, Any]:
+    """The tree a checkpoint stores: the tracked objects under their names, then ours."""
+    tree: dict[str, Any] = dict(tracked)
+    tree[RUN_KEY] = {
+        "best": best.state_dict(),
+        "stop_policies": [
+            policy.state_dict() if hasattr(policy, "state_dict") else None
+            for policy in stop_policies
+        ],
+    }
+    tree[RNG_KEY] = rng
+    return tree
+
+
+def load_run_state(saved: Any, best: BestTracker, stop_policies: Sequence[StopPolicy]) -> None:
+    """Restore the best values and the stop policies' counters from a checkpoint's tree."""
+    if not isinstance(saved, Mapping):
+        return
+    best.load_state_dict(saved.get("best") or {})
+    states = list(saved.get("stop_policies") or [])
+    for policy, state in zip(stop_policies, states, strict=False):
+        if state is not None and hasattr(policy, "load_state_dict"):
+            policy.load_state_dict(state)
