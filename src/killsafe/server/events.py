@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from killsafe.runfiles import EVENTS_FILE
+from killsafe.rundir import EVENTS_FILE
 
 POLL_SECONDS = 0.25
 HEARTBEAT_SECONDS = 15.0
