@@ -142,12 +142,16 @@ def test_run_reader_of_an_empty_directory(tmp_path: Path) -> None:
     assert reader.best() is None
 
 
-def test_run_reader_skips_a_torn_run_json_for_best(tmp_path: Path) -> None:
+def test_a_torn_run_json_is_an_error_for_best_and_no_best_for_the_catalog(
+    tmp_path: Path,
+) -> None:
     (tmp_path / rundir.RUN_FILE).write_text('{"config": {"be')
-    reader = rundir.RunReader(tmp_path)
-    assert reader.best() is None
-    with pytest.raises(CorruptCheckpoint):
-        reader.record()
+    (tmp_path / rundir.CHECKPOINTS_DIR).mkdir()
+    reader = rundir.RunReader(tmp_path, open_catalog=CheckpointStore)
+    with pytest.raises(CorruptCheckpoint, match=r"run\.json"):
+        reader.best()
+    assert reader.catalog().retention.best is None
+    assert reader.checkpoints() == []
 
 
 def test_run_reader_lists_checkpoints_through_the_catalog_it_is_given(tmp_path: Path) -> None:

@@ -103,25 +103,27 @@ class RunReader:
         return [e for e in read_jsonl(self.layout.events) if isinstance(e.get("kind"), str)]
 
     def best(self) -> tuple[str, str] | None:
-        """The run's ``best=(metric, mode)``; ``None`` without one or an unreadable run.json."""
-        try:
-            config = self.record().get("config")
-        except KillsafeError as exc:
-            log.warning("ignoring unreadable %s: %s", self.layout.run, exc)
-            return None
+        """The run's ``best=(metric, mode)``, ``None`` without one; ``CorruptCheckpoint``
+        when run.json is not JSON (a command that prunes must not guess)."""
+        config = self.record().get("config")
         return parse_best(config.get("best")) if isinstance(config, dict) else None
 
     def has_checkpoints(self) -> bool:
         return self.layout.checkpoints.is_dir()
 
     def catalog(self) -> Any:
-        """The run's checkpoint store, opened with the run's best metric when it has one."""
+        """The run's checkpoint store, opened with the run's best metric when it has one
+        (without, when run.json cannot be read: listing still works)."""
         if self._open_catalog is None:
             raise ConfigError(
                 f"RunReader({self.path}) was made without open_catalog; "
                 "pass open_catalog=CheckpointStore to list checkpoints"
             )
-        best = self.best()
+        try:
+            best = self.best()
+        except KillsafeError as exc:
+            log.warning("ignoring unreadable %s: %s", self.layout.run, exc)
+            best = None
         if best is None:
             return self._open_catalog(self.layout.checkpoints)
         return self._open_catalog(self.layout.checkpoints, best=best)
