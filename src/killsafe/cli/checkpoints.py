@@ -221,35 +221,12 @@ def add_verify(commands: Commands) -> None:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     path = existing_directory(args.path, f"{WHAT_DIR}, or a checkpoint")
-    if (path / MANIFEST_FILE).exists():
-        store = _open_store(path.parent)
-        info = store.get(path)  # a manifest that cannot be read is bad input: exit 2
-        entries = [_Entry(path, info, problem=_verify_problem(store, path))]
-    else:
-        entries = _entries(_locate(path).store_dir, verify=True)
+    entries = _verified_entries(path)
     bad = [e for e in entries if e.problem is not None]
     if args.json:
-        print_json(
-            {
-                "ok": not bad,
-                "checked": len(entries),
-                "checkpoints": [
-                    {
-                        "path": str(e.path),
-                        "ok": e.problem is None,
-                        "problem": e.problem,
-                        "manifest_checksum": e.info is not None and e.info.manifest_checksum,
-                    }
-                    for e in entries
-                ],
-            }
-        )
+        print_json({"ok": not bad, "checked": len(entries), "checkpoints": _verdicts(entries)})
     else:
-        for entry in entries:
-            verdict = "ok" if entry.problem is None else f"CORRUPT: {entry.problem}"
-            if entry.problem is None and not entry.info.manifest_checksum:
-                verdict += " (no manifest checksum: written by an older version)"
-            sys.stdout.write(f"{entry.path}: {verdict}\n")
+        _write_verdicts(entries)
     if not entries:
         sys.stderr.write(f"killsafe verify: no checkpoints in {path}\n")
     if bad:
@@ -260,6 +237,35 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         )
         return EXIT_FAILED_CHECK
     return EXIT_OK
+
+
+def _verified_entries(path: Path) -> list[_Entry]:
+    """The one checkpoint ``path`` is, or every checkpoint under it, each verified."""
+    if (path / MANIFEST_FILE).exists():
+        store = _open_store(path.parent)
+        info = store.get(path)  # a manifest that cannot be read is bad input: exit 2
+        return [_Entry(path, info, problem=_verify_problem(store, path))]
+    return _entries(_locate(path).store_dir, verify=True)
+
+
+def _verdicts(entries: list[_Entry]) -> list[dict[str, Any]]:
+    return [
+        {
+            "path": str(e.path),
+            "ok": e.problem is None,
+            "problem": e.problem,
+            "manifest_checksum": e.info is not None and e.info.manifest_checksum,
+        }
+        for e in entries
+    ]
+
+
+def _write_verdicts(entries: list[_Entry]) -> None:
+    for entry in entries:
+        verdict = "ok" if entry.problem is None else f"CORRUPT: {entry.problem}"
+        if entry.problem is None and not entry.info.manifest_checksum:
+            verdict += " (no manifest checksum: written by an older version)"
+        sys.stdout.write(f"{entry.path}: {verdict}\n")
 
 
 def add_prune(commands: Commands) -> None:
@@ -294,10 +300,34 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     best = _best_spec(args, location)
     if args.keep_best is not None and best is None:
         raise ConfigError("--keep-best needs --metric M (the run names no best metric)")
+    removed = _prune(args, location.store_dir, best)
+    gone = {info.path for info in removed}
+    kept = [e for e in _entries(location.store_dir, verify=False) if e.path not in gone]
+    verb = "would delete" if args.dry_run else "deleted"
+    if args.json:
+        print_json(
+            {
+                "dry_run": args.dry_run,
+                "deleted": [_info_json(info) for info in removed],
+                "kept": [e.to_json() for e in kept],
+            }
+        )
+    else:
+        for info in removed:
+            sys.stdout.write(f"{verb} {info.path} (step {info.step})\n")
+        sys.stdout.write(f"{verb} {len(removed)} checkpoint(s)\n")
+    return EXIT_OK
+
+
+def _prune(args: argparse.Namespace, store_dir: Path, best: tuple[str, str] | None) -> list[Any]:
+    """Delete (unless ``--dry-run``) what retention drops and what ``--delete`` names.
+
+    The newest checkpoint that verifies is never dropped by retention.
+    """
     from killsafe.store import CheckpointStore
 
     store = CheckpointStore(
-        location.store_dir,
+        store_dir,
         keep_last=args.keep_last,
         # The best checkpoint is never pruned: keep at least one when a metric ranks them.
         keep_best=(args.keep_best if args.keep_best is not None else 1) if best else None,
@@ -317,22 +347,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
                 store.delete(info, force=True)
     finally:
         store.close()
-    gone = {info.path for info in removed}
-    kept = [e for e in _entries(location.store_dir, verify=False) if e.path not in gone]
-    verb = "would delete" if args.dry_run else "deleted"
-    if args.json:
-        print_json(
-            {
-                "dry_run": args.dry_run,
-                "deleted": [_info_json(info) for info in removed],
-                "kept": [e.to_json() for e in kept],
-            }
-        )
-    else:
-        for info in removed:
-            sys.stdout.write(f"{verb} {info.path} (step {info.step})\n")
-        sys.stdout.write(f"{verb} {len(removed)} checkpoint(s)\n")
-    return EXIT_OK
+    return removed
 
 
 def _reference(text: str) -> str | int:
