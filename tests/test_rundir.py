@@ -171,3 +171,29 @@ def test_runfiles_still_names_the_same_objects() -> None:
     assert runfiles.ControlRequest is rundir.ControlRequest
     assert runfiles.write_json_atomic is rundir.write_json_atomic
     assert runfiles.STATUS_INTERVAL == rundir.STATUS_INTERVAL
+
+
+def test_event_tail_returns_each_complete_event_once(tmp_path: Path) -> None:
+    rundir.append_event(tmp_path, "started", 0)  # before the tail: not returned
+    tail = rundir.RunReader(tmp_path).event_tail()
+    assert tail.read_new() == []
+    rundir.append_event(tmp_path, "saved", 1)
+    with open(tmp_path / rundir.EVENTS_FILE, "a") as f:
+        f.write('{"time": 1, "kind": "stop')
+    assert [e["kind"] for e in tail.read_new()] == ["saved"]
+    with open(tmp_path / rundir.EVENTS_FILE, "a") as f:
+        f.write('ped", "step": 2}\n')
+    assert [e["kind"] for e in tail.read_new()] == ["stopped"]
+
+
+def test_history_since_reads_only_what_was_appended(tmp_path: Path) -> None:
+    reader = rundir.RunReader(tmp_path)
+    path = tmp_path / rundir.HISTORY_FILE
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n')
+    first = reader.history_since(None)
+    assert first.reset and [r["step"] for r in first.records] == [1, 2]
+    with open(path, "a") as f:
+        f.write('{"step": 3, "loss": 0.2}\n{"step": 4')
+    later = reader.history_since(first.cursor)
+    assert not later.reset and [r["step"] for r in later.records] == [3]
+    assert later.total == 3

@@ -35,14 +35,8 @@ from killsafe.rundir.layout import (
     RunLayout,
 )
 from killsafe.rundir.liveness import STATUS_INTERVAL, is_attached, pid_alive, this_host
-from killsafe.rundir.reader import (
-    BEST_MODES,
-    Catalog,
-    RunReader,
-    is_history_record,
-    parse_best,
-    read_history,
-)
+from killsafe.rundir.reader import BEST_MODES, Catalog, RunReader, parse_best, read_history
+from killsafe.rundir.tail import EventTail, HistoryPage, is_history_record, read_history_page
 
 __all__ = [
     "ACTIONS",
@@ -61,6 +55,8 @@ __all__ = [
     "STATUS_INTERVAL",
     "Catalog",
     "ControlRequest",
+    "EventTail",
+    "HistoryPage",
     "RunLayout",
     "RunReader",
     "append_event",
@@ -73,6 +69,7 @@ __all__ = [
     "pending_requests",
     "pid_alive",
     "read_history",
+    "read_history_page",
     "read_json",
     "read_jsonl",
     "submit_request",

@@ -19,8 +19,9 @@ from killsafe.errors import ConfigError, KillsafeError
 from killsafe.rundir.files import read_json, read_jsonl
 from killsafe.rundir.layout import HISTORY_FILE, RunLayout
 from killsafe.rundir.liveness import is_attached
+from killsafe.rundir.tail import EventTail, HistoryPage, is_history_record, read_history_page
 
-__all__ = ["BEST_MODES", "Catalog", "RunReader", "is_history_record", "parse_best", "read_history"]
+__all__ = ["BEST_MODES", "Catalog", "RunReader", "parse_best", "read_history"]
 
 log = logging.getLogger("killsafe")
 
@@ -49,12 +50,6 @@ def parse_best(value: Any) -> tuple[str, str] | None:
     if isinstance(metric, str) and metric and mode in BEST_MODES:
         return metric, mode
     return None
-
-
-def is_history_record(record: dict[str, Any]) -> bool:
-    """A line of ``history.jsonl``: a JSON object with an integer ``step``."""
-    step = record.get("step")
-    return isinstance(step, int) and not isinstance(step, bool)
 
 
 def read_history(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -98,9 +93,17 @@ class RunReader:
         """The logged metrics, one record per ``log`` call, in file order."""
         return read_history(self.path)
 
+    def history_since(self, cursor: str | None) -> HistoryPage:
+        """The history records appended since ``cursor`` (see ``read_history_page``)."""
+        return read_history_page(self.layout.history, cursor)
+
     def events(self) -> list[dict[str, Any]]:
         """Every complete event of ``events.jsonl``, oldest first."""
         return [e for e in read_jsonl(self.layout.events) if isinstance(e.get("kind"), str)]
+
+    def event_tail(self, *, from_end: bool = True) -> EventTail:
+        """A tail of ``events.jsonl`` whose ``read_new()`` returns the events since its last."""
+        return EventTail(self.layout.events, from_end=from_end)
 
     def best(self) -> tuple[str, str] | None:
         """The run's ``best=(metric, mode)``, ``None`` without one; ``CorruptCheckpoint``

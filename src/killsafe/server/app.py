@@ -17,7 +17,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +201,7 @@ class RunDirectory:
         """The last ``limit`` records, or with the ``cursor`` of an earlier answer only
         the records appended since (``reset`` false): a page that polls parses a few
         new lines, not the whole file, however long the run."""
-        page = read_history_page(self.layout.history, cursor)
+        page = self.reader.history_since(cursor)
         if page.reset or len(page.records) > limit:
             return HistoryOut(
                 records=page.records[-limit:] if limit else [],
@@ -528,62 +527,6 @@ def _size_on_disk(directory: Path) -> int:
     except OSError:
         return 0
     return total
-
-
-@dataclass(frozen=True)
-class HistoryPage:
-    """Records of history.jsonl from a cursor on; ``cursor`` continues after them."""
-
-    records: list[dict[str, Any]]
-    total: int
-    cursor: str
-    reset: bool
-
-
-def read_history_page(path: Path, cursor: str | None) -> HistoryPage:
-    """The complete records of ``path`` after ``cursor`` (all of them when it is
-    ``None``, stale or from another file), reading only the bytes after it.
-
-    A cursor is ``inode:offset:count``: the file it was made for, the end of the
-    last complete line read, and the records up to there. A resumed run rewrites
-    history.jsonl into a new file (a new inode), which makes old cursors stale.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return HistoryPage([], 0, "0:0:0", reset=cursor is None or cursor != "0:0:0")
-    try:
-        stat = os.fstat(fd)
-        start, count = _cursor_position(fd, stat, cursor)
-        reset = start == 0 and count == 0
-        data = os.pread(fd, stat.st_size - start, start) if stat.st_size > start else b""
-    finally:
-        os.close(fd)
-    end = data.rfind(b"\n") + 1  # a torn last line waits for its end
-    records = []
-    for line in data[:end].split(b"\n"):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        step = record.get("step") if isinstance(record, dict) else None
-        if isinstance(step, int) and not isinstance(step, bool):
-            records.append(record)
-    total = count + len(records)
-    return HistoryPage(records, total, f"{stat.st_ino}:{start + end}:{total}", reset=reset)
-
-
-def _cursor_position(fd: int, stat: os.stat_result, cursor: str | None) -> tuple[int, int]:
-    """(byte offset, records before it) of a cursor still valid for this file, else (0, 0)."""
-    try:
-        inode, offset, count = (int(part) for part in (cursor or "").split(":"))
-    except ValueError:
-        return 0, 0
-    if inode != stat.st_ino or not 0 < offset <= stat.st_size or count < 0:
-        return 0, 0
-    if os.pread(fd, 1, offset - 1) != b"\n":  # not the end of a line of this file
-        return 0, 0
-    return offset, count
 
 
 def _version() -> str:
