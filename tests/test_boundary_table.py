@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 import killsafe
-from killsafe import runfiles
+from killsafe import rundir
 from killsafe.policy import Boundary
 
 
@@ -113,8 +113,8 @@ def run_case(
                 continue
             if request != "none":
                 action, _, name = request.partition(":")
-                control = runfiles.ControlRequest(action=action, name=name or None)
-                runfiles.submit_request(run_dir, control)
+                control = rundir.ControlRequest(action=action, name=name or None)
+                rundir.submit_request(run_dir, control)
             if signal_ != "none":
                 os.kill(os.getpid(), getattr(signal, signal_))
     infos = killsafe.CheckpointStore(run_dir / "checkpoints").list()

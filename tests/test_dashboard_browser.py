@@ -35,7 +35,7 @@ except ImportError as exc:  # the test extra installs it: its absence is a broke
 store_module = pytest.importorskip("killsafe.store")
 np = pytest.importorskip("numpy")
 
-from killsafe import runfiles  # noqa: E402
+from killsafe import rundir  # noqa: E402
 from killsafe.history import History  # noqa: E402
 from killsafe.server import ServerHandle, serve_in_thread  # noqa: E402
 
@@ -86,23 +86,23 @@ class SimulatedRun(threading.Thread):
             if time.monotonic() - last_status > 0.2:
                 self._write_status("running")
                 last_status = time.monotonic()
-            for path, request in runfiles.pending_requests(self.run_dir):
+            for path, request in rundir.pending_requests(self.run_dir):
                 path.unlink()
                 if request.action == "save":
                     self._save(request)
                 else:
-                    runfiles.append_event(self.run_dir, "stop-requested", self.step)
+                    rundir.append_event(self.run_dir, "stop-requested", self.step)
                     info = self._checkpoint(reason="stop")
                     self._write_status("stopped")
-                    runfiles.append_event(
+                    rundir.append_event(
                         self.run_dir, "stopped", self.step, reason="stop", path=str(info.path)
                     )
                     return
 
-    def _save(self, request: runfiles.ControlRequest) -> None:
-        runfiles.append_event(self.run_dir, "save-requested", self.step, request_id=request.id)
+    def _save(self, request: rundir.ControlRequest) -> None:
+        rundir.append_event(self.run_dir, "save-requested", self.step, request_id=request.id)
         info = self._checkpoint(reason="request", name=request.name, note=request.note)
-        runfiles.append_event(
+        rundir.append_event(
             self.run_dir,
             "saved",
             self.step,
@@ -125,11 +125,11 @@ class SimulatedRun(threading.Thread):
     def _write_status(self, state: str) -> None:
         elapsed = time.time() - self.started
         rate = self.step / elapsed if elapsed > 0 else None
-        runfiles.write_json_atomic(
-            self.run_dir / runfiles.STATUS_FILE,
+        rundir.write_json_atomic(
+            self.run_dir / rundir.STATUS_FILE,
             {
                 "pid": os.getpid(),
-                "host": runfiles.this_host(),
+                "host": rundir.this_host(),
                 "updated": time.time(),
                 "state": state,
                 "step": self.step,

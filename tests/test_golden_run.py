@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import killsafe
-from killsafe import runfiles
+from killsafe import rundir
 
 GOLDEN = Path(__file__).parent / "golden" / "run_story.json"
 
@@ -48,7 +48,7 @@ ID_KEYS = ("run_id", "request_id", "id")
 
 
 def request(run_dir: Path, action: str, name: str | None = None, note: str | None = None) -> None:
-    runfiles.submit_request(run_dir, runfiles.ControlRequest(action=action, name=name, note=note))
+    rundir.submit_request(run_dir, rundir.ControlRequest(action=action, name=name, note=note))
 
 
 def first_session(run_dir: Path) -> None:

@@ -29,8 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import killsafe
-from killsafe import cli
 from killsafe import format as fmt
+from killsafe import treewalk
 from killsafe.errors import KillsafeError
 
 HANG_SECONDS = 60
@@ -183,7 +183,7 @@ def read_everything(
         manifest = fmt.read_manifest(bad)
         tree = fmt.read_tree(bad, manifest)
         fmt.verify_checkpoint(bad, manifest)
-        for leaf in cli._walk(manifest["tree"]):
+        for leaf in treewalk.walk(manifest["tree"]):
             json.dumps(leaf.describe(), default=str)
     except KillsafeError as exc:
         assert "\n" not in str(exc)

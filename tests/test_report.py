@@ -25,7 +25,7 @@ from killsafe.report import (
     run_cli,
     write_report,
 )
-from killsafe.runfiles import write_json_atomic
+from killsafe.rundir import write_json_atomic
 from killsafe.store import CheckpointStore
 
 T0 = 1_780_000_000.0  # a fixed wall-clock origin for the fake runs

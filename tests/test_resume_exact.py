@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from killsafe.runfiles import read_jsonl
+from killsafe.rundir import read_jsonl
 
 pytest.importorskip("torch")
 pytest.importorskip("numpy")

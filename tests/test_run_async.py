@@ -12,7 +12,7 @@ import pytest
 
 from killsafe.errors import ConfigError
 from killsafe.run import Run
-from killsafe.runfiles import read_json, read_jsonl
+from killsafe.rundir import read_json, read_jsonl
 
 
 def _steps_on_disk(run_dir: Path) -> list[int]:

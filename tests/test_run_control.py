@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import killsafe
-from killsafe import runfiles
+from killsafe import rundir
 
 np = pytest.importorskip("numpy")
 if not hasattr(killsafe, "Run"):
@@ -28,8 +28,8 @@ def events(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def request(run_dir: Path, action: str, name: str | None = None, note: str | None = None) -> str:
-    control = runfiles.ControlRequest(action=action, name=name, note=note)
-    runfiles.submit_request(run_dir, control)
+    control = rundir.ControlRequest(action=action, name=name, note=note)
+    rundir.submit_request(run_dir, control)
     return control.id
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from killsafe.runfiles import ControlRequest, read_jsonl, submit_request
+from killsafe.rundir import ControlRequest, read_jsonl, submit_request
 
 pytestmark = pytest.mark.slow
 

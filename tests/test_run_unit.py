@@ -16,7 +16,7 @@ from killsafe.arguments import add_arguments, options_from_args
 from killsafe.errors import CheckpointNotFound, ConfigError, StateMismatch, UnsupportedState
 from killsafe.policy import EarlyStopping, EveryNSteps, OnImprovement
 from killsafe.run import Run
-from killsafe.runfiles import read_jsonl
+from killsafe.rundir import read_jsonl
 
 
 class Counter:

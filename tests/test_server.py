@@ -1,5 +1,5 @@
 """The HTTP API over real sockets on 127.0.0.1, against a run directory whose
-files are written the way a live run writes them (through ``runfiles``)."""
+files are written the way a live run writes them (through ``rundir``)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from killsafe import runfiles  # noqa: E402
+from killsafe import rundir  # noqa: E402
 from killsafe.errors import ConfigError  # noqa: E402
 from killsafe.history import History  # noqa: E402
 from killsafe.server import ServeLimits, ServerHandle, is_loopback, serve_in_thread  # noqa: E402
@@ -35,7 +35,7 @@ def write_status(run_dir: Path, **fields: Any) -> dict[str, Any]:
     """Write ``status.json`` as a live run in this process would."""
     status = {
         "pid": os.getpid(),
-        "host": runfiles.this_host(),
+        "host": rundir.this_host(),
         "updated": time.time(),
         "state": "running",
         "step": 40,
@@ -54,7 +54,7 @@ def write_status(run_dir: Path, **fields: Any) -> dict[str, Any]:
         "session": "session-1",
         **fields,
     }
-    runfiles.write_json_atomic(run_dir / runfiles.STATUS_FILE, status)
+    rundir.write_json_atomic(run_dir / rundir.STATUS_FILE, status)
     return status
 
 
@@ -515,14 +515,14 @@ def read_events(
 
 def test_events_stream_the_runs_events_and_progress(client: Any, run_dir: Path) -> None:
     write_status(run_dir, step=1)
-    runfiles.append_event(run_dir, "started", 0)  # before connecting: not replayed
+    rundir.append_event(run_dir, "started", 0)  # before connecting: not replayed
 
     def run_saves() -> None:
         write_status(run_dir, step=2)
-        runfiles.append_event(run_dir, "save-requested", 2, request_id="r1")
-        runfiles.append_event(run_dir, "saved", 3, name="good", path="x", request_id="r1")
-        runfiles.append_event(run_dir, "save-failed", 4, error="disk full", request_id="r2")
-        runfiles.append_event(run_dir, "stopped", 5, reason="signal")
+        rundir.append_event(run_dir, "save-requested", 2, request_id="r1")
+        rundir.append_event(run_dir, "saved", 3, name="good", path="x", request_id="r1")
+        rundir.append_event(run_dir, "save-failed", 4, error="disk full", request_id="r2")
+        rundir.append_event(run_dir, "stopped", 5, reason="signal")
 
     def done(seen: list[tuple[str, Any]]) -> bool:
         progressed = any(k == "progress" and data["step"] == 2 for k, data in seen)
@@ -540,7 +540,7 @@ def test_events_stream_the_runs_events_and_progress(client: Any, run_dir: Path) 
 
 
 def test_a_torn_event_line_waits_for_its_end(client: Any, run_dir: Path) -> None:
-    path = run_dir / runfiles.EVENTS_FILE
+    path = run_dir / rundir.EVENTS_FILE
 
     def write_in_two_parts() -> None:
         line = json.dumps({"time": 1.0, "kind": "saved", "step": 7, "name": "half"}) + "\n"
@@ -583,7 +583,7 @@ def test_close_still_sends_the_runs_last_words(run_dir: Path) -> None:
                 kinds.append(line.split(":", 1)[1].strip())
                 if len(kinds) == 1:  # the stream is open: the run ends and closes its server
                     write_status(run_dir, state="stopped")
-                    runfiles.append_event(run_dir, "stopped", 40, reason="request")
+                    rundir.append_event(run_dir, "stopped", 40, reason="request")
                     handle.close()
     assert kinds[0] == "progress" and "stopped" in kinds
     assert not handle.running
@@ -643,7 +643,7 @@ def test_history_with_a_cursor_sends_only_new_records(client: Any, run_dir: Path
 
 
 def test_report(client: Any, run_dir: Path) -> None:
-    runfiles.write_json_atomic(run_dir / "report.json", {"status": "finished", "steps": 100})
+    rundir.write_json_atomic(run_dir / "report.json", {"status": "finished", "steps": 100})
     assert client.get("/api/report").json() == {"status": "finished", "steps": 100}
 
 

@@ -14,7 +14,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 store_module = pytest.importorskip("killsafe.store")
 
-from killsafe import runfiles  # noqa: E402
+from killsafe import rundir  # noqa: E402
 from killsafe.server import ServerHandle, serve_in_thread  # noqa: E402
 
 TIMEOUT = 10.0
@@ -73,7 +73,7 @@ def test_list_checkpoints_with_their_metadata(client: Any, run_dir: Path) -> Non
 
 
 def test_the_best_comes_from_the_runs_config(client: Any, run_dir: Path) -> None:
-    runfiles.write_json_atomic(run_dir / "run.json", {"config": {"best": ["loss", "min"]}})
+    rundir.write_json_atomic(run_dir / "run.json", {"config": {"best": ["loss", "min"]}})
     save_three(run_dir, best=("loss", "min"))
     listed = client.get("/api/checkpoints").json()["checkpoints"]
     assert [c["best"] for c in listed] == [False, True, False]
@@ -126,10 +126,10 @@ def test_delete_while_a_live_run_owns_the_store_is_409(client: Any, run_dir: Pat
 
 
 def test_names_are_sanitized_like_the_store(client: Any, run_dir: Path) -> None:
-    status = {"pid": os.getpid(), "host": runfiles.this_host(), "updated": time.time()}
-    runfiles.write_json_atomic(run_dir / "status.json", {**status, "state": "running"})
+    status = {"pid": os.getpid(), "host": rundir.this_host(), "updated": time.time()}
+    rundir.write_json_atomic(run_dir / "status.json", {**status, "state": "running"})
     answer = client.post("/api/checkpoints", json={"name": "val loss 0.2!"})
     assert answer.status_code == 202
     [path] = (run_dir / "control").glob("*.json")
-    sent = runfiles.read_json(path)["name"]
+    sent = rundir.read_json(path)["name"]
     assert sent == store_module.sanitize_name("val loss 0.2!") == "val-loss-0.2"

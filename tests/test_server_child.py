@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import killsafe
-from killsafe import runfiles
+from killsafe import rundir
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -125,17 +125,17 @@ def test_the_dashboard_runs_in_a_child_process_that_ends_with_the_run(
 
 
 def events(run_dir: Path) -> list[dict[str, Any]]:
-    return runfiles.read_jsonl(run_dir / runfiles.EVENTS_FILE)
+    return rundir.read_jsonl(run_dir / rundir.EVENTS_FILE)
 
 
 def test_requests_of_an_earlier_session_do_not_act_on_the_next(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     # Accepted by a session that was already stopping, never read by it.
-    stale_stop = runfiles.ControlRequest("stop", session="an-earlier-session")
-    stale_save = runfiles.ControlRequest("save", name="stale", created=time.time() - 60)
-    runfiles.submit_request(run_dir, stale_stop)
-    runfiles.submit_request(run_dir, stale_save)
+    stale_stop = rundir.ControlRequest("stop", session="an-earlier-session")
+    stale_save = rundir.ControlRequest("save", name="stale", created=time.time() - 60)
+    rundir.submit_request(run_dir, stale_stop)
+    rundir.submit_request(run_dir, stale_save)
     with killsafe.Run(run_dir, total_steps=20, progress=False, keyboard=False, report=False) as run:
         run.track(n={"steps": 0})
         for _ in run.steps():
@@ -159,9 +159,9 @@ def test_a_request_left_unread_at_the_end_is_answered_not_kept(tmp_path: Path) -
             run.state["n"]["steps"] += 1
         # The loop is over, the run not yet closed: a request the server accepts now
         # (tagged, as the server tags it, with the live session) is never read.
-        status = runfiles.read_json(run_dir / runfiles.STATUS_FILE)
-        stop = runfiles.ControlRequest("stop", session=status["session"])
-        runfiles.submit_request(run_dir, stop)
+        status = rundir.read_json(run_dir / rundir.STATUS_FILE)
+        stop = rundir.ControlRequest("stop", session=status["session"])
+        rundir.submit_request(run_dir, stop)
     kinds = [(e["kind"], e.get("request_id")) for e in events(run_dir)]
     assert ("request-discarded", stop.id) in kinds and ("stop-requested", stop.id) not in kinds
     [discarded] = [e for e in events(run_dir) if e["kind"] == "request-discarded"]

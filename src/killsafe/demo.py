@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from killsafe.run import Run
+from killsafe.rundir import REPORT_TXT
 
 DEFAULT_DIRECTORY = Path("runs/demo")
 
@@ -167,7 +168,7 @@ def run_demo(directory: Path, config: DemoConfig, *, serve: bool | int, stream: 
     torch.set_num_threads(1)
     run = train(directory, config, serve=serve)
     finished = run.exit_reason == "finished"
-    report = directory / "report.txt"  # written by the run as it ended
+    report = directory / REPORT_TXT  # written by the run as it ended
     if report.exists():
         stream.write("\n" + report.read_text().rstrip("\n") + "\n")
     stream.write("\n" + next_steps(directory, finished) + "\n")

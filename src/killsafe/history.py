@@ -20,16 +20,20 @@ import io
 import json
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from killsafe.errors import ConfigError
-from killsafe.runfiles import read_jsonl
+from killsafe.rundir import (
+    CSV_FILE,
+    HISTORY_FILE,
+    append_line,
+    is_history_record,
+    read_history,
+    write_bytes_atomic,
+)
 
-HISTORY_FILE = "history.jsonl"
-CSV_FILE = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
 RESERVED_KEYS = ("step", "time")
 
@@ -43,11 +47,6 @@ __all__ = [
     "require_tensorboard",
     "write_csv",
 ]
-
-
-def read_history(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every complete record of ``run_dir/history.jsonl`` (a reader: never writes)."""
-    return [r for r in read_jsonl(Path(run_dir) / HISTORY_FILE) if _has_step(r)]
 
 
 def csv_columns(records: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -76,7 +75,7 @@ def csv_text(records: list[dict[str, Any]]) -> str:
 def write_csv(records: list[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Write ``records`` as CSV to ``path`` atomically (see ``csv_text``)."""
     path = Path(path)
-    _replace_atomically(path, csv_text(records).encode())
+    write_bytes_atomic(path, csv_text(records).encode())
     return path
 
 
@@ -136,11 +135,7 @@ class History:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"cannot log to {self.path}: {exc}") from exc
         self._prepare_for_append()
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
+        append_line(self.path, line)
         if self.csv_path is not None:
             self._append_csv(record)
         if self.tensorboard:
@@ -165,7 +160,7 @@ class History:
             kept.append(line)
         if dropped or self.path.exists():
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            _replace_atomically(self.path, "".join(k + "\n" for k in kept).encode())
+            write_bytes_atomic(self.path, "".join(k + "\n" for k in kept).encode())
         self._checked_tail = True
         if self.csv_path is not None:
             self._rewrite_csv()
@@ -206,7 +201,7 @@ class History:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not _ends_cleanly(self.path):
             complete = [line for line in _read_lines(self.path) if _parse(line) is not None]
-            _replace_atomically(self.path, "".join(k + "\n" for k in complete).encode())
+            write_bytes_atomic(self.path, "".join(k + "\n" for k in complete).encode())
 
     def _append_csv(self, record: dict[str, Any]) -> None:
         assert self.csv_path is not None
@@ -286,17 +281,12 @@ def require_tensorboard() -> None:
         )
 
 
-def _has_step(record: dict[str, Any]) -> bool:
-    step = record.get("step")
-    return isinstance(step, int) and not isinstance(step, bool)
-
-
 def _parse(line: str) -> dict[str, Any] | None:
     try:
         record = json.loads(line)
     except json.JSONDecodeError:
         return None
-    if isinstance(record, dict) and _has_step(record):
+    if isinstance(record, dict) and is_history_record(record):
         return record
     return None
 
@@ -319,20 +309,6 @@ def _ends_cleanly(path: Path) -> bool:
             return f.read(1) == b"\n"
     except FileNotFoundError:
         return True
-
-
-def _replace_atomically(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        # The rename is the commit: a reader sees the old file or the new one.
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _csv_row(record: Mapping[str, Any], columns: list[str]) -> list[Any]:

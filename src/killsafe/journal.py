@@ -60,6 +60,7 @@ from killsafe.errors import (
     StoreLocked,
     UnsupportedState,
 )
+from killsafe.rundir import CHECKPOINTS_DIR
 
 __all__ = ["Journal", "JournalReplay", "decode_record", "encode_record"]
 
@@ -69,7 +70,6 @@ MAGIC = b"RJ"
 HEADER = struct.Struct("<2sIQQ")  # magic, payload length, sequence number, checksum
 MAX_RECORD = 64 * 1024 * 1024
 SEGMENT_DIR = "journal"
-CHECKPOINT_DIR = "checkpoints"
 TAG = "__t"
 O_DSYNC = getattr(os, "O_DSYNC", 0)
 _datasync = getattr(os, "fdatasync", os.fsync)
@@ -279,7 +279,7 @@ class Journal:
         self.segments_dir = self.directory / SEGMENT_DIR
         self.segments_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = self._lock()
-        self.store = CheckpointStore(self.directory / CHECKPOINT_DIR, keep_last=keep_last)
+        self.store = CheckpointStore(self.directory / CHECKPOINTS_DIR, keep_last=keep_last)
         self._fd = -1
         self._offset = 0
         self._allocated = 0

@@ -45,6 +45,7 @@ from typing import IO, Any
 from killsafe.errors import ConfigError, KillsafeError
 from killsafe.progress import format_duration, format_size
 from killsafe.report import list_checkpoints
+from killsafe.rundir import CHECKPOINTS_DIR
 
 __all__ = [
     "CheckFn",
@@ -297,7 +298,7 @@ class Preflight:
         tree = _capture(self.state)
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="killsafe-preflight-") as tmp:
-            store = CheckpointStore(Path(tmp) / "checkpoints")
+            store = CheckpointStore(Path(tmp) / CHECKPOINTS_DIR)
             try:
                 info = store.save(tree, step=0, reason="preflight")
                 loaded = store.load("latest")

@@ -22,22 +22,28 @@ import math
 import os
 import sys
 import time
-import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from killsafe.errors import CheckpointNotFound, ConfigError, KillsafeError
-from killsafe.history import HISTORY_FILE, csv_text, read_history, write_csv
+from killsafe.history import csv_text, read_history, write_csv
 from killsafe.progress import format_duration, format_number, format_size, metric_direction
-from killsafe.runfiles import (
+from killsafe.rundir import (
+    CHECKPOINTS_DIR,
+    HISTORY_FILE,
+    REPORT_JSON,
+    REPORT_PNG,
+    REPORT_TXT,
     RUN_FILE,
-    STATUS_FILE,
     STATUS_INTERVAL,
+    RunLayout,
+    RunReader,
     is_attached,
+    parse_best,
     pid_alive,
-    read_json,
     this_host,
+    write_bytes_atomic,
     write_json_atomic,
 )
 
@@ -56,10 +62,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-REPORT_TXT = "report.txt"
-REPORT_JSON = "report.json"
-REPORT_PNG = "report.png"
-CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
 MAX_PLOT_POINTS = 5000
 
@@ -73,16 +75,17 @@ def build_report(run_dir: str | os.PathLike[str], *, now: float | None = None) -
     ``ConfigError`` when it holds none of a run directory's files.
     """
     run_dir = _check_run_dir(Path(run_dir))
+    reader = RunReader(run_dir)
     now = time.time() if now is None else now
-    run = _read_optional(run_dir / RUN_FILE) or {}
-    status = _read_optional(run_dir / STATUS_FILE)
-    history = read_history(run_dir)
+    run = _read_optional(reader.record) or {}
+    status = _read_optional(reader.status)
+    history = reader.history()
     checkpoints = list_checkpoints(run_dir)
     attached = _is_live(status, now)
 
     sessions = _sessions(run, status, history, attached, now)
     final_step = _final_step(sessions, status, history, checkpoints)
-    best_spec = _best_spec(run.get("config") or {})
+    best_spec = parse_best((run.get("config") or {}).get("best"))
     best = _best_metrics(history, status, best_spec)
     all_duration = sum(s["duration"] or 0.0 for s in sessions)
     this = sessions[-1] if sessions else None
@@ -155,11 +158,8 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """
     from killsafe.store import CheckpointStore
 
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
     try:
-        infos = CheckpointStore(root).list()
+        infos = RunReader(run_dir, open_catalog=CheckpointStore).checkpoints()
     except KillsafeError as exc:
         logger.warning("%s", exc)
         return []
@@ -182,8 +182,7 @@ def _check_run_dir(run_dir: Path) -> Path:
         raise CheckpointNotFound(f"{run_dir}: no such run directory; check the path")
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: not a directory; pass the run directory (runs/NAME)")
-    markers = (RUN_FILE, STATUS_FILE, HISTORY_FILE, CHECKPOINTS_DIR)
-    if any((run_dir / m).exists() for m in markers):
+    if RunLayout(run_dir).is_run_dir():
         return run_dir
     if (run_dir / MANIFEST).exists() or any(run_dir.glob(f"*/{MANIFEST}")):
         raise ConfigError(
@@ -196,9 +195,9 @@ def _check_run_dir(run_dir: Path) -> Path:
     )
 
 
-def _read_optional(path: Path) -> Any:
+def _read_optional(read: Callable[[], Any]) -> Any:
     try:
-        return read_json(path)
+        return read()
     except KillsafeError as exc:  # a damaged file leaves its part of the report empty
         logger.warning("%s", exc)
         return None
@@ -392,17 +391,6 @@ def _resources(sessions: list[dict[str, Any]], status: Mapping[str, Any] | None)
         "peak_rss_bytes": max(peaks) if peaks else None,
         "gpu_memory_bytes": resources.get("gpu_memory_bytes"),
     }
-
-
-def _best_spec(config: Mapping[str, Any]) -> tuple[str, str] | None:
-    best = config.get("best")
-    if isinstance(best, (list, tuple)) and len(best) == 2:
-        return str(best[0]), str(best[1])
-    if isinstance(best, Mapping) and best.get("metric"):
-        return str(best["metric"]), str(best.get("mode") or "min")
-    if isinstance(best, str):
-        return best, metric_direction(best) or "min"
-    return None
 
 
 def _is_number(value: Any) -> bool:
@@ -657,7 +645,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         logger.warning("report.png skipped: %s: %s", type(exc).__name__, exc)
     report["files"] = files
     write_json_atomic(run_dir / REPORT_JSON, report)
-    _write_text_atomic(run_dir / REPORT_TXT, format_text(report))
+    write_bytes_atomic(run_dir / REPORT_TXT, format_text(report).encode())
     return report
 
 
@@ -714,7 +702,7 @@ def plot_history(
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     path = Path(path)
-    _write_bytes_atomic(path, buffer.getvalue())
+    write_bytes_atomic(path, buffer.getvalue())
     return path
 
 
@@ -728,23 +716,6 @@ def _numeric_series(history: list[dict[str, Any]]) -> list[tuple[str, list[int],
         if points:
             series.append((name, [p[0] for p in points], [p[1] for p in points]))
     return series
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    _write_bytes_atomic(path, text.encode())
-
-
-def _write_bytes_atomic(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # readers see the old file or the new one
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # -- command line -----------------------------------------------------------

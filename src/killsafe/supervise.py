@@ -43,7 +43,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from killsafe.errors import ConfigError
-from killsafe.runfiles import RUN_FILE, read_json, write_json_atomic
+from killsafe.rundir import RUN_FILE, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 

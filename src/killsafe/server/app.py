@@ -17,7 +17,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +26,15 @@ from fastapi.requests import Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from killsafe import runfiles
 from killsafe.errors import CheckpointNotFound, InvalidName, KillsafeError, StoreLocked
-from killsafe.history import HISTORY_FILE
+from killsafe.rundir import (
+    ControlRequest,
+    RunReader,
+    is_attached,
+    pending_requests,
+    read_json,
+    submit_request,
+)
 from killsafe.server.events import HEARTBEAT_SECONDS, POLL_SECONDS, event_stream
 from killsafe.server.guard import MAX_BODY_BYTES, RequestGuard
 from killsafe.server.limits import ServeLimits
@@ -48,8 +53,6 @@ from killsafe.server.models import (
 log = logging.getLogger("killsafe.server")
 
 STATIC_DIR = Path(__file__).parent / "static"
-CHECKPOINTS_DIR = "checkpoints"
-REPORT_FILE = "report.json"
 SUBMIT_LOCK = ".submit.lock"
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429)
@@ -74,20 +77,21 @@ class RunDirectory:
 
     def __init__(self, run_dir: Path, limits: ServeLimits | None = None):
         self.path = Path(run_dir)
+        self.reader = RunReader(self.path, open_catalog=_open_store)
+        self.layout = self.reader.layout
         self.limits = limits if limits is not None else ServeLimits()
         self._submit_lock = threading.Lock()
         self._save_times: deque[float] = deque()  # save requests that reached control/
 
     def status(self) -> dict[str, Any]:
         try:
-            status = runfiles.read_json(self.path / runfiles.STATUS_FILE)
+            status = self.reader.status() or {}
         except KillsafeError as exc:
             log.warning("ignoring unreadable status: %s", exc)
-            status = None
-        status = status if isinstance(status, dict) else {}
+            status = {}
         return {
             **status,
-            "attached": runfiles.is_attached(status),
+            "attached": is_attached(status),
             "directory": str(self.path),
         }
 
@@ -111,14 +115,14 @@ class RunDirectory:
         Serialized by a thread lock and, across processes (the run's own server
         and ``killsafe serve``), by ``flock`` on ``control/.submit.lock``.
         """
-        with self._submit_lock, _flocked(self.path / runfiles.CONTROL_DIR / SUBMIT_LOCK):
-            for _, pending in runfiles.pending_requests(self.path):
+        with self._submit_lock, _flocked(self.layout.control / SUBMIT_LOCK):
+            for _, pending in pending_requests(self.path):
                 if pending.action == action and pending.session == session:
                     return _coalesced(pending, name)
             if action == "save":
                 self._check_limits(name)
-            request = runfiles.ControlRequest(action, name=name, note=note, session=session)
-            runfiles.submit_request(self.path, request)
+            request = ControlRequest(action, name=name, note=note, session=session)
+            submit_request(self.path, request)
             if action == "save":
                 self._save_times.append(time.monotonic())
             return AcceptedOut(request_id=request.id, action=action, coalesced=False, name=name)
@@ -148,37 +152,31 @@ class RunDirectory:
             )
 
     def _request_named_count(self) -> int:
-        if not (self.path / CHECKPOINTS_DIR).is_dir():
-            return 0
         return sum(
             1
-            for info in self.store().list()
+            for info in self.reader.checkpoints()
             if info.name is not None and (info.metadata or {}).get("request_id")
         )
 
     def store(self) -> Any:
-        from killsafe.store import CheckpointStore
-
-        best = _best_config(self.path)
-        if best is not None:
-            return CheckpointStore(self.path / CHECKPOINTS_DIR, best=best)
-        return CheckpointStore(self.path / CHECKPOINTS_DIR)
+        """The run's checkpoint store, with the run's best metric when it names one."""
+        return self.reader.catalog()
 
     def checkpoints(self) -> list[CheckpointOut]:
-        if not (self.path / CHECKPOINTS_DIR).is_dir():
+        if not self.reader.has_checkpoints():
             return []
         store = self.store()
         latest, best = _marked(store)
         return [_checkpoint_out(info, latest, best) for info in store.list()]
 
     def delete(self, checkpoint_id: str, *, force: bool) -> None:
-        if not (self.path / CHECKPOINTS_DIR).is_dir():
+        if not self.reader.has_checkpoints():
             raise CheckpointNotFound(f"no checkpoint {checkpoint_id!r} in {self.path}")
         store = self.store()
         matches = [info for info in store.list() if Path(info.path).name == checkpoint_id]
         if not matches:
             raise CheckpointNotFound(
-                f"no checkpoint {checkpoint_id!r} in {self.path / CHECKPOINTS_DIR}; "
+                f"no checkpoint {checkpoint_id!r} in {self.layout.checkpoints}; "
                 "GET /api/checkpoints lists their ids"
             )
         latest, best = _marked(store)
@@ -191,7 +189,7 @@ class RunDirectory:
             store.delete(matches[0].path, force=True)
         except StoreLocked as exc:
             raise _Conflict(
-                f"a live run writes to {self.path / CHECKPOINTS_DIR} and owns its checkpoints; "
+                f"a live run writes to {self.layout.checkpoints} and owns its checkpoints; "
                 "delete this one once the run has ended"
             ) from exc
         finally:
@@ -203,7 +201,7 @@ class RunDirectory:
         """The last ``limit`` records, or with the ``cursor`` of an earlier answer only
         the records appended since (``reset`` false): a page that polls parses a few
         new lines, not the whole file, however long the run."""
-        page = read_history_page(self.path / HISTORY_FILE, cursor)
+        page = self.reader.history_since(cursor)
         if page.reset or len(page.records) > limit:
             return HistoryOut(
                 records=page.records[-limit:] if limit else [],
@@ -214,7 +212,7 @@ class RunDirectory:
         return HistoryOut(records=page.records, total=page.total, cursor=page.cursor, reset=False)
 
     def report(self) -> dict[str, Any]:
-        saved = runfiles.read_json(self.path / REPORT_FILE)
+        saved = read_json(self.layout.report_json)
         if isinstance(saved, dict):
             return saved
         from killsafe.report import build_report
@@ -261,7 +259,7 @@ class _TooMany(KillsafeError):
         self.retry_after = retry_after
 
 
-def _coalesced(pending: runfiles.ControlRequest, name: str | None) -> AcceptedOut:
+def _coalesced(pending: ControlRequest, name: str | None) -> AcceptedOut:
     """The answer for a request that joins ``pending``: the name it will save under."""
     if name is not None and name != pending.name:
         asked = f"named {pending.name!r}" if pending.name else "without a name"
@@ -467,17 +465,10 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _best_config(run_dir: Path) -> tuple[str, str] | None:
-    """The run's ``best=(metric, mode)`` from run.json, so the store can name its best."""
-    try:
-        run_info = runfiles.read_json(run_dir / runfiles.RUN_FILE)
-    except KillsafeError:
-        return None
-    config = run_info.get("config") if isinstance(run_info, dict) else None
-    best = config.get("best") if isinstance(config, dict) else None
-    if isinstance(best, (list, tuple)) and len(best) == 2 and best[1] in ("min", "max"):
-        return str(best[0]), str(best[1])
-    return None
+def _open_store(directory: Path, **options: Any) -> Any:
+    from killsafe.store import CheckpointStore
+
+    return CheckpointStore(directory, **options)
 
 
 def _marked(store: Any) -> tuple[str | None, str | None]:
@@ -536,62 +527,6 @@ def _size_on_disk(directory: Path) -> int:
     except OSError:
         return 0
     return total
-
-
-@dataclass(frozen=True)
-class HistoryPage:
-    """Records of history.jsonl from a cursor on; ``cursor`` continues after them."""
-
-    records: list[dict[str, Any]]
-    total: int
-    cursor: str
-    reset: bool
-
-
-def read_history_page(path: Path, cursor: str | None) -> HistoryPage:
-    """The complete records of ``path`` after ``cursor`` (all of them when it is
-    ``None``, stale or from another file), reading only the bytes after it.
-
-    A cursor is ``inode:offset:count``: the file it was made for, the end of the
-    last complete line read, and the records up to there. A resumed run rewrites
-    history.jsonl into a new file (a new inode), which makes old cursors stale.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return HistoryPage([], 0, "0:0:0", reset=cursor is None or cursor != "0:0:0")
-    try:
-        stat = os.fstat(fd)
-        start, count = _cursor_position(fd, stat, cursor)
-        reset = start == 0 and count == 0
-        data = os.pread(fd, stat.st_size - start, start) if stat.st_size > start else b""
-    finally:
-        os.close(fd)
-    end = data.rfind(b"\n") + 1  # a torn last line waits for its end
-    records = []
-    for line in data[:end].split(b"\n"):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        step = record.get("step") if isinstance(record, dict) else None
-        if isinstance(step, int) and not isinstance(step, bool):
-            records.append(record)
-    total = count + len(records)
-    return HistoryPage(records, total, f"{stat.st_ino}:{start + end}:{total}", reset=reset)
-
-
-def _cursor_position(fd: int, stat: os.stat_result, cursor: str | None) -> tuple[int, int]:
-    """(byte offset, records before it) of a cursor still valid for this file, else (0, 0)."""
-    try:
-        inode, offset, count = (int(part) for part in (cursor or "").split(":"))
-    except ValueError:
-        return 0, 0
-    if inode != stat.st_ino or not 0 < offset <= stat.st_size or count < 0:
-        return 0, 0
-    if os.pread(fd, 1, offset - 1) != b"\n":  # not the end of a line of this file
-        return 0, 0
-    return offset, count
 
 
 def _version() -> str:

@@ -9,48 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from killsafe.runfiles import EVENTS_FILE
+from killsafe.rundir import RunReader
 
 POLL_SECONDS = 0.25
 HEARTBEAT_SECONDS = 15.0
-
-
-class EventTail:
-    """Read the complete lines appended to ``events.jsonl`` since the last call."""
-
-    def __init__(self, path: Path, *, from_end: bool = True):
-        self.path = path
-        self.offset = _size(path) if from_end else 0
-        self._partial = b""
-
-    def read_new(self) -> list[dict[str, Any]]:
-        size = _size(self.path)
-        if size < self.offset:  # the file was replaced or truncated: start over
-            self.offset, self._partial = 0, b""
-        if size == self.offset:
-            return []
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read(size - self.offset)
-        self.offset += len(data)
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()  # an unfinished last line waits for its end
-        records = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("kind"), str):
-                records.append(record)
-        return records
 
 
 def format_event(kind: str, data: Any) -> str:
@@ -71,7 +39,7 @@ async def event_stream(
     The first message is a ``progress`` event with the current status, so a
     client never waits for the run's next status write to draw the page.
     """
-    tail = EventTail(run_dir / EVENTS_FILE)
+    tail = RunReader(run_dir).event_tail()
     status = read_status()
     last_updated = status.get("updated")
     last_attached = status.get("attached")
@@ -99,10 +67,3 @@ async def event_stream(
         yield format_event("progress", status)
     for record in tail.read_new():
         yield format_event(record["kind"], record)
-
-
-def _size(path: Path) -> int:
-    try:
-        return os.stat(path).st_size
-    except FileNotFoundError:
-        return 0

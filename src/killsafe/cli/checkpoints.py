@@ -1,0 +1,367 @@
+"""The checkpoints of a run directory: ``list``, ``verify`` and ``prune``.
+
+DIR is a run directory or its checkpoints directory; the run's own ``best``
+metric (``run.json``, read through ``RunReader``) marks and keeps the best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from killsafe.cli.common import (
+    EXIT_FAILED_CHECK,
+    EXIT_OK,
+    MANIFEST_FILE,
+    Commands,
+    add_json_flag,
+    existing_directory,
+    format_metrics,
+    format_size,
+    format_time,
+    number,
+    print_json,
+    print_table,
+)
+from killsafe.errors import CheckpointNotFound, ConfigError, CorruptCheckpoint, UnsupportedFormat
+from killsafe.rundir import CHECKPOINTS_DIR, RUN_FILE, RunReader
+
+WHAT_DIR = "a run directory or a checkpoints directory"
+
+
+@dataclass(frozen=True)
+class _Location:
+    """What a DIR argument points at."""
+
+    store_dir: Path
+    run_dir: Path | None
+
+
+@dataclass
+class _Entry:
+    """One checkpoint directory as ``list``, ``verify`` and ``prune`` see it."""
+
+    path: Path
+    info: Any  # format.CheckpointInfo, or None when the manifest is unreadable
+    problem: str | None = None
+    marks: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        info = self.info
+        return {
+            "path": str(self.path),
+            "step": None if info is None else info.step,
+            "name": None if info is None else info.name,
+            "reason": None if info is None else info.reason,
+            "created": None if info is None else info.created,
+            "size": None if info is None else info.size,
+            "metrics": {} if info is None else dict(info.metrics),
+            "latest": "latest" in self.marks,
+            "best": "best" in self.marks,
+            "corrupt": self.problem is not None,
+            "problem": self.problem,
+        }
+
+
+def _locate(path: Path) -> _Location:
+    existing_directory(path, WHAT_DIR)
+    if (path / MANIFEST_FILE).exists():
+        raise ConfigError(f"{path} is one checkpoint; give {WHAT_DIR} (or use inspect)")
+    if (path / CHECKPOINTS_DIR).is_dir():
+        return _Location(store_dir=path / CHECKPOINTS_DIR, run_dir=path)
+    if (path / RUN_FILE).exists():
+        return _Location(store_dir=path / CHECKPOINTS_DIR, run_dir=path)  # no checkpoint yet
+    parent = path.parent
+    run_dir = parent if (parent / RUN_FILE).exists() else None
+    return _Location(store_dir=path, run_dir=run_dir)
+
+
+def _open_store(store_dir: Path) -> Any:
+    from killsafe.store import CheckpointStore
+
+    return CheckpointStore(store_dir)
+
+
+def _checkpoint_dirs(store_dir: Path) -> list[Path]:
+    """The committed checkpoint directories (``step-*``); ``.tmp-*`` ones are never read."""
+    if not store_dir.is_dir():
+        return []
+    return sorted(p for p in store_dir.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def _entries(store_dir: Path, *, verify: bool) -> list[_Entry]:
+    """Every checkpoint of ``store_dir`` in step order; unreadable ones last, with the problem."""
+    store = _open_store(store_dir)
+    good: list[_Entry] = []
+    bad: list[_Entry] = []
+    for path in _checkpoint_dirs(store_dir):
+        try:
+            info = store.listed(path)
+        except (CorruptCheckpoint, UnsupportedFormat, CheckpointNotFound) as exc:
+            bad.append(_Entry(path, None, problem=str(exc)))
+            continue
+        entry = _Entry(path, info)
+        if verify:
+            entry.problem = _verify_problem(store, path)
+        good.append(entry)
+    good.sort(key=lambda e: (e.info.step, e.info.created))
+    return good + bad
+
+
+def _verify_problem(store: Any, path: Path) -> str | None:
+    try:
+        store.verify(path)
+    except (CorruptCheckpoint, UnsupportedFormat) as exc:
+        return str(exc)
+    return None
+
+
+def _best_spec(args: argparse.Namespace, location: _Location) -> tuple[str, str] | None:
+    """``--metric``/``--mode``, else the run's own ``best`` from ``run.json``."""
+    if args.metric is not None:
+        return args.metric, args.mode
+    if location.run_dir is None:
+        return None
+    return RunReader(location.run_dir).best()
+
+
+def _mark(entries: list[_Entry], best: tuple[str, str] | None) -> None:
+    usable = [e for e in entries if e.info is not None and e.problem is None]
+    if usable:
+        usable[-1].marks.append("latest")
+    if best is not None:
+        metric, mode = best
+        scored = [e for e in usable if number(e.info.metrics.get(metric)) is not None]
+        if scored:
+            pick = min if mode == "min" else max
+            pick(scored, key=lambda e: float(e.info.metrics[metric])).marks.append("best")
+    for entry in entries:
+        if entry.problem is not None:
+            entry.marks.append("corrupt")
+
+
+def add_list(commands: Commands) -> None:
+    p = commands.add_parser(
+        "list",
+        help="the checkpoints of a run, with latest, best and corrupt marked",
+        description="List the checkpoints of DIR (a run directory or its checkpoints "
+        "directory): step, name, reason, created, size, metrics and marks.",
+    )
+    p.add_argument("directory", type=Path, metavar="DIR", help=WHAT_DIR)
+    p.add_argument("--verify", action="store_true", help="also check every checksum")
+    _add_best_flags(p)
+    add_json_flag(p)
+    p.set_defaults(handler=_cmd_list)
+
+
+def _add_best_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metric",
+        default=None,
+        metavar="M",
+        help="the metric that ranks checkpoints (default: the run's own best metric)",
+    )
+    p.add_argument(
+        "--mode", choices=("min", "max"), default="min", help="lower or higher is better"
+    )
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    location = _locate(args.directory)
+    entries = _entries(location.store_dir, verify=args.verify)
+    _mark(entries, _best_spec(args, location))
+    if args.json:
+        print_json(
+            {
+                "directory": str(location.store_dir),
+                "checkpoints": [e.to_json() for e in entries],
+            }
+        )
+    elif not entries:
+        sys.stdout.write(f"no checkpoints in {location.store_dir}\n")
+    else:
+        headers = ["step", "name", "reason", "created", "size", "metrics", "marks"]
+        print_table(headers, [_list_row(e) for e in entries])
+        for entry in entries:
+            if entry.problem is not None:
+                sys.stdout.write(f"corrupt: {entry.path}: {entry.problem}\n")
+    return EXIT_FAILED_CHECK if args.verify and any(e.problem for e in entries) else EXIT_OK
+
+
+def _list_row(entry: _Entry) -> list[str]:
+    marks = ",".join(entry.marks)
+    info = entry.info
+    if info is None:
+        return ["?", entry.path.name, "", "", "", "", marks]
+    return [
+        str(info.step),
+        info.name or "",
+        info.reason or "",
+        format_time(info.created),
+        format_size(info.size),
+        format_metrics(info.metrics),
+        marks,
+    ]
+
+
+def add_verify(commands: Commands) -> None:
+    p = commands.add_parser(
+        "verify",
+        help="check every checksum; exit 1 naming each bad file",
+        description="Check the sizes and checksums of every file of every checkpoint in "
+        "DIR, or of the one checkpoint CKPT. Exit 1 when any fails, naming each.",
+    )
+    p.add_argument("path", type=Path, metavar="DIR|CKPT", help=f"{WHAT_DIR}, or a checkpoint")
+    add_json_flag(p)
+    p.set_defaults(handler=_cmd_verify)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    path = existing_directory(args.path, f"{WHAT_DIR}, or a checkpoint")
+    entries = _verified_entries(path)
+    bad = [e for e in entries if e.problem is not None]
+    if args.json:
+        print_json({"ok": not bad, "checked": len(entries), "checkpoints": _verdicts(entries)})
+    else:
+        _write_verdicts(entries)
+    if not entries:
+        sys.stderr.write(f"killsafe verify: no checkpoints in {path}\n")
+    if bad:
+        sys.stderr.write(
+            f"killsafe verify: {len(bad)} of {len(entries)} checkpoint(s) failed: "
+            + ", ".join(str(e.path) for e in bad)
+            + "\n"
+        )
+        return EXIT_FAILED_CHECK
+    return EXIT_OK
+
+
+def _verified_entries(path: Path) -> list[_Entry]:
+    """The one checkpoint ``path`` is, or every checkpoint under it, each verified."""
+    if (path / MANIFEST_FILE).exists():
+        store = _open_store(path.parent)
+        info = store.get(path)  # a manifest that cannot be read is bad input: exit 2
+        return [_Entry(path, info, problem=_verify_problem(store, path))]
+    return _entries(_locate(path).store_dir, verify=True)
+
+
+def _verdicts(entries: list[_Entry]) -> list[dict[str, Any]]:
+    return [
+        {
+            "path": str(e.path),
+            "ok": e.problem is None,
+            "problem": e.problem,
+            "manifest_checksum": e.info is not None and e.info.manifest_checksum,
+        }
+        for e in entries
+    ]
+
+
+def _write_verdicts(entries: list[_Entry]) -> None:
+    for entry in entries:
+        verdict = "ok" if entry.problem is None else f"CORRUPT: {entry.problem}"
+        if entry.problem is None and not entry.info.manifest_checksum:
+            verdict += " (no manifest checksum: written by an older version)"
+        sys.stdout.write(f"{entry.path}: {verdict}\n")
+
+
+def add_prune(commands: Commands) -> None:
+    p = commands.add_parser(
+        "prune",
+        help="delete old checkpoints, keeping the newest, the best and named ones",
+        description="Delete the checkpoints of DIR that retention does not keep. The newest "
+        "verified checkpoint, the best ones and named ones are never deleted unless "
+        "named with --delete.",
+    )
+    p.add_argument("directory", type=Path, metavar="DIR", help=WHAT_DIR)
+    p.add_argument("--keep-last", type=int, required=True, metavar="N", help="keep the newest N")
+    p.add_argument("--keep-best", type=int, default=None, metavar="K", help="keep the best K")
+    _add_best_flags(p)
+    p.add_argument(
+        "--delete",
+        action="append",
+        default=[],
+        metavar="REF",
+        help="also delete this checkpoint (a step, a name or a path), whatever it is",
+    )
+    p.add_argument("--dry-run", action="store_true", help="say what would go; delete nothing")
+    add_json_flag(p)
+    p.set_defaults(handler=_cmd_prune)
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    for flag, value in (("--keep-last", args.keep_last), ("--keep-best", args.keep_best)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be 1 or more, got {value}")
+    location = _locate(args.directory)
+    best = _best_spec(args, location)
+    if args.keep_best is not None and best is None:
+        raise ConfigError("--keep-best needs --metric M (the run names no best metric)")
+    removed = _prune(args, location.store_dir, best)
+    gone = {info.path for info in removed}
+    kept = [e for e in _entries(location.store_dir, verify=False) if e.path not in gone]
+    verb = "would delete" if args.dry_run else "deleted"
+    if args.json:
+        print_json(
+            {
+                "dry_run": args.dry_run,
+                "deleted": [_info_json(info) for info in removed],
+                "kept": [e.to_json() for e in kept],
+            }
+        )
+    else:
+        for info in removed:
+            sys.stdout.write(f"{verb} {info.path} (step {info.step})\n")
+        sys.stdout.write(f"{verb} {len(removed)} checkpoint(s)\n")
+    return EXIT_OK
+
+
+def _prune(args: argparse.Namespace, store_dir: Path, best: tuple[str, str] | None) -> list[Any]:
+    """Delete (unless ``--dry-run``) what retention drops and what ``--delete`` names.
+
+    The newest checkpoint that verifies is never dropped by retention.
+    """
+    from killsafe.store import CheckpointStore
+
+    store = CheckpointStore(
+        store_dir,
+        keep_last=args.keep_last,
+        # The best checkpoint is never pruned: keep at least one when a metric ranks them.
+        keep_best=(args.keep_best if args.keep_best is not None else 1) if best else None,
+        best=best,
+    )
+    try:
+        explicit = [store.get(_reference(ref)) for ref in args.delete]
+        newest_sound = store.latest(verify=True)
+        removed = [
+            info
+            for info in store.prune(dry_run=True)
+            if newest_sound is None or info.path != newest_sound.path
+        ]
+        removed += [info for info in explicit if info.path not in {i.path for i in removed}]
+        if not args.dry_run:
+            for info in removed:
+                store.delete(info, force=True)
+    finally:
+        store.close()
+    return removed
+
+
+def _reference(text: str) -> str | int:
+    """A checkpoint reference from the command line: a step number, a name or a path."""
+    return int(text) if text.isdigit() else text
+
+
+def _info_json(info: Any) -> dict[str, Any]:
+    return {
+        "path": str(info.path),
+        "step": info.step,
+        "name": info.name,
+        "reason": info.reason,
+        "created": info.created,
+        "size": info.size,
+        "metrics": dict(info.metrics),
+    }

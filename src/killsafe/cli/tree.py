@@ -1,0 +1,118 @@
+"""``killsafe inspect CKPT``: a checkpoint's metadata and state tree, without loading tensors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from killsafe.cli.common import (
+    EXIT_OK,
+    MANIFEST_FILE,
+    Commands,
+    add_json_flag,
+    existing_directory,
+    format_metrics,
+    format_size,
+    format_time,
+    print_json,
+    print_table,
+)
+from killsafe.errors import ConfigError
+from killsafe.rundir import CHECKPOINTS_DIR, json_default
+
+
+def read_checkpoint_manifest(path: Path) -> dict[str, Any]:
+    """The validated manifest of checkpoint directory ``path`` (bad input otherwise)."""
+    from killsafe.format import read_manifest
+
+    existing_directory(path, "a checkpoint directory (such as DIR/checkpoints/step-000100)")
+    if not (path / MANIFEST_FILE).exists() and (
+        (path / CHECKPOINTS_DIR).is_dir() or any(p.name.startswith("step-") for p in path.iterdir())
+    ):
+        raise ConfigError(
+            f"{path} holds checkpoints; give one of them (`killsafe list {path}` shows them)"
+        )
+    return read_manifest(path)
+
+
+def add_commands(commands: Commands) -> None:
+    p = commands.add_parser(
+        "inspect",
+        help="a checkpoint's metadata and state tree, without loading tensors",
+        description="Show the metadata of checkpoint CKPT and its state tree: every "
+        "value's path and type, and the dtype, shape and size of tensors and arrays. "
+        "Reads the manifest only.",
+    )
+    p.add_argument("checkpoint", type=Path, metavar="CKPT", help="a checkpoint directory")
+    add_json_flag(p)
+    p.set_defaults(handler=_cmd_inspect)
+
+
+def checkpoint_summary(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    files = {
+        name: {"size": info["size"], "xxh3": info["xxh3"]}
+        for name, info in manifest["files"].items()
+    }
+    return {
+        "path": str(path),
+        "step": manifest["step"],
+        "name": manifest["name"],
+        "reason": manifest["reason"],
+        "created": manifest["created"],
+        "format_version": manifest["format_version"],
+        "size": sum(info["size"] for info in files.values()),
+        "files": files,
+        "metrics": manifest["metrics"],
+        "metadata": manifest["metadata"],
+    }
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from killsafe.treewalk import walk
+
+    manifest = read_checkpoint_manifest(args.checkpoint)
+    summary = checkpoint_summary(args.checkpoint, manifest)
+    nodes = [leaf.describe() for leaf in walk(manifest["tree"])]
+    if args.json:
+        print_json({**summary, "tree": nodes})
+        return EXIT_OK
+    out = sys.stdout
+    for key in ("path", "step", "name", "reason"):
+        out.write(f"{key + ':':<10}{'' if summary[key] is None else summary[key]}\n")
+    out.write(f"{'created:':<10}{format_time(summary['created'])}\n")
+    out.write(f"{'format:':<10}{summary['format_version']}\n")
+    files = ", ".join(f"{n} {format_size(f['size'])}" for n, f in summary["files"].items())
+    out.write(f"{'size:':<10}{format_size(summary['size'])}{f' ({files})' if files else ''}\n")
+    out.write(f"{'metrics:':<10}{format_metrics(summary['metrics'])}\n")
+    if summary["metadata"]:
+        metadata = json.dumps(summary["metadata"], default=json_default)
+        out.write(f"{'metadata:':<10}{metadata}\n")
+    out.write("\n")
+    print_table(["path", "type", "dtype", "shape", "size", "value"], _tree_rows(nodes))
+    return EXIT_OK
+
+
+def _tree_rows(nodes: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for node in nodes:
+        kind = node["type"]
+        if "length" in node:
+            kind += f" ({node['length']})"
+        value = ""
+        if "value" in node:
+            value = repr(node["value"]) if node["type"] == "str" else str(node["value"])
+            value = value if len(value) <= 40 else value[:37] + "..."
+        rows.append(
+            [
+                node["path"],
+                kind,
+                str(node.get("dtype", "")),
+                str(node["shape"]) if "shape" in node else "",
+                format_size(node["size"]) if "size" in node else "",
+                value,
+            ]
+        )
+    return rows
