@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from killsafe import directio
 from killsafe import format as fmt
 from killsafe.errors import (
     CheckpointExists,
@@ -522,6 +523,7 @@ class CheckpointStore:
                 metrics=metrics,
                 metadata=metadata,
                 compression=self.compression,
+                fast_write=directio.write_direct,
             )
         except OSError as exc:
             raise SaveFailed(
