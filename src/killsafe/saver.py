@@ -49,7 +49,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from killsafe import format as fmt
 from killsafe.environment import getenv
@@ -196,6 +196,8 @@ class BackgroundSaver:
 
     Not for use from several threads at once: one loop submits.
     """
+
+    strategies: ClassVar[tuple[str, ...]] = STRATEGIES
 
     def __init__(self, store: _Store, *, strategy: str = "auto", if_busy: str = "wait") -> None:
         if strategy not in STRATEGIES:
