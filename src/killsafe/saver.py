@@ -339,7 +339,7 @@ class BackgroundSaver:
         read_end, write_end = os.pipe()
         parent = os.getpid()
         with _fork_warning_silenced():
-            pid = os.fork()  # the child drops its copy of the store lock at once (store.py)
+            pid = os.fork()  # the child drops its copy of the store lock at once (store/lock.py)
         if pid == 0:  # pragma: no cover - the child ends in os._exit
             os.close(read_end)
             _child_write(self.store, job, write_end, parent)
