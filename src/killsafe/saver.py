@@ -57,7 +57,7 @@ from killsafe.errors import ConfigError, KillsafeError, SaveFailed
 from killsafe.staging import PinnedStaging, Staged
 from killsafe.state import capture, is_torch_tensor, tensors_in
 
-__all__ = ["STRATEGIES", "BackgroundSaver", "PendingSave", "choose_strategy"]
+__all__ = ["IF_BUSY", "STRATEGIES", "BackgroundSaver", "PendingSave", "choose_strategy"]
 
 log = logging.getLogger("killsafe.saver")
 

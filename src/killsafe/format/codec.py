@@ -75,7 +75,7 @@ _NUMPY_TO_ST = {
 _NUMPY_DTYPE = re.compile(r"^[<>|=][biufcmMSU]\d{1,6}(\[[0-9a-zA-Z]{1,4}\])?$")
 
 
-# ---------------------------------------------------------------- info
+# ---------------------------------------------------------------- encoding
 
 
 @dataclass
@@ -363,7 +363,7 @@ def encode(
     return Encoded(tree=root, entries=encoder.entries)
 
 
-# ---------------------------------------------------------------- writing
+# ---------------------------------------------------------------- metrics and metadata
 
 
 def clean_json(value: Any, what: str) -> Any:

@@ -5,6 +5,14 @@ version, step, name, reason, metrics, the tree (see ``codec``), the files
 with their sizes and checksums, and the xxh3 of itself. It is read only
 whole, bounded, and checked (checksum, then schema) before anything in it
 is used.
+
+The schema declares every field of the manifest and every node of its tree
+once, as a ``msgspec.Struct`` with its type, range and size;
+``check_schema`` raises ``SchemaError`` (one line naming the field, e.g.
+``$.tree.entries.w.shape[0]``). Rules that tie fields together live in
+``__post_init__`` of the struct they concern, so a new field cannot be
+added without its check. The structs validate only: readers keep working
+on the plain decoded JSON, which matches the schema once checked.
 """
 
 from __future__ import annotations
@@ -72,7 +80,7 @@ class CheckpointInfo:
         )
 
 
-# ---------------------------------------------------------------- encoding
+# ---------------------------------------------------------------- the manifest itself
 
 
 def manifest_digest(manifest: Mapping[str, Any]) -> str:
