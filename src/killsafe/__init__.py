@@ -36,8 +36,12 @@ from killsafe.policy import (
 from killsafe.preflight import Preflight, PreflightResult
 from killsafe.progress import Progress
 from killsafe.run import Run
+from killsafe.saver import BackgroundSaver
 from killsafe.state import RNGState, Stateful
-from killsafe.store import CheckpointStore
+from killsafe.store import CheckpointStore, register_saver
+
+# The composition root: the store never imports the saver; save_async uses this one.
+register_saver(BackgroundSaver)
 
 __version__ = "0.1.0"
 

@@ -49,7 +49,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from killsafe import format as fmt
 from killsafe.environment import getenv
@@ -57,7 +57,7 @@ from killsafe.errors import ConfigError, KillsafeError, SaveFailed
 from killsafe.staging import PinnedStaging, Staged
 from killsafe.state import capture, is_torch_tensor, tensors_in
 
-__all__ = ["STRATEGIES", "BackgroundSaver", "PendingSave", "choose_strategy"]
+__all__ = ["IF_BUSY", "STRATEGIES", "BackgroundSaver", "PendingSave", "choose_strategy"]
 
 log = logging.getLogger("killsafe.saver")
 
@@ -196,6 +196,8 @@ class BackgroundSaver:
 
     Not for use from several threads at once: one loop submits.
     """
+
+    strategies: ClassVar[tuple[str, ...]] = STRATEGIES
 
     def __init__(self, store: _Store, *, strategy: str = "auto", if_busy: str = "wait") -> None:
         if strategy not in STRATEGIES:
@@ -337,7 +339,7 @@ class BackgroundSaver:
         read_end, write_end = os.pipe()
         parent = os.getpid()
         with _fork_warning_silenced():
-            pid = os.fork()  # the child drops its copy of the store lock at once (store.py)
+            pid = os.fork()  # the child drops its copy of the store lock at once (store/lock.py)
         if pid == 0:  # pragma: no cover - the child ends in os._exit
             os.close(read_end)
             _child_write(self.store, job, write_end, parent)

@@ -1,26 +1,185 @@
-"""The manifest's schema, declared once and checked by msgspec.
+"""The manifest: its constants, its own checksum, its schema, reading it safely.
 
-Every field of ``manifest.json`` and every node of its state tree is a
-``msgspec.Struct`` here, with its type, range and size. ``check(manifest)``
-validates a decoded manifest against it and raises ``SchemaError`` (one line
-naming the field, e.g. ``$.tree.entries.w.shape[0]``). Rules that tie fields
-together (a tensor's shape and stride have one length, an entry's offsets lie
-inside the tensor file) live in ``__post_init__`` of the struct they concern,
-so a new field cannot be added without its check.
+``manifest.json`` is the commit record of a checkpoint: format and
+version, step, name, reason, metrics, the tree (see ``codec``), the files
+with their sizes and checksums, and the xxh3 of itself. It is read only
+whole, bounded, and checked (checksum, then schema) before anything in it
+is used.
 
-The structs validate only: readers keep working on the plain decoded JSON,
-which is guaranteed to match this schema once ``check`` has passed.
+The schema declares every field of the manifest and every node of its tree
+once, as a ``msgspec.Struct`` with its type, range and size;
+``check_schema`` raises ``SchemaError`` (one line naming the field, e.g.
+``$.tree.entries.w.shape[0]``). Rules that tie fields together live in
+``__post_init__`` of the struct they concern, so a new field cannot be
+added without its check. The structs validate only: readers keep working
+on the plain decoded JSON, which matches the schema once checked.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import msgspec
+import xxhash
 from msgspec import Meta, Struct
 
-__all__ = ["MAX_DIMS", "MAX_ELEMENTS", "SchemaError", "check"]
+from killsafe.errors import (
+    CheckpointNotFound,
+    CorruptCheckpoint,
+    UnsupportedFormat,
+)
+from killsafe.format.io import corrupt, open_regular
+
+FORMAT_VERSION = 2  # 2: the manifest carries its own checksum; 1 is still read
+CHECKSUM_FIELD = "manifest_xxh3"
+MAX_MANIFEST_BYTES = 1 << 27  # a manifest is read whole: bound what a hostile one costs
+FORMAT_NAME = "killsafe"
+FORMAT_NAMES = (FORMAT_NAME, "resumable")  # the second: manifests written before the rename
+MANIFEST_NAME = "manifest.json"
+TENSOR_FILE = "tensors.safetensors"
+TENSOR_FILE_ZSTD = "tensors.safetensors.zst"
+_DATA_FILES = (TENSOR_FILE, TENSOR_FILE_ZSTD)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a manifest says about one committed checkpoint (no tensor I/O)."""
+
+    step: int
+    name: str | None
+    reason: str | None
+    created: float
+    metrics: dict[str, Any]
+    size: int
+    path: Path
+    metadata: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    manifest_checksum: bool = True  # False: an older manifest without its own checksum
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any], path: Path) -> CheckpointInfo:
+        """Build from a manifest already checked by ``read_manifest``."""
+        size = sum(int(f["size"]) for f in manifest["files"].values())
+        return cls(
+            step=manifest["step"],
+            name=manifest["name"],
+            reason=manifest["reason"],
+            created=float(manifest["created"]),
+            metrics=dict(manifest["metrics"]),
+            size=size,
+            path=Path(path),
+            metadata=dict(manifest["metadata"]),
+            format_version=manifest["format_version"],
+            manifest_checksum=CHECKSUM_FIELD in manifest,
+        )
+
+
+# ---------------------------------------------------------------- the manifest itself
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """The manifest's own checksum: xxh3 of its canonical JSON, without the checksum field.
+
+    Canonical: keys sorted, no spaces, UTF-8. Python's JSON floats round-trip
+    exactly, so a reader recomputes the writer's bytes from the decoded data.
+    """
+    body = {key: value for key, value in manifest.items() if key != CHECKSUM_FIELD}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return xxhash.xxh3_64_hexdigest(text.encode("utf-8", "surrogatepass"))
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _read_manifest_bytes(directory: Path) -> bytes:
+    if os.path.islink(directory):
+        raise corrupt(directory, "the checkpoint directory is a symbolic link, never followed")
+    try:
+        fd = open_regular(directory, MANIFEST_NAME)
+    except CheckpointNotFound:
+        raise CheckpointNotFound(f"checkpoint {directory} does not exist") from None
+    except CorruptCheckpoint:
+        if not os.path.isdir(directory):
+            raise CheckpointNotFound(f"{directory} is not a checkpoint directory") from None
+        if not os.path.lexists(directory / MANIFEST_NAME):
+            raise CheckpointNotFound(
+                f"{directory} is not a checkpoint: it has no {MANIFEST_NAME}"
+            ) from None
+        raise
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise corrupt(
+                directory, f"{MANIFEST_NAME} has {size} bytes, over the limit {MAX_MANIFEST_BYTES}"
+            )
+        with open(fd, "rb", buffering=0, closefd=False) as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise corrupt(directory, f"cannot read {MANIFEST_NAME} ({exc.strerror})") from exc
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise corrupt(directory, f"{MANIFEST_NAME} grew over the limit while being read")
+    return raw
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read ``manifest.json`` and check it: its own checksum, then the schema.
+
+    Only a regular file of at most ``MAX_MANIFEST_BYTES`` is read, never
+    through a symbolic link. Raises ``CheckpointNotFound`` when the directory
+    or its manifest is missing, ``UnsupportedFormat`` for a newer format
+    version and ``CorruptCheckpoint`` for anything else that does not check out.
+    """
+    directory = Path(directory)
+    raw = _read_manifest_bytes(directory)
+    try:
+        manifest = json.loads(raw, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        raise corrupt(directory, f"{MANIFEST_NAME} is not valid JSON") from exc
+    _check_version(directory, manifest)
+    _check_digest(directory, manifest)
+    try:
+        check_schema(manifest)
+    except SchemaError as exc:
+        raise corrupt(directory, f"{MANIFEST_NAME} does not match the format: {exc}") from exc
+    return manifest
+
+
+def _check_version(directory: Path, manifest: Any) -> None:
+    if not isinstance(manifest, dict) or manifest.get("format") not in FORMAT_NAMES:
+        raise corrupt(directory, f"{MANIFEST_NAME} is not a killsafe manifest")
+    version = manifest.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise UnsupportedFormat(
+            f"checkpoint {directory} has format version {version}, newer than {FORMAT_VERSION}; "
+            "upgrade killsafe to read it"
+        )
+
+
+def _check_digest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Version 2 manifests carry their checksum; version 1 ones (older releases) may not."""
+    stored = manifest.get(CHECKSUM_FIELD)
+    if stored is None and manifest.get("format_version") == 1:
+        return
+    try:
+        actual = manifest_digest(manifest)
+    except (ValueError, RecursionError) as exc:
+        raise corrupt(directory, f"{MANIFEST_NAME} cannot be checksummed") from exc
+    if stored is None:
+        raise corrupt(directory, f"{MANIFEST_NAME} has no {CHECKSUM_FIELD}")
+    if stored != actual:
+        raise corrupt(directory, f"{MANIFEST_NAME} fails its own checksum")
+
+
+# ---------------------------------------------------------------- schema
 
 MAX_ELEMENTS = 2**62  # elements of one tensor or array; bytes of one file
 MAX_DIMS = 64  # dimensions of one tensor or array
@@ -249,7 +408,7 @@ class Manifest(Struct):
                 raise ValueError(f"tensors.entries[{key!r}].offsets lie outside the tensor file")
 
 
-def check(manifest: Any) -> None:
+def check_schema(manifest: Any) -> None:
     """Validate a decoded manifest; raise ``SchemaError`` with the field's path."""
     try:
         msgspec.convert(manifest, Manifest, strict=True)

@@ -1,0 +1,224 @@
+"""One checkpoint directory: write it, read it back, verify it.
+
+Writing is split in two so a background saver can use it:
+``encode(tree) -> Encoded`` (``codec``) and ``write_encoded(directory,
+encoded, ...)``, which writes the tensor file and then the manifest and
+leaves committing (fsync of the directory, rename) to the store.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from killsafe.errors import (
+    ConfigError,
+)
+from killsafe.format.codec import (
+    Decoder,
+    Encoded,
+    clean_json,
+    encode,
+    needed_entries,
+    select_subtree,
+)
+from killsafe.format.io import BackgroundFsync, FastWrite, corrupt, missing_file, write_json_file
+from killsafe.format.manifest import (
+    CHECKSUM_FIELD,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    manifest_digest,
+    read_manifest,
+)
+from killsafe.format.tensorfile import (
+    check_frame_size,
+    file_digest,
+    load_buffers,
+    open_data,
+    safetensors_header,
+    write_tensor_file,
+)
+
+
+def write_encoded(
+    directory: str | os.PathLike[str],
+    encoded: Encoded,
+    *,
+    step: int,
+    name: str | None = None,
+    reason: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+    compression: str | None = None,
+    created: float | None = None,
+    fast_write: FastWrite | None = None,
+) -> dict[str, Any]:
+    """Write an encoded tree into an existing (temporary) directory.
+
+    Writes the tensor file (when there are entries; an uncompressed one is
+    offered to the medium's ``fast_write`` first) and then
+    ``manifest.json``, fsyncing each. The directory itself is neither
+    fsynced nor renamed: committing is the store's job. Returns the
+    manifest. Raises ``ConfigError`` for bad metrics/metadata/compression
+    and lets ``OSError`` through (the store turns it into ``SaveFailed``).
+    """
+    if compression not in (None, "zstd"):
+        raise ConfigError(f"compression {compression!r} is not supported; use None or 'zstd'")
+    clean_metrics = clean_json(dict(metrics or {}), "metrics")
+    clean_metadata = clean_json(dict(metadata or {}), "metadata")
+    directory = Path(directory)
+    files: dict[str, Any] = {}
+    tensors: dict[str, Any] = {"entries": {}}
+    syncing: BackgroundFsync | None = None
+    if encoded.entries:
+        header, table = safetensors_header(encoded.entries)
+        file_name, file_info, digests, syncing = write_tensor_file(
+            directory, header, encoded.entries, compression, fast_write
+        )
+        files[file_name] = file_info
+        for key, row in table.items():
+            row["xxh3"] = digests["entries"][key]
+        tensors = {
+            "file": file_name,
+            "header_size": len(header),
+            "header_xxh3": digests["header"],
+            "entries": table,
+        }
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "name": name,
+        "reason": reason,
+        "created": time.time() if created is None else created,
+        "metrics": clean_metrics,
+        "metadata": clean_metadata,
+        "files": files,
+        "tensors": tensors,
+        "tree": encoded.tree,
+    }
+    manifest[CHECKSUM_FIELD] = manifest_digest(manifest)
+    try:
+        write_json_file(directory / MANIFEST_NAME, manifest)
+    finally:
+        if syncing is not None:
+            syncing.wait()
+    return manifest
+
+
+def write_checkpoint(
+    directory: str | os.PathLike[str],
+    tree: Any,
+    *,
+    step: int,
+    name: str | None = None,
+    reason: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+    compression: str | None = None,
+) -> dict[str, Any]:
+    """``encode`` then ``write_encoded``: write one checkpoint into ``directory``."""
+    return write_encoded(
+        directory,
+        encode(tree),
+        step=step,
+        name=name,
+        reason=reason,
+        metrics=metrics,
+        metadata=metadata,
+        compression=compression,
+    )
+
+
+# ---------------------------------------------------------------- reading
+
+
+def check_files(directory: str | os.PathLike[str], manifest: Mapping[str, Any]) -> None:
+    """Check, without reading them, that the manifest's files are regular files of their size.
+
+    One ``lstat`` each: a missing, linked, special or truncated tensor file is
+    found when checkpoints are listed, not only when they are loaded.
+    """
+    directory = Path(directory)
+    for name, info in manifest["files"].items():
+        try:
+            found = os.lstat(directory / name)
+        except FileNotFoundError:
+            raise missing_file(directory, name) from None
+        if stat.S_ISLNK(found.st_mode):
+            raise corrupt(directory, f"{name} is a symbolic link, never followed")
+        if not stat.S_ISREG(found.st_mode):
+            raise corrupt(directory, f"{name} is not a regular file")
+        if found.st_size != info["size"]:
+            raise corrupt(directory, f"{name} has {found.st_size} bytes, expected {info['size']}")
+        if info.get("codec") == "zstd":
+            check_frame_size(directory, name, info["raw_size"])
+
+
+def read_tree(
+    directory: str | os.PathLike[str],
+    manifest: dict[str, Any] | None = None,
+    *,
+    subtree: str | None = None,
+    mmap: bool = False,
+    verify: bool = True,
+) -> Any:
+    """Rebuild the saved tree (or the dotted ``subtree``) from a checkpoint.
+
+    Only the tensor bytes the (sub)tree needs are read; with ``mmap=True``
+    tensors are copy-on-write views of the file (writable, the file is never
+    modified). Checksums of what is read are verified unless
+    ``verify=False``. Raises ``CorruptCheckpoint`` for anything that does not
+    check out; never executes code from the files.
+    """
+    directory = Path(directory)
+    if manifest is None:
+        manifest = read_manifest(directory)
+    node = select_subtree(directory, manifest["tree"], subtree)
+    needed: set[str] = set()
+    needed_entries(node, needed)
+    buffers = load_buffers(directory, manifest, needed, not subtree, mmap, verify)
+    try:
+        return Decoder(directory, buffers).decode(node)
+    except RecursionError as exc:
+        raise corrupt(directory, "the state tree is nested too deeply") from exc
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError, AttributeError) as exc:
+        raise corrupt(directory, f"the tree is malformed ({_one_line(exc)})") from exc
+    except (RuntimeError, MemoryError) as exc:  # torch refusing a view it cannot build
+        raise corrupt(directory, f"a value cannot be rebuilt ({_one_line(exc)})") from exc
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, short: torch appends C++ backtraces."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def verify_checkpoint(
+    directory: str | os.PathLike[str], manifest: dict[str, Any] | None = None
+) -> None:
+    """Check every checksum and the tree of a checkpoint; raise ``CorruptCheckpoint``."""
+    directory = Path(directory)
+    if manifest is None:
+        manifest = read_manifest(directory)
+    tensors = manifest["tensors"]
+    needed = set(tensors["entries"])
+    used: set[str] = set()
+    needed_entries(manifest["tree"], used)
+    if used - needed:
+        raise corrupt(directory, "the tree names tensor entries that are not in the table")
+    if needed:
+        fd, path, info = open_data(directory, manifest)
+        with open(fd, "rb", buffering=0) as f:
+            if info.get("codec") != "zstd" and file_digest(f) != info["xxh3"]:
+                raise corrupt(directory, f"{path.name} fails its checksum")
+    # The whole-file checksum above covers an uncompressed file; rebuilding
+    # the tree then only checks its structure and bounds.
+    compressed = bool(needed) and manifest["files"][tensors["file"]].get("codec") == "zstd"
+    read_tree(directory, manifest, mmap=True, verify=compressed)

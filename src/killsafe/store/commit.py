@@ -1,0 +1,102 @@
+"""The local commit: write into a temporary directory, fsync, rename into place.
+
+Order matters: the files were fsynced by their writer; fsyncing the
+temporary directory makes their names durable; the rename is the atomic
+commit point; fsyncing the parent makes the rename durable. A crash at any
+moment leaves either no checkpoint or a whole one, and a temporary
+directory that the next writer sweeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from killsafe.errors import CheckpointExists, KillsafeError, SaveFailed
+from killsafe.store.failures import free_space, io_error
+from killsafe.store.naming import TMP_PREFIX
+
+__all__ = ["RenameCommit", "Staging"]
+
+log = logging.getLogger("killsafe.store")
+
+
+@dataclass
+class Staging:
+    """A checkpoint being written: its temporary and final directories."""
+
+    step: int
+    name: str | None
+    tmp_path: Path
+    final_path: Path
+    manifest: dict[str, Any] | None = None
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class RenameCommit:
+    """Commits checkpoints into ``directory`` by renaming their temporary directory.
+
+    The caller holds the store's write lock around ``begin``, ``commit``,
+    ``remove`` and ``sweep``.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def begin(self, step: int, name: str | None, final: Path) -> Staging:
+        """Create the temporary directory the checkpoint of ``final`` is written into."""
+        tmp = self.directory / f"{TMP_PREFIX}{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
+        except OSError as exc:
+            raise io_error("creating", tmp, exc) from exc
+        return Staging(step=step, name=name, tmp_path=tmp, final_path=final)
+
+    def commit(self, staging: Staging) -> None:
+        """Rename a written staging directory into place, durably; abort it on failure."""
+        try:
+            _fsync_directory(staging.tmp_path)
+            if staging.final_path.exists():
+                raise CheckpointExists(f"{staging.final_path} appeared while saving; not replaced")
+            os.rename(staging.tmp_path, staging.final_path)
+            _fsync_directory(self.directory)
+        except OSError as exc:
+            self.abort(staging)
+            raise SaveFailed(
+                f"committing {staging.final_path} failed: {exc.strerror} "
+                f"({free_space(self.directory)})"
+            ) from exc
+        except KillsafeError:
+            self.abort(staging)
+            raise
+
+    @staticmethod
+    def abort(staging: Staging) -> None:
+        """Remove a staging directory that will not be committed."""
+        shutil.rmtree(staging.tmp_path, ignore_errors=True)
+
+    def remove(self, path: Path) -> None:
+        """Delete a committed checkpoint; renamed away first, so no reader sees half of it."""
+        doomed = self.directory / f"{TMP_PREFIX}delete-{path.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(path, doomed)
+        _fsync_directory(self.directory)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def sweep(self) -> None:
+        """Remove what dead writers left: temporary directories never committed."""
+        for entry in os.scandir(self.directory):
+            if entry.name.startswith(TMP_PREFIX):
+                log.info("removing leftover %s", entry.path)
+                shutil.rmtree(entry.path, ignore_errors=True)

@@ -1,0 +1,408 @@
+"""``CheckpointStore``: a directory of checkpoints with atomic commits and retention.
+
+The facade composes the rooms of the store (``catalog`` reads, ``commit``
+writes, ``lock`` keeps one writer) and, for ``save_async``, a saver: the
+store never imports the saver; the package root registers it here
+(``register_saver``), and the saver drives the store's ``begin``,
+``write``, ``commit`` and ``abort``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from killsafe import directio
+from killsafe import format as fmt
+from killsafe.errors import CheckpointExists, ConfigError, SaveFailed
+from killsafe.format import CheckpointInfo
+from killsafe.retention import Retention
+from killsafe.state import capture
+from killsafe.store.catalog import Catalog, verifies
+from killsafe.store.commit import RenameCommit, Staging
+from killsafe.store.failures import free_space
+from killsafe.store.lock import StoreLock
+from killsafe.store.naming import checkpoint_dirname, sanitize_name
+
+if TYPE_CHECKING:
+    from killsafe.saver import PendingSave
+
+__all__ = ["MAX_BESIDE", "CheckpointStore", "Saver", "SaverFactory", "register_saver"]
+
+MAX_BESIDE = 100
+"""At most this many directories (one valid, the rest damaged) for one step and name."""
+
+
+class Saver(Protocol):
+    """What ``save_async`` needs of a saver: submit, check, wait, close."""
+
+    def submit(
+        self,
+        state: Any,
+        step: int,
+        *,
+        metrics: dict[str, Any] | None = None,
+        name: str | None = None,
+        reason: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        if_busy: str | None = None,
+    ) -> PendingSave | None: ...
+
+    def check(self) -> None: ...
+
+    def wait(self) -> CheckpointInfo | None: ...
+
+    def close(self) -> None: ...
+
+
+class SaverFactory(Protocol):
+    """Builds the saver of a store; ``strategies`` are the snapshot names it accepts."""
+
+    strategies: tuple[str, ...]
+
+    def __call__(self, store: Any, *, strategy: str) -> Saver: ...
+
+
+_saver_factory: SaverFactory | None = None
+
+
+def register_saver(factory: SaverFactory) -> None:
+    """Name the saver ``save_async`` composes (the package root registers the default)."""
+    global _saver_factory
+    _saver_factory = factory
+
+
+class CheckpointStore:
+    """A directory of checkpoints with atomic commits and retention.
+
+    Args:
+        directory: where checkpoints live; created at the first save.
+        keep_last: keep this many newest unnamed checkpoints (None: all).
+        keep_best: keep this many best on ``best`` as well.
+        best: ``(metric, "min"|"max")`` ranking checkpoints by a metric.
+        compression: None or ``"zstd"`` (multithreaded) for the tensor file.
+        snapshot: how ``save_async`` snapshots the state: ``"auto"``,
+            ``"fork"`` or ``"copy"`` (see ``killsafe.saver``).
+
+    Thread safety: mutating calls are serialized by an internal lock, so a
+    background saver may ``commit`` while the main thread reads. One process
+    writes at a time (``StoreLocked`` otherwise); readers never lock.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        best: tuple[str, str] | None = None,
+        compression: str | None = None,
+        snapshot: str = "auto",
+    ) -> None:
+        if _saver_factory is not None and snapshot not in _saver_factory.strategies:
+            raise ConfigError(
+                f"snapshot={snapshot!r} is unknown; use one of {_saver_factory.strategies}"
+            )
+        if compression not in (None, "zstd"):
+            raise ConfigError(f"compression={compression!r} is not supported; use None or 'zstd'")
+        self.directory = Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ConfigError(f"checkpoint store {self.directory} is a file, not a directory")
+        self.retention = Retention(keep_last=keep_last, keep_best=keep_best, best=best)
+        self.compression = compression
+        self._catalog = Catalog(self.directory, best=self.retention.best)
+        self._committer = RenameCommit(self.directory)
+        self._lock = StoreLock(self.directory)
+        self._mutex = threading.RLock()
+        self._snapshot = snapshot
+        self._saver: Saver | None = None
+
+    def __repr__(self) -> str:
+        return f"CheckpointStore({str(self.directory)!r})"
+
+    def __enter__(self) -> CheckpointStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def _lock_fd(self) -> int | None:
+        """The write lock's descriptor while held (None in a forked child)."""
+        return self._lock.fd
+
+    def _acquire(self) -> None:
+        """Take the write lock (once); sweep leftovers of dead writers when taken."""
+        if self._lock.acquire():
+            self._committer.sweep()
+
+    def close(self) -> None:
+        """Finish a save in flight, then release the write lock (if held).
+
+        Raises the failure of that save, if any, after releasing the lock.
+        The store can be used again later.
+        """
+        try:
+            if self._saver is not None:
+                self._saver.close()
+        finally:
+            self._saver = None
+            with self._mutex:
+                self._lock.release()
+
+    # ------------------------------------------------------------ saving
+
+    def save(
+        self,
+        state: Any,
+        step: int,
+        *,
+        metrics: dict[str, Any] | None = None,
+        name: str | None = None,
+        reason: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> CheckpointInfo:
+        """Write ``state`` as the checkpoint of ``step`` and commit it atomically.
+
+        Raises ``UnsupportedState`` (before anything is written),
+        ``CheckpointExists`` when an unnamed checkpoint of this step (or a
+        checkpoint of this name) exists, ``InvalidName``, ``StoreLocked`` and
+        ``SaveFailed`` (disk full, I/O error; earlier checkpoints untouched).
+        """
+        self.wait()
+        tree = capture(state)
+        encoded = fmt.encode(tree)
+        staging = self.begin(step, name=name)
+        try:
+            self.write(staging, encoded, metrics=metrics, reason=reason, metadata=metadata)
+        except BaseException:
+            self.abort(staging)
+            raise
+        return self.commit(staging)
+
+    def save_async(
+        self,
+        state: Any,
+        step: int,
+        *,
+        metrics: dict[str, Any] | None = None,
+        name: str | None = None,
+        reason: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        if_busy: str | None = None,
+    ) -> PendingSave | None:
+        """Snapshot ``state`` and write it in the background; return once staged.
+
+        The caller may change the state as soon as this returns: the
+        checkpoint holds the values of this moment. One save is in flight at
+        a time; when another is still being written, ``if_busy="wait"`` (the
+        default) waits for it and ``"skip"`` returns ``None`` without saving
+        (the saver decides). Returns a ``PendingSave`` whose ``wait()``
+        returns the ``CheckpointInfo``. A background failure is raised by
+        that ``wait()``, or else by the next ``save_async``, ``save``,
+        ``wait`` or ``close`` of this store.
+        """
+        return self._composed_saver().submit(
+            state,
+            step,
+            metrics=metrics,
+            name=name,
+            reason=reason,
+            metadata=metadata,
+            if_busy=if_busy,
+        )
+
+    def _composed_saver(self) -> Saver:
+        if self._saver is None:
+            if _saver_factory is None:
+                raise ConfigError("no saver is registered; import killsafe to register one")
+            self._saver = _saver_factory(self, strategy=self._snapshot)
+        return self._saver
+
+    def wait(self) -> CheckpointInfo | None:
+        """Wait for a save in flight; return its info, or ``None`` if none was."""
+        if self._saver is None:
+            return None
+        return self._saver.wait()
+
+    def begin(self, step: int, *, name: str | None = None) -> Staging:
+        """Check the step and name, take the lock and create the temporary directory."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigError(f"step={step!r} must be a non-negative int")
+        clean = sanitize_name(name) if name is not None else None
+        with self._mutex:
+            self._acquire()
+            return self._committer.begin(step, clean, self._free_path(step, clean))
+
+    def _free_path(self, step: int, name: str | None) -> Path:
+        """Where the checkpoint of ``step`` (and ``name``) goes; never over a damaged one.
+
+        A valid checkpoint already there is ``CheckpointExists`` (the caller
+        decides whether to replace it). A directory there that does not verify
+        is left for the user to inspect: the new checkpoint goes beside it,
+        under the same name with ``.2``, ``.3``... appended.
+        """
+        self._check_name_free(name)
+        for attempt in range(1, MAX_BESIDE + 1):
+            final = self.directory / checkpoint_dirname(step, name, attempt)
+            if not os.path.lexists(final):
+                return final
+            if verifies(final):
+                what = f"named {name!r}" if name else "unnamed"
+                raise CheckpointExists(
+                    f"an {what} checkpoint of step {step} exists at {final}; "
+                    "save under another step or name, or delete it first",
+                    path=final,
+                )
+            self._catalog.warn_once(
+                f"beside:{final}",
+                f"{final} does not verify; it is kept for inspection and the new "
+                "checkpoint is written beside it",
+            )
+        raise SaveFailed(
+            f"{MAX_BESIDE} damaged checkpoints of step {step} in {self.directory}; "
+            "inspect them with `killsafe verify`, then move them away"
+        )
+
+    def _check_name_free(self, name: str | None) -> None:
+        if name is None:
+            return
+        for info in self.list():
+            if info.name == name:
+                raise CheckpointExists(
+                    f"a checkpoint named {name!r} exists at {info.path}; choose another name",
+                    path=info.path,
+                )
+
+    def write(
+        self,
+        staging: Staging,
+        encoded: fmt.Encoded,
+        *,
+        metrics: dict[str, Any] | None = None,
+        reason: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Write the checkpoint's files into the staging directory (any thread)."""
+        try:
+            staging.manifest = fmt.write_encoded(
+                staging.tmp_path,
+                encoded,
+                step=staging.step,
+                name=staging.name,
+                reason=reason,
+                metrics=metrics,
+                metadata=metadata,
+                compression=self.compression,
+                fast_write=directio.write_direct,
+            )
+        except OSError as exc:
+            raise SaveFailed(
+                f"writing checkpoint of step {staging.step} to {self.directory} failed: "
+                f"{exc.strerror or exc} ({free_space(self.directory)}); free disk space or "
+                "check the device (earlier checkpoints are intact)"
+            ) from exc
+        return staging.manifest
+
+    def commit(self, staging: Staging) -> CheckpointInfo:
+        """Make a written staging directory a checkpoint, then apply retention.
+
+        The rename is the commit point (see ``store.commit``); retention
+        deletes only after it, so a crash at any moment leaves the previous
+        checkpoints intact. Safe to call from a background thread.
+        """
+        if staging.manifest is None:
+            raise ConfigError("commit() needs a staging directory that write() has filled")
+        with self._mutex:
+            self._committer.commit(staging)
+            info = CheckpointInfo.from_manifest(staging.manifest, staging.final_path)
+            if self.retention.prunes:
+                self._prune(dry_run=False)
+            return info
+
+    def abort(self, staging: Staging) -> None:
+        """Remove a staging directory that will not be committed."""
+        self._committer.abort(staging)
+
+    # ------------------------------------------------------------ reading
+
+    def list(self) -> builtins.list[CheckpointInfo]:
+        """Committed checkpoints with a readable manifest, by step then time.
+
+        Reads manifests only. Unreadable ones, and symbolic links (never
+        followed), are skipped with a warning logged once; one that vanished
+        while being listed (pruned by a writer) is skipped silently.
+        """
+        return self._catalog.list()
+
+    @staticmethod
+    def listed(path: Path) -> CheckpointInfo:
+        """What ``list()`` sees of one checkpoint directory, or the typed error that skips it."""
+        return Catalog.listed(path)
+
+    def latest(self, *, verify: bool = True) -> CheckpointInfo | None:
+        """The newest checkpoint that verifies (corrupt ones skipped with a warning)."""
+        return self._catalog.latest(verify=verify)
+
+    def best(self, *, verify: bool = True) -> CheckpointInfo | None:
+        """The best checkpoint on the store's ``best`` metric that verifies."""
+        return self._catalog.best(verify=verify)
+
+    def get(self, ref: Any = "latest") -> CheckpointInfo:
+        """Resolve a reference: "latest", "best", a step, a name, a CheckpointInfo or a path."""
+        return self._catalog.get(ref)
+
+    def load(
+        self,
+        ref: Any = "latest",
+        *,
+        subtree: str | None = None,
+        mmap: bool = False,
+        verify: bool = True,
+    ) -> Any:
+        """Load a checkpoint's tree, verifying the checksums of what is read.
+
+        With ``ref="latest"`` a checkpoint that fails to verify is skipped
+        with a warning and the next newest one is loaded. ``subtree`` (dotted,
+        e.g. ``"model"``) reads only that part; ``mmap=True`` maps tensors
+        copy-on-write from the file; ``verify=False`` skips the checksums
+        (with mmap, bytes are then read only when used). Raises ``CheckpointNotFound``,
+        ``CorruptCheckpoint`` or ``UnsupportedFormat``.
+        """
+        return self._catalog.load(ref, subtree=subtree, mmap=mmap, verify=verify)
+
+    def verify(self, ref: Any = "latest") -> CheckpointInfo:
+        """Check every checksum of a checkpoint; raise ``CorruptCheckpoint`` if one fails."""
+        return self._catalog.verify(ref)
+
+    # ------------------------------------------------------------ deleting
+
+    def delete(self, ref: Any, *, force: bool = False) -> CheckpointInfo:
+        """Delete one checkpoint. The newest and the best need ``force=True``."""
+        with self._mutex:
+            info = self.get(ref)
+            if not force and info.path in self._catalog.protected():
+                raise ConfigError(
+                    f"{info.path} is the newest or the best checkpoint; "
+                    "pass force=True to delete it"
+                )
+            self._acquire()
+            self._committer.remove(info.path)
+            return info
+
+    def prune(self, *, dry_run: bool = False) -> builtins.list[CheckpointInfo]:
+        """Apply retention now; return what was (or, dry run, would be) deleted."""
+        with self._mutex:
+            return self._prune(dry_run=dry_run)
+
+    def _prune(self, *, dry_run: bool) -> builtins.list[CheckpointInfo]:
+        doomed: builtins.list[Any] = self.retention.select_deletions(self.list())
+        if dry_run or not doomed:
+            return list(doomed)
+        self._acquire()
+        for info in doomed:
+            self._committer.remove(info.path)
+        return list(doomed)
