@@ -1,4 +1,4 @@
-"""README.md's snippets do what the text around them says."""
+"""README.md and docs/ stay true: snippets do what they say; the docs speak of the project alone."""
 
 from __future__ import annotations
 
@@ -36,3 +36,12 @@ def test_the_store_snippet_loads_what_it_just_saved_next_to_the_first_example(
     store_dir = Path(re.findall(r'CheckpointStore\("([^"]+)"', store_block)[0])
     assert Path(run_dir) not in (store_dir, *store_dir.parents), "the snippets share a directory"
     assert os.path.isdir(store_dir)
+
+
+@pytest.mark.parametrize(
+    "page", [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))], ids=lambda p: p.name
+)
+def test_the_docs_point_at_nothing_outside_the_project(page: Path) -> None:
+    text = page.read_text()
+    outside = re.findall(r"\.\./shared|shared/DESIGN|DESIGN\.md|/work/|\bissues? #?\d+", text, re.I)
+    assert not outside, f"{page.name} points outside the project: {outside}"
