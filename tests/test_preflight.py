@@ -6,7 +6,10 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -428,3 +431,35 @@ def test_cli_free_disk_no_go(tmp_path: Path, capsys: Any) -> None:
     args = cli_args("--dir", str(tmp_path), "--state-size", str(total), "--keep-last", "1")
     assert run_cli(args) == 1
     assert "free disk" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_cli_on_an_existing_run_says_it_exists_and_what_it_holds(tmp_path: Path) -> None:
+    make_run = (
+        "import killsafe\n"
+        "with killsafe.Run('runs/exp', total_steps=3, save_every_steps=1, progress=False) as run:\n"
+        "    for _ in run.steps():\n"
+        "        pass\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", make_run], cwd=tmp_path, env=env, check=True)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+
+    def writable(directory: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "killsafe", "preflight", "--dir", directory],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        (line,) = [row for row in done.stdout.splitlines() if row.startswith("directory writable")]
+        return line.split(None, 3)[3]
+
+    assert writable("runs/exp") == "runs/exp exists: a run with 3 checkpoints"
+    assert writable(str(tmp_path / "runs" / "exp")).endswith("exists: a run with 3 checkpoints")
+    assert writable("empty") == "empty exists: empty"
+    assert writable("other") == "other exists: 1 entry, no run"
+    assert writable("runs/new") == f"runs/new will be created (in {tmp_path / 'runs'})"

@@ -226,7 +226,11 @@ def test_report_text_names_every_part(tmp_path: Path) -> None:
     text = format_text(build_report(run_dir))
     lines = text.splitlines()
     assert lines[0] == f"killsafe report: {run_dir}"
-    assert "status:            finished (finished)" in lines
+    assert "status:            finished" in lines  # the reason only when it says more
+    sessions = [line for line in lines if line.startswith("  #")]
+    assert "steps 0->40  stopped  signal:SIGTERM" in sessions[0]
+    assert "steps 60->100  finished  resumed from" in sessions[2]
+    assert not any("finished  finished" in line or "(finished)" in line for line in lines)
     assert "started:           2026-05-28 20:26:40 UTC" in lines
     assert "duration:          this session 21s, all sessions 1m42s" in lines
     assert "steps:             100/100 (this session 40, all sessions 100)" in lines

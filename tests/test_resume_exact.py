@@ -185,6 +185,27 @@ def test_the_loader_resumes_mid_epoch_without_reading_the_skipped_batches() -> N
     assert resumed.state_dict()["epoch"] == 1
 
 
+def test_len_is_the_whole_epoch_also_inside_a_resumed_one() -> None:
+    from killsafe.integrations.torch import ResumableLoader
+
+    first = ResumableLoader(CountingDataset(6000), batch_size=64, seed=1)
+    iterator = iter(first)
+    for _ in range(80):
+        next(iterator)
+    resumed = ResumableLoader(CountingDataset(6000), batch_size=64, seed=1)
+    resumed.load_state_dict(first.state_dict())
+    assert len(resumed) == 94  # ceil(6000 / 64), not the 14 batches left
+    lines = []
+    for batch_idx, data in enumerate(resumed, start=80):  # the classic MNIST progress print
+        lines.append(
+            f"[{batch_idx * len(data)}/{len(resumed.dataset)} "
+            f"({100.0 * batch_idx / len(resumed):.0f}%)]"
+        )
+        assert len(resumed) == 94
+    assert len(lines) == 14 and lines[0] == "[5120/6000 (85%)]"
+    assert len(ResumableLoader(CountingDataset(6000), batch_size=64, drop_last=True)) == 93
+
+
 def test_a_huge_skip_is_immediate() -> None:
     from killsafe.integrations.torch import ResumableLoader
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import random
+import re
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+import killsafe
 from killsafe.errors import StateMismatch, UnsupportedState
 from killsafe.state import RNGState, Stateful, capture, restore
 
@@ -113,3 +116,26 @@ def test_capture_never_imports_torch_or_numpy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _batches() -> Any:
+    yield from range(3)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (torch.utils.data.DataLoader(list(range(8)), batch_size=2), r"run\.batches\(loader\)"),
+        (_batches(), r"run\.batches\(\.\.\.\)"),
+        (iter([1, 2, 3]), r"run\.batches\(\.\.\.\)"),
+    ],
+)
+def test_a_loader_generator_or_iterator_is_refused_naming_batches_and_stateful(
+    tmp_path: Path, data: Any, expected: str
+) -> None:
+    with killsafe.Run(tmp_path, progress=False) as run, pytest.raises(UnsupportedState) as info:
+        run.track(data=data)
+    message = str(info.value)
+    assert re.search(expected, message), message
+    assert "state['data']" in message and "state_dict()/load_state_dict()" in message
+    assert "Stateful" in message and "\n" not in message

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
 import time
 from collections.abc import Callable
@@ -63,6 +67,14 @@ CHILD = textwrap.dedent(
     if behaviour == "usr1-done":
         signal.signal(signal.SIGUSR1, lambda *_: sys.exit(0))
         wait_for_signal()
+    if behaviour == "open-line-then-crash-once":
+        sys.stderr.write(f"step {start} rss=323.9MiB")  # a live display's last line, no newline
+        sys.stderr.flush()
+        sys.exit(1 if start == 1 else 0)
+    if behaviour == "whole-line-then-crash-once":
+        sys.stderr.write(f"step {start} rss=323.9MiB\\n")
+        sys.stderr.flush()
+        sys.exit(1 if start == 1 else 0)
     if behaviour == "stopped-by-request":
         data = json.loads(run_json.read_text())
         data["status"] = "stopped"
@@ -326,3 +338,48 @@ def test_a_killsafe_run_crashing_twice_ends_as_if_never_interrupted(tmp_path: Pa
     # flight when the crash comes, but the one before it was waited for.
     starts = [s["start_step"] for s in run["sessions"]]
     assert starts[0] == 0 and starts[1] in (20, 30) and starts[2] in (60, 70), starts
+
+
+def test_the_restart_notice_starts_a_new_line_after_an_open_line_in_a_log(
+    child: Path, tmp_path: Path
+) -> None:
+    for behaviour in ("open-line-then-crash-once", "whole-line-then-crash-once"):
+        (tmp_path / behaviour).mkdir()
+        run_dir = make_run_dir(tmp_path / behaviour)
+        log = tmp_path / f"{behaviour}.log"
+        command = [sys.executable, "-m", "killsafe", "run", "--backoff", "0.01", "--"]
+        command += [sys.executable, str(child), behaviour, "--dir", str(run_dir)]
+        with open(log, "w") as out:  # as `killsafe run ... > log 2>&1` opens it: write-only
+            assert subprocess.run(command, stdout=out, stderr=out, timeout=60).returncode == 0
+        lines = log.read_text().splitlines()
+        assert lines[0] == "step 1 rss=323.9MiB", lines
+        assert lines[1].startswith("killsafe run: ") and "restarting in" in lines[1], lines
+        assert lines[2] == "step 2 rss=323.9MiB", lines
+
+
+def test_the_restart_notice_starts_a_new_line_on_a_terminal(child: Path, tmp_path: Path) -> None:
+    pyte = pytest.importorskip("pyte")
+    run_dir = make_run_dir(tmp_path)
+    screen = pyte.Screen(200, 12)
+    stream = pyte.ByteStream(screen)
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 12, 200, 0, 0))
+    command = [sys.executable, "-m", "killsafe", "run", "--backoff", "0.01", "--"]
+    command += [sys.executable, str(child), "open-line-then-crash-once", "--dir", str(run_dir)]
+    proc = subprocess.Popen(command, stdin=secondary, stdout=secondary, stderr=secondary)
+    os.close(secondary)
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # EIO: every writer of the terminal is gone
+            break
+        if not chunk:
+            break
+        stream.feed(chunk)
+    os.close(primary)
+    assert proc.wait(timeout=60) == 0
+    shown = [line.rstrip() for line in screen.display if line.strip()]
+    assert shown[0] == "step 1 rss=323.9MiB", shown
+    assert shown[1].startswith("killsafe run: ") and "restarting in" in shown[1], shown
+    assert shown[2].startswith("step 2 rss=323.9MiB"), shown
+    assert not screen.cursor.hidden

@@ -241,9 +241,9 @@ class Preflight:
                 os.fsync(probe.fileno())
         except OSError as exc:
             raise CheckFailed(f"cannot write in {existing}: {exc.strerror or exc}") from exc
-        if existing != target:
+        if existing != target.absolute():
             return f"{target} will be created (in {existing})"
-        return f"{target}"
+        return f"{target} exists: {_contents(target)}"
 
     def estimated_state_size(self) -> int | None:
         """Bytes one checkpoint of the state takes, estimated; None when unknown.
@@ -390,6 +390,20 @@ def _run_user_check(name: str, fn: CheckFn) -> PreflightRow:
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def _contents(directory: Path) -> str:
+    """What an existing directory holds, in a few words: a run, checkpoints, files."""
+    entries = [entry.name for entry in directory.iterdir()]
+    if not entries:
+        return "empty"
+    checkpoints = len(list_checkpoints(directory))
+    held = f"{checkpoints} checkpoint{'' if checkpoints == 1 else 's'}"
+    if (directory / "run.json").is_file():
+        return f"a run with {held}"
+    if checkpoints:
+        return held
+    return f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, no run"
 
 
 def _existing_ancestor(path: Path) -> Path | None:

@@ -496,7 +496,7 @@ def format_text(report: Mapping[str, Any]) -> str:
         lines.append(f"{key + ':':<19}{value}")
 
     status = report["status"]
-    if report.get("exit_reason"):
+    if report.get("exit_reason") not in (None, "", status):  # "finished (finished)" says it twice
         status += f" ({report['exit_reason']})"
     row("status", status)
     if report.get("run_id"):
@@ -600,7 +600,7 @@ def _session_line(session: Mapping[str, Any]) -> str:
         f"steps {_or_dash(session.get('start_step'))}->{_or_dash(session.get('end_step'))}",
         session.get("status") or "-",
     ]
-    if session.get("exit_reason"):
+    if session.get("exit_reason") not in (None, "", session.get("status")):
         parts.append(str(session["exit_reason"]))
     if resumed:
         parts.append(f"resumed from {resumed}")

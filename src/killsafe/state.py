@@ -1,8 +1,11 @@
 """State trees: the Stateful protocol, capture (validate) and restore, RNG state.
 
 A *state tree* holds None, bool, int, float, str, bytes, list, tuple, dict
-(str or int keys), set, frozenset, numpy arrays and scalars, torch tensors and
-Stateful objects (anything with ``state_dict()`` and ``load_state_dict()``).
+(str or int keys), set, frozenset, numpy arrays and scalars, torch tensors,
+Stateful objects (anything with ``state_dict()`` and ``load_state_dict()``)
+and random generators a script owns (``random.Random``, ``torch.Generator``,
+numpy's ``Generator``, ``BitGenerator`` and ``RandomState``), which are saved
+as plain data: ``{"generator": KIND, "state": ...}``.
 torch and numpy are never imported here: they are looked up in
 ``sys.modules``, so a value can only be a tensor if torch is already loaded.
 """
@@ -12,11 +15,21 @@ from __future__ import annotations
 import random
 import sys
 from collections.abc import Iterator, Mapping
+from types import GeneratorType
 from typing import Any, Protocol, runtime_checkable
 
 from killsafe.errors import StateMismatch, UnsupportedState
 
-__all__ = ["RNGState", "Stateful", "capture", "format_path", "restore"]
+__all__ = [
+    "RNGState",
+    "Stateful",
+    "capture",
+    "format_path",
+    "generator_kind",
+    "generator_state",
+    "restore",
+    "set_generator_state",
+]
 
 _PLAIN = (type(None), bool, int, float, str, bytes)
 
@@ -131,6 +144,8 @@ def _capture(value: Any, path: tuple[Any, ...], active: set[int]) -> Any:
                 path, value, "only numeric, bool, date and string numpy scalars are supported"
             )
         return value
+    if generator_kind(value) is not None:
+        return _capture(generator_state(value), path, active)
     marker = id(value)
     if marker in active:
         raise _refuse(path, value, "the state contains a reference cycle; break the cycle")
@@ -160,20 +175,46 @@ def _capture_container(value: Any, path: tuple[Any, ...], active: set[int]) -> A
         return set(members) if isinstance(value, set) else frozenset(members)
     if isinstance(value, Stateful) and not isinstance(value, type):
         return _capture(value.state_dict(), path, active)
-    raise _refuse(
-        path,
-        value,
+    raise _refuse(path, value, _unsupported_hint(value))
+
+
+def _unsupported_hint(value: Any) -> str:
+    """What to do instead, for a value that cannot be saved."""
+    if _is_data_loader(value):
+        return (
+            "a data loader has no saveable position; iterate it with "
+            "`for batch in run.batches(loader)` (resumes mid-epoch), or give it "
+            "state_dict()/load_state_dict() (the Stateful protocol)"
+        )
+    if isinstance(value, (GeneratorType, Iterator)):
+        return (
+            "a generator or iterator cannot be saved; iterate a DataLoader or an object "
+            "with state_dict()/load_state_dict() (the Stateful protocol) with "
+            "`for batch in run.batches(...)`, or track the values it is built from"
+        )
+    if isinstance(value, random.SystemRandom):
+        return "SystemRandom draws from the OS and has no state; use random.Random(seed)"
+    return (
         "only None, bool, int, float, str, bytes, list, tuple, dict, set, numpy arrays, "
-        "torch tensors and objects with state_dict()/load_state_dict() can be saved; "
-        "convert it or save its state_dict()",
+        "torch tensors, random generators and objects with state_dict()/load_state_dict() "
+        "can be saved; convert it or save its state_dict()"
     )
+
+
+def _is_data_loader(value: Any) -> bool:
+    data = sys.modules.get("torch.utils.data")
+    loader = getattr(data, "DataLoader", None)
+    if loader is not None and isinstance(value, loader):
+        return True
+    return "DataLoader" in type(value).__name__
 
 
 def restore(targets: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str, Any]:
     """Load ``saved`` into ``targets`` and return the restored values by name.
 
-    A Stateful target gets ``load_state_dict(saved[name])``; any other target
-    is replaced by the saved value (returned in the dict). RNGState targets
+    A Stateful target gets ``load_state_dict(saved[name])``; a random
+    generator gets its saved state set in place; any other target is replaced
+    by the saved value (returned in the dict). RNGState targets and generators
     are restored last so that restoring other objects cannot consume
     randomness. Raises ``StateMismatch`` listing missing names and the
     errors ``load_state_dict`` raised.
@@ -185,12 +226,19 @@ def restore(targets: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str, A
             f"(it holds {', '.join(sorted(map(str, saved))) or 'nothing'}); "
             "track the same objects as when it was saved"
         )
-    order = sorted(targets, key=lambda name: isinstance(targets[name], RNGState))
+    order = sorted(targets, key=lambda name: _is_random(targets[name]))
     out: dict[str, Any] = {}
     problems: list[str] = []
     for name in order:
         target = targets[name]
-        if isinstance(target, Stateful) and not isinstance(target, type):
+        if generator_kind(target) is not None:
+            try:
+                set_generator_state(target, saved[name])
+            except StateMismatch as exc:
+                problems.append(f"{name}: {exc}")
+                continue
+            out[name] = target
+        elif isinstance(target, Stateful) and not isinstance(target, type):
             try:
                 target.load_state_dict(saved[name])
             except (RuntimeError, KeyError, ValueError, TypeError) as exc:
@@ -204,6 +252,97 @@ def restore(targets: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str, A
     if problems:
         raise StateMismatch("state does not fit: " + "; ".join(problems))
     return out
+
+
+def _is_random(value: Any) -> bool:
+    return isinstance(value, RNGState) or generator_kind(value) is not None
+
+
+# -- random generators a script owns ------------------------------------------
+
+
+def generator_kind(value: Any) -> str | None:
+    """The kind of random generator ``value`` is, or None when it is not one.
+
+    Kinds: ``"random.Random"``, ``"torch.Generator"``, ``"numpy.Generator"``,
+    ``"numpy.BitGenerator"``, ``"numpy.RandomState"``. torch and numpy are
+    looked up in ``sys.modules``, never imported.
+    """
+    if isinstance(value, random.Random):
+        return None if isinstance(value, random.SystemRandom) else "random.Random"
+    torch = _torch_module()
+    if torch is not None and isinstance(value, torch.Generator):
+        return "torch.Generator"
+    np = _numpy_module()
+    if np is not None:
+        if isinstance(value, np.random.Generator):
+            return "numpy.Generator"
+        if isinstance(value, np.random.BitGenerator):
+            return "numpy.BitGenerator"
+        if isinstance(value, np.random.RandomState):
+            return "numpy.RandomState"
+    return None
+
+
+def generator_state(generator: Any) -> dict[str, Any]:
+    """A generator's state as plain data: ``{"generator": KIND, "state": ...}``.
+
+    The state is what the generator's own API hands out (a fresh copy):
+    ``Random.getstate()``, ``Generator.get_state()`` (a uint8 tensor), a
+    numpy bit generator's ``state`` dict, ``RandomState.get_state(legacy=False)``.
+    """
+    kind = generator_kind(generator)
+    if kind == "random.Random":
+        state: Any = generator.getstate()
+    elif kind == "torch.Generator":
+        return {"generator": kind, "device": str(generator.device), "state": generator.get_state()}
+    elif kind == "numpy.Generator":
+        state = generator.bit_generator.state
+    elif kind == "numpy.BitGenerator":
+        state = generator.state
+    elif kind == "numpy.RandomState":
+        state = generator.get_state(legacy=False)
+    else:
+        raise TypeError(f"{type(generator).__qualname__} is not a random generator")
+    return {"generator": kind, "state": state}
+
+
+def set_generator_state(generator: Any, saved: Any) -> None:
+    """Put a state from ``generator_state`` back into ``generator``, in place.
+
+    Raises ``StateMismatch`` when the saved state is of another kind (or
+    another numpy bit generator) than ``generator``.
+    """
+    kind = generator_kind(generator)
+    saved_kind = saved.get("generator") if isinstance(saved, Mapping) else None
+    if saved_kind != kind or "state" not in saved:
+        found = saved_kind or type(saved).__name__
+        raise StateMismatch(
+            f"saved state is {found}, not a {kind} state; track the same kind of generator"
+        )
+    state = saved["state"]
+    try:
+        if kind == "random.Random":
+            version, internal, gauss = state
+            generator.setstate((version, tuple(internal), gauss))
+        elif kind == "torch.Generator":
+            generator.set_state(state)
+        elif kind == "numpy.Generator":
+            generator.bit_generator.state = _plain_dict(state)
+        elif kind == "numpy.BitGenerator":
+            generator.state = _plain_dict(state)
+        else:
+            generator.set_state(_plain_dict(state))
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise StateMismatch(
+            f"saved {kind} state does not fit: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+            "; build the generator as the run that saved it did"
+        ) from exc
+
+
+def _plain_dict(state: Mapping[str, Any]) -> dict[str, Any]:
+    """numpy wants real dicts (a loaded tree may hold other mappings)."""
+    return {k: _plain_dict(v) if isinstance(v, Mapping) else v for k, v in state.items()}
 
 
 class RNGState:

@@ -24,6 +24,8 @@ The child gets ``KILLSAFE_SUPERVISOR=1`` and ``KILLSAFE_RESTARTS=<n>`` in
 its environment. It runs in a session of its own, without a controlling
 terminal: a terminal on standard input is not handed to it (it reads from
 ``/dev/null`` instead), while its output goes where the supervisor's goes.
+The supervisor's notices start on a line of their own even when the child
+left one open (a live progress display killed mid-draw).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import logging
 import os
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -288,8 +291,54 @@ class Supervisor:
 
     def _say(self, message: str) -> None:
         stream = self.stream if self.stream is not None else sys.stderr
-        stream.write(f"killsafe run: {message}\n")
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()  # our own earlier output is out before looking at where we are
+        stream.write(f"{line_start(stream)}killsafe run: {message}\n")
         stream.flush()
+
+
+TERMINAL_LINE_START = "\r\x1b[K\x1b[?25h"
+"""After padding: back to column 0, clear the line, show the cursor (a live
+display killed mid-draw leaves it hidden)."""
+
+
+def line_start(stream: TextIO) -> str:
+    """What to write so that the next text starts at the beginning of a line.
+
+    The child writes to the same place and may have left a line open (a live
+    progress display killed mid-draw). On a terminal, nothing can be read
+    back, so the text is padded with one terminal width of spaces: from
+    column 0 that stays on the line (the terminal waits to wrap), from any
+    other column it wraps onto a fresh line; a carriage return and a clear
+    then start the text there. For a regular file, its last byte is read.
+    Anything else (a pipe) gets nothing: output there is whole lines.
+    """
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return ""
+    if os.isatty(fd):
+        try:
+            width = os.get_terminal_size(fd).columns
+        except OSError:
+            return "\n"
+        return " " * width + TERMINAL_LINE_START
+    return "" if _file_ends_a_line(fd) else "\n"
+
+
+def _file_ends_a_line(fd: int) -> bool:
+    """True when ``fd`` is not a regular file, is empty, or its last byte is a newline."""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return True
+        # The descriptor may be write-only: read the same file through /proc.
+        with open(f"/proc/self/fd/{fd}", "rb") as file:
+            if file.seek(0, os.SEEK_END) == 0:
+                return True
+            file.seek(-1, os.SEEK_END)
+            return file.read(1) == b"\n"
+    except OSError:
+        return True
 
 
 def _stdin_is_terminal() -> bool:

@@ -83,7 +83,9 @@ class ResumableLoader(DataLoader):
             ``collate_fn``, ``pin_memory``, ...) except a sampler.
 
     ``state_dict()`` is ``{"epoch", "batches", "seed", "length", "batch_size"}``:
-    the epoch in progress and the batches of it already handed out.
+    the epoch in progress and the batches of it already handed out. ``len()``
+    is the number of batches of a whole epoch, also while a resumed epoch
+    yields only its rest, so ``100 * batch / len(loader)`` stays a percentage.
     """
 
     def __init__(
@@ -119,6 +121,10 @@ class ResumableLoader(DataLoader):
         length = self.epoch_sampler.length
         size = int(self.batch_size or 1)
         return length // size if self.drop_last else -(-length // size)
+
+    def __len__(self) -> int:
+        """Batches in a whole epoch, also inside a resumed one (whose iteration yields the rest)."""
+        return self.batches_per_epoch()
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         """The rest of the current epoch, from the saved position; then the next epoch starts."""
