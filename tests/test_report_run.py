@@ -376,7 +376,7 @@ def test_preflight_keep_all_checks_room_for_at_least_three(tmp_path: Path) -> No
 
 def test_a_stale_status_of_a_live_process_on_this_host_is_still_running(tmp_path: Path) -> None:
     from killsafe.report import build_report, format_text
-    from killsafe.runfiles import this_host, write_json_atomic
+    from killsafe.rundir import this_host, write_json_atomic
 
     updated = time.time()  # this process is older than its status
     line = json.dumps({"step": 1, "time": updated - 20, "loss": 1})
@@ -414,9 +414,9 @@ def test_best_values_are_kept_for_metrics_whose_names_say_which_way(tmp_path: Pa
 
 
 def test_status_json_stays_fresh_inside_a_long_step(tmp_path: Path, monkeypatch: Any) -> None:
-    from killsafe import Run, runfiles
+    from killsafe import Run, rundir
 
-    monkeypatch.setattr(runfiles, "STATUS_INTERVAL", 0.05)
+    monkeypatch.setattr(rundir, "STATUS_INTERVAL", 0.05)
     status_path = tmp_path / "run" / "status.json"
 
     def status() -> dict[str, Any]:
@@ -437,6 +437,6 @@ def test_status_json_stays_fresh_inside_a_long_step(tmp_path: Path, monkeypatch:
                     seen = status()
                     assert seen["state"] == "running" and seen["phase"] == "evaluation"
                     assert seen["counters"]["evaluations"]["value"] == done
-                assert runfiles.is_attached(status())
+                assert rundir.is_attached(status())
     assert beat is not None and not beat.is_alive()
     assert status()["state"] == "finished"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from killsafe import CheckpointStore, rundir, runfiles
+from killsafe import CheckpointStore, rundir
 from killsafe.errors import ConfigError, CorruptCheckpoint
 
 
@@ -165,12 +165,6 @@ def test_run_reader_lists_checkpoints_through_the_catalog_it_is_given(tmp_path: 
     assert best is not None and best.step == 2  # the run's own best metric
     with pytest.raises(ConfigError, match="open_catalog"):
         rundir.RunReader(run_dir).checkpoints()
-
-
-def test_runfiles_still_names_the_same_objects() -> None:
-    assert runfiles.ControlRequest is rundir.ControlRequest
-    assert runfiles.write_json_atomic is rundir.write_json_atomic
-    assert runfiles.STATUS_INTERVAL == rundir.STATUS_INTERVAL
 
 
 def test_event_tail_returns_each_complete_event_once(tmp_path: Path) -> None:

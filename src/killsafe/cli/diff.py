@@ -20,7 +20,7 @@ from killsafe.cli.common import (
 from killsafe.cli.tree import checkpoint_summary, read_checkpoint_manifest
 
 if TYPE_CHECKING:
-    from killsafe.treewalk import TreeNode
+    from killsafe.format.walk import TreeNode
 
 _CHUNK_ELEMENTS = 1 << 20  # compare tensors a million elements at a time
 
@@ -80,7 +80,7 @@ def _compare_mapping(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str
 def _compare_trees(
     path_a: Path, path_b: Path, manifest_a: dict[str, Any], manifest_b: dict[str, Any]
 ) -> dict[str, Any]:
-    from killsafe.treewalk import CONTAINERS, walk
+    from killsafe.format.walk import CONTAINERS, walk
 
     leaves_a = {leaf.path: leaf for leaf in walk(manifest_a["tree"])}
     leaves_b = {leaf.path: leaf for leaf in walk(manifest_b["tree"])}

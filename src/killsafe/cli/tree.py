@@ -71,7 +71,7 @@ def checkpoint_summary(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from killsafe.treewalk import walk
+    from killsafe.format.walk import walk
 
     manifest = read_checkpoint_manifest(args.checkpoint)
     summary = checkpoint_summary(args.checkpoint, manifest)

@@ -29,10 +29,7 @@ from killsafe.errors import (
     CorruptCheckpoint,
     UnsupportedState,
 )
-from killsafe.format import (
-    _Decoder,
-    encode,
-)
+from killsafe.format.codec import Decoder, encode
 
 __all__ = ["JsonLoadPlanner", "JsonSavePlanner", "decode_value", "encode_value"]
 
@@ -55,7 +52,7 @@ def decode_value(data: bytes, fqn: str, where: Path) -> Any:
         for key, text in document["entries"].items():
             raw = bytearray(base64.b64decode(text, validate=True))
             buffers[key] = (raw, 0, len(raw))
-        return _Decoder(where, buffers).decode(document["tree"])
+        return Decoder(where, buffers).decode(document["tree"])
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
         raise CorruptCheckpoint(
             f"checkpoint {where}: the value of {fqn!r} is malformed ({exc}); "

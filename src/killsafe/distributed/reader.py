@@ -36,10 +36,8 @@ from killsafe.errors import (
     KillsafeError,
     StateMismatch,
 )
-from killsafe.format import (
-    MANIFEST_NAME,
-    _byte_view,
-)
+from killsafe.format.codec import byte_view
+from killsafe.format.manifest import MANIFEST_NAME
 
 __all__ = ["ShardedReader"]
 
@@ -204,7 +202,7 @@ class ShardedReader(StorageReader):
         """Read and verify a piece, into ``target``'s memory or a new uint8 tensor."""
         size = piece.end - piece.start
         buffer = target if target is not None else torch.empty(size, dtype=torch.uint8)
-        view = _byte_view(buffer.reshape(-1).view(torch.uint8)) if size else memoryview(b"")
+        view = byte_view(buffer.reshape(-1).view(torch.uint8)) if size else memoryview(b"")
         offset = self.files[piece.file]["header_size"] + piece.start
         done = 0
         while done < size:  # one pread moves at most about 2 GiB
@@ -218,7 +216,7 @@ class ShardedReader(StorageReader):
 
     def _deliver(self, request: ReadItem, data: torch.Tensor, planner: LoadPlanner) -> None:
         if request.type == LoadItemType.BYTE_IO:
-            raw = bytes(_byte_view(data)) if data.numel() else b""
+            raw = bytes(byte_view(data)) if data.numel() else b""
             planner.load_bytes(request, io.BytesIO(raw))
             return
         target = planner.resolve_tensor(request).detach()

@@ -51,20 +51,10 @@ from killsafe.errors import (
     SaveFailed,
     UnsupportedState,
 )
-from killsafe.format import (
-    _TORCH_TO_ST,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-    TensorEntry,
-    _alignment,
-    _byte_view,
-    _HashThread,
-    _safetensors_header,
-    _write_buffers,
-    _write_json_file,
-    clean_json,
-)
+from killsafe.format.codec import TORCH_TO_ST, TensorEntry, alignment, byte_view, clean_json
+from killsafe.format.io import write_buffers, write_json_file
+from killsafe.format.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
+from killsafe.format.tensorfile import HashThread, safetensors_header
 
 __all__ = ["ShardedWriter"]
 
@@ -183,7 +173,7 @@ class ShardedWriter(StorageWriter):
         try:
             _check_files(staging, records.values())
             manifest = self._manifest(metadata, pieces, records, len(results))
-            _write_json_file(staging / MANIFEST_NAME, manifest)
+            write_json_file(staging / MANIFEST_NAME, manifest)
             fsync_directory(staging)
             self._commit(staging)
         except OSError as exc:
@@ -293,27 +283,25 @@ def _tensor_entry(key: str, tensor: torch.Tensor) -> TensorEntry:
         tensor = tensor.cpu()
     tensor = tensor.contiguous()
     dtype = str(tensor.dtype).removeprefix("torch.")
-    st_dtype = _TORCH_TO_ST.get(dtype)
+    st_dtype = TORCH_TO_ST.get(dtype)
     nbytes = tensor.numel() * tensor.element_size()
-    data = _byte_view(tensor.reshape(-1).view(torch.uint8)) if nbytes else memoryview(b"")
+    data = byte_view(tensor.reshape(-1).view(torch.uint8)) if nbytes else memoryview(b"")
     shape = tuple(tensor.shape) if st_dtype else (nbytes,)
-    return TensorEntry(
-        key, st_dtype or "U8", shape, _alignment(tensor.element_size()), data, tensor
-    )
+    return TensorEntry(key, st_dtype or "U8", shape, alignment(tensor.element_size()), data, tensor)
 
 
 def _write_rank_file(
     path: Path, entries: list[TensorEntry], rank: int
 ) -> tuple[FileRecord, dict[str, str]]:
     """Write, fsync and check one rank file; its record and per-entry checksums."""
-    header, _ = _safetensors_header(entries)
-    hasher = _HashThread(header, entries, whole=True)
+    header, _ = safetensors_header(entries)
+    hasher = HashThread(header, entries, whole=True)
     hasher.start()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         buffers = [memoryview(header), *(e.data for e in entries)]
         if not directio.write_direct(fd, buffers):
-            _write_buffers(fd, buffers, kick=True)
+            write_buffers(fd, buffers, kick=True)
         os.fsync(fd)
         size = os.fstat(fd).st_size
     finally:

@@ -37,7 +37,7 @@ from killsafe.state import (
 _INLINE_BYTES = 64  # bytes values up to this size live in the manifest (base64)
 
 # torch dtype name -> safetensors dtype name, for dtypes safetensors can name.
-_TORCH_TO_ST = {
+TORCH_TO_ST = {
     "float64": "F64",
     "float32": "F32",
     "float16": "F16",
@@ -204,7 +204,7 @@ class _Encoder:
         raw = flat.reshape(-1).view(np.uint8)
         st_dtype = _NUMPY_TO_ST.get(value.dtype.str)
         shape = tuple(flat.shape) if st_dtype else (raw.size,)
-        align = _alignment(value.dtype.itemsize)
+        align = alignment(value.dtype.itemsize)
         self.entries.append(TensorEntry(key, st_dtype or "U8", shape, align, memoryview(raw), flat))
         node["entry"] = key
         return node
@@ -235,7 +235,7 @@ class _Encoder:
             self.entries.append(_storage_entry(members, self.copy, host_copies.get(group)))
 
 
-def _alignment(itemsize: int) -> int:
+def alignment(itemsize: int) -> int:
     align = 1
     while align < 16 and itemsize % (align * 2) == 0:
         align *= 2
@@ -259,7 +259,7 @@ def _numpy_scalar_node(value: Any) -> dict[str, Any]:
     return {"type": "npscalar", "dtype": value.dtype.str, "base64": base64.b64encode(raw).decode()}
 
 
-def _byte_view(u8: Any) -> memoryview:
+def byte_view(u8: Any) -> memoryview:
     """A flat memoryview over a CPU uint8 tensor's memory, without numpy or copies."""
     array = (ctypes.c_ubyte * u8.numel()).from_address(u8.data_ptr())
     return memoryview(array).cast("B")
@@ -296,7 +296,7 @@ def _storage_entry(
             tensor.element_size()
         )
     only = first.dtype if all(t.dtype == first.dtype for t, _, _ in members) else None
-    st_dtype = _TORCH_TO_ST.get(str(only).removeprefix("torch.")) if only is not None else None
+    st_dtype = TORCH_TO_ST.get(str(only).removeprefix("torch.")) if only is not None else None
     # A member that is exactly the whole span (the usual weight) names the
     # entry and gives it its shape, so safetensors readers see the real tensor.
     cover = next(
@@ -318,7 +318,7 @@ def _storage_entry(
         shape = ((end - start) // widest,)
     else:
         st_dtype, shape = "U8", (end - start,)
-    return TensorEntry(key, st_dtype, shape, widest, _byte_view(u8), u8)
+    return TensorEntry(key, st_dtype, shape, widest, byte_view(u8), u8)
 
 
 def _span(members: list[tuple[Any, dict[str, Any], str]]) -> tuple[int, int, int]:

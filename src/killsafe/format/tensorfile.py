@@ -82,7 +82,7 @@ def _hash_entries(header: bytes, entries: Sequence[TensorEntry], whole: bool) ->
     return result
 
 
-class _HashThread(threading.Thread):
+class HashThread(threading.Thread):
     """Hash while the main thread writes: xxhash releases the GIL on big buffers."""
 
     def __init__(self, header: bytes, entries: Sequence[TensorEntry], whole: bool) -> None:
@@ -117,7 +117,7 @@ def write_tensor_file(
     way, say ``O_DIRECT``); when it declines, the buffers are written here.
     """
     name = TENSOR_FILE_ZSTD if compression else TENSOR_FILE
-    hasher = _HashThread(header, entries, whole=not compression)
+    hasher = HashThread(header, entries, whole=not compression)
     hasher.start()
     fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:

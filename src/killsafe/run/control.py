@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from killsafe import runfiles
+from killsafe import rundir
 from killsafe.run.session import EventLog
 
 __all__ = ["CONTROL_POLL_SECONDS", "ControlInbox"]
@@ -56,7 +56,7 @@ class ControlInbox:
         self.poll(step)
 
     def poll(self, step: int) -> None:
-        for path, request in runfiles.pending_requests(self._directory):
+        for path, request in rundir.pending_requests(self._directory):
             if request.id in self._seen:
                 continue
             if not self._for_this_session(request):
@@ -74,16 +74,16 @@ class ControlInbox:
 
     def discard_unread(self, step: int) -> None:
         """At the end: requests still in ``control/`` are answered, never left for later."""
-        for path, request in runfiles.pending_requests(self._directory):
+        for path, request in rundir.pending_requests(self._directory):
             if request.id not in self._seen:
                 self._discard(path, request, step, "the run ended before acting on it")
 
-    def _for_this_session(self, request: runfiles.ControlRequest) -> bool:
+    def _for_this_session(self, request: rundir.ControlRequest) -> bool:
         if request.session is not None:
             return request.session == self._session_id
         return request.created >= self._started_wall  # untagged: by its age
 
-    def _discard(self, path: Path, request: runfiles.ControlRequest, step: int, why: str) -> None:
+    def _discard(self, path: Path, request: rundir.ControlRequest, step: int, why: str) -> None:
         """Remove a request this session will not act on, with an event that says so."""
         with contextlib.suppress(OSError):
             path.unlink()

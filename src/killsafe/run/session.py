@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from killsafe import runfiles
+from killsafe import rundir
 from killsafe.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ class EventLog:
         self.directory = directory
 
     def append(self, kind: str, step: int | None, **fields: Any) -> None:
-        runfiles.append_event(self.directory, kind, step, **fields)
+        rundir.append_event(self.directory, kind, step, **fields)
 
 
 class StatusFigures(NamedTuple):
@@ -51,10 +51,10 @@ class StatusFigures(NamedTuple):
 def refuse_if_attached(directory: Path) -> None:
     """Raise ``ConfigError`` when another live process runs in ``directory``."""
     try:
-        status = runfiles.read_json(directory / runfiles.STATUS_FILE)
+        status = rundir.read_json(directory / rundir.STATUS_FILE)
     except Exception:  # a torn status file belongs to no live run
         return
-    if runfiles.is_attached(status) and status.get("pid") != os.getpid():
+    if rundir.is_attached(status) and status.get("pid") != os.getpid():
         raise ConfigError(
             f"{directory} is in use by a live run (pid {status.get('pid')} on "
             f"{status.get('host')}); stop it first or use another directory"
@@ -63,13 +63,13 @@ def refuse_if_attached(directory: Path) -> None:
 
 def update_run_json(directory: Path, update: Callable[[dict[str, Any]], None]) -> None:
     """Apply ``update`` to ``run.json`` (read afresh: ``killsafe run`` appends to it too)."""
-    path = directory / runfiles.RUN_FILE
+    path = directory / rundir.RUN_FILE
     try:
-        data = runfiles.read_json(path) or {}
+        data = rundir.read_json(path) or {}
     except Exception:
         data = {}
     update(data)
-    runfiles.write_json_atomic(path, data)
+    rundir.write_json_atomic(path, data)
 
 
 class SessionRecord:
@@ -111,7 +111,7 @@ class SessionRecord:
         """Open this session in ``run.json``; a ``started`` or ``resumed`` event."""
         session = {
             "pid": os.getpid(),
-            "host": runfiles.this_host(),
+            "host": rundir.this_host(),
             "started": started,
             "ended": None,
             "start_step": step,
@@ -182,7 +182,7 @@ class SessionRecord:
 
     def write_status_at(self, now: float, state: str) -> None:
         """The loop's own rewrite, due at ``next_status``; the next one is an interval later."""
-        self.next_status = now + runfiles.STATUS_INTERVAL
+        self.next_status = now + rundir.STATUS_INTERVAL
         self.write_status(state)
 
     def write_status(self, state: str, *, heartbeat: bool = False) -> None:
@@ -197,7 +197,7 @@ class SessionRecord:
         snapshot = figures.progress
         snapshot.update(
             pid=os.getpid(),
-            host=runfiles.this_host(),
+            host=rundir.this_host(),
             updated=time.time(),
             state=state,
             step=figures.step,
@@ -207,21 +207,21 @@ class SessionRecord:
             control=state in ("running", "stopping"),
         )
         try:
-            runfiles.write_json_atomic(self.directory / runfiles.STATUS_FILE, snapshot)
+            rundir.write_json_atomic(self.directory / rundir.STATUS_FILE, snapshot)
         except OSError as exc:
             logger.warning("status.json not written: %s", exc)
 
     # -- the heartbeat -------------------------------------------------------
 
     def start_heartbeat(self, started_clock: float) -> None:
-        self.next_status = started_clock + runfiles.STATUS_INTERVAL
+        self.next_status = started_clock + rundir.STATUS_INTERVAL
         self.heartbeat = threading.Thread(target=self._beat, name="killsafe-status", daemon=True)
         self.heartbeat.start()
 
     def _beat(self) -> None:
         # Only when the loop missed its own rewrite: a fast loop writes every interval.
-        while not self._stop.wait(runfiles.STATUS_INTERVAL / 2):
-            if time.monotonic() - self._written < 1.5 * runfiles.STATUS_INTERVAL:
+        while not self._stop.wait(rundir.STATUS_INTERVAL / 2):
+            if time.monotonic() - self._written < 1.5 * rundir.STATUS_INTERVAL:
                 continue
             try:
                 self.write_status(self._live_state(), heartbeat=True)

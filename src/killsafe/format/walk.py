@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from killsafe.errors import CorruptCheckpoint
-from killsafe.format import float_value, int_value
+from killsafe.format.codec import float_value, int_value
 
 __all__ = ["CONTAINERS", "NO_VALUE", "TreeNode", "node_nbytes", "plain_value", "walk"]
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from killsafe import CheckpointStore, treewalk
+from killsafe import CheckpointStore
 from killsafe import format as fmt
 from killsafe.errors import CorruptCheckpoint
+from killsafe.format import walk as treewalk
 
 
 def _manifest(tmp_path: Path, state: object) -> dict:
