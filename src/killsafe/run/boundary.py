@@ -2,10 +2,12 @@
 
 After the body of a step returns, the boundary
 
-1. observes: a background save that finished, control requests, signals,
-   the stop policies and the time limit;
-2. decides one value, ``Decision``: does the loop stop here and why, is a
-   checkpoint due and why, under which name;
+1. observes: a background save that finished, the progress display,
+   control requests;
+2. decides one value, ``Decision``, from the stop requests (signals, the
+   keyboard, ``run.stop``, requests), the stop policies, the time limit and
+   the save policy: does the loop stop here and why, is a checkpoint due
+   and why, under which name;
 3. hands it to the coordinator as a ``Vote`` and receives the ``Agreement``
    (one process: the identity; many: every rank acts alike);
 4. acts on the agreed decision: announces a stop, records the exit reason,
