@@ -394,3 +394,54 @@ def test_save_and_stop_a_real_run_from_the_page(browser_page: Any, tmp_path: Pat
     assert emergency.step > saved.step, output
     expect(page.locator(".toast", has_text=f"stopped at step {emergency.step:,}")).to_be_visible()
     expect(page.get_by_role("button", name="Save checkpoint")).to_be_disabled(timeout=WAIT_MS)
+
+
+AXIS_LABELS = """
+() => [...document.querySelectorAll("#plots figure")].map((figure) => {
+  const svg = figure.querySelector("svg");
+  const width = svg.viewBox.baseVal.width;
+  return {
+    name: figure.querySelector("figcaption").textContent,
+    labels: [...svg.querySelectorAll("text")].map((t) => {
+      const box = t.getBBox();
+      return { text: t.textContent, left: box.x, right: box.x + box.width, width };
+    }),
+  };
+})
+"""
+
+
+def test_chart_axis_labels_fit_and_read_as_numbers(browser_page: Any, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    history = History(run_dir)
+    for step in range(1, 301):
+        epoch = (step - 1) // 60
+        history.append(
+            step,
+            {
+                "lr": 0.001416 * 0.7**epoch,  # StepLR: 1.416e-3 down to 3.4e-4
+                "loss": 2.302585 / (1 + 0.01 * step),
+                "tokens": 1_234_567.0 * step,
+                "delta": -0.00123 + 1e-6 * step,
+            },
+        )
+    history.close()
+    handle = serve_in_thread(run_dir, token="axis-test-token")
+    try:
+        page = browser_page
+        page.goto(handle.page_url)
+        sync_api.expect(page.locator("#plots svg")).to_have_count(4, timeout=WAIT_MS)
+        charts = {chart["name"]: chart["labels"] for chart in page.evaluate(AXIS_LABELS)}
+        shot = screenshot(page, tmp_path, "dashboard-axes")
+    finally:
+        handle.close()
+    assert set(charts) == {"lr", "loss", "tokens", "delta"}, charts
+    for name, labels in charts.items():
+        for label in labels:
+            assert label["left"] >= 0 and label["right"] <= label["width"], (name, label, shot)
+            assert len(label["text"]) <= 8, (name, label)  # compact: no 0.0009912 or 3.322e-4
+        values = [float(label["text"].replace(",", "")) for label in labels[:-2]]  # the y ticks
+        assert values == sorted(values) and len(set(values)) == len(values) >= 2, (name, labels)
+    lr = [float(label["text"]) for label in charts["lr"][:-2]]
+    assert min(lr) >= 0.000336 and max(lr) <= 0.001416, lr  # ticks inside the data's range

@@ -176,3 +176,28 @@ def test_generators_resume_exactly_after_sigkill(tmp_path: Path) -> None:
     resumed = json.loads((tmp_path / "killed.json").read_text())
     assert resumed["resumed"] and not clean["resumed"]
     assert len(clean["draws"]) == 40 and resumed["draws"] == clean["draws"]
+
+
+def test_generators_and_stateful_objects_inside_a_tracked_dict_are_restored_in_place(
+    tmp_path: Path,
+) -> None:
+    def build() -> dict[str, Any]:
+        return {"rngs": {"numpy": np.random.default_rng(7), "torch": torch.Generator()}, "n": 0}
+
+    state = build()
+    state["rngs"]["torch"].manual_seed(8)
+    store = killsafe.CheckpointStore(tmp_path)
+    state["n"] = 5
+    store.save(state, step=1)
+    expected = (state["rngs"]["numpy"].random(), torch.rand(1, generator=state["rngs"]["torch"]))
+
+    fresh = build()
+    rngs = fresh["rngs"]
+    numpy_rng = rngs["numpy"]
+    restored = restore(fresh, store.load())
+    assert restored["rngs"] is rngs and rngs["numpy"] is numpy_rng  # the user's objects, in place
+    assert restored["n"] == 5
+    assert (rngs["numpy"].random(), torch.rand(1, generator=rngs["torch"])) == expected
+
+    with pytest.raises(StateMismatch, match=r"rngs\['extra'\] is missing"):
+        restore({"rngs": {**build()["rngs"], "extra": random.Random()}}, store.load())

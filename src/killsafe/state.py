@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import GeneratorType
 from typing import Any, Protocol, runtime_checkable
 
@@ -213,11 +213,13 @@ def restore(targets: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str, A
     """Load ``saved`` into ``targets`` and return the restored values by name.
 
     A Stateful target gets ``load_state_dict(saved[name])``; a random
-    generator gets its saved state set in place; any other target is replaced
-    by the saved value (returned in the dict). RNGState targets and generators
-    are restored last so that restoring other objects cannot consume
-    randomness. Raises ``StateMismatch`` listing missing names and the
-    errors ``load_state_dict`` raised.
+    generator gets its saved state set in place; a dict, list or tuple that
+    holds either is walked, so they are restored in place inside it (a dict
+    or list is updated in place too); any other target is replaced by the
+    saved value (returned in the dict). RNGState targets and targets holding
+    generators are restored last so that restoring other objects cannot
+    consume randomness. Raises ``StateMismatch`` listing missing names and
+    what did not fit (the errors ``load_state_dict`` raised).
     """
     missing = [name for name in targets if name not in saved]
     if missing:
@@ -226,36 +228,79 @@ def restore(targets: Mapping[str, Any], saved: Mapping[str, Any]) -> dict[str, A
             f"(it holds {', '.join(sorted(map(str, saved))) or 'nothing'}); "
             "track the same objects as when it was saved"
         )
-    order = sorted(targets, key=lambda name: _is_random(targets[name]))
+    order = sorted(targets, key=lambda name: _holds(targets[name], _is_random))
     out: dict[str, Any] = {}
     problems: list[str] = []
     for name in order:
-        target = targets[name]
-        if generator_kind(target) is not None:
-            try:
-                set_generator_state(target, saved[name])
-            except StateMismatch as exc:
-                problems.append(f"{name}: {exc}")
-                continue
-            out[name] = target
-        elif isinstance(target, Stateful) and not isinstance(target, type):
-            try:
-                target.load_state_dict(saved[name])
-            except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-                problems.append(
-                    f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                )
-                continue
-            out[name] = target
-        else:
-            out[name] = saved[name]
+        out[name] = _restore_value(targets[name], saved[name], name, problems)
     if problems:
         raise StateMismatch("state does not fit: " + "; ".join(problems))
     return out
 
 
+def _restore_value(target: Any, saved: Any, where: str, problems: list[str]) -> Any:
+    """The restored value of one target; what does not fit goes to ``problems``."""
+    if generator_kind(target) is not None:
+        try:
+            set_generator_state(target, saved)
+        except StateMismatch as exc:
+            problems.append(f"{where}: {exc}")
+        return target
+    if isinstance(target, Stateful) and not isinstance(target, type):
+        try:
+            target.load_state_dict(saved)
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            problems.append(f"{where}: {first_line}")
+        return target
+    if isinstance(target, dict) and isinstance(saved, Mapping) and _holds(target, _is_live):
+        for key in [k for k in target if k not in saved]:
+            problems.append(f"{where}[{key!r}] is missing from the checkpoint")
+        for key, value in saved.items():
+            inner = target.get(key)
+            target[key] = _restore_value(inner, value, f"{where}[{key!r}]", problems)
+        return target
+    if type(target) in (list, tuple) and _holds(target, _is_live):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(target):
+            problems.append(f"{where}: saved {_length(saved)} items, now {len(target)}")
+            return target
+        items = [
+            _restore_value(item, value, f"{where}[{i}]", problems)
+            for i, (item, value) in enumerate(zip(target, saved, strict=True))
+        ]
+        if isinstance(target, list):
+            target[:] = items
+            return target
+        return tuple(items)
+    return saved
+
+
+def _length(value: Any) -> str:
+    return str(len(value)) if isinstance(value, (list, tuple)) else type(value).__name__
+
+
+def _is_live(value: Any) -> bool:
+    """A Stateful object or a random generator: restored in place, never replaced."""
+    if generator_kind(value) is not None:
+        return True
+    return isinstance(value, Stateful) and not isinstance(value, type)
+
+
 def _is_random(value: Any) -> bool:
     return isinstance(value, RNGState) or generator_kind(value) is not None
+
+
+def _holds(value: Any, test: Callable[[Any], bool]) -> bool:
+    """True when ``value`` passes ``test`` or a dict, list or tuple in it holds one that does."""
+    stack, seen = [value], set()
+    while stack:
+        item = stack.pop()
+        if test(item):
+            return True
+        if isinstance(item, (dict, list, tuple)) and id(item) not in seen:
+            seen.add(id(item))
+            stack.extend(item.values() if isinstance(item, dict) else item)
+    return False
 
 
 # -- random generators a script owns ------------------------------------------

@@ -162,22 +162,54 @@ function svgNode(tag, attrs, text) {
   return node;
 }
 
+// Round tick values (1, 2, 2.5 or 5 times a power of ten) inside [lo, hi], about `count` of them.
+function ticks(lo, hi, count) {
+  const raw = (hi - lo) / count;
+  const power = Math.pow(10, Math.floor(Math.log10(raw)));
+  const step = [1, 2, 2.5, 5, 10].find((m) => m * power >= raw) * power;
+  const first = Math.ceil(lo / step - 1e-9);
+  const values = [];
+  for (let i = first; i * step <= hi + step * 1e-9; i++) values.push(i * step);
+  return { values, step };
+}
+
+// Tick labels with only the digits the step needs, in one notation per axis:
+// "0.5 1.0 1.5", "5e-4 1e-3", "1e8 2e8 3e8".
+function fmtTicks(values, step) {
+  const power = Math.floor(Math.log10(step));
+  const stepDigits = step / Math.pow(10, power) === 2.5 ? 1 : 0;  // 2.5 needs one more digit
+  const largest = Math.max(...values.map(Math.abs));
+  const exponent = largest < 1e-2 || largest >= 1e6;
+  return values.map((value) => {
+    if (Math.abs(value) < step * 1e-6) return "0";
+    if (!exponent) return value.toFixed(Math.min(10, Math.max(0, stepDigits - power)));
+    const magnitude = Math.floor(Math.log10(Math.abs(value)));
+    const digits = Math.min(3, Math.max(0, magnitude - power + stepDigits));
+    return value.toExponential(digits).replace(/\.?0+e/, "e").replace("e+", "e");
+  });
+}
+
+const CHAR_WIDTH = 7.2;  // 12px tabular digits, in the chart's own units
+
 function plotSeries(name, points) {
-  const width = 480, height = 200, left = 56, right = 12, top = 10, bottom = 24;
+  const width = 480, height = 200, right = 12, top = 10, bottom = 24;
   const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
   let [x0, x1] = [Math.min(...xs), Math.max(...xs)];
   let [y0, y1] = [Math.min(...ys), Math.max(...ys)];
   if (x0 === x1) { x0 -= 1; x1 += 1; }
   if (y0 === y1) { const pad = Math.abs(y0) * 0.1 || 1; y0 -= pad; y1 += pad; }
+  const yTicks = ticks(y0, y1, 4);  // 2 to 4 ticks
+  const yLabels = fmtTicks(yTicks.values, yTicks.step);
+  // The plot starts right of its widest label, so no label is cut at the edge.
+  const left = Math.max(36, Math.ceil(Math.max(...yLabels.map((t) => t.length)) * CHAR_WIDTH) + 12);
   const sx = (x) => left + ((x - x0) / (x1 - x0)) * (width - left - right);
   const sy = (y) => top + (1 - (y - y0) / (y1 - y0)) * (height - top - bottom);
   const svg = svgNode("svg", { viewBox: `0 0 ${width} ${height}`, role: "img",
                                "aria-label": name + " by step" });
-  for (let i = 0; i <= 3; i++) {
-    const y = y0 + ((y1 - y0) * i) / 3;
+  yTicks.values.forEach((y, i) => {
     svg.append(svgNode("line", { x1: left, x2: width - right, y1: sy(y), y2: sy(y), class: "grid" }));
-    svg.append(svgNode("text", { x: left - 6, y: sy(y) + 3, "text-anchor": "end" }, fmtNumber(y)));
-  }
+    svg.append(svgNode("text", { x: left - 6, y: sy(y) + 3, "text-anchor": "end" }, yLabels[i]));
+  });
   svg.append(svgNode("line", { x1: left, x2: width - right, y1: height - bottom, y2: height - bottom, class: "axis" }));
   svg.append(svgNode("text", { x: left, y: height - 6 }, fmtNumber(x0)));
   svg.append(svgNode("text", { x: width - right, y: height - 6, "text-anchor": "end" }, fmtNumber(x1)));
