@@ -26,13 +26,12 @@ from killsafe.policy import (
     TimeLimit,
     parse_duration,
 )
+from killsafe.rundir import CHECKPOINTS_DIR
 
 if TYPE_CHECKING:
     import argparse
 
-__all__ = ["CALLBACKS", "CHECKPOINTS_DIR", "Callback", "RunConfig", "keywords_from_args"]
-
-CHECKPOINTS_DIR = "checkpoints"
+__all__ = ["CALLBACKS", "Callback", "RunConfig", "keywords_from_args"]
 
 Callback = Callable[..., Any]
 CALLBACKS = ("on_save", "on_stop", "on_finish", "on_error")
