@@ -30,8 +30,8 @@ from hypothesis import strategies as st
 
 import killsafe
 from killsafe import format as fmt
-from killsafe import treewalk
 from killsafe.errors import KillsafeError
+from killsafe.format import walk as treewalk
 
 HANG_SECONDS = 60
 PEAK_GROWTH_BYTES = 1 << 30

@@ -125,12 +125,12 @@ def _batches() -> Any:
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        (torch.utils.data.DataLoader(list(range(8)), batch_size=2), r"run\.batches\(loader\)"),
-        (_batches(), r"run\.batches\(\.\.\.\)"),
-        (iter([1, 2, 3]), r"run\.batches\(\.\.\.\)"),
+        (torch.utils.data.DataLoader(list(range(8)), batch_size=2), r"ResumableLoader"),
+        (_batches(), r"ResumableLoader"),
+        (iter([1, 2, 3]), r"ResumableLoader"),
     ],
 )
-def test_a_loader_generator_or_iterator_is_refused_naming_batches_and_stateful(
+def test_a_loader_generator_or_iterator_is_refused_naming_a_loader_and_stateful(
     tmp_path: Path, data: Any, expected: str
 ) -> None:
     with killsafe.Run(tmp_path, progress=False) as run, pytest.raises(UnsupportedState) as info:

@@ -182,15 +182,15 @@ def _unsupported_hint(value: Any) -> str:
     """What to do instead, for a value that cannot be saved."""
     if _is_data_loader(value):
         return (
-            "a data loader has no saveable position; iterate it with "
-            "`for batch in run.batches(loader)` (resumes mid-epoch), or give it "
-            "state_dict()/load_state_dict() (the Stateful protocol)"
+            "a data loader has no saveable position; use "
+            "killsafe.integrations.torch.ResumableLoader (tracked, resumes mid-epoch) "
+            "or any loader with state_dict()/load_state_dict() (the Stateful protocol)"
         )
     if isinstance(value, (GeneratorType, Iterator)):
         return (
-            "a generator or iterator cannot be saved; iterate a DataLoader or an object "
-            "with state_dict()/load_state_dict() (the Stateful protocol) with "
-            "`for batch in run.batches(...)`, or track the values it is built from"
+            "a generator or iterator cannot be saved; track an object with "
+            "state_dict()/load_state_dict() (the Stateful protocol, e.g. "
+            "killsafe.integrations.torch.ResumableLoader) or the values it is built from"
         )
     if isinstance(value, random.SystemRandom):
         return "SystemRandom draws from the OS and has no state; use random.Random(seed)"
