@@ -100,7 +100,6 @@ class StepBoundary:
     def __init__(
         self,
         *,
-        total_steps: int | None,
         save_policy: AnyOf,
         stop_policies: tuple[StopPolicy, ...],
         position: Position,
@@ -116,7 +115,6 @@ class StepBoundary:
         coordinator: Coordinator,
         started_clock: float,
     ) -> None:
-        self._total = total_steps
         self._save_policy = save_policy
         self._stop_policies = stop_policies
         self._position = position
@@ -156,8 +154,9 @@ class StepBoundary:
 
     def decide(self, now: float, exiting: bool) -> Decision:
         """Ask the stop and save policies; changes nothing but the policies' own counters."""
-        step = self._position.step
-        finished = self._total is not None and step >= self._total
+        position = self._position
+        step, total = position.step, position.total
+        finished = total is not None and step >= total
         stop_reason = self._stops.pending()
         boundary = self._policy_view(now, exiting or finished or stop_reason is not None)
         if self._metrics.step:  # the policies keep this step's; the next step starts afresh
@@ -173,7 +172,7 @@ class StepBoundary:
         save_reason = self._save_policy.should_save(boundary)
         if not (save_reason or boundary.exiting):
             return NOTHING
-        if boundary.exiting and not boundary.requested and step == self._position.session_start:
+        if boundary.exiting and not boundary.requested and step == position.session_start:
             save_reason = None  # no step ran in this session: nothing new to keep
         return self._decision(boundary.exiting, finished, stop_reason, save_reason)
 
@@ -184,7 +183,7 @@ class StepBoundary:
         if exiting:
             # Left early without a stop request (a `break`, no loop at all):
             # finished only when there was no step count to reach.
-            complete = finished or self._total is None
+            complete = finished or self._position.total is None
             exit_reason = stop_reason or ("finished" if complete else "exit")
         if save_reason == "exit":  # OnExit's: the checkpoint says why the run ends
             save_reason = exit_reason or save_reason

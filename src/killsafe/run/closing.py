@@ -161,7 +161,7 @@ class Closer:
     def summary_line(self) -> str:
         """One line: how it ended, steps, time, best value, where to resume from."""
         position = self._position
-        total = self._config.total_steps
+        total = position.total
         status = self._ending.status()
         of_total = f" of {total}" if total is not None else ""
         parts = [

@@ -153,10 +153,10 @@ class RunConfig:
         """Where the run's checkpoints live."""
         return self.directory / CHECKPOINTS_DIR
 
-    def record(self) -> dict[str, Any]:
-        """The ``config`` section of ``run.json``."""
+    def record(self, *, total_steps: int | None) -> dict[str, Any]:
+        """The ``config`` section of ``run.json`` (``total_steps``: as the run has it now)."""
         return {
-            "total_steps": self.total_steps,
+            "total_steps": total_steps,
             "save": repr(self.save_policy),
             "stop": [repr(p) for p in self.stop_policies],
             "keep_last": self.keep_last,

@@ -193,12 +193,11 @@ class Run:
             },
         )
         self.directory: Path = self._config.directory
-        self.total_steps: int | None = self._config.total_steps
         self.state: dict[str, Any] = {}
         """The tracked objects by name; assign here to update a tracked plain value."""
         self._parts = Parts(
             config=self._config,
-            position=Position(),
+            position=Position(self._config.total_steps),
             stops=Stops(self._config.signals),
             ending=Ending(),
             metrics=LoggedMetrics(),
@@ -331,8 +330,7 @@ class Run:
         assert self._parts.services.progress is not None
         self._parts.services.progress.start()
         position, ending, stops = self._parts.position, self._parts.ending, self._parts.stops
-        total = self._config.total_steps
-        while total is None or position.step < total:
+        while position.total is None or position.step < position.total:
             if ending.reason is not None:
                 return
             if stops.pending() is not None:
@@ -383,6 +381,15 @@ class Run:
     def should_stop(self) -> bool:
         """Whether a stop was requested: check it in long inner loops (an evaluation)."""
         return self._parts.stops.pending() is not None
+
+    @property
+    def total_steps(self) -> int | None:
+        """The number of steps to reach (``None``: until stopped)."""
+        return self._parts.position.total
+
+    @total_steps.setter
+    def total_steps(self, value: int | None) -> None:
+        self._parts.position.total = value
 
     @property
     def step(self) -> int:

@@ -101,12 +101,13 @@ def open_session(
         load_run_state(resume.run_state, parts.best, config.stop_policies)
     position.session_start = position.step
     start = _Start(info, time.time(), time.monotonic())
-    total = config.total_steps
-    finished = info is not None and total is not None and position.step >= total
+    finished = info is not None and position.reached_total
     if finished:
-        progress = parts.services.open_quiet(position.step)
+        progress = parts.services.open_quiet(position.step, position.total)
     else:
-        progress = parts.services.open_display(position.step, resumed=info is not None)
+        progress = parts.services.open_display(
+            position.step, position.total, resumed=info is not None
+        )
     boundary, closer = _wire(parts, store, session, ledger, progress, start)
     opened = Opened(store, rng, resume, session, ledger, boundary, closer, finished)
     if finished:
@@ -133,7 +134,6 @@ def _wire(
         ask_stop=parts.stops.request,
     )
     boundary = StepBoundary(
-        total_steps=parts.config.total_steps,
         save_policy=parts.config.save_policy,
         stop_policies=parts.config.stop_policies,
         position=parts.position,
@@ -171,7 +171,8 @@ def _start(parts: Parts, session: SessionRecord, progress: Progress, start: _Sta
     info = start.info
     if info is not None:
         progress.checkpoint_saved(info.step, info.path)
-    session.write_start(info, parts.position.step, start.wall, parts.config.record())
+    record = parts.config.record(total_steps=parts.position.total)
+    session.write_start(info, parts.position.step, start.wall, record)
     parts.stops.interrupts.install()
     parts.services.start_keyboard(parts.stops.interrupts)
     parts.services.start_server()
@@ -192,6 +193,6 @@ def _found_finished(parts: Parts, info: CheckpointInfo | None) -> None:
     parts.ending.reason = "finished"
     parts.services.say(
         f"killsafe: {config.directory} already finished at step {parts.position.step} of "
-        f"{config.total_steps} (checkpoint {info.path}); nothing to run, records kept; "
+        f"{parts.position.total} (checkpoint {info.path}); nothing to run, records kept; "
         "raise total_steps to continue it"
     )

@@ -11,12 +11,15 @@ class Position:
     ``step`` counts the steps completed in all sessions; a checkpoint taken at
     step ``n`` holds the state after ``n`` steps, so a resumed loop's first
     step is ``n``. ``in_step`` is true while the body of a step runs.
-    ``epoch`` and ``batch_index`` stay ``None`` until the loop counts them.
+    ``total`` is the step count to reach (``None``: until stopped; ``Run``'s
+    ``total_steps``, which a script may still change). ``epoch`` and
+    ``batch_index`` stay ``None`` until the loop counts them.
     """
 
-    __slots__ = ("batch_index", "epoch", "in_step", "session_start", "step")
+    __slots__ = ("batch_index", "epoch", "in_step", "session_start", "step", "total")
 
-    def __init__(self) -> None:
+    def __init__(self, total: int | None = None) -> None:
+        self.total = total
         self.step = 0
         self.session_start = 0
         self.in_step = False
@@ -27,6 +30,10 @@ class Position:
     def ran(self) -> int:
         """Steps completed in this session."""
         return self.step - self.session_start
+
+    @property
+    def reached_total(self) -> bool:
+        return self.total is not None and self.step >= self.total
 
     def logged_step(self) -> int:
         """The step a metric logged now belongs to: the open one, else the last one."""

@@ -34,7 +34,7 @@ class Services:
         self.keyboard: KeyboardMonitor | None = None
         self.server: Any = None
 
-    def open_display(self, step: int, *, resumed: bool) -> Progress:
+    def open_display(self, step: int, total: int | None, *, resumed: bool) -> Progress:
         """The history (cut back to ``step`` when resuming) and the progress display."""
         config = self._config
         self.history = History(
@@ -42,17 +42,17 @@ class Services:
         )
         self.history.truncate_after(step if resumed else -1)
         self.progress = Progress(
-            total=config.total_steps,
+            total=total,
             start_step=step,
             every=config.progress_every,
             enabled=config.progress,
         )
         return self.progress
 
-    def open_quiet(self, step: int) -> Progress:
+    def open_quiet(self, step: int, total: int | None) -> Progress:
         """For a run found finished: a history that is not rewritten, no display."""
         self.history = History(self._config.directory)
-        self.progress = Progress(total=self._config.total_steps, start_step=step, enabled=False)
+        self.progress = Progress(total=total, start_step=step, enabled=False)
         return self.progress
 
     def start_keyboard(self, interrupts: StopRequests) -> None:
