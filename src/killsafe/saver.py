@@ -57,12 +57,39 @@ from killsafe.errors import ConfigError, KillsafeError, SaveFailed
 from killsafe.staging import PinnedStaging, Staged
 from killsafe.state import capture, is_torch_tensor, tensors_in
 
-__all__ = ["IF_BUSY", "STRATEGIES", "BackgroundSaver", "PendingSave", "choose_strategy"]
+__all__ = [
+    "IF_BUSY",
+    "STRATEGIES",
+    "BackgroundSaver",
+    "PendingSave",
+    "check_if_busy",
+    "choose_strategy",
+    "skips_busy_save",
+]
 
 log = logging.getLogger("killsafe.saver")
 
 STRATEGIES = ("auto", "fork", "copy")
 IF_BUSY = ("wait", "skip")
+
+
+def check_if_busy(if_busy: str) -> str:
+    """``if_busy`` itself, or ``ConfigError`` when it is neither ``"wait"`` nor ``"skip"``."""
+    if if_busy not in IF_BUSY:
+        raise ConfigError(f"if_busy={if_busy!r} is unknown; use 'wait' or 'skip'")
+    return if_busy
+
+
+def skips_busy_save(if_busy: str, busy: PendingSave | None, *, must_save: bool = False) -> bool:
+    """Whether a new save is skipped because ``busy`` is still being written.
+
+    The one rule of ``if_busy``, for the saver and for ``Run``: ``"skip"``
+    skips while the previous save is unfinished, unless this save must
+    happen (a run that is ending); ``"wait"`` never skips.
+    """
+    return if_busy == "skip" and not must_save and busy is not None and not busy.done()
+
+
 _WRITER_NICE = 10
 _PR_SET_PDEATHSIG = 1
 _BLOCKED_IN_CHILD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
@@ -202,8 +229,7 @@ class BackgroundSaver:
     def __init__(self, store: _Store, *, strategy: str = "auto", if_busy: str = "wait") -> None:
         if strategy not in STRATEGIES:
             raise ConfigError(f"snapshot strategy {strategy!r} is unknown; use one of {STRATEGIES}")
-        if if_busy not in IF_BUSY:
-            raise ConfigError(f"if_busy={if_busy!r} is unknown; use 'wait' or 'skip'")
+        check_if_busy(if_busy)
         self.store = store
         self.strategy = strategy
         self.if_busy = if_busy
@@ -241,12 +267,13 @@ class BackgroundSaver:
             raise ConfigError("this saver is closed; create a new one")
         self.check()
         busy = self.in_flight
+        if skips_busy_save(check_if_busy(if_busy or self.if_busy), busy):
+            assert busy is not None
+            log.info(
+                "skipping the save of step %d: step %d is still being written", step, busy.step
+            )
+            return None
         if busy is not None:
-            if (if_busy or self.if_busy) == "skip":
-                log.info(
-                    "skipping the save of step %d: step %d is still being written", step, busy.step
-                )
-                return None
             log.info("waiting for the save of step %d before saving step %d", busy.step, step)
         self._join_worker()
         self.check()

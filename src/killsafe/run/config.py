@@ -27,6 +27,7 @@ from killsafe.policy import (
     parse_duration,
 )
 from killsafe.rundir import CHECKPOINTS_DIR
+from killsafe.saver import check_if_busy
 
 if TYPE_CHECKING:
     import argparse
@@ -117,8 +118,7 @@ class RunConfig:
         checked_serve = _checked_serve(serve)
         if serve_limits is not None:  # checked now, not when the run starts serving
             importlib.import_module("killsafe.server.launcher").check_limits(serve_limits)
-        if if_busy not in ("wait", "skip"):
-            raise ConfigError(f"if_busy={if_busy!r}: use 'wait' or 'skip'")
+        check_if_busy(if_busy)
         if tensorboard:
             require_tensorboard()
         return cls(

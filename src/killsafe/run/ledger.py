@@ -20,7 +20,7 @@ from killsafe.errors import CheckpointExists, SaveFailed
 from killsafe.run.ending import Ending
 from killsafe.run.position import Position
 from killsafe.run.session import EventLog
-from killsafe.saver import PendingSave
+from killsafe.saver import PendingSave, skips_busy_save
 
 if TYPE_CHECKING:
     from killsafe.format import CheckpointInfo
@@ -189,7 +189,7 @@ class Ledger:
     def _make_room(self, busy: PendingSave) -> bool:
         """Before a new save: wait for the one in flight, or skip (``if_busy="skip"``)."""
         step = self._position.step
-        if self._if_busy == "skip" and not self._ending.decided() and not busy.done():
+        if skips_busy_save(self._if_busy, busy, must_save=self._ending.decided()):
             logger.info(
                 "skipping the save of step %d: step %d is still being written", step, busy.step
             )
