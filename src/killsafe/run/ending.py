@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["Ending"]
+__all__ = ["EXIT_FAILED", "EXIT_STOPPED", "Ending"]
+
+EXIT_STOPPED = 75
+"""The exit status of a run stopped before its end (EX_TEMPFAIL): run the same command again."""
+EXIT_FAILED = 1
+"""The exit status of a run that failed with an error."""
 
 
 class Ending:
@@ -16,6 +21,14 @@ class Ending:
 
     def decided(self) -> bool:
         return self.reason is not None
+
+    def exit_code(self) -> int | None:
+        """0 finished (or early-stopped), 75 stopped before its end, 1 failed; None while running."""
+        if self.reason is None:
+            return None
+        if self.reason in ("finished", "early-stop"):
+            return 0
+        return EXIT_FAILED if self.reason == "error" else EXIT_STOPPED
 
     def status(self) -> str:
         """``finished``, ``failed`` or ``stopped``: the word ``run.json`` records."""

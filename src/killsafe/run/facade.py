@@ -407,6 +407,22 @@ class Run:
         return self._parts.ending.reason
 
     @property
+    def finished(self) -> bool:
+        """Whether the run reached its end (``exit_reason == "finished"``), not a stop."""
+        return self._parts.ending.reason == "finished"
+
+    @property
+    def exit_code(self) -> int | None:
+        """The status for ``sys.exit`` after the run: 0 finished, 75 stopped, 1 failed.
+
+        0 when the run finished (or early stopping ended it); 75 (EX_TEMPFAIL)
+        when it stopped before its end (a signal, a request, a time limit):
+        run the same command again to resume; 1 when it failed. ``None``
+        while the run is still going.
+        """
+        return self._parts.ending.exit_code()
+
+    @property
     def last_checkpoint(self) -> CheckpointInfo | None:
         """The newest checkpoint committed or resumed from in this session."""
         return self._opened.ledger.last_info if self._opened is not None else None
