@@ -23,7 +23,7 @@ class Ending:
         return self.reason is not None
 
     def exit_code(self) -> int | None:
-        """0 finished (or early-stopped), 75 stopped before its end, 1 failed; None while running."""
+        """0 finished (or early-stopped), 75 stopped before its end, 1 failed, None running."""
         if self.reason is None:
             return None
         if self.reason in ("finished", "early-stop"):
