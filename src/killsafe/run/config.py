@@ -32,7 +32,10 @@ from killsafe.saver import check_if_busy
 if TYPE_CHECKING:
     import argparse
 
-__all__ = ["CALLBACKS", "Callback", "RunConfig", "keywords_from_args"]
+__all__ = ["CALLBACKS", "DEFAULT_SAVE_SECONDS", "Callback", "RunConfig", "keywords_from_args"]
+
+DEFAULT_SAVE_SECONDS = 600.0
+"""With no save policy given, a run saves every 10 minutes of wall time (and on exit)."""
 
 Callback = Callable[..., Any]
 CALLBACKS = ("on_save", "on_stop", "on_finish", "on_error")
@@ -204,6 +207,10 @@ def _build_save_policy(
         if not isinstance(save, SavePolicy):
             raise ConfigError(f"save={save!r}: pass a save policy such as policy.EveryNSteps(500)")
         policies.append(save)
+    if on_exit and save is None and every_steps is None and every_seconds is None:
+        # Nothing asked: a kill must not lose the whole run (save_on_exit=False
+        # or any policy turns this default off).
+        policies.append(EveryNSeconds(DEFAULT_SAVE_SECONDS))
     policies.append(OnRequest())
     return AnyOf(*policies)
 
