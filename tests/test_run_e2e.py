@@ -415,6 +415,20 @@ def test_control_requests_save_once_and_stop(child: Child) -> None:
     assert status["step"] == child.result()["step"]
 
 
+def test_a_stop_request_with_a_reason_carries_it_into_the_exit_reason(child: Child) -> None:
+    proc = child.start(total_steps=100_000, ready_at=5, sleep=0.002)
+    child.wait_for("ready", proc)
+    stop = ControlRequest("stop", note="enough")  # what POST /api/stop {"reason": ...} drops
+    submit_request(child.run_dir, stop)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert child.result()["exit_reason"] == "request:enough"
+    assert child.run_json()["exit_reason"] == "request:enough"
+    assert child.checkpoints()[-1]["reason"] == "request:enough"
+    assert child.events("stop-requested")[-1]["reason"] == "request:enough"
+    assert child.events("stopped")[-1]["request_id"] == stop.id
+
+
 def test_a_second_run_in_the_same_directory_is_refused_while_the_first_lives(
     child: Child,
 ) -> None:

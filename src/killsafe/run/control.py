@@ -10,11 +10,17 @@ from pathlib import Path
 from killsafe import rundir
 from killsafe.run.session import EventLog
 
-__all__ = ["CONTROL_POLL_SECONDS", "ControlInbox"]
+__all__ = ["CONTROL_POLL_SECONDS", "ControlInbox", "stop_reason"]
 
 logger = logging.getLogger("killsafe")
 
 CONTROL_POLL_SECONDS = 0.25
+
+
+def stop_reason(note: str | None) -> str:
+    """A stop request's exit reason: ``request``, or ``request:NOTE`` on one line."""
+    words = " ".join(note.split()) if note else ""
+    return f"request:{words}" if words else "request"
 
 
 class ControlInbox:
@@ -23,7 +29,9 @@ class ControlInbox:
     A request tagged with another session, or untagged and older than this
     session, was made for an earlier one and is discarded. ``save`` requests
     go to ``ask_save(request_id, name, note)``, ``stop`` requests to
-    ``ask_stop("request")``.
+    ``ask_stop`` with the reason ``request``, or ``request:REASON`` when the
+    request gave one (``POST /api/stop {"reason": "enough"}`` stops with
+    ``request:enough``), as a signal stops with ``signal:SIGTERM``.
     """
 
     def __init__(
@@ -70,7 +78,7 @@ class ControlInbox:
                 self._events.append("save-requested", step, request_id=request.id)
             elif request.action == "stop":
                 self.stop_request_ids.append(request.id)
-                self._ask_stop("request")
+                self._ask_stop(stop_reason(request.note))
 
     def discard_unread(self, step: int) -> None:
         """At the end: requests still in ``control/`` are answered, never left for later."""
