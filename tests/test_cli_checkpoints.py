@@ -202,7 +202,6 @@ def test_a_newer_format_is_bad_input(run_dir: Path) -> None:
         (["list"], "the following arguments are required: DIR"),
         (["list", ".", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         (["list", ".", "--mode", "median"], "invalid choice: 'median'"),
-        (["prune", "."], "required: --keep-last"),
         (["diff", "a"], "required: B"),
         (["verify", ".", "extra"], "unrecognized arguments: extra"),
     ],
@@ -217,6 +216,8 @@ def test_usage_errors_are_one_line_and_exit_2(argv: list[str], message: str) -> 
         (["--keep-last", "0"], "--keep-last must be 1 or more, got 0"),
         (["--keep-last", "2", "--keep-best", "0"], "--keep-best must be 1 or more, got 0"),
         (["--keep-last", "2", "--delete", "nosuch"], "no checkpoint named 'nosuch'"),
+        ([], "prune needs --keep-last N, --delete REF or both"),
+        (["--keep-best", "1", "--delete", "300"], "--keep-best needs --keep-last N"),
     ],
 )
 def test_bad_prune_values_are_one_line_and_delete_nothing(
@@ -283,6 +284,31 @@ def test_prune_keeps_the_newest_the_best_and_named_ones(run_dir: Path) -> None:
     assert steps_on_disk(run_dir) == [100, 200, 300, 400]
 
     done = cli_json("prune", run_dir, "--keep-last", "1")
+    assert [c["step"] for c in done["deleted"]] == [300]
+    assert steps_on_disk(run_dir) == [100, 200, 400]
+
+
+def marks(rows: list[dict[str, object]]) -> dict[object, tuple[object, object]]:
+    return {row["step"]: (row["latest"], row["best"]) for row in rows}
+
+
+def test_prune_marks_the_latest_and_best_it_keeps_as_list_does(run_dir: Path) -> None:
+    planned = cli_json("prune", run_dir, "--keep-last", "1", "--dry-run")
+    listed = cli_json("list", run_dir)["checkpoints"]
+    assert marks(planned["kept"]) == {400: (True, False), 200: (False, True), 100: (False, False)}
+    assert marks(planned["kept"]) == {k: v for k, v in marks(listed).items() if k != 300}
+
+    done = cli_json("prune", run_dir, "--keep-last", "1")
+    assert marks(done["kept"]) == marks(cli_json("list", run_dir)["checkpoints"])
+
+
+def test_prune_delete_needs_no_keep_last(run_dir: Path) -> None:
+    planned = cli_json("prune", run_dir, "--delete", "300", "--dry-run")
+    assert [c["step"] for c in planned["deleted"]] == [300]
+    assert steps_on_disk(run_dir) == [100, 200, 300, 400]
+
+    # Without --keep-last no retention runs: only the named checkpoint goes.
+    done = cli_json("prune", run_dir, "--delete", "300")
     assert [c["step"] for c in done["deleted"]] == [300]
     assert steps_on_disk(run_dir) == [100, 200, 400]
 

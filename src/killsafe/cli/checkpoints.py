@@ -277,7 +277,13 @@ def add_prune(commands: Commands) -> None:
         "named with --delete.",
     )
     p.add_argument("directory", type=Path, metavar="DIR", help=WHAT_DIR)
-    p.add_argument("--keep-last", type=int, required=True, metavar="N", help="keep the newest N")
+    p.add_argument(
+        "--keep-last",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep the newest N (without it, only what --delete names goes)",
+    )
     p.add_argument("--keep-best", type=int, default=None, metavar="K", help="keep the best K")
     _add_best_flags(p)
     p.add_argument(
@@ -296,6 +302,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     for flag, value in (("--keep-last", args.keep_last), ("--keep-best", args.keep_best)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be 1 or more, got {value}")
+    if args.keep_last is None and not args.delete:
+        raise ConfigError("prune needs --keep-last N, --delete REF or both")
+    if args.keep_best is not None and args.keep_last is None:
+        raise ConfigError("--keep-best needs --keep-last N (without it only --delete REF goes)")
     location = _locate(args.directory)
     best = _best_spec(args, location)
     if args.keep_best is not None and best is None:
@@ -303,6 +313,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     removed = _prune(args, location.store_dir, best)
     gone = {info.path for info in removed}
     kept = [e for e in _entries(location.store_dir, verify=False) if e.path not in gone]
+    _mark(kept, best)  # the marks `list` shows once the deletions are done
     verb = "would delete" if args.dry_run else "deleted"
     if args.json:
         print_json(
@@ -322,15 +333,17 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 def _prune(args: argparse.Namespace, store_dir: Path, best: tuple[str, str] | None) -> list[Any]:
     """Delete (unless ``--dry-run``) what retention drops and what ``--delete`` names.
 
-    The newest checkpoint that verifies is never dropped by retention.
+    Retention applies only with ``--keep-last``; the newest checkpoint that
+    verifies is never dropped by it.
     """
     from killsafe.store import CheckpointStore
 
+    # The best checkpoint is never pruned: keep at least one when a metric ranks them.
+    keep_best = args.keep_best if args.keep_best is not None else 1
     store = CheckpointStore(
         store_dir,
         keep_last=args.keep_last,
-        # The best checkpoint is never pruned: keep at least one when a metric ranks them.
-        keep_best=(args.keep_best if args.keep_best is not None else 1) if best else None,
+        keep_best=keep_best if best and args.keep_last is not None else None,
         best=best,
     )
     try:
