@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import cli, cli_json, snapshot
+from cli_helpers import assert_one_line_error, cli, cli_json, snapshot
 
 
 @pytest.fixture
@@ -54,7 +54,12 @@ def test_report_csv_export(run_dir: Path, tmp_path: Path) -> None:
 
 def test_report_of_a_missing_directory_is_bad_input(tmp_path: Path) -> None:
     out = cli("report", tmp_path / "nowhere")
-    assert out.returncode == 2 and "nowhere" in out.stderr and "Traceback" not in out.stderr
+    assert_one_line_error(out, 2, "nowhere")
+    assert out.stderr.startswith("killsafe report: error: ")
+    (tmp_path / "empty").mkdir()
+    out = cli("report", tmp_path / "empty")
+    assert_one_line_error(out, 2, "not a run directory")
+    assert out.stderr.startswith("killsafe report: error: ")
 
 
 def test_preflight_go_and_no_go(tmp_path: Path) -> None:
@@ -69,3 +74,9 @@ def test_preflight_go_and_no_go(tmp_path: Path) -> None:
 def test_preflight_usage_error_exits_2() -> None:
     out = cli("preflight", "--keep-last", "many")
     assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+def test_preflight_bad_input_is_one_error_line() -> None:
+    out = cli("preflight", "--keep-last", "-1")
+    assert_one_line_error(out, 2, "--keep-last -1")
+    assert out.stderr.startswith("killsafe preflight: error: ")

@@ -837,7 +837,7 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         preflight = _from_args(args)
     except ConfigError as exc:
-        sys.stderr.write(f"killsafe preflight: {exc}\n")
+        sys.stderr.write(f"killsafe preflight: error: {exc}\n")
         return 2
     result = preflight.run()
     if args.json:

@@ -747,7 +747,7 @@ def run_cli(args: argparse.Namespace) -> int:
             else:
                 write_csv(records, args.csv)
     except (KillsafeError, OSError) as exc:
-        sys.stderr.write(f"killsafe report: {exc}\n")
+        sys.stderr.write(f"killsafe report: error: {exc}\n")
         return 2
     if args.csv == "-":
         return 0
