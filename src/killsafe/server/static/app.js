@@ -70,12 +70,14 @@ function fmtDuration(seconds) {
   return `${s}s`;
 }
 
+// The copy of killsafe.units.format_size: the same strings as the command line.
 function fmtBytes(bytes) {
   if (bytes === null || bytes === undefined) return "-";
   const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let value = bytes;
   let i = 0;
-  while (bytes >= 1024 && i < units.length - 1) { bytes /= 1024; i++; }
-  return (i ? bytes.toFixed(1) : bytes) + " " + units[i];
+  while (Math.abs(value) >= 1024 && i < units.length - 1) { value /= 1024; i++; }
+  return (i ? value.toFixed(1) : String(Math.trunc(value))) + " " + units[i];
 }
 
 function fmtTime(epoch) {
