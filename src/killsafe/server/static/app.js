@@ -77,7 +77,15 @@ function fmtBytes(bytes) {
   let value = bytes;
   let i = 0;
   while (Math.abs(value) >= 1024 && i < units.length - 1) { value /= 1024; i++; }
-  return (i ? value.toFixed(1) : String(Math.trunc(value))) + " " + units[i];
+  return (i ? oneDecimal(value) : String(Math.trunc(value))) + " " + units[i];
+}
+
+// Python's `:.1f` rounds a tie to even (907.25 -> 907.2); toFixed rounds it up.
+function oneDecimal(value) {
+  const tenths = value * 10;
+  const floor = Math.floor(tenths);
+  const rounded = tenths - floor === 0.5 ? floor + (floor % 2) : Math.round(tenths);
+  return (rounded / 10).toFixed(1);
 }
 
 function fmtTime(epoch) {
