@@ -102,7 +102,7 @@ def test_free_disk_fails_for_an_absurd_state_size(tmp_path: Path) -> None:
 def test_free_disk_passes_for_a_small_state_and_uses_the_estimate(tmp_path: Path) -> None:
     check = row(Preflight(tmp_path, state={"blob": b"x" * 2**20}, keep_last=1).run(), "free disk")
     assert check.status == "ok"
-    assert "3 checkpoints of ~1.1MiB" in check.detail
+    assert "3 checkpoints of ~1.1 MiB" in check.detail
 
 
 def test_free_disk_is_skipped_without_a_state(tmp_path: Path) -> None:

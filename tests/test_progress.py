@@ -282,7 +282,7 @@ def test_format_duration(seconds: float | None, text: str) -> None:
 
 @pytest.mark.parametrize(
     ("nbytes", "text"),
-    [(None, "?"), (512, "512B"), (3 * 1024 + 400, "3.4KiB"), (int(1.2 * 2**30), "1.2GiB")],
+    [(None, "-"), (512, "512 B"), (3 * 1024 + 400, "3.4 KiB"), (int(1.2 * 2**30), "1.2 GiB")],
 )
 def test_format_size(nbytes: int | None, text: str) -> None:
     assert format_size(nbytes) == text

@@ -236,7 +236,7 @@ def test_report_text_names_every_part(tmp_path: Path) -> None:
     assert "steps:             100/100 (this session 40, all sessions 100)" in lines
     assert any(line.startswith("throughput:") and "games 12/s" in line for line in lines)
     assert "cpu:               50% average of one core this session" in lines
-    assert "peak memory:       300.0MiB" in lines
+    assert "peak memory:       300.0 MiB" in lines
     assert "best metrics:      loss=0.01@100(min) val_loss=0.02@100(min)" in lines
     assert "sessions:          3" in lines
     assert any("#2" in line and "resumed from" in line and "steps 40->60" in line for line in lines)

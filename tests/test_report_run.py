@@ -371,7 +371,7 @@ def test_preflight_keep_all_checks_room_for_at_least_three(tmp_path: Path) -> No
     rows = Preflight(tmp_path, state_size=1000, keep_last=None).run().rows
     disk = next(row for row in rows if row.name == "free disk")
     assert disk.status == "ok" and "keep_last=None keeps all: at least" in disk.detail
-    assert "(3 checkpoints of ~1000B)" in disk.detail
+    assert "(3 checkpoints of ~1000 B)" in disk.detail
 
 
 def test_a_stale_status_of_a_live_process_on_this_host_is_still_running(tmp_path: Path) -> None:

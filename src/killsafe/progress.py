@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from typing import IO, Any, Protocol, runtime_checkable
 
 from killsafe.errors import ConfigError
+from killsafe.units import format_size
 
 __all__ = [
     "PlainRenderer",
@@ -466,16 +467,9 @@ def format_duration(seconds: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def format_size(nbytes: float | None) -> str:
-    """``512B``, ``3.4KiB``, ``1.2GiB``; ``?`` when unknown."""
-    if nbytes is None:
-        return "?"
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{int(value)}B" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1024
-    return f"{value:.1f}TiB"
+def _size_token(nbytes: float | None) -> str:
+    """``format_size`` without its space, a token of the one-line progress."""
+    return format_size(nbytes).replace(" ", "")
 
 
 def format_number(value: Any) -> str:
@@ -556,9 +550,9 @@ def _detail_groups(snapshot: Snapshot) -> list[list[str]]:
     if resources.get("cpu_percent") is not None:
         machine.append(f"cpu={resources['cpu_percent']:.0f}%")
     if resources.get("rss_bytes") is not None:
-        machine.append(f"rss={format_size(resources['rss_bytes'])}")
+        machine.append(f"rss={_size_token(resources['rss_bytes'])}")
     if resources.get("gpu_memory_bytes") is not None:
-        machine.append(f"gpu_mem={format_size(resources['gpu_memory_bytes'])}")
+        machine.append(f"gpu_mem={_size_token(resources['gpu_memory_bytes'])}")
     return [group for group in (doing, metrics, best, machine) if group]
 
 

@@ -154,7 +154,7 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
     Read through ``CheckpointStore.list()``, which reads manifests only and
     never locks, so it is safe next to a live run. Each entry: step, name,
-    reason, created, size (bytes of the checkpoint's files), path, metrics.
+    reason, created, size (bytes of the checkpoint's files, manifest included), path, metrics.
     """
     from killsafe.store import CheckpointStore
 

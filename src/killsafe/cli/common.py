@@ -12,6 +12,7 @@ from typing import Any, NoReturn, TypeAlias
 
 from killsafe.errors import CheckpointNotFound, ConfigError
 from killsafe.rundir import json_default
+from killsafe.units import format_size  # noqa: F401  (the commands import it from here)
 
 EXIT_OK = 0
 EXIT_FAILED_CHECK = 1
@@ -63,17 +64,6 @@ def format_time(epoch: float | None) -> str:
     if epoch is None:
         return ""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
-
-
-def format_size(size: int | None) -> str:
-    if size is None:
-        return ""
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{size} B"
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

@@ -82,19 +82,42 @@ def _compare_trees(
 ) -> dict[str, Any]:
     from killsafe.format.walk import CONTAINERS, walk
 
-    leaves_a = {leaf.path: leaf for leaf in walk(manifest_a["tree"])}
-    leaves_b = {leaf.path: leaf for leaf in walk(manifest_b["tree"])}
+    leaves_a = {leaf.path: leaf for leaf in walk(manifest_a["tree"], whole_generators=True)}
+    leaves_b = {leaf.path: leaf for leaf in walk(manifest_b["tree"], whole_generators=True)}
     values = []
     for path, leaf_a in leaves_a.items():
         leaf_b = leaves_b.get(path)
-        if leaf_b is None or (leaf_a.kind in CONTAINERS and leaf_b.kind == leaf_a.kind):
+        if leaf_b is None or (
+            leaf_a.generator is None and leaf_a.kind in CONTAINERS and leaf_b.kind == leaf_a.kind
+        ):
             continue
-        values.append(_compare_leaf(path_a, path_b, manifest_a, manifest_b, leaf_a, leaf_b))
+        row = _compare_leaf(path_a, path_b, manifest_a, manifest_b, leaf_a, leaf_b)
+        values.append({**row, "part": _part(leaf_a)})
     return {
         "only_in_a": [p for p in leaves_a if p not in leaves_b],
         "only_in_b": [p for p in leaves_b if p not in leaves_a],
         "values": values,
+        "changed": _changed_counts(values),
     }
+
+
+_PARTS = ("tensors", "plain values", "generator states")
+
+
+def _part(leaf: TreeNode) -> str:
+    """Which count a compared value goes to: tensors (and arrays, bytes), plain values,
+    or random generator states (which differ between runs that do not seed them)."""
+    if leaf.generator is not None:
+        return "generator states"
+    return "tensors" if leaf.is_data else "plain values"
+
+
+def _changed_counts(values: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    counts = {part: {"changed": 0, "total": 0} for part in _PARTS}
+    for row in values:
+        counts[row["part"]]["total"] += 1
+        counts[row["part"]]["changed"] += bool(row.get("changed"))
+    return counts
 
 
 def _compare_leaf(
@@ -114,6 +137,9 @@ def _compare_leaf(
                 row[f"{key}_b"] = described_b.get(key)
     if a.kind != b.kind:
         row.update(changed=True, type_b=b.kind)
+    elif a.generator is not None or b.generator is not None:
+        row["type"] = "random state"
+        row["changed"] = _generator_changed(path_a, path_b, manifest_a, manifest_b, a, b)
     elif not a.is_data and not b.is_data:
         row["changed"] = a.node != b.node
         if row["changed"] and "value" in described_a:
@@ -123,6 +149,33 @@ def _compare_leaf(
     else:
         row.update(_compare_data(path_a, path_b, manifest_a, manifest_b, a, b))
     return row
+
+
+def _generator_changed(
+    path_a: Path,
+    path_b: Path,
+    manifest_a: dict[str, Any],
+    manifest_b: dict[str, Any],
+    a: TreeNode,
+    b: TreeNode,
+) -> bool:
+    """Whether two random states differ: their plain parts, and the data they hold."""
+    from killsafe.format.walk import CONTAINERS, walk
+
+    inner_a = {leaf.parts: leaf for leaf in walk(a.node)}
+    inner_b = {leaf.parts: leaf for leaf in walk(b.node)}
+    if inner_a.keys() != inner_b.keys():
+        return True
+    for parts, leaf_a in inner_a.items():
+        leaf_b = inner_b[parts]
+        if leaf_a.kind in CONTAINERS and leaf_a.kind == leaf_b.kind:
+            continue  # their children are compared
+        if not (leaf_a.is_data and leaf_b.is_data):
+            if leaf_a.node != leaf_b.node:
+                return True
+        elif _compare_data(path_a, path_b, manifest_a, manifest_b, leaf_a, leaf_b)["changed"]:
+            return True
+    return False
 
 
 def _compare_data(
@@ -230,9 +283,12 @@ def _write_diff_text(result: dict[str, Any]) -> None:
         table.append([row["path"], row["type"], _value_change_text(row)])
     if table:
         print_table(["path", "type", "change"], table)
-    changed = sum(1 for row in result["values"] if row.get("changed"))
+    counts = ", ".join(
+        f"{count['changed']} of {count['total']} {part}"
+        for part, count in result["changed"].items()
+    )
     out.write(
-        f"\n{changed} of {len(result['values'])} values changed, "
+        f"\nchanged: {counts}; "
         f"{len(result['only_in_a'])} only in A, {len(result['only_in_b'])} only in B\n"
     )
 

@@ -43,8 +43,8 @@ def add_commands(commands: Commands) -> None:
         "inspect",
         help="a checkpoint's metadata and state tree, without loading tensors",
         description="Show the metadata of checkpoint CKPT and its state tree: every "
-        "value's path and type, and the dtype, shape and size of tensors and arrays. "
-        "Reads the manifest only.",
+        "value's path and type, and the dtype, shape and size of tensors and arrays; "
+        "a random generator's state is one line. Reads the manifest only.",
     )
     p.add_argument("checkpoint", type=Path, metavar="CKPT", help="a checkpoint directory")
     add_json_flag(p)
@@ -52,6 +52,8 @@ def add_commands(commands: Commands) -> None:
 
 
 def checkpoint_summary(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    from killsafe.format import checkpoint_nbytes
+
     files = {
         name: {"size": info["size"], "xxh3": info["xxh3"]}
         for name, info in manifest["files"].items()
@@ -63,7 +65,7 @@ def checkpoint_summary(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         "reason": manifest["reason"],
         "created": manifest["created"],
         "format_version": manifest["format_version"],
-        "size": sum(info["size"] for info in files.values()),
+        "size": checkpoint_nbytes(manifest),
         "files": files,
         "metrics": manifest["metrics"],
         "metadata": manifest["metadata"],
@@ -75,7 +77,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     manifest = read_checkpoint_manifest(args.checkpoint)
     summary = checkpoint_summary(args.checkpoint, manifest)
-    nodes = [leaf.describe() for leaf in walk(manifest["tree"])]
+    nodes = [leaf.describe() for leaf in walk(manifest["tree"], whole_generators=True)]
     if args.json:
         print_json({**summary, "tree": nodes})
         return EXIT_OK
@@ -102,7 +104,9 @@ def _tree_rows(nodes: list[dict[str, Any]]) -> list[list[str]]:
         if "length" in node:
             kind += f" ({node['length']})"
         value = ""
-        if "value" in node:
+        if kind == "random state":
+            value = node["generator"] + (f", {node['ints']} ints" if node["ints"] else "")
+        elif "value" in node:
             value = repr(node["value"]) if node["type"] == "str" else str(node["value"])
             value = value if len(value) <= 40 else value[:37] + "..."
         rows.append(
@@ -111,8 +115,13 @@ def _tree_rows(nodes: list[dict[str, Any]]) -> list[list[str]]:
                 kind,
                 str(node.get("dtype", "")),
                 str(node["shape"]) if "shape" in node else "",
-                format_size(node["size"]) if "size" in node else "",
+                format_size(node["size"]) if _shows_size(node) else "",
                 value,
             ]
         )
     return rows
+
+
+def _shows_size(node: dict[str, Any]) -> bool:
+    """Tensors and arrays show their bytes, empty ones too; random states only data they hold."""
+    return bool(node.get("size")) if node["type"] == "random state" else "size" in node

@@ -43,6 +43,7 @@ from killsafe.format.manifest import (
     CheckpointInfo,
     SchemaError,
     check_schema,
+    checkpoint_nbytes,
     manifest_digest,
     read_manifest,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "TensorEntry",
     "check_files",
     "check_schema",
+    "checkpoint_nbytes",
     "clean_json",
     "encode",
     "float_value",

@@ -113,8 +113,13 @@ def _writev_all(fd: int, batch: list[memoryview]) -> None:
             batch[0] = batch[0][written:]
 
 
+def json_file_bytes(data: dict[str, Any]) -> bytes:
+    """The bytes ``write_json_file`` writes for ``data`` (a manifest's size is their length)."""
+    return json.dumps(data, indent=1, allow_nan=False).encode()
+
+
 def write_json_file(path: Path, data: dict[str, Any]) -> None:
-    text = json.dumps(data, indent=1, allow_nan=False).encode()
+    text = json_file_bytes(data)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         write_buffers(fd, [memoryview(text)])

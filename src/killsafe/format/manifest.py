@@ -34,7 +34,7 @@ from killsafe.errors import (
     CorruptCheckpoint,
     UnsupportedFormat,
 )
-from killsafe.format.io import corrupt, open_regular
+from killsafe.format.io import corrupt, json_file_bytes, open_regular
 
 FORMAT_VERSION = 2  # 2: the manifest carries its own checksum; 1 is still read
 CHECKSUM_FIELD = "manifest_xxh3"
@@ -65,19 +65,27 @@ class CheckpointInfo:
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any], path: Path) -> CheckpointInfo:
         """Build from a manifest already checked by ``read_manifest``."""
-        size = sum(int(f["size"]) for f in manifest["files"].values())
         return cls(
             step=manifest["step"],
             name=manifest["name"],
             reason=manifest["reason"],
             created=float(manifest["created"]),
             metrics=dict(manifest["metrics"]),
-            size=size,
+            size=checkpoint_nbytes(manifest),
             path=Path(path),
             metadata=dict(manifest["metadata"]),
             format_version=manifest["format_version"],
             manifest_checksum=CHECKSUM_FIELD in manifest,
         )
+
+
+def checkpoint_nbytes(manifest: dict[str, Any]) -> int:
+    """A checkpoint's size: its files as the manifest records them, plus the manifest.
+
+    A checkpoint of plain values has no other file: its manifest holds the data.
+    """
+    files = sum(int(f["size"]) for f in manifest["files"].values())
+    return files + len(json_file_bytes(manifest))
 
 
 # ---------------------------------------------------------------- the manifest itself

@@ -18,7 +18,16 @@ from typing import Any
 from killsafe.errors import CorruptCheckpoint
 from killsafe.format.codec import float_value, int_value
 
-__all__ = ["CONTAINERS", "NO_VALUE", "TreeNode", "node_nbytes", "plain_value", "walk"]
+__all__ = [
+    "CONTAINERS",
+    "NO_VALUE",
+    "RNG_KEY",
+    "TreeNode",
+    "generator_label",
+    "node_nbytes",
+    "plain_value",
+    "walk",
+]
 
 CONTAINERS = ("dict", "list", "tuple", "set", "frozenset")
 NO_VALUE: Any = object()
@@ -30,6 +39,9 @@ _TORCH_ITEMSIZE = {
     "uint16": 2, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
     "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
 }  # fmt: skip
+RNG_KEY = "__rng__"
+"""Where a run saves the random states it restores (python, numpy, torch, cuda)."""
+_TRACKED_GENERATOR_KEYS = frozenset({"generator", "state", "device"})
 _MAX_DECIMAL_BITS = 13_000  # about 3,900 digits: below Python's int-to-str limit
 
 Part = str | int
@@ -42,6 +54,7 @@ class TreeNode:
 
     parts: tuple[Part, ...]  # dict keys and list indices from the root
     node: dict[str, Any]
+    generator: str | None = None  # a random generator's state, walked as one node
 
     @property
     def path(self) -> str:
@@ -58,7 +71,13 @@ class TreeNode:
         return self.kind in ("tensor", "ndarray") or "entry" in self.node
 
     def describe(self) -> dict[str, Any]:
-        """Path, type, and what applies of length, dtype, shape, size, entry and value."""
+        """Path, type, and what applies of length, dtype, shape, size, entry and value.
+
+        A random generator's state is one summary: ``{"type": "random state",
+        "generator": ..., "ints": ..., "size": ...}`` (ints and bytes of data in it).
+        """
+        if self.generator is not None:
+            return self._describe_generator()
         node = self.node
         row: dict[str, Any] = {"path": self.path, "type": self.kind}
         if self.kind in CONTAINERS:
@@ -77,6 +96,34 @@ class TreeNode:
             row["value"] = value
         return row
 
+    def _describe_generator(self) -> dict[str, Any]:
+        ints, size = 0, 0
+        for inner in walk(self.node):
+            ints += inner.kind == "int"
+            size += node_nbytes(inner.node) or 0
+        row: dict[str, Any] = {"path": self.path, "type": "random state"}
+        row.update(generator=self.generator, ints=ints, size=size)
+        return row
+
+
+def generator_label(parts: tuple[Part, ...], node: dict[str, Any]) -> str | None:
+    """The name of the random generator whose state ``node`` is, or None.
+
+    Two kinds: a run's own ``__rng__.python/numpy/torch/cuda``, and a tracked
+    generator saved as ``{"generator": KIND, "state": ...}`` (``KIND`` is the name).
+    """
+    if len(parts) == 2 and parts[0] == RNG_KEY:
+        return str(parts[1])
+    entries = node.get("entries")
+    if node.get("type") != "dict" or not isinstance(entries, dict):
+        return None
+    kind = entries.get("generator")
+    if "state" not in entries or not set(entries) <= _TRACKED_GENERATOR_KEYS:
+        return None
+    if not isinstance(kind, dict) or kind.get("type") != "str":
+        return None
+    return str(kind.get("value"))
+
 
 def path_text(parts: tuple[Part, ...]) -> str:
     text = ""
@@ -88,18 +135,22 @@ def path_text(parts: tuple[Part, ...]) -> str:
     return text or "(root)"
 
 
-def walk(tree: Any) -> Iterator[TreeNode]:
+def walk(tree: Any, *, whole_generators: bool = False) -> Iterator[TreeNode]:
     """Every node of a manifest tree, parents before children.
 
-    Raises ``CorruptCheckpoint`` naming the path of a node that is not one.
+    With ``whole_generators``, a random generator's state (``generator_label``)
+    is one node, its parts not walked. Raises ``CorruptCheckpoint`` naming the
+    path of a node that is not one.
     """
     stack: list[Child] = [((), tree)]
     while stack:
         parts, node = stack.pop()
         if not isinstance(node, dict) or "type" not in node:
             raise CorruptCheckpoint(f"the state tree is malformed at {path_text(parts)}")
-        yield TreeNode(parts, node)
-        stack.extend(reversed(list(_children(parts, node))))
+        label = generator_label(parts, node) if whole_generators else None
+        yield TreeNode(parts, node, label)
+        if label is None:
+            stack.extend(reversed(list(_children(parts, node))))
 
 
 def _children(parts: tuple[Part, ...], node: dict[str, Any]) -> Iterator[Child]:

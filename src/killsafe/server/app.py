@@ -495,7 +495,7 @@ def _checkpoint_out(info: Any, latest: str | None, best: str | None) -> Checkpoi
         reason=info.reason,
         created=info.created,
         metrics=dict(info.metrics or {}),
-        size=max(int(info.size), _size_on_disk(Path(info.path))),
+        size=int(info.size),
         path=str(info.path),
         note=note if isinstance(note, str) else None,
         latest=checkpoint_id == latest,
@@ -515,18 +515,6 @@ def _flocked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
-
-
-def _size_on_disk(directory: Path) -> int:
-    """Bytes of the checkpoint's files, the manifest included (the store counts payloads)."""
-    total = 0
-    try:
-        for entry in os.scandir(directory):
-            if entry.is_file(follow_symlinks=False):
-                total += entry.stat(follow_symlinks=False).st_size
-    except OSError:
-        return 0
-    return total
 
 
 def _version() -> str:

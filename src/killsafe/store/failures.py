@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from killsafe.errors import ConfigError, KillsafeError, SaveFailed
+from killsafe.units import format_size
 
 __all__ = ["free_space", "io_error"]
 
@@ -22,16 +23,8 @@ def free_space(path: str | os.PathLike[str]) -> str:
             free = shutil.disk_usage(candidate).free
         except OSError:
             continue
-        return _human_bytes(free) + " free"
+        return format_size(free) + " free"
     return "free space unknown"
-
-
-def _human_bytes(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
 
 
 def io_error(what: str, path: Path, exc: OSError) -> KillsafeError:

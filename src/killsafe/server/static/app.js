@@ -70,12 +70,22 @@ function fmtDuration(seconds) {
   return `${s}s`;
 }
 
+// The copy of killsafe.units.format_size: the same strings as the command line.
 function fmtBytes(bytes) {
   if (bytes === null || bytes === undefined) return "-";
   const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let value = bytes;
   let i = 0;
-  while (bytes >= 1024 && i < units.length - 1) { bytes /= 1024; i++; }
-  return (i ? bytes.toFixed(1) : bytes) + " " + units[i];
+  while (Math.abs(value) >= 1024 && i < units.length - 1) { value /= 1024; i++; }
+  return (i ? oneDecimal(value) : String(Math.trunc(value))) + " " + units[i];
+}
+
+// Python's `:.1f` rounds a tie to even (907.25 -> 907.2); toFixed rounds it up.
+function oneDecimal(value) {
+  const tenths = value * 10;
+  const floor = Math.floor(tenths);
+  const rounded = tenths - floor === 0.5 ? floor + (floor % 2) : Math.round(tenths);
+  return (rounded / 10).toFixed(1);
 }
 
 function fmtTime(epoch) {
