@@ -203,7 +203,7 @@ def test_pickling_planners_are_refused(tmp_path: Path) -> None:
 
 
 def test_a_hostile_manifest_is_corrupt_not_a_crash(tmp_path: Path) -> None:
-    from killsafe.distributed.manifest import self_checksum
+    from killsafe.format.manifest import manifest_digest
 
     save_sharded({"w": torch.arange(6.0).reshape(2, 3), "step": 3}, tmp_path / "c")
     path = tmp_path / "c" / "manifest.json"
@@ -218,7 +218,7 @@ def test_a_hostile_manifest_is_corrupt_not_a_crash(tmp_path: Path) -> None:
     for change in hostile:
         manifest = json.loads(json.dumps(original))
         change(manifest)
-        manifest["manifest_xxh3"] = self_checksum(manifest)
+        manifest["manifest_xxh3"] = manifest_digest(manifest)
         path.write_text(json.dumps(manifest))
         with pytest.raises(CorruptCheckpoint):
             load_sharded({"w": torch.zeros(2, 3), "step": None}, tmp_path / "c")

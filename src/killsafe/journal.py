@@ -60,6 +60,7 @@ from killsafe.errors import (
     StoreLocked,
     UnsupportedState,
 )
+from killsafe.host import fsync_directory
 from killsafe.rundir import CHECKPOINTS_DIR
 
 __all__ = ["Journal", "JournalReplay", "decode_record", "encode_record"]
@@ -364,7 +365,7 @@ class Journal:
         for path in self._segment_paths():
             if path != self._segment_path(seq + 1):
                 path.unlink()
-        _fsync_dir(self.segments_dir)
+        fsync_directory(self.segments_dir)
         self._state = encode_record(state)  # a copy the caller cannot mutate
         self._payloads = []
         self._checkpoint_seq = seq
@@ -456,7 +457,7 @@ class Journal:
         # on stable storage, like write + fdatasync in one system call.
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | O_DSYNC, 0o644)
         if new:
-            _fsync_dir(self.segments_dir)
+            fsync_directory(self.segments_dir)
 
     def _ensure_room(self, length: int) -> None:
         if self.preallocate == 0 or self._offset + length <= self._allocated:
@@ -486,11 +487,3 @@ class Journal:
 
 def _segment_seq(path: Path) -> int:
     return int(path.stem.split("-", 1)[1])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

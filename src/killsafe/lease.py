@@ -49,6 +49,7 @@ from killsafe.errors import (
     KillsafeError,
     StoreLocked,
 )
+from killsafe.host import pid_alive
 from killsafe.storage import Backend, read_bytes, validate_key, write_bytes
 
 __all__ = ["Lease", "LeaseRecord"]
@@ -87,16 +88,6 @@ class LeaseRecord:
             expires=float(raw["expires"]),
             released=bool(raw.get("released", False)),
         )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
 
 
 def _when(epoch: float) -> str:
@@ -164,7 +155,7 @@ class Lease:
         """True when ``record``'s holder may still write."""
         if record.released or self.clock() >= record.expires:
             return False
-        return record.host != self.host or _pid_alive(record.pid)
+        return record.host != self.host or pid_alive(record.pid)
 
     def _locked(self, record: LeaseRecord) -> StoreLocked:
         return StoreLocked(

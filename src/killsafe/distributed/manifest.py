@@ -10,15 +10,12 @@ checksum. Reading it validates every field, so a hostile manifest fails as
 
 from __future__ import annotations
 
-import json
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import xxhash
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -35,20 +32,14 @@ from killsafe.errors import (
     UnsupportedFormat,
     UnsupportedState,
 )
-from killsafe.format import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    MANIFEST_NAME,
-)
+from killsafe.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, manifest_digest
 
 __all__ = [
     "LAYOUT",
     "FileRecord",
     "Piece",
-    "fsync_directory",
     "metadata_from_json",
     "metadata_to_json",
-    "self_checksum",
 ]
 
 LAYOUT = "dcp-sharded"
@@ -76,19 +67,6 @@ class Piece:
     end: int
     xxh3: str
     record: FileRecord | None = None  # set on the writing side only
-
-
-def fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def self_checksum(manifest: dict[str, Any]) -> str:
-    body = {k: v for k, v in manifest.items() if k != "manifest_xxh3"}
-    return xxhash.xxh3_64_hexdigest(json.dumps(body, sort_keys=True, allow_nan=False).encode())
 
 
 def metadata_to_json(metadata: Metadata, pieces: list[WriteResult]) -> dict[str, Any]:
@@ -205,7 +183,7 @@ def _checked_manifest(document: Any, directory: Path) -> dict[str, Any]:
             f"checkpoint {directory} has format version {version}, newer than {FORMAT_VERSION}; "
             "upgrade killsafe to read it"
         )
-    if manifest.get("manifest_xxh3") != self_checksum(manifest):
+    if manifest.get("manifest_xxh3") != manifest_digest(manifest):
         raise ValueError(f"{MANIFEST_NAME} fails its own checksum")
     return manifest
 

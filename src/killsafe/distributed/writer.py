@@ -36,14 +36,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from killsafe import directio
-from killsafe.distributed.manifest import (
-    LAYOUT,
-    FileRecord,
-    Piece,
-    fsync_directory,
-    metadata_to_json,
-    self_checksum,
-)
+from killsafe.distributed.manifest import LAYOUT, FileRecord, Piece, metadata_to_json
 from killsafe.distributed.planners import JsonSavePlanner
 from killsafe.errors import (
     CheckpointExists,
@@ -53,8 +46,9 @@ from killsafe.errors import (
 )
 from killsafe.format.codec import TORCH_TO_ST, TensorEntry, alignment, byte_view, clean_json
 from killsafe.format.io import write_buffers, write_json_file
-from killsafe.format.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
+from killsafe.format.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, manifest_digest
 from killsafe.format.tensorfile import HashThread, safetensors_header
+from killsafe.host import fsync_directory
 
 __all__ = ["ShardedWriter"]
 
@@ -226,7 +220,7 @@ class ShardedWriter(StorageWriter):
             },
             "dcp": metadata_to_json(metadata, pieces),
         }
-        manifest["manifest_xxh3"] = self_checksum(manifest)
+        manifest["manifest_xxh3"] = manifest_digest(manifest)
         return manifest
 
     @classmethod

@@ -2,37 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from typing import Any
+
+from killsafe.host import pid_alive, this_host
 
 __all__ = ["STATUS_INTERVAL", "is_attached", "pid_alive", "this_host"]
 
 STATUS_INTERVAL = 2.0
 """Seconds between two rewrites of ``status.json`` by a live run."""
-
-
-def this_host() -> str:
-    """The host name a run records next to its pid."""
-    return socket.gethostname()
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host.
-
-    0 and negative numbers are never a process (``kill`` would read them as
-    process groups), so they are not alive.
-    """
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    return True
 
 
 def is_attached(status: dict[str, Any] | None, now: float | None = None) -> bool:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from killsafe.directio import write_direct
 from killsafe.errors import KeyExists, KeyNotFound, SaveFailed, StorageError
+from killsafe.host import fsync_directory
 from killsafe.storage.base import (
     RESERVED_SEGMENT_PREFIX,
     BytesLike,
@@ -38,14 +39,6 @@ from killsafe.storage.base import (
 __all__ = ["LocalBackend"]
 
 _PARTIAL_PREFIX = RESERVED_SEGMENT_PREFIX + "partial-"
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, data: BytesLike) -> None:
@@ -110,7 +103,7 @@ class _LocalSink(Sink):
             # The partial file's data is durable before the rename makes it the
             # object, and the directory fsync makes the rename itself durable.
             os.replace(self._partial, self._final)
-            _fsync_directory(self._final.parent)
+            fsync_directory(self._final.parent)
         except OSError as exc:
             self._remove_partial()
             raise self._backend.save_failed(self.key, exc) from exc
@@ -120,7 +113,7 @@ class _LocalSink(Sink):
         try:
             self._close_synced()
             os.link(self._partial, self._final)
-            _fsync_directory(self._final.parent)
+            fsync_directory(self._final.parent)
         except FileExistsError:
             check_create(self._backend, self.key, data)
         except OSError as exc:
@@ -339,7 +332,7 @@ class LocalBackend:
             if new.exists():
                 raise KeyExists(f"{new} already exists; choose another target")
             os.rename(old, new)
-            _fsync_directory(new.parent)
+            fsync_directory(new.parent)
         except FileNotFoundError as exc:
             raise KeyNotFound(f"{old} does not exist; nothing to rename") from exc
         except OSError as exc:

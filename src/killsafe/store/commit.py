@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from killsafe.errors import CheckpointExists, KillsafeError, SaveFailed
+from killsafe.host import fsync_directory
 from killsafe.store.failures import free_space, io_error
 from killsafe.store.naming import TMP_PREFIX
 
@@ -35,14 +36,6 @@ class Staging:
     tmp_path: Path
     final_path: Path
     manifest: dict[str, Any] | None = None
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class RenameCommit:
@@ -67,11 +60,11 @@ class RenameCommit:
     def commit(self, staging: Staging) -> None:
         """Rename a written staging directory into place, durably; abort it on failure."""
         try:
-            _fsync_directory(staging.tmp_path)
+            fsync_directory(staging.tmp_path)
             if staging.final_path.exists():
                 raise CheckpointExists(f"{staging.final_path} appeared while saving; not replaced")
             os.rename(staging.tmp_path, staging.final_path)
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
         except OSError as exc:
             self.abort(staging)
             raise SaveFailed(
@@ -91,7 +84,7 @@ class RenameCommit:
         """Delete a committed checkpoint; renamed away first, so no reader sees half of it."""
         doomed = self.directory / f"{TMP_PREFIX}delete-{path.name}-{uuid.uuid4().hex[:8]}"
         os.rename(path, doomed)
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
         shutil.rmtree(doomed, ignore_errors=True)
 
     def sweep(self) -> None:

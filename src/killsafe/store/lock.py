@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from killsafe.errors import KillsafeError, StoreLocked
+from killsafe.host import pid_alive
 from killsafe.store.failures import io_error
 
 __all__ = ["DEAD_HOLDER_GRACE_SECONDS", "LOCK_NAME", "StoreLock"]
@@ -68,16 +69,6 @@ def _hold(lock: StoreLock) -> None:
             os.register_at_fork(after_in_child=_close_locks_in_child)
             _fork_hook_registered = True
     _HELD_LOCKS.add(lock)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class StoreLock:
@@ -153,7 +144,7 @@ class StoreLock:
             holder = self._read_holder(fd)
             pid = holder.get("pid")
             elsewhere = holder.get("host", socket.gethostname()) != socket.gethostname()
-            alive = elsewhere or (isinstance(pid, int) and _pid_alive(pid))
+            alive = elsewhere or (isinstance(pid, int) and pid_alive(pid))
             if alive or time.monotonic() > deadline:
                 state = "" if alive or pid is None else " (no longer running)"
                 raise StoreLocked(
