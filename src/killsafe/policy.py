@@ -39,6 +39,8 @@ __all__ = [
     "AtSteps",
     "Boundary",
     "EarlyStopping",
+    "EveryEpochOrNSeconds",
+    "EveryNEpochs",
     "EveryNSeconds",
     "EveryNSteps",
     "OnExit",
@@ -47,6 +49,7 @@ __all__ = [
     "SavePolicy",
     "StopPolicy",
     "TimeLimit",
+    "describe_save_policy",
     "is_better",
     "parse_duration",
 ]
@@ -73,6 +76,9 @@ class Boundary(NamedTuple):
         step_seconds: the mean wall time of one step in this session (0 when unknown).
         exiting: the run is about to end (finished or a stop was requested).
         requested: a save was asked for (``run.save()`` or a control request).
+        epoch: with ``run.epochs()``, the epoch whose end code has not run yet
+            (at an epoch end: the epochs completed); ``None`` in a flat loop.
+        epoch_end: ``run.epochs()`` advanced here, after the epoch's end code.
     """
 
     step: int
@@ -84,6 +90,8 @@ class Boundary(NamedTuple):
     step_seconds: float = 0.0
     exiting: bool = False
     requested: bool = False
+    epoch: int | None = None
+    epoch_end: bool = False
 
 
 @runtime_checkable
@@ -140,6 +148,41 @@ class EveryNSeconds(_Composable):
             )
 
     def should_save(self, boundary: Boundary) -> str | None:
+        return "periodic" if boundary.since_save >= self.seconds else None
+
+
+@dataclass(frozen=True)
+class EveryNEpochs(_Composable):
+    """Save at the end of every ``n``-th epoch of ``run.epochs()``, after its end code."""
+
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
+            raise ConfigError(f"EveryNEpochs(n={self.n!r}): n must be a positive integer")
+
+    def should_save(self, boundary: Boundary) -> str | None:
+        if boundary.epoch_end and boundary.epoch is not None and boundary.epoch % self.n == 0:
+            return "periodic"
+        return None
+
+
+@dataclass(frozen=True)
+class EveryEpochOrNSeconds(_Composable):
+    """The default with no save policy given: every epoch of ``run.epochs()``, else every
+    ``seconds`` of wall time (a flat loop)."""
+
+    seconds: float
+
+    def __post_init__(self) -> None:
+        if not _positive_number(self.seconds):
+            raise ConfigError(
+                f"EveryEpochOrNSeconds(seconds={self.seconds!r}): use a positive number"
+            )
+
+    def should_save(self, boundary: Boundary) -> str | None:
+        if boundary.epoch is not None:
+            return "periodic" if boundary.epoch_end else None
         return "periodic" if boundary.since_save >= self.seconds else None
 
 
@@ -306,6 +349,57 @@ class EarlyStopping:
             f"EarlyStopping({self.metric!r}, mode={self.mode!r}, patience={self.patience}, "
             f"min_delta={self.min_delta})"
         )
+
+
+def describe_save_policy(policy: SavePolicy, *, epochs: bool | None = None) -> str:
+    """When ``policy`` saves, in one line: "every epoch and on exit", "every 500 steps,
+    every 5 min and on exit".
+
+    ``epochs`` says whether the loop is ``run.epochs()`` (``None``: not known
+    yet), which decides what the default policy does. Saves on request are
+    always possible and not mentioned.
+    """
+    items = policy.policies if isinstance(policy, AnyOf) else (policy,)
+    parts: list[str] = []
+    on_exit = False
+    for item in items:
+        if isinstance(item, OnExit):
+            on_exit = True
+        elif not isinstance(item, OnRequest):
+            parts.append(_describe_one(item, epochs))
+    if on_exit:
+        parts.append("on exit")
+    if not parts:
+        return "only when asked"
+    if len(parts) == 1:
+        return parts[0]
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _describe_one(policy: SavePolicy, epochs: bool | None) -> str:
+    if isinstance(policy, EveryNSteps):
+        return "every step" if policy.n == 1 else f"every {policy.n} steps"
+    if isinstance(policy, EveryNSeconds):
+        return f"every {_describe_seconds(policy.seconds)}"
+    if isinstance(policy, EveryNEpochs):
+        return "every epoch" if policy.n == 1 else f"every {policy.n} epochs"
+    if isinstance(policy, EveryEpochOrNSeconds):
+        seconds = f"every {_describe_seconds(policy.seconds)}"
+        if epochs is None:
+            return f"every epoch with run.epochs(), else {seconds}"
+        return "every epoch" if epochs else seconds
+    if isinstance(policy, AtSteps):
+        return "at steps " + ", ".join(map(str, sorted(policy.steps)))
+    if isinstance(policy, OnImprovement):
+        return f"when {policy.metric} improves"
+    return f"when {type(policy).__name__} says so"
+
+
+def _describe_seconds(seconds: float) -> str:
+    for unit, size in (("h", 3600.0), ("min", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)} {unit}"
+    return f"{seconds:g} s"
 
 
 def is_better(value: float, best: float, mode: str, min_delta: float = 0.0) -> bool:

@@ -132,8 +132,9 @@ class StepBoundary:
         self.loop_clock = 0.0  # when steps() started the loop
         self._announced = False
 
-    def end(self, *, exiting: bool = False) -> None:
-        """The boundary after a step (``exiting``: the loop ends here whatever is decided)."""
+    def end(self, *, exiting: bool = False, epoch_end: bool = False) -> None:
+        """The boundary after a step (``exiting``: the loop ends here whatever is decided;
+        ``epoch_end``: ``run.epochs()`` advanced, after the epoch's end code)."""
         # Runs after every step: the common path is a few attribute reads and calls.
         now = time.monotonic()
         ledger = self._ledger
@@ -144,7 +145,7 @@ class StepBoundary:
         inbox = self._inbox
         if now >= inbox.next_poll:
             inbox.poll_at(now, step)
-        decision = self.decide(now, exiting)
+        decision = self.decide(now, exiting, epoch_end)
         agreement = self._agree(_IDLE_VOTE if decision is NOTHING else vote_for(decision))
         if agreement.stop is None and agreement.save is None:
             if now >= self._session.next_status:
@@ -152,13 +153,13 @@ class StepBoundary:
             return
         self._act(now, settle(decision, agreement))
 
-    def decide(self, now: float, exiting: bool) -> Decision:
+    def decide(self, now: float, exiting: bool, epoch_end: bool = False) -> Decision:
         """Ask the stop and save policies; changes nothing but the policies' own counters."""
         position = self._position
-        step, total = position.step, position.total
-        finished = total is not None and step >= total
+        step = position.step
+        finished = position.reached_end
         stop_reason = self._stops.pending()
-        boundary = self._policy_view(now, exiting or finished or stop_reason is not None)
+        boundary = self._policy_view(now, exiting or finished or stop_reason is not None, epoch_end)
         if self._metrics.step:  # the policies keep this step's; the next step starts afresh
             self._metrics.next_step()
             self._best.next_step()
@@ -183,7 +184,7 @@ class StepBoundary:
         if exiting:
             # Left early without a stop request (a `break`, no loop at all):
             # finished only when there was no step count to reach.
-            complete = finished or self._position.total is None
+            complete = finished or self._position.open_ended
             exit_reason = stop_reason or ("finished" if complete else "exit")
         if save_reason == "exit":  # OnExit's: the checkpoint says why the run ends
             save_reason = exit_reason or save_reason
@@ -198,7 +199,7 @@ class StepBoundary:
             note=ledger.requested_note() if save_reason else None,
         )
 
-    def _policy_view(self, now: float, exiting: bool) -> Boundary:
+    def _policy_view(self, now: float, exiting: bool, epoch_end: bool) -> Boundary:
         position = self._position
         ledger = self._ledger
         ran = position.step - position.session_start
@@ -214,6 +215,8 @@ class StepBoundary:
             (now - self.loop_clock) / ran if ran > 0 else 0.0,
             exiting,
             bool(ledger.requests),
+            position.epoch,
+            epoch_end,
         )
 
     def _act(self, now: float, decision: Decision) -> None:

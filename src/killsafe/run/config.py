@@ -16,6 +16,8 @@ from killsafe.history import require_tensorboard
 from killsafe.interrupt import StopRequests
 from killsafe.policy import (
     AnyOf,
+    EveryEpochOrNSeconds,
+    EveryNEpochs,
     EveryNSeconds,
     EveryNSteps,
     OnExit,
@@ -35,7 +37,8 @@ if TYPE_CHECKING:
 __all__ = ["CALLBACKS", "DEFAULT_SAVE_SECONDS", "Callback", "RunConfig", "keywords_from_args"]
 
 DEFAULT_SAVE_SECONDS = 600.0
-"""With no save policy given, a run saves every 10 minutes of wall time (and on exit)."""
+"""With no save policy given, a run saves every epoch of ``run.epochs()``, else every
+10 minutes of wall time, and on exit."""
 
 Callback = Callable[..., Any]
 CALLBACKS = ("on_save", "on_stop", "on_finish", "on_error")
@@ -86,6 +89,7 @@ class RunConfig:
         total_steps: int | None = None,
         save_every_steps: int | None = None,
         save_every_seconds: float | str | None = None,
+        save_every_epochs: int | None = None,
         keep_last: int | None = 3,
         keep_best: int | None = None,
         best: tuple[str, str] | str | None = None,
@@ -115,7 +119,11 @@ class RunConfig:
         if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 0):
             raise ConfigError(f"total_steps={total_steps!r}: use a whole number >= 0 or None")
         best_spec = _best_spec(best)
-        save_policy = _build_save_policy(save, save_every_steps, save_every_seconds, save_on_exit)
+        save_policy = _build_save_policy(
+            save,
+            _Periodic(save_every_steps, save_every_seconds, save_every_epochs),
+            on_exit=save_on_exit,
+        )
         stop_policies = _build_stop_policies(stop_policy, stop_after)
         caught = StopRequests(signals).signals
         checked_serve = _checked_serve(serve)
@@ -191,26 +199,37 @@ def keywords_from_args(args: argparse.Namespace, **options: Any) -> dict[str, An
     return options_from_args(args, **options)
 
 
-def _build_save_policy(
-    save: SavePolicy | None,
-    every_steps: int | None,
-    every_seconds: float | str | None,
-    on_exit: bool,
-) -> AnyOf:
+@dataclass(frozen=True)
+class _Periodic:
+    """The ``save_every_*`` shortcuts as given."""
+
+    steps: int | None
+    seconds: float | str | None
+    epochs: int | None
+
+    def policies(self) -> list[SavePolicy]:
+        found: list[SavePolicy] = []
+        if self.steps is not None:
+            found.append(EveryNSteps(self.steps))
+        if self.seconds is not None:
+            found.append(EveryNSeconds(parse_duration(self.seconds)))
+        if self.epochs is not None:
+            found.append(EveryNEpochs(self.epochs))
+        return found
+
+
+def _build_save_policy(save: SavePolicy | None, periodic: _Periodic, *, on_exit: bool) -> AnyOf:
     # The first reason given wins: the exit's, then the regular policies', then a request's.
     policies: list[SavePolicy] = [OnExit()] if on_exit else []
-    if every_steps is not None:
-        policies.append(EveryNSteps(every_steps))
-    if every_seconds is not None:
-        policies.append(EveryNSeconds(parse_duration(every_seconds)))
+    policies += periodic.policies()
     if save is not None:
         if not isinstance(save, SavePolicy):
             raise ConfigError(f"save={save!r}: pass a save policy such as policy.EveryNSteps(500)")
         policies.append(save)
-    if on_exit and save is None and every_steps is None and every_seconds is None:
+    if on_exit and len(policies) == 1:
         # Nothing asked: a kill must not lose the whole run (save_on_exit=False
         # or any policy turns this default off).
-        policies.append(EveryNSeconds(DEFAULT_SAVE_SECONDS))
+        policies.append(EveryEpochOrNSeconds(DEFAULT_SAVE_SECONDS))
     policies.append(OnRequest())
     return AnyOf(*policies)
 

@@ -2,8 +2,15 @@
 
 ::
 
-    with Run("runs/exp1", total_steps=10_000, save_every_steps=500) as run:
-        run.track(model=model, optimizer=optimizer, data=loader)
+    with Run("runs/exp1") as run:
+        run.track(model=model, optimizer=optimizer, scheduler=scheduler)
+        for epoch in run.epochs(10):              # starts at the restored epoch
+            for x, y in run.batches(loader):      # resumes mid-epoch; a batch is a step
+                run.log(loss=train_step(x, y))
+            evaluate(); scheduler.step()          # once per epoch, also across resumes
+
+    with Run("runs/exp2", total_steps=10_000, save_every_steps=500) as run:
+        run.track(model=model, optimizer=optimizer)
         for step in run.steps():          # starts after the restored checkpoint
             loss = train_step(step)
             run.log(loss=loss)
@@ -23,6 +30,9 @@ and leaves the with-block normally. An exception propagates: no checkpoint of
 a possibly half-updated state is written, ``run.json`` records the failure, and
 the last good checkpoint stays the one to resume from.
 
+The nested loop is ``killsafe.run.loops``: what it saves when, and why an
+epoch's end code runs exactly once, is written there.
+
 ``Run`` is a facade: it holds its configuration and the parts that do the
 work (``killsafe.run.boundary``, ``ledger``, ``resume``, ``session``,
 ``closing``...). See docs/run.md for the guide.
@@ -40,20 +50,21 @@ from typing import TYPE_CHECKING, Any
 
 from killsafe.distributed.coordinator import LocalCoordinator
 from killsafe.errors import ConfigError
-from killsafe.policy import SavePolicy, StopPolicy
+from killsafe.policy import SavePolicy, StopPolicy, describe_save_policy
 from killsafe.run.best import BestTracker
 from killsafe.run.callbacks import Callbacks
 from killsafe.run.closing import write_report
 from killsafe.run.config import Callback, RunConfig, keywords_from_args
 from killsafe.run.ending import Ending
 from killsafe.run.ledger import SaveHooks
+from killsafe.run.loops import Batches, EpochLoop, EpochStopped
 from killsafe.run.metrics import LoggedMetrics
 from killsafe.run.opening import Opened, Parts, open_session
 from killsafe.run.position import Position
 from killsafe.run.services import Services
 from killsafe.run.session import EventLog, SessionRecord, StatusFigures, update_run_json
 from killsafe.run.stops import Stops
-from killsafe.run.tree import checkpoint_tree
+from killsafe.run.tree import checkpoint_tree, saved_loop
 
 if TYPE_CHECKING:
     import argparse
@@ -76,6 +87,10 @@ class Run:
         total_steps: the number of steps to reach; ``None`` loops until stopped.
         save_every_steps: save when the step count is a multiple of this.
         save_every_seconds: save when this many seconds passed since the last save.
+        save_every_epochs: save at the end of every N-th epoch of ``run.epochs()``,
+            after the epoch's end code. With no save policy given at all, a run
+            saves every epoch with ``run.epochs()``, else every 10 minutes, and
+            on exit (``save_policy_description`` says which).
         keep_last: keep the newest N checkpoints (``None`` keeps all).
         keep_best: also keep the best K by ``best`` (default 1 when ``best`` is given).
         best: ``(metric, "min"|"max")`` or a metric name (min): the metric that
@@ -129,6 +144,7 @@ class Run:
         total_steps: int | None = None,
         save_every_steps: int | None = None,
         save_every_seconds: float | str | None = None,
+        save_every_epochs: int | None = None,
         keep_last: int | None = 3,
         keep_best: int | None = None,
         best: tuple[str, str] | str | None = None,
@@ -162,6 +178,7 @@ class Run:
             total_steps=total_steps,
             save_every_steps=save_every_steps,
             save_every_seconds=save_every_seconds,
+            save_every_epochs=save_every_epochs,
             keep_last=keep_last,
             keep_best=keep_best,
             best=best,
@@ -211,6 +228,7 @@ class Run:
         self._entered = False
         self._exited = False
         self._loop_started = False
+        self._epochs: EpochLoop | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **options: Any) -> Run:
@@ -273,11 +291,16 @@ class Run:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:
+    ) -> bool:
         if self._exited or self._opened is None:
-            return
+            return False
         self._exited = True
         opened = self._opened
+        # A stop inside run.batches() left the loops by EpochStopped, after its
+        # checkpoint: an ordinary stop, absorbed here.
+        stopped = isinstance(exc, EpochStopped) and self._parts.ending.decided()
+        if stopped:
+            exc = None
         try:
             if exc is None:
                 opened.closer.exit_normally(opened.boundary)
@@ -285,6 +308,7 @@ class Run:
                 opened.closer.exit_on_exception(exc)
         finally:
             opened.closer.close(exc, finished_at_start=opened.finished)
+        return stopped
 
     # -- what the loop calls ----------------------------------------------
 
@@ -321,14 +345,8 @@ class Run:
         Iterate it once per run.
         """
         opened = self._require_open("steps")
-        if self._loop_started:
-            raise ConfigError("run.steps() was already iterated; a Run has one loop")
-        self._loop_started = True
-        opened.resume.restore_rng(opened.rng)
+        self._start_loop(opened, "steps")
         boundary = opened.boundary
-        boundary.loop_clock = time.monotonic()
-        assert self._parts.services.progress is not None
-        self._parts.services.progress.start()
         position, ending, stops = self._parts.position, self._parts.ending, self._parts.stops
         while position.total is None or position.step < position.total:
             if ending.reason is not None:
@@ -343,6 +361,56 @@ class Run:
             boundary.end()
         if ending.reason is None:
             boundary.end(exiting=True)
+
+    def epochs(self, count: int) -> Iterator[int]:
+        """Yield epoch numbers from the restored epoch up to ``count`` (0-based).
+
+        Inside, iterate ``run.batches(data)`` once per epoch; the code after
+        it (the epoch's end code: an evaluation, ``scheduler.step()``) runs
+        exactly once per epoch, whatever moment a stop, a kill or an
+        exception comes. What is saved when:
+
+        - after each batch but an epoch's last: ``(epoch, batch_index)``; a
+          resume continues with the next batch of that epoch;
+        - after an epoch's last batch (known from ``len(data)``): nothing
+          until ``epochs()`` advances past the end code: then ``(epoch + 1,
+          0)``, where ``save_every_epochs`` and the default policy save and a
+          stop asked during the end code is honoured; the run finishes after
+          the end code of the last epoch;
+        - a stop decided inside ``run.batches()`` commits its checkpoint and
+          leaves both loops (the with-block absorbs ``EpochStopped``), so the
+          end code never runs on a partial epoch.
+
+        The code before ``run.batches()`` in an epoch runs again when a
+        resume lands mid-epoch. Iterate it once per run (not with ``steps()``).
+        """
+        opened = self._require_open("epochs")
+        saved = saved_loop(opened.resume.run_state)  # read before the tree is dropped
+        self._start_loop(opened, "epochs")
+        parts = self._parts
+        self._epochs = EpochLoop(parts.position, opened.boundary, parts.ending, parts.stops, saved)
+        return self._epochs.epochs(count)
+
+    def batches(self, data: Any) -> Batches:
+        """The batches of the current epoch of ``data``, from the restored position.
+
+        ``data`` is a ``torch.utils.data.DataLoader`` over a map-style dataset
+        (any sampler; each epoch is shuffled as torch does, ``set_epoch`` is
+        called on a ``DistributedSampler``), torchdata's ``StatefulDataLoader``,
+        any object with ``state_dict()``/``load_state_dict()``, or a list of
+        batches. Each batch is one step (policies, progress, history and
+        ``run.step`` count batches). The data position is saved with every
+        checkpoint; a resume mid-epoch skips indices, never loads a skipped
+        batch. ``len()`` of the result is the length of the whole epoch.
+        Raises ``UnsupportedState`` for a plain iterator or generator.
+        """
+        self._require_open("batches")
+        if self._epochs is None:
+            raise ConfigError(
+                "run.batches() runs inside `for epoch in run.epochs(n):`; "
+                "for a flat loop use run.steps()"
+            )
+        return self._epochs.batches(data)
 
     def log(self, **metrics: Any) -> None:
         """Record metrics for the current step: history, progress, best values, policies."""
@@ -360,6 +428,9 @@ class Run:
     def save(self, name: str | None = None) -> None:
         """Ask for a checkpoint: at the next step boundary inside the loop, at once outside it.
 
+        Inside ``run.epochs()`` but outside a batch (the end code), it waits
+        for the next boundary, so that it never saves a half-run end code.
+
         Raises ``InvalidName`` here, at the call, when ``name`` is unusable.
         """
         opened = self._require_open("save")
@@ -370,7 +441,8 @@ class Run:
         if self._finished_at_start:
             return  # its final checkpoint is the state: nothing new to keep
         opened.ledger.ask(None, name)
-        if not self._parts.position.in_step:
+        between = self._epochs is not None and self._epochs.between_batches
+        if not (self._parts.position.in_step or between):
             opened.ledger.commit_requested()
 
     def stop(self, reason: str = "stop") -> None:
@@ -395,6 +467,23 @@ class Run:
     def step(self) -> int:
         """Steps completed so far (in all sessions)."""
         return self._parts.position.step
+
+    @property
+    def epoch(self) -> int | None:
+        """With ``run.epochs()``: the current epoch (0-based); ``None`` in a flat loop."""
+        return self._parts.position.epoch
+
+    @property
+    def batch_index(self) -> int | None:
+        """With ``run.epochs()``: inside a batch its 0-based index in the epoch, after the
+        batches the number of them done; ``None`` in a flat loop."""
+        return self._parts.position.batch_index
+
+    @property
+    def save_policy_description(self) -> str:
+        """When this run saves, in one line ("every epoch and on exit")."""
+        epochs = None if not self._loop_started else self._epochs is not None
+        return describe_save_policy(self._config.save_policy, epochs=epochs)
 
     @property
     def resumed_from(self) -> CheckpointInfo | None:
@@ -477,6 +566,16 @@ class Run:
 
     # -- what the parts read of the run ----------------------------------
 
+    def _start_loop(self, opened: Opened, kind: str) -> None:
+        """The loop starts: RNG states restored last, the clocks and the progress started."""
+        if self._loop_started:
+            raise ConfigError(f"run.{kind}(): the run's loop was already started; a Run has one")
+        self._loop_started = True
+        opened.resume.restore_rng(opened.rng)
+        opened.boundary.loop_clock = time.monotonic()
+        assert self._parts.services.progress is not None
+        self._parts.services.progress.start()
+
     def _save_hooks(self, session: SessionRecord) -> SaveHooks:
         return SaveHooks(
             tree=self._checkpoint_tree,
@@ -489,7 +588,8 @@ class Run:
 
     def _checkpoint_tree(self) -> dict[str, Any]:
         rng = self._opened.rng if self._opened is not None else None
-        return checkpoint_tree(self.state, self._parts.best, self._config.stop_policies, rng)
+        loop = self._epochs.state_dict() if self._epochs is not None else None
+        return checkpoint_tree(self.state, self._parts.best, self._config.stop_policies, rng, loop)
 
     def _status_figures(self) -> StatusFigures:
         progress = self._parts.services.progress

@@ -13,10 +13,12 @@ class Position:
     step is ``n``. ``in_step`` is true while the body of a step runs.
     ``total`` is the step count to reach (``None``: until stopped; ``Run``'s
     ``total_steps``, which a script may still change). ``epoch`` and
-    ``batch_index`` stay ``None`` until the loop counts them.
+    ``batch_index`` stay ``None`` until ``run.epochs()`` counts them: the
+    epoch whose end code has not run yet, and the batches of it done (inside
+    a batch: its 0-based index). ``epochs`` is the epoch count to reach.
     """
 
-    __slots__ = ("batch_index", "epoch", "in_step", "session_start", "step", "total")
+    __slots__ = ("batch_index", "epoch", "epochs", "in_step", "session_start", "step", "total")
 
     def __init__(self, total: int | None = None) -> None:
         self.total = total
@@ -25,6 +27,7 @@ class Position:
         self.in_step = False
         self.epoch: int | None = None
         self.batch_index: int | None = None
+        self.epochs: int | None = None
 
     @property
     def ran(self) -> int:
@@ -34,6 +37,18 @@ class Position:
     @property
     def reached_total(self) -> bool:
         return self.total is not None and self.step >= self.total
+
+    @property
+    def reached_end(self) -> bool:
+        """The loop has nothing left: ``total`` steps, or every epoch of ``run.epochs()``."""
+        if self.epochs is not None and self.epoch is not None and self.epoch >= self.epochs:
+            return True
+        return self.reached_total
+
+    @property
+    def open_ended(self) -> bool:
+        """Neither a step count nor an epoch count to reach: any exit is a finish."""
+        return self.total is None and self.epochs is None
 
     def logged_step(self) -> int:
         """The step a metric logged now belongs to: the open one, else the last one."""

@@ -8,16 +8,23 @@ from typing import Any
 from killsafe.policy import StopPolicy
 from killsafe.run.best import BestTracker
 
-__all__ = ["RNG_KEY", "RUN_KEY", "checkpoint_tree", "load_run_state"]
+__all__ = ["RNG_KEY", "RUN_KEY", "checkpoint_tree", "load_run_state", "saved_loop"]
 
 RUN_KEY = "__run__"
 RNG_KEY = "__rng__"
 
 
 def checkpoint_tree(
-    tracked: Mapping[str, Any], best: BestTracker, stop_policies: Sequence[StopPolicy], rng: Any
+    tracked: Mapping[str, Any],
+    best: BestTracker,
+    stop_policies: Sequence[StopPolicy],
+    rng: Any,
+    loop: Any = None,
 ) -> dict[str, Any]:
-    """The tree a checkpoint stores: the tracked objects under their names, then ours."""
+    """The tree a checkpoint stores: the tracked objects under their names, then ours.
+
+    ``loop``: the ``run.epochs()`` position, kept under ``__run__["loop"]``.
+    """
     tree: dict[str, Any] = dict(tracked)
     tree[RUN_KEY] = {
         "best": best.state_dict(),
@@ -26,6 +33,8 @@ def checkpoint_tree(
             for policy in stop_policies
         ],
     }
+    if loop is not None:
+        tree[RUN_KEY]["loop"] = loop
     tree[RNG_KEY] = rng
     return tree
 
@@ -39,3 +48,11 @@ def load_run_state(saved: Any, best: BestTracker, stop_policies: Sequence[StopPo
     for policy, state in zip(stop_policies, states, strict=False):
         if state is not None and hasattr(policy, "load_state_dict"):
             policy.load_state_dict(state)
+
+
+def saved_loop(saved: Any) -> Mapping[str, Any] | None:
+    """The ``run.epochs()`` position in a checkpoint's run state, if it has one."""
+    if not isinstance(saved, Mapping):
+        return None
+    loop = saved.get("loop")
+    return loop if isinstance(loop, Mapping) else None

@@ -1,0 +1,282 @@
+"""Data sources for ``run.batches()``: where an epoch's iteration stands, saved and resumed.
+
+A source hands out the batches of one epoch from a given position and says
+what to save so that the position can be found again:
+
+- ``StatefulSource``: any object with ``state_dict()``/``load_state_dict()``
+  (torchdata's ``StatefulDataLoader``, ``killsafe.integrations.torch.
+  ResumableLoader``, your own): its own state is the position.
+- ``LoaderSource``: a ``torch.utils.data.DataLoader`` over a map-style
+  dataset, with any sampler (random, sequential, ``DistributedSampler``,
+  your own). Each epoch is iterated exactly as torch does (a fresh shuffle
+  drawn from the global RNG or the loader's generator; ``set_epoch`` called
+  on samplers that have it). What it saves is the random state the epoch
+  started from; a resume mid-epoch replays the epoch's *index* order from
+  it and skips the indices already used, so no skipped sample is loaded.
+- ``SequenceSource``: a list, tuple or range of batches, skipped by index.
+
+torch is never imported here unless a DataLoader was handed in (torch is
+then loaded already).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+from killsafe.errors import StateMismatch, UnsupportedState
+from killsafe.state import Stateful
+
+__all__ = ["DataSource", "LoaderSource", "SequenceSource", "StatefulSource", "source_for"]
+
+WHAT_WORKS = (
+    "run.batches() takes a torch DataLoader (map-style dataset, any sampler), torchdata's "
+    "StatefulDataLoader, a list of batches, or any object with state_dict()/load_state_dict() "
+    "(the Stateful protocol)"
+)
+
+
+class DataSource(Protocol):
+    """Batches of one epoch from a position, and the state that finds it again."""
+
+    def begin(self, epoch: int, skip: int, saved: Any) -> Iterator[Any]:
+        """The batches of ``epoch`` after the first ``skip`` (``saved``: ``state()`` then)."""
+        ...
+
+    def state(self) -> Any:
+        """What a checkpoint keeps to call ``begin`` again at the current position."""
+        ...
+
+    def end_epoch(self) -> None:
+        """The epoch's batches are done."""
+        ...
+
+    def length(self) -> int | None:
+        """Batches in a whole epoch, when known."""
+        ...
+
+
+def source_for(data: Any) -> DataSource:
+    """The source for what was handed to ``run.batches()``; ``UnsupportedState`` otherwise."""
+    if isinstance(data, Stateful) and not isinstance(data, type):
+        return StatefulSource(data)
+    if _is_torch_loader(data):
+        return LoaderSource(data)
+    if isinstance(data, (list, tuple, range)):
+        return SequenceSource(data)
+    kind = f"{type(data).__module__}.{type(data).__qualname__}"
+    raise UnsupportedState(
+        f"run.batches() got a {kind}, whose position cannot be saved or found again; {WHAT_WORKS}"
+    )
+
+
+def _sized_length(data: Any) -> int | None:
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+class StatefulSource:
+    """An object that saves its own position (``state_dict``/``load_state_dict``)."""
+
+    def __init__(self, data: Any) -> None:
+        self._data = data
+
+    def begin(self, epoch: int, skip: int, saved: Any) -> Iterator[Any]:
+        if saved is not None:
+            self._data.load_state_dict(saved)
+        return iter(self._data)
+
+    def state(self) -> Any:
+        return self._data  # a Stateful: its state_dict() is taken with the checkpoint
+
+    def end_epoch(self) -> None:
+        pass
+
+    def length(self) -> int | None:
+        return _sized_length(self._data)
+
+
+class SequenceSource:
+    """A list, tuple or range of batches: the position is the index."""
+
+    def __init__(self, data: Sequence[Any]) -> None:
+        self._data = data
+
+    def begin(self, epoch: int, skip: int, saved: Any) -> Iterator[Any]:
+        return itertools.islice(self._data, skip, None)
+
+    def state(self) -> Any:
+        return None
+
+    def end_epoch(self) -> None:
+        pass
+
+    def length(self) -> int | None:
+        return len(self._data)
+
+
+def _is_torch_loader(value: Any) -> bool:
+    import sys
+
+    data = sys.modules.get("torch.utils.data")
+    loader = getattr(data, "DataLoader", None)
+    return loader is not None and isinstance(value, loader)
+
+
+class LoaderSource:
+    """A ``torch.utils.data.DataLoader``, iterated as torch does and resumed by index.
+
+    ``state()`` is ``None`` at an epoch's start, else ``{"rng": ..., "generators":
+    [...]}``: the global torch RNG state and the states of the loader's and
+    samplers' own generators just before the epoch's iterator was made. A
+    resume mid-epoch sets them on copies, draws what torch draws when it
+    starts an epoch (the workers' base seed, then the shuffle), skips the
+    indices of the batches already done, and loads only the rest; the
+    global RNG and the tracked state are left as restored. The loader's own
+    generator ends where the interrupted epoch had left it.
+    """
+
+    def __init__(self, loader: Any) -> None:
+        from torch.utils.data import IterableDataset
+
+        if isinstance(loader.dataset, IterableDataset):
+            raise UnsupportedState(
+                "run.batches() got a DataLoader over an IterableDataset, which has no index "
+                "to resume from; use a map-style dataset, torchdata's StatefulDataLoader "
+                "or give the dataset state_dict()/load_state_dict() (the Stateful protocol)"
+            )
+        self._loader = loader
+        self._start: dict[str, Any] | None = None
+
+    def begin(self, epoch: int, skip: int, saved: Any) -> Iterator[Any]:
+        import torch
+
+        for sampler in self._samplers():
+            if hasattr(sampler, "set_epoch"):  # DistributedSampler's reshuffle
+                sampler.set_epoch(epoch)
+        if skip == 0 or saved is None:
+            self._start = {
+                "rng": torch.get_rng_state(),
+                "generators": [g.get_state() for g in self._generators()],
+            }
+            return iter(self._loader)
+        self._start = dict(saved)
+        return self._resume(skip, saved)
+
+    def state(self) -> Any:
+        return self._start
+
+    def end_epoch(self) -> None:
+        self._start = None
+
+    def length(self) -> int | None:
+        return _sized_length(self._loader)
+
+    # -- resuming mid-epoch ---------------------------------------------------
+
+    def _resume(self, skip: int, saved: Mapping[str, Any]) -> Iterator[Any]:
+        import torch
+        from torch.utils.data import DataLoader
+
+        loader = self._loader
+        generators = self._generators()
+        states = list(saved.get("generators") or [])
+        if len(states) != len(generators):
+            raise StateMismatch(
+                f"the data position was saved with {len(states)} torch generator(s) on the "
+                f"DataLoader and its samplers, now there are {len(generators)}; build the "
+                "DataLoader as the run that saved it did"
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(saved["rng"])
+            for generator, state in zip(generators, states, strict=True):
+                generator.set_state(state)
+            # What iter(DataLoader) draws first: the base seed of its workers.
+            base = torch.Generator()
+            base.set_state(_state_before_base_seed(loader, generators, states, saved["rng"]))
+            torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
+            rest = self._indices_after(skip)
+        options = {
+            "num_workers": loader.num_workers,
+            "collate_fn": loader.collate_fn,
+            "pin_memory": loader.pin_memory,
+            "timeout": loader.timeout,
+            "worker_init_fn": loader.worker_init_fn,
+            "multiprocessing_context": loader.multiprocessing_context,
+            "generator": base,  # draws the interrupted epoch's base seed again
+            "prefetch_factor": loader.prefetch_factor,
+            "in_order": getattr(loader, "in_order", True),
+        }
+        if loader.batch_sampler is not None:
+            rest_loader = DataLoader(loader.dataset, batch_sampler=_Once(rest), **options)
+        else:
+            rest_loader = DataLoader(
+                loader.dataset, sampler=_Once(rest), batch_size=None, **options
+            )
+        return iter(rest_loader)
+
+    def _indices_after(self, skip: int) -> Iterator[Any]:
+        """The index batches of the epoch after the first ``skip``: index work, no loading."""
+        from torch.utils.data import BatchSampler
+
+        batch_sampler = self._loader.batch_sampler
+        if type(batch_sampler) is BatchSampler:
+            # Skip sampler indices, not batches of them: a million batches is one islice.
+            indices = iter(batch_sampler.sampler)
+            _consume(indices, skip * batch_sampler.batch_size)
+            return iter(
+                BatchSampler(_Once(indices), batch_sampler.batch_size, batch_sampler.drop_last)
+            )
+        index_sampler = batch_sampler if batch_sampler is not None else self._loader.sampler
+        items = iter(index_sampler)
+        _consume(items, skip)
+        return items
+
+    def _samplers(self) -> list[Any]:
+        loader = self._loader
+        found = [loader.sampler, loader.batch_sampler]
+        found.append(getattr(loader.batch_sampler, "sampler", None))
+        return _unique(s for s in found if s is not None)
+
+    def _generators(self) -> list[Any]:
+        """The loader's and its samplers' own torch generators, each once, in a fixed order."""
+        import torch
+
+        found = [self._loader.generator] + [getattr(s, "generator", None) for s in self._samplers()]
+        return _unique(g for g in found if isinstance(g, torch.Generator))
+
+
+def _state_before_base_seed(loader: Any, generators: list[Any], states: list[Any], rng: Any) -> Any:
+    """The state the epoch's base seed was drawn from: the loader's generator, or the global RNG."""
+    for generator, state in zip(generators, states, strict=True):
+        if generator is loader.generator:
+            return state
+    return rng
+
+
+class _Once:
+    """An iterator as a sampler: iterated once, by the loader that replays an epoch's rest."""
+
+    def __init__(self, items: Iterator[Any]) -> None:
+        self._items = items
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._items
+
+
+def _consume(items: Iterator[Any], count: int) -> None:
+    collections.deque(itertools.islice(items, count), maxlen=0)
+
+
+def _unique(items: Iterable[Any]) -> list[Any]:
+    seen: set[int] = set()
+    out = []
+    for item in items:
+        if id(item) not in seen:
+            seen.add(id(item))
+            out.append(item)
+    return out
