@@ -182,15 +182,16 @@ def _unsupported_hint(value: Any) -> str:
     """What to do instead, for a value that cannot be saved."""
     if _is_data_loader(value):
         return (
-            "a data loader has no saveable position; use "
-            "killsafe.integrations.torch.ResumableLoader (tracked, resumes mid-epoch) "
-            "or any loader with state_dict()/load_state_dict() (the Stateful protocol)"
+            "a data loader has no saveable position; iterate it with "
+            "`for batch in run.batches(loader)` inside `for epoch in run.epochs(n)` "
+            "(its position is saved for you), or track a loader with "
+            "state_dict()/load_state_dict() (the Stateful protocol)"
         )
     if isinstance(value, (GeneratorType, Iterator)):
         return (
-            "a generator or iterator cannot be saved; track an object with "
-            "state_dict()/load_state_dict() (the Stateful protocol, e.g. "
-            "killsafe.integrations.torch.ResumableLoader) or the values it is built from"
+            "a generator or iterator cannot be saved; pass a DataLoader, a list or an "
+            "object with state_dict()/load_state_dict() (the Stateful protocol) to "
+            "run.batches(), or track the values it is built from"
         )
     if isinstance(value, random.SystemRandom):
         return "SystemRandom draws from the OS and has no state; use random.Random(seed)"
