@@ -183,7 +183,7 @@ def _unsupported_hint(value: Any) -> str:
     if _is_data_loader(value):
         return (
             "a data loader has no saveable position; iterate it with "
-            "`for batch in run.batches(loader)` inside `for epoch in run.epochs(n)` "
+            "run.batches() inside `for epoch in run.epochs(n)` "
             "(its position is saved for you), or track a loader with "
             "state_dict()/load_state_dict() (the Stateful protocol)"
         )
