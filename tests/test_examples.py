@@ -147,6 +147,7 @@ STANDARD_FLAGS = (
     "--clear",
     "--save-every",
     "--save-every-seconds",
+    "--save-every-epochs",
     "--keep-last",
     "--stop-after",
     "--progress-every",

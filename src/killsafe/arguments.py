@@ -30,6 +30,7 @@ _FLAG_OPTIONS = {
     "killsafe_resume": "resume",
     "killsafe_save_every": "save_every_steps",
     "killsafe_save_every_seconds": "save_every_seconds",
+    "killsafe_save_every_epochs": "save_every_epochs",
     "killsafe_keep_last": "keep_last",
     "killsafe_stop_after": "stop_after",
     "killsafe_progress_every": "progress_every",
@@ -85,6 +86,14 @@ def add_arguments(
         default=None,
         metavar="SECONDS",
         help="save a checkpoint every SECONDS of wall time (also 10m, 1h)",
+    )
+    group.add_argument(
+        "--save-every-epochs",
+        dest="killsafe_save_every_epochs",
+        type=_positive_int,
+        default=None,
+        metavar="EPOCHS",
+        help="save a checkpoint at the end of every EPOCHS epochs of run.epochs()",
     )
     group.add_argument(
         "--keep-last",
