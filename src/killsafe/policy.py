@@ -19,7 +19,9 @@ is pure; ``EarlyStopping`` keeps counters and is ``Stateful``, so a ``Run``
 saves them with each checkpoint and a resumed run keeps its patience.
 
 The ``Run`` keyword shortcuts (``save_every_steps=``, ``save_every_seconds=``,
-``stop_after=``) build these objects; ``Run(save=POLICY, stop_policy=POLICY)``
+``save_every_epochs=``, ``stop_after=``) build these objects (with none given,
+``EveryEpochOrNSeconds``); ``describe_save_policy`` says in one line when a
+policy saves; ``Run(save=POLICY, stop_policy=POLICY)``
 takes your own. Retention (which checkpoints to keep) lives in ``retention``.
 """
 
