@@ -122,7 +122,8 @@ class ShardedWriter(StorageWriter):
         if self.directory.exists():
             raise CheckpointExists(
                 f"checkpoint {self.directory} already exists; save under a new name "
-                "(a checkpoint is never overwritten)"
+                "(a checkpoint is never overwritten)",
+                self.directory,
             )
         staging = self.directory.parent / f"{_STAGING_PREFIX}{self.directory.name}-{self.save_id}"
         try:

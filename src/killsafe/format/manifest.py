@@ -64,6 +64,7 @@ class CheckpointInfo:
     format_version: int = FORMAT_VERSION
     manifest_checksum: bool = True  # False: an older manifest without its own checksum
     world_size: int = 1  # processes that saved it (a sharded checkpoint: one file each)
+    sharded: bool = False  # saved by a process group: one rank file each, a DCP plan
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any], path: Path) -> CheckpointInfo:
@@ -80,6 +81,7 @@ class CheckpointInfo:
             format_version=manifest["format_version"],
             manifest_checksum=CHECKSUM_FIELD in manifest,
             world_size=int(manifest.get("world_size", 1)),
+            sharded=manifest.get("layout") == SHARDED_LAYOUT,
         )
 
 

@@ -55,10 +55,18 @@ class Resume:
         info = self._resolve()
         if info is not None:
             if self._tree is None:
-                self._tree = self._store.load(info)
+                self._tree = self._load(info)
             self._warn_if_newer(info)
         self.info = info
         return info
+
+    def _load(self, info: CheckpointInfo) -> Mapping[str, Any]:
+        if info.sharded:  # saved by a job of many processes: read as its rank 0
+            from killsafe.run.group import tree_of
+
+            return tree_of(self._store, info, 0, 1)
+        tree: Mapping[str, Any] = self._store.load(info)
+        return tree
 
     @property
     def run_state(self) -> Any:
@@ -138,7 +146,7 @@ class Resume:
         """The newest checkpoint that loads, loaded: one read that also verifies."""
         for info in reversed(self._store.list()):
             try:
-                self._tree = self._store.load(info)
+                self._tree = self._load(info)
             except CorruptCheckpoint as exc:
                 logger.warning("skipping corrupt checkpoint %s: %s", info.path, exc)
                 continue
