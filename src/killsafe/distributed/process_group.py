@@ -45,7 +45,8 @@ class TorchCoordinator:
     """The ranks of the default ``torch.distributed`` process group (or of ``group``).
 
     Build it on every rank after ``init_process_group`` (building it is
-    itself collective, on every rank of the default group). ``timeout`` (seconds) bounds every collective: a
+    itself collective, on every rank of the default group). ``timeout``
+    (seconds) bounds every collective: a
     rank missing for longer is reported as ``RankUnresponsive``. After such
     a failure the coordinator stays failed: the job should save nothing
     more and exit, to be restarted.

@@ -35,6 +35,7 @@ __all__ = [
     "read_shared",
     "save_run_tree",
     "shared_kinds",
+    "unwrap",
 ]
 
 KINDS_KEY = "shared"
@@ -62,6 +63,17 @@ def _kind(value: Any) -> str | None:
     return None
 
 
+def unwrap(value: Any) -> Any:
+    """The module inside DDP's wrapper (its state is saved without ``module.``), else ``value``.
+
+    So a checkpoint of a DDP job fits the same module with or without DDP.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.nn.parallel.DistributedDataParallel):
+        return value.module
+    return value
+
+
 def shared_kinds(tree: dict[str, Any]) -> dict[str, str]:
     """The shared names of ``tree`` and their kinds."""
     kinds = {name: _kind(value) for name, value in tree.items()}
@@ -83,7 +95,7 @@ def save_run_tree(
     from killsafe.state import capture
 
     kinds = shared_kinds(tree)
-    state: dict[str, Any] = {name: tree[name].state_dict() for name in kinds}
+    state: dict[str, Any] = {name: unwrap(tree[name]).state_dict() for name in kinds}
     private = capture({key: value for key, value in tree.items() if key not in kinds})
     key = rank_key(coordinator.rank)
     state[key] = encode_value(private, key)
@@ -179,21 +191,15 @@ def consolidate(
 
 
 def _write_weights(path: Path, modules: dict[str, Any]) -> Path:
-    """The modules' tensors as a plain safetensors file (DDP's ``module.`` prefix removed)."""
+    """The modules' tensors as a plain safetensors file."""
     from killsafe.distributed.writer import tensor_file_entries, write_plain_file
 
     tensors: dict[str, Any] = {}
     for name, state in modules.items():
-        table = _without_prefix({k: v for k, v in state.items() if hasattr(v, "shape")}, "module.")
+        table = {k: v for k, v in state.items() if hasattr(v, "shape")}
         for key, tensor in table.items():
             tensors[key if len(modules) == 1 else f"{name}.{key}"] = tensor
     if path.exists():
         raise CheckpointExists(f"{path} already exists; choose a new output path", path)
     write_plain_file(path, tensor_file_entries(tensors))
     return path
-
-
-def _without_prefix(table: dict[str, Any], prefix: str) -> dict[str, Any]:
-    if table and all(key.startswith(prefix) for key in table):
-        return {key[len(prefix) :]: value for key, value in table.items()}
-    return table

@@ -50,6 +50,7 @@ __all__ = [
     "RunGroup",
     "ShardedTree",
     "join_group",
+    "unwrapped",
 ]
 
 logger = logging.getLogger("killsafe")
@@ -269,6 +270,13 @@ class GroupResume(Resume):
                 continue
             return info
         return None
+
+
+def unwrapped(objects: Mapping[str, Any]) -> dict[str, Any]:
+    """``objects`` with DDP's wrappers replaced by the modules inside."""
+    from killsafe.distributed.runstate import unwrap
+
+    return {name: unwrap(value) for name, value in objects.items()}
 
 
 # ---------------------------------------------------------------- the quiet ranks

@@ -84,11 +84,22 @@ class Resume:
         from killsafe import state as state_module
 
         saved = self._saved_for(objects)
-        _check_shapes(objects, saved, self.info)
-        values = state_module.restore(objects, saved)
+        targets = self._targets(objects)
+        _check_shapes(targets, saved, self.info)
+        values = state_module.restore(targets, saved)
         for name, value in values.items():
+            if targets[name] is not objects[name]:
+                continue  # restored inside its wrapper
             restored[name] = _restore_in_place(objects[name], value)
         return restored
+
+    def _targets(self, objects: Mapping[str, Any]) -> Mapping[str, Any]:
+        """What the saved values go into: a sharded checkpoint holds DDP's inner modules."""
+        if self.info is None or not self.info.sharded:
+            return objects
+        from killsafe.run.group import unwrapped
+
+        return unwrapped(objects)
 
     def restore_rng(self, rng: Any) -> None:
         # Last of all, just before the first step: restoring other objects and
