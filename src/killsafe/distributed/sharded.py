@@ -25,6 +25,7 @@ these parts and turn DCP's errors into killsafe's.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,9 @@ def load_full(
     planner = FullStateLoadPlanner(keys=keys)
 
     def load() -> None:
-        dcp.load({}, storage_reader=reader, planner=planner, no_dist=True)
+        with warnings.catch_warnings():  # reading alone is the point here, not a fallback
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load({}, storage_reader=reader, planner=planner, no_dist=True)
 
     _load(reader, load)
     state: dict[str, Any] = planner.original_state_dict  # built by the planner, then filled
