@@ -24,7 +24,9 @@ WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 class Job:
     """The ranks of one launched job and the store they meet at."""
 
-    def __init__(self, scenario: str, world: int, workdir: Path, *args: str) -> None:
+    def __init__(
+        self, scenario: str, world: int, workdir: Path, *args: str, worker: Path = WORKER
+    ) -> None:
         import torch.distributed as dist
 
         self.workdir = workdir
@@ -35,7 +37,7 @@ class Job:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
         self.ranks = [
             subprocess.Popen(
-                [sys.executable, str(WORKER), scenario, str(rank), str(world), *self.place, *args],
+                [sys.executable, str(worker), scenario, str(rank), str(world), *self.place, *args],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -66,10 +68,12 @@ class Job:
         return json.loads(path.read_text())
 
 
-def run_job(scenario: str, world: int, workdir: Path, *args: str, expect: int = 0) -> Job:
+def run_job(
+    scenario: str, world: int, workdir: Path, *args: str, expect: int = 0, worker: Path = WORKER
+) -> Job:
     """Launch a job, wait for it, and check every rank exited with ``expect``."""
     workdir.mkdir(parents=True, exist_ok=True)
-    job = Job(scenario, world, workdir, *args)
+    job = Job(scenario, world, workdir, *args, worker=worker)
     codes = job.wait()
     for rank, code in enumerate(codes):
         assert code == expect, f"rank {rank} exited {code}:\n{job.output(rank)}"

@@ -9,7 +9,7 @@ message. Subcommands import what they need inside their handler, so
 Command groups: ``demo`` (demo.py); ``list``, ``verify``, ``prune``
 (checkpoints.py); ``inspect`` (tree.py); ``diff`` (diff.py); ``report``,
 ``preflight``, ``serve`` (frontends.py, mounted from their own modules);
-``run`` (supervise.py).
+``run`` (supervise.py); ``consolidate`` (consolidate.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from killsafe import __version__
-from killsafe.cli import checkpoints, demo, diff, frontends, supervise, tree
+from killsafe.cli import checkpoints, consolidate, demo, diff, frontends, supervise, tree
 from killsafe.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILED_CHECK,
@@ -49,6 +49,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     checkpoints.add_verify(commands)
     checkpoints.add_prune(commands)
     diff.add_commands(commands)
+    consolidate.add_commands(commands)
     frontends.add_commands(commands, command)
     supervise.add_commands(commands)
     return parser

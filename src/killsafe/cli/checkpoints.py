@@ -59,6 +59,7 @@ class _Entry:
             "created": None if info is None else info.created,
             "size": None if info is None else info.size,
             "metrics": {} if info is None else dict(info.metrics),
+            "world_size": None if info is None else info.world_size,
             "latest": "latest" in self.marks,
             "best": "best" in self.marks,
             "corrupt": self.problem is not None,

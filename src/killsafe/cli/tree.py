@@ -58,7 +58,10 @@ def checkpoint_summary(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         name: {"size": info["size"], "xxh3": info["xxh3"]}
         for name, info in manifest["files"].items()
     }
-    return {
+    if "world_size" in manifest:  # sharded: the rank of every file too
+        for name, info in manifest["files"].items():
+            files[name]["rank"] = info["rank"]
+    summary = {
         "path": str(path),
         "step": manifest["step"],
         "name": manifest["name"],
@@ -70,6 +73,22 @@ def checkpoint_summary(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         "metrics": manifest["metrics"],
         "metadata": manifest["metadata"],
     }
+    if "world_size" in manifest:
+        summary["world_size"] = manifest["world_size"]
+    return summary
+
+
+def _sharded_nodes(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """A sharded checkpoint's saved keys (DCP's flat names): tensors with dtype and shape."""
+    nodes = []
+    for key, item in manifest["dcp"]["state"].items():
+        if item.get("kind") == "tensor":
+            nodes.append(
+                {"path": key, "type": "tensor", "dtype": item["dtype"], "shape": item["size"]}
+            )
+        else:
+            nodes.append({"path": key, "type": "value"})
+    return nodes
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -77,7 +96,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     manifest = read_checkpoint_manifest(args.checkpoint)
     summary = checkpoint_summary(args.checkpoint, manifest)
-    nodes = [leaf.describe() for leaf in walk(manifest["tree"], whole_generators=True)]
+    if "world_size" in manifest:
+        nodes = _sharded_nodes(manifest)
+    else:
+        nodes = [leaf.describe() for leaf in walk(manifest["tree"], whole_generators=True)]
     if args.json:
         print_json({**summary, "tree": nodes})
         return EXIT_OK
@@ -88,6 +110,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     out.write(f"{'format:':<10}{summary['format_version']}\n")
     files = ", ".join(f"{n} {format_size(f['size'])}" for n, f in summary["files"].items())
     out.write(f"{'size:':<10}{format_size(summary['size'])}{f' ({files})' if files else ''}\n")
+    if "world_size" in summary:
+        out.write(f"{'sharded:':<10}world size {summary['world_size']}, one file per rank\n")
     out.write(f"{'metrics:':<10}{format_metrics(summary['metrics'])}\n")
     if summary["metadata"]:
         metadata = json.dumps(summary["metadata"], default=json_default)

@@ -32,7 +32,13 @@ from killsafe.errors import (
     UnsupportedFormat,
     UnsupportedState,
 )
-from killsafe.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, manifest_digest
+from killsafe.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SHARDED_LAYOUT,
+    manifest_digest,
+)
 
 __all__ = [
     "LAYOUT",
@@ -42,7 +48,7 @@ __all__ = [
     "metadata_to_json",
 ]
 
-LAYOUT = "dcp-sharded"
+LAYOUT = SHARDED_LAYOUT
 
 
 @dataclass(frozen=True)

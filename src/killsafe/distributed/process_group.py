@@ -42,10 +42,11 @@ T = TypeVar("T")
 
 
 class TorchCoordinator:
-    """The ranks of the default ``torch.distributed`` process group.
+    """The ranks of the default ``torch.distributed`` process group (or of ``group``).
 
     Build it on every rank after ``init_process_group`` (building it is
-    itself collective). ``timeout`` (seconds) bounds every collective: a
+    itself collective, on every rank of the default group). ``timeout``
+    (seconds) bounds every collective: a
     rank missing for longer is reported as ``RankUnresponsive``. After such
     a failure the coordinator stays failed: the job should save nothing
     more and exit, to be restarted.
@@ -54,7 +55,7 @@ class TorchCoordinator:
     same order.
     """
 
-    def __init__(self, *, timeout: float = 300.0) -> None:
+    def __init__(self, *, timeout: float = 300.0, group: Any = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise ConfigError(
                 "TorchCoordinator needs torch.distributed initialised; "
@@ -63,7 +64,10 @@ class TorchCoordinator:
         if not timeout > 0:
             raise ConfigError(f"timeout must be positive seconds, got {timeout!r}")
         self._timeout = float(timeout)
-        self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self._timeout))
+        ranks = None if group is None else dist.get_process_group_ranks(group)
+        self._group = dist.new_group(
+            ranks=ranks, backend="gloo", timeout=timedelta(seconds=self._timeout)
+        )
         self._rank = dist.get_rank(self._group)
         self._world_size = dist.get_world_size(self._group)
         self._store = _default_store()

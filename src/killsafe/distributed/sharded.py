@@ -25,12 +25,14 @@ these parts and turn DCP's errors into killsafe's.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 
 from killsafe.distributed.planners import JsonLoadPlanner, JsonSavePlanner
 from killsafe.distributed.reader import ShardedReader
@@ -42,10 +44,12 @@ from killsafe.errors import (
 )
 
 __all__ = [
+    "FullStateLoadPlanner",
     "JsonLoadPlanner",
     "JsonSavePlanner",
     "ShardedReader",
     "ShardedWriter",
+    "load_full",
     "load_sharded",
     "save_sharded",
 ]
@@ -128,8 +132,38 @@ def load_sharded(
             no_dist=_single_process(),
         )
 
+    _load(reader, lambda: _guarded(coordinator, f"the load of {reader.directory}", load))
+    return state_dict
+
+
+class FullStateLoadPlanner(JsonLoadPlanner, _EmptyStateDictLoadPlanner):
+    """Builds the saved state itself, whole, from the manifest (``keys``: only these names)."""
+
+
+def load_full(
+    directory: str | os.PathLike[str], *, keys: set[str] | None = None, verify: bool = True
+) -> dict[str, Any]:
+    """The saved state (or its top-level ``keys``), whole tensors, read by this process alone.
+
+    No collective: any process can call it, in a job or not. Nested as it
+    was saved. Raises ``CheckpointNotFound`` or ``CorruptCheckpoint``.
+    """
+    reader = ShardedReader(directory, verify=verify)
+    planner = FullStateLoadPlanner(keys=keys)
+
+    def load() -> None:
+        with warnings.catch_warnings():  # reading alone is the point here, not a fallback
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load({}, storage_reader=reader, planner=planner, no_dist=True)
+
+    _load(reader, load)
+    state: dict[str, Any] = planner.original_state_dict  # built by the planner, then filled
+    return state
+
+
+def _load(reader: ShardedReader, load: Any) -> None:
     try:
-        _guarded(coordinator, f"the load of {reader.directory}", load)
+        load()
     except CheckpointException as exc:
         if reader.error is not None:
             raise reader.error from None
@@ -139,7 +173,6 @@ def load_sharded(
                 f"loading {reader.directory}: {m}; load into a state with the saved keys"
             ),
         ) from None
-    return state_dict
 
 
 def _single_process() -> bool:

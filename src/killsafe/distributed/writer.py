@@ -50,7 +50,7 @@ from killsafe.format.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME,
 from killsafe.format.tensorfile import HashThread, safetensors_header
 from killsafe.host import fsync_directory
 
-__all__ = ["ShardedWriter"]
+__all__ = ["ShardedWriter", "tensor_file_entries", "write_plain_file"]
 
 _STAGING_PREFIX = ".tmp-"
 
@@ -122,7 +122,8 @@ class ShardedWriter(StorageWriter):
         if self.directory.exists():
             raise CheckpointExists(
                 f"checkpoint {self.directory} already exists; save under a new name "
-                "(a checkpoint is never overwritten)"
+                "(a checkpoint is never overwritten)",
+                self.directory,
             )
         staging = self.directory.parent / f"{_STAGING_PREFIX}{self.directory.name}-{self.save_id}"
         try:
@@ -282,6 +283,18 @@ def _tensor_entry(key: str, tensor: torch.Tensor) -> TensorEntry:
     data = byte_view(tensor.reshape(-1).view(torch.uint8)) if nbytes else memoryview(b"")
     shape = tuple(tensor.shape) if st_dtype else (nbytes,)
     return TensorEntry(key, st_dtype or "U8", shape, alignment(tensor.element_size()), data, tensor)
+
+
+def tensor_file_entries(tensors: dict[str, torch.Tensor]) -> list[TensorEntry]:
+    """File entries of named tensors, ordered for alignment."""
+    entries = [_tensor_entry(key, tensor) for key, tensor in tensors.items()]
+    entries.sort(key=lambda entry: -entry.align)
+    return entries
+
+
+def write_plain_file(path: Path, entries: list[TensorEntry]) -> None:
+    """Write a plain safetensors file (created anew, fsynced)."""
+    _write_rank_file(path, entries, 0)
 
 
 def _write_rank_file(

@@ -17,6 +17,7 @@ from typing import Any
 
 from killsafe.errors import (
     ConfigError,
+    UnsupportedFormat,
 )
 from killsafe.format.codec import (
     Decoder,
@@ -26,12 +27,20 @@ from killsafe.format.codec import (
     needed_entries,
     select_subtree,
 )
-from killsafe.format.io import BackgroundFsync, FastWrite, corrupt, missing_file, write_json_file
+from killsafe.format.io import (
+    BackgroundFsync,
+    FastWrite,
+    corrupt,
+    missing_file,
+    open_regular,
+    write_json_file,
+)
 from killsafe.format.manifest import (
     CHECKSUM_FIELD,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    is_sharded,
     manifest_digest,
     read_manifest,
 )
@@ -179,6 +188,12 @@ def read_tree(
     directory = Path(directory)
     if manifest is None:
         manifest = read_manifest(directory)
+    if is_sharded(manifest):
+        raise UnsupportedFormat(
+            f"checkpoint {directory} is sharded (saved by {manifest['world_size']} processes); "
+            "load it with killsafe.distributed.load_sharded in the job, or make a one-process "
+            f"copy with `killsafe consolidate {directory} OUT`"
+        )
     node = select_subtree(directory, manifest["tree"], subtree)
     needed: set[str] = set()
     needed_entries(node, needed)
@@ -200,6 +215,15 @@ def _one_line(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _verify_rank_files(directory: Path, manifest: Mapping[str, Any]) -> None:
+    """A sharded checkpoint: every rank file whole against its xxh3 (pieces are checked on load)."""
+    check_files(directory, manifest)
+    for name, info in sorted(manifest["files"].items()):
+        with open(open_regular(directory, name), "rb", buffering=0) as f:
+            if file_digest(f) != info["xxh3"]:
+                raise corrupt(directory, f"{name} (rank {info['rank']}) fails its checksum")
+
+
 def verify_checkpoint(
     directory: str | os.PathLike[str], manifest: dict[str, Any] | None = None
 ) -> None:
@@ -207,6 +231,9 @@ def verify_checkpoint(
     directory = Path(directory)
     if manifest is None:
         manifest = read_manifest(directory)
+    if is_sharded(manifest):
+        _verify_rank_files(directory, manifest)
+        return
     tensors = manifest["tensors"]
     needed = set(tensors["entries"])
     used: set[str] = set()

@@ -44,6 +44,8 @@ FORMAT_NAMES = (FORMAT_NAME, "resumable")  # the second: manifests written befor
 MANIFEST_NAME = "manifest.json"
 TENSOR_FILE = "tensors.safetensors"
 TENSOR_FILE_ZSTD = "tensors.safetensors.zst"
+SHARDED_LAYOUT = "dcp-sharded"
+"""``layout`` of a checkpoint saved by many processes: one ``rank-NNNNN.safetensors`` each."""
 _DATA_FILES = (TENSOR_FILE, TENSOR_FILE_ZSTD)
 
 
@@ -61,6 +63,8 @@ class CheckpointInfo:
     metadata: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     manifest_checksum: bool = True  # False: an older manifest without its own checksum
+    world_size: int = 1  # processes that saved it (a sharded checkpoint: one file each)
+    sharded: bool = False  # saved by a process group: one rank file each, a DCP plan
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any], path: Path) -> CheckpointInfo:
@@ -76,6 +80,8 @@ class CheckpointInfo:
             metadata=dict(manifest["metadata"]),
             format_version=manifest["format_version"],
             manifest_checksum=CHECKSUM_FIELD in manifest,
+            world_size=int(manifest.get("world_size", 1)),
+            sharded=manifest.get("layout") == SHARDED_LAYOUT,
         )
 
 
@@ -416,10 +422,58 @@ class Manifest(Struct):
                 raise ValueError(f"tensors.entries[{key!r}].offsets lie outside the tensor file")
 
 
+RankFileName = Annotated[str, Meta(pattern=r"^rank-[0-9]{5}\.safetensors$")]
+
+
+class RankFile(Struct, forbid_unknown_fields=True):
+    """One rank's file of a sharded checkpoint; the pieces in it are listed under ``dcp``."""
+
+    rank: Count
+    size: Count
+    xxh3: Hex64
+    header_size: Count
+    header_xxh3: Hex64
+
+
+class ShardedManifest(Struct):
+    """The manifest of a sharded checkpoint (``layout: dcp-sharded``).
+
+    ``dcp`` (the tensors' chunks and where each piece lies) is checked in
+    full by the reader that uses it (``killsafe.distributed``).
+    """
+
+    format: Literal["killsafe"]
+    format_version: Annotated[int, Meta(ge=2)]
+    layout: Literal["dcp-sharded"]
+    step: Annotated[int, Meta(ge=0, le=2**63 - 1)]
+    name: Name | None
+    reason: Annotated[str, Meta(max_length=4096)] | None
+    created: Created
+    metrics: dict[str, Any]
+    metadata: dict[str, Any]
+    world_size: Annotated[int, Meta(ge=1, le=1 << 20)]
+    files: dict[RankFileName, RankFile]
+    dcp: dict[str, Any]
+    manifest_xxh3: Hex64
+
+    def __post_init__(self) -> None:
+        for name, info in self.files.items():
+            if info.rank >= self.world_size or name != f"rank-{info.rank:05d}.safetensors":
+                raise ValueError(f"files[{name!r}] does not belong to a rank of the world size")
+
+
+def is_sharded(manifest: Mapping[str, Any]) -> bool:
+    """Whether a (checked) manifest is a sharded checkpoint's."""
+    return manifest.get("layout") == SHARDED_LAYOUT
+
+
 def check_schema(manifest: Any) -> None:
     """Validate a decoded manifest; raise ``SchemaError`` with the field's path."""
+    schema: type[Struct] = Manifest
+    if isinstance(manifest, dict) and "layout" in manifest:
+        schema = ShardedManifest
     try:
-        msgspec.convert(manifest, Manifest, strict=True)
+        msgspec.convert(manifest, schema, strict=True)
     except msgspec.ValidationError as exc:
         raise SchemaError(str(exc).replace("\n", " ")) from exc
     except RecursionError as exc:

@@ -128,6 +128,7 @@ class StepBoundary:
         self._progress = progress
         self._events = events
         self._agree = coordinator.agree
+        self._together = coordinator.world_size > 1
         self._started_clock = started_clock
         self.loop_clock = 0.0  # when steps() started the loop
         self._announced = False
@@ -147,6 +148,8 @@ class StepBoundary:
             inbox.poll_at(now, step)
         decision = self.decide(now, exiting, epoch_end)
         agreement = self._agree(_IDLE_VOTE if decision is NOTHING else vote_for(decision))
+        if self._together and agreement.stop is not None and agreement.save is None:
+            decision, agreement = self._agree_exit(now, agreement.stop)
         if agreement.stop is None and agreement.save is None:
             if now >= self._session.next_status:
                 self._session.write_status_at(now, "running")
@@ -176,6 +179,21 @@ class StepBoundary:
         if boundary.exiting and not boundary.requested and step == position.session_start:
             save_reason = None  # no step ran in this session: nothing new to keep
         return self._decision(boundary.exiting, finished, stop_reason, save_reason)
+
+    def _agree_exit(self, now: float, reason: str) -> tuple[Decision, Agreement]:
+        """Another rank stops the run, and rank 0 had no save due: decide again, as a
+        run that exits for ``reason``, so the exit checkpoint is rank 0's to call.
+
+        Every rank gets here at the same boundary (the condition is the agreement's).
+        """
+        position = self._position
+        finished = position.total is not None and position.step >= position.total
+        boundary = self._policy_view(now, True)
+        save_reason = self._save_policy.should_save(boundary)
+        if not boundary.requested and position.step == position.session_start:
+            save_reason = None  # no step ran in this session: nothing new to keep
+        decision = self._decision(True, finished, reason, save_reason)
+        return decision, self._agree(vote_for(decision))
 
     def _decision(
         self, exiting: bool, finished: bool, stop_reason: str | None, save_reason: str | None

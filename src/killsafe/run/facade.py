@@ -41,6 +41,7 @@ work (``killsafe.run.boundary``, ``ledger``, ``resume``, ``session``,
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -132,6 +133,12 @@ class Run:
         on_save, on_stop, on_finish, on_error: callbacks, called as
             ``on_save(run, info)``, ``on_stop(run)``, ``on_finish(run)``,
             ``on_error(run, exc)``; a failing callback is logged, never raised.
+        process_group: the ``torch.distributed`` group whose ranks are this
+            run; by default the initialised default group, if any. Every rank
+            builds the same ``Run``; they stop and save together, rank 0 keeps
+            the records (docs/distributed.md).
+        collective_timeout: seconds any rank may be missing from a decision
+            or a save before the others raise ``RankUnresponsive`` naming it.
 
     Use it on one thread, as a context manager; signal handlers are installed
     only when it is entered on the main thread.
@@ -172,6 +179,8 @@ class Run:
         on_stop: Callback | None = None,
         on_finish: Callback | None = None,
         on_error: Callback | None = None,
+        process_group: Any = None,
+        collective_timeout: float = 300.0,
     ) -> None:
         self._config = RunConfig.build(
             directory,
@@ -209,6 +218,7 @@ class Run:
                 "on_error": on_error,
             },
         )
+        group = self._join_group(process_group, collective_timeout)
         self.directory: Path = self._config.directory
         self.state: dict[str, Any] = {}
         """The tracked objects by name; assign here to update a tracked plain value."""
@@ -219,10 +229,11 @@ class Run:
             ending=Ending(),
             metrics=LoggedMetrics(),
             best=BestTracker(self._config.watched_metrics()),
-            services=Services(self._config),
+            services=self._services(group),
             callbacks=Callbacks(self, self._config.callbacks),
-            coordinator=LocalCoordinator(),
+            coordinator=LocalCoordinator() if group is None else group.coordinator,
             session_id=uuid.uuid4().hex[:12],  # tags the control requests it accepts
+            group=group,
         )
         self._opened: Opened | None = None
         self._entered = False
@@ -263,15 +274,11 @@ class Run:
             compression=config.compression,
             snapshot=config.snapshot,
         )
-        session = SessionRecord(
-            self.directory,
-            self._parts.session_id,
-            EventLog(self.directory),
-            self._status_figures,
-            self._live_state,
-        )
+        session = self._session_record()
         try:
-            self._opened = open_session(self._parts, store, rng, session, self._save_hooks(session))
+            self._opened = open_session(
+                self._parts, self._run_store(store), rng, session, self._save_hooks(session)
+            )
         except BaseException as exc:
             self._parts.services.stop_keyboard()
             self._parts.stops.interrupts.restore()
@@ -347,11 +354,11 @@ class Run:
         opened = self._require_open("steps")
         self._start_loop(opened, "steps")
         boundary = opened.boundary
-        position, ending, stops = self._parts.position, self._parts.ending, self._parts.stops
+        position, ending = self._parts.position, self._parts.ending
         while position.total is None or position.step < position.total:
             if ending.reason is not None:
                 return
-            if stops.pending() is not None:
+            if self._stop_before_step():
                 boundary.end(exiting=True)
                 return
             position.in_step = True
@@ -388,7 +395,9 @@ class Run:
         saved = saved_loop(opened.resume.run_state)  # read before the tree is dropped
         self._start_loop(opened, "epochs")
         parts = self._parts
-        self._epochs = EpochLoop(parts.position, opened.boundary, parts.ending, parts.stops, saved)
+        self._epochs = EpochLoop(
+            parts.position, opened.boundary, parts.ending, self._stop_before_step, saved
+        )
         return self._epochs.epochs(count)
 
     def batches(self, data: Any) -> Batches:
@@ -563,6 +572,52 @@ class Run:
             checks=checks,
             **options,
         )
+
+    # -- one run of many processes (killsafe.run.group) -------------------
+
+    def _join_group(self, process_group: Any, timeout: float) -> Any:
+        """Join the job's process group, if any; this rank's configuration follows."""
+        if process_group is None and "torch.distributed" not in sys.modules:
+            return None
+        from killsafe.run.group import join_group
+
+        group = join_group(process_group, timeout)
+        if group is not None:
+            self._config = group.config(self._config)
+        return group
+
+    def _services(self, group: Any) -> Services:
+        if group is None or group.leader:
+            return Services(self._config)
+        from killsafe.run.group import QuietServices
+
+        return QuietServices(self._config)
+
+    def _session_record(self) -> SessionRecord:
+        group = self._parts.group
+        session_type, events_type = SessionRecord, EventLog
+        if group is not None and not group.leader:
+            from killsafe.run.group import QuietEvents, QuietSession
+
+            session_type, events_type = QuietSession, QuietEvents
+        return session_type(
+            self.directory,
+            self._parts.session_id,
+            events_type(self.directory),
+            self._status_figures,
+            self._live_state,
+        )
+
+    def _run_store(self, store: Any) -> Any:
+        if self._parts.group is None:
+            return store
+        from killsafe.run.group import GroupStore
+
+        return GroupStore(store, self._parts.group)
+
+    def _stop_before_step(self) -> bool:
+        """A stop asked for before the step starts; in a job only a boundary decides."""
+        return self._parts.group is None and self._parts.stops.pending() is not None
 
     # -- what the parts read of the run ----------------------------------
 

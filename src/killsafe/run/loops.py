@@ -38,14 +38,13 @@ run resumes from before it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from killsafe.errors import ConfigError
 from killsafe.run.data import DataSource, source_for
 from killsafe.run.ending import Ending
 from killsafe.run.position import Position
-from killsafe.run.stops import Stops
 
 if TYPE_CHECKING:
     from killsafe.run.boundary import StepBoundary
@@ -64,7 +63,9 @@ class EpochStopped(Exception):
 class EpochLoop:
     """Drives ``epochs()`` and ``batches()`` over the run's position and step boundary.
 
-    ``saved`` is the ``__run__["loop"]`` of the checkpoint resumed from.
+    ``saved`` is the ``__run__["loop"]`` of the checkpoint resumed from;
+    ``stop_before_epoch`` says whether a stop asked for ends the loop before
+    the next epoch starts (in a job only a step boundary decides).
     """
 
     def __init__(
@@ -72,13 +73,13 @@ class EpochLoop:
         position: Position,
         boundary: StepBoundary,
         ending: Ending,
-        stops: Stops,
+        stop_before_epoch: Callable[[], bool],
         saved: Mapping[str, Any] | None,
     ) -> None:
         self._position = position
         self._boundary = boundary
         self._ending = ending
-        self._stops = stops
+        self._stop_before_epoch = stop_before_epoch
         self._saved_data = saved.get("data") if saved else None
         position.epoch = int(saved["epoch"]) if saved else 0
         position.batch_index = int(saved["batch_index"]) if saved else 0
@@ -112,7 +113,7 @@ class EpochLoop:
             while (epoch := position.epoch or 0) < count:
                 if self._ending.reason is not None:
                     return
-                if self._stops.pending() is not None:
+                if self._stop_before_epoch():
                     boundary.end(exiting=True)
                     return
                 self._phase = _BEFORE

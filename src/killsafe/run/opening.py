@@ -45,6 +45,7 @@ class Parts:
     callbacks: Callbacks
     coordinator: Coordinator
     session_id: str
+    group: Any = None  # a RunGroup (killsafe.run.group) when the run has many processes
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,12 @@ def open_session(
 ) -> Opened:
     """Resume (or start fresh), then start this session's records and services."""
     config, position = parts.config, parts.position
-    refuse_if_attached(config.directory)
-    resume = Resume(store, config.directory, config.store_dir, config.resume, clear=config.clear)
+    group = parts.group
+    if group is None or group.leader:
+        refuse_if_attached(config.directory)
+    resume = _resume_type(group)(
+        store, config.directory, config.store_dir, config.resume, clear=config.clear
+    )
     info = resume.choose()
     ledger = Ledger(
         store,
@@ -125,7 +130,7 @@ def _wire(
     progress: Progress,
     start: _Start,
 ) -> tuple[StepBoundary, Closer]:
-    inbox = ControlInbox(
+    inbox = _inbox_type(parts.group)(
         parts.config.directory,
         parts.session_id,
         start.wall,
@@ -165,6 +170,22 @@ def _wire(
         started_clock=start.clock,
     )
     return boundary, closer
+
+
+def _resume_type(group: Any) -> type[Resume]:
+    if group is None:
+        return Resume
+    from killsafe.run.group import GroupResume
+
+    return GroupResume
+
+
+def _inbox_type(group: Any) -> type[ControlInbox]:
+    if group is None or group.leader:
+        return ControlInbox
+    from killsafe.run.group import QuietInbox
+
+    return QuietInbox
 
 
 def _start(parts: Parts, session: SessionRecord, progress: Progress, start: _Start) -> None:

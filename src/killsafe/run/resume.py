@@ -55,10 +55,18 @@ class Resume:
         info = self._resolve()
         if info is not None:
             if self._tree is None:
-                self._tree = self._store.load(info)
+                self._tree = self._load(info)
             self._warn_if_newer(info)
         self.info = info
         return info
+
+    def _load(self, info: CheckpointInfo) -> Mapping[str, Any]:
+        if info.sharded:  # saved by a job of many processes: read as its rank 0
+            from killsafe.run.group import tree_of
+
+            return tree_of(self._store, info, 0, 1)
+        tree: Mapping[str, Any] = self._store.load(info)
+        return tree
 
     @property
     def run_state(self) -> Any:
@@ -76,11 +84,22 @@ class Resume:
         from killsafe import state as state_module
 
         saved = self._saved_for(objects)
-        _check_shapes(objects, saved, self.info)
-        values = state_module.restore(objects, saved)
+        targets = self._targets(objects)
+        _check_shapes(targets, saved, self.info)
+        values = state_module.restore(targets, saved)
         for name, value in values.items():
+            if targets[name] is not objects[name]:
+                continue  # restored inside its wrapper
             restored[name] = _restore_in_place(objects[name], value)
         return restored
+
+    def _targets(self, objects: Mapping[str, Any]) -> Mapping[str, Any]:
+        """What the saved values go into: a sharded checkpoint holds DDP's inner modules."""
+        if self.info is None or not self.info.sharded:
+            return objects
+        from killsafe.run.group import unwrapped
+
+        return unwrapped(objects)
 
     def restore_rng(self, rng: Any) -> None:
         # Last of all, just before the first step: restoring other objects and
@@ -138,7 +157,7 @@ class Resume:
         """The newest checkpoint that loads, loaded: one read that also verifies."""
         for info in reversed(self._store.list()):
             try:
-                self._tree = self._store.load(info)
+                self._tree = self._load(info)
             except CorruptCheckpoint as exc:
                 logger.warning("skipping corrupt checkpoint %s: %s", info.path, exc)
                 continue

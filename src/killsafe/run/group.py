@@ -1,0 +1,348 @@
+"""A run of many processes (``torch.distributed``): one run, rank 0 keeps the records.
+
+When a process group is initialised (or passed as ``process_group=``), every
+rank builds the same ``Run`` and they behave as one:
+
+- the step boundary is decided together through a ``TorchCoordinator`` on
+  a side gloo group with a timeout (``killsafe.distributed``);
+- rank 0 writes ``run.json``, ``status.json``, the history, the events, the
+  report and the progress, reads control requests and applies retention;
+  the other ranks write only their parts of checkpoints and show nothing
+  (``Quiet*`` parts below);
+- checkpoints are sharded (``killsafe.distributed.runstate``): modules and
+  optimizers through DCP, the rest per rank; saves are synchronous;
+- rank 0 chooses the checkpoint to resume from and every rank reads it.
+
+Nothing here imports torch until a group is found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from killsafe.errors import CheckpointExists, ConfigError, CorruptCheckpoint, KillsafeError
+from killsafe.history import History
+from killsafe.progress import Progress
+from killsafe.run.config import RunConfig
+from killsafe.run.control import ControlInbox
+from killsafe.run.resume import Resume
+from killsafe.run.services import Services
+from killsafe.run.session import EventLog, SessionRecord
+from killsafe.run.tree import RNG_KEY
+
+if TYPE_CHECKING:
+    from killsafe.format import CheckpointInfo
+    from killsafe.store import CheckpointStore
+
+__all__ = [
+    "GroupResume",
+    "GroupStore",
+    "QuietEvents",
+    "QuietInbox",
+    "QuietServices",
+    "QuietSession",
+    "RunGroup",
+    "ShardedTree",
+    "join_group",
+    "unwrapped",
+]
+
+logger = logging.getLogger("killsafe")
+
+
+class RunGroup:
+    """This process's place in the job: its coordinator, rank and world size."""
+
+    def __init__(self, coordinator: Any) -> None:
+        self.coordinator = coordinator
+        self.rank: int = coordinator.rank
+        self.world_size: int = coordinator.world_size
+        self.leader = self.rank == 0
+
+    def config(self, config: RunConfig) -> RunConfig:
+        """The configuration this rank runs with: saves are synchronous; only rank 0 shows."""
+        quiet: dict[str, Any] = {}
+        if not self.leader:
+            quiet = {
+                "progress": False,
+                "keyboard": False,
+                "serve": None,
+                "report": False,
+                "save_metrics": False,
+                "tensorboard": False,
+            }
+        return dataclasses.replace(config, async_save=False, **quiet)
+
+
+def join_group(process_group: Any, timeout: float) -> RunGroup | None:
+    """The job this process runs in, or ``None`` when it runs alone.
+
+    A job is an initialised default process group (found through
+    ``sys.modules``: a process that never imported torch runs alone) or
+    ``process_group``. Collective: every rank of the default group calls it.
+    """
+    if process_group is None:
+        dist = sys.modules.get("torch.distributed")
+        if dist is None or not dist.is_available() or not dist.is_initialized():
+            return None
+    from killsafe.distributed.process_group import TorchCoordinator
+
+    return RunGroup(TorchCoordinator(timeout=timeout, group=process_group))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+class GroupStore:
+    """The store as a ``Run`` in a job uses it: sharded saves, rank 0 keeps the books.
+
+    Every rank holds one (saving is collective); only rank 0 deletes and
+    applies retention, and its store is the one resuming reads.
+    """
+
+    def __init__(self, store: CheckpointStore, group: RunGroup) -> None:
+        self.store = store
+        self.group = group
+        self.directory = store.directory
+
+    def save(
+        self,
+        tree: dict[str, Any],
+        step: int,
+        *,
+        metrics: dict[str, Any] | None = None,
+        name: str | None = None,
+        reason: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> CheckpointInfo:
+        """Save ``tree`` sharded at ``step`` (collective); retention runs on rank 0."""
+        from killsafe.distributed.runstate import save_run_tree
+        from killsafe.store.naming import checkpoint_dirname
+
+        directory = self.directory / checkpoint_dirname(step, name)
+        try:
+            path = save_run_tree(
+                tree,
+                directory,
+                self.group.coordinator,
+                step=step,
+                name=name,
+                reason=reason,
+                metrics=metrics,
+                metadata=metadata,
+            )
+        except CheckpointExists as exc:  # the same on every rank, with its path
+            raise CheckpointExists(str(exc), directory) from exc
+        if self.group.leader:
+            self.store.prune()
+        return self.store.listed(path)
+
+    def save_async(self, *args: Any, **kwargs: Any) -> Any:
+        raise ConfigError("a run of many processes saves synchronously (async_save=False)")
+
+    def wait(self) -> None:
+        return None
+
+    def delete(self, ref: Any, *, force: bool = False) -> CheckpointInfo:
+        """Delete a checkpoint (rank 0 does, the others wait for it)."""
+        info = self.store.get(ref)
+        self.group.coordinator.barrier("reading a checkpoint before deleting it")
+        if self.group.leader:
+            self.store.delete(info, force=force)
+        self.group.coordinator.barrier(f"deleting {info.path}")
+        return info
+
+    def close(self) -> None:
+        self.store.close()
+
+    def list(self) -> list[CheckpointInfo]:
+        return self.store.list()
+
+    def get(self, ref: Any = "latest") -> CheckpointInfo:
+        return self.store.get(ref)
+
+    def latest(self, *, verify: bool = True) -> CheckpointInfo | None:
+        return self.store.latest(verify=verify)
+
+    def verify(self, ref: Any = "latest") -> CheckpointInfo:
+        return self.store.verify(ref)
+
+    def load(self, ref: Any = "latest", **options: Any) -> Any:
+        return self.store.load(ref, **options)
+
+
+class ShardedTree(Mapping[str, Any]):
+    """A sharded checkpoint's tree as one rank resumes it.
+
+    Its own part is read at once; each module or optimizer is read whole
+    when it is restored. A rank the checkpoint has no part of (the job
+    grew) takes rank 0's part without its random states.
+    """
+
+    def __init__(self, info: CheckpointInfo, rank: int, world_size: int) -> None:
+        from killsafe.distributed.runstate import KINDS_KEY, read_rank_part
+
+        self._path = info.path
+        self._shared = sorted(dict(info.metadata.get(KINDS_KEY) or {}))
+        own = rank if rank < info.world_size else 0
+        self._private = dict(read_rank_part(info.path, own))
+        if info.world_size != world_size:
+            self._private.pop(RNG_KEY, None)
+        self._read: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self._private:
+            return self._private[name]
+        if name not in self._shared:
+            raise KeyError(name)
+        if name not in self._read:
+            from killsafe.distributed.runstate import read_shared
+
+            self._read.update(read_shared(self._path, [name]))
+        return self._read[name]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._private
+        yield from self._shared
+
+    def __len__(self) -> int:
+        return len(self._private) + len(self._shared)
+
+
+def tree_of(store: Any, info: CheckpointInfo, rank: int, world_size: int) -> Mapping[str, Any]:
+    """The tree of ``info`` as ``rank`` of ``world_size`` resumes it (sharded or not)."""
+    if info.sharded:
+        if info.world_size != world_size and rank == 0:
+            logger.warning(
+                "resuming %s, saved by %d process(es), on %d: modules and optimizers are "
+                "loaded whole; per-rank random states cannot carry over and stay as seeded",
+                info.path,
+                info.world_size,
+                world_size,
+            )
+        return ShardedTree(info, rank, world_size)
+    tree: Mapping[str, Any] = store.load(info)
+    return tree
+
+
+class GroupResume(Resume):
+    """Resuming in a job: rank 0 chooses (as ``Resume`` does), every rank reads its part."""
+
+    def choose(self) -> CheckpointInfo | None:
+        store = self._store
+        assert isinstance(store, GroupStore)
+        group = store.group
+        choice: dict[str, Any] = {"path": None, "error": None}
+        if group.leader:
+            try:
+                info = self._resolve()
+                choice["path"] = None if info is None else str(info.path)
+            except KillsafeError as exc:
+                choice["error"] = str(exc)
+                group.coordinator.broadcast(choice)
+                raise
+        choice = group.coordinator.broadcast(choice)
+        if choice["error"] is not None:
+            raise ConfigError(f"rank 0 could not choose a checkpoint: {choice['error']}")
+        if choice["path"] is None:
+            self.info = None
+            return None
+        info = store.store.listed(Path(choice["path"]))
+        self._tree = tree_of(store.store, info, group.rank, group.world_size)
+        if group.leader:
+            self._warn_if_newer(info)
+        self.info = info
+        return info
+
+    def _load_newest_good(self) -> CheckpointInfo | None:
+        """On rank 0: the newest checkpoint that verifies (every rank reads it afterwards)."""
+        for info in reversed(self._store.list()):
+            try:
+                self._store.verify(info)
+            except CorruptCheckpoint as exc:
+                logger.warning("skipping corrupt checkpoint %s: %s", info.path, exc)
+                continue
+            return info
+        return None
+
+
+def unwrapped(objects: Mapping[str, Any]) -> dict[str, Any]:
+    """``objects`` with DDP's wrappers replaced by the modules inside."""
+    from killsafe.distributed.runstate import unwrap
+
+    return {name: unwrap(value) for name, value in objects.items()}
+
+
+# ---------------------------------------------------------------- the quiet ranks
+
+
+class QuietEvents(EventLog):
+    """A rank other than 0: its events are rank 0's to write."""
+
+    __slots__ = ()
+
+    def append(self, kind: str, step: int | None, **fields: Any) -> None:
+        return None
+
+
+class QuietSession(SessionRecord):
+    """A rank other than 0: ``run.json`` and ``status.json`` are rank 0's to write."""
+
+    def write_start(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def write_end(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def update_run_json(self, update: Any) -> None:
+        return None
+
+    def write_status(self, state: str, *, heartbeat: bool = False) -> None:
+        return None
+
+    def start_heartbeat(self, started_clock: float) -> None:
+        self.next_status = math.inf
+
+
+class QuietHistory(History):
+    """A rank other than 0: the history is rank 0's to write."""
+
+    def append(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        return {"step": int(step), **metrics}
+
+    def truncate_after(self, step: int) -> int:
+        return 0
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class QuietServices(Services):
+    """A rank other than 0: no history file, no display, no keyboard, no dashboard."""
+
+    def open_display(self, step: int, total: int | None, *, resumed: bool) -> Progress:
+        self.history = QuietHistory(self._config.directory)
+        self.progress = Progress(total=total, start_step=step, enabled=False)
+        return self.progress
+
+
+class QuietInbox(ControlInbox):
+    """A rank other than 0: control requests are rank 0's to read and answer."""
+
+    def poll_at(self, now: float, step: int) -> None:
+        self.next_poll = math.inf
+
+    def poll(self, step: int) -> None:
+        return None
+
+    def discard_unread(self, step: int) -> None:
+        return None

@@ -1,0 +1,86 @@
+"""One rank of a DDP training under ``Run`` (see distributed_helpers.py).
+
+``SCENARIO RANK WORLD PORT DIR RUNDIR [EVENT...]``; an event ``RANK:STEP:WHAT``
+makes ``RANK`` send itself ``SIGTERM`` (``term``) or ``SIGKILL`` (``kill``)
+during step ``STEP``. ``WORLD`` 1 with scenario ``alone`` runs without a
+process group. Each rank writes what it saw to ``DIR/rank-N.json`` and exits
+with ``run.exit_code`` (1 with the error's name when the run raised).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from killsafe import Run
+from killsafe.errors import KillsafeError, RankUnresponsive
+
+TOTAL_STEPS = 8
+
+
+def train(rank: int, run_dir: Path, events: dict[tuple[int, int], str]) -> dict[str, Any]:
+    torch.manual_seed(0)  # the same initial weights on every rank
+    model: torch.nn.Module = torch.nn.Linear(4, 2)
+    if dist.is_initialized():
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    torch.manual_seed(100 + rank)  # each rank its own data stream
+    result: dict[str, Any] = {}
+    with Run(run_dir, total_steps=TOTAL_STEPS, save_every_steps=3, collective_timeout=8) as run:
+        run.track(model=model, optimizer=optimizer, seen=[])
+        result["restored"] = [p.detach().tolist() for p in model.parameters()]
+        for step in run.steps():
+            x = torch.randn(8, 4)
+            loss = model(x).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            run.state["seen"].append(round(float(x.sum()), 6))
+            what = events.get((rank, step))
+            if what is not None:
+                os.kill(os.getpid(), signal.SIGTERM if what == "term" else signal.SIGKILL)
+    result.update(
+        step=run.step,
+        exit_code=run.exit_code,
+        exit_reason=run.exit_reason,
+        weights=[p.detach().tolist() for p in model.parameters()],
+        seen=run.state["seen"],
+        next_random=torch.rand(1).item(),
+    )
+    return result
+
+
+def main() -> None:
+    name, rank, world, port, workdir, run_dir, *args = sys.argv[1:]
+    rank_, world_ = int(rank), int(world)
+    if name != "alone":
+        store = dist.TCPStore("127.0.0.1", int(port), None, False, timeout=timedelta(seconds=60))
+        dist.init_process_group("gloo", store=store, rank=rank_, world_size=world_)
+    events = {}
+    for arg in args:
+        who, step, what = arg.split(":")
+        events[(int(who), int(step))] = what
+    code = 1
+    try:
+        result = train(rank_, Path(run_dir), events)
+        code = result["exit_code"]
+    except KillsafeError as exc:
+        result = {"error": type(exc).__name__, "message": str(exc)}
+        if isinstance(exc, RankUnresponsive):
+            result.update(ranks=list(exc.ranks), hosts=list(exc.hosts))
+    Path(workdir, f"rank-{rank}.json").write_text(json.dumps(result))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # no teardown collectives with ranks that may be gone
+
+
+if __name__ == "__main__":
+    main()

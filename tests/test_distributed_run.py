@@ -1,0 +1,133 @@
+"""A ``Run`` in a real 2-process DDP job on gloo: stopping together, resuming exactly.
+
+Each rank runs ``tests/distributed_run_worker.py``. One job is stopped by a
+SIGTERM to one rank and resumed; it must end bit-identical to a job never
+interrupted. The stopped job's checkpoint is also resumed by one process,
+listed, verified and consolidated. A rank that is SIGKILLed is named by the
+other, which does not hang.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+from distributed_helpers import Job, run_job  # noqa: E402
+
+from killsafe import CheckpointStore  # noqa: E402
+from killsafe.cli import main as cli  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.distributed,
+    pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning"),
+]
+
+WORKER = Path(__file__).resolve().parent / "distributed_run_worker.py"
+STOPPED = 75
+
+
+def train(workdir: Path, run_dir: Path, *events: str, world: int = 2, expect: int = 0) -> Job:
+    scenario = "alone" if world == 1 else "train"
+    return run_job(scenario, world, workdir, str(run_dir), *events, expect=expect, worker=WORKER)
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """An uninterrupted job; one stopped by SIGTERM to rank 1 during step 3, then resumed."""
+    root = tmp_path_factory.mktemp("ddp")
+    whole = train(root / "whole", root / "whole-run")
+    stopped = train(root / "stopped", root / "run", "1:3:term", expect=STOPPED)
+    copy = root / "copy-at-stop"
+    shutil.copytree(root / "run", copy)  # as the stop left it, for the one-process resume
+    resumed = train(root / "resumed", root / "run")
+    return {"root": root, "whole": whole, "stopped": stopped, "resumed": resumed, "copy": copy}
+
+
+def test_a_sigterm_to_one_rank_stops_every_rank_at_the_same_step(jobs: dict[str, Any]) -> None:
+    stopped = jobs["stopped"]
+    for rank in range(2):
+        result = stopped.result(rank)
+        assert (result["step"], result["exit_reason"]) == (4, "signal:SIGTERM")
+        assert result["exit_code"] == STOPPED
+    infos = CheckpointStore(jobs["copy"] / "checkpoints").list()
+    assert [(i.step, i.reason) for i in infos] == [(3, "periodic"), (4, "signal:SIGTERM")]
+    assert all(i.sharded and i.world_size == 2 for i in infos)
+
+
+def test_only_rank_0_writes_the_records_and_prints(jobs: dict[str, Any]) -> None:
+    stopped = jobs["stopped"]
+    assert stopped.output(1) == ""
+    assert "stopped at step 4 of 8 (signal:SIGTERM)" in stopped.output(0)
+    run_json = json.loads((jobs["copy"] / "run.json").read_text())
+    assert len(run_json["sessions"]) == 1  # one run, not one per rank
+    events = [json.loads(line)["kind"] for line in (jobs["copy"] / "events.jsonl").open()]
+    assert events.count("saved") == 2 and events.count("stop-requested") == 1
+
+
+def test_stopped_and_resumed_ends_bit_identical_to_uninterrupted(jobs: dict[str, Any]) -> None:
+    for rank in range(2):
+        whole, stopped, resumed = (jobs[k].result(rank) for k in ("whole", "stopped", "resumed"))
+        assert resumed["restored"] == stopped["weights"]
+        assert resumed["weights"] == whole["weights"]
+        assert resumed["seen"] == whole["seen"]  # per-rank data and random streams
+        assert resumed["next_random"] == whole["next_random"]
+        assert resumed["exit_code"] == 0 and resumed["step"] == 8
+    assert jobs["whole"].result(0)["seen"] != jobs["whole"].result(1)["seen"]
+
+
+def test_two_ranks_checkpoint_resumes_on_one_process(jobs: dict[str, Any]) -> None:
+    run_dir = jobs["root"] / "alone-run"
+    shutil.copytree(jobs["copy"], run_dir)
+    job = train(jobs["root"] / "alone", run_dir, world=1)
+    result = job.result(0)
+    assert result["restored"] == jobs["stopped"].result(0)["weights"]
+    assert result["seen"][:4] == jobs["stopped"].result(0)["seen"]  # rank 0's own part
+    assert (result["step"], result["exit_code"]) == (8, 0)
+    assert "per-rank random states cannot carry over" in job.output(0)
+
+
+def test_list_verify_inspect_and_consolidate_a_sharded_checkpoint(
+    jobs: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    store_dir = jobs["copy"] / "checkpoints"
+    checkpoint = store_dir / "step-000004"
+    assert cli(["verify", str(store_dir)]) == 0
+    assert capsys.readouterr().out.count(": ok") == 2
+    assert cli(["list", "--json", str(store_dir)]) == 0
+    listed = json.loads(capsys.readouterr().out)["checkpoints"]
+    assert [(c["step"], c["world_size"]) for c in listed] == [(3, 2), (4, 2)]
+    assert cli(["inspect", str(checkpoint)]) == 0
+    shown = capsys.readouterr().out
+    assert "world size 2" in shown and "rank-00001.safetensors" in shown
+    out = jobs["root"] / "one-process"
+    assert cli(["consolidate", str(checkpoint), str(out)]) == 0
+    state = CheckpointStore(out.parent).load(out)
+    weights = jobs["stopped"].result(0)["weights"]
+    assert state["model"]["weight"].tolist() == weights[0]
+    from safetensors.torch import load_file
+
+    assert load_file(str(out) + ".safetensors")["weight"].tolist() == weights[0]
+    assert cli(["consolidate", str(checkpoint), str(out)]) == 2  # never overwritten
+
+
+def test_a_killed_rank_is_named_instead_of_hanging(tmp_path: Path) -> None:
+    job = Job("train", 2, tmp_path, str(tmp_path / "run"), "1:2:kill", worker=WORKER)
+    codes = job.wait(timeout=90)
+    assert codes[1] == -9
+    assert codes[0] == 1, job.output(0)
+    result = job.result(0)
+    assert result["error"] == "RankUnresponsive"
+    assert result["ranks"] == [1]
+    assert "rank 1 (" in result["message"] and result["hosts"][0] in result["message"]
+    assert sys.platform != "win32"
