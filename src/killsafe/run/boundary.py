@@ -149,7 +149,7 @@ class StepBoundary:
         decision = self.decide(now, exiting, epoch_end)
         agreement = self._agree(_IDLE_VOTE if decision is NOTHING else vote_for(decision))
         if self._together and agreement.stop is not None and agreement.save is None:
-            decision, agreement = self._agree_exit(now, agreement.stop)
+            decision, agreement = self._agree_exit(now, agreement.stop, epoch_end)
         if agreement.stop is None and agreement.save is None:
             if now >= self._session.next_status:
                 self._session.write_status_at(now, "running")
@@ -180,15 +180,15 @@ class StepBoundary:
             save_reason = None  # no step ran in this session: nothing new to keep
         return self._decision(boundary.exiting, finished, stop_reason, save_reason)
 
-    def _agree_exit(self, now: float, reason: str) -> tuple[Decision, Agreement]:
+    def _agree_exit(self, now: float, reason: str, epoch_end: bool) -> tuple[Decision, Agreement]:
         """Another rank stops the run, and rank 0 had no save due: decide again, as a
         run that exits for ``reason``, so the exit checkpoint is rank 0's to call.
 
         Every rank gets here at the same boundary (the condition is the agreement's).
         """
         position = self._position
-        finished = position.total is not None and position.step >= position.total
-        boundary = self._policy_view(now, True)
+        finished = position.reached_end
+        boundary = self._policy_view(now, True, epoch_end)
         save_reason = self._save_policy.should_save(boundary)
         if not boundary.requested and position.step == position.session_start:
             save_reason = None  # no step ran in this session: nothing new to keep
