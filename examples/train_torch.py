@@ -1,12 +1,13 @@
 """PyTorch training that survives Ctrl+C, SIGTERM, SIGKILL and crashes.
 
 An encoder/decoder regression model with two optimizers and two learning-rate
-schedulers, trained epoch by epoch on a synthetic data set; one step is one
-batch, so a stop in the middle of an epoch resumes at the very next batch.
-Each epoch ends with a validation pass; the best checkpoint by ``val_loss`` is
-kept besides the newest ones. The model configuration is saved in every
-checkpoint, so the model can be rebuilt from a checkpoint alone, and the
-encoder can be loaded on its own::
+schedulers, trained epoch by epoch on a synthetic data set with a shuffled
+``DataLoader``. ``run.epochs()`` and ``run.batches()`` make one batch one
+step, so a stop in the middle of an epoch resumes at the very next batch, and
+the validation pass at each epoch's end runs exactly once per epoch. The best
+checkpoint by ``val_loss`` is kept besides the newest ones. The model
+configuration is saved in every checkpoint, so the model can be rebuilt from
+a checkpoint alone, and the encoder can be loaded on its own::
 
     python examples/train_torch.py --dir runs/torch          # Ctrl+C, then again:
     python examples/train_torch.py --dir runs/torch          # continues
@@ -34,7 +35,6 @@ import torch
 from torch import nn
 
 import killsafe
-from killsafe.integrations.torch import ResumableLoader
 
 
 def build_encoder(config: dict[str, Any]) -> nn.Module:
@@ -96,13 +96,13 @@ def main(argv: list[str] | None = None) -> None:
     encoder, decoder = build_encoder(config), build_decoder(config)
     enc_opt = torch.optim.AdamW(encoder.parameters(), lr=3e-3, weight_decay=1e-4)
     dec_opt = torch.optim.SGD(decoder.parameters(), lr=5e-2, momentum=0.9)
-    train = ResumableLoader(
+    train = torch.utils.data.DataLoader(
         make_data(config, config["train_size"], seed=1),
         batch_size=config["batch_size"],
         shuffle=True,
-        seed=args.seed,
+        generator=torch.Generator().manual_seed(args.seed),
     )
-    per_epoch = train.batches_per_epoch()
+    per_epoch = len(train)
     total = per_epoch * config["epochs"]
     enc_sched = torch.optim.lr_scheduler.StepLR(enc_opt, step_size=per_epoch, gamma=0.7)
     dec_sched = torch.optim.lr_scheduler.CosineAnnealingLR(dec_opt, T_max=total)
@@ -120,7 +120,6 @@ def main(argv: list[str] | None = None) -> None:
 
     with killsafe.Run.from_args(
         args,
-        total_steps=total,
         save_every_steps=max(1, per_epoch // 2),
         best=("val_loss", "min"),
         keep_last=2,
@@ -134,27 +133,24 @@ def main(argv: list[str] | None = None) -> None:
             dec_opt=dec_opt,
             enc_sched=enc_sched,
             dec_sched=dec_sched,
-            data=train,
             best={"val_loss": float("inf"), "epoch": -1},
         )
-        batches = train.forever()
-        for step in run.steps():
-            x, y = next(batches)
-            loss = loss_fn(decoder(encoder(x)), y)
-            enc_opt.zero_grad()
-            dec_opt.zero_grad()
-            loss.backward()
-            enc_opt.step()
-            dec_opt.step()
-            enc_sched.step()
-            dec_sched.step()
-            metrics: dict[str, float] = {"loss": loss.item()}
-            if (step + 1) % per_epoch == 0:  # the end of an epoch
-                metrics["val_loss"] = validate()
-                best = run.state["best"]
-                if metrics["val_loss"] < best["val_loss"]:
-                    best.update(val_loss=metrics["val_loss"], epoch=(step + 1) // per_epoch)
-            run.log(**metrics)
+        for epoch in run.epochs(config["epochs"]):
+            for x, y in run.batches(train):  # one batch is one step
+                loss = loss_fn(decoder(encoder(x)), y)
+                enc_opt.zero_grad()
+                dec_opt.zero_grad()
+                loss.backward()
+                enc_opt.step()
+                dec_opt.step()
+                enc_sched.step()
+                dec_sched.step()
+                run.log(loss=loss.item())
+            val_loss = validate()  # the epoch's end code: once per epoch, across resumes too
+            best = run.state["best"]
+            if val_loss < best["val_loss"]:
+                best.update(val_loss=val_loss, epoch=epoch + 1)
+            run.log(val_loss=val_loss)
     if run.exit_reason != "finished":
         return
     best = run.state["best"]

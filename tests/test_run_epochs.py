@@ -68,6 +68,22 @@ def test_a_stopped_shuffled_loader_resumes_mid_epoch_with_the_batches_of_an_unin
     assert [x for x in seen if isinstance(x, str)] == ["end 0", "end 1", "end 2"]
 
 
+def test_a_stop_at_an_epoch_boundary_resumes_the_next_shuffle_from_the_loaders_generator(
+    tmp_path: Path,
+) -> None:
+    """The loader's own generator is not tracked: the data position carries it across epochs."""
+
+    def loader() -> DataLoader[int]:
+        generator = torch.Generator().manual_seed(7)
+        return DataLoader(Counting(12), batch_size=4, shuffle=True, generator=generator)
+
+    _, reference = train(tmp_path / "ref", loader, 3)
+    run, _ = train(tmp_path / "run", loader, 3, stop_at=6)  # the last batch of epoch 1
+    assert (run.epoch, run.batch_index, run.step) == (2, 0, 6)  # stopped after its end code
+    _, seen = train(tmp_path / "run", loader, 3)
+    assert seen == reference
+
+
 def test_position_and_len_inside_the_loop(tmp_path: Path) -> None:
     loader = DataLoader(list(range(10)), batch_size=3)
     where = []

@@ -130,9 +130,11 @@ def _is_torch_loader(value: Any) -> bool:
 class LoaderSource:
     """A ``torch.utils.data.DataLoader``, iterated as torch does and resumed by index.
 
-    ``state()`` is ``None`` at an epoch's start, else ``{"rng": ..., "generators":
-    [...]}``: the global torch RNG state and the states of the loader's and
-    samplers' own generators just before the epoch's iterator was made. A
+    ``state()`` is, within an epoch, ``{"rng": ..., "generators": [...]}``:
+    the global torch RNG state and the states of the loader's and samplers'
+    own generators just before the epoch's iterator was made; between epochs,
+    ``{"generators": [...]}``: where those generators stand (the next epoch's
+    shuffle is drawn from them; the global RNG is the run's to restore). A
     resume mid-epoch sets them on copies, draws what torch draws when it
     starts an epoch (the workers' base seed, then the shuffle), skips the
     indices of the batches already done, and loads only the rest; the
@@ -159,6 +161,8 @@ class LoaderSource:
             if hasattr(sampler, "set_epoch"):  # DistributedSampler's reshuffle
                 sampler.set_epoch(epoch)
         if skip == 0 or saved is None:
+            if saved is not None:  # an epoch's start: the generators as the last epoch left them
+                self._set_generators(saved)
             self._start = {
                 "rng": torch.get_rng_state(),
                 "generators": [g.get_state() for g in self._generators()],
@@ -168,10 +172,24 @@ class LoaderSource:
         return self._resume(skip, saved)
 
     def state(self) -> Any:
+        if self._start is None:  # between epochs: where the own generators stand
+            return {"generators": [g.get_state() for g in self._generators()]}
         return self._start
 
     def end_epoch(self) -> None:
         self._start = None
+
+    def _set_generators(self, saved: Mapping[str, Any]) -> None:
+        generators = self._generators()
+        states = list(saved.get("generators") or [])
+        if len(states) != len(generators):
+            raise StateMismatch(
+                f"the data position was saved with {len(states)} torch generator(s) on the "
+                f"DataLoader and its samplers, now there are {len(generators)}; build the "
+                "DataLoader as the run that saved it did"
+            )
+        for generator, state in zip(generators, states, strict=True):
+            generator.set_state(state)
 
     def length(self) -> int | None:
         return _sized_length(self._loader)
@@ -185,16 +203,9 @@ class LoaderSource:
         loader = self._loader
         generators = self._generators()
         states = list(saved.get("generators") or [])
-        if len(states) != len(generators):
-            raise StateMismatch(
-                f"the data position was saved with {len(states)} torch generator(s) on the "
-                f"DataLoader and its samplers, now there are {len(generators)}; build the "
-                "DataLoader as the run that saved it did"
-            )
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(saved["rng"])
-            for generator, state in zip(generators, states, strict=True):
-                generator.set_state(state)
+            self._set_generators(saved)
             # What iter(DataLoader) draws first: the base seed of its workers.
             base = torch.Generator()
             base.set_state(_state_before_base_seed(loader, generators, states, saved["rng"]))
