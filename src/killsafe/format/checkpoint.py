@@ -26,7 +26,14 @@ from killsafe.format.codec import (
     needed_entries,
     select_subtree,
 )
-from killsafe.format.io import BackgroundFsync, FastWrite, corrupt, missing_file, write_json_file
+from killsafe.format.io import (
+    BackgroundFsync,
+    FastWrite,
+    Where,
+    corrupt,
+    missing_file,
+    write_json_file,
+)
 from killsafe.format.manifest import (
     CHECKSUM_FIELD,
     FORMAT_NAME,
@@ -233,6 +240,11 @@ def read_tree(
     needed: set[str] = set()
     needed_entries(node, needed)
     buffers = load_buffers(directory, manifest, needed, not subtree, mmap, verify)
+    return decode_tree(directory, node, buffers)
+
+
+def decode_tree(directory: Where, node: Any, buffers: dict[str, tuple[Any, int, int]]) -> Any:
+    """Rebuild a checked tree node from its entries' buffers; ``CorruptCheckpoint`` if malformed."""
     try:
         return Decoder(directory, buffers).decode(node)
     except RecursionError as exc:
