@@ -10,13 +10,20 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from killsafe import CheckpointStore, storage
 from killsafe import format as fmt
-from killsafe.errors import CheckpointExists, ConfigError, SaveFailed, StoreLocked
+from killsafe.errors import (
+    CheckpointExists,
+    ConfigError,
+    CorruptCheckpoint,
+    SaveFailed,
+    StoreLocked,
+)
 from killsafe.storage.faults import FaultyBackend
 from killsafe.storage.memory import MemoryBackend
 from killsafe.store.manifest_commit import new_attempt
@@ -166,3 +173,37 @@ def test_a_large_state_goes_up_in_parts(s3_url: str) -> None:
         store.save(state, step=1)
         assert np.array_equal(store.load()["w"], state["w"])
         store.verify(1)
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_import_from_copies_a_local_checkpoint_up_and_back(
+    url: str, tmp_path: Path, compression: str | None
+) -> None:
+    local = CheckpointStore(tmp_path / "local", compression=compression)
+    local.save(_state(3, 50_000), step=3, metrics={"loss": 0.5}, name="warm")
+    with CheckpointStore(url, keep_last=1) as remote:
+        copied = remote.import_from(local, "warm")
+        assert (copied.step, copied.name, copied.metrics) == (3, "warm", {"loss": 0.5})
+        remote.verify(copied)
+        assert np.array_equal(remote.load("warm")["w"], _state(3, 50_000)["w"])
+    back = CheckpointStore(tmp_path / "back")
+    back.import_from(CheckpointStore(url), 3)
+    back.verify(3)
+    assert back.load()["name"] == "s3"
+    local.close()
+    back.close()
+
+
+def test_import_from_refuses_a_corrupt_source_and_commits_nothing(url: str, tmp_path: Path) -> None:
+    local = CheckpointStore(tmp_path / "local")
+    info = local.save(_state(1, 10_000), step=1)
+    local.close()
+    tensors = info.path / fmt.TENSOR_FILE
+    data = bytearray(tensors.read_bytes())
+    data[-1] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    with CheckpointStore(url) as remote:
+        with pytest.raises(CorruptCheckpoint, match="does not match its checksum"):
+            remote.import_from(local, 1)
+        assert remote.list() == []
+    assert not [key for key in _keys(url) if key.startswith("step-")]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import builtins
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from killsafe import format as fmt
 from killsafe.errors import CheckpointNotFound, ConfigError, CorruptCheckpoint, UnsupportedFormat
 from killsafe.format import CheckpointInfo
 from killsafe.retention import best_of
+from killsafe.store import transfer
 
 __all__ = ["Catalog", "verifies"]
 
@@ -81,6 +82,14 @@ class Catalog:
                 self.warn_once(entry.path, f"skipping {entry.path}: {exc}")
         infos.sort(key=lambda info: (info.step, info.created))
         return infos
+
+    def manifest_of(self, path: Path) -> dict[str, Any]:
+        """The checked manifest of the checkpoint at ``path``."""
+        return fmt.read_manifest(path)
+
+    def file_chunks(self, path: Path, manifest: dict[str, Any], name: str) -> Iterator[memoryview]:
+        """The bytes of one of the checkpoint's files, chunk by chunk."""
+        return transfer.local_chunks(path, name)
 
     def place(self, name: str) -> Path:
         """Where the checkpoint called ``name`` (``step-000500``) lives."""

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from killsafe import directio
 from killsafe import format as fmt
 from killsafe.errors import CheckpointExists, KillsafeError, SaveFailed
 from killsafe.host import fsync_directory
+from killsafe.store import transfer
 from killsafe.store.failures import free_space, io_error
 from killsafe.store.naming import TMP_PREFIX
 
@@ -80,6 +82,18 @@ class RenameCommit:
                 f"{exc.strerror or exc} ({free_space(self.directory)}); free disk space or "
                 "check the device (earlier checkpoints are intact)"
             ) from exc
+
+    def adopt(
+        self, staging: Staging, manifest: dict[str, Any], files: dict[str, Iterator[memoryview]]
+    ) -> dict[str, Any]:
+        """Write a copied checkpoint's files and manifest into the staging directory."""
+        copy = transfer.restamp(manifest, None)
+        try:
+            transfer.write_local(staging.tmp_path, files)
+            transfer.write_manifest_file(staging.tmp_path, copy)
+        except OSError as exc:
+            raise io_error("copying a checkpoint into", staging.tmp_path, exc) from exc
+        return copy
 
     def commit(self, staging: Staging) -> None:
         """Rename a written staging directory into place, durably; abort it on failure."""

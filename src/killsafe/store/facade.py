@@ -21,6 +21,7 @@ from killsafe.errors import CheckpointExists, ConfigError, SaveFailed
 from killsafe.format import CheckpointInfo
 from killsafe.retention import Retention
 from killsafe.state import capture
+from killsafe.store import transfer
 from killsafe.store.commit import Staging
 from killsafe.store.medium import DEFAULT_LEASE_TTL, open_medium
 from killsafe.store.naming import checkpoint_dirname, sanitize_name
@@ -330,6 +331,31 @@ class CheckpointStore:
             if self.retention.prunes:
                 self._prune(dry_run=False)
             return info
+
+    def import_from(self, other: CheckpointStore, ref: Any = "latest") -> CheckpointInfo:
+        """Copy a committed checkpoint of ``other`` (any medium) into this store; commit it.
+
+        The files' bytes are streamed as they are, checked against the
+        source's checksums on the way, and committed as this medium commits
+        (rename locally, manifest last on object stores); retention then
+        applies. Raises what ``save`` raises, and ``CorruptCheckpoint`` when
+        the source's bytes do not match (nothing is committed then).
+        """
+        info = other.get(ref)
+        manifest = other._catalog.manifest_of(info.path)
+        files = {
+            name: transfer.checked(
+                info.location, name, meta, other._catalog.file_chunks(info.path, manifest, name)
+            )
+            for name, meta in manifest["files"].items()
+        }
+        staging = self.begin(info.step, name=info.name)
+        try:
+            staging.manifest = self._committer.adopt(staging, manifest, files)
+        except BaseException:
+            self.abort(staging)
+            raise
+        return self.commit(staging)
 
     def abort(self, staging: Staging) -> None:
         """Remove a staging directory that will not be committed."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from killsafe.format import CheckpointInfo
 from killsafe.format.io import corrupt
 from killsafe.format.keyed import data_prefix, read_manifest_at, read_tree_at, verify_at
 from killsafe.storage import Backend
+from killsafe.store import transfer
 from killsafe.store.catalog import Catalog
 from killsafe.store.manifest_commit import manifest_key
 
@@ -44,6 +46,13 @@ class KeyedCatalog(Catalog):
 
     def url_of(self, path: Path | str) -> str:
         return f"{self.backend.url}{path}"
+
+    def manifest_of(self, path: Path) -> dict[str, Any]:
+        return self._manifest(path)
+
+    def file_chunks(self, path: Path, manifest: dict[str, Any], name: str) -> Iterator[memoryview]:
+        prefix = data_prefix(str(path), manifest, self.url_of(path))
+        return transfer.object_chunks(self.backend, prefix + name)
 
     def place(self, name: str) -> Path:
         return Path(name)

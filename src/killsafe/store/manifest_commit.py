@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from killsafe.errors import CheckpointExists, CheckpointNotFound, KeyExists, Kil
 from killsafe.format.io import json_file_bytes
 from killsafe.format.keyed import read_manifest_at, write_files
 from killsafe.storage import Backend
+from killsafe.store import transfer
 from killsafe.store.commit import Staging
 from killsafe.store.lease_lock import LEASE_PREFIX, LeaseLock
 
@@ -93,6 +95,13 @@ class ManifestLastCommit:
             compression=compression,
             **fields,
         )
+
+    def adopt(
+        self, staging: Staging, manifest: dict[str, Any], files: dict[str, Iterator[memoryview]]
+    ) -> dict[str, Any]:
+        """Upload a copied checkpoint's files under the attempt; return its manifest."""
+        transfer.write_objects(self.backend, f"{staging.tmp_path}/", files)
+        return transfer.restamp(manifest, staging.tmp_path.name)
 
     def commit(self, staging: Staging) -> None:
         """Write the manifest, create-only: the commit point.

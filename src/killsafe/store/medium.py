@@ -9,6 +9,7 @@ holds whichever it is given and never asks which.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +33,10 @@ class Committer(Protocol):
 
     def write(
         self, staging: Staging, encoded: fmt.Encoded, *, compression: str | None, **fields: Any
+    ) -> dict[str, Any]: ...
+
+    def adopt(
+        self, staging: Staging, manifest: dict[str, Any], files: dict[str, Iterator[memoryview]]
     ) -> dict[str, Any]: ...
 
     def commit(self, staging: Staging) -> None: ...
