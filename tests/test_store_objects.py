@@ -207,3 +207,13 @@ def test_import_from_refuses_a_corrupt_source_and_commits_nothing(url: str, tmp_
             remote.import_from(local, 1)
         assert remote.list() == []
     assert not [key for key in _keys(url) if key.startswith("step-")]
+
+
+def test_a_fork_snapshot_asked_for_by_the_environment_copies_instead(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KILLSAFE_SNAPSHOT", "fork")
+    with CheckpointStore(url) as store:
+        pending = store.save_async(_state(2), step=2)
+        assert pending is not None and pending.wait().step == 2
+        assert store.load()["step"] == 2
