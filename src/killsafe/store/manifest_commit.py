@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from killsafe import format as fmt
-from killsafe.errors import CheckpointExists, CheckpointNotFound, KeyExists, KillsafeError
+from killsafe.errors import (
+    CheckpointExists,
+    CheckpointNotFound,
+    KeyExists,
+    KillsafeError,
+    SaveFailed,
+    StorageError,
+)
 from killsafe.format.io import json_file_bytes
 from killsafe.format.keyed import read_manifest_at, write_files
 from killsafe.storage import Backend
@@ -124,6 +131,9 @@ class ManifestLastCommit:
                 "while saving; not replaced",
                 path=staging.final_path,
             ) from exc
+        except StorageError as exc:  # the lease could not be read: nothing committed
+            self.abort(staging)
+            raise SaveFailed(f"{exc}; the checkpoint was not committed") from exc
         except KillsafeError:
             self.abort(staging)
             raise
@@ -135,8 +145,11 @@ class ManifestLastCommit:
         (the answer was lost), and its data must then stay.
         """
         attempt = staging.tmp_path.name
-        if attempt not in self._committed_attempts(str(staging.final_path)):
-            self._delete_under(f"{staging.tmp_path}/")
+        try:
+            if attempt not in self._committed_attempts(str(staging.final_path)):
+                self._delete_under(f"{staging.tmp_path}/")
+        except KillsafeError as exc:  # the medium failed again: the sweep removes it later
+            log.warning("could not remove the attempt %s: %s", staging.tmp_path, exc)
 
     def remove(self, path: Path) -> None:
         """Delete a committed checkpoint: its manifest first (gone at once), then its data."""
