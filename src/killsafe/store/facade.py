@@ -78,13 +78,19 @@ class CheckpointStore:
     """A directory of checkpoints with atomic commits and retention.
 
     Args:
-        directory: where checkpoints live; created at the first save.
+        directory: where checkpoints live: a directory (created at the first
+            save), a ``s3://``, ``gs://``, ``az://`` or ``memory://`` URL, or a
+            ``storage.Backend`` (see docs/storage.md).
         keep_last: keep this many newest unnamed checkpoints (None: all).
         keep_best: keep this many best on ``best`` as well.
         best: ``(metric, "min"|"max")`` ranking checkpoints by a metric.
         compression: None or ``"zstd"`` (multithreaded) for the tensor file.
         snapshot: how ``save_async`` snapshots the state: ``"auto"``,
-            ``"fork"`` or ``"copy"`` (see ``killsafe.saver``).
+            ``"fork"`` or ``"copy"`` (see ``killsafe.saver``); local directories only
+            fork.
+        lease_ttl: object stores: how long the write lease lasts unrenewed (seconds).
+        sweep_after: object stores: attempts no manifest names are removed once
+            this old (seconds; default ``lease_ttl``).
 
     Thread safety: mutating calls are serialized by an internal lock, so a
     background saver may ``commit`` while the main thread reads. One process
