@@ -279,7 +279,10 @@ class BackgroundSaver:
         self.check()
         started = time.perf_counter()
         tree = capture(state)
-        strategy = choose_strategy(tree, self.strategy)
+        # A forked child writes into a local directory only; object stores
+        # are uploaded by this process's threads (KILLSAFE_SNAPSHOT=fork too).
+        local = getattr(self.store, "is_local", True)
+        strategy = choose_strategy(tree, self.strategy) if local else "copy"
         staged = self._staging.stage(tree) if strategy == "copy" else Staged()
         encoded = fmt.encode(tree, host_copies=staged.copies)  # while the device copies run
         staging = self.store.begin(step, name=name)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from killsafe import storage
 from killsafe.cli.common import (
     EXIT_FAILED_CHECK,
     EXIT_OK,
@@ -26,6 +27,7 @@ from killsafe.cli.common import (
     print_json,
     print_table,
 )
+from killsafe.cli.locations import Place, path_or_url, split_url
 from killsafe.errors import CheckpointNotFound, ConfigError, CorruptCheckpoint, UnsupportedFormat
 from killsafe.rundir import CHECKPOINTS_DIR, RUN_FILE, RunReader
 
@@ -36,7 +38,7 @@ WHAT_DIR = "a run directory or a checkpoints directory"
 class _Location:
     """What a DIR argument points at."""
 
-    store_dir: Path
+    store_dir: Place
     run_dir: Path | None
 
 
@@ -48,11 +50,16 @@ class _Entry:
     info: Any  # format.CheckpointInfo, or None when the manifest is unreadable
     problem: str | None = None
     marks: list[str] = field(default_factory=list)
+    url: str | None = None  # on an object store
+
+    @property
+    def location(self) -> str:
+        return self.url or str(self.path)
 
     def to_json(self) -> dict[str, Any]:
         info = self.info
         return {
-            "path": str(self.path),
+            "path": self.location,
             "step": None if info is None else info.step,
             "name": None if info is None else info.name,
             "reason": None if info is None else info.reason,
@@ -67,7 +74,9 @@ class _Entry:
         }
 
 
-def _locate(path: Path) -> _Location:
+def _locate(path: Place) -> _Location:
+    if isinstance(path, str):
+        return _Location(store_dir=path, run_dir=None)
     existing_directory(path, WHAT_DIR)
     if (path / MANIFEST_FILE).exists():
         raise ConfigError(f"{path} is one checkpoint; give {WHAT_DIR} (or use inspect)")
@@ -80,20 +89,26 @@ def _locate(path: Path) -> _Location:
     return _Location(store_dir=path, run_dir=run_dir)
 
 
-def _open_store(store_dir: Path) -> Any:
+def _open_store(store_dir: Place) -> Any:
     from killsafe.store import CheckpointStore
 
     return CheckpointStore(store_dir)
 
 
-def _checkpoint_dirs(store_dir: Path) -> list[Path]:
-    """The committed checkpoint directories (``step-*``); ``.tmp-*`` ones are never read."""
+def _checkpoint_dirs(store_dir: Place) -> list[Path]:
+    """The committed checkpoint directories (``step-*``); ``.tmp-*`` ones are never read.
+
+    On an object store: the keys of the checkpoints whose manifest is there.
+    """
+    if isinstance(store_dir, str):
+        names = {i.key.split("/")[0] for i in storage.open(store_dir).list("step-")}
+        return sorted(Path(name) for name in names)
     if not store_dir.is_dir():
         return []
     return sorted(p for p in store_dir.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
 
-def _entries(store_dir: Path, *, verify: bool) -> list[_Entry]:
+def _entries(store_dir: Place, *, verify: bool) -> list[_Entry]:
     """Every checkpoint of ``store_dir`` in step order; unreadable ones last, with the problem."""
     store = _open_store(store_dir)
     good: list[_Entry] = []
@@ -102,9 +117,11 @@ def _entries(store_dir: Path, *, verify: bool) -> list[_Entry]:
         try:
             info = store.listed(path)
         except (CorruptCheckpoint, UnsupportedFormat, CheckpointNotFound) as exc:
-            bad.append(_Entry(path, None, problem=str(exc)))
+            url = f"{store.location}{path}" if isinstance(store_dir, str) else None
+            if not (url and isinstance(exc, CheckpointNotFound)):  # data of an attempt only
+                bad.append(_Entry(path, None, problem=str(exc), url=url))
             continue
-        entry = _Entry(path, info)
+        entry = _Entry(path, info, url=info.url)
         if verify:
             entry.problem = _verify_problem(store, path)
         good.append(entry)
@@ -151,7 +168,7 @@ def add_list(commands: Commands) -> None:
         description="List the checkpoints of DIR (a run directory or its checkpoints "
         "directory): step, name, reason, created, size, metrics and marks.",
     )
-    p.add_argument("directory", type=Path, metavar="DIR", help=WHAT_DIR)
+    p.add_argument("directory", type=path_or_url, metavar="DIR", help=WHAT_DIR)
     p.add_argument("--verify", action="store_true", help="also check every checksum")
     _add_best_flags(p)
     add_json_flag(p)
@@ -188,7 +205,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print_table(headers, [_list_row(e) for e in entries])
         for entry in entries:
             if entry.problem is not None:
-                sys.stdout.write(f"corrupt: {entry.path}: {entry.problem}\n")
+                sys.stdout.write(f"corrupt: {entry.location}: {entry.problem}\n")
     return EXIT_FAILED_CHECK if args.verify and any(e.problem for e in entries) else EXIT_OK
 
 
@@ -215,13 +232,17 @@ def add_verify(commands: Commands) -> None:
         description="Check the sizes and checksums of every file of every checkpoint in "
         "DIR, or of the one checkpoint CKPT. Exit 1 when any fails, naming each.",
     )
-    p.add_argument("path", type=Path, metavar="DIR|CKPT", help=f"{WHAT_DIR}, or a checkpoint")
+    p.add_argument(
+        "path", type=path_or_url, metavar="DIR|CKPT", help=f"{WHAT_DIR}, or a checkpoint"
+    )
     add_json_flag(p)
     p.set_defaults(handler=_cmd_verify)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    path = existing_directory(args.path, f"{WHAT_DIR}, or a checkpoint")
+    path = args.path
+    if not isinstance(path, str):
+        existing_directory(path, f"{WHAT_DIR}, or a checkpoint")
     entries = _verified_entries(path)
     bad = [e for e in entries if e.problem is not None]
     if args.json:
@@ -233,15 +254,22 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if bad:
         sys.stderr.write(
             f"killsafe verify: {len(bad)} of {len(entries)} checkpoint(s) failed: "
-            + ", ".join(str(e.path) for e in bad)
+            + ", ".join(e.location for e in bad)
             + "\n"
         )
         return EXIT_FAILED_CHECK
     return EXIT_OK
 
 
-def _verified_entries(path: Path) -> list[_Entry]:
+def _verified_entries(path: Place) -> list[_Entry]:
     """The one checkpoint ``path`` is, or every checkpoint under it, each verified."""
+    if isinstance(path, str):
+        if path.rpartition("/")[2].startswith("step-"):
+            parent, name = split_url(path)
+            store = _open_store(parent)
+            info = store.get(name)
+            return [_Entry(info.path, info, _verify_problem(store, info.path), url=info.url)]
+        return _entries(path, verify=True)
     if (path / MANIFEST_FILE).exists():
         store = _open_store(path.parent)
         info = store.get(path)  # a manifest that cannot be read is bad input: exit 2
@@ -252,7 +280,7 @@ def _verified_entries(path: Path) -> list[_Entry]:
 def _verdicts(entries: list[_Entry]) -> list[dict[str, Any]]:
     return [
         {
-            "path": str(e.path),
+            "path": e.location,
             "ok": e.problem is None,
             "problem": e.problem,
             "manifest_checksum": e.info is not None and e.info.manifest_checksum,
@@ -266,7 +294,7 @@ def _write_verdicts(entries: list[_Entry]) -> None:
         verdict = "ok" if entry.problem is None else f"CORRUPT: {entry.problem}"
         if entry.problem is None and not entry.info.manifest_checksum:
             verdict += " (no manifest checksum: written by an older version)"
-        sys.stdout.write(f"{entry.path}: {verdict}\n")
+        sys.stdout.write(f"{entry.location}: {verdict}\n")
 
 
 def add_prune(commands: Commands) -> None:
@@ -277,7 +305,7 @@ def add_prune(commands: Commands) -> None:
         "verified checkpoint, the best ones and named ones are never deleted unless "
         "named with --delete.",
     )
-    p.add_argument("directory", type=Path, metavar="DIR", help=WHAT_DIR)
+    p.add_argument("directory", type=path_or_url, metavar="DIR", help=WHAT_DIR)
     p.add_argument(
         "--keep-last",
         type=int,
@@ -326,12 +354,12 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         )
     else:
         for info in removed:
-            sys.stdout.write(f"{verb} {info.path} (step {info.step})\n")
+            sys.stdout.write(f"{verb} {info.location} (step {info.step})\n")
         sys.stdout.write(f"{verb} {len(removed)} checkpoint(s)\n")
     return EXIT_OK
 
 
-def _prune(args: argparse.Namespace, store_dir: Path, best: tuple[str, str] | None) -> list[Any]:
+def _prune(args: argparse.Namespace, store_dir: Place, best: tuple[str, str] | None) -> list[Any]:
     """Delete (unless ``--dry-run``) what retention drops and what ``--delete`` names.
 
     Retention applies only with ``--keep-last``; the newest checkpoint that
@@ -371,7 +399,7 @@ def _reference(text: str) -> str | int:
 
 def _info_json(info: Any) -> dict[str, Any]:
     return {
-        "path": str(info.path),
+        "path": info.location,
         "step": info.step,
         "name": info.name,
         "reason": info.reason,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from killsafe.cli.common import (
@@ -17,7 +16,8 @@ from killsafe.cli.common import (
     print_json,
     print_table,
 )
-from killsafe.cli.tree import checkpoint_summary, read_checkpoint_manifest
+from killsafe.cli.locations import Checkpoint, path_or_url
+from killsafe.cli.tree import checkpoint_summary, open_checkpoint
 
 if TYPE_CHECKING:
     from killsafe.format.walk import TreeNode
@@ -33,15 +33,16 @@ def add_commands(commands: Commands) -> None:
         "one, and for every value in both whether it changed (for tensors and arrays, the "
         "largest absolute difference). Tensors are loaded one pair at a time, memory-mapped.",
     )
-    p.add_argument("a", type=Path, metavar="A", help="a checkpoint directory")
-    p.add_argument("b", type=Path, metavar="B", help="another checkpoint directory")
+    p.add_argument("a", type=path_or_url, metavar="A", help="a checkpoint directory or URL")
+    p.add_argument("b", type=path_or_url, metavar="B", help="another checkpoint directory or URL")
     add_json_flag(p)
     p.set_defaults(handler=_cmd_diff)
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
-    manifests = read_checkpoint_manifest(args.a), read_checkpoint_manifest(args.b)
-    summaries = [checkpoint_summary(p, m) for p, m in zip((args.a, args.b), manifests, strict=True)]
+    a, b = open_checkpoint(args.a), open_checkpoint(args.b)
+    manifests = a.manifest, b.manifest
+    summaries = [checkpoint_summary(c.where, c.manifest) for c in (a, b)]
     result: dict[str, Any] = {
         "a": summaries[0],
         "b": summaries[1],
@@ -49,7 +50,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         "metrics": _compare_mapping(manifests[0]["metrics"], manifests[1]["metrics"]),
         "metadata": _compare_mapping(manifests[0]["metadata"], manifests[1]["metadata"]),
     }
-    result.update(_compare_trees(args.a, args.b, *manifests))
+    result.update(_compare_trees(a, b, *manifests))
     if args.json:
         print_json(result)
     else:
@@ -78,7 +79,7 @@ def _compare_mapping(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str
 
 
 def _compare_trees(
-    path_a: Path, path_b: Path, manifest_a: dict[str, Any], manifest_b: dict[str, Any]
+    path_a: Checkpoint, path_b: Checkpoint, manifest_a: dict[str, Any], manifest_b: dict[str, Any]
 ) -> dict[str, Any]:
     from killsafe.format.walk import CONTAINERS, walk
 
@@ -121,8 +122,8 @@ def _changed_counts(values: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 
 
 def _compare_leaf(
-    path_a: Path,
-    path_b: Path,
+    path_a: Checkpoint,
+    path_b: Checkpoint,
     manifest_a: dict[str, Any],
     manifest_b: dict[str, Any],
     a: TreeNode,
@@ -152,8 +153,8 @@ def _compare_leaf(
 
 
 def _generator_changed(
-    path_a: Path,
-    path_b: Path,
+    path_a: Checkpoint,
+    path_b: Checkpoint,
     manifest_a: dict[str, Any],
     manifest_b: dict[str, Any],
     a: TreeNode,
@@ -179,8 +180,8 @@ def _generator_changed(
 
 
 def _compare_data(
-    path_a: Path,
-    path_b: Path,
+    path_a: Checkpoint,
+    path_b: Checkpoint,
     manifest_a: dict[str, Any],
     manifest_b: dict[str, Any],
     a: TreeNode,
@@ -195,16 +196,14 @@ def _compare_data(
     return {"changed": changed, "max_abs_diff": largest}
 
 
-def _read_leaf(path: Path, manifest: dict[str, Any], leaf: TreeNode) -> Any:
+def _read_leaf(path: Checkpoint, manifest: dict[str, Any], leaf: TreeNode) -> Any:
     """The value of one tensor, array or bytes node, and nothing else of the checkpoint.
 
     The node is decoded as a tree of its own (so any key works, dots and int
     keys included, unlike a dotted ``subtree``); memory-mapped, only its bytes
     are touched and their checksum verified.
     """
-    from killsafe.format import read_tree
-
-    return read_tree(path, {**manifest, "tree": leaf.node}, mmap=True)
+    return path.read({**manifest, "tree": leaf.node})
 
 
 def _difference(a: Any, b: Any) -> tuple[bool, float | None]:

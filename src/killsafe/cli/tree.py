@@ -20,8 +20,22 @@ from killsafe.cli.common import (
     print_json,
     print_table,
 )
+from killsafe.cli.locations import (
+    Checkpoint,
+    Place,
+    open_local_checkpoint,
+    open_url_checkpoint,
+    path_or_url,
+)
 from killsafe.errors import ConfigError
 from killsafe.rundir import CHECKPOINTS_DIR, json_default
+
+
+def open_checkpoint(place: Place) -> Checkpoint:
+    """The checkpoint at a path or URL, its manifest checked (bad input otherwise)."""
+    if isinstance(place, str):
+        return open_url_checkpoint(place)
+    return open_local_checkpoint(place, read_checkpoint_manifest(place))
 
 
 def read_checkpoint_manifest(path: Path) -> dict[str, Any]:
@@ -46,12 +60,17 @@ def add_commands(commands: Commands) -> None:
         "value's path and type, and the dtype, shape and size of tensors and arrays; "
         "a random generator's state is one line. Reads the manifest only.",
     )
-    p.add_argument("checkpoint", type=Path, metavar="CKPT", help="a checkpoint directory")
+    p.add_argument(
+        "checkpoint",
+        type=path_or_url,
+        metavar="CKPT",
+        help="a checkpoint directory, or its URL (s3://bucket/prefix/step-000100)",
+    )
     add_json_flag(p)
     p.set_defaults(handler=_cmd_inspect)
 
 
-def checkpoint_summary(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def checkpoint_summary(path: Path | str, manifest: dict[str, Any]) -> dict[str, Any]:
     from killsafe.format import checkpoint_nbytes
 
     files = {
@@ -94,8 +113,9 @@ def _sharded_nodes(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from killsafe.format.walk import walk
 
-    manifest = read_checkpoint_manifest(args.checkpoint)
-    summary = checkpoint_summary(args.checkpoint, manifest)
+    checkpoint = open_checkpoint(args.checkpoint)
+    manifest = checkpoint.manifest
+    summary = checkpoint_summary(checkpoint.where, manifest)
     if "world_size" in manifest:
         nodes = _sharded_nodes(manifest)
     else:

@@ -30,6 +30,7 @@ from killsafe.format.codec import (
 from killsafe.format.io import (
     BackgroundFsync,
     FastWrite,
+    Where,
     corrupt,
     missing_file,
     open_regular,
@@ -76,10 +77,8 @@ def write_encoded(
     manifest. Raises ``ConfigError`` for bad metrics/metadata/compression
     and lets ``OSError`` through (the store turns it into ``SaveFailed``).
     """
-    if compression not in (None, "zstd"):
-        raise ConfigError(f"compression {compression!r} is not supported; use None or 'zstd'")
-    clean_metrics = clean_json(dict(metrics or {}), "metrics")
-    clean_metadata = clean_json(dict(metadata or {}), "metadata")
+    check_compression(compression)
+    metrics, metadata = clean_fields(metrics, metadata)
     directory = Path(directory)
     files: dict[str, Any] = {}
     tensors: dict[str, Any] = {"entries": {}}
@@ -90,33 +89,85 @@ def write_encoded(
             directory, header, encoded.entries, compression, fast_write
         )
         files[file_name] = file_info
-        for key, row in table.items():
-            row["xxh3"] = digests["entries"][key]
-        tensors = {
-            "file": file_name,
-            "header_size": len(header),
-            "header_xxh3": digests["header"],
-            "entries": table,
-        }
-    manifest = {
+        tensors = tensor_table(file_name, header, table, digests)
+    manifest = build_manifest(
+        encoded,
+        files,
+        tensors,
+        step=step,
+        name=name,
+        reason=reason,
+        metrics=metrics,
+        metadata=metadata,
+        created=created,
+    )
+    try:
+        write_json_file(directory / MANIFEST_NAME, manifest)
+    finally:
+        if syncing is not None:
+            syncing.wait()
+    return manifest
+
+
+def clean_fields(
+    metrics: dict[str, Any] | None, metadata: dict[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Metrics and metadata as plain JSON, checked before anything is written."""
+    return clean_json(dict(metrics or {}), "metrics"), clean_json(dict(metadata or {}), "metadata")
+
+
+def check_compression(compression: str | None) -> None:
+    if compression not in (None, "zstd"):
+        raise ConfigError(f"compression {compression!r} is not supported; use None or 'zstd'")
+
+
+def tensor_table(
+    file_name: str, header: bytes, table: dict[str, Any], digests: dict[str, Any]
+) -> dict[str, Any]:
+    """The manifest's ``tensors`` section: the file, its header and each entry's checksum."""
+    for key, row in table.items():
+        row["xxh3"] = digests["entries"][key]
+    return {
+        "file": file_name,
+        "header_size": len(header),
+        "header_xxh3": digests["header"],
+        "entries": table,
+    }
+
+
+def build_manifest(
+    encoded: Encoded,
+    files: dict[str, Any],
+    tensors: dict[str, Any],
+    *,
+    step: int,
+    name: str | None,
+    reason: str | None,
+    metrics: dict[str, Any],
+    metadata: dict[str, Any],
+    created: float | None,
+    attempt: str | None = None,
+) -> dict[str, Any]:
+    """The manifest of written files, with its own checksum (``attempt``: object stores).
+
+    ``metrics`` and ``metadata`` come cleaned by ``clean_fields``.
+    """
+    manifest: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "step": step,
         "name": name,
         "reason": reason,
         "created": time.time() if created is None else created,
-        "metrics": clean_metrics,
-        "metadata": clean_metadata,
+        "metrics": metrics,
+        "metadata": metadata,
         "files": files,
         "tensors": tensors,
         "tree": encoded.tree,
     }
+    if attempt is not None:
+        manifest["attempt"] = attempt
     manifest[CHECKSUM_FIELD] = manifest_digest(manifest)
-    try:
-        write_json_file(directory / MANIFEST_NAME, manifest)
-    finally:
-        if syncing is not None:
-            syncing.wait()
     return manifest
 
 
@@ -198,6 +249,11 @@ def read_tree(
     needed: set[str] = set()
     needed_entries(node, needed)
     buffers = load_buffers(directory, manifest, needed, not subtree, mmap, verify)
+    return decode_tree(directory, node, buffers)
+
+
+def decode_tree(directory: Where, node: Any, buffers: dict[str, tuple[Any, int, int]]) -> Any:
+    """Rebuild a checked tree node from its entries' buffers; ``CorruptCheckpoint`` if malformed."""
     try:
         return Decoder(directory, buffers).decode(node)
     except RecursionError as exc:

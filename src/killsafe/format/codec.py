@@ -411,7 +411,9 @@ def needed_entries(node: Any, out: set[str]) -> None:
             needed_entries(value, out)
 
 
-def select_subtree(directory: Path, tree: dict[str, Any], subtree: str | None) -> dict[str, Any]:
+def select_subtree(
+    directory: Path | str, tree: dict[str, Any], subtree: str | None
+) -> dict[str, Any]:
     if not subtree:
         return tree
     node: Any = tree
@@ -452,7 +454,7 @@ def float_value(node: Mapping[str, Any]) -> float:
 
 
 class Decoder:
-    def __init__(self, directory: Path, buffers: dict[str, tuple[Any, int, int]]) -> None:
+    def __init__(self, directory: Path | str, buffers: dict[str, tuple[Any, int, int]]) -> None:
         self.directory = directory
         self.buffers = buffers
         self.bases: dict[str, Any] = {}

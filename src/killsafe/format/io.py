@@ -27,6 +27,8 @@ from killsafe.errors import (
     KillsafeError,
 )
 
+Where = Path | str
+"""A checkpoint named in messages: its directory, or its URL on an object store."""
 FastWrite = Callable[[int, list[memoryview]], bool]
 """A medium's faster way to fill a new, empty file (``O_DIRECT`` on a local disk):
 it writes every buffer and returns True, or writes nothing and returns False."""
@@ -128,7 +130,7 @@ def write_json_file(path: Path, data: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def corrupt(directory: Path, what: str) -> CorruptCheckpoint:
+def corrupt(directory: Where, what: str) -> CorruptCheckpoint:
     return CorruptCheckpoint(
         f"checkpoint {directory} is corrupt: {what}; restore it from a copy or load another one"
     )

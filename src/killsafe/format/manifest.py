@@ -34,7 +34,7 @@ from killsafe.errors import (
     CorruptCheckpoint,
     UnsupportedFormat,
 )
-from killsafe.format.io import corrupt, json_file_bytes, open_regular
+from killsafe.format.io import Where, corrupt, json_file_bytes, open_regular
 
 FORMAT_VERSION = 2  # 2: the manifest carries its own checksum; 1 is still read
 CHECKSUM_FIELD = "manifest_xxh3"
@@ -65,9 +65,17 @@ class CheckpointInfo:
     manifest_checksum: bool = True  # False: an older manifest without its own checksum
     world_size: int = 1  # processes that saved it (a sharded checkpoint: one file each)
     sharded: bool = False  # saved by a process group: one rank file each, a DCP plan
+    url: str | None = None  # on an object store: the checkpoint's URL (``path`` is its key)
+
+    @property
+    def location(self) -> str:
+        """Where the checkpoint lives, for people: its URL, or else its directory."""
+        return self.url if self.url is not None else str(self.path)
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any], path: Path) -> CheckpointInfo:
+    def from_manifest(
+        cls, manifest: dict[str, Any], path: Path, url: str | None = None
+    ) -> CheckpointInfo:
         """Build from a manifest already checked by ``read_manifest``."""
         return cls(
             step=manifest["step"],
@@ -82,6 +90,7 @@ class CheckpointInfo:
             manifest_checksum=CHECKSUM_FIELD in manifest,
             world_size=int(manifest.get("world_size", 1)),
             sharded=manifest.get("layout") == SHARDED_LAYOUT,
+            url=url,
         )
 
 
@@ -153,7 +162,14 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     version and ``CorruptCheckpoint`` for anything else that does not check out.
     """
     directory = Path(directory)
-    raw = _read_manifest_bytes(directory)
+    return parse_manifest(_read_manifest_bytes(directory), directory)
+
+
+def parse_manifest(raw: bytes, directory: Where) -> dict[str, Any]:
+    """Check a manifest's bytes (JSON, version, own checksum, schema); return it decoded.
+
+    ``directory`` names the checkpoint in messages (a path or a URL).
+    """
     try:
         manifest = json.loads(raw, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:
@@ -167,7 +183,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
-def _check_version(directory: Path, manifest: Any) -> None:
+def _check_version(directory: Where, manifest: Any) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") not in FORMAT_NAMES:
         raise corrupt(directory, f"{MANIFEST_NAME} is not a killsafe manifest")
     version = manifest.get("format_version")
@@ -178,7 +194,7 @@ def _check_version(directory: Path, manifest: Any) -> None:
         )
 
 
-def _check_digest(directory: Path, manifest: dict[str, Any]) -> None:
+def _check_digest(directory: Where, manifest: dict[str, Any]) -> None:
     """Version 2 manifests carry their checksum; version 1 ones (older releases) may not."""
     stored = manifest.get(CHECKSUM_FIELD)
     if stored is None and manifest.get("format_version") == 1:
@@ -385,6 +401,8 @@ class Tensors(Struct, forbid_unknown_fields=True):
 
 
 Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+AttemptId = Annotated[str, Meta(pattern=r"^[0-9a-f]{16,32}$")]
+"""On an object store: the save attempt whose prefix holds the files, beside the manifest."""
 Created = Annotated[float, Meta(ge=0, le=1e11)]  # Unix time, up to the year 5138
 
 
@@ -403,6 +421,7 @@ class Manifest(Struct):
     tensors: Tensors
     tree: Node
     manifest_xxh3: Hex64 | None = None
+    attempt: AttemptId | None = None
 
     def __post_init__(self) -> None:
         tensors = self.tensors

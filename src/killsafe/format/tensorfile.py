@@ -10,7 +10,7 @@ import json
 import os
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from killsafe.format.codec import TensorEntry
 from killsafe.format.io import (
     BackgroundFsync,
     FastWrite,
+    Where,
     anonymous_buffer,
     chunked,
     corrupt,
@@ -30,7 +31,7 @@ from killsafe.format.io import (
 )
 from killsafe.format.manifest import FORMAT_NAME, TENSOR_FILE, TENSOR_FILE_ZSTD
 
-_ZSTD_MAX_FRAME_HEADER = 18
+ZSTD_MAX_FRAME_HEADER = 18
 # Level 1: on float tensors it compresses as well as level 3 (about 0.92 of
 # the raw size) and runs faster; the write is the bottleneck either way.
 ZSTD_LEVEL = 1
@@ -50,18 +51,18 @@ def safetensors_header(entries: Sequence[TensorEntry]) -> tuple[bytes, dict[str,
     return struct.pack("<Q", len(text)) + text, table
 
 
-class _HashingFile:
-    """Write-only file over a descriptor that hashes what goes through it."""
+class HashingWriter:
+    """Write-only file over a ``write`` callable that hashes and counts what goes through it."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, write: Callable[[memoryview], None]) -> None:
+        self._write = write
         self.hasher = xxhash.xxh3_64()
         self.size = 0
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         self.hasher.update(view)
-        write_buffers(self.fd, [view])
+        self._write(view)
         self.size += view.nbytes
         return view.nbytes
 
@@ -122,7 +123,7 @@ def write_tensor_file(
     fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         if compression:
-            file_info = _write_zstd(fd, header, entries)
+            file_info = write_zstd(lambda view: write_buffers(fd, [view]), header, entries)
         else:
             buffers = [memoryview(header), *(e.data for e in entries)]
             if fast_write is None or not fast_write(fd, buffers):
@@ -146,11 +147,14 @@ def write_tensor_file(
     return name, file_info, digests, syncing
 
 
-def _write_zstd(fd: int, header: bytes, entries: Sequence[TensorEntry]) -> dict[str, Any]:
+def write_zstd(
+    write: Callable[[memoryview], None], header: bytes, entries: Sequence[TensorEntry]
+) -> dict[str, Any]:
+    """Compress the tensor file through ``write``; return its file info (size, xxh3, raw size)."""
     import zstandard
 
     raw_size = len(header) + sum(e.nbytes for e in entries)
-    out = _HashingFile(fd)
+    out = HashingWriter(write)
     compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1)
     writer_cm = compressor.stream_writer(out, size=raw_size, closefd=False)  # type: ignore[arg-type]
     with writer_cm as writer:
@@ -162,13 +166,18 @@ def _write_zstd(fd: int, header: bytes, entries: Sequence[TensorEntry]) -> dict[
 
 def check_frame_size(directory: Path, name: str, raw_size: int) -> None:
     """The zstd frame header must announce the ``raw_size`` the manifest claims."""
-    import zstandard
-
     fd = open_regular(directory, name)
     try:
-        head = os.pread(fd, _ZSTD_MAX_FRAME_HEADER, 0)
+        head = os.pread(fd, ZSTD_MAX_FRAME_HEADER, 0)
     finally:
         os.close(fd)
+    check_frame_head(directory, name, head, raw_size)
+
+
+def check_frame_head(directory: Where, name: str, head: bytes, raw_size: int) -> None:
+    """The zstd frame header ``head`` must announce ``raw_size`` bytes."""
+    import zstandard
+
     try:
         framed = zstandard.frame_content_size(head)
     except zstandard.ZstdError as exc:
@@ -190,19 +199,22 @@ def open_data(directory: Path, manifest: dict[str, Any]) -> tuple[int, Path, dic
     return fd, path, info
 
 
-def _decompress(directory: Path, fd: int, path: Path, info: dict[str, Any], verify: bool) -> Any:
+def decompress(
+    directory: Where, compressed: Any, name: str, info: dict[str, Any], verify: bool
+) -> Any:
+    """The raw tensor file from its zstd bytes, checked against ``info`` before allocating."""
     import zstandard
 
-    compressed = read_full(fd, path, info["size"])
     if verify and xxhash.xxh3_64_hexdigest(compressed) != info["xxh3"]:
-        raise corrupt(directory, f"{path.name} fails its checksum")
+        raise corrupt(directory, f"{name} fails its checksum")
     raw_size = int(info.get("raw_size", 0))
-    check_frame_size(directory, path.name, raw_size)  # before allocating what it claims
+    head = bytes(memoryview(compressed)[:ZSTD_MAX_FRAME_HEADER])
+    check_frame_head(directory, name, head, raw_size)  # before allocating what it claims
     try:
         buffer = anonymous_buffer(raw_size)
     except (OSError, MemoryError, OverflowError) as exc:
         raise corrupt(
-            directory, f"{path.name} claims {raw_size} bytes, more than can be allocated"
+            directory, f"{name} claims {raw_size} bytes, more than can be allocated"
         ) from exc
     view = memoryview(buffer)
     done = 0
@@ -215,12 +227,21 @@ def _decompress(directory: Path, fd: int, path: Path, info: dict[str, Any], veri
                 done += n
             extra = reader.read(1)
     except zstandard.ZstdError as exc:
-        raise corrupt(directory, f"{path.name} does not decompress") from exc
+        raise corrupt(directory, f"{name} does not decompress") from exc
     finally:
         view.release()
     if done != raw_size or extra:
-        raise corrupt(directory, f"{path.name} does not decompress to {raw_size} bytes")
+        raise corrupt(directory, f"{name} does not decompress to {raw_size} bytes")
     return buffer
+
+
+def check_needed(directory: Where, tensors: dict[str, Any], needed: set[str]) -> None:
+    """Every entry the tree needs must be in the table."""
+    missing = needed - set(tensors["entries"])
+    if missing:
+        raise corrupt(
+            directory, f"the tree names tensor entries {sorted(missing)[:3]} not in the table"
+        )
 
 
 def load_buffers(
@@ -233,46 +254,50 @@ def load_buffers(
 ) -> dict[str, tuple[Any, int, int]]:
     """Map entry key -> (buffer, absolute offset, size), reading as little as possible."""
     tensors = manifest["tensors"]
-    table = tensors["entries"]
-    missing = needed - set(table)
-    if missing:
-        raise corrupt(
-            directory, f"the tree names tensor entries {sorted(missing)[:3]} not in the table"
-        )
+    check_needed(directory, tensors, needed)
     if not needed:
         return {}
     fd, path, info = open_data(directory, manifest)
     try:
-        return _read_entries(directory, fd, path, info, tensors, needed, full, mmap, verify)
+        if info.get("codec") == "zstd":
+            raw = read_full(fd, path, info["size"])
+            buffer: Any = decompress(directory, raw, path.name, info, verify)
+        elif mmap:
+            buffer = map_file(fd)
+        elif full:
+            buffer = read_full(fd, path, info["size"])
+        else:
+            buffer = None
+
+        def pread(offset: int, out: bytearray) -> bool:
+            return bool(os.preadv(fd, [out], offset) == len(out))
+
+        return collect_entries(directory, path.name, tensors, needed, buffer, pread, verify)
     finally:
         os.close(fd)
 
 
-def _read_entries(
-    directory: Path,
-    fd: int,
-    path: Path,
-    info: dict[str, Any],
+Pread = Callable[[int, bytearray], bool]
+"""Fill the buffer from an offset of the tensor file; False when the file is too short."""
+
+
+def collect_entries(
+    directory: Where,
+    name: str,
     tensors: dict[str, Any],
     needed: set[str],
-    full: bool,
-    mmap: bool,
+    buffer: Any,
+    pread: Pread,
     verify: bool,
 ) -> dict[str, tuple[Any, int, int]]:
+    """The needed entries: views of ``buffer`` (the whole raw file) or, without one, each
+    entry read on its own with ``pread``; checksums verified when asked."""
     table = tensors["entries"]
     base = tensors["header_size"]
     result: dict[str, tuple[Any, int, int]] = {}
-    if info.get("codec") == "zstd":
-        buffer: Any = _decompress(directory, fd, path, info, verify)
-    elif mmap:
-        buffer = map_file(fd)
-    elif full:
-        buffer = read_full(fd, path, info["size"])
-    else:
-        buffer = None
     if buffer is not None:
         if verify and xxhash.xxh3_64_hexdigest(memoryview(buffer)[:base]) != tensors["header_xxh3"]:
-            raise corrupt(directory, f"{path.name} header fails its checksum")
+            raise corrupt(directory, f"{name} header fails its checksum")
         for key in needed:
             start, end = table[key]["offsets"]
             result[key] = (buffer, base + start, end - start)
@@ -280,8 +305,8 @@ def _read_entries(
         for key in sorted(needed, key=lambda k: table[k]["offsets"][0]):
             start, end = table[key]["offsets"]
             chunk = bytearray(end - start)
-            if os.preadv(fd, [chunk], base + start) != len(chunk):
-                raise corrupt(directory, f"{path.name} is truncated")
+            if not pread(base + start, chunk):
+                raise corrupt(directory, f"{name} is truncated")
             result[key] = (chunk, 0, len(chunk))
     if verify:
         bad = _first_bad_entry(result, table)

@@ -1,11 +1,16 @@
-"""A directory of checkpoints: commit, list, load, verify, delete, prune, lock.
+"""Checkpoints on a medium: commit, list, load, verify, delete, prune, lock.
 
-A checkpoint exists once its directory has been renamed into place; a reader
-never sees a partial one. One process writes to a store at a time (an
-``flock`` on ``.lock``, taken at the first mutating call); readers never lock.
+In a local directory a checkpoint exists once its directory has been
+renamed into place; on an object store (or ``memory://``), once its
+manifest, written last and create-only, is there. A reader never sees a
+partial one. One process writes to a store at a time (an ``flock`` on
+``.lock`` locally, a lease on object stores, taken at the first mutating
+call); readers never lock.
 
-Rooms: ``facade`` (``CheckpointStore``), ``catalog`` (list, resolve, load,
-verify), ``commit`` (the rename commit and the sweep), ``lock``,
+Rooms: ``facade`` (``CheckpointStore``), ``medium`` (the parts for a path or
+a URL), ``catalog`` and ``keyed_catalog`` (list, resolve, load, verify),
+``commit`` (the rename commit) and ``manifest_commit`` (the manifest-last
+commit), ``lock`` and ``lease_lock``, ``transfer`` (``import_from``),
 ``naming`` and ``failures`` (a failed write as one typed line). The store
 never imports the saver: ``save_async`` uses the one registered with
 ``register_saver``.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import builtins
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from killsafe import format as fmt
 from killsafe.errors import CheckpointNotFound, ConfigError, CorruptCheckpoint, UnsupportedFormat
 from killsafe.format import CheckpointInfo
 from killsafe.retention import best_of
+from killsafe.store import transfer
 
 __all__ = ["Catalog", "verifies"]
 
@@ -38,10 +39,17 @@ def verifies(path: Path) -> bool:
 
 
 class Catalog:
-    """The checkpoints of ``directory``, ranked by step (and by ``best`` when given)."""
+    """The checkpoints of ``directory``, ranked by step (and by ``best`` when given).
+
+    The medium's part is a handful of methods (``list``, ``listed``,
+    ``from_path``, ``exists``, ``read``, ``verify_at``, ``verifies``); ranking,
+    resolving references and skipping corrupt checkpoints are shared with the
+    object-store catalog (``store.keyed_catalog``).
+    """
 
     def __init__(self, directory: Path, best: tuple[str, str] | None) -> None:
         self.directory = directory
+        self.where = str(directory)
         self.best_spec = best
         self._warned: set[str] = set()
         self._vanished = 0  # checkpoints seen by list() that were gone when read (pruned)
@@ -75,8 +83,43 @@ class Catalog:
         infos.sort(key=lambda info: (info.step, info.created))
         return infos
 
-    @staticmethod
-    def listed(path: Path) -> CheckpointInfo:
+    def manifest_of(self, path: Path) -> dict[str, Any]:
+        """The checked manifest of the checkpoint at ``path``."""
+        return fmt.read_manifest(path)
+
+    def file_chunks(self, path: Path, manifest: dict[str, Any], name: str) -> Iterator[memoryview]:
+        """The bytes of one of the checkpoint's files, chunk by chunk."""
+        return transfer.local_chunks(path, name)
+
+    def place(self, name: str) -> Path:
+        """Where the checkpoint called ``name`` (``step-000500``) lives."""
+        return self.directory / name
+
+    def info_of(self, manifest: dict[str, Any], path: Path) -> CheckpointInfo:
+        """What a just-committed manifest says about the checkpoint at ``path``."""
+        return CheckpointInfo.from_manifest(manifest, path)
+
+    def location_of(self, path: Path) -> str:
+        """A checkpoint's place, for messages."""
+        return str(path)
+
+    def exists(self, path: Path) -> bool:
+        """Whether anything is at a checkpoint's place (a vanished one was pruned)."""
+        return os.path.lexists(path)
+
+    def verifies(self, path: Path) -> bool:
+        """Whether ``path`` holds a checkpoint that passes every check."""
+        return verifies(path)
+
+    def verify_at(self, path: Path) -> None:
+        """Check every checksum of the checkpoint at ``path``."""
+        fmt.verify_checkpoint(path)
+
+    def read(self, path: Path, *, subtree: str | None, mmap: bool, verify: bool) -> Any:
+        """The tree of the checkpoint at ``path``."""
+        return fmt.read_tree(path, subtree=subtree, mmap=mmap, verify=verify)
+
+    def listed(self, path: Path) -> CheckpointInfo:
         """What ``list()`` sees of one checkpoint directory, or the typed error that skips it.
 
         Reads the manifest (checksum, schema) and checks with ``lstat`` only
@@ -115,9 +158,9 @@ class Catalog:
                     return use(info)
                 except _UNUSABLE as exc:
                     failed.add(info.path)
-                    if os.path.lexists(info.path):
+                    if self.exists(info.path):
                         self.warn_once(
-                            str(info.path), f"skipping corrupt checkpoint {info.path}: {exc}"
+                            info.location, f"skipping corrupt checkpoint {info.location}: {exc}"
                         )
                         continue
                     break  # pruned while we read it: rank again
@@ -128,7 +171,7 @@ class Catalog:
 
     def latest(self, *, verify: bool = True) -> CheckpointInfo | None:
         """The newest checkpoint that verifies (corrupt ones skipped with a warning)."""
-        found: CheckpointInfo | None = self.first_good(self._newest_first, _checked(verify))
+        found: CheckpointInfo | None = self.first_good(self._newest_first, self._checked(verify))
         return found
 
     def best(self, *, verify: bool = True) -> CheckpointInfo | None:
@@ -137,7 +180,7 @@ class Catalog:
         if spec is None:
             raise ConfigError("best() needs the store to be created with best=(metric, mode)")
         found: CheckpointInfo | None = self.first_good(
-            lambda: best_of(self.list(), spec), _checked(verify)
+            lambda: best_of(self.list(), spec), self._checked(verify)
         )
         return found
 
@@ -148,7 +191,7 @@ class Catalog:
         if ref == "latest" or ref == "best":
             info = self.latest() if ref == "latest" else self.best()
             if info is None:
-                raise CheckpointNotFound(f"no {ref} checkpoint in {self.directory}; save one first")
+                raise CheckpointNotFound(f"no {ref} checkpoint in {self.where}; save one first")
             return info
         if isinstance(ref, str) and ref.isdigit():
             ref = int(ref)  # names are never all digits, so this is a step
@@ -156,42 +199,45 @@ class Catalog:
             matches = [info for info in self.list() if info.step == ref]
             unnamed = [info for info in matches if info.name is None]
             if not matches:
-                raise CheckpointNotFound(f"no checkpoint of step {ref} in {self.directory}")
+                raise CheckpointNotFound(f"no checkpoint of step {ref} in {self.where}")
             return (unnamed or matches)[-1]
         if isinstance(ref, str) and "/" not in ref and ref not in (".", ".."):
             for info in self.list():
                 if info.name == ref or info.path.name == ref:
                     return info
             raise CheckpointNotFound(
-                f"no checkpoint named {ref!r} in {self.directory}; `killsafe list` shows them"
+                f"no checkpoint named {ref!r} in {self.where}; `killsafe list` shows them"
             )
         if isinstance(ref, (str, os.PathLike)):
-            return self.from_path(Path(ref))
+            return self.from_ref(ref)
         raise ConfigError(
             f"checkpoint reference {ref!r} must be a step, name, path or CheckpointInfo"
         )
 
-    @staticmethod
-    def from_path(path: Path) -> CheckpointInfo:
+    def from_ref(self, ref: str | os.PathLike[str]) -> CheckpointInfo:
+        """A checkpoint given by its path (or, on an object store, its URL or key)."""
+        return self.from_path(Path(ref))
+
+    def from_path(self, path: Path) -> CheckpointInfo:
         return CheckpointInfo.from_manifest(fmt.read_manifest(path), path)
 
     def load(self, ref: Any = "latest", *, subtree: str | None, mmap: bool, verify: bool) -> Any:
         """Load a checkpoint's tree; with ``"latest"``, the newest one that loads."""
 
         def read(info: CheckpointInfo) -> Any:
-            return fmt.read_tree(info.path, subtree=subtree, mmap=mmap, verify=verify)
+            return self.read(info.path, subtree=subtree, mmap=mmap, verify=verify)
 
         if ref != "latest":
             return read(self.get(ref))
         found = self.first_good(self._newest_first, lambda info: (read(info),))
         if found is None:
-            raise CheckpointNotFound(f"no loadable checkpoint in {self.directory}; save one first")
+            raise CheckpointNotFound(f"no loadable checkpoint in {self.where}; save one first")
         return found[0]  # boxed: a saved tree may be None
 
     def verify(self, ref: Any = "latest") -> CheckpointInfo:
         """Check every checksum of a checkpoint; raise ``CorruptCheckpoint`` if one fails."""
         info = self.get(ref) if ref != "latest" else self._newest_listed()
-        fmt.verify_checkpoint(info.path)
+        self.verify_at(info.path)
         return info
 
     def protected(self) -> set[Path]:
@@ -204,20 +250,19 @@ class Catalog:
                 protected.add(ranked[0].path)  # type: ignore[attr-defined]
         return protected
 
+    def _checked(self, verify: bool) -> Callable[[CheckpointInfo], CheckpointInfo]:
+        def check(info: CheckpointInfo) -> CheckpointInfo:
+            if verify:
+                self.verify_at(info.path)
+            return info
+
+        return check
+
     def _newest_first(self) -> builtins.list[CheckpointInfo]:
         return self.list()[::-1]
 
     def _newest_listed(self) -> CheckpointInfo:
         infos = self.list()
         if not infos:
-            raise CheckpointNotFound(f"no checkpoint in {self.directory}")
+            raise CheckpointNotFound(f"no checkpoint in {self.where}")
         return infos[-1]
-
-
-def _checked(verify: bool) -> Callable[[CheckpointInfo], CheckpointInfo]:
-    def check(info: CheckpointInfo) -> CheckpointInfo:
-        if verify:
-            fmt.verify_checkpoint(info.path)
-        return info
-
-    return check

@@ -13,12 +13,16 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from killsafe import directio
+from killsafe import format as fmt
 from killsafe.errors import CheckpointExists, KillsafeError, SaveFailed
 from killsafe.host import fsync_directory
+from killsafe.store import transfer
 from killsafe.store.failures import free_space, io_error
 from killsafe.store.naming import TMP_PREFIX
 
@@ -42,7 +46,8 @@ class RenameCommit:
     """Commits checkpoints into ``directory`` by renaming their temporary directory.
 
     The caller holds the store's write lock around ``begin``, ``commit``,
-    ``remove`` and ``sweep``.
+    ``remove`` and ``sweep``. ``ManifestLastCommit`` (``store.manifest_commit``)
+    is the same seam for object stores.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -56,6 +61,39 @@ class RenameCommit:
         except OSError as exc:
             raise io_error("creating", tmp, exc) from exc
         return Staging(step=step, name=name, tmp_path=tmp, final_path=final)
+
+    def write(
+        self, staging: Staging, encoded: fmt.Encoded, *, compression: str | None, **fields: Any
+    ) -> dict[str, Any]:
+        """Write the checkpoint's files into the staging directory (direct I/O when it can)."""
+        try:
+            return fmt.write_encoded(
+                staging.tmp_path,
+                encoded,
+                step=staging.step,
+                name=staging.name,
+                compression=compression,
+                fast_write=directio.write_direct,
+                **fields,
+            )
+        except OSError as exc:
+            raise SaveFailed(
+                f"writing checkpoint of step {staging.step} to {self.directory} failed: "
+                f"{exc.strerror or exc} ({free_space(self.directory)}); free disk space or "
+                "check the device (earlier checkpoints are intact)"
+            ) from exc
+
+    def adopt(
+        self, staging: Staging, manifest: dict[str, Any], files: dict[str, Iterator[memoryview]]
+    ) -> dict[str, Any]:
+        """Write a copied checkpoint's files and manifest into the staging directory."""
+        copy = transfer.restamp(manifest, None)
+        try:
+            transfer.write_local(staging.tmp_path, files)
+            transfer.write_manifest_file(staging.tmp_path, copy)
+        except OSError as exc:
+            raise io_error("copying a checkpoint into", staging.tmp_path, exc) from exc
+        return copy
 
     def commit(self, staging: Staging) -> None:
         """Rename a written staging directory into place, durably; abort it on failure."""

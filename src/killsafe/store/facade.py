@@ -15,16 +15,15 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from killsafe import directio
 from killsafe import format as fmt
+from killsafe import storage
 from killsafe.errors import CheckpointExists, ConfigError, SaveFailed
 from killsafe.format import CheckpointInfo
 from killsafe.retention import Retention
 from killsafe.state import capture
-from killsafe.store.catalog import Catalog, verifies
-from killsafe.store.commit import RenameCommit, Staging
-from killsafe.store.failures import free_space
-from killsafe.store.lock import StoreLock
+from killsafe.store import transfer
+from killsafe.store.commit import Staging
+from killsafe.store.medium import DEFAULT_LEASE_TTL, open_medium
 from killsafe.store.naming import checkpoint_dirname, sanitize_name
 
 if TYPE_CHECKING:
@@ -79,13 +78,19 @@ class CheckpointStore:
     """A directory of checkpoints with atomic commits and retention.
 
     Args:
-        directory: where checkpoints live; created at the first save.
+        directory: where checkpoints live: a directory (created at the first
+            save), a ``s3://``, ``gs://``, ``az://`` or ``memory://`` URL, or a
+            ``storage.Backend`` (see docs/storage.md).
         keep_last: keep this many newest unnamed checkpoints (None: all).
         keep_best: keep this many best on ``best`` as well.
         best: ``(metric, "min"|"max")`` ranking checkpoints by a metric.
         compression: None or ``"zstd"`` (multithreaded) for the tensor file.
         snapshot: how ``save_async`` snapshots the state: ``"auto"``,
-            ``"fork"`` or ``"copy"`` (see ``killsafe.saver``).
+            ``"fork"`` or ``"copy"`` (see ``killsafe.saver``); local directories only
+            fork.
+        lease_ttl: object stores: how long the write lease lasts unrenewed (seconds).
+        sweep_after: object stores: attempts no manifest names are removed once
+            this old (seconds; default ``lease_ttl``).
 
     Thread safety: mutating calls are serialized by an internal lock, so a
     background saver may ``commit`` while the main thread reads. One process
@@ -94,13 +99,15 @@ class CheckpointStore:
 
     def __init__(
         self,
-        directory: str | os.PathLike[str],
+        directory: str | os.PathLike[str] | storage.Backend,
         *,
         keep_last: int | None = None,
         keep_best: int | None = None,
         best: tuple[str, str] | None = None,
         compression: str | None = None,
         snapshot: str = "auto",
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        sweep_after: float | None = None,
     ) -> None:
         if _saver_factory is not None and snapshot not in _saver_factory.strategies:
             raise ConfigError(
@@ -108,20 +115,37 @@ class CheckpointStore:
             )
         if compression not in (None, "zstd"):
             raise ConfigError(f"compression={compression!r} is not supported; use None or 'zstd'")
-        self.directory = Path(directory)
-        if self.directory.exists() and not self.directory.is_dir():
-            raise ConfigError(f"checkpoint store {self.directory} is a file, not a directory")
         self.retention = Retention(keep_last=keep_last, keep_best=keep_best, best=best)
+        medium = open_medium(
+            directory, best=self.retention.best, lease_ttl=lease_ttl, sweep_after=sweep_after
+        )
+        if medium.backend is not None and snapshot == "fork":
+            raise ConfigError(f"snapshot='fork' needs a local directory, not {medium.location}")
+        self.location = medium.location
+        self.backend = medium.backend
+        self._directory = medium.directory
         self.compression = compression
-        self._catalog = Catalog(self.directory, best=self.retention.best)
-        self._committer = RenameCommit(self.directory)
-        self._lock = StoreLock(self.directory)
+        self._catalog = medium.catalog
+        self._committer = medium.committer
+        self._lock = medium.lock
         self._mutex = threading.RLock()
         self._snapshot = snapshot
         self._saver: Saver | None = None
 
     def __repr__(self) -> str:
-        return f"CheckpointStore({str(self.directory)!r})"
+        return f"CheckpointStore({self.location!r})"
+
+    @property
+    def directory(self) -> Path:
+        """The store's directory; ``ConfigError`` for a store on an object store."""
+        if self._directory is None:
+            raise ConfigError(f"{self.location} is an object store, not a local directory")
+        return self._directory
+
+    @property
+    def is_local(self) -> bool:
+        """True for a local directory, False for an object store or memory area."""
+        return self._directory is not None
 
     def __enter__(self) -> CheckpointStore:
         return self
@@ -247,23 +271,24 @@ class CheckpointStore:
         """
         self._check_name_free(name)
         for attempt in range(1, MAX_BESIDE + 1):
-            final = self.directory / checkpoint_dirname(step, name, attempt)
-            if not os.path.lexists(final):
+            final = self._catalog.place(checkpoint_dirname(step, name, attempt))
+            if not self._catalog.exists(final):
                 return final
-            if verifies(final):
+            where = self._catalog.location_of(final)
+            if self._catalog.verifies(final):
                 what = f"named {name!r}" if name else "unnamed"
                 raise CheckpointExists(
-                    f"an {what} checkpoint of step {step} exists at {final}; "
+                    f"an {what} checkpoint of step {step} exists at {where}; "
                     "save under another step or name, or delete it first",
                     path=final,
                 )
             self._catalog.warn_once(
-                f"beside:{final}",
-                f"{final} does not verify; it is kept for inspection and the new "
+                f"beside:{where}",
+                f"{where} does not verify; it is kept for inspection and the new "
                 "checkpoint is written beside it",
             )
         raise SaveFailed(
-            f"{MAX_BESIDE} damaged checkpoints of step {step} in {self.directory}; "
+            f"{MAX_BESIDE} damaged checkpoints of step {step} in {self.location}; "
             "inspect them with `killsafe verify`, then move them away"
         )
 
@@ -273,7 +298,7 @@ class CheckpointStore:
         for info in self.list():
             if info.name == name:
                 raise CheckpointExists(
-                    f"a checkpoint named {name!r} exists at {info.path}; choose another name",
+                    f"a checkpoint named {name!r} exists at {info.location}; choose another name",
                     path=info.path,
                 )
 
@@ -287,24 +312,14 @@ class CheckpointStore:
         metadata: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Write the checkpoint's files into the staging directory (any thread)."""
-        try:
-            staging.manifest = fmt.write_encoded(
-                staging.tmp_path,
-                encoded,
-                step=staging.step,
-                name=staging.name,
-                reason=reason,
-                metrics=metrics,
-                metadata=metadata,
-                compression=self.compression,
-                fast_write=directio.write_direct,
-            )
-        except OSError as exc:
-            raise SaveFailed(
-                f"writing checkpoint of step {staging.step} to {self.directory} failed: "
-                f"{exc.strerror or exc} ({free_space(self.directory)}); free disk space or "
-                "check the device (earlier checkpoints are intact)"
-            ) from exc
+        staging.manifest = self._committer.write(
+            staging,
+            encoded,
+            compression=self.compression,
+            reason=reason,
+            metrics=metrics,
+            metadata=metadata,
+        )
         return staging.manifest
 
     def commit(self, staging: Staging) -> CheckpointInfo:
@@ -318,10 +333,35 @@ class CheckpointStore:
             raise ConfigError("commit() needs a staging directory that write() has filled")
         with self._mutex:
             self._committer.commit(staging)
-            info = CheckpointInfo.from_manifest(staging.manifest, staging.final_path)
+            info = self._catalog.info_of(staging.manifest, staging.final_path)
             if self.retention.prunes:
                 self._prune(dry_run=False)
             return info
+
+    def import_from(self, other: CheckpointStore, ref: Any = "latest") -> CheckpointInfo:
+        """Copy a committed checkpoint of ``other`` (any medium) into this store; commit it.
+
+        The files' bytes are streamed as they are, checked against the
+        source's checksums on the way, and committed as this medium commits
+        (rename locally, manifest last on object stores); retention then
+        applies. Raises what ``save`` raises, and ``CorruptCheckpoint`` when
+        the source's bytes do not match (nothing is committed then).
+        """
+        info = other.get(ref)
+        manifest = other._catalog.manifest_of(info.path)
+        files = {
+            name: transfer.checked(
+                info.location, name, meta, other._catalog.file_chunks(info.path, manifest, name)
+            )
+            for name, meta in manifest["files"].items()
+        }
+        staging = self.begin(info.step, name=info.name)
+        try:
+            staging.manifest = self._committer.adopt(staging, manifest, files)
+        except BaseException:
+            self.abort(staging)
+            raise
+        return self.commit(staging)
 
     def abort(self, staging: Staging) -> None:
         """Remove a staging directory that will not be committed."""
@@ -338,10 +378,9 @@ class CheckpointStore:
         """
         return self._catalog.list()
 
-    @staticmethod
-    def listed(path: Path) -> CheckpointInfo:
-        """What ``list()`` sees of one checkpoint directory, or the typed error that skips it."""
-        return Catalog.listed(path)
+    def listed(self, path: Path) -> CheckpointInfo:
+        """What ``list()`` sees of one checkpoint, or the typed error that skips it."""
+        return self._catalog.listed(path)
 
     def latest(self, *, verify: bool = True) -> CheckpointInfo | None:
         """The newest checkpoint that verifies (corrupt ones skipped with a warning)."""
@@ -386,7 +425,7 @@ class CheckpointStore:
             info = self.get(ref)
             if not force and info.path in self._catalog.protected():
                 raise ConfigError(
-                    f"{info.path} is the newest or the best checkpoint; "
+                    f"{info.location} is the newest or the best checkpoint; "
                     "pass force=True to delete it"
                 )
             self._acquire()

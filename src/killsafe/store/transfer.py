@@ -1,0 +1,87 @@
+"""Copy a committed checkpoint from one store to another, on any media, without decoding it.
+
+The files' bytes are streamed as they are (a local file read in large
+chunks, an object fetched by ranged reads) and hashed on the way: a copy
+whose bytes do not match the source manifest's checksums is aborted, never
+committed. The target writes them through its own commit strategy, so the
+copy appears whole or not at all, as a save would.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from killsafe import format as fmt
+from killsafe.format.io import corrupt, open_regular, write_buffers, write_json_file
+from killsafe.storage import Backend
+
+__all__ = ["CHUNK", "local_chunks", "object_chunks", "restamp", "write_local", "write_objects"]
+
+CHUNK = 16 << 20
+
+
+def local_chunks(directory: Path, name: str) -> Iterator[memoryview]:
+    """The bytes of ``directory/name`` (a regular file, never a link), chunk by chunk."""
+    fd = open_regular(directory, name)
+    try:
+        while chunk := os.read(fd, CHUNK):
+            yield memoryview(chunk)
+    finally:
+        os.close(fd)
+
+
+def object_chunks(backend: Backend, key: str) -> Iterator[memoryview]:
+    """The bytes of the object at ``key``, by ranged reads."""
+    with backend.source(key) as source:
+        for start in range(0, source.size, CHUNK):
+            yield source.read(start, min(CHUNK, source.size - start))
+
+
+def checked(where: str, name: str, info: dict[str, Any], chunks: Iterator[memoryview]) -> Any:
+    """Pass ``chunks`` through, raising ``CorruptCheckpoint`` at the end unless they match."""
+    digest = xxhash.xxh3_64()
+    size = 0
+    for chunk in chunks:
+        digest.update(chunk)
+        size += chunk.nbytes
+        yield chunk
+    if size != info["size"] or digest.hexdigest() != info["xxh3"]:
+        raise corrupt(where, f"{name} does not match its checksum; not copied")
+
+
+def restamp(manifest: dict[str, Any], attempt: str | None) -> dict[str, Any]:
+    """The manifest for the copy: the target's attempt (or none), its checksum again."""
+    copy = {k: v for k, v in manifest.items() if k not in ("attempt", fmt.CHECKSUM_FIELD)}
+    if attempt is not None:
+        copy["attempt"] = attempt
+    copy[fmt.CHECKSUM_FIELD] = fmt.manifest_digest(copy)
+    return copy
+
+
+def write_local(directory: Path, files: dict[str, Iterator[memoryview]]) -> None:
+    """Write the copied files into a staging directory, fsynced."""
+    for name, chunks in files.items():
+        fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            for chunk in chunks:
+                write_buffers(fd, [chunk])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_manifest_file(directory: Path, manifest: dict[str, Any]) -> None:
+    write_json_file(directory / fmt.MANIFEST_NAME, manifest)
+
+
+def write_objects(backend: Backend, prefix: str, files: dict[str, Iterator[memoryview]]) -> None:
+    """Upload the copied files under an attempt's prefix."""
+    for name, chunks in files.items():
+        with backend.open_write(prefix + name) as sink:
+            for chunk in chunks:
+                sink.write(chunk)
