@@ -36,6 +36,7 @@ _FLAG_OPTIONS = {
     "killsafe_progress_every": "progress_every",
     "killsafe_serve": "serve",
     "killsafe_clear": "clear",
+    "killsafe_mirror": "mirror",
 }
 
 
@@ -110,6 +111,14 @@ def add_arguments(
         default=None,
         metavar="DURATION",
         help="stop with a checkpoint before DURATION of wall time (3h50m, 90m, 45s)",
+    )
+    group.add_argument(
+        "--mirror",
+        dest="killsafe_mirror",
+        default=None,
+        metavar="URL",
+        help="also upload every checkpoint, in the background, to URL "
+        "(s3://bucket/prefix, gs://, az://, or a directory); resume from it on a fresh machine",
     )
     group.add_argument(
         "--progress-every",

@@ -40,6 +40,10 @@ DEFAULT_SAVE_SECONDS = 600.0
 """With no save policy given, a run saves every epoch of ``run.epochs()``, else every
 10 minutes of wall time, and on exit."""
 
+DEFAULT_MIRROR_GRACE = 25.0
+"""Seconds a stopping run waits for its uploads to the mirror (within the 30 s that
+Kubernetes and spot notices allow)."""
+
 Callback = Callable[..., Any]
 CALLBACKS = ("on_save", "on_stop", "on_finish", "on_error")
 
@@ -80,6 +84,9 @@ class RunConfig:
     tensorboard: bool
     report: bool
     callbacks: Mapping[str, Callback | None] = field(default_factory=dict)
+    mirror: str | None = None
+    mirror_keep_last: int | None = 3
+    mirror_grace: float = DEFAULT_MIRROR_GRACE
 
     @classmethod
     def build(
@@ -114,6 +121,9 @@ class RunConfig:
         tensorboard: bool = False,
         report: bool = True,
         callbacks: Mapping[str, Callback | None] | None = None,
+        mirror: str | os.PathLike[str] | None = None,
+        mirror_keep_last: int | None = 3,
+        mirror_grace: float = DEFAULT_MIRROR_GRACE,
     ) -> RunConfig:
         """Validate ``Run``'s keywords (same names, same defaults) into one config."""
         if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 0):
@@ -132,6 +142,7 @@ class RunConfig:
         check_if_busy(if_busy)
         if tensorboard:
             require_tensorboard()
+        _check_mirror(mirror_keep_last, mirror_grace)
         return cls(
             directory=Path(directory),
             total_steps=total_steps,
@@ -157,6 +168,9 @@ class RunConfig:
             tensorboard=tensorboard,
             report=report,
             callbacks=dict(callbacks or {}),
+            mirror=None if mirror is None else os.fspath(mirror),
+            mirror_keep_last=mirror_keep_last,
+            mirror_grace=float(mirror_grace),
         )
 
     @property
@@ -175,6 +189,7 @@ class RunConfig:
             "best": list(self.best) if self.best else None,
             "resume": str(self.resume),
             "signals": [s.name for s in self.signals],
+            "mirror": self.mirror,
             "user": self.user,
         }
 
@@ -197,6 +212,15 @@ def keywords_from_args(args: argparse.Namespace, **options: Any) -> dict[str, An
     from killsafe.arguments import options_from_args
 
     return options_from_args(args, **options)
+
+
+def _check_mirror(keep_last: int | None, grace: float) -> None:
+    if keep_last is not None and (
+        isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1
+    ):
+        raise ConfigError(f"mirror_keep_last={keep_last!r}: use a whole number >= 1 or None")
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace >= 0:
+        raise ConfigError(f"mirror_grace={grace!r}: use seconds >= 0")
 
 
 @dataclass(frozen=True)

@@ -55,11 +55,12 @@ from killsafe.policy import SavePolicy, StopPolicy, describe_save_policy
 from killsafe.run.best import BestTracker
 from killsafe.run.callbacks import Callbacks
 from killsafe.run.closing import write_report
-from killsafe.run.config import Callback, RunConfig, keywords_from_args
+from killsafe.run.config import DEFAULT_MIRROR_GRACE, Callback, RunConfig, keywords_from_args
 from killsafe.run.ending import Ending
 from killsafe.run.ledger import SaveHooks
 from killsafe.run.loops import Batches, EpochLoop, EpochStopped
 from killsafe.run.metrics import LoggedMetrics
+from killsafe.run.mirror import Mirror
 from killsafe.run.opening import Opened, Parts, open_session
 from killsafe.run.position import Position
 from killsafe.run.services import Services
@@ -72,6 +73,7 @@ if TYPE_CHECKING:
 
     from killsafe.format import CheckpointInfo
     from killsafe.preflight import Preflight
+    from killsafe.store import CheckpointStore
 
 __all__ = ["RESUME_ENV", "Run"]
 
@@ -139,6 +141,13 @@ class Run:
             the records (docs/distributed.md).
         collective_timeout: seconds any rank may be missing from a decision
             or a save before the others raise ``RankUnresponsive`` naming it.
+        mirror: a second store the checkpoints are uploaded to in the
+            background after each local commit (``s3://bucket/prefix``,
+            ``gs://``, ``az://``, ``memory://`` or a directory), with the run's
+            files; an empty run directory resumes from it (docs/storage.md).
+        mirror_keep_last: the mirror keeps this many newest checkpoints
+            (``None`` keeps all), besides the best ones when ``best`` is given.
+        mirror_grace: seconds a stopping run waits for its uploads (default 25).
 
     Use it on one thread, as a context manager; signal handlers are installed
     only when it is entered on the main thread.
@@ -181,6 +190,9 @@ class Run:
         on_error: Callback | None = None,
         process_group: Any = None,
         collective_timeout: float = 300.0,
+        mirror: str | os.PathLike[str] | None = None,
+        mirror_keep_last: int | None = 3,
+        mirror_grace: float = DEFAULT_MIRROR_GRACE,
     ) -> None:
         self._config = RunConfig.build(
             directory,
@@ -217,6 +229,9 @@ class Run:
                 "on_finish": on_finish,
                 "on_error": on_error,
             },
+            mirror=mirror,
+            mirror_keep_last=mirror_keep_last,
+            mirror_grace=mirror_grace,
         )
         group = self._join_group(process_group, collective_timeout)
         self.directory: Path = self._config.directory
@@ -236,6 +251,7 @@ class Run:
             group=group,
         )
         self._opened: Opened | None = None
+        self._mirror: Mirror | None = None
         self._entered = False
         self._exited = False
         self._loop_started = False
@@ -274,6 +290,11 @@ class Run:
             compression=config.compression,
             snapshot=config.snapshot,
         )
+        try:
+            self._mirror = self._open_mirror(store)
+        except BaseException:
+            store.close()
+            raise
         session = self._session_record()
         try:
             self._opened = open_session(
@@ -284,6 +305,7 @@ class Run:
             self._parts.stops.interrupts.restore()
             session.stop_heartbeat()
             store.close()
+            self._close_mirror(stopping=True)
             if isinstance(exc, OSError):  # the run files could not be written
                 if exc.filename:
                     raise io_error("starting the run: writing", Path(exc.filename), exc) from exc
@@ -315,6 +337,7 @@ class Run:
                 opened.closer.exit_on_exception(exc)
         finally:
             opened.closer.close(exc, finished_at_start=opened.finished)
+            self._close_mirror(stopping=self._parts.ending.status() != "finished")
         return stopped
 
     # -- what the loop calls ----------------------------------------------
@@ -608,6 +631,38 @@ class Run:
             self._live_state,
         )
 
+    def _open_mirror(self, store: CheckpointStore) -> Mirror | None:
+        """The remote tier (rank 0 only); brings its newest checkpoint down when newer."""
+        config, group = self._config, self._parts.group
+        if config.mirror is None or (group is not None and not group.leader):
+            return None
+        from killsafe.store import CheckpointStore
+
+        remote = CheckpointStore(
+            config.mirror,
+            keep_last=config.mirror_keep_last,
+            keep_best=config.keep_best,
+            best=config.best,
+            compression=config.compression,
+        )
+        mirror = Mirror(remote, store, self.directory, grace=config.mirror_grace)
+        try:
+            mirror.sync(restore=config.resume in ("auto", "latest", "ask"))
+        except BaseException:
+            mirror.close()
+            raise
+        return mirror
+
+    def _close_mirror(self, *, stopping: bool) -> None:
+        """Wait for the uploads (bounded by the grace time on a stop) and say what reached."""
+        mirror, self._mirror = self._mirror, None
+        if mirror is None:
+            return
+        try:
+            self._parts.services.announce(mirror.drain(stopping=stopping))
+        finally:
+            mirror.close()
+
     def _run_store(self, store: Any) -> Any:
         if self._parts.group is None:
             return store
@@ -637,9 +692,14 @@ class Run:
             metrics=self._parts.metrics.plain,
             metadata=session.metadata,
             before_write=self._parts.services.flush_history,
-            committed=self._parts.services.checkpoint_shown,
+            committed=self._committed,
             saved=lambda info: self._parts.callbacks.call("on_save", info),
         )
+
+    def _committed(self, info: CheckpointInfo) -> None:
+        self._parts.services.checkpoint_shown(info)
+        if self._mirror is not None:
+            self._mirror.submit(info)
 
     def _checkpoint_tree(self) -> dict[str, Any]:
         rng = self._opened.rng if self._opened is not None else None

@@ -1,0 +1,249 @@
+"""The remote tier of a run: checkpoints committed locally, then uploaded in the background.
+
+``Run(directory, mirror="s3://bucket/exp")`` keeps today's local store and
+adds this: after each local commit, the checkpoint is copied byte for byte
+into a ``CheckpointStore`` at the mirror URL (its own retention, its own
+lease), followed by the run's files (``run.json``, the history, the events,
+the report) under ``run/``. The loop never waits for an upload; when several
+checkpoints queue up behind a slow upload, only the newest unnamed one (and
+every named one) goes up.
+
+On a machine whose local directory has nothing newer, ``sync()`` brings
+the mirror's newest good checkpoint down, with the run's files when the
+directory has none, so the run resumes from it as from a local one. At the
+end of a session ``drain()`` waits for the uploads, bounded by a grace time
+on a stop (what Kubernetes and spot notices allow), and says in one line
+what reached the mirror.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from killsafe import storage
+from killsafe.errors import CheckpointExists, CheckpointNotFound, KeyNotFound, KillsafeError
+from killsafe.run.config import DEFAULT_MIRROR_GRACE
+
+if TYPE_CHECKING:
+    from killsafe.format import CheckpointInfo
+    from killsafe.store import CheckpointStore
+
+__all__ = ["RUN_FILES", "Mirror"]
+
+log = logging.getLogger("killsafe.run")
+
+RUN_FILES = (
+    "run.json",
+    "status.json",
+    "history.jsonl",
+    "events.jsonl",
+    "metrics.csv",
+    "report.txt",
+    "report.json",
+    "report.png",
+)
+"""The run's own files that travel with its checkpoints, under ``run/`` in the mirror."""
+
+_RESTORED_FILES = ("run.json", "history.jsonl", "events.jsonl")
+_RUN_PREFIX = "run/"
+
+
+class Mirror:
+    """Uploads a run's committed checkpoints and files to a remote store, in the background.
+
+    Args:
+        remote: the store at the mirror URL (opened by the run).
+        local: the run's local store.
+        directory: the run directory whose files travel with the checkpoints.
+        grace: seconds ``drain(stopping=True)`` waits for uploads still running.
+    """
+
+    def __init__(
+        self,
+        remote: CheckpointStore,
+        local: CheckpointStore,
+        directory: Path,
+        *,
+        grace: float = DEFAULT_MIRROR_GRACE,
+    ) -> None:
+        self.remote = remote
+        self.local = local
+        self.directory = directory
+        self.grace = grace
+        self.url = remote.location.rstrip("/")
+        self._files = storage.open(self.url)
+        self._queue: deque[CheckpointInfo] = deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._closed = False
+        self._uploaded: list[CheckpointInfo] = []
+        self._failed: str | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- at the start -------------------------------------------------------
+
+    def sync(self, *, restore: bool) -> CheckpointInfo | None:
+        """Bring the tiers level at the start of a session.
+
+        When the mirror's newest good checkpoint is newer than the local one
+        and ``restore`` is set, copy it down (with the run's files when the run
+        directory has no ``run.json``) and return the local copy's info. When
+        the local one is newer (a session killed before its upload), queue it.
+        """
+        remote_latest = self.remote.latest()
+        local_latest = self.local.latest()
+        if local_latest is not None and (
+            remote_latest is None or local_latest.step > remote_latest.step
+        ):
+            self.submit(local_latest)
+            return None
+        if remote_latest is None or not restore:
+            return None
+        if local_latest is not None and local_latest.step >= remote_latest.step:
+            return None
+        if not (self.directory / "run.json").exists():
+            self._download_run_files()
+        try:
+            info = self.local.import_from(self.remote, remote_latest)
+        except CheckpointExists:
+            return None  # a damaged local copy of that step: the local store decides
+        log.info("killsafe: restored step %d from the mirror %s", info.step, remote_latest.location)
+        return info
+
+    def _download_run_files(self) -> None:
+        for name in _RESTORED_FILES:
+            try:
+                with self._files.source(_RUN_PREFIX + name) as source:
+                    data = bytes(source.read())
+            except KeyNotFound:
+                continue
+            target = self.directory / name
+            partial = target.with_name(f".{name}.mirror-partial")
+            partial.write_bytes(data)
+            partial.replace(target)
+
+    # -- while the run goes ---------------------------------------------------
+
+    def submit(self, info: CheckpointInfo) -> None:
+        """Queue a committed local checkpoint for upload; returns at once."""
+        with self._cond:
+            if self._closed:
+                return
+            self._queue.append(info)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._work, name="killsafe-mirror", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch = _worth_uploading(self._queue)
+                self._queue.clear()
+                self._busy = True
+            try:
+                for info in batch:
+                    self._upload(info)
+                self.upload_run_files()
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _upload(self, info: CheckpointInfo) -> None:
+        try:
+            uploaded = self.remote.import_from(self.local, info)
+        except CheckpointExists:
+            return  # mirrored already (an earlier session uploaded it)
+        except CheckpointNotFound:
+            log.info("killsafe: step %d was pruned locally before its upload", info.step)
+            return
+        except KillsafeError as exc:
+            self._failed = f"step {info.step}: {exc}"
+            log.warning("killsafe: upload of step %d to %s failed: %s", info.step, self.url, exc)
+            return
+        with self._cond:
+            self._uploaded.append(uploaded)
+            self._failed = None
+
+    def upload_run_files(self) -> None:
+        """Upload the run's files that exist (each replaces its previous copy)."""
+        for name in RUN_FILES:
+            path = self.directory / name
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            try:
+                with self._files.open_write(_RUN_PREFIX + name) as sink:
+                    sink.write(data)
+            except KillsafeError as exc:
+                log.warning("killsafe: uploading %s to %s failed: %s", name, self.url, exc)
+                return
+
+    # -- at the end -----------------------------------------------------------
+
+    def drain(self, *, stopping: bool) -> str:
+        """Wait for the uploads (at most ``grace`` seconds when ``stopping``); say what reached.
+
+        Uploads the run's files last, so the mirror holds the session's end.
+        """
+        deadline = time.monotonic() + self.grace if stopping else None
+        done = self._wait_idle(deadline)
+        if done:
+            self.upload_run_files()
+        return self._summary(done)
+
+    def _wait_idle(self, deadline: float | None) -> bool:
+        with self._cond:
+            while self._queue or self._busy:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def _summary(self, done: bool) -> str:
+        with self._cond:
+            uploaded = list(self._uploaded)
+            failed = self._failed
+        newest = max((info.step for info in uploaded), default=None)
+        reached = (
+            f"newest step {newest}, {len(uploaded)} uploaded this session"
+            if newest is not None
+            else "nothing uploaded this session"
+        )
+        line = f"killsafe: mirror {self.url}: {reached}"
+        if not done:
+            line += f"; uploads still running after {self.grace:g} s were left (local copies kept)"
+        elif failed is not None:
+            line += f"; last upload failed ({failed})"
+        return line
+
+    def close(self) -> None:
+        """Stop the upload thread (after what it is doing) and release the remote store."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None and not self._busy:
+            self._thread.join(timeout=1.0)
+        self.remote.close()
+        self._files.close()
+
+
+def _worth_uploading(queue: deque[CheckpointInfo]) -> list[CheckpointInfo]:
+    """Every named checkpoint queued, and the newest unnamed one: older ones are superseded."""
+    named = [info for info in queue if info.name is not None]
+    unnamed = [info for info in queue if info.name is None]
+    return [*named, *unnamed[-1:]]

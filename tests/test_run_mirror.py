@@ -1,0 +1,159 @@
+"""``Run(mirror=...)``: checkpoints committed locally, uploaded in the background, resumed
+from the mirror on a machine whose run directory is empty."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import killsafe
+from killsafe import storage
+from killsafe.errors import ConfigError
+
+
+def quiet(directory: Path, **options: Any) -> killsafe.Run:
+    return killsafe.Run(directory, progress=False, keyboard=False, report=False, **options)
+
+
+def walk(
+    directory: Path, mirror: str | None, total: int, *, stop_at: int | None = None, **options: Any
+):
+    """A random walk whose every step draws from a tracked generator; returns (run, positions)."""
+    rng = np.random.default_rng(0)
+    positions: list[float] = []
+    with quiet(directory, total_steps=total, mirror=mirror, **options) as run:
+        run.track(rng=rng, positions=positions)
+        for step in run.steps():
+            positions.append(float(rng.normal()) + (positions[-1] if positions else 0.0))
+            run.log(position=positions[-1])
+            if stop_at is not None and step + 1 == stop_at:
+                run.stop("test")
+    return run, positions
+
+
+def memory_url() -> str:
+    return f"memory://mirror-{uuid.uuid4().hex[:8]}/exp"
+
+
+def test_every_local_checkpoint_reaches_the_mirror_with_the_run_files(tmp_path: Path) -> None:
+    url = memory_url()
+    run, _ = walk(tmp_path / "run", url, 30, save_every_steps=10, mirror_keep_last=None)
+    assert run.finished
+    remote = killsafe.CheckpointStore(url)
+    assert [info.step for info in remote.list()] == [10, 20, 30]
+    assert remote.verify("latest").step == 30
+    files = storage.open(url)
+    run_json = json.loads(bytes(storage.read_bytes(files, "run/run.json")))
+    assert run_json["sessions"][-1]["end_step"] == 30
+    assert run_json["config"]["mirror"] == url
+    history = bytes(storage.read_bytes(files, "run/history.jsonl")).decode().splitlines()
+    assert len(history) == 30
+
+
+def test_the_mirror_keeps_its_own_number_of_checkpoints(tmp_path: Path) -> None:
+    url = memory_url()
+    walk(tmp_path / "run", url, 50, save_every_steps=10, keep_last=1, mirror_keep_last=3)
+    assert [i.step for i in killsafe.CheckpointStore(tmp_path / "run/checkpoints").list()] == [50]
+    assert [i.step for i in killsafe.CheckpointStore(url).list()] == [30, 40, 50]
+
+
+def test_an_empty_run_directory_resumes_from_the_mirror_exactly(tmp_path: Path) -> None:
+    url = memory_url()
+    _, reference = walk(tmp_path / "reference", memory_url(), 40, save_every_steps=10)
+    stopped, _ = walk(tmp_path / "first-machine", url, 40, save_every_steps=10, stop_at=17)
+    assert stopped.exit_code == 75
+    assert killsafe.CheckpointStore(url).latest().step == 17  # the stop's checkpoint went up
+    run, positions = walk(tmp_path / "fresh-machine", url, 40, save_every_steps=10)
+    assert run.finished and positions == reference
+    sessions = json.loads((tmp_path / "fresh-machine/run.json").read_text())["sessions"]
+    assert [(s["start_step"], s["end_step"]) for s in sessions] == [(0, 17), (17, 40)]
+    history = (tmp_path / "fresh-machine/history.jsonl").read_text().splitlines()
+    assert len(history) == 40  # the first machine's history came down with the checkpoint
+
+
+def test_a_newer_local_checkpoint_is_kept_and_uploaded_at_the_next_start(tmp_path: Path) -> None:
+    url = memory_url()
+    walk(tmp_path / "run", url, 20, save_every_steps=10)
+    walk(tmp_path / "run", None, 30, save_every_steps=10)  # a session whose upload never ran
+    assert killsafe.CheckpointStore(url).latest().step == 20
+    walk(tmp_path / "run", url, 30, save_every_steps=10)
+    assert killsafe.CheckpointStore(url).latest().step == 30
+
+
+def test_bad_mirror_options_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="mirror_keep_last=0"):
+        quiet(tmp_path, mirror=memory_url(), mirror_keep_last=0)
+    with pytest.raises(ConfigError, match="mirror_grace=-1"):
+        quiet(tmp_path, mirror=memory_url(), mirror_grace=-1)
+
+
+def test_the_mirror_flag_reaches_the_run(tmp_path: Path) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    killsafe.add_arguments(parser)
+    args = parser.parse_args(["--dir", str(tmp_path), "--mirror", "s3://bucket/exp"])
+    assert killsafe.Run.from_args(args)._config.mirror == "s3://bucket/exp"
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    import killsafe
+
+    directory, mirror = sys.argv[1], sys.argv[2]
+    rng = np.random.default_rng(0)
+    with killsafe.Run(directory, total_steps=100_000, save_every_steps=50, mirror=mirror,
+                      progress_every=3600, keyboard=False, report=False) as run:
+        run.track(rng=rng, weights=np.zeros(4096))
+        for step in run.steps():
+            run.state["weights"] += rng.normal(size=4096)
+            if step == 20:
+                print("ready", flush=True)
+            time.sleep(0.002)
+    print("end", run.step, flush=True)
+    sys.exit(run.exit_code)
+    """
+)
+
+
+def test_a_sigterm_waits_for_the_emergency_upload_to_a_real_s3_server(
+    tmp_path: Path, s3_url: str
+) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "node-a"), s3_url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "ready"
+    time.sleep(0.3)
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 75, err[-2000:]
+    stopped_at = int(out.split()[-1])
+    assert f"mirror {s3_url}: newest step {stopped_at}" in err
+    remote = killsafe.CheckpointStore(s3_url)
+    assert remote.verify("latest").step == stopped_at
+    local = killsafe.CheckpointStore(tmp_path / "node-a/checkpoints").load("latest")
+    # A second machine with an empty directory starts from the mirror's checkpoint.
+    with quiet(tmp_path / "node-b", total_steps=stopped_at, mirror=s3_url) as run:
+        restored = run.track(rng=np.random.default_rng(1), weights=np.zeros(4096))
+        assert run.step == stopped_at
+    np.testing.assert_array_equal(restored["weights"], local["weights"])
