@@ -47,6 +47,7 @@ __all__ = [
     "SavePolicy",
     "StopPolicy",
     "TimeLimit",
+    "describe_save_policy",
     "is_better",
     "parse_duration",
 ]
@@ -306,6 +307,53 @@ class EarlyStopping:
             f"EarlyStopping({self.metric!r}, mode={self.mode!r}, patience={self.patience}, "
             f"min_delta={self.min_delta})"
         )
+
+
+def describe_save_policy(policy: SavePolicy) -> str:
+    """A save policy in words, as a run's start line shows it.
+
+    ``"every 500 steps, every 10 min and on exit"``. ``OnRequest`` goes
+    unsaid (every run saves when asked) unless it is the only policy:
+    ``"only on request"``. A policy of your own is named by its
+    ``describe()`` method when it has one, else by its class name.
+    """
+    policies = policy.policies if isinstance(policy, AnyOf) else (policy,)
+    said = [_describe_one(p) for p in policies if not isinstance(p, (OnExit, OnRequest))]
+    if any(isinstance(p, OnExit) for p in policies):
+        said.append("on exit")
+    if not said:
+        return "only on request"
+    return said[0] if len(said) == 1 else ", ".join(said[:-1]) + " and " + said[-1]
+
+
+def _describe_one(policy: SavePolicy) -> str:
+    if isinstance(policy, EveryNSteps):
+        return "every step" if policy.n == 1 else f"every {policy.n} steps"
+    if isinstance(policy, EveryNSeconds):
+        return f"every {_spoken_duration(policy.seconds)}"
+    if isinstance(policy, AtSteps):
+        steps = sorted(policy.steps)
+        shown = steps if len(steps) <= 4 else [*steps[:3], "...", steps[-1]]
+        return f"at steps ({', '.join(map(str, shown))})"
+    if isinstance(policy, OnImprovement):
+        return f"when {policy.metric} improves"
+    describe = getattr(policy, "describe", None)
+    if callable(describe):
+        return str(describe())
+    return f"by {type(policy).__name__}"
+
+
+def _spoken_duration(seconds: float) -> str:
+    """``"45 s"``, ``"10 min"``, ``"1 h 30 min"``, ``"2 d"``: a duration for a sentence."""
+    if seconds < 60:
+        return f"{seconds:g} s"
+    whole = round(seconds)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        count, whole = divmod(whole, size)
+        if count:
+            parts.append(f"{count} {unit}")
+    return " ".join(parts[:2])
 
 
 def is_better(value: float, best: float, mode: str, min_delta: float = 0.0) -> bool:
