@@ -690,12 +690,15 @@ def _matplotlib_installed() -> bool:
 # process ended (or 2 s passed, for a run inside a longer-lived process): the
 # second of CPU the plot takes must not slow the run's exit, nor the start of
 # the next session, on a machine with few cores.
+# argv: the run directory, the run's pid, where this package was imported from.
 _PLOT_CHILD = """
 import os, sys, time
 os.nice(10)
 parent, deadline = int(sys.argv[2]), time.monotonic() + 2.0
 while os.getppid() == parent and time.monotonic() < deadline:
     time.sleep(0.02)
+if sys.argv[3] not in sys.path:
+    sys.path.append(sys.argv[3])
 from killsafe.cli import main
 sys.exit(main(["report", sys.argv[1], "--png-only"]))
 """
@@ -716,22 +719,21 @@ def start_png_child(run_dir: str | os.PathLike[str]) -> bool:
     lower priority (nice 10), in its own process group (a signal to the
     run's group, a supervisor's included, leaves it be), with no stdin,
     stdout or stderr (it holds no pipe a caller waits on) and no inherited
-    descriptors (no store lock). It finds this same package first on its path.
+    descriptors (no store lock). It imports this package from where this
+    process did when its own path lacks that place.
     """
     _PLOT_CHILDREN[:] = [child for child in _PLOT_CHILDREN if child.poll() is None]
     if not sys.executable:
         logger.warning("report.png skipped: no Python executable to draw it with")
         return False
     package_root = str(Path(__file__).resolve().parent.parent)
-    paths = [package_root, *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    argv = [str(Path(run_dir).resolve()), str(os.getpid()), package_root]
     try:
         child = subprocess.Popen(
-            [sys.executable, "-c", _PLOT_CHILD, str(Path(run_dir).resolve()), str(os.getpid())],
+            [sys.executable, "-c", _PLOT_CHILD, *argv],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            env=env,
             **_OWN_PROCESS_GROUP,
         )
     except OSError as exc:
