@@ -26,7 +26,7 @@ def bare_loop(steps: int) -> float:
 
 def run_loop(directory: Path, steps: int, **options: object) -> float:
     total = 0
-    with Run(directory, total_steps=steps, progress=False, **options) as run:  # type: ignore[arg-type]
+    with Run(directory, total_steps=steps, progress=False, report=False, **options) as run:  # type: ignore[arg-type]
         start = time.perf_counter()
         for step in run.steps():
             total += step

@@ -20,6 +20,7 @@ from killsafe.policy import (
     OnRequest,
     SavePolicy,
     TimeLimit,
+    describe_save_policy,
     is_better,
     parse_duration,
 )
@@ -223,3 +224,40 @@ def test_parse_duration(text: str, seconds: float) -> None:
 def test_parse_duration_refuses_nonsense(text: str) -> None:
     with pytest.raises(ConfigError):
         parse_duration(text)
+
+
+@dataclass(frozen=True)
+class Nightly:
+    """A policy of one's own that says what it does."""
+
+    def should_save(self, boundary: Boundary) -> None:
+        return None
+
+    def describe(self) -> str:
+        return "every night"
+
+
+@pytest.mark.parametrize(
+    ("policy", "words"),
+    [
+        (
+            AnyOf(OnExit(), EveryNSteps(500), EveryNSeconds(600), OnRequest()),
+            "every 500 steps, every 10 min and on exit",
+        ),
+        (AnyOf(OnExit(), EveryNSeconds(600), OnRequest()), "every 10 min and on exit"),
+        (EveryNSteps(1), "every step"),
+        (EveryNSeconds(45), "every 45 s"),
+        (EveryNSeconds(5400), "every 1 h 30 min"),
+        (EveryNSeconds(90.4), "every 1 min 30 s"),
+        (EveryNSeconds(2 * 86400), "every 2 d"),
+        (AnyOf(AtSteps([10, 20]), OnExit()), "at steps (10, 20) and on exit"),
+        (AtSteps(range(1, 100)), "at steps (1, 2, 3, ..., 99)"),
+        (OnImprovement("val_loss") | OnExit(), "when val_loss improves and on exit"),
+        (AnyOf(OnExit(), OnRequest()), "on exit"),
+        (AnyOf(OnRequest()), "only on request"),
+        (AnyOf(OnExit(), Nightly()), "every night and on exit"),
+        (AnyOf(OnExit(), OddSteps()), "by OddSteps and on exit"),
+    ],
+)
+def test_a_save_policy_in_words(policy: SavePolicy, words: str) -> None:
+    assert describe_save_policy(policy) == words

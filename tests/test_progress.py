@@ -573,3 +573,10 @@ def test_the_watch_thread_stops_at_close_and_can_be_left_out() -> None:
     quiet = PlainRenderer(LockedStream(), interval=0.05, watch=False)
     quiet.start(lambda: {"step": 1})
     assert quiet._thread is None
+
+
+def test_a_live_display_shows_a_message_said_before_it_starts() -> None:
+    stream = io.StringIO()
+    renderer = RichRenderer(stream)
+    renderer.message("dashboard at http://127.0.0.1:8000")  # said while the run opens
+    assert stream.getvalue() == "dashboard at http://127.0.0.1:8000\n"

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from report_helpers import PNG_MAGIC, wait_for_png
 
 pytestmark = pytest.mark.slow
 
@@ -142,7 +143,7 @@ def load_report(run_dir: Path) -> dict[str, Any]:
     report = json.loads((run_dir / "report.json").read_text())
     text = (run_dir / "report.txt").read_text()
     assert text.startswith(f"killsafe report: {run_dir}\n")
-    assert (run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert wait_for_png(run_dir).read_bytes()[:8] == PNG_MAGIC  # drawn after the exit
     return report
 
 

@@ -65,9 +65,9 @@ def test_save_every_epochs_saves_at_every_nth_epoch_end_only() -> None:
             "every 500 steps, every 5 min and on exit",
         ),
         ({"save_every_epochs": 3}, True, "every 3 epochs and on exit"),
-        ({"save_every_seconds": 90}, None, "every 90 s and on exit"),
+        ({"save_every_seconds": 90}, None, "every 1 min 30 s and on exit"),
         ({"save_every_seconds": "2h", "save_on_exit": False}, None, "every 2 h"),
-        ({"save_on_exit": False}, None, "only when asked"),
+        ({"save_on_exit": False}, None, "only on request"),
         ({"save": OnImprovement("val_loss")}, None, "when val_loss improves and on exit"),
     ],
 )

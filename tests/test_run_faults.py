@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from fault_helpers import SmallDisk, damage, mounted_small_disk, one_line
+from report_helpers import wait_for_png
 
 from killsafe.errors import ConfigError, InvalidName, KillsafeError, SaveFailed
 from killsafe.format import verify_checkpoint
@@ -60,6 +61,7 @@ def test_a_finished_run_started_again_says_so_and_keeps_every_record(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert train(tmp_path, 10) == list(range(10))
+    wait_for_png(tmp_path)  # drawn after the exit
     before = records(tmp_path)
     assert {"run.json", "status.json", "history.jsonl", "events.jsonl"} <= set(before)
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
@@ -107,6 +109,7 @@ def test_a_finished_run_started_again_exits_zero_with_one_line(tmp_path: Path) -
 
     first = start()
     assert first.returncode == 0 and first.stdout == "ran 3 finished\n", first.stderr
+    wait_for_png(tmp_path)  # drawn after the exit
     before = records(tmp_path)
     again = start()
     assert again.returncode == 0 and again.stdout == "ran 3 finished\n", again.stderr

@@ -32,7 +32,7 @@ from typing import Any
 
 from killsafe.errors import ConfigError
 
-__all__ = ["KeyboardMonitor", "StopRequests", "parse_signal", "signal_reason"]
+__all__ = ["KeyboardMonitor", "StopRequests", "parse_signal", "signal_reason", "stdin_is_terminal"]
 
 logger = logging.getLogger("killsafe")
 
@@ -221,6 +221,11 @@ class KeyboardMonitor:
             *lines, pending = pending.split(b"\n")
             if any(line.strip().lower() == b"q" for line in lines):
                 self._on_quit()
+
+
+def stdin_is_terminal() -> bool:
+    """Whether a person at a terminal types into this process (Ctrl+C reaches it)."""
+    return _terminal_fd(sys.stdin) is not None
 
 
 def _terminal_fd(stream: Any) -> int | None:

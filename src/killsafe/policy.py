@@ -354,54 +354,59 @@ class EarlyStopping:
 
 
 def describe_save_policy(policy: SavePolicy, *, epochs: bool | None = None) -> str:
-    """When ``policy`` saves, in one line: "every epoch and on exit", "every 500 steps,
-    every 5 min and on exit".
+    """A save policy in words, as a run's start line shows it.
 
-    ``epochs`` says whether the loop is ``run.epochs()`` (``None``: not known
-    yet), which decides what the default policy does. Saves on request are
-    always possible and not mentioned.
+    ``"every 500 steps, every 10 min and on exit"``. ``OnRequest`` goes
+    unsaid (every run saves when asked) unless it is the only policy:
+    ``"only on request"``. A policy of your own is named by its
+    ``describe()`` method when it has one, else by its class name.
+    ``epochs`` says whether the loop is ``run.epochs()`` (``None``: not
+    known yet), which decides what the default policy does.
     """
-    items = policy.policies if isinstance(policy, AnyOf) else (policy,)
-    parts: list[str] = []
-    on_exit = False
-    for item in items:
-        if isinstance(item, OnExit):
-            on_exit = True
-        elif not isinstance(item, OnRequest):
-            parts.append(_describe_one(item, epochs))
-    if on_exit:
-        parts.append("on exit")
-    if not parts:
-        return "only when asked"
-    if len(parts) == 1:
-        return parts[0]
-    return ", ".join(parts[:-1]) + " and " + parts[-1]
+    policies = policy.policies if isinstance(policy, AnyOf) else (policy,)
+    said = [_describe_one(p, epochs) for p in policies if not isinstance(p, (OnExit, OnRequest))]
+    if any(isinstance(p, OnExit) for p in policies):
+        said.append("on exit")
+    if not said:
+        return "only on request"
+    return said[0] if len(said) == 1 else ", ".join(said[:-1]) + " and " + said[-1]
 
 
 def _describe_one(policy: SavePolicy, epochs: bool | None) -> str:
     if isinstance(policy, EveryNSteps):
         return "every step" if policy.n == 1 else f"every {policy.n} steps"
     if isinstance(policy, EveryNSeconds):
-        return f"every {_describe_seconds(policy.seconds)}"
+        return f"every {_spoken_duration(policy.seconds)}"
     if isinstance(policy, EveryNEpochs):
         return "every epoch" if policy.n == 1 else f"every {policy.n} epochs"
     if isinstance(policy, EveryEpochOrNSeconds):
-        seconds = f"every {_describe_seconds(policy.seconds)}"
+        seconds = f"every {_spoken_duration(policy.seconds)}"
         if epochs is None:
             return f"every epoch with run.epochs(), else {seconds}"
         return "every epoch" if epochs else seconds
     if isinstance(policy, AtSteps):
-        return "at steps " + ", ".join(map(str, sorted(policy.steps)))
+        steps = sorted(policy.steps)
+        shown = steps if len(steps) <= 4 else [*steps[:3], "...", steps[-1]]
+        return f"at steps ({', '.join(map(str, shown))})"
     if isinstance(policy, OnImprovement):
         return f"when {policy.metric} improves"
-    return f"when {type(policy).__name__} says so"
+    describe = getattr(policy, "describe", None)
+    if callable(describe):
+        return str(describe())
+    return f"by {type(policy).__name__}"
 
 
-def _describe_seconds(seconds: float) -> str:
-    for unit, size in (("h", 3600.0), ("min", 60.0)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)} {unit}"
-    return f"{seconds:g} s"
+def _spoken_duration(seconds: float) -> str:
+    """``"45 s"``, ``"10 min"``, ``"1 h 30 min"``, ``"2 d"``: a duration for a sentence."""
+    if seconds < 60:
+        return f"{seconds:g} s"
+    whole = round(seconds)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        count, whole = divmod(whole, size)
+        if count:
+            parts.append(f"{count} {unit}")
+    return " ".join(parts[:2])
 
 
 def is_better(value: float, best: float, mode: str, min_delta: float = 0.0) -> bool:

@@ -661,11 +661,9 @@ class RichRenderer:
         self._rerouted: list[tuple[logging.StreamHandler[Any], Any]] = []
 
     def start(self, snapshot: Callable[[], Snapshot]) -> None:
-        from rich.console import Console
         from rich.live import Live
 
-        if self._console is None:
-            self._console = Console(file=self._stream if self._stream is not None else sys.stderr)
+        self._make_console()
         self._snapshot = snapshot
         originals = (sys.stdout, sys.stderr)
         self._live = Live(
@@ -688,10 +686,17 @@ class RichRenderer:
             self._live.refresh()
 
     def message(self, text: str) -> None:
-        if self._console is not None:
-            # soft_wrap: one long line stays one line (the terminal wraps it), so
-            # it can be copied or grepped whole; it is printed above the display.
-            self._console.print(text, markup=False, highlight=False, soft_wrap=True)
+        # Before start (a line said while the run opens) it is printed as is.
+        # soft_wrap: one long line stays one line (the terminal wraps it), so
+        # it can be copied or grepped whole; it is printed above the display.
+        self._make_console().print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def _make_console(self) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(file=self._stream if self._stream is not None else sys.stderr)
+        return self._console
 
     def close(self, snapshot: Snapshot) -> None:
         if self._live is None:

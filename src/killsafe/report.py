@@ -14,12 +14,15 @@ matplotlib is installed).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import io
 import itertools
 import json
 import logging
 import math
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -42,6 +45,7 @@ from killsafe.rundir import (
     is_attached,
     parse_best,
     pid_alive,
+    read_json,
     this_host,
     write_bytes_atomic,
     write_json_atomic,
@@ -53,10 +57,12 @@ __all__ = [
     "REPORT_TXT",
     "add_cli_arguments",
     "build_report",
+    "draw_report_png",
     "format_text",
     "list_checkpoints",
     "plot_history",
     "run_cli",
+    "start_png_child",
     "write_report",
 ]
 
@@ -64,6 +70,8 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MAX_PLOT_POINTS = 5000
+PLOT_MODES = ("inline", "detached")
+_NO_MATPLOTLIB = "matplotlib is not installed (pip install matplotlib)"
 
 # -- building -------------------------------------------------------------
 
@@ -626,27 +634,146 @@ def _or_dash(value: Any) -> str:
 # -- writing --------------------------------------------------------------
 
 
-def write_report(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+def write_report(run_dir: str | os.PathLike[str], *, plot: str = "inline") -> dict[str, Any]:
     """Write ``report.json``, ``report.txt`` and ``report.png`` into ``run_dir``.
 
     Returns the report, with ``files`` naming what was written. The plot is
     skipped (with a warning in the log) when matplotlib is missing or fails;
     the text and JSON are always written.
+
+    ``plot``: ``"inline"`` draws ``report.png`` before returning;
+    ``"detached"`` writes the text and JSON, then leaves the plot to a child
+    process that outlives this one (``killsafe report DIR --png-only``), so a
+    run's exit does not wait the second matplotlib takes. ``files["png"]``
+    then names the plot to come.
     """
+    if plot not in PLOT_MODES:
+        raise ConfigError(f"write_report(plot={plot!r}): use one of {', '.join(PLOT_MODES)}")
     run_dir = Path(run_dir)
     report = build_report(run_dir)
+    png = run_dir / REPORT_PNG
     files = {"json": str(run_dir / REPORT_JSON), "txt": str(run_dir / REPORT_TXT), "png": None}
+    report["files"] = files
+    if plot == "detached":
+        if _matplotlib_installed():
+            files["png"] = str(png)
+        _write_text_and_json(run_dir, report)
+        if files["png"] is not None and not start_png_child(run_dir):
+            files["png"] = None
+            _write_text_and_json(run_dir, report)
+        return report
     try:
-        plot_history(run_dir, run_dir / REPORT_PNG, report=report)
-        files["png"] = str(run_dir / REPORT_PNG)
+        plot_history(run_dir, png, report=report)
+        files["png"] = str(png)
     except ImportError:
-        logger.warning("report.png skipped: matplotlib is not installed (pip install matplotlib)")
+        logger.warning("report.png skipped: %s", _NO_MATPLOTLIB)
     except Exception as exc:  # a plot must never cost the text report
         logger.warning("report.png skipped: %s: %s", type(exc).__name__, exc)
-    report["files"] = files
+    _write_text_and_json(run_dir, report)
+    return report
+
+
+def _write_text_and_json(run_dir: Path, report: Mapping[str, Any]) -> None:
     write_json_atomic(run_dir / REPORT_JSON, report)
     write_bytes_atomic(run_dir / REPORT_TXT, format_text(report).encode())
-    return report
+
+
+def _matplotlib_installed() -> bool:
+    """Whether matplotlib can be imported, found without importing it (a few ms)."""
+    if importlib.util.find_spec("matplotlib") is not None:
+        return True
+    logger.warning("report.png skipped: %s", _NO_MATPLOTLIB)
+    return False
+
+
+# ``killsafe report DIR --png-only`` at a lower priority, after the run's
+# process ended (or 2 s passed, for a run inside a longer-lived process): the
+# second of CPU the plot takes must not slow the run's exit, nor the start of
+# the next session, on a machine with few cores.
+# argv: the run directory, the run's pid, where this package was imported from.
+_PLOT_CHILD = """
+import os, sys, time
+os.nice(10)
+parent, deadline = int(sys.argv[2]), time.monotonic() + 2.0
+while os.getppid() == parent and time.monotonic() < deadline:
+    time.sleep(0.02)
+if sys.argv[3] not in sys.path:
+    sys.path.append(sys.argv[3])
+from killsafe.cli import main
+sys.exit(main(["report", sys.argv[1], "--png-only"]))
+"""
+# Its own process group keeps signals to the run's group (Ctrl+C, a
+# supervisor's killpg) away from it; staying in the run's session keeps it
+# in the same scheduler autogroup, where its nice value counts against the run.
+_OWN_PROCESS_GROUP: dict[str, Any] = (
+    {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
+)
+_PLOT_CHILDREN: list[subprocess.Popen[bytes]] = []
+"""Plot children still running; polled at the next start, so none stays a zombie."""
+
+
+def start_png_child(run_dir: str | os.PathLike[str]) -> bool:
+    """Start ``killsafe report DIR --png-only`` detached; returns whether it started.
+
+    The child waits for this process to end (at most 2 s), then draws at a
+    lower priority (nice 10), in its own process group (a signal to the
+    run's group, a supervisor's included, leaves it be), with no stdin,
+    stdout or stderr (it holds no pipe a caller waits on) and no inherited
+    descriptors (no store lock). It imports this package from where this
+    process did when its own path lacks that place.
+    """
+    _PLOT_CHILDREN[:] = [child for child in _PLOT_CHILDREN if child.poll() is None]
+    if not sys.executable:
+        logger.warning("report.png skipped: no Python executable to draw it with")
+        return False
+    package_root = str(Path(__file__).resolve().parent.parent)
+    argv = [str(Path(run_dir).resolve()), str(os.getpid()), package_root]
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-c", _PLOT_CHILD, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            **_OWN_PROCESS_GROUP,
+        )
+    except OSError as exc:
+        logger.warning(
+            "report.png skipped: its drawing could not start (%s); draw it with "
+            "`killsafe report %s --write`",
+            exc,
+            run_dir,
+        )
+        return False
+    _PLOT_CHILDREN.append(child)
+    return True
+
+
+def draw_report_png(run_dir: str | os.PathLike[str]) -> Path | None:
+    """Draw ``report.png`` from the ``report.json`` beside it (built afresh when missing).
+
+    Returns the path, or ``None`` when a newer ``report.json`` was written
+    while drawing: that report's own plot replaces this one, and a late
+    older plot must not replace it. Raises ImportError without matplotlib.
+    """
+    run_dir = _check_run_dir(Path(run_dir))
+    try:
+        saved = read_json(run_dir / REPORT_JSON)
+    except KillsafeError:  # a damaged report.json: draw from the run's own files
+        saved = None
+    report = saved if isinstance(saved, dict) else build_report(run_dir)
+    payload = _plot_bytes(run_dir, report)
+    if saved is not None and _generated(run_dir) != report.get("generated"):
+        return None
+    path = run_dir / REPORT_PNG
+    write_bytes_atomic(path, payload)
+    return path
+
+
+def _generated(run_dir: Path) -> Any:
+    with contextlib.suppress(KillsafeError, OSError):
+        saved = read_json(run_dir / REPORT_JSON)
+        return saved.get("generated") if isinstance(saved, dict) else None
+    return None
 
 
 def plot_history(
@@ -662,12 +789,19 @@ def plot_history(
     the process's pyplot backend is left alone. Raises ImportError without
     matplotlib.
     """
+    run_dir = Path(run_dir)
+    payload = _plot_bytes(run_dir, report if report is not None else build_report(run_dir))
+    path = Path(path)
+    write_bytes_atomic(path, payload)
+    return path
+
+
+def _plot_bytes(run_dir: Path, report: Mapping[str, Any]) -> bytes:
+    """The PNG of ``plot_history``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    run_dir = Path(run_dir)
     history = read_history(run_dir)
-    report = report if report is not None else build_report(run_dir)
     series = _numeric_series(history)[:12]
     resumes = [
         s["start_step"] for s in report.get("sessions", [])[1:] if s.get("start_step") is not None
@@ -701,9 +835,7 @@ def plot_history(
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    path = Path(path)
-    write_bytes_atomic(path, buffer.getvalue())
-    return path
+    return buffer.getvalue()
 
 
 def _numeric_series(history: list[dict[str, Any]]) -> list[tuple[str, list[int], list[float]]]:
@@ -728,16 +860,25 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument(
         "--csv", metavar="PATH", help="also export history.jsonl as CSV to PATH ('-' for stdout)"
     )
-    parser.add_argument(
+    writes = parser.add_mutually_exclusive_group()
+    writes.add_argument(
         "--write",
         action="store_true",
         help="also (re)write report.txt, report.json and report.png in DIR",
+    )
+    writes.add_argument(
+        "--png-only",
+        action="store_true",
+        help="only (re)draw report.png in DIR from its report.json; print nothing "
+        "(what a run starts at its exit)",
     )
     return parser
 
 
 def run_cli(args: argparse.Namespace) -> int:
     """Print the report of ``args.directory``; 0 on success, 2 on bad input."""
+    if args.png_only:
+        return _draw_png_cli(args.directory)
     try:
         report = write_report(args.directory) if args.write else build_report(args.directory)
         if args.csv:
@@ -755,4 +896,16 @@ def run_cli(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
     else:
         sys.stdout.write(format_text(report))
+    return 0
+
+
+def _draw_png_cli(directory: str) -> int:
+    try:
+        draw_report_png(directory)
+    except ImportError:
+        sys.stderr.write(f"killsafe report: error: report.png not drawn: {_NO_MATPLOTLIB}\n")
+        return 2
+    except (KillsafeError, OSError) as exc:
+        sys.stderr.write(f"killsafe report: error: {exc}\n")
+        return 2
     return 0

@@ -185,13 +185,18 @@ class Closer:
 
 
 def write_report(directory: Path) -> None:
-    """``report.txt``/``.json``/``.png``; a failure is a warning, never a crash."""
+    """``report.txt``/``.json`` now, ``report.png`` drawn by a detached child.
+
+    A run's exit, a SIGTERM's included, waits for the text and JSON (a few
+    milliseconds), not for matplotlib: the plot follows a moment later and
+    survives this process. A failure is a warning, never a crash.
+    """
     try:  # the report room is optional here
         report = importlib.import_module("killsafe.report")
     except ImportError:
         return
     try:
-        report.write_report(directory)
+        report.write_report(directory, plot="detached")
     except Exception as exc:  # a report must never turn a good exit into a crash
         logger.warning("report for %s not written: %s", directory, exc)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from killsafe.distributed.coordinator import Coordinator
+from killsafe.interrupt import stdin_is_terminal
 from killsafe.progress import Progress
 from killsafe.run.best import BestTracker
 from killsafe.run.boundary import StepBoundary
@@ -21,8 +23,9 @@ from killsafe.run.position import Position
 from killsafe.run.resume import Resume
 from killsafe.run.services import Services
 from killsafe.run.session import SessionRecord, refuse_if_attached
+from killsafe.run.start_lines import start_lines
 from killsafe.run.stops import Stops
-from killsafe.run.tree import load_run_state
+from killsafe.run.tree import load_run_state, saved_loop
 
 if TYPE_CHECKING:
     from killsafe.format import CheckpointInfo
@@ -118,7 +121,8 @@ def open_session(
     if finished:
         _found_finished(parts, info)
     else:
-        _start(parts, session, progress, start)
+        loop = saved_loop(resume.run_state) if info is not None else None
+        _start(parts, session, progress, start, loop)
     return opened
 
 
@@ -188,17 +192,53 @@ def _inbox_type(group: Any) -> type[ControlInbox]:
     return QuietInbox
 
 
-def _start(parts: Parts, session: SessionRecord, progress: Progress, start: _Start) -> None:
+def _start(
+    parts: Parts,
+    session: SessionRecord,
+    progress: Progress,
+    start: _Start,
+    loop: Mapping[str, Any] | None,
+) -> None:
     info = start.info
     if info is not None:
         progress.checkpoint_saved(info.step, info.path)
     record = parts.config.record(total_steps=parts.position.total)
     session.write_start(info, parts.position.step, start.wall, record)
-    parts.stops.interrupts.install()
-    parts.services.start_keyboard(parts.stops.interrupts)
+    signals_watched = parts.stops.interrupts.install()
+    keyboard = parts.services.start_keyboard(parts.stops.interrupts)
+    if parts.coordinator.rank == 0:  # one voice for the whole run
+        _say_start(parts, info, loop, keyboard=keyboard, signals_watched=signals_watched)
     parts.services.start_server()
     session.write_status("running")
     session.start_heartbeat(start.clock)
+
+
+def _say_start(
+    parts: Parts,
+    info: CheckpointInfo | None,
+    loop: Mapping[str, Any] | None,
+    *,
+    keyboard: bool,
+    signals_watched: bool,
+) -> None:
+    """Where the run starts from, where and when it saves, and (on a terminal) how to stop.
+
+    ``loop``: the ``run.epochs()`` position of the checkpoint resumed from, if any.
+    """
+    config = parts.config
+    lines = start_lines(
+        info,
+        step=parts.position.step,
+        epoch=loop.get("epoch") if loop is not None else parts.position.epoch,
+        store_dir=config.store_dir,
+        save_policy=config.save_policy,
+        epochs=True if loop is not None else None,
+        mirror=config.mirror,
+        keyboard=keyboard and signals_watched,
+        terminal=signals_watched and stdin_is_terminal(),
+    )
+    for line in lines:
+        parts.services.say(line)
 
 
 def _found_finished(parts: Parts, info: CheckpointInfo | None) -> None:

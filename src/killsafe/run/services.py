@@ -55,15 +55,14 @@ class Services:
         self.progress = Progress(total=total, start_step=step, enabled=False)
         return self.progress
 
-    def start_keyboard(self, interrupts: StopRequests) -> None:
+    def start_keyboard(self, interrupts: StopRequests) -> bool:
+        """Watch for ``q`` + Enter (on an interactive terminal); returns whether it does."""
         if self._config.keyboard is False:
-            return
+            return False
         monitor = KeyboardMonitor(lambda: interrupts.request("keyboard"))
         if monitor.start():
             self.keyboard = monitor
-            if self._config.progress:
-                assert self.progress is not None
-                self.progress.message("press q then Enter (or Ctrl+C) to stop with a checkpoint")
+        return self.keyboard is not None
 
     def start_server(self) -> None:
         serve = self._config.serve

@@ -136,7 +136,6 @@ class SessionRecord:
         self.update_run_json(update)
         if info is not None:
             self.events.append("resumed", step, path=str(info.path), reason=info.reason)
-            logger.info("resumed from %s at step %d", info.path, info.step)
         else:
             self.events.append("started", step)
 
