@@ -681,6 +681,7 @@ class Run:
         if self._loop_started:
             raise ConfigError(f"run.{kind}(): the run's loop was already started; a Run has one")
         self._loop_started = True
+        opened.say_start(kind == "epochs")
         opened.resume.restore_rng(opened.rng)
         opened.boundary.loop_clock = time.monotonic()
         assert self._parts.services.progress is not None

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +68,8 @@ class Opened:
     boundary: StepBoundary
     closer: Closer
     finished: bool
+    say_start: Callable[[bool], None]
+    """Says the run's start lines, when its loop starts (``True``: ``run.epochs()``)."""
 
 
 @dataclass(frozen=True)
@@ -117,13 +120,13 @@ def open_session(
             position.step, position.total, resumed=info is not None
         )
     boundary, closer = _wire(parts, store, session, ledger, progress, start)
-    opened = Opened(store, rng, resume, session, ledger, boundary, closer, finished)
+    say_start: Callable[[bool], None] = _say_nothing
     if finished:
         _found_finished(parts, info)
     else:
         loop = saved_loop(resume.run_state) if info is not None else None
-        _start(parts, session, progress, start, loop)
-    return opened
+        say_start = _start(parts, session, progress, start, loop)
+    return Opened(store, rng, resume, session, ledger, boundary, closer, finished, say_start)
 
 
 def _wire(
@@ -198,7 +201,8 @@ def _start(
     progress: Progress,
     start: _Start,
     loop: Mapping[str, Any] | None,
-) -> None:
+) -> Callable[[bool], None]:
+    """Start the session's records and services; return what says its start lines."""
     info = start.info
     if info is not None:
         progress.checkpoint_saved(info.step, info.path)
@@ -206,24 +210,33 @@ def _start(
     session.write_start(info, parts.position.step, start.wall, record)
     signals_watched = parts.stops.interrupts.install()
     keyboard = parts.services.start_keyboard(parts.stops.interrupts)
-    if parts.coordinator.rank == 0:  # one voice for the whole run
-        _say_start(parts, info, loop, keyboard=keyboard, signals_watched=signals_watched)
     parts.services.start_server()
     session.write_status("running")
     session.start_heartbeat(start.clock)
+    if parts.coordinator.rank != 0:  # one voice for the whole run
+        return _say_nothing
+    return functools.partial(
+        _say_start, parts, info, loop, keyboard=keyboard, signals_watched=signals_watched
+    )
+
+
+def _say_nothing(epochs: bool) -> None:
+    pass
 
 
 def _say_start(
     parts: Parts,
     info: CheckpointInfo | None,
     loop: Mapping[str, Any] | None,
+    epochs: bool,
     *,
     keyboard: bool,
     signals_watched: bool,
 ) -> None:
     """Where the run starts from, where and when it saves, and (on a terminal) how to stop.
 
-    ``loop``: the ``run.epochs()`` position of the checkpoint resumed from, if any.
+    ``loop``: the ``run.epochs()`` position of the checkpoint resumed from, if
+    any; ``epochs``: the loop that starts is ``run.epochs()``.
     """
     config = parts.config
     lines = start_lines(
@@ -232,7 +245,7 @@ def _say_start(
         epoch=loop.get("epoch") if loop is not None else parts.position.epoch,
         store_dir=config.store_dir,
         save_policy=config.save_policy,
-        epochs=True if loop is not None else None,
+        epochs=epochs,
         mirror=config.mirror,
         keyboard=keyboard and signals_watched,
         terminal=signals_watched and stdin_is_terminal(),
