@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import math
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +34,7 @@ from killsafe.run.control import ControlInbox
 from killsafe.run.resume import Resume
 from killsafe.run.services import Services
 from killsafe.run.session import EventLog, SessionRecord
-from killsafe.run.tree import RNG_KEY
+from killsafe.run.sharded_tree import tree_of
 
 if TYPE_CHECKING:
     from killsafe.format import CheckpointInfo
@@ -48,9 +48,7 @@ __all__ = [
     "QuietServices",
     "QuietSession",
     "RunGroup",
-    "ShardedTree",
     "join_group",
-    "unwrapped",
 ]
 
 logger = logging.getLogger("killsafe")
@@ -177,60 +175,6 @@ class GroupStore:
         return self.store.load(ref, **options)
 
 
-class ShardedTree(Mapping[str, Any]):
-    """A sharded checkpoint's tree as one rank resumes it.
-
-    Its own part is read at once; each module or optimizer is read whole
-    when it is restored. A rank the checkpoint has no part of (the job
-    grew) takes rank 0's part without its random states.
-    """
-
-    def __init__(self, info: CheckpointInfo, rank: int, world_size: int) -> None:
-        from killsafe.distributed.runstate import KINDS_KEY, read_rank_part
-
-        self._path = info.path
-        self._shared = sorted(dict(info.metadata.get(KINDS_KEY) or {}))
-        own = rank if rank < info.world_size else 0
-        self._private = dict(read_rank_part(info.path, own))
-        if info.world_size != world_size:
-            self._private.pop(RNG_KEY, None)
-        self._read: dict[str, Any] = {}
-
-    def __getitem__(self, name: str) -> Any:
-        if name in self._private:
-            return self._private[name]
-        if name not in self._shared:
-            raise KeyError(name)
-        if name not in self._read:
-            from killsafe.distributed.runstate import read_shared
-
-            self._read.update(read_shared(self._path, [name]))
-        return self._read[name]
-
-    def __iter__(self) -> Iterator[str]:
-        yield from self._private
-        yield from self._shared
-
-    def __len__(self) -> int:
-        return len(self._private) + len(self._shared)
-
-
-def tree_of(store: Any, info: CheckpointInfo, rank: int, world_size: int) -> Mapping[str, Any]:
-    """The tree of ``info`` as ``rank`` of ``world_size`` resumes it (sharded or not)."""
-    if info.sharded:
-        if info.world_size != world_size and rank == 0:
-            logger.warning(
-                "resuming %s, saved by %d process(es), on %d: modules and optimizers are "
-                "loaded whole; per-rank random states cannot carry over and stay as seeded",
-                info.path,
-                info.world_size,
-                world_size,
-            )
-        return ShardedTree(info, rank, world_size)
-    tree: Mapping[str, Any] = store.load(info)
-    return tree
-
-
 class GroupResume(Resume):
     """Resuming in a job: rank 0 chooses (as ``Resume`` does), every rank reads its part."""
 
@@ -270,13 +214,6 @@ class GroupResume(Resume):
                 continue
             return info
         return None
-
-
-def unwrapped(objects: Mapping[str, Any]) -> dict[str, Any]:
-    """``objects`` with DDP's wrappers replaced by the modules inside."""
-    from killsafe.distributed.runstate import unwrap
-
-    return {name: unwrap(value) for name, value in objects.items()}
 
 
 # ---------------------------------------------------------------- the quiet ranks

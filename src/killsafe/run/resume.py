@@ -62,7 +62,7 @@ class Resume:
 
     def _load(self, info: CheckpointInfo) -> Mapping[str, Any]:
         if info.sharded:  # saved by a job of many processes: read as its rank 0
-            from killsafe.run.group import tree_of
+            from killsafe.run.sharded_tree import tree_of
 
             return tree_of(self._store, info, 0, 1)
         tree: Mapping[str, Any] = self._store.load(info)
@@ -97,7 +97,7 @@ class Resume:
         """What the saved values go into: a sharded checkpoint holds DDP's inner modules."""
         if self.info is None or not self.info.sharded:
             return objects
-        from killsafe.run.group import unwrapped
+        from killsafe.run.sharded_tree import unwrapped
 
         return unwrapped(objects)
 
