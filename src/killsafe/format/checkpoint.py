@@ -41,9 +41,18 @@ from killsafe.format.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    PIECES_LAYOUT,
     is_sharded,
     manifest_digest,
     read_manifest,
+)
+from killsafe.format.pieces import (
+    check_piece_headers,
+    check_pieces,
+    is_pieces,
+    load_piece_buffers,
+    pieces_dir_of,
+    write_pieces,
 )
 from killsafe.format.tensorfile import (
     check_frame_size,
@@ -109,6 +118,43 @@ def write_encoded(
     return manifest
 
 
+def write_incremental(
+    directory: str | os.PathLike[str],
+    encoded: Encoded,
+    *,
+    step: int,
+    name: str | None = None,
+    reason: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+    created: float | None = None,
+) -> dict[str, Any]:
+    """Write an encoded tree as an incremental checkpoint into an existing directory.
+
+    The pieces its store (the directory's parent) lacks are written and made
+    durable first (``format.pieces``), then ``manifest.json``; the pieces
+    already there are only referenced. Committing is the store's job.
+    Returns the manifest; raises as ``write_encoded``.
+    """
+    metrics, metadata = clean_fields(metrics, metadata)
+    directory = Path(directory)
+    tensors, lengths, written = write_pieces(pieces_dir_of(directory), encoded)
+    manifest = build_manifest(
+        encoded,
+        {},
+        tensors,
+        step=step,
+        name=name,
+        reason=reason,
+        metrics=metrics,
+        metadata=metadata,
+        created=created,
+        extra={"layout": PIECES_LAYOUT, "pieces": lengths, "added": written},
+    )
+    write_json_file(directory / MANIFEST_NAME, manifest)
+    return manifest
+
+
 def clean_fields(
     metrics: dict[str, Any] | None, metadata: dict[str, Any] | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -147,6 +193,7 @@ def build_manifest(
     metadata: dict[str, Any],
     created: float | None,
     attempt: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest of written files, with its own checksum (``attempt``: object stores).
 
@@ -167,6 +214,7 @@ def build_manifest(
     }
     if attempt is not None:
         manifest["attempt"] = attempt
+    manifest.update(extra or {})
     manifest[CHECKSUM_FIELD] = manifest_digest(manifest)
     return manifest
 
@@ -205,6 +253,8 @@ def check_files(directory: str | os.PathLike[str], manifest: Mapping[str, Any]) 
     found when checkpoints are listed, not only when they are loaded.
     """
     directory = Path(directory)
+    if is_pieces(manifest):
+        check_pieces(directory, manifest)
     for name, info in manifest["files"].items():
         try:
             found = os.lstat(directory / name)
@@ -248,7 +298,10 @@ def read_tree(
     node = select_subtree(directory, manifest["tree"], subtree)
     needed: set[str] = set()
     needed_entries(node, needed)
-    buffers = load_buffers(directory, manifest, needed, not subtree, mmap, verify)
+    if is_pieces(manifest):  # assembled from pieces: never mapped
+        buffers = load_piece_buffers(directory, manifest, needed, verify)
+    else:
+        buffers = load_buffers(directory, manifest, needed, not subtree, mmap, verify)
     return decode_tree(directory, node, buffers)
 
 
@@ -296,6 +349,11 @@ def verify_checkpoint(
     needed_entries(manifest["tree"], used)
     if used - needed:
         raise corrupt(directory, "the tree names tensor entries that are not in the table")
+    if is_pieces(manifest):
+        # Every byte of every piece belongs to an entry: the entries' checksums cover them.
+        check_piece_headers(directory, manifest)
+        read_tree(directory, manifest, verify=True)
+        return
     if needed:
         fd, path, info = open_data(directory, manifest)
         with open(fd, "rb", buffering=0) as f:
