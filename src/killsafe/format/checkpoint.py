@@ -128,6 +128,7 @@ def write_incremental(
     metrics: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
     created: float | None = None,
+    fast_write: FastWrite | None = None,
 ) -> dict[str, Any]:
     """Write an encoded tree as an incremental checkpoint into an existing directory.
 
@@ -138,7 +139,8 @@ def write_incremental(
     """
     metrics, metadata = clean_fields(metrics, metadata)
     directory = Path(directory)
-    tensors, lengths, written = write_pieces(pieces_dir_of(directory), encoded)
+    pieces_dir = pieces_dir_of(directory)
+    tensors, lengths, written = write_pieces(pieces_dir, encoded, fast_write=fast_write)
     manifest = build_manifest(
         encoded,
         {},

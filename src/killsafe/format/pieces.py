@@ -47,7 +47,13 @@ from typing import Any
 import xxhash
 
 from killsafe.format.codec import Encoded, TensorEntry
-from killsafe.format.io import anonymous_buffer, corrupt, write_buffers, write_json_file
+from killsafe.format.io import (
+    FastWrite,
+    anonymous_buffer,
+    corrupt,
+    write_buffers,
+    write_json_file,
+)
 from killsafe.format.manifest import FORMAT_NAME, MANIFEST_NAME, PIECES_LAYOUT
 from killsafe.format.tensorfile import first_bad_entry
 
@@ -128,23 +134,6 @@ def _digest(piece: Piece) -> str:
     return str(hasher.hexdigest())
 
 
-def _hash_all(pieces: list[Piece], entries: Sequence[TensorEntry]) -> dict[str, str]:
-    """Name every piece (xxh3-128) and checksum every entry (xxh3-64), on a few threads.
-
-    xxhash releases the GIL on large buffers, so the passes run in parallel.
-    """
-
-    def entry_digest(entry: TensorEntry) -> tuple[str, str]:
-        return entry.key, xxhash.xxh3_64_hexdigest(entry.data)
-
-    workers = max(1, min(_HASH_WORKERS, os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers, thread_name_prefix="killsafe-hash") as pool:
-        entry_sums = pool.map(entry_digest, entries)
-        for piece, digest in zip(pieces, pool.map(_digest, pieces), strict=True):
-            piece.digest = digest
-        return dict(entry_sums)
-
-
 def present(pieces_dir: Path, digest: str, length: int) -> bool:
     """Whether the piece is in place: a regular file of its full size (one ``lstat``)."""
     try:
@@ -157,8 +146,9 @@ def present(pieces_dir: Path, digest: str, length: int) -> bool:
 class _PieceWriter:
     """Writes new pieces under temporary names, then makes them durable and renames them."""
 
-    def __init__(self, pieces_dir: Path) -> None:
+    def __init__(self, pieces_dir: Path, fast_write: FastWrite | None) -> None:
         self.pieces_dir = pieces_dir
+        self.fast_write = fast_write
         self.pending: list[tuple[int, Path, Path]] = []  # fd, temporary path, final path
         self.new_dirs: set[Path] = set()
         self.written = 0
@@ -171,7 +161,9 @@ class _PieceWriter:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         self.pending.append((fd, tmp, final))
         header = piece_header(piece.size)
-        write_buffers(fd, [memoryview(header), *piece.parts], kick=True)
+        buffers = [memoryview(header), *piece.parts]
+        if self.fast_write is None or not self.fast_write(fd, buffers):
+            write_buffers(fd, buffers, kick=True)
         self.written += len(header) + piece.size
 
     def _make_dir(self, directory: Path) -> None:
@@ -220,24 +212,34 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def write_pieces(
-    pieces_dir: Path, encoded: Encoded, piece_size: int = PIECE_SIZE
+    pieces_dir: Path,
+    encoded: Encoded,
+    piece_size: int = PIECE_SIZE,
+    fast_write: FastWrite | None = None,
 ) -> tuple[dict[str, Any], dict[str, int], int]:
     """Write the pieces of ``encoded`` that ``pieces_dir`` lacks, durably.
 
+    Pieces are hashed on a few threads (xxhash releases the GIL) while this
+    thread writes the ones already named; the entries' checksums are taken
+    on the same threads. A new piece is offered to ``fast_write`` first.
     Returns the manifest's ``tensors`` section, its ``pieces`` map (digest
     to length) and the bytes written. Lets ``OSError`` through.
     """
     pieces, spans = cut(encoded.entries, piece_size)
-    sums = _hash_all(pieces, encoded.entries)
-    writer = _PieceWriter(pieces_dir)
+    writer = _PieceWriter(pieces_dir, fast_write)
     lengths: dict[str, int] = {}
+    workers = max(1, min(_HASH_WORKERS, os.cpu_count() or 1))
     try:
-        for piece in pieces:
-            if piece.digest in lengths:
-                continue
-            lengths[piece.digest] = piece.size
-            if not present(pieces_dir, piece.digest, piece.size):
-                writer.write(piece)
+        with ThreadPoolExecutor(workers, thread_name_prefix="killsafe-hash") as pool:
+            digests = pool.map(_digest, pieces)
+            sums = pool.map(lambda e: (e.key, xxhash.xxh3_64_hexdigest(e.data)), encoded.entries)
+            for piece, digest in zip(pieces, digests, strict=True):
+                piece.digest = digest
+                if digest not in lengths:
+                    lengths[digest] = piece.size
+                    if not present(pieces_dir, digest, piece.size):
+                        writer.write(piece)
+            checksums = dict(sums)
         writer.finish()
     except BaseException:
         writer.discard()
@@ -247,7 +249,7 @@ def write_pieces(
             "dtype": entry.dtype,
             "shape": list(entry.shape),
             "size": entry.nbytes,
-            "xxh3": sums[entry.key],
+            "xxh3": checksums[entry.key],
             "pieces": [[pieces[i].digest, start, length] for i, start, length in spans[entry.key]],
         }
         for entry in encoded.entries

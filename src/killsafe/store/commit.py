@@ -75,7 +75,12 @@ class RenameCommit:
         try:
             if self.incremental:
                 return fmt.write_incremental(
-                    staging.tmp_path, encoded, step=staging.step, name=staging.name, **fields
+                    staging.tmp_path,
+                    encoded,
+                    step=staging.step,
+                    name=staging.name,
+                    fast_write=directio.write_direct,
+                    **fields,
                 )
             return fmt.write_encoded(
                 staging.tmp_path,
