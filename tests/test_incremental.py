@@ -204,3 +204,22 @@ def test_sigkill_during_saves_and_prunes_never_loses_a_piece(tmp_path: Path, see
     assert not [p for p in (store_dir / fmt.PIECES_DIR).glob("*/.tmp-*")]
     assert not [p for p in os.listdir(store_dir) if p.startswith(".tmp-")]
     store.close()
+
+
+def test_export_writes_one_safetensors_file_and_list_shows_the_bytes_added(tmp_path: Path) -> None:
+    from cli_helpers import cli, cli_json
+
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    store = killsafe.CheckpointStore(tmp_path / "store", incremental=True)
+    frozen = np.random.default_rng(5).random(PIECE // 4)
+    store.save({"frozen": frozen, "head": np.zeros(10)}, step=1)
+    second = store.save({"frozen": frozen, "head": np.ones(10)}, step=2)
+    listed = {row["step"]: row for row in cli_json("list", tmp_path / "store")["checkpoints"]}
+    assert listed[2]["size"] == second.size and listed[2]["added"] == second.added
+    assert listed[2]["added"] < listed[1]["added"] and listed[1]["added"] >= frozen.nbytes
+    out = tmp_path / "out.safetensors"
+    done = cli("export", second.path, out)
+    assert done.returncode == 0, done.stderr
+    exported = safetensors_numpy.load_file(str(out))
+    assert sorted(v.nbytes for v in exported.values()) == [80, frozen.nbytes]
+    assert any(np.array_equal(v.view(np.float64), frozen) for v in exported.values())

@@ -18,6 +18,7 @@ Reading never executes code: the manifest is JSON, tensor bytes are raw bytes.
 
 from killsafe.format.checkpoint import (
     check_files,
+    export_tensors,
     read_tree,
     verify_checkpoint,
     write_checkpoint,
@@ -79,6 +80,7 @@ __all__ = [
     "checkpoint_nbytes",
     "clean_json",
     "encode",
+    "export_tensors",
     "float_value",
     "int_value",
     "is_pieces",

@@ -22,6 +22,7 @@ from killsafe.errors import (
 from killsafe.format.codec import (
     Decoder,
     Encoded,
+    TensorEntry,
     clean_json,
     encode,
     needed_entries,
@@ -34,6 +35,7 @@ from killsafe.format.io import (
     corrupt,
     missing_file,
     open_regular,
+    write_buffers,
     write_json_file,
 )
 from killsafe.format.manifest import (
@@ -365,3 +367,49 @@ def verify_checkpoint(
     # the tree then only checks its structure and bounds.
     compressed = bool(needed) and manifest["files"][tensors["file"]].get("codec") == "zstd"
     read_tree(directory, manifest, mmap=True, verify=compressed)
+
+
+def export_tensors(directory: str | os.PathLike[str], out: str | os.PathLike[str]) -> int:
+    """Write every tensor entry of a checkpoint into one self-contained safetensors file.
+
+    Works for both layouts (one tensor file, or pieces shared in a store);
+    the bytes are verified against their checksums on the way. The keys are
+    the manifest's entry keys. Written to a temporary name, fsynced, then
+    renamed to ``out``. Returns the file's size. Raises ``CorruptCheckpoint``
+    and ``UnsupportedFormat`` (a sharded checkpoint: consolidate it first).
+    """
+    directory, out = Path(directory), Path(out)
+    manifest = read_manifest(directory)
+    if is_sharded(manifest):
+        raise UnsupportedFormat(
+            f"checkpoint {directory} is sharded; make a one-process copy with "
+            f"`killsafe consolidate {directory} OUT` (it writes OUT.safetensors too)"
+        )
+    table = manifest["tensors"]["entries"]
+    needed = set(table)
+    if is_pieces(manifest):
+        buffers = load_piece_buffers(directory, manifest, needed, verify=True)
+    else:
+        buffers = load_buffers(directory, manifest, needed, True, False, verify=True)
+    entries = [
+        TensorEntry(key, table[key]["dtype"], tuple(table[key]["shape"]), 1, _view(buffers[key]))
+        for key in sorted(needed)
+    ]
+    header, _ = safetensors_header(entries)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_buffers(fd, [memoryview(header), *(entry.data for entry in entries)])
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, out)
+    return len(header) + sum(entry.nbytes for entry in entries)
+
+
+def _view(buffer: tuple[Any, int, int]) -> memoryview:
+    data, offset, size = buffer
+    return memoryview(data).cast("B")[offset : offset + size]
