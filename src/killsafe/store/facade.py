@@ -367,6 +367,11 @@ class CheckpointStore:
         """
         info = other.get(ref)
         manifest = other._catalog.manifest_of(info.path)
+        if fmt.is_pieces(manifest):
+            raise ConfigError(
+                f"{info.location} is incremental (its bytes are pieces shared in its store) "
+                "and cannot be copied yet; `killsafe export` writes its tensors as one file"
+            )
         files = {
             name: transfer.checked(
                 info.location, name, meta, other._catalog.file_chunks(info.path, manifest, name)
