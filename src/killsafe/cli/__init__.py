@@ -20,7 +20,16 @@ import sys
 from collections.abc import Sequence
 
 from killsafe import __version__
-from killsafe.cli import checkpoints, consolidate, demo, diff, frontends, supervise, tree
+from killsafe.cli import (
+    checkpoints,
+    consolidate,
+    demo,
+    diff,
+    export,
+    frontends,
+    supervise,
+    tree,
+)
 from killsafe.cli.common import (
     EXIT_BAD_INPUT,
     EXIT_FAILED_CHECK,
@@ -50,6 +59,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     checkpoints.add_prune(commands)
     diff.add_commands(commands)
     consolidate.add_commands(commands)
+    export.add_commands(commands)
     frontends.add_commands(commands, command)
     supervise.add_commands(commands)
     return parser

@@ -65,6 +65,7 @@ class _Entry:
             "reason": None if info is None else info.reason,
             "created": None if info is None else info.created,
             "size": None if info is None else info.size,
+            "added": None if info is None else _added(info),
             "metrics": {} if info is None else dict(info.metrics),
             "world_size": None if info is None else info.world_size,
             "latest": "latest" in self.marks,
@@ -201,7 +202,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     elif not entries:
         sys.stdout.write(f"no checkpoints in {location.store_dir}\n")
     else:
-        headers = ["step", "name", "reason", "created", "size", "metrics", "marks"]
+        headers = ["step", "name", "reason", "created", "size", "added", "metrics", "marks"]
         print_table(headers, [_list_row(e) for e in entries])
         for entry in entries:
             if entry.problem is not None:
@@ -213,16 +214,22 @@ def _list_row(entry: _Entry) -> list[str]:
     marks = ",".join(entry.marks)
     info = entry.info
     if info is None:
-        return ["?", entry.path.name, "", "", "", "", marks]
+        return ["?", entry.path.name, "", "", "", "", "", marks]
     return [
         str(info.step),
         info.name or "",
         info.reason or "",
         format_time(info.created),
         format_size(info.size),
+        format_size(_added(info)),
         format_metrics(info.metrics),
         marks,
     ]
+
+
+def _added(info: Any) -> int:
+    """Bytes the save of ``info`` wrote: all of it, unless incremental (shared pieces)."""
+    return int(info.size if info.added is None else info.added)
 
 
 def add_verify(commands: Commands) -> None:

@@ -72,6 +72,7 @@ def add_commands(commands: Commands) -> None:
 
 def checkpoint_summary(path: Path | str, manifest: dict[str, Any]) -> dict[str, Any]:
     from killsafe.format import checkpoint_nbytes
+    from killsafe.format.manifest import added_nbytes
 
     files = {
         name: {"size": info["size"], "xxh3": info["xxh3"]}
@@ -88,6 +89,7 @@ def checkpoint_summary(path: Path | str, manifest: dict[str, Any]) -> dict[str, 
         "created": manifest["created"],
         "format_version": manifest["format_version"],
         "size": checkpoint_nbytes(manifest),
+        "added": added_nbytes(manifest) or checkpoint_nbytes(manifest),
         "files": files,
         "metrics": manifest["metrics"],
         "metadata": manifest["metadata"],
@@ -130,6 +132,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     out.write(f"{'format:':<10}{summary['format_version']}\n")
     files = ", ".join(f"{n} {format_size(f['size'])}" for n, f in summary["files"].items())
     out.write(f"{'size:':<10}{format_size(summary['size'])}{f' ({files})' if files else ''}\n")
+    if summary["added"] != summary["size"]:
+        pieces = len(manifest.get("pieces", ()))
+        added = format_size(summary["added"])
+        out.write(f"{'added:':<10}{added} written by this save ({pieces} shared pieces in all)\n")
     if "world_size" in summary:
         out.write(f"{'sharded:':<10}world size {summary['world_size']}, one file per rank\n")
     out.write(f"{'metrics:':<10}{format_metrics(summary['metrics'])}\n")

@@ -9,7 +9,8 @@ docs/format.md for the full description.
 The package's rooms, lowest first: ``io`` (untrusted files read safely,
 buffers written fast), ``manifest`` (constants, schema, checksum, reading
 it), ``codec`` (tree <-> JSON nodes and tensor entries), ``tensorfile``
-(safetensors layout, xxh3, zstd) and ``checkpoint`` (a directory written,
+(safetensors layout, xxh3, zstd), ``pieces`` (incremental checkpoints:
+content-addressed pieces shared by a store) and ``checkpoint`` (a directory written,
 read and verified). Format knows nothing of the store or the medium: the
 medium may hand ``write_encoded`` a faster way to write (``fast_write``).
 Reading never executes code: the manifest is JSON, tensor bytes are raw bytes.
@@ -17,10 +18,12 @@ Reading never executes code: the manifest is JSON, tensor bytes are raw bytes.
 
 from killsafe.format.checkpoint import (
     check_files,
+    export_tensors,
     read_tree,
     verify_checkpoint,
     write_checkpoint,
     write_encoded,
+    write_incremental,
 )
 from killsafe.format.codec import (
     Encoded,
@@ -38,6 +41,7 @@ from killsafe.format.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
+    PIECES_LAYOUT,
     SHARDED_LAYOUT,
     TENSOR_FILE,
     TENSOR_FILE_ZSTD,
@@ -49,6 +53,7 @@ from killsafe.format.manifest import (
     manifest_digest,
     read_manifest,
 )
+from killsafe.format.pieces import PIECE_TMP_PREFIX, PIECES_DIR, is_pieces, piece_path
 from killsafe.format.tensorfile import ZSTD_LEVEL
 
 __all__ = [
@@ -58,6 +63,9 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "MAX_MANIFEST_BYTES",
+    "PIECES_DIR",
+    "PIECES_LAYOUT",
+    "PIECE_TMP_PREFIX",
     "SHARDED_LAYOUT",
     "TENSOR_FILE",
     "TENSOR_FILE_ZSTD",
@@ -72,13 +80,17 @@ __all__ = [
     "checkpoint_nbytes",
     "clean_json",
     "encode",
+    "export_tensors",
     "float_value",
     "int_value",
+    "is_pieces",
     "is_sharded",
     "manifest_digest",
+    "piece_path",
     "read_manifest",
     "read_tree",
     "verify_checkpoint",
     "write_checkpoint",
     "write_encoded",
+    "write_incremental",
 ]

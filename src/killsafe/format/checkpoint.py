@@ -22,6 +22,7 @@ from killsafe.errors import (
 from killsafe.format.codec import (
     Decoder,
     Encoded,
+    TensorEntry,
     clean_json,
     encode,
     needed_entries,
@@ -34,6 +35,7 @@ from killsafe.format.io import (
     corrupt,
     missing_file,
     open_regular,
+    write_buffers,
     write_json_file,
 )
 from killsafe.format.manifest import (
@@ -41,9 +43,18 @@ from killsafe.format.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    PIECES_LAYOUT,
     is_sharded,
     manifest_digest,
     read_manifest,
+)
+from killsafe.format.pieces import (
+    check_piece_headers,
+    check_pieces,
+    is_pieces,
+    load_piece_buffers,
+    pieces_dir_of,
+    write_pieces,
 )
 from killsafe.format.tensorfile import (
     check_frame_size,
@@ -109,6 +120,45 @@ def write_encoded(
     return manifest
 
 
+def write_incremental(
+    directory: str | os.PathLike[str],
+    encoded: Encoded,
+    *,
+    step: int,
+    name: str | None = None,
+    reason: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+    created: float | None = None,
+    fast_write: FastWrite | None = None,
+) -> dict[str, Any]:
+    """Write an encoded tree as an incremental checkpoint into an existing directory.
+
+    The pieces its store (the directory's parent) lacks are written and made
+    durable first (``format.pieces``), then ``manifest.json``; the pieces
+    already there are only referenced. Committing is the store's job.
+    Returns the manifest; raises as ``write_encoded``.
+    """
+    metrics, metadata = clean_fields(metrics, metadata)
+    directory = Path(directory)
+    pieces_dir = pieces_dir_of(directory)
+    tensors, lengths, written = write_pieces(pieces_dir, encoded, fast_write=fast_write)
+    manifest = build_manifest(
+        encoded,
+        {},
+        tensors,
+        step=step,
+        name=name,
+        reason=reason,
+        metrics=metrics,
+        metadata=metadata,
+        created=created,
+        extra={"layout": PIECES_LAYOUT, "pieces": lengths, "added": written},
+    )
+    write_json_file(directory / MANIFEST_NAME, manifest)
+    return manifest
+
+
 def clean_fields(
     metrics: dict[str, Any] | None, metadata: dict[str, Any] | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -147,6 +197,7 @@ def build_manifest(
     metadata: dict[str, Any],
     created: float | None,
     attempt: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest of written files, with its own checksum (``attempt``: object stores).
 
@@ -167,6 +218,7 @@ def build_manifest(
     }
     if attempt is not None:
         manifest["attempt"] = attempt
+    manifest.update(extra or {})
     manifest[CHECKSUM_FIELD] = manifest_digest(manifest)
     return manifest
 
@@ -205,6 +257,8 @@ def check_files(directory: str | os.PathLike[str], manifest: Mapping[str, Any]) 
     found when checkpoints are listed, not only when they are loaded.
     """
     directory = Path(directory)
+    if is_pieces(manifest):
+        check_pieces(directory, manifest)
     for name, info in manifest["files"].items():
         try:
             found = os.lstat(directory / name)
@@ -248,7 +302,10 @@ def read_tree(
     node = select_subtree(directory, manifest["tree"], subtree)
     needed: set[str] = set()
     needed_entries(node, needed)
-    buffers = load_buffers(directory, manifest, needed, not subtree, mmap, verify)
+    if is_pieces(manifest):  # assembled from pieces: never mapped
+        buffers = load_piece_buffers(directory, manifest, needed, verify)
+    else:
+        buffers = load_buffers(directory, manifest, needed, not subtree, mmap, verify)
     return decode_tree(directory, node, buffers)
 
 
@@ -296,6 +353,11 @@ def verify_checkpoint(
     needed_entries(manifest["tree"], used)
     if used - needed:
         raise corrupt(directory, "the tree names tensor entries that are not in the table")
+    if is_pieces(manifest):
+        # Every byte of every piece belongs to an entry: the entries' checksums cover them.
+        check_piece_headers(directory, manifest)
+        read_tree(directory, manifest, verify=True)
+        return
     if needed:
         fd, path, info = open_data(directory, manifest)
         with open(fd, "rb", buffering=0) as f:
@@ -305,3 +367,49 @@ def verify_checkpoint(
     # the tree then only checks its structure and bounds.
     compressed = bool(needed) and manifest["files"][tensors["file"]].get("codec") == "zstd"
     read_tree(directory, manifest, mmap=True, verify=compressed)
+
+
+def export_tensors(directory: str | os.PathLike[str], out: str | os.PathLike[str]) -> int:
+    """Write every tensor entry of a checkpoint into one self-contained safetensors file.
+
+    Works for both layouts (one tensor file, or pieces shared in a store);
+    the bytes are verified against their checksums on the way. The keys are
+    the manifest's entry keys. Written to a temporary name, fsynced, then
+    renamed to ``out``. Returns the file's size. Raises ``CorruptCheckpoint``
+    and ``UnsupportedFormat`` (a sharded checkpoint: consolidate it first).
+    """
+    directory, out = Path(directory), Path(out)
+    manifest = read_manifest(directory)
+    if is_sharded(manifest):
+        raise UnsupportedFormat(
+            f"checkpoint {directory} is sharded; make a one-process copy with "
+            f"`killsafe consolidate {directory} OUT` (it writes OUT.safetensors too)"
+        )
+    table = manifest["tensors"]["entries"]
+    needed = set(table)
+    if is_pieces(manifest):
+        buffers = load_piece_buffers(directory, manifest, needed, verify=True)
+    else:
+        buffers = load_buffers(directory, manifest, needed, True, False, verify=True)
+    entries = [
+        TensorEntry(key, table[key]["dtype"], tuple(table[key]["shape"]), 1, _view(buffers[key]))
+        for key in sorted(needed)
+    ]
+    header, _ = safetensors_header(entries)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_buffers(fd, [memoryview(header), *(entry.data for entry in entries)])
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, out)
+    return len(header) + sum(entry.nbytes for entry in entries)
+
+
+def _view(buffer: tuple[Any, int, int]) -> memoryview:
+    data, offset, size = buffer
+    return memoryview(data).cast("B")[offset : offset + size]

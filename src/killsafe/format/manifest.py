@@ -46,6 +46,8 @@ TENSOR_FILE = "tensors.safetensors"
 TENSOR_FILE_ZSTD = "tensors.safetensors.zst"
 SHARDED_LAYOUT = "dcp-sharded"
 """``layout`` of a checkpoint saved by many processes: one ``rank-NNNNN.safetensors`` each."""
+PIECES_LAYOUT = "pieces"
+"""``layout`` of an incremental checkpoint: its bytes are pieces shared in the store."""
 _DATA_FILES = (TENSOR_FILE, TENSOR_FILE_ZSTD)
 
 
@@ -66,6 +68,7 @@ class CheckpointInfo:
     world_size: int = 1  # processes that saved it (a sharded checkpoint: one file each)
     sharded: bool = False  # saved by a process group: one rank file each, a DCP plan
     url: str | None = None  # on an object store: the checkpoint's URL (``path`` is its key)
+    added: int | None = None  # bytes this save wrote (incremental); None: ``size``, all of it
 
     @property
     def location(self) -> str:
@@ -91,6 +94,7 @@ class CheckpointInfo:
             world_size=int(manifest.get("world_size", 1)),
             sharded=manifest.get("layout") == SHARDED_LAYOUT,
             url=url,
+            added=added_nbytes(manifest),
         )
 
 
@@ -100,7 +104,16 @@ def checkpoint_nbytes(manifest: dict[str, Any]) -> int:
     A checkpoint of plain values has no other file: its manifest holds the data.
     """
     files = sum(int(f["size"]) for f in manifest["files"].values())
+    if manifest.get("layout") == PIECES_LAYOUT:
+        files = sum(int(row["size"]) for row in manifest["tensors"]["entries"].values())
     return files + len(json_file_bytes(manifest))
+
+
+def added_nbytes(manifest: dict[str, Any]) -> int | None:
+    """The bytes an incremental save wrote (new pieces and manifest); None for other layouts."""
+    if manifest.get("layout") != PIECES_LAYOUT:
+        return None
+    return int(manifest["added"]) + len(json_file_bytes(manifest))
 
 
 # ---------------------------------------------------------------- the manifest itself
@@ -481,6 +494,54 @@ class ShardedManifest(Struct):
                 raise ValueError(f"files[{name!r}] does not belong to a rank of the world size")
 
 
+Hex128 = Annotated[str, Meta(pattern=r"^[0-9a-f]{32}$")]
+
+
+class PieceEntry(Struct, forbid_unknown_fields=True):
+    """One entry of an incremental checkpoint: its spans ``[piece, offset, length]``."""
+
+    dtype: Annotated[str, Meta(pattern=r"^[A-Z0-9_]{1,16}$")]
+    shape: Shape
+    size: Count
+    xxh3: Hex64
+    pieces: Annotated[list[tuple[Hex128, Count, Count]], Meta(max_length=1 << 24)]
+
+
+class PieceTensors(Struct, forbid_unknown_fields=True):
+    entries: dict[EntryKey, PieceEntry]
+
+
+class PiecesManifest(Struct):
+    """The manifest of an incremental checkpoint (``layout: pieces``, see ``format.pieces``)."""
+
+    format: Literal["killsafe"]
+    format_version: Annotated[int, Meta(ge=2)]
+    layout: Literal["pieces"]
+    step: Annotated[int, Meta(ge=0, le=2**63 - 1)]
+    name: Name | None
+    reason: Annotated[str, Meta(max_length=4096)] | None
+    created: Created
+    metrics: dict[str, Any]
+    metadata: dict[str, Any]
+    files: Annotated[dict[DataFile, FileInfo], Meta(max_length=0)]
+    tensors: PieceTensors
+    pieces: dict[Hex128, Count]
+    added: Count
+    tree: Node
+    manifest_xxh3: Hex64
+
+    def __post_init__(self) -> None:
+        for key, row in self.tensors.entries.items():
+            total = 0
+            for digest, offset, length in row.pieces:
+                size = self.pieces.get(digest)
+                if size is None or offset + length > size:
+                    raise ValueError(f"tensors.entries[{key!r}].pieces lie outside their pieces")
+                total += length
+            if total != row.size:
+                raise ValueError(f"tensors.entries[{key!r}].pieces do not add up to its size")
+
+
 def is_sharded(manifest: Mapping[str, Any]) -> bool:
     """Whether a (checked) manifest is a sharded checkpoint's."""
     return manifest.get("layout") == SHARDED_LAYOUT
@@ -490,7 +551,7 @@ def check_schema(manifest: Any) -> None:
     """Validate a decoded manifest; raise ``SchemaError`` with the field's path."""
     schema: type[Struct] = Manifest
     if isinstance(manifest, dict) and "layout" in manifest:
-        schema = ShardedManifest
+        schema = PiecesManifest if manifest["layout"] == PIECES_LAYOUT else ShardedManifest
     try:
         msgspec.convert(manifest, schema, strict=True)
     except msgspec.ValidationError as exc:

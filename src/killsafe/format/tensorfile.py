@@ -309,7 +309,7 @@ def collect_entries(
                 raise corrupt(directory, f"{name} is truncated")
             result[key] = (chunk, 0, len(chunk))
     if verify:
-        bad = _first_bad_entry(result, table)
+        bad = first_bad_entry(result, table)
         if bad is not None:
             raise corrupt(directory, f"tensor {bad!r} fails its checksum")
     return result
@@ -318,7 +318,7 @@ def collect_entries(
 _PARALLEL_HASH_BYTES = 1 << 26
 
 
-def _first_bad_entry(buffers: dict[str, tuple[Any, int, int]], table: dict[str, Any]) -> str | None:
+def first_bad_entry(buffers: dict[str, tuple[Any, int, int]], table: dict[str, Any]) -> str | None:
     """The first entry whose bytes do not match their xxh3, checked on several threads.
 
     xxhash releases the GIL, so the entries (biggest first, for balance) are

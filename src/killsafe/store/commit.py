@@ -25,6 +25,7 @@ from killsafe.host import fsync_directory
 from killsafe.store import transfer
 from killsafe.store.failures import free_space, io_error
 from killsafe.store.naming import TMP_PREFIX
+from killsafe.store.pieces import sweep_piece_leftovers, sweep_pieces
 
 __all__ = ["RenameCommit", "Staging"]
 
@@ -50,8 +51,10 @@ class RenameCommit:
     is the same seam for object stores.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, incremental: bool = False, grace: float = 0.0) -> None:
         self.directory = directory
+        self.incremental = incremental
+        self.grace = grace
 
     def begin(self, step: int, name: str | None, final: Path) -> Staging:
         """Create the temporary directory the checkpoint of ``final`` is written into."""
@@ -65,8 +68,20 @@ class RenameCommit:
     def write(
         self, staging: Staging, encoded: fmt.Encoded, *, compression: str | None, **fields: Any
     ) -> dict[str, Any]:
-        """Write the checkpoint's files into the staging directory (direct I/O when it can)."""
+        """Write the checkpoint's files into the staging directory (direct I/O when it can).
+
+        Incremental: the pieces the store lacks, durably, then the manifest.
+        """
         try:
+            if self.incremental:
+                return fmt.write_incremental(
+                    staging.tmp_path,
+                    encoded,
+                    step=staging.step,
+                    name=staging.name,
+                    fast_write=directio.write_direct,
+                    **fields,
+                )
             return fmt.write_encoded(
                 staging.tmp_path,
                 encoded,
@@ -126,8 +141,17 @@ class RenameCommit:
         shutil.rmtree(doomed, ignore_errors=True)
 
     def sweep(self) -> None:
-        """Remove what dead writers left: temporary directories never committed."""
+        """Remove what dead writers left: temporary directories and pieces never committed."""
         for entry in os.scandir(self.directory):
             if entry.name.startswith(TMP_PREFIX):
                 log.info("removing leftover %s", entry.path)
                 shutil.rmtree(entry.path, ignore_errors=True)
+        sweep_piece_leftovers(self.directory)
+        self.drop_unreferenced()
+
+    def drop_unreferenced(self) -> None:
+        """Remove the pieces no checkpoint refers to (see ``store.pieces``)."""
+        try:
+            sweep_pieces(self.directory, self.grace)
+        except OSError as exc:
+            log.warning("unreferenced pieces in %s were not all removed: %s", self.directory, exc)

@@ -90,7 +90,11 @@ class CheckpointStore:
             fork.
         lease_ttl: object stores: how long the write lease lasts unrenewed (seconds).
         sweep_after: object stores: attempts no manifest names are removed once
-            this old (seconds; default ``lease_ttl``).
+            this old (seconds; default ``lease_ttl``); incremental local stores:
+            pieces no checkpoint names are removed once this old (default 0).
+        incremental: checkpoints share the bytes that did not change: each save
+            writes only the pieces its store lacks (local directories; see
+            docs/format.md). Not with ``compression``.
 
     Thread safety: mutating calls are serialized by an internal lock, so a
     background saver may ``commit`` while the main thread reads. One process
@@ -108,6 +112,7 @@ class CheckpointStore:
         snapshot: str = "auto",
         lease_ttl: float = DEFAULT_LEASE_TTL,
         sweep_after: float | None = None,
+        incremental: bool = False,
     ) -> None:
         if _saver_factory is not None and snapshot not in _saver_factory.strategies:
             raise ConfigError(
@@ -115,9 +120,15 @@ class CheckpointStore:
             )
         if compression not in (None, "zstd"):
             raise ConfigError(f"compression={compression!r} is not supported; use None or 'zstd'")
+        if incremental and compression is not None:
+            raise ConfigError("incremental=True writes raw pieces; drop compression= to use it")
         self.retention = Retention(keep_last=keep_last, keep_best=keep_best, best=best)
         medium = open_medium(
-            directory, best=self.retention.best, lease_ttl=lease_ttl, sweep_after=sweep_after
+            directory,
+            best=self.retention.best,
+            lease_ttl=lease_ttl,
+            sweep_after=sweep_after,
+            incremental=incremental,
         )
         if medium.backend is not None and snapshot == "fork":
             raise ConfigError(f"snapshot='fork' needs a local directory, not {medium.location}")
@@ -128,7 +139,9 @@ class CheckpointStore:
         self._catalog = medium.catalog
         self._committer = medium.committer
         self._lock = medium.lock
+        self.incremental = incremental
         self._mutex = threading.RLock()
+        self._in_flight: set[Path] = set()  # staging directories begun, not committed or aborted
         self._snapshot = snapshot
         self._saver: Saver | None = None
 
@@ -259,7 +272,9 @@ class CheckpointStore:
         clean = sanitize_name(name) if name is not None else None
         with self._mutex:
             self._acquire()
-            return self._committer.begin(step, clean, self._free_path(step, clean))
+            staging = self._committer.begin(step, clean, self._free_path(step, clean))
+            self._in_flight.add(staging.tmp_path)
+            return staging
 
     def _free_path(self, step: int, name: str | None) -> Path:
         """Where the checkpoint of ``step`` (and ``name``) goes; never over a damaged one.
@@ -332,7 +347,10 @@ class CheckpointStore:
         if staging.manifest is None:
             raise ConfigError("commit() needs a staging directory that write() has filled")
         with self._mutex:
-            self._committer.commit(staging)
+            try:
+                self._committer.commit(staging)
+            finally:
+                self._in_flight.discard(staging.tmp_path)
             info = self._catalog.info_of(staging.manifest, staging.final_path)
             if self.retention.prunes:
                 self._prune(dry_run=False)
@@ -349,6 +367,11 @@ class CheckpointStore:
         """
         info = other.get(ref)
         manifest = other._catalog.manifest_of(info.path)
+        if fmt.is_pieces(manifest):
+            raise ConfigError(
+                f"{info.location} is incremental (its bytes are pieces shared in its store) "
+                "and cannot be copied yet; `killsafe export` writes its tensors as one file"
+            )
         files = {
             name: transfer.checked(
                 info.location, name, meta, other._catalog.file_chunks(info.path, manifest, name)
@@ -366,6 +389,8 @@ class CheckpointStore:
     def abort(self, staging: Staging) -> None:
         """Remove a staging directory that will not be committed."""
         self._committer.abort(staging)
+        with self._mutex:
+            self._in_flight.discard(staging.tmp_path)
 
     # ------------------------------------------------------------ reading
 
@@ -430,6 +455,7 @@ class CheckpointStore:
                 )
             self._acquire()
             self._committer.remove(info.path)
+            self._drop_unreferenced()
             return info
 
     def prune(self, *, dry_run: bool = False) -> builtins.list[CheckpointInfo]:
@@ -444,4 +470,14 @@ class CheckpointStore:
         self._acquire()
         for info in doomed:
             self._committer.remove(info.path)
+        self._drop_unreferenced()
         return list(doomed)
+
+    def _drop_unreferenced(self) -> None:
+        """Remove pieces no checkpoint refers to; never while a save is in flight.
+
+        The caller holds the mutex; a save in flight may have referenced any
+        piece, so the pieces wait for the next deletion (see ``store.pieces``).
+        """
+        if not self._in_flight:
+            self._committer.drop_unreferenced()

@@ -156,6 +156,9 @@ class ManifestLastCommit:
         self.backend.delete(manifest_key(path))
         self._delete_under(f"{path}/")
 
+    def drop_unreferenced(self) -> None:
+        """Nothing to do: object stores hold no shared pieces (each attempt is whole)."""
+
     def sweep(self) -> None:
         """Remove attempts that no manifest names, once older than ``sweep_after`` seconds."""
         cutoff = time.time() - self.sweep_after

@@ -47,6 +47,8 @@ class Committer(Protocol):
 
     def sweep(self) -> None: ...
 
+    def drop_unreferenced(self) -> None: ...
+
 
 class WriteLock(Protocol):
     """One writer per store (``StoreLock``, ``LeaseLock``)."""
@@ -76,19 +78,28 @@ def open_medium(
     best: tuple[str, str] | None,
     lease_ttl: float,
     sweep_after: float | None,
+    incremental: bool = False,
 ) -> Medium:
-    """The parts for a path, a ``memory://``/``s3://``/``gs://``/``az://`` URL, or a backend."""
-    if isinstance(location, storage.Backend):
-        return _keyed(location, best, lease_ttl, sweep_after)
-    if storage.is_url(location):
-        return _keyed(storage.open(location), best, lease_ttl, sweep_after)
+    """The parts for a path, a ``memory://``/``s3://``/``gs://``/``az://`` URL, or a backend.
+
+    ``incremental`` (local directories only, for now): checkpoints share
+    unchanged pieces (``format.pieces``).
+    """
+    if isinstance(location, storage.Backend) or storage.is_url(location):
+        if incremental:
+            raise ConfigError(
+                f"incremental=True needs a local directory, not {location}; "
+                "save incrementally to a local store and mirror it"
+            )
+        backend = location if isinstance(location, storage.Backend) else storage.open(location)
+        return _keyed(backend, best, lease_ttl, sweep_after)
     directory = Path(location)
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"checkpoint store {directory} is a file, not a directory")
     return Medium(
         location=str(directory),
         catalog=Catalog(directory, best=best),
-        committer=RenameCommit(directory),
+        committer=RenameCommit(directory, incremental=incremental, grace=sweep_after or 0.0),
         lock=StoreLock(directory),
         directory=directory,
     )

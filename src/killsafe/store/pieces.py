@@ -1,0 +1,102 @@
+"""Removing the pieces no committed checkpoint refers to (incremental stores).
+
+The sweep runs after a checkpoint was deleted (by ``delete`` or retention),
+and when the write lock is first taken. Order makes it crash-safe: a
+checkpoint's manifest is removed first (``RenameCommit.remove``), then the
+referenced set is read from every manifest that remains, then the pieces
+outside it are unlinked. A crash at any moment leaves at worst pieces that
+nothing refers to, which the next sweep removes; it never removes a piece a
+committed manifest names, because:
+
+- no manifest can be committed while the sweep runs: the store's write lock
+  keeps other processes out, and in this process the facade runs the sweep
+  under its mutex and only when no save is in flight (a save begun and not
+  yet committed or aborted may have referenced, or be writing, any piece;
+  a forked writer included);
+- a checkpoint whose manifest cannot be read might refer to any piece, so
+  then nothing is removed (a warning says which);
+- pieces younger than ``grace`` seconds are kept (``sweep_after``; 0 by
+  default locally, where the two rules above already exclude a writer).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from killsafe import format as fmt
+from killsafe.errors import CheckpointNotFound, CorruptCheckpoint, UnsupportedFormat
+from killsafe.host import fsync_directory
+
+__all__ = ["referenced_pieces", "sweep_piece_leftovers", "sweep_pieces"]
+
+log = logging.getLogger("killsafe.store")
+
+
+def referenced_pieces(directory: Path) -> set[str] | None:
+    """The pieces every checkpoint of ``directory`` names; None if one cannot be read."""
+    referenced: set[str] = set()
+    for entry in os.scandir(directory):
+        if not entry.name.startswith("step-"):
+            continue
+        try:
+            manifest = fmt.read_manifest(entry.path)
+        except CheckpointNotFound:
+            if os.path.lexists(entry.path):
+                log.warning("pieces kept: %s has no readable manifest", entry.path)
+                return None
+            continue
+        except (CorruptCheckpoint, UnsupportedFormat) as exc:
+            log.warning("pieces kept: %s cannot be read (%s)", entry.path, exc)
+            return None
+        referenced.update(manifest.get("pieces", ()))
+    return referenced
+
+
+def sweep_pieces(directory: Path, grace: float) -> int:
+    """Unlink the pieces no checkpoint names (older than ``grace`` s); return how many.
+
+    The caller holds the write lock and has no save in flight.
+    """
+    pieces_dir = directory / fmt.PIECES_DIR
+    if not pieces_dir.is_dir():
+        return 0
+    referenced = referenced_pieces(directory)
+    if referenced is None:
+        return 0
+    removed = 0
+    oldest = time.time() - grace
+    for sub in sorted(os.scandir(pieces_dir), key=lambda e: e.name):
+        if not sub.is_dir(follow_symlinks=False):
+            continue
+        changed = False
+        for entry in os.scandir(sub.path):
+            digest = entry.name.removesuffix(".safetensors")
+            if entry.name.startswith(fmt.PIECE_TMP_PREFIX) or digest in referenced:
+                continue
+            if entry.stat(follow_symlinks=False).st_mtime > oldest:
+                continue
+            os.unlink(entry.path)
+            removed += 1
+            changed = True
+        if changed:
+            fsync_directory(Path(sub.path))
+    if removed:
+        log.info("removed %d pieces no checkpoint refers to", removed)
+    return removed
+
+
+def sweep_piece_leftovers(directory: Path) -> None:
+    """Remove the temporary pieces dead writers left (the caller just took the lock)."""
+    pieces_dir = directory / fmt.PIECES_DIR
+    if not pieces_dir.is_dir():
+        return
+    for sub in os.scandir(pieces_dir):
+        if not sub.is_dir(follow_symlinks=False):
+            continue
+        for entry in os.scandir(sub.path):
+            if entry.name.startswith(fmt.PIECE_TMP_PREFIX):
+                log.info("removing leftover %s", entry.path)
+                os.unlink(entry.path)

@@ -1,0 +1,225 @@
+"""Incremental checkpoints: pieces shared between saves, sweeps, hostile pieces, SIGKILL."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import killsafe
+from killsafe import format as fmt
+from killsafe.errors import ConfigError, CorruptCheckpoint
+from killsafe.format.pieces import PIECE_SIZE, cut
+
+PIECE = PIECE_SIZE
+
+
+def pieces_on_disk(store_dir: Path) -> dict[str, bytes]:
+    return {
+        path.name: path.read_bytes()
+        for path in (store_dir / fmt.PIECES_DIR).glob("*/*.safetensors")
+    }
+
+
+def referenced(info: killsafe.CheckpointInfo) -> set[str]:
+    return set(fmt.read_manifest(info.path)["pieces"])
+
+
+def test_a_tensor_is_cut_into_fixed_pieces_and_small_ones_are_packed() -> None:
+    encoded = fmt.encode({"big": np.zeros(PIECE * 2 + 10, np.uint8), "a": b"x" * 100, "b": b"y"})
+    pieces, spans = cut(encoded.entries)
+    big = next(e.key for e in encoded.entries if e.nbytes > PIECE)
+    assert [length for _, _, length in spans[big]] == [PIECE, PIECE, 10]
+    small = [span for key, span in spans.items() if key != big]
+    assert len({s[0][0] for s in small}) == 1  # both small entries share one piece
+    assert sum(p.size for p in pieces) == encoded.nbytes
+
+
+def test_a_change_in_one_region_writes_one_piece(tmp_path: Path) -> None:
+    store = killsafe.CheckpointStore(tmp_path, incremental=True)
+    weights = np.arange(PIECE, dtype=np.int32)  # four pieces
+    first = store.save({"w": weights}, step=1)
+    before = pieces_on_disk(tmp_path)
+    weights[PIECE // 2] = -1  # inside the third piece
+    second = store.save({"w": weights}, step=2)
+    after = pieces_on_disk(tmp_path)
+    assert len(after) == len(before) + 1
+    assert second.added is not None and PIECE < second.added < PIECE + 64 * 1024
+    assert len(referenced(first) & referenced(second)) == 3
+    assert np.array_equal(store.load(2)["w"], weights)
+    assert store.load(1)["w"][PIECE // 2] == PIECE // 2
+
+
+def test_a_tensor_grown_at_its_end_writes_only_its_tail(tmp_path: Path) -> None:
+    store = killsafe.CheckpointStore(tmp_path, incremental=True)
+    buffer = np.random.default_rng(0).integers(0, 255, PIECE * 3 + 100, dtype=np.uint8)
+    store.save({"buffer": buffer}, step=1)
+    grown = np.concatenate([buffer, np.ones(PIECE // 4, np.uint8)])
+    info = store.save({"buffer": grown}, step=2)
+    tail = len(grown) - 3 * PIECE
+    assert info.added is not None and tail <= info.added < tail + 64 * 1024
+    assert np.array_equal(store.load(2)["buffer"], grown)
+    assert np.array_equal(store.load(1)["buffer"], buffer)
+
+
+def test_each_checkpoint_loads_alone_after_others_are_deleted(tmp_path: Path) -> None:
+    store = killsafe.CheckpointStore(tmp_path, incremental=True, keep_last=2)
+    frozen = np.random.default_rng(1).random(PIECE // 4)  # two pieces, never changed
+    saved = {}
+    for step in range(5):
+        state = {"frozen": frozen, "adapter": np.full(1000, step, np.float32), "step": step}
+        store.save(state, step=step)
+        saved[step] = state
+    assert [info.step for info in store.list()] == [3, 4]
+    used = referenced(store.get(3)) | referenced(store.get(4))
+    assert set(name.removesuffix(".safetensors") for name in pieces_on_disk(tmp_path)) == used
+    store.delete(4, force=True)
+    store.verify(3)
+    loaded = store.load(3)
+    assert np.array_equal(loaded["frozen"], frozen) and loaded["adapter"][0] == 3
+    store.delete(3, force=True)
+    assert pieces_on_disk(tmp_path) == {}
+
+
+def test_the_saver_writes_incremental_checkpoints(tmp_path: Path) -> None:
+    for snapshot in ("copy", "fork"):
+        directory = tmp_path / snapshot
+        store = killsafe.CheckpointStore(
+            directory, incremental=True, snapshot=snapshot, keep_last=1
+        )
+        frozen = np.random.default_rng(2).random(PIECE // 8)
+        for step in range(3):
+            pending = store.save_async({"frozen": frozen, "x": np.full(10, step)}, step)
+            assert pending is not None
+            pending.wait()
+        store.close()
+        assert store.load()["x"][0] == 2 and np.array_equal(store.load()["frozen"], frozen)
+        assert len(pieces_on_disk(directory)) == 2  # the frozen piece, the small pack
+
+
+def test_incremental_is_refused_where_it_cannot_work(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="compression"):
+        killsafe.CheckpointStore(tmp_path, incremental=True, compression="zstd")
+    with pytest.raises(ConfigError, match="local directory"):
+        killsafe.CheckpointStore("memory://incremental-refused", incremental=True)
+
+
+@pytest.mark.parametrize("damage", ["flip", "missing", "truncated"])
+def test_a_damaged_piece_makes_its_checkpoint_corrupt_and_the_previous_one_is_used(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = killsafe.CheckpointStore(tmp_path, incremental=True)
+    shared = np.random.default_rng(3).random(PIECE // 8)
+    store.save({"shared": shared, "own": np.zeros(PIECE // 8)}, step=1)
+    store.save({"shared": shared, "own": np.ones(PIECE // 8)}, step=2)
+    own = referenced(store.get(2)) - referenced(store.get(1))
+    assert len(own) == 1
+    piece = fmt.piece_path(tmp_path / fmt.PIECES_DIR, own.pop())
+    others = {name: data for name, data in pieces_on_disk(tmp_path).items() if name != piece.name}
+    if damage == "flip":
+        data = bytearray(piece.read_bytes())
+        data[-5] ^= 0xFF
+        piece.write_bytes(bytes(data))
+    elif damage == "missing":
+        piece.unlink()
+    else:
+        piece.write_bytes(piece.read_bytes()[:-1])
+    with pytest.raises(CorruptCheckpoint) as caught:
+        store.verify(tmp_path / "step-000002")  # by path: a missing piece is not listed
+    assert "\n" not in str(caught.value)
+    with caplog.at_level(logging.WARNING, "killsafe"):
+        latest = store.latest()
+        loaded = store.load("latest")
+    assert latest is not None and latest.step == 1
+    assert np.array_equal(loaded["shared"], shared) and loaded["own"][0] == 0
+    store.save({"shared": shared}, step=3)  # a later save and its sweep leave others alone
+    store.prune()
+    assert {n: d for n, d in pieces_on_disk(tmp_path).items() if n in others} == others
+
+
+def test_the_saved_pieces_are_safetensors_files(tmp_path: Path) -> None:
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    store = killsafe.CheckpointStore(tmp_path, incremental=True)
+    data = np.random.default_rng(4).integers(0, 255, PIECE + 7, dtype=np.uint8)
+    store.save({"data": data}, step=1)
+    found = [
+        safetensors_numpy.load_file(str(path))["data"]
+        for path in (tmp_path / fmt.PIECES_DIR).glob("*/*.safetensors")
+    ]
+    assert sorted(map(len, found)) == [7, PIECE]
+    assert np.array_equal(np.concatenate(sorted(found, key=len, reverse=True)), data)
+
+
+WRITER = r"""
+import sys, numpy as np, killsafe
+store = killsafe.CheckpointStore(sys.argv[1], incremental=True, keep_last=2)
+frozen = np.random.default_rng(0).random(1 << 19)  # 4 MiB, shared by every checkpoint
+step = max((info.step for info in store.list()), default=-1) + 1
+print("ready", flush=True)
+while True:
+    store.save({"frozen": frozen, "grown": np.arange(step * 100_000), "step": step}, step=step)
+    step += 1
+"""
+
+
+def _check_every_listed_checkpoint(store_dir: Path) -> int:
+    store = killsafe.CheckpointStore(store_dir)
+    infos = store.list()
+    for info in infos:
+        store.verify(info)
+        state = store.load(info)
+        assert state["step"] == info.step and len(state["grown"]) == info.step * 100_000
+    return len(infos)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_sigkill_during_saves_and_prunes_never_loses_a_piece(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    store_dir = tmp_path / "store"
+    checked = 0
+    for _ in range(6):
+        child = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(store_dir)], stdout=subprocess.PIPE, text=True
+        )
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.05, 0.6))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        checked += _check_every_listed_checkpoint(store_dir)
+    assert checked > 0
+    store = killsafe.CheckpointStore(store_dir, incremental=True, keep_last=2)
+    step = store.list()[-1].step + 1 if store.list() else 0
+    store.save({"step": step, "grown": np.arange(step * 100_000)}, step=step)  # sweeps at start
+    used = set().union(*(referenced(info) for info in store.list()))
+    on_disk = {name.removesuffix(".safetensors") for name in pieces_on_disk(store_dir)}
+    assert on_disk == used
+    assert not [p for p in (store_dir / fmt.PIECES_DIR).glob("*/.tmp-*")]
+    assert not [p for p in os.listdir(store_dir) if p.startswith(".tmp-")]
+    store.close()
+
+
+def test_export_writes_one_safetensors_file_and_list_shows_the_bytes_added(tmp_path: Path) -> None:
+    from cli_helpers import cli, cli_json
+
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    store = killsafe.CheckpointStore(tmp_path / "store", incremental=True)
+    frozen = np.random.default_rng(5).random(PIECE // 4)
+    store.save({"frozen": frozen, "head": np.zeros(10)}, step=1)
+    second = store.save({"frozen": frozen, "head": np.ones(10)}, step=2)
+    listed = {row["step"]: row for row in cli_json("list", tmp_path / "store")["checkpoints"]}
+    assert listed[2]["size"] == second.size and listed[2]["added"] == second.added
+    assert listed[2]["added"] < listed[1]["added"] and listed[1]["added"] >= frozen.nbytes
+    out = tmp_path / "out.safetensors"
+    done = cli("export", second.path, out)
+    assert done.returncode == 0, done.stderr
+    exported = safetensors_numpy.load_file(str(out))
+    assert sorted(v.nbytes for v in exported.values()) == [80, frozen.nbytes]
+    assert any(np.array_equal(v.view(np.float64), frozen) for v in exported.values())
