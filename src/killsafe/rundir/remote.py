@@ -1,0 +1,102 @@
+"""A run directory's files in a mirror: ``<mirror>/run/``, beside its checkpoints.
+
+```
+s3://bucket/exp/
+  run/            run.json  status.json  history.jsonl  events.jsonl  metrics.csv  report.*
+  step-000500/    one committed checkpoint (the mirror's CheckpointStore)
+```
+
+A run with ``mirror=`` uploads these files there; ``download_run_files``
+brings them into a local directory, where ``RunReader``, the report and the
+dashboard read them as they read any run directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from killsafe import storage
+from killsafe.errors import ConfigError, KeyNotFound
+from killsafe.rundir.layout import (
+    CSV_FILE,
+    EVENTS_FILE,
+    HISTORY_FILE,
+    REPORT_JSON,
+    REPORT_PNG,
+    REPORT_TXT,
+    RUN_FILE,
+    STATUS_FILE,
+)
+
+__all__ = [
+    "MIRRORED_FILES",
+    "MIRROR_RUN_PREFIX",
+    "download_mirrored_run",
+    "download_run_files",
+    "read_run_file",
+]
+
+MIRROR_RUN_PREFIX = "run/"
+"""Where a mirror holds the run's files, beside its checkpoints."""
+
+MIRRORED_FILES = (
+    RUN_FILE,
+    STATUS_FILE,
+    HISTORY_FILE,
+    EVENTS_FILE,
+    CSV_FILE,
+    REPORT_TXT,
+    REPORT_JSON,
+    REPORT_PNG,
+)
+"""The run's own files that travel with its checkpoints, under ``run/`` in the mirror."""
+
+
+def read_run_file(backend: storage.Backend, name: str) -> bytes | None:
+    """The bytes of the mirrored run file ``name``, or ``None`` when the mirror has none."""
+    try:
+        return storage.read_bytes(backend, MIRROR_RUN_PREFIX + name)
+    except KeyNotFound:
+        return None
+
+
+def download_run_files(
+    backend: storage.Backend,
+    directory: str | os.PathLike[str],
+    names: tuple[str, ...] = MIRRORED_FILES,
+) -> list[str]:
+    """Copy the mirrored run files ``names`` found in ``backend`` into ``directory``.
+
+    Each file is written beside its target and renamed into place, so a reader
+    never sees half of one. Returns the names copied (a missing one is skipped).
+    """
+    target = Path(directory)
+    copied = []
+    for name in names:
+        data = read_run_file(backend, name)
+        if data is None:
+            continue
+        partial = target / f".{name}.mirror-partial"
+        partial.write_bytes(data)
+        partial.replace(target / name)
+        copied.append(name)
+    return copied
+
+
+def download_mirrored_run(url: str, directory: str | os.PathLike[str]) -> None:
+    """Copy every run file mirrored at ``url`` into ``directory`` (to read the run there).
+
+    Raises ``ConfigError`` when ``url`` holds no ``run/run.json``: no run was
+    mirrored there.
+    """
+    backend = storage.open(url)
+    try:
+        copied = download_run_files(backend, directory)
+    finally:
+        backend.close()
+    if RUN_FILE not in copied:
+        raise ConfigError(
+            f"{url} holds no {MIRROR_RUN_PREFIX}{RUN_FILE}: not the mirror of a run; "
+            "give the URL passed as Run(mirror=...) or --mirror"
+        )
