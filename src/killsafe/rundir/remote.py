@@ -7,13 +7,17 @@ s3://bucket/exp/
 ```
 
 A run with ``mirror=`` uploads these files there; ``download_run_files``
-brings them into a local directory, where ``RunReader``, the report and the
-dashboard read them as they read any run directory.
+brings them into a local directory (a fresh machine's run directory, or the
+temporary copy ``mirrored_run_copy`` makes), where ``RunReader``, the report
+and the dashboard read them as they read any run directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from killsafe import storage
@@ -32,8 +36,8 @@ from killsafe.rundir.layout import (
 __all__ = [
     "MIRRORED_FILES",
     "MIRROR_RUN_PREFIX",
-    "download_mirrored_run",
     "download_run_files",
+    "mirrored_run_copy",
     "read_run_file",
 ]
 
@@ -84,19 +88,23 @@ def download_run_files(
     return copied
 
 
-def download_mirrored_run(url: str, directory: str | os.PathLike[str]) -> None:
-    """Copy every run file mirrored at ``url`` into ``directory`` (to read the run there).
+@contextlib.contextmanager
+def mirrored_run_copy(url: str) -> Iterator[Path]:
+    """A temporary directory holding the run files mirrored at ``url``, removed on exit.
 
-    Raises ``ConfigError`` when ``url`` holds no ``run/run.json``: no run was
-    mirrored there.
+    The report and the dashboard read it as a run directory, with the
+    checkpoints listed at ``url`` itself. Raises ``ConfigError`` when ``url``
+    holds no ``run/run.json``: no run was mirrored there.
     """
-    backend = storage.open(url)
-    try:
-        copied = download_run_files(backend, directory)
-    finally:
-        backend.close()
-    if RUN_FILE not in copied:
-        raise ConfigError(
-            f"{url} holds no {MIRROR_RUN_PREFIX}{RUN_FILE}: not the mirror of a run; "
-            "give the URL passed as Run(mirror=...) or --mirror"
-        )
+    with tempfile.TemporaryDirectory(prefix="killsafe-mirror-") as directory:
+        backend = storage.open(url)
+        try:
+            copied = download_run_files(backend, directory)
+        finally:
+            backend.close()
+        if RUN_FILE not in copied:
+            raise ConfigError(
+                f"{url} holds no {MIRROR_RUN_PREFIX}{RUN_FILE}: not the mirror of a run; "
+                "give the URL passed as Run(mirror=...) or --mirror"
+            )
+        yield Path(directory)
