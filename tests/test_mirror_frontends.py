@@ -22,6 +22,7 @@ import pytest
 from cli_helpers import assert_one_line_error, cli, cli_json
 
 import killsafe
+from killsafe import storage
 from killsafe.cli import main
 from killsafe.rundir.remote import mirrored_run_copy
 
@@ -106,6 +107,8 @@ def test_the_dashboard_of_a_mirror_is_read_only(tmp_path: Path) -> None:
 
     url = memory_url()
     stopped_run(tmp_path / "run", url)
+    # A report the run saved names its own machine's paths; the mirror's is built anew.
+    storage.write_bytes(storage.open(url), "run/report.json", b'{"run_dir": "/elsewhere"}')
     with (
         mirrored_run_copy(url) as copy,
         serve_in_thread(copy, mirror=url) as server,
@@ -116,7 +119,9 @@ def test_the_dashboard_of_a_mirror_is_read_only(tmp_path: Path) -> None:
         listed = client.get("/api/checkpoints").json()["checkpoints"]
         assert [c["step"] for c in listed] == [10, 17] and listed[-1]["latest"]
         assert client.get("/api/history").json()["total"] == 17
-        assert client.get("/api/report").json()["steps"]["final"] == 17
+        report = client.get("/api/report").json()
+        assert report["steps"]["final"] == 17
+        assert report["latest_checkpoint"] == f"{url}/step-000017"
         for method, path in (
             ("POST", "/api/checkpoints"),
             ("POST", "/api/stop"),

@@ -225,7 +225,8 @@ class RunDirectory:
         return HistoryOut(records=page.records, total=page.total, cursor=page.cursor, reset=False)
 
     def report(self) -> dict[str, Any]:
-        saved = read_json(self.layout.report_json)
+        # A mirror's saved report names the paths of the machine that wrote it.
+        saved = read_json(self.layout.report_json) if self.mirror is None else None
         if isinstance(saved, dict):
             return saved
         from killsafe.report import build_report
