@@ -96,6 +96,15 @@ def test_a_run_without_mirror_lists_without_tiers(
     assert "tier" not in capsys.readouterr().out.splitlines()[0]
 
 
+def test_a_garbled_run_json_lists_the_local_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    save_local_only(tmp_path / "run", 10)
+    (tmp_path / "run/run.json").write_text("{not json")
+    listed = list_json(capsys, str(tmp_path / "run"), "--metric", "loss")
+    assert listed["mirror"] is None and tiers(listed) == {10: None}
+
+
 def test_an_unreadable_mirror_is_one_line_and_the_local_list(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

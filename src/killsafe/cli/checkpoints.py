@@ -230,10 +230,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _run_mirror(run_dir: Path | None) -> str | None:
-    """The mirror URL ``run.json`` names (``Run(mirror=...)``), or ``None``."""
+    """The mirror URL ``run.json`` names (``Run(mirror=...)``), or ``None`` (also when
+    ``run.json`` cannot be read: the local checkpoints are listed all the same)."""
     if run_dir is None:
         return None
-    config = RunReader(run_dir).record().get("config")
+    try:
+        config = RunReader(run_dir).record().get("config")
+    except KillsafeError:
+        return None
     mirror = config.get("mirror") if isinstance(config, dict) else None
     return mirror.rstrip("/") if isinstance(mirror, str) and mirror else None
 
