@@ -148,8 +148,9 @@ def test_report_and_serve_take_an_s3_mirror_as_processes(tmp_path: Path, s3_url:
     assert_one_line_error(cli("report", f"{s3_url}/nothing"), 2, "holds no run/run.json")
 
     port = free_port()
+    serve = ["serve", s3_url, "--port", str(port), "--refresh", "0.2"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "killsafe", "serve", s3_url, "--port", str(port)],
+        [sys.executable, "-m", "killsafe", *serve],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -158,8 +159,18 @@ def test_report_and_serve_take_an_s3_mirror_as_processes(tmp_path: Path, s3_url:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}/", timeout=TIMEOUT) as client:
             listed = _when_serving(client, proc)
             assert [c["step"] for c in listed][-1] == 17
-            assert client.get("/api/status").json()["directory"] == s3_url
+            status = client.get("/api/status").json()
+            assert status["directory"] == s3_url and status["step"] == 17
             assert client.post("/api/stop", json={}).status_code == 409
+            # A live run on another machine uploads a newer status: the dashboard follows it.
+            backend = storage.open(s3_url)
+            newer = json.dumps({**status, "step": 99}).encode()
+            storage.write_bytes(backend, "run/status.json", newer)
+            for _ in range(600):
+                if client.get("/api/status").json()["step"] == 99:
+                    break
+                time.sleep(0.05)
+            assert client.get("/api/status").json()["step"] == 99
     finally:
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=TIMEOUT * 3)

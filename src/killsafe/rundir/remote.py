@@ -15,13 +15,15 @@ and the dashboard read them as they read any run directory.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from killsafe import storage
-from killsafe.errors import ConfigError, KeyNotFound
+from killsafe.errors import ConfigError, KeyNotFound, KillsafeError
 from killsafe.rundir.layout import (
     CSV_FILE,
     EVENTS_FILE,
@@ -39,7 +41,10 @@ __all__ = [
     "download_run_files",
     "mirrored_run_copy",
     "read_run_file",
+    "refreshed_run_copy",
 ]
+
+log = logging.getLogger("killsafe")
 
 MIRROR_RUN_PREFIX = "run/"
 """Where a mirror holds the run's files, beside its checkpoints."""
@@ -108,3 +113,32 @@ def mirrored_run_copy(url: str) -> Iterator[Path]:
                 "give the URL passed as Run(mirror=...) or --mirror"
             )
         yield Path(directory)
+
+
+@contextlib.contextmanager
+def refreshed_run_copy(url: str, directory: str | os.PathLike[str], every: float) -> Iterator[None]:
+    """Download the run files mirrored at ``url`` into ``directory`` every ``every`` seconds,
+    from a daemon thread, until the block ends (a live run's mirror keeps changing).
+
+    A failed download is logged as a warning and tried again at the next turn.
+    """
+    stop = threading.Event()
+
+    def refresh() -> None:
+        backend = storage.open(url)
+        try:
+            while not stop.wait(every):
+                try:
+                    download_run_files(backend, directory)
+                except (KillsafeError, OSError) as exc:
+                    log.warning("re-reading the run files of %s failed: %s", url, exc)
+        finally:
+            backend.close()
+
+    thread = threading.Thread(target=refresh, name="killsafe-mirror-refresh", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=every + 10)

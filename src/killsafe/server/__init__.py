@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import ipaddress
 import logging
+import math
 import secrets
 import signal
 import socket
@@ -31,7 +32,7 @@ from typing import Any
 
 from killsafe import storage
 from killsafe.errors import ConfigError, KillsafeError
-from killsafe.rundir.remote import mirrored_run_copy
+from killsafe.rundir.remote import mirrored_run_copy, refreshed_run_copy
 from killsafe.server.limits import ServeLimits
 
 __all__ = [
@@ -48,6 +49,8 @@ log = logging.getLogger("killsafe.server")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
+MIRROR_REFRESH = 10.0
+"""Seconds between two reads of a served mirror's run files (``--refresh``)."""
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 
@@ -178,6 +181,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="require this token on API requests (generated and "
         "printed once when --host is not a loopback address and none is given)",
     )
+    parser.add_argument(
+        "--refresh",
+        type=_seconds,
+        default=MIRROR_REFRESH,
+        metavar="SECONDS",
+        help="with a mirror's URL: read its run files again this often "
+        f"(default {MIRROR_REFRESH:g})",
+    )
     defaults = ServeLimits()
     parser.add_argument(
         "--saves-per-minute",
@@ -195,6 +206,16 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoints named by save requests that may exist at once, 429 beyond "
         f"(default {defaults.named_saves_kept})",
     )
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: use seconds > 0")
+    return seconds
 
 
 def _cap(text: str) -> int | None:
@@ -216,7 +237,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if storage.is_url(args.dir):
         url = args.dir.rstrip("/")
         try:
-            with mirrored_run_copy(url) as copy:
+            with mirrored_run_copy(url) as copy, refreshed_run_copy(url, copy, args.refresh):
                 return _serve_cli(args, copy, mirror=url)
         except (KillsafeError, OSError) as exc:
             return _cli_error(str(exc))
