@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from killsafe import storage
 from killsafe.errors import CheckpointNotFound, ConfigError, KillsafeError
 from killsafe.history import csv_text, read_history, write_csv
 from killsafe.progress import format_duration, format_number, format_size, metric_direction
@@ -50,6 +51,7 @@ from killsafe.rundir import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from killsafe.rundir.remote import mirrored_run_copy
 
 __all__ = [
     "REPORT_JSON",
@@ -76,9 +78,16 @@ _NO_MATPLOTLIB = "matplotlib is not installed (pip install matplotlib)"
 # -- building -------------------------------------------------------------
 
 
-def build_report(run_dir: str | os.PathLike[str], *, now: float | None = None) -> dict[str, Any]:
+def build_report(
+    run_dir: str | os.PathLike[str],
+    *,
+    now: float | None = None,
+    checkpoints_at: str | None = None,
+) -> dict[str, Any]:
     """Gather what the run directory says about the run into a JSON-ready dict.
 
+    ``checkpoints_at``: where the checkpoints are when not under
+    ``run_dir/checkpoints`` (a mirror's URL whose run files are in ``run_dir``).
     Raises ``CheckpointNotFound`` when ``run_dir`` does not exist and
     ``ConfigError`` when it holds none of a run directory's files.
     """
@@ -88,7 +97,7 @@ def build_report(run_dir: str | os.PathLike[str], *, now: float | None = None) -
     run = _read_optional(reader.record) or {}
     status = _read_optional(reader.status)
     history = reader.history()
-    checkpoints = list_checkpoints(run_dir)
+    checkpoints = list_checkpoints(run_dir, checkpoints_at=checkpoints_at)
     attached = _is_live(status, now)
 
     sessions = _sessions(run, status, history, attached, now)
@@ -157,8 +166,11 @@ def _is_live(status: Mapping[str, Any] | None, now: float) -> bool:
     return isinstance(updated, (int, float)) and created <= updated + 1.0
 
 
-def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The committed checkpoints under ``run_dir/checkpoints``, ordered by step then time.
+def list_checkpoints(
+    run_dir: str | os.PathLike[str], *, checkpoints_at: str | None = None
+) -> list[dict[str, Any]]:
+    """The committed checkpoints under ``run_dir/checkpoints`` (or at ``checkpoints_at``),
+    ordered by step then time.
 
     Read through ``CheckpointStore.list()``, which reads manifests only and
     never locks, so it is safe next to a live run. Each entry: step, name,
@@ -167,7 +179,8 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     from killsafe.store import CheckpointStore
 
     try:
-        infos = RunReader(run_dir, open_catalog=CheckpointStore).checkpoints()
+        reader = RunReader(run_dir, open_catalog=CheckpointStore, checkpoints_at=checkpoints_at)
+        infos = reader.checkpoints()
     except KillsafeError as exc:
         logger.warning("%s", exc)
         return []
@@ -178,7 +191,7 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
             "reason": info.reason,
             "created": info.created,
             "size": info.size,
-            "path": str(info.path),
+            "path": info.location,
             "metrics": dict(info.metrics),
         }
         for info in infos
@@ -855,7 +868,11 @@ def _numeric_series(history: list[dict[str, Any]]) -> list[tuple[str, list[int],
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags of ``killsafe report DIR``."""
-    parser.add_argument("directory", metavar="DIR", help="the run directory")
+    parser.add_argument(
+        "directory",
+        metavar="DIR|URL",
+        help="the run directory, or its mirror's URL (s3://bucket/exp: run files under run/)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
         "--csv", metavar="PATH", help="also export history.jsonl as CSV to PATH ('-' for stdout)"
@@ -876,17 +893,27 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """Print the report of ``args.directory``; 0 on success, 2 on bad input."""
+    """Print the report of ``args.directory`` (a run directory or a mirror's URL);
+    0 on success, 2 on bad input."""
+    url = args.directory.rstrip("/") if storage.is_url(args.directory) else None
+    if url is not None and (args.write or args.png_only):
+        flag = "--write" if args.write else "--png-only"
+        sys.stderr.write(
+            f"killsafe report: error: {flag} writes into a run directory; {url} is a mirror, "
+            "read-only here (drop the flag, or give the run directory)\n"
+        )
+        return 2
     if args.png_only:
         return _draw_png_cli(args.directory)
     try:
-        report = write_report(args.directory) if args.write else build_report(args.directory)
-        if args.csv:
-            records = read_history(args.directory)
-            if args.csv == "-":
-                sys.stdout.write(csv_text(records))
-            else:
-                write_csv(records, args.csv)
+        if url is not None:
+            with mirrored_run_copy(url) as copy:
+                report = build_report(copy, checkpoints_at=url)
+                report["run_dir"] = url
+                _export_csv(args, copy)
+        else:
+            report = write_report(args.directory) if args.write else build_report(args.directory)
+            _export_csv(args, args.directory)
     except (KillsafeError, OSError) as exc:
         sys.stderr.write(f"killsafe report: error: {exc}\n")
         return 2
@@ -897,6 +924,17 @@ def run_cli(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(format_text(report))
     return 0
+
+
+def _export_csv(args: argparse.Namespace, run_dir: str | os.PathLike[str]) -> None:
+    """``--csv PATH``: the history of ``run_dir`` as CSV, to PATH or stdout (``-``)."""
+    if not args.csv:
+        return
+    records = read_history(run_dir)
+    if args.csv == "-":
+        sys.stdout.write(csv_text(records))
+    else:
+        write_csv(records, args.csv)
 
 
 def _draw_png_cli(directory: str) -> int:

@@ -2,6 +2,8 @@
 
 DIR is a run directory or its checkpoints directory; the run's own ``best``
 metric (``run.json``, read through ``RunReader``) marks and keeps the best.
+When ``run.json`` names a mirror, ``list`` shows both tiers: each checkpoint
+is ``local``, ``mirrored`` or ``both`` (matched by step and name).
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ from killsafe.cli.common import (
     print_table,
 )
 from killsafe.cli.locations import Place, path_or_url, split_url
-from killsafe.errors import CheckpointNotFound, ConfigError, CorruptCheckpoint, UnsupportedFormat
+from killsafe.errors import (
+    CheckpointNotFound,
+    ConfigError,
+    CorruptCheckpoint,
+    KillsafeError,
+    UnsupportedFormat,
+)
 from killsafe.rundir import CHECKPOINTS_DIR, RUN_FILE, RunReader
 
 WHAT_DIR = "a run directory or a checkpoints directory"
@@ -51,6 +59,7 @@ class _Entry:
     problem: str | None = None
     marks: list[str] = field(default_factory=list)
     url: str | None = None  # on an object store
+    tier: str | None = None  # "local", "mirrored" or "both" when the run has a mirror
 
     @property
     def location(self) -> str:
@@ -72,6 +81,7 @@ class _Entry:
             "best": "best" in self.marks,
             "corrupt": self.problem is not None,
             "problem": self.problem,
+            "tier": self.tier,
         }
 
 
@@ -191,11 +201,16 @@ def _add_best_flags(p: argparse.ArgumentParser) -> None:
 def _cmd_list(args: argparse.Namespace) -> int:
     location = _locate(args.directory)
     entries = _entries(location.store_dir, verify=args.verify)
+    mirror = _run_mirror(location.run_dir)
+    if mirror is not None:
+        entries = _with_mirror(entries, mirror, verify=args.verify)
     _mark(entries, _best_spec(args, location))
+    tiered = any(e.tier is not None for e in entries)
     if args.json:
         print_json(
             {
                 "directory": str(location.store_dir),
+                "mirror": mirror,
                 "checkpoints": [e.to_json() for e in entries],
             }
         )
@@ -203,11 +218,72 @@ def _cmd_list(args: argparse.Namespace) -> int:
         sys.stdout.write(f"no checkpoints in {location.store_dir}\n")
     else:
         headers = ["step", "name", "reason", "created", "size", "added", "metrics", "marks"]
-        print_table(headers, [_list_row(e) for e in entries])
+        rows = [_list_row(e) for e in entries]
+        if tiered:
+            headers.insert(-1, "tier")
+            for row, entry in zip(rows, entries, strict=True):
+                row.insert(-1, entry.tier or "")
+        print_table(headers, rows)
         for entry in entries:
             if entry.problem is not None:
                 sys.stdout.write(f"corrupt: {entry.location}: {entry.problem}\n")
     return EXIT_FAILED_CHECK if args.verify and any(e.problem for e in entries) else EXIT_OK
+
+
+def _run_mirror(run_dir: Path | None) -> str | None:
+    """The mirror URL ``run.json`` names (``Run(mirror=...)``), or ``None`` (also when
+    ``run.json`` cannot be read: the local checkpoints are listed all the same)."""
+    if run_dir is None:
+        return None
+    try:
+        config = RunReader(run_dir).record().get("config")
+    except KillsafeError:
+        return None
+    mirror = config.get("mirror") if isinstance(config, dict) else None
+    return mirror.rstrip("/") if isinstance(mirror, str) and mirror else None
+
+
+def _with_mirror(local: list[_Entry], mirror: str, *, verify: bool) -> list[_Entry]:
+    """The local entries and the mirror's, one row per checkpoint with its tier.
+
+    A local and a mirrored checkpoint with the same step and name are one
+    checkpoint (``both``, shown at its local path) unless either copy is
+    unreadable or failed ``--verify``: then each copy keeps its own row. A
+    mirror that cannot be read is said in one line on stderr; the local
+    entries are listed without tiers.
+    """
+    try:
+        remote = _entries(mirror, verify=verify)
+    except (KillsafeError, OSError) as exc:
+        sys.stderr.write(
+            f"killsafe list: the mirror {mirror} could not be read ({exc}); "
+            "listing the local checkpoints only\n"
+        )
+        return local
+    mirrored = {key for key in map(_identity, remote) if key is not None}
+    matched = set()
+    for entry in local:
+        key = _identity(entry)
+        entry.tier = "both" if key in mirrored else "local"
+        if key in mirrored:
+            matched.add(key)
+    only_mirrored = [e for e in remote if _identity(e) is None or _identity(e) not in matched]
+    for entry in only_mirrored:
+        entry.tier = "mirrored"
+    merged = local + only_mirrored
+    good = sorted((e for e in merged if e.info is not None), key=_order)
+    return good + [e for e in merged if e.info is None]
+
+
+def _identity(entry: _Entry) -> tuple[int, str | None] | None:
+    """What matches a local checkpoint with its mirrored copy; ``None`` for a bad copy."""
+    if entry.info is None or entry.problem is not None:
+        return None
+    return entry.info.step, entry.info.name
+
+
+def _order(entry: _Entry) -> tuple[int, float, int]:
+    return entry.info.step, entry.info.created, 0 if entry.tier != "mirrored" else 1
 
 
 def _list_row(entry: _Entry) -> list[str]:

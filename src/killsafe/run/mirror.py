@@ -26,31 +26,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from killsafe import storage
-from killsafe.errors import CheckpointExists, CheckpointNotFound, KeyNotFound, KillsafeError
+from killsafe.errors import CheckpointExists, CheckpointNotFound, KillsafeError
 from killsafe.run.config import DEFAULT_MIRROR_GRACE
+from killsafe.rundir.layout import EVENTS_FILE, HISTORY_FILE, RUN_FILE
+from killsafe.rundir.remote import MIRROR_RUN_PREFIX, MIRRORED_FILES, download_run_files
 
 if TYPE_CHECKING:
     from killsafe.format import CheckpointInfo
     from killsafe.store import CheckpointStore
 
-__all__ = ["RUN_FILES", "Mirror"]
+__all__ = ["Mirror"]
 
 log = logging.getLogger("killsafe.run")
 
-RUN_FILES = (
-    "run.json",
-    "status.json",
-    "history.jsonl",
-    "events.jsonl",
-    "metrics.csv",
-    "report.txt",
-    "report.json",
-    "report.png",
-)
-"""The run's own files that travel with its checkpoints, under ``run/`` in the mirror."""
-
-_RESTORED_FILES = ("run.json", "history.jsonl", "events.jsonl")
-_RUN_PREFIX = "run/"
+_RESTORED_FILES = (RUN_FILE, HISTORY_FILE, EVENTS_FILE)
 
 
 class Mirror:
@@ -106,26 +95,14 @@ class Mirror:
             return None
         if local_latest is not None and local_latest.step >= remote_latest.step:
             return None
-        if not (self.directory / "run.json").exists():
-            self._download_run_files()
+        if not (self.directory / RUN_FILE).exists():
+            download_run_files(self._files, self.directory, _RESTORED_FILES)
         try:
             info = self.local.import_from(self.remote, remote_latest)
         except CheckpointExists:
             return None  # a damaged local copy of that step: the local store decides
         log.info("killsafe: restored step %d from the mirror %s", info.step, remote_latest.location)
         return info
-
-    def _download_run_files(self) -> None:
-        for name in _RESTORED_FILES:
-            try:
-                with self._files.source(_RUN_PREFIX + name) as source:
-                    data = bytes(source.read())
-            except KeyNotFound:
-                continue
-            target = self.directory / name
-            partial = target.with_name(f".{name}.mirror-partial")
-            partial.write_bytes(data)
-            partial.replace(target)
 
     # -- while the run goes ---------------------------------------------------
 
@@ -179,14 +156,14 @@ class Mirror:
 
     def upload_run_files(self) -> None:
         """Upload the run's files that exist (each replaces its previous copy)."""
-        for name in RUN_FILES:
+        for name in MIRRORED_FILES:
             path = self.directory / name
             try:
                 data = path.read_bytes()
             except OSError:
                 continue
             try:
-                with self._files.open_write(_RUN_PREFIX + name) as sink:
+                with self._files.open_write(MIRROR_RUN_PREFIX + name) as sink:
                     sink.write(data)
             except KillsafeError as exc:
                 log.warning("killsafe: uploading %s to %s failed: %s", name, self.url, exc)

@@ -61,16 +61,23 @@ class RunReader:
     """Read-only access to one run directory's files.
 
     ``open_catalog`` (``CheckpointStore`` from the rooms above the store) is
-    what ``catalog()`` and ``checkpoints()`` list with. Safe to use from any
-    thread or process next to a live run.
+    what ``catalog()`` and ``checkpoints()`` list with. ``checkpoints_at``
+    puts the checkpoints elsewhere than ``run_dir/checkpoints``: a mirror's
+    URL, whose run files were downloaded into ``run_dir``. Safe to use from
+    any thread or process next to a live run.
     """
 
     def __init__(
-        self, run_dir: str | os.PathLike[str], *, open_catalog: OpenCatalog | None = None
+        self,
+        run_dir: str | os.PathLike[str],
+        *,
+        open_catalog: OpenCatalog | None = None,
+        checkpoints_at: str | None = None,
     ) -> None:
         self.path = Path(run_dir)
         self.layout = RunLayout(self.path)
         self._open_catalog = open_catalog
+        self._checkpoints_at = checkpoints_at
 
     def record(self) -> dict[str, Any]:
         """``run.json`` (``{}`` when missing); ``CorruptCheckpoint`` when it is not JSON."""
@@ -112,7 +119,7 @@ class RunReader:
         return parse_best(config.get("best")) if isinstance(config, dict) else None
 
     def has_checkpoints(self) -> bool:
-        return self.layout.checkpoints.is_dir()
+        return self._checkpoints_at is not None or self.layout.checkpoints.is_dir()
 
     def catalog(self) -> Any:
         """The run's checkpoint store, opened with the run's best metric when it has one
@@ -127,9 +134,10 @@ class RunReader:
         except KillsafeError as exc:
             log.warning("ignoring unreadable %s: %s", self.layout.run, exc)
             best = None
+        where = self._checkpoints_at or self.layout.checkpoints
         if best is None:
-            return self._open_catalog(self.layout.checkpoints)
-        return self._open_catalog(self.layout.checkpoints, best=best)
+            return self._open_catalog(where)
+        return self._open_catalog(where, best=best)
 
     def checkpoints(self) -> list[Any]:
         """The committed checkpoints (``CheckpointInfo``), by step then time; ``[]`` for none."""

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import ipaddress
 import logging
+import math
 import secrets
 import signal
 import socket
@@ -29,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from killsafe.errors import ConfigError
+from killsafe import storage
+from killsafe.errors import ConfigError, KillsafeError
+from killsafe.rundir.remote import mirrored_run_copy, refreshed_run_copy
 from killsafe.server.limits import ServeLimits
 
 __all__ = [
@@ -46,6 +49,8 @@ log = logging.getLogger("killsafe.server")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
+MIRROR_REFRESH = 10.0
+"""Seconds between two reads of a served mirror's run files (``--refresh``)."""
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 
@@ -94,19 +99,22 @@ def serve_in_thread(
     port: int = 0,
     token: str | bool | None = None,
     limits: ServeLimits | None = None,
+    mirror: str | None = None,
 ) -> ServerHandle:
     """Serve ``run_dir`` from a daemon thread and return once the server accepts connections.
 
     ``port=0`` picks a free port (read it from ``handle.port``). ``token``: a
     string to require it, ``True`` to generate one (logged once), ``None`` for
     none, which only a loopback ``host`` allows. ``limits``: caps on save
-    requests (default ``ServeLimits()``). Raises ``ConfigError`` for a
-    non-loopback host without a token or a port that cannot be bound.
+    requests (default ``ServeLimits()``). ``mirror``: serve read-only the run
+    mirrored at this URL, whose run files were copied into ``run_dir``
+    (``mirrored_run_copy``). Raises ``ConfigError`` for a non-loopback host
+    without a token or a port that cannot be bound.
     """
     token = _resolve_token(host, token)
     sock = _bind(host, port)
     stopping = threading.Event()
-    server = _make_server(run_dir, token, stopping, limits=limits)
+    server = _make_server(run_dir, token, stopping, limits=limits, mirror=mirror)
     bound_port = sock.getsockname()[1]
     thread = threading.Thread(
         target=_run_server, args=(server, sock), name=f"killsafe-server:{bound_port}", daemon=True
@@ -132,19 +140,20 @@ def serve_forever(
     port: int = DEFAULT_PORT,
     token: str | bool | None = None,
     limits: ServeLimits | None = None,
+    mirror: str | None = None,
 ) -> None:
     """Serve ``run_dir`` in this thread until SIGINT or SIGTERM (``killsafe serve DIR``).
 
-    ``token`` and ``limits`` as for ``serve_in_thread``; a non-loopback host
-    without a token raises ``ConfigError``.
+    ``token``, ``limits`` and ``mirror`` as for ``serve_in_thread``; a
+    non-loopback host without a token raises ``ConfigError``.
     """
     token = _resolve_token(host, token)
     sock = _bind(host, port)
     stopping = threading.Event()
-    server = _make_server(run_dir, token, stopping, limits=limits)
+    server = _make_server(run_dir, token, stopping, limits=limits, mirror=mirror)
     bound_port = sock.getsockname()[1]
     url = _url(host, bound_port)
-    log.info("serving %s at %s", run_dir, f"{url}#token={token}" if token else url)
+    log.info("serving %s at %s", mirror or run_dir, f"{url}#token={token}" if token else url)
     try:
         _run_server(server, sock)
     finally:
@@ -153,7 +162,11 @@ def serve_forever(
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``DIR``, ``--host``, ``--port`` and ``--token`` for ``killsafe serve``."""
-    parser.add_argument("dir", metavar="DIR", help="the run directory to serve")
+    parser.add_argument(
+        "dir",
+        metavar="DIR|URL",
+        help="the run directory to serve, or its mirror's URL (s3://bucket/exp; read-only)",
+    )
     parser.add_argument(
         "--host",
         default=DEFAULT_HOST,
@@ -167,6 +180,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="require this token on API requests (generated and "
         "printed once when --host is not a loopback address and none is given)",
+    )
+    parser.add_argument(
+        "--refresh",
+        type=_seconds,
+        default=MIRROR_REFRESH,
+        metavar="SECONDS",
+        help="with a mirror's URL: read its run files again this often "
+        f"(default {MIRROR_REFRESH:g})",
     )
     defaults = ServeLimits()
     parser.add_argument(
@@ -187,6 +208,16 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: use seconds > 0")
+    return seconds
+
+
 def _cap(text: str) -> int | None:
     if text.strip().lower() == "none":
         return None
@@ -200,11 +231,23 @@ def run_cli(args: argparse.Namespace) -> int:
     """Run ``killsafe serve`` from parsed arguments until SIGINT or SIGTERM.
 
     Returns 0 once stopped, 2 (with one line on stderr) for a missing
-    directory, a port that cannot be bound or a missing FastAPI/uvicorn.
+    directory, a URL that holds no mirrored run, a port that cannot be bound
+    or a missing FastAPI/uvicorn.
     """
+    if storage.is_url(args.dir):
+        url = args.dir.rstrip("/")
+        try:
+            with mirrored_run_copy(url) as copy, refreshed_run_copy(url, copy, args.refresh):
+                return _serve_cli(args, copy, mirror=url)
+        except (KillsafeError, OSError) as exc:
+            return _cli_error(str(exc))
     run_dir = Path(args.dir)
     if not run_dir.is_dir():
         return _cli_error(f"no run directory at {run_dir}; pass the directory given to Run(...)")
+    return _serve_cli(args, run_dir)
+
+
+def _serve_cli(args: argparse.Namespace, run_dir: Path, *, mirror: str | None = None) -> int:
     token: str | bool | None = args.token
     if token is None and not is_loopback(args.host):
         token = True
@@ -213,7 +256,9 @@ def run_cli(args: argparse.Namespace) -> int:
             saves_per_minute=getattr(args, "saves_per_minute", ServeLimits.saves_per_minute),
             named_saves_kept=getattr(args, "named_saves_kept", ServeLimits.named_saves_kept),
         )
-        serve_forever(run_dir, host=args.host, port=args.port, token=token, limits=limits)
+        serve_forever(
+            run_dir, host=args.host, port=args.port, token=token, limits=limits, mirror=mirror
+        )
     except ConfigError as exc:
         return _cli_error(str(exc))
     return 0
@@ -275,6 +320,7 @@ def _make_server(
     limits: ServeLimits | None = None,
     handle_signals: bool = True,
     reuse_for: float = 0.0,
+    mirror: str | None = None,
 ) -> Any:
     try:
         import uvicorn
@@ -284,7 +330,9 @@ def _make_server(
         ) from exc
     from killsafe.server.app import create_app
 
-    app = create_app(run_dir, token=token, stopping=stopping, limits=limits, reuse_for=reuse_for)
+    app = create_app(
+        run_dir, token=token, stopping=stopping, limits=limits, reuse_for=reuse_for, mirror=mirror
+    )
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:

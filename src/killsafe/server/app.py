@@ -73,11 +73,19 @@ def check_name(name: str) -> str:
 
 
 class RunDirectory:
-    """Read access to a run directory and the control requests the server sends it."""
+    """Read access to a run directory and the control requests the server sends it.
 
-    def __init__(self, run_dir: Path, limits: ServeLimits | None = None):
+    With ``mirror`` (a mirror's URL whose run files were copied into
+    ``run_dir``) the checkpoints are listed at that URL and nothing is
+    written: no run is attached, saves, stops and deletions answer 409.
+    """
+
+    def __init__(
+        self, run_dir: Path, limits: ServeLimits | None = None, *, mirror: str | None = None
+    ):
         self.path = Path(run_dir)
-        self.reader = RunReader(self.path, open_catalog=_open_store)
+        self.mirror = mirror
+        self.reader = RunReader(self.path, open_catalog=_open_store, checkpoints_at=mirror)
         self.layout = self.reader.layout
         self.limits = limits if limits is not None else ServeLimits()
         self._submit_lock = threading.Lock()
@@ -91,8 +99,8 @@ class RunDirectory:
             status = {}
         return {
             **status,
-            "attached": is_attached(status),
-            "directory": str(self.path),
+            "attached": self.mirror is None and is_attached(status),
+            "directory": self.mirror or str(self.path),
         }
 
     def attached(self) -> bool:
@@ -170,6 +178,11 @@ class RunDirectory:
         return [_checkpoint_out(info, latest, best) for info in store.list()]
 
     def delete(self, checkpoint_id: str, *, force: bool) -> None:
+        if self.mirror is not None:
+            raise _Conflict(
+                f"{self.mirror} is served read-only; delete from the mirror with "
+                f"killsafe prune {self.mirror} --delete {checkpoint_id}"
+            )
         if not self.reader.has_checkpoints():
             raise CheckpointNotFound(f"no checkpoint {checkpoint_id!r} in {self.path}")
         store = self.store()
@@ -212,13 +225,14 @@ class RunDirectory:
         return HistoryOut(records=page.records, total=page.total, cursor=page.cursor, reset=False)
 
     def report(self) -> dict[str, Any]:
-        saved = read_json(self.layout.report_json)
+        # A mirror's saved report names the paths of the machine that wrote it.
+        saved = read_json(self.layout.report_json) if self.mirror is None else None
         if isinstance(saved, dict):
             return saved
         from killsafe.report import build_report
 
         try:
-            report: dict[str, Any] = build_report(self.path)
+            report: dict[str, Any] = build_report(self.path, checkpoints_at=self.mirror)
         except KillsafeError as exc:  # nothing of a run here yet
             raise CheckpointNotFound(
                 f"no report for {self.path} yet: {_one_line(str(exc))}"
@@ -282,6 +296,7 @@ def create_app(
     max_body: int = MAX_BODY_BYTES,
     limits: ServeLimits | None = None,
     reuse_for: float = 0.0,
+    mirror: str | None = None,
 ) -> Any:
     """Build the ASGI app serving ``run_dir``: the API under ``/api``, the page at ``/``.
 
@@ -290,9 +305,10 @@ def create_app(
     caps what save requests can create (default ``ServeLimits()``).
     ``reuse_for``: seconds a whole-history or report answer is reused (the
     two answers that read whole files), so that clients polling in a loop cost
-    one build per period; 0 builds every answer.
+    one build per period; 0 builds every answer. ``mirror``: serve read-only
+    the run mirrored at this URL, whose run files were copied into ``run_dir``.
     """
-    run = RunDirectory(Path(run_dir), limits)
+    run = RunDirectory(Path(run_dir), limits, mirror=mirror)
     stopping = stopping if stopping is not None else threading.Event()
     api = FastAPI(
         title="killsafe",
@@ -414,6 +430,8 @@ def _add_routes(
 
 def _require_attached(run: RunDirectory) -> str | None:
     """The live session's id (``None`` from a run that does not say it); 409 without one."""
+    if run.mirror is not None:
+        raise _Conflict(f"{run.mirror} is a mirror, served read-only: no run to save or stop")
     status = run.status()
     if not status["attached"]:
         raise _Conflict(

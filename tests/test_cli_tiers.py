@@ -1,0 +1,135 @@
+"""``killsafe list`` on a run with a mirror: each checkpoint is local, mirrored or both.
+
+In-process against ``memory://`` (a memory area lives in one process), and as
+real processes against the module's SeaweedFS server.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from cli_helpers import cli, cli_json
+
+import killsafe
+from killsafe.cli import main
+
+
+def mirrored_run(directory: Path, mirror: str) -> None:
+    """50 steps saved every 10: the local store keeps 50, the mirror 30, 40 and 50."""
+    rng = np.random.default_rng(0)
+    with killsafe.Run(
+        directory,
+        total_steps=50,
+        save_every_steps=10,
+        keep_last=1,
+        mirror=mirror,
+        mirror_keep_last=3,
+        progress=False,
+        keyboard=False,
+        report=False,
+    ) as run:
+        run.track(rng=rng, weights=np.zeros(8))
+        for _ in run.steps():
+            run.state["weights"] += rng.normal(size=8)
+
+
+def save_local_only(directory: Path, step: int) -> None:
+    """A checkpoint whose upload never happened (a session killed before it)."""
+    with killsafe.CheckpointStore(directory / "checkpoints") as store:
+        store.save({"weights": np.ones(8)}, step=step)
+
+
+def list_json(capsys: pytest.CaptureFixture[str], *args: str) -> Any:
+    assert main(["list", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def tiers(listed: Any) -> dict[int, str]:
+    return {c["step"]: c["tier"] for c in listed["checkpoints"]}
+
+
+def test_list_shows_the_tier_of_each_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"memory://tiers-{uuid.uuid4().hex[:8]}/exp"
+    mirrored_run(tmp_path / "run", url)
+    save_local_only(tmp_path / "run", 60)
+    listed = list_json(capsys, str(tmp_path / "run"))
+    assert listed["mirror"] == url
+    assert tiers(listed) == {30: "mirrored", 40: "mirrored", 50: "both", 60: "local"}
+    paths = {c["step"]: c["path"] for c in listed["checkpoints"]}
+    assert paths[30] == f"{url}/step-000030" and paths[50].startswith(str(tmp_path))
+    assert [c["step"] for c in listed["checkpoints"] if c["latest"]] == [60]
+
+    assert main(["list", str(tmp_path / "run")]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split()[-2:] == ["tier", "marks"]
+    assert [row.split()[0] for row in rows] == ["30", "40", "50", "60"]
+    assert "mirrored" in rows[0] and "both" in rows[2] and "local" in rows[3]
+
+
+def test_list_matches_copies_by_step_and_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"memory://tiers-{uuid.uuid4().hex[:8]}/exp"
+    mirrored_run(tmp_path / "run", url)
+    with killsafe.CheckpointStore(url) as remote:  # same step as a local one, another name
+        remote.save({"weights": np.ones(8)}, step=50, name="exported")
+    listed = list_json(capsys, str(tmp_path / "run"))
+    rows = [(c["step"], c["name"], c["tier"]) for c in listed["checkpoints"]]
+    assert (50, None, "both") in rows and (50, "exported", "mirrored") in rows
+
+
+def test_a_run_without_mirror_lists_without_tiers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    save_local_only(tmp_path / "run", 10)
+    (tmp_path / "run/run.json").write_text(json.dumps({"config": {"mirror": None}}))
+    listed = list_json(capsys, str(tmp_path / "run"))
+    assert listed["mirror"] is None and tiers(listed) == {10: None}
+    assert main(["list", str(tmp_path / "run")]) == 0
+    assert "tier" not in capsys.readouterr().out.splitlines()[0]
+
+
+def test_a_garbled_run_json_lists_the_local_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    save_local_only(tmp_path / "run", 10)
+    (tmp_path / "run/run.json").write_text("{not json")
+    listed = list_json(capsys, str(tmp_path / "run"), "--metric", "loss")
+    assert listed["mirror"] is None and tiers(listed) == {10: None}
+
+
+def test_an_unreadable_mirror_is_one_line_and_the_local_list(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    save_local_only(tmp_path / "run", 10)
+    (tmp_path / "run/run.json").write_text(json.dumps({"config": {"mirror": "memory:///nowhere"}}))
+    assert main(["list", str(tmp_path / "run")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[1].split()[0] == "10"
+    assert len(captured.err.strip().splitlines()) == 1
+    assert "the mirror memory:///nowhere could not be read" in captured.err
+
+
+def test_list_on_a_real_s3_mirror_as_processes(tmp_path: Path, s3_url: str) -> None:
+    mirrored_run(tmp_path / "run", s3_url)
+    save_local_only(tmp_path / "run", 60)
+    with killsafe.CheckpointStore(s3_url) as remote:  # a slow upload skips superseded steps
+        remote.save({"weights": np.ones(8)}, step=5)
+        uploaded = [info.step for info in remote.list()]
+    listed = cli_json("list", tmp_path / "run")
+    expected = {step: "mirrored" for step in uploaded} | {50: "both", 60: "local"}
+    assert tiers(listed) == expected and expected[5] == "mirrored"
+    # The mirror URL itself lists the mirror (the run's files under run/ are no checkpoint).
+    remote_listed = cli_json("list", s3_url)
+    assert [c["step"] for c in remote_listed["checkpoints"]] == uploaded
+    assert remote_listed["checkpoints"][-1]["latest"] and remote_listed["mirror"] is None
+    out = cli("list", tmp_path / "run", "--verify")
+    assert out.returncode == 0, out.stderr
+    assert "both" in out.stdout and "mirrored" in out.stdout
