@@ -223,3 +223,21 @@ def test_export_writes_one_safetensors_file_and_list_shows_the_bytes_added(tmp_p
     exported = safetensors_numpy.load_file(str(out))
     assert sorted(v.nbytes for v in exported.values()) == [80, frozen.nbytes]
     assert any(np.array_equal(v.view(np.float64), frozen) for v in exported.values())
+
+
+def test_a_run_saves_incrementally_when_asked(tmp_path: Path) -> None:
+    weights = {"frozen": np.arange(1 << 20, dtype=np.float32), "step": np.zeros(4)}
+    with killsafe.Run(
+        tmp_path, total_steps=4, save_every_steps=1, incremental=True, progress=False, report=False
+    ) as run:
+        run.track(weights=weights)
+        for step in run.steps():
+            weights["step"] += step
+    infos = killsafe.CheckpointStore(tmp_path / "checkpoints").list()
+    assert [info.step for info in infos] == [2, 3, 4]
+    assert all(info.added is not None and info.added < info.size // 2 for info in infos)
+
+
+def test_a_run_refuses_incremental_with_a_mirror(tmp_path: Path) -> None:
+    with pytest.raises(killsafe.ConfigError, match="incremental=True cannot be combined"):
+        killsafe.Run(tmp_path, incremental=True, mirror="memory://m/exp")

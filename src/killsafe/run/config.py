@@ -87,6 +87,7 @@ class RunConfig:
     mirror: str | None = None
     mirror_keep_last: int | None = 3
     mirror_grace: float = DEFAULT_MIRROR_GRACE
+    incremental: bool = False
 
     @classmethod
     def build(
@@ -124,6 +125,7 @@ class RunConfig:
         mirror: str | os.PathLike[str] | None = None,
         mirror_keep_last: int | None = 3,
         mirror_grace: float = DEFAULT_MIRROR_GRACE,
+        incremental: bool = False,
     ) -> RunConfig:
         """Validate ``Run``'s keywords (same names, same defaults) into one config."""
         if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 0):
@@ -143,6 +145,11 @@ class RunConfig:
         if tensorboard:
             require_tensorboard()
         _check_mirror(mirror_keep_last, mirror_grace)
+        if incremental and mirror is not None:
+            raise ConfigError(
+                "incremental=True cannot be combined with mirror= yet (pieces are not "
+                "uploaded); drop one of them"
+            )
         return cls(
             directory=Path(directory),
             total_steps=total_steps,
@@ -171,6 +178,7 @@ class RunConfig:
             mirror=None if mirror is None else os.fspath(mirror),
             mirror_keep_last=mirror_keep_last,
             mirror_grace=float(mirror_grace),
+            incremental=bool(incremental),
         )
 
     @property

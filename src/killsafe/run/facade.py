@@ -148,6 +148,8 @@ class Run:
         mirror_keep_last: the mirror keeps this many newest checkpoints
             (``None`` keeps all), besides the best ones when ``best`` is given.
         mirror_grace: seconds a stopping run waits for its uploads (default 25).
+        incremental: checkpoints share the bytes that did not change since the
+            last one (``CheckpointStore(incremental=True)``; docs/format.md).
 
     Use it on one thread, as a context manager; signal handlers are installed
     only when it is entered on the main thread.
@@ -193,6 +195,7 @@ class Run:
         mirror: str | os.PathLike[str] | None = None,
         mirror_keep_last: int | None = 3,
         mirror_grace: float = DEFAULT_MIRROR_GRACE,
+        incremental: bool = False,
     ) -> None:
         self._config = RunConfig.build(
             directory,
@@ -232,6 +235,7 @@ class Run:
             mirror=mirror,
             mirror_keep_last=mirror_keep_last,
             mirror_grace=mirror_grace,
+            incremental=incremental,
         )
         group = self._join_group(process_group, collective_timeout)
         self.directory: Path = self._config.directory
@@ -289,6 +293,7 @@ class Run:
             best=config.best,
             compression=config.compression,
             snapshot=config.snapshot,
+            incremental=config.incremental,
         )
         try:
             self._mirror = self._open_mirror(store)
