@@ -1,10 +1,11 @@
 """One rank of a DDP training under ``Run`` (see distributed_helpers.py).
 
-``SCENARIO RANK WORLD PORT DIR RUNDIR [EVENT...]``; an event ``RANK:STEP:WHAT``
-makes ``RANK`` send itself ``SIGTERM`` (``term``) or ``SIGKILL`` (``kill``)
-during step ``STEP``. ``WORLD`` 1 with scenario ``alone`` runs without a
-process group. Each rank writes what it saw to ``DIR/rank-N.json`` and exits
-with ``run.exit_code`` (1 with the error's name when the run raised).
+``SCENARIO RANK WORLD PORT DIR RUNDIR [EVENT...]``; an event
+``RANK:STEP:WHAT`` makes ``RANK`` send itself ``SIGTERM`` (``term``) or
+``SIGKILL`` (``kill``), or call ``run.save("asked")`` (``save``), during step
+``STEP``. ``WORLD`` 1 with scenario ``alone`` runs without a process group.
+Each rank writes what it saw to ``DIR/rank-N.json`` and exits with
+``run.exit_code`` (1 with the error's name when the run raised).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ def train(rank: int, run_dir: Path, events: dict[tuple[int, int], str]) -> dict[
             optimizer.step()
             run.state["seen"].append(round(float(x.sum()), 6))
             what = events.get((rank, step))
-            if what is not None:
+            if what == "save":
+                run.save("asked")
+            elif what is not None:
                 os.kill(os.getpid(), signal.SIGTERM if what == "term" else signal.SIGKILL)
     result.update(
         step=run.step,
