@@ -3,9 +3,12 @@
 ``SCENARIO RANK WORLD PORT DIR RUNDIR [EVENT...]``; an event
 ``RANK:STEP:WHAT`` makes ``RANK`` send itself ``SIGTERM`` (``term``) or
 ``SIGKILL`` (``kill``), or call ``run.save("asked")`` (``save``), during step
-``STEP``. ``WORLD`` 1 with scenario ``alone`` runs without a process group.
-Each rank writes what it saw to ``DIR/rank-N.json`` and exits with
-``run.exit_code`` (1 with the error's name when the run raised).
+``STEP``; ``failwrite`` and ``killwrite`` make the rank's file of the
+checkpoint of step ``STEP`` fail to write, or the rank SIGKILL itself just
+before writing it (its tree is staged, the other ranks are writing).
+``WORLD`` 1 with scenario ``alone`` runs without a process group. Each rank
+writes what it saw to ``DIR/rank-N.json`` and exits with ``run.exit_code``
+(1 with the error's name when the run raised).
 """
 
 from __future__ import annotations
@@ -21,10 +24,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+import killsafe.distributed.writer as writer
 from killsafe import Run
 from killsafe.errors import KillsafeError, RankUnresponsive
 
 TOTAL_STEPS = 8
+seen_step: dict[str, int] = {}  # the run's step, still known when it raised
+
+
+def break_write(step: int, what: str) -> None:
+    """Make this rank's write of step ``step``'s checkpoint fail (``failwrite``) or kill it."""
+    write = writer._write_rank_file
+
+    def broken(path: Path, *args: Any) -> Any:
+        if f"step-{step:06d}" not in path.parent.name:
+            return write(path, *args)
+        if what == "killwrite":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise OSError(28, "No space left on device (test)")
+
+    writer._write_rank_file = broken  # type: ignore[assignment]
 
 
 def train(rank: int, run_dir: Path, events: dict[tuple[int, int], str]) -> dict[str, Any]:
@@ -45,9 +64,12 @@ def train(rank: int, run_dir: Path, events: dict[tuple[int, int], str]) -> dict[
             loss.backward()
             optimizer.step()
             run.state["seen"].append(round(float(x.sum()), 6))
+            seen_step["step"] = run.step + 1
             what = events.get((rank, step))
             if what == "save":
                 run.save("asked")
+            elif what is not None and what.endswith("write"):
+                pass  # armed before the run
             elif what is not None:
                 os.kill(os.getpid(), signal.SIGTERM if what == "term" else signal.SIGKILL)
     result.update(
@@ -71,12 +93,15 @@ def main() -> None:
     for arg in args:
         who, step, what = arg.split(":")
         events[(int(who), int(step))] = what
+    for (who, step), what in events.items():
+        if who == rank_ and what in ("failwrite", "killwrite"):
+            break_write(step, what)
     code = 1
     try:
         result = train(rank_, Path(run_dir), events)
         code = result["exit_code"]
     except KillsafeError as exc:
-        result = {"error": type(exc).__name__, "message": str(exc)}
+        result = {"error": type(exc).__name__, "message": str(exc), **seen_step}
         if isinstance(exc, RankUnresponsive):
             result.update(ranks=list(exc.ranks), hosts=list(exc.hosts))
     Path(workdir, f"rank-{rank}.json").write_text(json.dumps(result))

@@ -131,6 +131,52 @@ def test_list_verify_inspect_and_consolidate_a_sharded_checkpoint(
     assert cli(["consolidate", str(checkpoint), str(out)]) == 2  # never overwritten
 
 
+@pytest.fixture(scope="module")
+def broken_saves(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One run directory: rank 1's write of the step-6 checkpoint fails (a full disk);
+    a second job's rank 1 is SIGKILLed as it writes it; a third job resumes and ends."""
+    root = tmp_path_factory.mktemp("broken")
+    run_dir = root / "run"
+    jobs: dict[str, Any] = {"run": run_dir}
+    for name, event in (("failed", "1:6:failwrite"), ("killed", "1:6:killwrite")):
+        (root / name).mkdir()
+        job = Job("train", 2, root / name, str(run_dir), event, worker=WORKER)
+        jobs[name] = (job, job.wait(timeout=120))
+        jobs[f"{name}-listed"] = [i.step for i in CheckpointStore(run_dir / "checkpoints").list()]
+    jobs["resumed"] = train(root / "resumed", run_dir)
+    return jobs
+
+
+def test_a_background_save_that_failed_on_one_rank_fails_on_every_rank(
+    broken_saves: dict[str, Any],
+) -> None:
+    job, codes = broken_saves["failed"]
+    assert codes == [1, 1], job.output(0)
+    results = [job.result(rank) for rank in range(2)]
+    assert [r["error"] for r in results] == ["SaveFailed", "SaveFailed"]
+    assert results[0]["step"] == results[1]["step"]  # raised at the same boundary
+    assert "rank 1 could not write" in results[0]["message"]
+    assert "No space left on device" in results[1]["message"]
+    assert broken_saves["failed-listed"] == [3]  # never committed; step 3 stands
+
+
+def test_a_rank_killed_mid_save_leaves_the_last_checkpoint_and_is_named(
+    broken_saves: dict[str, Any],
+) -> None:
+    job, codes = broken_saves["killed"]
+    assert codes == [1, -9], job.output(0)
+    result = job.result(0)
+    assert (result["error"], result["ranks"]) == ("RankUnresponsive", [1])
+    assert broken_saves["killed-listed"] == [3]
+    resumed = broken_saves["resumed"].result(0)
+    assert resumed["restored"] != resumed["weights"] and resumed["step"] == 8
+    assert not [
+        p.name
+        for p in (broken_saves["run"] / "checkpoints").iterdir()
+        if p.name.startswith(".tmp-")
+    ]
+
+
 def test_a_killed_rank_is_named_instead_of_hanging(tmp_path: Path) -> None:
     # killed after its step 3's gradients were exchanged: rank 0 meets the dead
     # peer in the next step's all_reduce, and the flag rank 1 never sent names it

@@ -11,9 +11,10 @@ them receive the same ``Agreement``:
 returns a ``PendingAgreement``: a loop that waits for it at the next step
 boundary pays nothing for the exchange, which ran during the step, and acts
 on each decision one step late, on every rank at the same step.
-``any_async`` is the cheapest exchange of all, one flag per rank ("I have
-something to decide"), started at one boundary and read at the next: a
-``Run`` agrees in full only at the boundaries where some rank raised it.
+``any_async`` is the cheapest exchange of all, a few flags per rank ("I have
+something to decide", "my background save is still being written"), started
+at one boundary and read at the next: a ``Run`` agrees in full only at the
+boundaries after one where some rank raised a flag.
 
 ``LocalCoordinator`` is the one-process case, where agreeing is the
 identity. ``TorchCoordinator`` (``killsafe.distributed.torch``) agrees over
@@ -148,8 +149,11 @@ class Coordinator(Protocol):
         """Start ``agree``; the decision is ``wait()`` on the result."""
         ...
 
-    def any_async(self, raised: bool) -> Pending[bool]:
-        """Start asking whether any rank ``raised`` its flag; ``wait()`` says."""
+    def any_async(self, flags: tuple[bool, ...]) -> Pending[tuple[bool, ...]]:
+        """Start asking which of ``flags`` any rank raised; ``wait()`` says, flag by flag.
+
+        Every rank passes as many flags.
+        """
         ...
 
     def barrier(self, what: str) -> None:
@@ -181,8 +185,8 @@ class LocalCoordinator:
         pending.wait()
         return pending
 
-    def any_async(self, raised: bool) -> Pending[bool]:
-        return Pending.settled(raised)
+    def any_async(self, flags: tuple[bool, ...]) -> Pending[tuple[bool, ...]]:
+        return Pending.settled(flags)
 
     def barrier(self, what: str) -> None:
         return None

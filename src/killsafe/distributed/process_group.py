@@ -11,7 +11,7 @@ Agreeing costs one ``all_reduce`` of two integers: the lowest rank that
 wants to stop with the length of its reason, and the length of rank 0's
 save request. Only when one is set do the strings follow, in a broadcast
 from the rank that has them. Cheaper still, ``any_async`` starts an
-``all_reduce(MAX)`` of one integer and returns: it runs on gloo's threads
+``all_reduce(MAX)`` of a few integers and returns: it runs on gloo's threads
 during the next step and is read at the next boundary.
 """
 
@@ -77,7 +77,6 @@ class TorchCoordinator:
         self._calls = 0
         self._failure: RankUnresponsive | None = None
         self._pending: Pending[Any] | None = None
-        self._flag = torch.zeros(1, dtype=torch.int64)  # any_async's; one exchange at a time
         self._hosts = ["unknown host"] * self._world_size
         here = {"host": socket.gethostname(), "pid": os.getpid()}
         self._hosts = [f"{h['host']} pid {h['pid']}" for h in self.gather(here)]
@@ -133,26 +132,24 @@ class TorchCoordinator:
         self._pending = pending
         return pending
 
-    def any_async(self, raised: bool) -> Pending[bool]:
-        """Start asking whether any rank raised its flag; ``wait()`` on the result says.
+    def any_async(self, flags: tuple[bool, ...]) -> Pending[tuple[bool, ...]]:
+        """Start asking which of ``flags`` any rank raised; ``wait()`` on the result says.
 
-        One ``all_reduce(MAX)`` of one integer, started here and left to
+        One ``all_reduce(MAX)`` of a few integers, started here and left to
         gloo's threads: waited at the next step boundary, it usually costs
         only its start.
         """
-        flag = self._flag
+        packed = torch.tensor(flags, dtype=torch.int64)
+        work = self._collective(
+            "the step boundary's flags",
+            lambda: dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=self._group, async_op=True),
+        )
+        pending: Pending[tuple[bool, ...]]
 
-        def start() -> Any:
-            flag.fill_(1 if raised else 0)
-            return dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
-
-        work = self._collective("the step boundary's flags", start)
-        pending: Pending[bool]
-
-        def finish() -> bool:
+        def finish() -> tuple[bool, ...]:
             if self._pending is pending:
                 self._pending = None
-            return self._collective("the step boundary's flags", lambda: _raised(work, flag))
+            return self._collective("the step boundary's flags", lambda: _raised(work, packed))
 
         pending = Pending(finish)
         self._pending = pending
@@ -307,9 +304,9 @@ class TorchCoordinator:
             return others
 
 
-def _raised(work: Any, flag: torch.Tensor) -> bool:
+def _raised(work: Any, packed: torch.Tensor) -> tuple[bool, ...]:
     work.wait()
-    return bool(flag.item())
+    return tuple(bool(v) for v in packed.tolist())
 
 
 def _default_store() -> Any:

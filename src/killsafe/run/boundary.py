@@ -147,8 +147,9 @@ class StepBoundary:
         self._any_async = coordinator.any_async
         self._together = coordinator.world_size > 1
         self._leader = coordinator.rank == 0
-        self._flags: Pending[bool] | None = None  # raised at the last boundary, read at this
+        self._flags: Pending[tuple[bool, ...]] | None = None  # sent at the last boundary
         self._kept: Decision | None = None  # rank 0's save, raised, for the next agreement
+        self._writing: object | None = None  # the background save the flags asked about
         self._started_clock = started_clock
         self.loop_clock = 0.0  # when steps() started the loop
         self._announced = False
@@ -225,7 +226,9 @@ class StepBoundary:
         raised_before = False
         if self._flags is not None:
             flags, self._flags = self._flags, None
-            raised_before = flags.wait()
+            raised_before, still_writing = flags.wait()
+            if not still_writing:
+                self._collect_written()
         if raised_before or self._scheduled(exiting, epoch_end):
             kept, self._kept = self._kept, None
             if kept is not None and not decision.save:
@@ -236,8 +239,20 @@ class StepBoundary:
         saving = self._leader and decision.save  # only rank 0's saves count
         if saving and self._kept is None:
             self._kept = decision
-        self._flags = self._any_async(decision.stop or saving)
+        self._writing = self._ledger.pending
+        written_here = getattr(self._writing, "written_here", None)  # a JobSave (run/group.py)
+        writing = written_here is not None and not written_here()
+        self._flags = self._any_async((decision.stop or saving, writing))
         return decision, CONTINUE
+
+    def _collect_written(self) -> None:
+        """No rank was still writing the background save flagged last: every rank
+        collects it here, at the same boundary (its failure is raised here)."""
+        writing, self._writing = self._writing, None
+        agree_written = getattr(writing, "agree_written", None)  # a JobSave's
+        if agree_written is not None and writing is self._ledger.pending:
+            agree_written()
+            self._ledger.collect()
 
     def _scheduled(self, exiting: bool, epoch_end: bool) -> bool:
         """Whether every rank knows, from the loop position alone, that something is due."""

@@ -626,6 +626,14 @@ class Run:
             opened.boundary.settle_flags()
         except RankUnresponsive as lost:
             return lost
+        saving = opened.ledger.pending  # a rank lost mid-save fails the save's collectives
+        if saving is not None:
+            try:
+                saving.wait()
+            except RankUnresponsive as lost:
+                return lost
+            except Exception:  # the ledger reports it as the run closes
+                return None
         return None
 
     def _services(self, group: Any) -> Services:
