@@ -6,6 +6,9 @@
 ``STEP``; ``failwrite`` and ``killwrite`` make the rank's file of the
 checkpoint of step ``STEP`` fail to write, or the rank SIGKILL itself just
 before writing it (its tree is staged, the other ranks are writing).
+Scenario ``epochs`` (``epochs-alone`` on 1 process without a process group)
+trains 2 epochs with ``run.batches()`` over a DataLoader with a shuffling
+``DistributedSampler`` instead, keeping the (epoch, sample) pairs it saw.
 ``WORLD`` 1 with scenario ``alone`` runs without a process group. Each rank
 writes what it saw to ``DIR/rank-N.json`` and exits with ``run.exit_code``
 (1 with the error's name when the run raised).
@@ -83,10 +86,37 @@ def train(rank: int, run_dir: Path, events: dict[tuple[int, int], str]) -> dict[
     return result
 
 
+def train_epochs(
+    rank: int, world: int, run_dir: Path, events: dict[tuple[int, int], str]
+) -> dict[str, Any]:
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    torch.manual_seed(0)
+    model: torch.nn.Module = torch.nn.Linear(1, 1)
+    if dist.is_initialized():
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    dataset = TensorDataset(torch.arange(24))
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=7)
+    loader = DataLoader(dataset, batch_size=2, sampler=sampler)
+    with Run(run_dir, collective_timeout=8) as run:
+        run.track(model=model, optimizer=optimizer, seen=[])
+        for epoch in run.epochs(2):
+            for (batch,) in run.batches(loader):
+                loss = model(batch.float().unsqueeze(1)).pow(2).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                run.state["seen"].extend([epoch, int(i)] for i in batch)
+                if events.get((rank, run.step)) == "term":
+                    os.kill(os.getpid(), signal.SIGTERM)
+    return {"step": run.step, "exit_code": run.exit_code, "seen": run.state["seen"]}
+
+
 def main() -> None:
     name, rank, world, port, workdir, run_dir, *args = sys.argv[1:]
     rank_, world_ = int(rank), int(world)
-    if name != "alone":
+    if not name.endswith("alone"):
         store = dist.TCPStore("127.0.0.1", int(port), None, False, timeout=timedelta(seconds=60))
         dist.init_process_group("gloo", store=store, rank=rank_, world_size=world_)
     events = {}
@@ -98,7 +128,10 @@ def main() -> None:
             break_write(step, what)
     code = 1
     try:
-        result = train(rank_, Path(run_dir), events)
+        if name.startswith("epochs"):
+            result = train_epochs(rank_, world_, Path(run_dir), events)
+        else:
+            result = train(rank_, Path(run_dir), events)
         code = result["exit_code"]
     except KillsafeError as exc:
         result = {"error": type(exc).__name__, "message": str(exc), **seen_step}

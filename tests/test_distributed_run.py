@@ -177,6 +177,23 @@ def test_a_rank_killed_mid_save_leaves_the_last_checkpoint_and_is_named(
     ]
 
 
+def test_two_ranks_stopped_mid_epoch_resume_the_epoch_on_one_without_repeats(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    stopped = run_job(
+        "epochs", 2, tmp_path / "two", str(run_dir), "1:2:term", expect=STOPPED, worker=WORKER
+    )
+    before = [stopped.result(rank)["seen"] for rank in range(2)]
+    assert stopped.result(0)["step"] == 4  # 4 batches of 2 on each rank: 16 of 24 used
+    alone = run_job("epochs-alone", 1, tmp_path / "one", str(run_dir), worker=WORKER)
+    after = alone.result(0)["seen"][len(before[0]) :]
+    epoch_0 = [i for seen in (*before, after) for e, i in seen if e == 0]
+    assert sorted(epoch_0) == list(range(24))  # each sample once, none skipped
+    assert sorted(i for e, i in after if e == 1) == list(range(24))
+    assert "16 sample(s) were used, the 8 left are dealt over" in alone.output(0)
+
+
 def test_a_killed_rank_is_named_instead_of_hanging(tmp_path: Path) -> None:
     # killed after its step 3's gradients were exchanged: rank 0 meets the dead
     # peer in the next step's all_reduce, and the flag rank 1 never sent names it

@@ -175,6 +175,8 @@ def read_shared(directory: str | os.PathLike[str], names: list[str]) -> dict[str
         return {}
     state = load_full(directory, keys=set(names))
     for value in state.values():
+        if isinstance(value, dict) and "param_groups" in value:
+            value.setdefault("state", {})  # an optimizer with no state (plain SGD): none saved
         if isinstance(value, dict) and isinstance(value.get("state"), dict):
             # an optimizer's: DCP's flattening wrote its parameter ids as text
             value["state"] = {_int_or_text(k): v for k, v in value["state"].items()}
