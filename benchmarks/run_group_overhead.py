@@ -54,12 +54,12 @@ def rank_main(rank: int, port: int, steps: int, directory: str, wait: float) -> 
         step()
         coordinator.agree(idle)
 
-    flags = [coordinator.any_async(False)]
+    flags = [coordinator.any_async((False, False))]
 
     def flagged_step() -> None:
         step()
         flags[0].wait()
-        flags[0] = coordinator.any_async(False)
+        flags[0] = coordinator.any_async((False, False))
 
     for _ in range(100):
         step()
