@@ -1,10 +1,15 @@
 """The cost of a ``Run`` in a 2-process gloo job per step, against the same steps bare.
 
-Each rank times a tiny DDP model's training steps without killsafe, then the
-same steps inside ``Run`` (whose step boundary agrees with the other rank
-every step; no saves), and prints the per-step times and their ratio.
+Each rank times a tiny DDP model's training steps without killsafe; the same
+steps each followed by a full, synchronous ``TorchCoordinator.agree`` (what
+a ``Run``'s boundary used to cost); and the same steps inside ``Run``, whose
+boundary only starts a one-flag ``all_reduce`` read at the next boundary (no
+saves). It prints the per-step times and their ratio to the bare step.
 
-    python benchmarks/run_group_overhead.py [--steps 2000]
+    python benchmarks/run_group_overhead.py [--steps 2000] [--step-ms 20]
+
+``--step-ms`` adds that much waiting to each step, as a step whose work is
+on an accelerator leaves the CPU waiting.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 
-def rank_main(rank: int, port: int, steps: int, directory: str) -> None:
+def rank_main(rank: int, port: int, steps: int, directory: str, wait: float) -> None:
     import torch
     import torch.distributed as dist
 
@@ -36,13 +42,31 @@ def rank_main(rank: int, port: int, steps: int, directory: str) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if wait:
+            time.sleep(wait)
+
+    from killsafe.distributed import TorchCoordinator, Vote
+
+    coordinator = TorchCoordinator(timeout=60)
+    idle = Vote()
+
+    def agreed_step() -> None:
+        step()
+        coordinator.agree(idle)
+
+    flags = [coordinator.any_async((False, False))]
+
+    def flagged_step() -> None:
+        step()
+        flags[0].wait()
+        flags[0] = coordinator.any_async((False, False))
 
     for _ in range(100):
         step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    bare = (time.perf_counter() - start) / steps
+    bare = timed(step, steps)
+    agreed = timed(agreed_step, steps)
+    flagged = timed(flagged_step, steps)
+    flags[0].wait()
     with Run(directory, save_on_exit=False, save_every_steps=10**9, progress=False) as run:
         run.track(model=model, optimizer=optimizer)
         start = time.perf_counter()
@@ -52,23 +76,40 @@ def rank_main(rank: int, port: int, steps: int, directory: str) -> None:
                 run.total_steps = steps  # ends at this boundary
         in_run = (time.perf_counter() - start) / steps
     if rank == 0:
+        extra = f" + {wait * 1000:g} ms waiting" if wait else ""
+        print(f"2 gloo ranks, {steps} steps of a tiny DDP model{extra}")
         print(f"{'loop':<28}{'per step':>12}{'ratio':>8}")
-        print(f"{'bare DDP step':<28}{bare * 1e6:>10.1f}us{1.0:>8.3f}")
-        print(f"{'in Run, agreed every step':<28}{in_run * 1e6:>10.1f}us{in_run / bare:>8.3f}")
-        print(f"agreement and boundary cost: {(in_run - bare) * 1e6:.1f} us per step")
+        rows = [
+            ("bare DDP step", bare),
+            ("+ agree() every step", agreed),
+            ("+ any_async() every step", flagged),
+            ("in Run (flags, async)", in_run),
+        ]
+        for label, seconds in rows:
+            print(f"{label:<28}{seconds * 1e6:>10.1f}us{seconds / bare:>8.3f}")
+        print(f"Run's boundary cost: {(in_run - bare) * 1e6:.1f} us per step")
     sys.stdout.flush()
     os._exit(0)
+
+
+def timed(call: Callable[[], None], count: int) -> float:
+    """Mean seconds of one ``call()`` over ``count`` calls."""
+    start = time.perf_counter()
+    for _ in range(count):
+        call()
+    return (time.perf_counter() - start) / count
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--step-ms", type=float, default=0.0)
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank is not None:
-        rank_main(args.rank, args.port, args.steps, args.dir)
+        rank_main(args.rank, args.port, args.steps, args.dir, args.step_ms / 1000)
         return
     import torch.distributed as dist
 
@@ -86,6 +127,8 @@ def main() -> None:
                     str(store.port),
                     "--steps",
                     str(args.steps),
+                    "--step-ms",
+                    str(args.step_ms),
                     "--dir",
                     os.path.join(directory, "run"),
                 ],

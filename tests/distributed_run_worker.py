@@ -1,10 +1,17 @@
 """One rank of a DDP training under ``Run`` (see distributed_helpers.py).
 
-``SCENARIO RANK WORLD PORT DIR RUNDIR [EVENT...]``; an event ``RANK:STEP:WHAT``
-makes ``RANK`` send itself ``SIGTERM`` (``term``) or ``SIGKILL`` (``kill``)
-during step ``STEP``. ``WORLD`` 1 with scenario ``alone`` runs without a
-process group. Each rank writes what it saw to ``DIR/rank-N.json`` and exits
-with ``run.exit_code`` (1 with the error's name when the run raised).
+``SCENARIO RANK WORLD PORT DIR RUNDIR [EVENT...]``; an event
+``RANK:STEP:WHAT`` makes ``RANK`` send itself ``SIGTERM`` (``term``) or
+``SIGKILL`` (``kill``), or call ``run.save("asked")`` (``save``), during step
+``STEP``; ``failwrite`` and ``killwrite`` make the rank's file of the
+checkpoint of step ``STEP`` fail to write, or the rank SIGKILL itself just
+before writing it (its tree is staged, the other ranks are writing).
+Scenario ``epochs`` (``epochs-alone`` on 1 process without a process group)
+trains 2 epochs with ``run.batches()`` over a DataLoader with a shuffling
+``DistributedSampler`` instead, keeping the (epoch, sample) pairs it saw.
+``WORLD`` 1 with scenario ``alone`` runs without a process group. Each rank
+writes what it saw to ``DIR/rank-N.json`` and exits with ``run.exit_code``
+(1 with the error's name when the run raised).
 """
 
 from __future__ import annotations
@@ -20,10 +27,26 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+import killsafe.distributed.writer as writer
 from killsafe import Run
 from killsafe.errors import KillsafeError, RankUnresponsive
 
 TOTAL_STEPS = 8
+seen_step: dict[str, int] = {}  # the run's step, still known when it raised
+
+
+def break_write(step: int, what: str) -> None:
+    """Make this rank's write of step ``step``'s checkpoint fail (``failwrite``) or kill it."""
+    write = writer._write_rank_file
+
+    def broken(path: Path, *args: Any) -> Any:
+        if f"step-{step:06d}" not in path.parent.name:
+            return write(path, *args)
+        if what == "killwrite":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise OSError(28, "No space left on device (test)")
+
+    writer._write_rank_file = broken  # type: ignore[assignment]
 
 
 def train(rank: int, run_dir: Path, events: dict[tuple[int, int], str]) -> dict[str, Any]:
@@ -44,8 +67,13 @@ def train(rank: int, run_dir: Path, events: dict[tuple[int, int], str]) -> dict[
             loss.backward()
             optimizer.step()
             run.state["seen"].append(round(float(x.sum()), 6))
+            seen_step["step"] = run.step + 1
             what = events.get((rank, step))
-            if what is not None:
+            if what == "save":
+                run.save("asked")
+            elif what is not None and what.endswith("write"):
+                pass  # armed before the run
+            elif what is not None:
                 os.kill(os.getpid(), signal.SIGTERM if what == "term" else signal.SIGKILL)
     result.update(
         step=run.step,
@@ -58,22 +86,55 @@ def train(rank: int, run_dir: Path, events: dict[tuple[int, int], str]) -> dict[
     return result
 
 
+def train_epochs(
+    rank: int, world: int, run_dir: Path, events: dict[tuple[int, int], str]
+) -> dict[str, Any]:
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    torch.manual_seed(0)
+    model: torch.nn.Module = torch.nn.Linear(1, 1)
+    if dist.is_initialized():
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    dataset = TensorDataset(torch.arange(24))
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=7)
+    loader = DataLoader(dataset, batch_size=2, sampler=sampler)
+    with Run(run_dir, collective_timeout=8) as run:
+        run.track(model=model, optimizer=optimizer, seen=[])
+        for epoch in run.epochs(2):
+            for (batch,) in run.batches(loader):
+                loss = model(batch.float().unsqueeze(1)).pow(2).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                run.state["seen"].extend([epoch, int(i)] for i in batch)
+                if events.get((rank, run.step)) == "term":
+                    os.kill(os.getpid(), signal.SIGTERM)
+    return {"step": run.step, "exit_code": run.exit_code, "seen": run.state["seen"]}
+
+
 def main() -> None:
     name, rank, world, port, workdir, run_dir, *args = sys.argv[1:]
     rank_, world_ = int(rank), int(world)
-    if name != "alone":
+    if not name.endswith("alone"):
         store = dist.TCPStore("127.0.0.1", int(port), None, False, timeout=timedelta(seconds=60))
         dist.init_process_group("gloo", store=store, rank=rank_, world_size=world_)
     events = {}
     for arg in args:
         who, step, what = arg.split(":")
         events[(int(who), int(step))] = what
+    for (who, step), what in events.items():
+        if who == rank_ and what in ("failwrite", "killwrite"):
+            break_write(step, what)
     code = 1
     try:
-        result = train(rank_, Path(run_dir), events)
+        if name.startswith("epochs"):
+            result = train_epochs(rank_, world_, Path(run_dir), events)
+        else:
+            result = train(rank_, Path(run_dir), events)
         code = result["exit_code"]
     except KillsafeError as exc:
-        result = {"error": type(exc).__name__, "message": str(exc)}
+        result = {"error": type(exc).__name__, "message": str(exc), **seen_step}
         if isinstance(exc, RankUnresponsive):
             result.update(ranks=list(exc.ranks), hosts=list(exc.hosts))
     Path(workdir, f"rank-{rank}.json").write_text(json.dumps(result))

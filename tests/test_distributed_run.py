@@ -1,10 +1,11 @@
 """A ``Run`` in a real 2-process DDP job on gloo: stopping together, resuming exactly.
 
 Each rank runs ``tests/distributed_run_worker.py``. One job is stopped by a
-SIGTERM to one rank and resumed; it must end bit-identical to a job never
-interrupted. The stopped job's checkpoint is also resumed by one process,
-listed, verified and consolidated. A rank that is SIGKILLed is named by the
-other, which does not hang.
+SIGTERM to one rank and resumed (the rank raises its flag at the boundary
+after the signal, step 4, and every rank stops at the next, step 5); it must
+end bit-identical to a job never interrupted. The stopped job's checkpoint is
+also resumed by one process, listed, verified and consolidated. A rank that is
+SIGKILLed is named by the other, which does not hang.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ pytestmark = [
 
 WORKER = Path(__file__).resolve().parent / "distributed_run_worker.py"
 STOPPED = 75
+STOP_STEP = 5  # SIGTERM during step 3: flagged at boundary 4, agreed at boundary 5
 
 
 def train(workdir: Path, run_dir: Path, *events: str, world: int = 2, expect: int = 0) -> Job:
@@ -44,9 +46,10 @@ def train(workdir: Path, run_dir: Path, *events: str, world: int = 2, expect: in
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """An uninterrupted job; one stopped by SIGTERM to rank 1 during step 3, then resumed."""
+    """An uninterrupted job (rank 0 alone asks for a save during step 3); one stopped by
+    SIGTERM to rank 1 during step 3, then resumed."""
     root = tmp_path_factory.mktemp("ddp")
-    whole = train(root / "whole", root / "whole-run")
+    whole = train(root / "whole", root / "whole-run", "0:3:save")
     stopped = train(root / "stopped", root / "run", "1:3:term", expect=STOPPED)
     copy = root / "copy-at-stop"
     shutil.copytree(root / "run", copy)  # as the stop left it, for the one-process resume
@@ -58,17 +61,24 @@ def test_a_sigterm_to_one_rank_stops_every_rank_at_the_same_step(jobs: dict[str,
     stopped = jobs["stopped"]
     for rank in range(2):
         result = stopped.result(rank)
-        assert (result["step"], result["exit_reason"]) == (4, "signal:SIGTERM")
+        assert (result["step"], result["exit_reason"]) == (STOP_STEP, "signal:SIGTERM")
         assert result["exit_code"] == STOPPED
     infos = CheckpointStore(jobs["copy"] / "checkpoints").list()
-    assert [(i.step, i.reason) for i in infos] == [(3, "periodic"), (4, "signal:SIGTERM")]
+    assert [(i.step, i.reason) for i in infos] == [(3, "periodic"), (STOP_STEP, "signal:SIGTERM")]
     assert all(i.sharded and i.world_size == 2 for i in infos)
+
+
+def test_a_save_asked_on_rank_0_alone_is_taken_by_every_rank_one_step_later(
+    jobs: dict[str, Any],
+) -> None:
+    infos = CheckpointStore(jobs["root"] / "whole-run" / "checkpoints").list()
+    assert (5, "asked", "request", 2) in [(i.step, i.name, i.reason, i.world_size) for i in infos]
 
 
 def test_only_rank_0_writes_the_records_and_prints(jobs: dict[str, Any]) -> None:
     stopped = jobs["stopped"]
     assert stopped.output(1) == ""
-    assert "stopped at step 4 of 8 (signal:SIGTERM)" in stopped.output(0)
+    assert f"stopped at step {STOP_STEP} of 8 (signal:SIGTERM)" in stopped.output(0)
     run_json = json.loads((jobs["copy"] / "run.json").read_text())
     assert len(run_json["sessions"]) == 1  # one run, not one per rank
     events = [json.loads(line)["kind"] for line in (jobs["copy"] / "events.jsonl").open()]
@@ -92,7 +102,7 @@ def test_two_ranks_checkpoint_resumes_on_one_process(jobs: dict[str, Any]) -> No
     job = train(jobs["root"] / "alone", run_dir, world=1)
     result = job.result(0)
     assert result["restored"] == jobs["stopped"].result(0)["weights"]
-    assert result["seen"][:4] == jobs["stopped"].result(0)["seen"]  # rank 0's own part
+    assert result["seen"][:STOP_STEP] == jobs["stopped"].result(0)["seen"]  # rank 0's own part
     assert (result["step"], result["exit_code"]) == (8, 0)
     assert "per-rank random states cannot carry over" in job.output(0)
 
@@ -101,12 +111,12 @@ def test_list_verify_inspect_and_consolidate_a_sharded_checkpoint(
     jobs: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     store_dir = jobs["copy"] / "checkpoints"
-    checkpoint = store_dir / "step-000004"
+    checkpoint = store_dir / f"step-{STOP_STEP:06d}"
     assert cli(["verify", str(store_dir)]) == 0
     assert capsys.readouterr().out.count(": ok") == 2
     assert cli(["list", "--json", str(store_dir)]) == 0
     listed = json.loads(capsys.readouterr().out)["checkpoints"]
-    assert [(c["step"], c["world_size"]) for c in listed] == [(3, 2), (4, 2)]
+    assert [(c["step"], c["world_size"]) for c in listed] == [(3, 2), (STOP_STEP, 2)]
     assert cli(["inspect", str(checkpoint)]) == 0
     shown = capsys.readouterr().out
     assert "world size 2" in shown and "rank-00001.safetensors" in shown
@@ -121,8 +131,73 @@ def test_list_verify_inspect_and_consolidate_a_sharded_checkpoint(
     assert cli(["consolidate", str(checkpoint), str(out)]) == 2  # never overwritten
 
 
+@pytest.fixture(scope="module")
+def broken_saves(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One run directory: rank 1's write of the step-6 checkpoint fails (a full disk);
+    a second job's rank 1 is SIGKILLed as it writes it; a third job resumes and ends."""
+    root = tmp_path_factory.mktemp("broken")
+    run_dir = root / "run"
+    jobs: dict[str, Any] = {"run": run_dir}
+    for name, event in (("failed", "1:6:failwrite"), ("killed", "1:6:killwrite")):
+        (root / name).mkdir()
+        job = Job("train", 2, root / name, str(run_dir), event, worker=WORKER)
+        jobs[name] = (job, job.wait(timeout=120))
+        jobs[f"{name}-listed"] = [i.step for i in CheckpointStore(run_dir / "checkpoints").list()]
+    jobs["resumed"] = train(root / "resumed", run_dir)
+    return jobs
+
+
+def test_a_background_save_that_failed_on_one_rank_fails_on_every_rank(
+    broken_saves: dict[str, Any],
+) -> None:
+    job, codes = broken_saves["failed"]
+    assert codes == [1, 1], job.output(0)
+    results = [job.result(rank) for rank in range(2)]
+    assert [r["error"] for r in results] == ["SaveFailed", "SaveFailed"]
+    assert results[0]["step"] == results[1]["step"]  # raised at the same boundary
+    assert "rank 1 could not write" in results[0]["message"]
+    assert "No space left on device" in results[1]["message"]
+    assert broken_saves["failed-listed"] == [3]  # never committed; step 3 stands
+
+
+def test_a_rank_killed_mid_save_leaves_the_last_checkpoint_and_is_named(
+    broken_saves: dict[str, Any],
+) -> None:
+    job, codes = broken_saves["killed"]
+    assert codes == [1, -9], job.output(0)
+    result = job.result(0)
+    assert (result["error"], result["ranks"]) == ("RankUnresponsive", [1])
+    assert broken_saves["killed-listed"] == [3]
+    resumed = broken_saves["resumed"].result(0)
+    assert resumed["restored"] != resumed["weights"] and resumed["step"] == 8
+    assert not [
+        p.name
+        for p in (broken_saves["run"] / "checkpoints").iterdir()
+        if p.name.startswith(".tmp-")
+    ]
+
+
+def test_two_ranks_stopped_mid_epoch_resume_the_epoch_on_one_without_repeats(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    stopped = run_job(
+        "epochs", 2, tmp_path / "two", str(run_dir), "1:2:term", expect=STOPPED, worker=WORKER
+    )
+    before = [stopped.result(rank)["seen"] for rank in range(2)]
+    assert stopped.result(0)["step"] == 4  # 4 batches of 2 on each rank: 16 of 24 used
+    alone = run_job("epochs-alone", 1, tmp_path / "one", str(run_dir), worker=WORKER)
+    after = alone.result(0)["seen"][len(before[0]) :]
+    epoch_0 = [i for seen in (*before, after) for e, i in seen if e == 0]
+    assert sorted(epoch_0) == list(range(24))  # each sample once, none skipped
+    assert sorted(i for e, i in after if e == 1) == list(range(24))
+    assert "16 sample(s) were used, the 8 left are dealt over" in alone.output(0)
+
+
 def test_a_killed_rank_is_named_instead_of_hanging(tmp_path: Path) -> None:
-    job = Job("train", 2, tmp_path, str(tmp_path / "run"), "1:2:kill", worker=WORKER)
+    # killed after its step 3's gradients were exchanged: rank 0 meets the dead
+    # peer in the next step's all_reduce, and the flag rank 1 never sent names it
+    job = Job("train", 2, tmp_path, str(tmp_path / "run"), "1:3:kill", worker=WORKER)
     codes = job.wait(timeout=90)
     assert codes[1] == -9
     assert codes[0] == 1, job.output(0)

@@ -11,6 +11,10 @@ them receive the same ``Agreement``:
 returns a ``PendingAgreement``: a loop that waits for it at the next step
 boundary pays nothing for the exchange, which ran during the step, and acts
 on each decision one step late, on every rank at the same step.
+``any_async`` is the cheapest exchange of all, a few flags per rank ("I have
+something to decide", "my background save is still being written"), started
+at one boundary and read at the next: a ``Run`` agrees in full only at the
+boundaries after one where some rank raised a flag.
 
 ``LocalCoordinator`` is the one-process case, where agreeing is the
 identity. ``TorchCoordinator`` (``killsafe.distributed.torch``) agrees over
@@ -22,9 +26,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
-__all__ = ["Agreement", "Coordinator", "LocalCoordinator", "PendingAgreement", "Vote", "decide"]
+__all__ = [
+    "Agreement",
+    "Coordinator",
+    "LocalCoordinator",
+    "Pending",
+    "PendingAgreement",
+    "Vote",
+    "decide",
+]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -70,21 +84,21 @@ def decide(votes: list[Vote]) -> Agreement:
     )
 
 
-class PendingAgreement:
-    """An agreement being exchanged; ``wait()`` returns it (and raises what the exchange raised).
+class Pending(Generic[T]):
+    """A collective being exchanged; ``wait()`` returns its result (or raises its error).
 
-    Waiting twice returns the same agreement. A coordinator settles a pending
-    agreement itself before its next collective, so none is ever lost.
+    Waiting twice returns the same result. A coordinator settles a pending
+    exchange itself before its next collective, so none is ever lost.
     """
 
-    def __init__(self, finish: Callable[[], Agreement]) -> None:
-        self._finish: Callable[[], Agreement] | None = finish
-        self._result: Agreement = CONTINUE
+    def __init__(self, finish: Callable[[], T]) -> None:
+        self._finish: Callable[[], T] | None = finish
+        self._result: T | None = None
         self._error: BaseException | None = None
 
     @classmethod
-    def settled(cls, agreement: Agreement) -> PendingAgreement:
-        pending = cls(lambda: agreement)
+    def settled(cls, result: T) -> Pending[T]:
+        pending = cls(lambda: result)
         pending.wait()
         return pending
 
@@ -92,7 +106,7 @@ class PendingAgreement:
         """Whether ``wait()`` returns at once."""
         return self._finish is None
 
-    def wait(self) -> Agreement:
+    def wait(self) -> T:
         if self._finish is not None:
             finish, self._finish = self._finish, None
             try:
@@ -101,7 +115,11 @@ class PendingAgreement:
                 self._error = exc
         if self._error is not None:
             raise self._error
-        return self._result
+        return self._result  # type: ignore[return-value]  # set by finish() above
+
+
+class PendingAgreement(Pending[Agreement]):
+    """An agreement being exchanged (``Coordinator.agree_async``)."""
 
 
 @runtime_checkable
@@ -131,6 +149,13 @@ class Coordinator(Protocol):
         """Start ``agree``; the decision is ``wait()`` on the result."""
         ...
 
+    def any_async(self, flags: tuple[bool, ...]) -> Pending[tuple[bool, ...]]:
+        """Start asking which of ``flags`` any rank raised; ``wait()`` says, flag by flag.
+
+        Every rank passes as many flags.
+        """
+        ...
+
     def barrier(self, what: str) -> None:
         """Wait until every rank got here; ``what`` names the place in errors."""
         ...
@@ -156,7 +181,12 @@ class LocalCoordinator:
         return decide([vote])
 
     def agree_async(self, vote: Vote) -> PendingAgreement:
-        return PendingAgreement.settled(self.agree(vote))
+        pending = PendingAgreement(lambda: self.agree(vote))
+        pending.wait()
+        return pending
+
+    def any_async(self, flags: tuple[bool, ...]) -> Pending[tuple[bool, ...]]:
+        return Pending.settled(flags)
 
     def barrier(self, what: str) -> None:
         return None

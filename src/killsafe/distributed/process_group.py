@@ -7,10 +7,12 @@ collectives. The group has a timeout: a rank that died or hangs makes the
 call raise ``RankUnresponsive`` on every rank that is still there, naming
 the missing ranks and their hosts, instead of hanging the job.
 
-Agreeing every step costs one ``all_reduce`` of two integers: the lowest
-rank that wants to stop with the length of its reason, and the length of
-rank 0's save request. Only when one is set do the strings follow, in a
-broadcast from the rank that has them.
+Agreeing costs one ``all_reduce`` of two integers: the lowest rank that
+wants to stop with the length of its reason, and the length of rank 0's
+save request. Only when one is set do the strings follow, in a broadcast
+from the rank that has them. Cheaper still, ``any_async`` starts an
+``all_reduce(MAX)`` of a few integers and returns: it runs on gloo's threads
+during the next step and is read at the next boundary.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from killsafe.distributed.coordinator import CONTINUE, Agreement, PendingAgreement, Vote
+from killsafe.distributed.coordinator import CONTINUE, Agreement, Pending, PendingAgreement, Vote
 from killsafe.errors import ConfigError, RankUnresponsive
 
 __all__ = ["TorchCoordinator"]
@@ -74,7 +76,7 @@ class TorchCoordinator:
         self._prefix = f"killsafe/{dist.get_backend(self._group)}-{_group_name(self._group)}/"
         self._calls = 0
         self._failure: RankUnresponsive | None = None
-        self._pending: PendingAgreement | None = None
+        self._pending: Pending[Any] | None = None
         self._hosts = ["unknown host"] * self._world_size
         here = {"host": socket.gethostname(), "pid": os.getpid()}
         self._hosts = [f"{h['host']} pid {h['pid']}" for h in self.gather(here)]
@@ -127,6 +129,29 @@ class TorchCoordinator:
             )
 
         pending = PendingAgreement(finish)
+        self._pending = pending
+        return pending
+
+    def any_async(self, flags: tuple[bool, ...]) -> Pending[tuple[bool, ...]]:
+        """Start asking which of ``flags`` any rank raised; ``wait()`` on the result says.
+
+        One ``all_reduce(MAX)`` of a few integers, started here and left to
+        gloo's threads: waited at the next step boundary, it usually costs
+        only its start.
+        """
+        packed = torch.tensor(flags, dtype=torch.int64)
+        work = self._collective(
+            "the step boundary's flags",
+            lambda: dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=self._group, async_op=True),
+        )
+        pending: Pending[tuple[bool, ...]]
+
+        def finish() -> tuple[bool, ...]:
+            if self._pending is pending:
+                self._pending = None
+            return self._collective("the step boundary's flags", lambda: _raised(work, packed))
+
+        pending = Pending(finish)
         self._pending = pending
         return pending
 
@@ -277,6 +302,11 @@ class TorchCoordinator:
                 time.sleep(_ROLL_CALL_POLL)
         except RuntimeError:  # the store went with the process that served it
             return others
+
+
+def _raised(work: Any, packed: torch.Tensor) -> tuple[bool, ...]:
+    work.wait()
+    return tuple(bool(v) for v in packed.tolist())
 
 
 def _default_store() -> Any:

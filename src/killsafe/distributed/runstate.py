@@ -28,13 +28,16 @@ from killsafe.errors import CheckpointExists, CheckpointNotFound, CorruptCheckpo
 
 __all__ = [
     "KINDS_KEY",
+    "StagedTree",
     "consolidate",
     "is_shared",
     "rank_key",
     "read_rank_part",
     "read_shared",
     "save_run_tree",
+    "save_staged",
     "shared_kinds",
+    "stage_run_tree",
     "unwrap",
 ]
 
@@ -92,22 +95,77 @@ def save_run_tree(
     metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Save a run's tree as one sharded checkpoint; collective (see ``save_sharded``)."""
+    return save_staged(
+        stage_run_tree(tree, coordinator.rank, copy=False),
+        directory,
+        coordinator,
+        step=step,
+        name=name,
+        reason=reason,
+        metrics=metrics,
+        metadata=metadata,
+    )
+
+
+class StagedTree:
+    """A run's tree made ready for ``save_staged``: the state DCP saves and the kinds."""
+
+    def __init__(self, state: dict[str, Any], kinds: dict[str, str]) -> None:
+        self.state = state
+        self.kinds = kinds
+
+
+def stage_run_tree(tree: dict[str, Any], rank: int, *, copy: bool = True) -> StagedTree:
+    """``tree`` as ``rank`` saves it: the shared objects' state dicts and its own part.
+
+    With ``copy`` every tensor is copied, so the training may go on while
+    the copy is written (the only part of a background save that blocks).
+    """
     from killsafe.state import capture
 
     kinds = shared_kinds(tree)
     state: dict[str, Any] = {name: unwrap(tree[name]).state_dict() for name in kinds}
+    if copy:
+        state = _copied(state)
     private = capture({key: value for key, value in tree.items() if key not in kinds})
-    key = rank_key(coordinator.rank)
+    key = rank_key(rank)
     state[key] = encode_value(private, key)
+    return StagedTree(state, kinds)
+
+
+def _copied(value: Any) -> Any:
+    """``value`` with each tensor in it replaced by a detached copy (DTensors stay DTensors)."""
+    torch = sys.modules["torch"]
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {key: _copied(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copied(item) for item in value]
+    return value
+
+
+def save_staged(
+    staged: StagedTree,
+    directory: str | os.PathLike[str],
+    coordinator: Any,
+    *,
+    step: int,
+    name: str | None = None,
+    reason: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write a staged tree as one sharded checkpoint; collective on ``coordinator``."""
     return save_sharded(
-        state,
+        staged.state,
         directory,
         coordinator=coordinator,
         step=step,
         name=name,
         reason=reason,
         metrics=metrics,
-        metadata={**(metadata or {}), KINDS_KEY: kinds},
+        metadata={**(metadata or {}), KINDS_KEY: staged.kinds},
     )
 
 
@@ -117,6 +175,8 @@ def read_shared(directory: str | os.PathLike[str], names: list[str]) -> dict[str
         return {}
     state = load_full(directory, keys=set(names))
     for value in state.values():
+        if isinstance(value, dict) and "param_groups" in value:
+            value.setdefault("state", {})  # an optimizer with no state (plain SGD): none saved
         if isinstance(value, dict) and isinstance(value.get("state"), dict):
             # an optimizer's: DCP's flattening wrote its parameter ids as text
             value["state"] = {_int_or_text(k): v for k, v in value["state"].items()}

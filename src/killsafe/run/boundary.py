@@ -15,6 +15,22 @@ After the body of a step returns, the boundary
 
 It runs after every step, so the common case (nothing to do) costs a few
 attribute reads and no allocation beyond the policies' ``Boundary``.
+
+In a job of many processes a full agreement at every boundary would cost a
+round trip between the ranks per step. The ranks agree in full only where
+they must (see ``StepBoundary._agree_in_job``):
+
+- at a *scheduled* boundary, one every rank recognises alone from the loop
+  position: the loop ends here, or the save policy asks for a save when
+  shown the position only (no clocks, no metrics, no requests): a step or
+  epoch count. These act at their own step;
+- at the boundary after one where some rank raised its flag: a stop asked
+  on that rank (a signal, ``run.stop``, a stop policy, on rank 0 a request
+  or the time limit), or on rank 0 a save its clock, metrics or a request
+  asked for. The flags travel in one asynchronous ``all_reduce`` started at
+  a boundary and read at the next, during the step between. So such a stop
+  or save happens one step after it was asked, on every rank at the same
+  step; rank 0 keeps the save it asked for until then.
 """
 
 from __future__ import annotations
@@ -23,7 +39,7 @@ import logging
 import time
 from typing import NamedTuple
 
-from killsafe.distributed.coordinator import Agreement, Coordinator, Vote
+from killsafe.distributed.coordinator import CONTINUE, Agreement, Coordinator, Pending, Vote
 from killsafe.policy import AnyOf, Boundary, StopPolicy
 from killsafe.progress import Progress
 from killsafe.run.best import BestTracker
@@ -128,7 +144,12 @@ class StepBoundary:
         self._progress = progress
         self._events = events
         self._agree = coordinator.agree
+        self._any_async = coordinator.any_async
         self._together = coordinator.world_size > 1
+        self._leader = coordinator.rank == 0
+        self._flags: Pending[tuple[bool, ...]] | None = None  # sent at the last boundary
+        self._kept: Decision | None = None  # rank 0's save, raised, for the next agreement
+        self._writing: object | None = None  # the background save the flags asked about
         self._started_clock = started_clock
         self.loop_clock = 0.0  # when steps() started the loop
         self._announced = False
@@ -147,14 +168,28 @@ class StepBoundary:
         if now >= inbox.next_poll:
             inbox.poll_at(now, step)
         decision = self.decide(now, exiting, epoch_end)
-        agreement = self._agree(_IDLE_VOTE if decision is NOTHING else vote_for(decision))
-        if self._together and agreement.stop is not None and agreement.save is None:
-            decision, agreement = self._agree_exit(now, agreement.stop, epoch_end)
+        if self._together:
+            decision, agreement = self._agree_in_job(decision, exiting, epoch_end)
+            if agreement.stop is not None and agreement.save is None:
+                decision, agreement = self._agree_exit(now, agreement.stop, epoch_end)
+        else:
+            agreement = self._agree(_IDLE_VOTE if decision is NOTHING else vote_for(decision))
         if agreement.stop is None and agreement.save is None:
             if now >= self._session.next_status:
                 self._session.write_status_at(now, "running")
             return
         self._act(now, settle(decision, agreement))
+
+    def settle_flags(self) -> None:
+        """Wait for the flags still travelling, as a job's loop fails between boundaries.
+
+        A rank that died during the step never sent its flag: here that
+        shows as ``RankUnresponsive`` naming it, where the training's own
+        collective only said that a connection broke.
+        """
+        flags, self._flags = self._flags, None
+        if flags is not None:
+            flags.wait()
 
     def decide(self, now: float, exiting: bool, epoch_end: bool = False) -> Decision:
         """Ask the stop and save policies; changes nothing but the policies' own counters."""
@@ -179,6 +214,58 @@ class StepBoundary:
         if boundary.exiting and not boundary.requested and step == position.session_start:
             save_reason = None  # no step ran in this session: nothing new to keep
         return self._decision(boundary.exiting, finished, stop_reason, save_reason)
+
+    def _agree_in_job(
+        self, decision: Decision, exiting: bool, epoch_end: bool
+    ) -> tuple[Decision, Agreement]:
+        """This boundary's agreement in a job: in full when scheduled or flagged, else none.
+
+        Every rank takes the same branch: the flags are the same everywhere,
+        and a scheduled boundary depends on the loop position alone.
+        """
+        raised_before = False
+        if self._flags is not None:
+            flags, self._flags = self._flags, None
+            raised_before, still_writing = flags.wait()
+            if not still_writing:
+                self._collect_written()
+        if raised_before or self._scheduled(exiting, epoch_end):
+            kept, self._kept = self._kept, None
+            if kept is not None and not decision.save:
+                decision = decision._replace(
+                    save=True, save_reason=kept.save_reason, name=kept.name, note=kept.note
+                )
+            return decision, self._agree(vote_for(decision))
+        saving = self._leader and decision.save  # only rank 0's saves count
+        if saving and self._kept is None:
+            self._kept = decision
+        self._writing = self._ledger.pending
+        written_here = getattr(self._writing, "written_here", None)  # a JobSave (run/group.py)
+        writing = written_here is not None and not written_here()
+        self._flags = self._any_async((decision.stop or saving, writing))
+        return decision, CONTINUE
+
+    def _collect_written(self) -> None:
+        """No rank was still writing the background save flagged last: every rank
+        collects it here, at the same boundary (its failure is raised here)."""
+        writing, self._writing = self._writing, None
+        agree_written = getattr(writing, "agree_written", None)  # a JobSave's
+        if agree_written is not None and writing is self._ledger.pending:
+            agree_written()
+            self._ledger.collect()
+
+    def _scheduled(self, exiting: bool, epoch_end: bool) -> bool:
+        """Whether every rank knows, from the loop position alone, that something is due."""
+        position = self._position
+        if exiting or position.reached_end:
+            return True
+        shown = Boundary(
+            position.step,
+            last_save_step=self._ledger.last_save_step,
+            epoch=position.epoch,
+            epoch_end=epoch_end,
+        )
+        return bool(self._save_policy.should_save(shown))
 
     def _agree_exit(self, now: float, reason: str, epoch_end: bool) -> tuple[Decision, Agreement]:
         """Another rank stops the run, and rank 0 had no save due: decide again, as a

@@ -13,6 +13,9 @@ what to save so that the position can be found again:
   on samplers that have it). What it saves is the random state the epoch
   started from; a resume mid-epoch replays the epoch's *index* order from
   it and skips the indices already used, so no skipped sample is loaded.
+  With a ``DistributedSampler`` it also keeps the number of ranks: resumed
+  by another number, the epoch's samples not used yet by any rank are
+  dealt out again over the new ranks (see ``LoaderSource``).
 - ``SequenceSource``: a list, tuple or range of batches, skipped by index.
 
 torch is never imported here unless a DataLoader was handed in (torch is
@@ -23,13 +26,16 @@ from __future__ import annotations
 
 import collections
 import itertools
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from killsafe.errors import StateMismatch, UnsupportedState
 from killsafe.state import Stateful
 
 __all__ = ["DataSource", "LoaderSource", "SequenceSource", "StatefulSource", "source_for"]
+
+logger = logging.getLogger("killsafe")
 
 WHAT_WORKS = (
     "run.batches() takes a torch DataLoader (map-style dataset, any sampler), torchdata's "
@@ -140,6 +146,17 @@ class LoaderSource:
     indices of the batches already done, and loads only the rest; the
     global RNG and the tracked state are left as restored. The loader's own
     generator ends where the interrupted epoch had left it.
+
+    With a ``DistributedSampler`` the state also holds ``replicas``, the
+    number of ranks. Rank ``r`` of ``n`` takes positions ``r, r + n, ...``
+    of the epoch's order, so after ``k`` samples per rank the ranks together
+    used exactly its first ``k * n``. Resumed by another number of ranks,
+    the rest of the order (what no rank used) is dealt out over the new
+    ranks the same way, padded or cut to an even split as the sampler's
+    ``drop_last`` says; the state then also holds ``offset`` (the order's
+    positions used before this deal) and ``at_batch`` (the batch it starts
+    at), so a later resume, on any number of ranks, finds the rest again.
+    This needs a plain ``BatchSampler`` (a ``batch_size`` on the loader).
     """
 
     def __init__(self, loader: Any) -> None:
@@ -160,6 +177,7 @@ class LoaderSource:
         for sampler in self._samplers():
             if hasattr(sampler, "set_epoch"):  # DistributedSampler's reshuffle
                 sampler.set_epoch(epoch)
+        spread = self._distributed()
         if skip == 0 or saved is None:
             if saved is not None:  # an epoch's start: the generators as the last epoch left them
                 self._set_generators(saved)
@@ -167,9 +185,13 @@ class LoaderSource:
                 "rng": torch.get_rng_state(),
                 "generators": [g.get_state() for g in self._generators()],
             }
+            if spread is not None:
+                self._start["replicas"] = spread.num_replicas
             return iter(self._loader)
         self._start = dict(saved)
-        return self._resume(skip, saved)
+        if spread is not None and _dealt_anew(saved, spread):
+            return self._resume(skip, saved, lambda: self._dealt_indices(epoch, skip, spread))
+        return self._resume(skip, saved, lambda: self._indices_after(skip))
 
     def state(self) -> Any:
         if self._start is None:  # between epochs: where the own generators stand
@@ -196,7 +218,9 @@ class LoaderSource:
 
     # -- resuming mid-epoch ---------------------------------------------------
 
-    def _resume(self, skip: int, saved: Mapping[str, Any]) -> Iterator[Any]:
+    def _resume(
+        self, skip: int, saved: Mapping[str, Any], indices: Callable[[], Iterator[Any]]
+    ) -> Iterator[Any]:
         import torch
         from torch.utils.data import DataLoader
 
@@ -210,7 +234,7 @@ class LoaderSource:
             base = torch.Generator()
             base.set_state(_state_before_base_seed(loader, generators, states, saved["rng"]))
             torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
-            rest = self._indices_after(skip)
+            rest = indices()
         options = {
             "num_workers": loader.num_workers,
             "collate_fn": loader.collate_fn,
@@ -247,6 +271,53 @@ class LoaderSource:
         _consume(items, skip)
         return items
 
+    def _dealt_indices(self, epoch: int, skip: int, spread: Any) -> Iterator[Any]:
+        """This rank's index batches of what the epoch's order has left, dealt anew."""
+        from torch.utils.data import BatchSampler
+        from torch.utils.data.distributed import DistributedSampler
+
+        batch_sampler = self._loader.batch_sampler
+        if type(batch_sampler) is not BatchSampler or id(batch_sampler.sampler) != id(spread):
+            raise StateMismatch(
+                "the data position was saved by another number of ranks and only a "
+                "DataLoader with batch_size= over a DistributedSampler is dealt anew; "
+                "resume on the same number of ranks"
+            )
+        start = self._start or {}
+        size = batch_sampler.batch_size
+        used = int(start.get("offset", 0))
+        used += (skip - int(start.get("at_batch", 0))) * size * int(start["replicas"])
+        whole: Any = DistributedSampler(
+            spread.dataset, num_replicas=1, rank=0, shuffle=spread.shuffle, seed=spread.seed
+        )
+        whole.set_epoch(epoch)
+        order = list(whole)
+        rest = order[used:]
+        ranks = spread.num_replicas
+        if spread.drop_last:
+            rest = rest[: len(rest) - len(rest) % ranks]
+        elif rest:
+            rest += (rest * ranks)[: -len(rest) % ranks]
+        if spread.rank == 0:
+            logger.warning(
+                "epoch %d resumed on %d rank(s), saved on %s: %d sample(s) were used, "
+                "the %d left are dealt over the new rank(s)",
+                epoch,
+                ranks,
+                start["replicas"],
+                used,
+                max(0, len(order) - used),
+            )
+        self._start = {**start, "replicas": ranks, "offset": used, "at_batch": skip}
+        mine = iter(rest[spread.rank :: ranks])
+        return iter(BatchSampler(_Once(mine), size, batch_sampler.drop_last))
+
+    def _distributed(self) -> Any | None:
+        """The loader's ``DistributedSampler``, if it has one."""
+        from torch.utils.data.distributed import DistributedSampler
+
+        return next((s for s in self._samplers() if isinstance(s, DistributedSampler)), None)
+
     def _samplers(self) -> list[Any]:
         loader = self._loader
         found = [loader.sampler, loader.batch_sampler]
@@ -259,6 +330,14 @@ class LoaderSource:
 
         found = [self._loader.generator] + [getattr(s, "generator", None) for s in self._samplers()]
         return _unique(g for g in found if isinstance(g, torch.Generator))
+
+
+def _dealt_anew(saved: Mapping[str, Any], spread: Any) -> bool:
+    """Whether the epoch's rest must be dealt over the ranks again (not replayed)."""
+    replicas = saved.get("replicas")
+    if replicas is None:  # saved before ranks were kept: replayed as before
+        return False
+    return int(replicas) != spread.num_replicas or "offset" in saved
 
 
 def _state_before_base_seed(loader: Any, generators: list[Any], states: list[Any], rng: Any) -> Any:

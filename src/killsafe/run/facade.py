@@ -50,7 +50,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from killsafe.distributed.coordinator import LocalCoordinator
-from killsafe.errors import ConfigError
+from killsafe.errors import ConfigError, KillsafeError, RankUnresponsive
 from killsafe.policy import SavePolicy, StopPolicy, describe_save_policy
 from killsafe.run.best import BestTracker
 from killsafe.run.callbacks import Callbacks
@@ -335,14 +335,17 @@ class Run:
         stopped = isinstance(exc, EpochStopped) and self._parts.ending.decided()
         if stopped:
             exc = None
+        lost = self._lost_rank(opened, exc)
         try:
             if exc is None:
                 opened.closer.exit_normally(opened.boundary)
             else:
-                opened.closer.exit_on_exception(exc)
+                opened.closer.exit_on_exception(lost or exc)
         finally:
-            opened.closer.close(exc, finished_at_start=opened.finished)
+            opened.closer.close(lost or exc, finished_at_start=opened.finished)
             self._close_mirror(stopping=self._parts.ending.status() != "finished")
+        if lost is not None:
+            raise lost from exc
         return stopped
 
     # -- what the loop calls ----------------------------------------------
@@ -613,6 +616,30 @@ class Run:
         if group is not None:
             self._config = group.config(self._config)
         return group
+
+    def _lost_rank(self, opened: Opened, exc: BaseException | None) -> RankUnresponsive | None:
+        """In a job whose loop failed: the rank that died, when our flags say one did.
+
+        A rank's death usually breaks the training's own collective first,
+        with a bare connection error; the flags it never sent name it.
+        """
+        if self._parts.group is None or not isinstance(exc, Exception):
+            return None
+        if isinstance(exc, KillsafeError):
+            return None
+        try:
+            opened.boundary.settle_flags()
+        except RankUnresponsive as lost:
+            return lost
+        saving = opened.ledger.pending  # a rank lost mid-save fails the save's collectives
+        if saving is not None:
+            try:
+                saving.wait()
+            except RankUnresponsive as lost:
+                return lost
+            except Exception:  # the ledger reports it as the run closes
+                return None
+        return None
 
     def _services(self, group: Any) -> Services:
         if group is None or group.leader:

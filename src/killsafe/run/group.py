@@ -10,7 +10,11 @@ rank builds the same ``Run`` and they behave as one:
   the other ranks write only their parts of checkpoints and show nothing
   (``Quiet*`` parts below);
 - checkpoints are sharded (``killsafe.distributed.runstate``): modules and
-  optimizers through DCP, the rest per rank; saves are synchronous;
+  optimizers through DCP, the rest per rank. A background save copies the
+  rank's part at the boundary (the only part that blocks the loop) and
+  writes and commits it on a thread, on a gloo group of its own; it counts
+  as done only once every rank said so through the step boundary's flags,
+  so its failure is raised on every rank at the same boundary (``JobSave``);
 - rank 0 chooses the checkpoint to resume from and every rank reads it.
 
 Nothing here imports torch until a group is found.
@@ -22,7 +26,8 @@ import dataclasses
 import logging
 import math
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +40,7 @@ from killsafe.run.resume import Resume
 from killsafe.run.services import Services
 from killsafe.run.session import EventLog, SessionRecord
 from killsafe.run.sharded_tree import tree_of
+from killsafe.saver import PendingSave
 
 if TYPE_CHECKING:
     from killsafe.format import CheckpointInfo
@@ -43,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GroupResume",
     "GroupStore",
+    "JobSave",
     "QuietEvents",
     "QuietInbox",
     "QuietServices",
@@ -62,9 +69,23 @@ class RunGroup:
         self.rank: int = coordinator.rank
         self.world_size: int = coordinator.world_size
         self.leader = self.rank == 0
+        self._saving: Any = None
+
+    def saving_coordinator(self) -> Any:
+        """The coordinator background saves run their collectives on (its own gloo group).
+
+        Made at the first background save, which every rank starts at the
+        same boundary, so making it is collective too.
+        """
+        if self._saving is None:
+            from killsafe.distributed.process_group import TorchCoordinator
+
+            timeout = getattr(self.coordinator, "timeout", 300.0)
+            self._saving = TorchCoordinator(timeout=timeout, group=self.coordinator.group)
+        return self._saving
 
     def config(self, config: RunConfig) -> RunConfig:
-        """The configuration this rank runs with: saves are synchronous; only rank 0 shows."""
+        """The configuration this rank runs with: only rank 0 shows."""
         quiet: dict[str, Any] = {}
         if not self.leader:
             quiet = {
@@ -75,7 +96,7 @@ class RunGroup:
                 "save_metrics": False,
                 "tensorboard": False,
             }
-        return dataclasses.replace(config, async_save=False, **quiet)
+        return dataclasses.replace(config, **quiet)
 
 
 def join_group(process_group: Any, timeout: float) -> RunGroup | None:
@@ -108,6 +129,7 @@ class GroupStore:
         self.store = store
         self.group = group
         self.directory = store.directory
+        self._thread: threading.Thread | None = None
 
     def save(
         self,
@@ -141,11 +163,57 @@ class GroupStore:
             self.store.prune()
         return self.store.listed(path)
 
-    def save_async(self, *args: Any, **kwargs: Any) -> Any:
-        raise ConfigError("a run of many processes saves synchronously (async_save=False)")
+    def save_async(
+        self,
+        tree: dict[str, Any],
+        step: int,
+        *,
+        metrics: dict[str, Any] | None = None,
+        name: str | None = None,
+        reason: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> JobSave:
+        """Copy this rank's part now, write and commit it on a thread (collective).
+
+        Returns a ``JobSave``; the ledger allows one in flight.
+        """
+        from killsafe.distributed.runstate import save_staged, stage_run_tree
+        from killsafe.store.naming import checkpoint_dirname
+
+        directory = self.directory / checkpoint_dirname(step, name)
+        if self.group.coordinator.broadcast(directory.exists()):  # as rank 0 sees it
+            raise CheckpointExists(
+                f"checkpoint {directory} already exists; save under a new name "
+                "(a checkpoint is never overwritten)",
+                directory,
+            )
+        staged = stage_run_tree(tree, self.group.rank)
+        coordinator = self.group.saving_coordinator()
+        pending = JobSave(step, name, reason)
+
+        def write() -> CheckpointInfo:
+            path = save_staged(
+                staged,
+                directory,
+                coordinator,
+                step=step,
+                name=name,
+                reason=reason,
+                metrics=metrics,
+                metadata=metadata,
+            )
+            if self.group.leader:
+                self.store.prune()
+            return self.store.listed(path)
+
+        self._thread = pending.start(write, directory)
+        return pending
 
     def wait(self) -> None:
-        return None
+        """Wait until the background save in flight, if any, is written."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
 
     def delete(self, ref: Any, *, force: bool = False) -> CheckpointInfo:
         """Delete a checkpoint (rank 0 does, the others wait for it)."""
@@ -157,6 +225,7 @@ class GroupStore:
         return info
 
     def close(self) -> None:
+        self.wait()
         self.store.close()
 
     def list(self) -> list[CheckpointInfo]:
@@ -173,6 +242,48 @@ class GroupStore:
 
     def load(self, ref: Any = "latest", **options: Any) -> Any:
         return self.store.load(ref, **options)
+
+
+class JobSave(PendingSave):
+    """A background save of a job: written on a thread, done when every rank agreed so.
+
+    ``done()`` turns true only through ``agree_written()``, which the step
+    boundary calls at the same step on every rank, once the flags said that
+    no rank was still writing. So the ledger collects it (and raises its
+    failure) at the same boundary everywhere. ``written_here()`` is this
+    rank's own view. ``wait()`` blocks until this rank's thread is done.
+    """
+
+    def __init__(self, step: int, name: str | None, reason: str | None) -> None:
+        super().__init__(step, name, reason)
+        self._agreed = False
+
+    def start(self, write: Callable[[], CheckpointInfo], directory: Path) -> threading.Thread:
+        """Run ``write`` on a thread; its result or error becomes this save's."""
+
+        def run() -> None:
+            try:
+                info = write()
+            except BaseException as exc:  # kept for wait(), raised in the loop
+                logger.debug("the background save of %s failed: %s", directory, exc)
+                self._finish(None, exc)
+            else:
+                self._finish(info, None)
+
+        thread = threading.Thread(target=run, name="killsafe-job-save", daemon=True)
+        thread.start()
+        return thread
+
+    def written_here(self) -> bool:
+        """Whether this rank's thread finished (written and committed, or failed)."""
+        return super().done()
+
+    def agree_written(self) -> None:
+        """Every rank's thread finished: from now on ``done()`` is true."""
+        self._agreed = True
+
+    def done(self) -> bool:
+        return self._agreed
 
 
 class GroupResume(Resume):
