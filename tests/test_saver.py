@@ -264,6 +264,7 @@ def test_killed_during_an_in_flight_save_the_store_stays_verifiable(
 
 def test_closing_leaves_no_thread_and_no_child_process(tmp_path: Path) -> None:
     before = {t.name for t in threading.enumerate()}
+    children_before = {child.pid for child in psutil.Process(os.getpid()).children()}
     store = CheckpointStore(tmp_path / "ck", snapshot="fork")
     for step in range(3):
         store.save_async({"w": torch.randn(1000)}, step)
@@ -273,7 +274,9 @@ def test_closing_leaves_no_thread_and_no_child_process(tmp_path: Path) -> None:
     store_copy.close()
     after = {t.name for t in threading.enumerate()}
     assert not {name for name in after - before if name.startswith("killsafe")}
-    assert psutil.Process(os.getpid()).children() == []
+    # Children of earlier tests (a run's plot, drawn after its exit) may still be there.
+    children = psutil.Process(os.getpid()).children()
+    assert [child for child in children if child.pid not in children_before] == []
 
 
 def test_saving_state_that_cannot_be_saved_fails_before_anything_is_written(
