@@ -157,3 +157,26 @@ def test_a_sigterm_waits_for_the_emergency_upload_to_a_real_s3_server(
         restored = run.track(rng=np.random.default_rng(1), weights=np.zeros(4096))
         assert run.step == stopped_at
     np.testing.assert_array_equal(restored["weights"], local["weights"])
+
+
+def test_an_upload_gives_way_while_the_loop_takes_a_snapshot(tmp_path: Path) -> None:
+    import threading
+
+    from killsafe.run.mirror import Mirror
+
+    local = killsafe.CheckpointStore(tmp_path / "local")
+    local.save({"w": np.zeros(1 << 20)}, 1)
+    mirror = Mirror(killsafe.CheckpointStore(memory_url()), local, tmp_path)
+    paced: list[int] = []
+    mirror.remote.import_from(local, "latest", pace=lambda: paced.append(1))
+    assert paced  # asked before every chunk it copies
+    mirror.hold()
+    waiting = threading.Thread(target=mirror._pace)
+    waiting.start()
+    waiting.join(0.2)
+    assert waiting.is_alive()  # held while the snapshot is taken
+    mirror.release()
+    waiting.join(10)
+    assert not waiting.is_alive()
+    mirror.close()
+    local.close()

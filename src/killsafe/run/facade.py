@@ -724,10 +724,20 @@ class Run:
             tree=self._checkpoint_tree,
             metrics=self._parts.metrics.plain,
             metadata=session.metadata,
-            before_write=self._parts.services.flush_history,
+            before_write=self._before_write,
+            snapshot_taken=self._snapshot_taken,
             committed=self._committed,
             saved=lambda info: self._parts.callbacks.call("on_save", info),
         )
+
+    def _before_write(self) -> None:
+        self._parts.services.flush_history()
+        if self._mirror is not None:
+            self._mirror.hold()  # the snapshot gets the cores an upload would take
+
+    def _snapshot_taken(self) -> None:
+        if self._mirror is not None:
+            self._mirror.release()
 
     def _committed(self, info: CheckpointInfo) -> None:
         self._parts.services.checkpoint_shown(info)

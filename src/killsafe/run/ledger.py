@@ -43,13 +43,15 @@ class SaveHooks:
         metrics: Callable[[], dict[str, Any]],
         metadata: Callable[[], dict[str, Any]],
         before_write: Callable[[], None],
+        snapshot_taken: Callable[[], None],
         committed: Callable[[CheckpointInfo], None],
         saved: Callable[[CheckpointInfo], None],
     ) -> None:
         self.tree = tree  # the checkpoint tree of the current state
         self.metrics = metrics  # the metrics the checkpoint records
         self.metadata = metadata  # run id and session index
-        self.before_write = before_write  # flush mirrors so they hold every step saved
+        self.before_write = before_write  # flush the history; hold the uploads
+        self.snapshot_taken = snapshot_taken  # the loop goes on: uploads may go on too
         self.committed = committed  # shown on the progress display
         self.saved = saved  # the user's on_save callback
 
@@ -157,6 +159,8 @@ class Ledger:
         except (SaveFailed, OSError) as exc:
             self._report_failure(exc, step)
             raise
+        finally:
+            self._hooks.snapshot_taken()
         self.last_save_step = step
         self.last_save_clock = time.monotonic()
         if isinstance(result, PendingSave):

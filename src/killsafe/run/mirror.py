@@ -40,6 +40,7 @@ __all__ = ["Mirror"]
 log = logging.getLogger("killsafe.run")
 
 _RESTORED_FILES = (RUN_FILE, HISTORY_FILE, EVENTS_FILE)
+_HOLD_LIMIT = 30.0  # seconds an upload waits for a snapshot at most
 
 
 class Mirror:
@@ -73,6 +74,8 @@ class Mirror:
         self._uploaded: list[CheckpointInfo] = []
         self._failed: str | None = None
         self._thread: threading.Thread | None = None
+        self._go = threading.Event()  # cleared while the loop takes a snapshot
+        self._go.set()
 
     # -- at the start -------------------------------------------------------
 
@@ -119,6 +122,18 @@ class Mirror:
                 self._thread.start()
             self._cond.notify_all()
 
+    def hold(self) -> None:
+        """Pause the upload between two chunks: the loop is taking a snapshot."""
+        self._go.clear()
+
+    def release(self) -> None:
+        """Let the upload go on."""
+        self._go.set()
+
+    def _pace(self) -> None:
+        # Bounded: a snapshot that never says it is done must not stop uploads.
+        self._go.wait(_HOLD_LIMIT)
+
     def _work(self) -> None:
         while True:
             with self._cond:
@@ -140,7 +155,7 @@ class Mirror:
 
     def _upload(self, info: CheckpointInfo) -> None:
         try:
-            uploaded = self.remote.import_from(self.local, info)
+            uploaded = self.remote.import_from(self.local, info, pace=self._pace)
         except CheckpointExists:
             return  # mirrored already (an earlier session uploaded it)
         except CheckpointNotFound:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -356,14 +357,17 @@ class CheckpointStore:
                 self._prune(dry_run=False)
             return info
 
-    def import_from(self, other: CheckpointStore, ref: Any = "latest") -> CheckpointInfo:
+    def import_from(
+        self, other: CheckpointStore, ref: Any = "latest", *, pace: Callable[[], None] | None = None
+    ) -> CheckpointInfo:
         """Copy a committed checkpoint of ``other`` (any medium) into this store; commit it.
 
         The files' bytes are streamed as they are, checked against the
         source's checksums on the way, and committed as this medium commits
         (rename locally, manifest last on object stores); retention then
         applies. Raises what ``save`` raises, and ``CorruptCheckpoint`` when
-        the source's bytes do not match (nothing is committed then).
+        the source's bytes do not match (nothing is committed then). ``pace``
+        is called before each chunk is copied (it may wait).
         """
         info = other.get(ref)
         manifest = other._catalog.manifest_of(info.path)
@@ -374,7 +378,11 @@ class CheckpointStore:
             )
         files = {
             name: transfer.checked(
-                info.location, name, meta, other._catalog.file_chunks(info.path, manifest, name)
+                info.location,
+                name,
+                meta,
+                other._catalog.file_chunks(info.path, manifest, name),
+                pace,
             )
             for name, meta in manifest["files"].items()
         }

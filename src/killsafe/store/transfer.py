@@ -10,7 +10,7 @@ copy appears whole or not at all, as a save would.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +42,23 @@ def object_chunks(backend: Backend, key: str) -> Iterator[memoryview]:
             yield source.read(start, min(CHUNK, source.size - start))
 
 
-def checked(where: str, name: str, info: dict[str, Any], chunks: Iterator[memoryview]) -> Any:
-    """Pass ``chunks`` through, raising ``CorruptCheckpoint`` at the end unless they match."""
+def checked(
+    where: str,
+    name: str,
+    info: dict[str, Any],
+    chunks: Iterator[memoryview],
+    pace: Callable[[], None] | None = None,
+) -> Any:
+    """Pass ``chunks`` through, raising ``CorruptCheckpoint`` at the end unless they match.
+
+    ``pace`` is called before each chunk (it may wait: a copy running beside
+    a training loop gives way while the loop takes a snapshot).
+    """
     digest = xxhash.xxh3_64()
     size = 0
     for chunk in chunks:
+        if pace is not None:
+            pace()
         digest.update(chunk)
         size += chunk.nbytes
         yield chunk
