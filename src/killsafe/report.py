@@ -24,7 +24,6 @@ import math
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -722,6 +721,8 @@ sys.exit(main(["report", sys.argv[1], "--png-only"]))
 _OWN_PROCESS_GROUP: dict[str, Any] = (
     {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
 )
+_PLOT_CHILDREN: list[subprocess.Popen[bytes]] = []
+"""Plot children still running; polled at the next start, so none stays a zombie."""
 
 
 def start_png_child(run_dir: str | os.PathLike[str]) -> bool:
@@ -734,6 +735,7 @@ def start_png_child(run_dir: str | os.PathLike[str]) -> bool:
     descriptors (no store lock). It imports this package from where this
     process did when its own path lacks that place.
     """
+    _PLOT_CHILDREN[:] = [child for child in _PLOT_CHILDREN if child.poll() is None]
     if not sys.executable:
         logger.warning("report.png skipped: no Python executable to draw it with")
         return False
@@ -755,9 +757,7 @@ def start_png_child(run_dir: str | os.PathLike[str]) -> bool:
             run_dir,
         )
         return False
-    # Reaped by a thread when it ends, so a long-lived process (a notebook
-    # running many runs) keeps no zombie.
-    threading.Thread(target=child.wait, name="killsafe-plot-reaper", daemon=True).start()
+    _PLOT_CHILDREN.append(child)
     return True
 
 
