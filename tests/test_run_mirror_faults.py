@@ -181,7 +181,7 @@ def test_sigkill_during_uploads_never_shows_a_partial_checkpoint_and_a_fresh_nod
     newest = 0
     resumed_from_mirror = 0
     advanced = 0
-    for kill in range(24):
+    for kill in range(14):
         node = tmp_path / f"node-{kill}"  # every start is a fresh machine
         child = subprocess.Popen(
             [sys.executable, str(script), str(node), s3_url],
@@ -210,4 +210,4 @@ def test_sigkill_during_uploads_never_shows_a_partial_checkpoint_and_a_fresh_nod
             advanced += latest.step > newest
             newest = latest.step
     # Most kills left a newer checkpoint: each start took over the killed writer's lease.
-    assert advanced >= 12 and resumed_from_mirror >= 12
+    assert advanced >= 7 and resumed_from_mirror >= 7
