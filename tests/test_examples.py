@@ -176,7 +176,9 @@ def test_every_example_takes_the_standard_flags(example: str) -> None:
 TORCH_BATCHES_PER_EPOCH = 64  # 2048 samples in batches of 32 at the small size
 
 
-@pytest.mark.parametrize("sig", ALL_SIGNALS, ids=lambda s: s.name)
+# SIGINT takes the path SIGTERM takes inside a Run (tests/test_epochs_kill.py
+# sends all three to the nested loop); here the two ends: graceful and killed.
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
 def test_train_torch_resumes_mid_epoch(
     sig: signal.Signals, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
