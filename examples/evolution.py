@@ -50,6 +50,9 @@ Genome = dict[str, Any]  # {"id", "nodes": [[id, order]], "conns": [[innov, src,
 def init_worker(parent: int) -> None:
     """Runs in each worker: leave stops to the parent, and die with it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole group
+    # A result sent after the parent died (before its death signal arrived)
+    # ends the worker quietly instead of with a BrokenPipeError traceback.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
