@@ -172,6 +172,16 @@ KILLED_SCRIPT = textwrap.dedent(
 )
 
 
+def wait_for_a_step_past(url: str, step: int, child: subprocess.Popen[str]) -> None:
+    """Wait until the mirror at ``url`` commits a step after ``step`` (or the child ends)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and child.poll() is None:
+        latest = killsafe.CheckpointStore(url).latest()
+        if latest is not None and latest.step > step:
+            return
+        time.sleep(0.02)
+
+
 def test_sigkill_during_uploads_never_shows_a_partial_checkpoint_and_a_fresh_node_resumes(
     tmp_path: Path, s3_url: str
 ) -> None:
@@ -195,7 +205,10 @@ def test_sigkill_during_uploads_never_shows_a_partial_checkpoint_and_a_fresh_nod
         start = int(first[1])
         assert start == newest  # resumed from the mirror's newest checkpoint
         resumed_from_mirror += start > 0
-        time.sleep(chance.uniform(0.05, 0.6))
+        # The kill lands at a random moment after this start's first upload
+        # committed, while later uploads are under way.
+        wait_for_a_step_past(s3_url, newest, child)
+        time.sleep(chance.uniform(0.0, 0.4))
         child.kill()
         child.communicate()
         remote = killsafe.CheckpointStore(s3_url)
@@ -209,5 +222,5 @@ def test_sigkill_during_uploads_never_shows_a_partial_checkpoint_and_a_fresh_nod
             assert state["done"] == list(range(latest.step))
             advanced += latest.step > newest
             newest = latest.step
-    # Most kills left a newer checkpoint: each start took over the killed writer's lease.
-    assert advanced >= 7 and resumed_from_mirror >= 7
+    # Every start took over the killed writer's lease and committed a newer step.
+    assert advanced == 14 and resumed_from_mirror == 13
