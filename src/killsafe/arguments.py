@@ -37,6 +37,7 @@ _FLAG_OPTIONS = {
     "killsafe_serve": "serve",
     "killsafe_clear": "clear",
     "killsafe_mirror": "mirror",
+    "killsafe_requeue": "requeue",
 }
 
 
@@ -119,6 +120,14 @@ def add_arguments(
         metavar="URL",
         help="also upload every checkpoint, in the background, to URL "
         "(s3://bucket/prefix, gs://, az://, or a directory); resume from it on a fresh machine",
+    )
+    group.add_argument(
+        "--requeue",
+        dest="killsafe_requeue",
+        action="store_true",
+        default=None,
+        help="in a SLURM job, requeue it (scontrol requeue) after the checkpoint of a stop "
+        "that a signal or --stop-after caused",
     )
     group.add_argument(
         "--progress-every",

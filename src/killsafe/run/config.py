@@ -88,6 +88,7 @@ class RunConfig:
     mirror_keep_last: int | None = 3
     mirror_grace: float = DEFAULT_MIRROR_GRACE
     incremental: bool = False
+    requeue: bool = False
 
     @classmethod
     def build(
@@ -126,6 +127,7 @@ class RunConfig:
         mirror_keep_last: int | None = 3,
         mirror_grace: float = DEFAULT_MIRROR_GRACE,
         incremental: bool = False,
+        requeue: bool = False,
     ) -> RunConfig:
         """Validate ``Run``'s keywords (same names, same defaults) into one config."""
         if total_steps is not None and (not isinstance(total_steps, int) or total_steps < 0):
@@ -145,6 +147,8 @@ class RunConfig:
         if tensorboard:
             require_tensorboard()
         _check_mirror(mirror_keep_last, mirror_grace)
+        if not isinstance(requeue, bool):
+            raise ConfigError(f"requeue={requeue!r}: use True or False")
         if incremental and mirror is not None:
             raise ConfigError(
                 "incremental=True cannot be combined with mirror= yet (pieces are not "
@@ -179,6 +183,7 @@ class RunConfig:
             mirror_keep_last=mirror_keep_last,
             mirror_grace=float(mirror_grace),
             incremental=bool(incremental),
+            requeue=requeue,
         )
 
     @property

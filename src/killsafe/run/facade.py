@@ -56,13 +56,14 @@ from killsafe.run.best import BestTracker
 from killsafe.run.callbacks import Callbacks
 from killsafe.run.closing import write_report
 from killsafe.run.config import DEFAULT_MIRROR_GRACE, Callback, RunConfig, keywords_from_args
-from killsafe.run.ending import Ending
+from killsafe.run.ending import EXIT_STOPPED, Ending
 from killsafe.run.ledger import SaveHooks
 from killsafe.run.loops import Batches, EpochLoop, EpochStopped
 from killsafe.run.metrics import LoggedMetrics
 from killsafe.run.mirror import Mirror
 from killsafe.run.opening import Opened, Parts, open_session
 from killsafe.run.position import Position
+from killsafe.run.requeue import requeue_reason, requeue_slurm_job
 from killsafe.run.services import Services
 from killsafe.run.session import EventLog, SessionRecord, StatusFigures, update_run_json
 from killsafe.run.stops import Stops
@@ -150,6 +151,9 @@ class Run:
         mirror_grace: seconds a stopping run waits for its uploads (default 25).
         incremental: checkpoints share the bytes that did not change since the
             last one (``CheckpointStore(incremental=True)``; docs/format.md).
+        requeue: in a SLURM job, after the checkpoint of a stop that a signal
+            or ``stop_after`` caused, run ``scontrol requeue`` for the job
+            (rank 0), so that it starts again and resumes (docs/distributed.md).
 
     Use it on one thread, as a context manager; signal handlers are installed
     only when it is entered on the main thread.
@@ -196,6 +200,7 @@ class Run:
         mirror_keep_last: int | None = 3,
         mirror_grace: float = DEFAULT_MIRROR_GRACE,
         incremental: bool = False,
+        requeue: bool = False,
     ) -> None:
         self._config = RunConfig.build(
             directory,
@@ -236,6 +241,7 @@ class Run:
             mirror_keep_last=mirror_keep_last,
             mirror_grace=mirror_grace,
             incremental=incremental,
+            requeue=requeue,
         )
         group = self._join_group(process_group, collective_timeout)
         self.directory: Path = self._config.directory
@@ -344,6 +350,7 @@ class Run:
         finally:
             opened.closer.close(lost or exc, finished_at_start=opened.finished)
             self._close_mirror(stopping=self._parts.ending.status() != "finished")
+            self._requeue_if_preempted()
         if lost is not None:
             raise lost from exc
         return stopped
@@ -694,6 +701,14 @@ class Run:
             self._parts.services.announce(mirror.drain(stopping=stopping))
         finally:
             mirror.close()
+
+    def _requeue_if_preempted(self) -> None:
+        """With ``requeue=True``: requeue the SLURM job once a preemption's checkpoint is safe."""
+        group, ending = self._parts.group, self._parts.ending
+        if not self._config.requeue or (group is not None and not group.leader):
+            return
+        if ending.exit_code() == EXIT_STOPPED and requeue_reason(ending.reason):
+            self._parts.services.announce(requeue_slurm_job())
 
     def _run_store(self, store: Any) -> Any:
         if self._parts.group is None:
