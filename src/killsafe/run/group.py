@@ -315,6 +315,28 @@ class GroupResume(Resume):
         self.info = info
         return info
 
+    def _restore_together(self, targets: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Load the checkpoint's modules and optimizers in one collective, resharded to this
+        job (FSDP2 / DTensor shards or whole tensors, whatever layout saved them); return
+        the rest, which each rank restores from its own part."""
+        info = self.info
+        if info is None or not info.sharded:
+            return targets
+        from killsafe.distributed.runstate import KINDS_KEY, is_shared
+
+        saved_shared = set(dict(info.metadata.get(KINDS_KEY) or {}))
+        shared = {n: t for n, t in targets.items() if n in saved_shared and is_shared(t)}
+        if not shared:
+            return targets
+        from killsafe.distributed.reshard import load_shared, saved_tables
+        from killsafe.run.resume import check_shapes
+
+        check_shapes(shared, saved_tables(info.path, sorted(shared)), info)
+        store = self._store
+        assert isinstance(store, GroupStore)
+        load_shared(info.path, shared, store.group.coordinator)
+        return {name: target for name, target in targets.items() if name not in shared}
+
     def _load_newest_good(self) -> CheckpointInfo | None:
         """On rank 0: the newest checkpoint that verifies (every rank reads it afterwards)."""
         for info in reversed(self._store.list()):
