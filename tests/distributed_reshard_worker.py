@@ -7,7 +7,8 @@ trains a small model wrapped with ``fully_shard`` (FSDP2: DTensor
 parameters and Adam states) in ``ROOT/fsdp`` and one wrapped with DDP in
 ``ROOT/ddp``, 3 steps each, checkpointed at step 3. Scenario ``load``
 resumes each ``ROOT/RUN`` into a fresh model wrapped as ``LAYOUT``
-(``fsdp`` or ``ddp``; ``plain``: not wrapped, one process alone). Each
+(``fsdp`` or ``ddp``; ``wide``: FSDP2 with a wider hidden layer, which
+does not fit; ``plain``: not wrapped, one process alone). Each
 rank writes the whole model and optimizer state it ended with (DTensors
 gathered) to ``DIR/rank-N.json``.
 """
@@ -28,6 +29,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from killsafe import Run
+from killsafe.errors import KillsafeError
 
 STEPS = 3
 
@@ -35,10 +37,11 @@ STEPS = 3
 def build(layout: str, world: int, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """A model whose shards are uneven on 2 and on 3 ranks, wrapped as ``layout``."""
     torch.manual_seed(seed)
+    hidden = 7 if layout == "wide" else 5
     model: torch.nn.Module = torch.nn.Sequential(
-        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+        torch.nn.Linear(4, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 3)
     )
-    if layout == "fsdp":
+    if layout in ("fsdp", "wide"):
         fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
     elif layout == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
@@ -88,9 +91,13 @@ def load(world: int, root: Path, pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         run_name, layout = pair.split(":")
         model, optimizer = build(layout, world, seed=1)  # other weights than the saved ones
-        with Run(root / run_name, total_steps=STEPS) as run:
-            run.track(model=model, optimizer=optimizer)
-            assert run.resumed_from is not None and run.step == STEPS
+        try:
+            with Run(root / run_name, total_steps=STEPS) as run:
+                run.track(model=model, optimizer=optimizer)
+                assert run.resumed_from is not None and run.step == STEPS
+        except KillsafeError as exc:
+            result[pair] = {"error": type(exc).__name__, "message": str(exc)}
+            continue
         result[pair] = states(model, optimizer)
     return result
 

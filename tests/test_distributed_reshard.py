@@ -6,7 +6,8 @@ each in a run of its own (``tests/distributed_reshard_worker.py``). Three
 ranks resume both into FSDP2 models and the FSDP2 checkpoint into a DDP
 one, through the collective resharding load; one process alone resumes
 the FSDP2 checkpoint into a plain model. Every model and optimizer state
-must equal the saved one.
+must equal the saved one. A model of other shapes is refused on every
+rank, before any rank starts the collective.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from killsafe import Run  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 WORKER = Path(worker.__file__)
-LOADS = ("fsdp:fsdp", "ddp:fsdp", "fsdp:ddp")
+LOADS = ("fsdp:fsdp", "ddp:fsdp", "fsdp:wide", "fsdp:ddp")
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,16 @@ def test_ddp_and_fsdp2_checkpoints_resume_in_each_others_layout(jobs: dict[str, 
     for result in jobs["loaded"]:
         assert result["ddp:fsdp"] == saved["ddp"]
         assert result["fsdp:ddp"] == saved["fsdp"]
+
+
+def test_a_model_that_does_not_fit_is_named_on_every_rank_before_loading(
+    jobs: dict[str, Any],
+) -> None:
+    for result in jobs["loaded"]:  # and the job went on to its next run: no rank hung
+        refused = result["fsdp:wide"]
+        assert refused["error"] == "StateMismatch"
+        assert "model.0.weight shape (5, 4) in the checkpoint, (7, 4) now" in refused["message"]
+        assert result["fsdp:ddp"]
 
 
 def test_an_fsdp2_state_saved_on_two_resumes_on_one_process(
