@@ -4,8 +4,10 @@ Two ranks train a model wrapped with ``fully_shard`` (its parameters and
 Adam states are DTensors, sharded unevenly) and one wrapped with DDP,
 each in a run of its own (``tests/distributed_reshard_worker.py``). Three
 ranks resume both into FSDP2 models and the FSDP2 checkpoint into a DDP
-one, through the collective resharding load; one process alone resumes
-the FSDP2 checkpoint into a plain model. Every model and optimizer state
+one, through the collective resharding load, and the FSDP2 checkpoint
+consolidated to one process into FSDP2 models (each rank slicing its
+shards out of the whole tensors); one process alone resumes the FSDP2
+checkpoint into a plain model. Every model and optimizer state
 must equal the saved one. A model of other shapes is refused on every
 rank, before any rank starts the collective.
 """
@@ -31,13 +33,18 @@ from killsafe import Run  # noqa: E402
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 WORKER = Path(worker.__file__)
-LOADS = ("fsdp:fsdp", "ddp:fsdp", "fsdp:wide", "fsdp:ddp")
+LOADS = ("fsdp:fsdp", "ddp:fsdp", "one:fsdp", "fsdp:wide", "fsdp:ddp")
 
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("reshard")
     saved = run_job("save", 2, root / "save", str(root), worker=WORKER)
+    from killsafe.distributed.runstate import consolidate
+
+    (root / "one" / "checkpoints").mkdir(parents=True)
+    checkpoint = "checkpoints/step-000003"
+    consolidate(root / "fsdp" / checkpoint, root / "one" / checkpoint, weights=False)
     loaded = run_job("load", 3, root / "load", str(root), *LOADS, worker=WORKER)
     return {"root": root, "saved": saved.result(0), "loaded": [loaded.result(r) for r in range(3)]}
 
@@ -68,6 +75,11 @@ def test_ddp_and_fsdp2_checkpoints_resume_in_each_others_layout(jobs: dict[str, 
     for result in jobs["loaded"]:
         assert result["ddp:fsdp"] == saved["ddp"]
         assert result["fsdp:ddp"] == saved["fsdp"]
+
+
+def test_a_one_process_checkpoint_resumes_sharded_in_an_fsdp2_job(jobs: dict[str, Any]) -> None:
+    for result in jobs["loaded"]:
+        assert result["one:fsdp"] == jobs["saved"]["fsdp"]
 
 
 def test_a_model_that_does_not_fit_is_named_on_every_rank_before_loading(

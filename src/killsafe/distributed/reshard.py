@@ -12,6 +12,9 @@ targets are built from the checkpoint's metadata: a state tensor shaped
 like its parameter is made like the parameter (a DTensor sharded the same
 way when the parameter is one), any other tensor whole; values that are
 not tensors are read as JSON. ``load_state_dict`` then puts them in place.
+
+A checkpoint of one process holds whole tensors: ``sharded_like`` slices
+each rank's shards out of them, for a model whose parameters are DTensors.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from killsafe.distributed.reader import ShardedReader
 from killsafe.distributed.sharded import load_sharded
 from killsafe.errors import StateMismatch
 
-__all__ = ["load_shared", "saved_tables"]
+__all__ = ["load_shared", "saved_tables", "sharded_like"]
 
 
 def saved_tables(directory: str | os.PathLike[str], names: list[str]) -> dict[str, Any]:
@@ -73,6 +76,45 @@ def load_shared(
                 f"checkpoint {directory}: the saved {name!r} does not fit ({first_line}); "
                 "build the objects as the run that saved it did"
             ) from None
+
+
+def sharded_like(saved: Any, target: Any) -> Any:
+    """A module's or optimizer's whole saved state, its tensors made DTensors like the target's.
+
+    Where the target (a module's state or an optimizer's parameter) is a
+    DTensor and the saved tensor has its global shape, each rank keeps its
+    own shards of the saved tensor, sliced without communication. Anything
+    else is left as it is; ``saved`` itself is not changed.
+    """
+    if isinstance(target, torch.optim.Optimizer) and isinstance(saved, Mapping):
+        params = [param for group in target.param_groups for param in group["params"]]
+        state = {
+            index: _state_like(entries, params, index)
+            for index, entries in dict(saved.get("state") or {}).items()
+        }
+        return {**saved, "state": state}
+    if isinstance(target, torch.nn.Module) and isinstance(saved, Mapping):
+        current = target.state_dict()
+        return {key: _like(value, current.get(key)) for key, value in saved.items()}
+    return saved
+
+
+def _state_like(entries: Any, params: list[Any], index: Any) -> Any:
+    position = int(index) if str(index).isdigit() else -1
+    if not isinstance(entries, Mapping) or not 0 <= position < len(params):
+        return entries
+    return {key: _like(value, params[position]) for key, value in entries.items()}
+
+
+def _like(value: Any, like: Any) -> Any:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not (isinstance(like, DTensor) and isinstance(value, torch.Tensor)):
+        return value
+    if isinstance(value, DTensor) or tuple(value.shape) != tuple(like.shape):
+        return value
+    whole = value.to(device=like.device)
+    return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
 
 
 def _metadata(directory: str | os.PathLike[str]) -> Metadata:

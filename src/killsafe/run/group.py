@@ -337,6 +337,18 @@ class GroupResume(Resume):
         load_shared(info.path, shared, store.group.coordinator)
         return {name: target for name, target in targets.items() if name not in shared}
 
+    def _saved(self, name: str, target: Any) -> Any:
+        """A one-process checkpoint's whole tensors, sliced to this rank's shards where the
+        target's are DTensors (an FSDP2 model resuming what one process saved)."""
+        saved = super()._saved(name, target)
+        from killsafe.distributed.runstate import is_shared
+
+        if not is_shared(target):
+            return saved
+        from killsafe.distributed.reshard import sharded_like
+
+        return sharded_like(saved, target)
+
     def _load_newest_good(self) -> CheckpointInfo | None:
         """On rank 0: the newest checkpoint that verifies (every rank reads it afterwards)."""
         for info in reversed(self._store.list()):

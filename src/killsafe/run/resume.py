@@ -86,7 +86,7 @@ class Resume:
         self._check_names(objects)
         targets = self._targets(objects)
         rest = self._restore_together(targets)
-        saved = {name: self._tree[name] for name in rest}
+        saved = {name: self._saved(name, target) for name, target in rest.items()}
         check_shapes(rest, saved, self.info)
         values = state_module.restore(rest, saved)
         for name, value in values.items():
@@ -106,6 +106,11 @@ class Resume:
     def _restore_together(self, targets: Mapping[str, Any]) -> Mapping[str, Any]:
         """Restore what every process of a job loads at once; return the rest (here, all)."""
         return targets
+
+    def _saved(self, name: str, target: Any) -> Any:
+        """The saved value of ``name``, as it is restored into ``target``."""
+        assert self._tree is not None
+        return self._tree[name]
 
     def restore_rng(self, rng: Any) -> None:
         # Last of all, just before the first step: restoring other objects and
