@@ -28,6 +28,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from killsafe.distributed.reader import ShardedReader
+from killsafe.distributed.runstate import param_index
 from killsafe.distributed.sharded import load_sharded
 from killsafe.errors import StateMismatch
 
@@ -67,7 +68,7 @@ def load_shared(
     for name, value in objects.items():
         target = targets[name]
         if isinstance(value, torch.optim.Optimizer):
-            target["state"] = {int(key): state for key, state in target["state"].items()}
+            target["state"] = {param_index(key): state for key, state in target["state"].items()}
         try:
             value.load_state_dict(target)
         except (RuntimeError, KeyError, ValueError, TypeError) as exc:
@@ -100,8 +101,10 @@ def sharded_like(saved: Any, target: Any) -> Any:
 
 
 def _state_like(entries: Any, params: list[Any], index: Any) -> Any:
-    position = int(index) if str(index).isdigit() else -1
-    if not isinstance(entries, Mapping) or not 0 <= position < len(params):
+    position = param_index(index)
+    if not (isinstance(position, int) and 0 <= position < len(params)):
+        return entries
+    if not isinstance(entries, Mapping):
         return entries
     return {key: _like(value, params[position]) for key, value in entries.items()}
 
@@ -157,8 +160,8 @@ def _param_of(path: tuple[Any, ...], params: list[Any], name: str) -> Any:
     """The parameter a state tensor at ``path`` (``name.state.INDEX.KEY``) belongs to."""
     if len(path) != 4 or path[1] != "state":
         return None
-    index = int(path[2]) if str(path[2]).isdigit() else -1
-    if not 0 <= index < len(params):
+    index = param_index(path[2])
+    if not (isinstance(index, int) and 0 <= index < len(params)):
         raise StateMismatch(
             f"the checkpoint holds {name!r} state for parameter {path[2]}, but the optimizer "
             f"has {len(params)} parameter(s); build the optimizer as the run that saved it did"
