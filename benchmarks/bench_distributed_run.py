@@ -10,7 +10,9 @@ rank) and prints one table from the same run:
   as a step whose work is on an accelerator leaves the CPU waiting). The
   same loop bare and a ``Run`` of one process (no process group) give the
   baseline; a job's boundary minus the lone ``Run``'s is what agreeing
-  costs. Blocks of bare and ``Run`` loops alternate, three each.
+  costs, and the time to start the flags' all_reduce and to wait for the
+  one started a boundary before is shown apart. Blocks of bare and ``Run``
+  loops alternate, three each.
 - **the loop blocked by a background save** of a DTensor-sharded model and
   its Adam states (``--size-gb`` in all, rows sharded over ``--ranks``
   ranks): ``GroupStore.save_async`` (what a ``Run`` in a job calls) against
@@ -75,9 +77,58 @@ def run_gaps(directory: Path, count: int, step_seconds: float) -> list[float]:
         return gaps(run.steps(), step_seconds)
 
 
+class FlagTimes:
+    """Times the two parts of a job's boundary that talk to the other ranks.
+
+    Wraps ``TorchCoordinator.any_async`` in this process: ``started`` gets
+    the time to start the flags' all_reduce, ``waited`` the time to wait for
+    the one started at the boundary before (a microsecond or two of the
+    wrapping's own is in both).
+    """
+
+    def __init__(self) -> None:
+        self.started: list[float] = []
+        self.waited: list[float] = []
+
+    def install(self) -> None:
+        from killsafe.distributed.process_group import TorchCoordinator
+
+        original = TorchCoordinator.any_async
+        started, waited = self.started, self.waited
+
+        def any_async(coordinator: Any, flags: tuple[bool, ...]) -> Any:
+            began = time.perf_counter()
+            pending = original(coordinator, flags)
+            started.append(time.perf_counter() - began)
+            wait = pending.wait
+
+            def timed_wait() -> Any:
+                began = time.perf_counter()
+                try:
+                    return wait()
+                finally:
+                    waited.append(time.perf_counter() - began)
+
+            pending.wait = timed_wait
+            return pending
+
+        TorchCoordinator.any_async = any_async
+
+    def take(self) -> tuple[list[float], list[float]]:
+        """The times since the last ``take``."""
+        taken = (list(self.started), list(self.waited))
+        self.started.clear()
+        self.waited.clear()
+        return taken
+
+
 def bench_boundaries(args: argparse.Namespace, out: Path) -> dict[str, list[float]]:
-    """This rank's boundary gaps, bare and in a ``Run``, with empty and with timed steps."""
+    """This rank's boundary gaps, bare and in a ``Run``, with empty and with timed steps;
+    in a job, also what starting and waiting for the boundary's flags took."""
     step_seconds = args.step_ms / 1000
+    flags = FlagTimes()
+    if args.world > 1:
+        flags.install()
     result: dict[str, list[float]] = {}
     for block in range(BLOCKS):
         for kind, count, seconds in (
@@ -87,6 +138,9 @@ def bench_boundaries(args: argparse.Namespace, out: Path) -> dict[str, list[floa
             result.setdefault(f"bare_{kind}", []).extend(gaps(range(count), seconds))
             run_dir = out / f"run-{args.world}-{kind}-{block}"
             result.setdefault(f"run_{kind}", []).extend(run_gaps(run_dir, count, seconds))
+            started, waited = flags.take()
+            result.setdefault(f"started_{kind}", []).extend(started)
+            result.setdefault(f"waited_{kind}", []).extend(waited)
     return result
 
 
@@ -228,20 +282,27 @@ def report_boundaries(args: argparse.Namespace, out: Path, worlds: list[int]) ->
                 if loop == "bare" and world != 1:
                     continue
                 values = by_world[world][f"{loop}_{kind}"]
-                mean = statistics.fmean(values)
                 label = "bare loop" if loop == "bare" else f"Run, {world} rank(s)"
                 if world == 1 and loop == "run":
                     label = "Run, one process (no group)"
-                print(
-                    f"  {label:34} {len(values):7d} {mean * 1e6:9.1f} "
-                    f"{statistics.median(values) * 1e6:10.1f} {percentile(values, 0.99) * 1e6:9.1f}"
-                    + (f" {mean / share:15.2%}" if kind == "timed" else "")
-                )
+                print_row(label, values, share if kind == "timed" else None)
+                if loop == "run" and world > 1:
+                    print_row("  of which: start the flags", by_world[world][f"started_{kind}"])
+                    print_row("  of which: wait for them", by_world[world][f"waited_{kind}"])
         for world in worlds[1:]:
             cost = statistics.fmean(by_world[world][f"run_{kind}"]) - alone
             print(
                 f"  agreeing on {world} ranks (a job's Run minus a lone one): {cost * 1e6:8.1f} us"
             )
+
+
+def print_row(label: str, values: list[float], step: float | None = None) -> None:
+    mean = statistics.fmean(values)
+    print(
+        f"  {label:34} {len(values):7d} {mean * 1e6:9.1f} "
+        f"{statistics.median(values) * 1e6:10.1f} {percentile(values, 0.99) * 1e6:9.1f}"
+        + (f" {mean / step:15.2%}" if step else "")
+    )
 
 
 def report_save(args: argparse.Namespace, saved: dict[str, Any]) -> None:
