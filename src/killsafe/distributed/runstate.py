@@ -31,6 +31,7 @@ __all__ = [
     "StagedTree",
     "consolidate",
     "is_shared",
+    "param_index",
     "rank_key",
     "read_rank_part",
     "read_shared",
@@ -179,11 +180,12 @@ def read_shared(directory: str | os.PathLike[str], names: list[str]) -> dict[str
             value.setdefault("state", {})  # an optimizer with no state (plain SGD): none saved
         if isinstance(value, dict) and isinstance(value.get("state"), dict):
             # an optimizer's: DCP's flattening wrote its parameter ids as text
-            value["state"] = {_int_or_text(k): v for k, v in value["state"].items()}
+            value["state"] = {param_index(k): v for k, v in value["state"].items()}
     return state
 
 
-def _int_or_text(key: Any) -> Any:
+def param_index(key: Any) -> Any:
+    """An optimizer's state key as ``state_dict()`` has it (DCP's flattening made it text)."""
     return int(key) if isinstance(key, str) and key.isdigit() else key
 
 

@@ -315,6 +315,40 @@ class GroupResume(Resume):
         self.info = info
         return info
 
+    def _restore_together(self, targets: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Load the checkpoint's modules and optimizers in one collective, resharded to this
+        job (FSDP2 / DTensor shards or whole tensors, whatever layout saved them); return
+        the rest, which each rank restores from its own part."""
+        info = self.info
+        if info is None or not info.sharded:
+            return targets
+        from killsafe.distributed.runstate import KINDS_KEY, is_shared
+
+        saved_shared = set(dict(info.metadata.get(KINDS_KEY) or {}))
+        shared = {n: t for n, t in targets.items() if n in saved_shared and is_shared(t)}
+        if not shared:
+            return targets
+        from killsafe.distributed.reshard import load_shared, saved_tables
+        from killsafe.run.resume import check_shapes
+
+        check_shapes(shared, saved_tables(info.path, sorted(shared)), info)
+        store = self._store
+        assert isinstance(store, GroupStore)
+        load_shared(info.path, shared, store.group.coordinator)
+        return {name: target for name, target in targets.items() if name not in shared}
+
+    def _saved(self, name: str, target: Any) -> Any:
+        """A one-process checkpoint's whole tensors, sliced to this rank's shards where the
+        target's are DTensors (an FSDP2 model resuming what one process saved)."""
+        saved = super()._saved(name, target)
+        from killsafe.distributed.runstate import is_shared
+
+        if not is_shared(target):
+            return saved
+        from killsafe.distributed.reshard import sharded_like
+
+        return sharded_like(saved, target)
+
     def _load_newest_good(self) -> CheckpointInfo | None:
         """On rank 0: the newest checkpoint that verifies (every rank reads it afterwards)."""
         for info in reversed(self._store.list()):

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from killsafe.format import CheckpointInfo
     from killsafe.store import CheckpointStore
 
-__all__ = ["Resume"]
+__all__ = ["Resume", "check_shapes"]
 
 logger = logging.getLogger("killsafe")
 
@@ -83,10 +83,12 @@ class Resume:
             return restored
         from killsafe import state as state_module
 
-        saved = self._saved_for(objects)
+        self._check_names(objects)
         targets = self._targets(objects)
-        _check_shapes(targets, saved, self.info)
-        values = state_module.restore(targets, saved)
+        rest = self._restore_together(targets)
+        saved = {name: self._saved(name, target) for name, target in rest.items()}
+        check_shapes(rest, saved, self.info)
+        values = state_module.restore(rest, saved)
         for name, value in values.items():
             if targets[name] is not objects[name]:
                 continue  # restored inside its wrapper
@@ -101,6 +103,15 @@ class Resume:
 
         return unwrapped(objects)
 
+    def _restore_together(self, targets: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Restore what every process of a job loads at once; return the rest (here, all)."""
+        return targets
+
+    def _saved(self, name: str, target: Any) -> Any:
+        """The saved value of ``name``, as it is restored into ``target``."""
+        assert self._tree is not None
+        return self._tree[name]
+
     def restore_rng(self, rng: Any) -> None:
         # Last of all, just before the first step: restoring other objects and
         # building iterators in between must not shift the random streams.
@@ -108,7 +119,7 @@ class Resume:
             rng.load_state_dict(self._tree[RNG_KEY])
         self._tree = None
 
-    def _saved_for(self, objects: Mapping[str, Any]) -> dict[str, Any]:
+    def _check_names(self, objects: Mapping[str, Any]) -> None:
         assert self._tree is not None
         tree = self._tree
         missing = [name for name in objects if name not in tree]
@@ -119,7 +130,6 @@ class Resume:
                 f"{', '.join(sorted(k for k in tree if not k.startswith('__')))}"
                 "; track the same names as the run that saved it, or resume='never'"
             )
-        return {name: tree[name] for name in objects}
 
     # -- which checkpoint ---------------------------------------------------
 
@@ -213,7 +223,7 @@ def _describe(info: CheckpointInfo) -> str:
     return text + (f", {metrics}" if metrics else "")
 
 
-def _check_shapes(
+def check_shapes(
     targets: Mapping[str, Any], saved: Mapping[str, Any], info: CheckpointInfo | None
 ) -> None:
     """Raise ``StateMismatch`` listing the keys and shapes that differ, module by module.

@@ -24,8 +24,9 @@ logger = logging.getLogger("killsafe")
 class ShardedTree(Mapping[str, Any]):
     """A sharded checkpoint's tree as one rank resumes it.
 
-    Its own part is read at once; each module or optimizer is read whole
-    when it is restored. A rank the checkpoint has no part of (the job
+    Its own part is read at once; a module or optimizer is read whole when
+    it is looked up (a job loads them together instead, resharded: see
+    ``GroupResume``). A rank the checkpoint has no part of (the job
     grew) takes rank 0's part without its random states.
     """
 
@@ -51,6 +52,9 @@ class ShardedTree(Mapping[str, Any]):
             self._read.update(read_shared(self._path, [name]))
         return self._read[name]
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._private or name in self._shared
+
     def __iter__(self) -> Iterator[str]:
         yield from self._private
         yield from self._shared
@@ -65,7 +69,7 @@ def tree_of(store: Any, info: CheckpointInfo, rank: int, world_size: int) -> Map
         if info.world_size != world_size and rank == 0:
             logger.warning(
                 "resuming %s, saved by %d process(es), on %d: modules and optimizers are "
-                "loaded whole; per-rank random states cannot carry over and stay as seeded",
+                "resharded; per-rank random states cannot carry over and stay as seeded",
                 info.path,
                 info.world_size,
                 world_size,
