@@ -38,15 +38,33 @@ with killsafe.Run("run", total_steps=60, signals=("SIGUSR1",), progress=False) a
 sys.exit(run.exit_code)
 """
 
+# The second script of the section: the run requeues itself (--requeue).
+TRAIN_WITH_FLAGS = """\
+import argparse, sys, time
+from pathlib import Path
+import killsafe
 
-def batch_script() -> str:
+parser = argparse.ArgumentParser()
+killsafe.add_arguments(parser, directory="run")
+options = dict(total_steps=60, signals=("SIGUSR1",), progress=False)
+with killsafe.Run.from_args(parser.parse_args(), **options) as run:
+    run.track(done=[])
+    for step in run.steps():
+        run.state["done"].append(step)
+        Path("started").touch()
+        time.sleep(0.02)
+sys.exit(run.exit_code)
+"""
+
+
+def batch_script(which: int) -> str:
     page = (ROOT / "docs" / "distributed.md").read_text()
     section = page[page.index("## SLURM") :]
-    return re.findall(r"```bash\n(.*?)```", section, re.S)[0]
+    return re.findall(r"```bash\n(.*?)```", section, re.S)[which]
 
 
-@pytest.fixture
-def job(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+@pytest.fixture(params=[0, 1], ids=["script-requeues", "run-requeues"])
+def job(tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Path, dict[str, str]]:
     """A job directory with the batch script, train.py and the stand-ins on PATH."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -59,8 +77,8 @@ def job(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         path = bin_dir / name
         path.write_text(text)
         path.chmod(0o755)
-    (tmp_path / "train.py").write_text(TRAIN)
-    (tmp_path / "job.sh").write_text(batch_script())
+    (tmp_path / "train.py").write_text(TRAIN_WITH_FLAGS if request.param else TRAIN)
+    (tmp_path / "job.sh").write_text(batch_script(request.param))
     env = {
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
