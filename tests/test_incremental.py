@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -9,10 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import xxhash
 
 import killsafe
 from killsafe import format as fmt
@@ -145,6 +149,53 @@ def test_a_damaged_piece_makes_its_checkpoint_corrupt_and_the_previous_one_is_us
     assert {n: d for n, d in pieces_on_disk(tmp_path).items() if n in others} == others
 
 
+def test_a_flipped_byte_in_a_packed_piece_is_found_by_its_name(tmp_path: Path) -> None:
+    store = killsafe.CheckpointStore(tmp_path, incremental=True)
+    small = {f"bias{i}": np.full(1000, i, np.float32) for i in range(8)}  # one packed piece
+    info = store.save(small, step=1)
+    manifest = fmt.read_manifest(info.path)
+    assert all("xxh3" not in row for row in manifest["tensors"]["entries"].values())
+    (digest,) = manifest["pieces"]
+    piece = fmt.piece_path(tmp_path / fmt.PIECES_DIR, digest)
+    data = bytearray(piece.read_bytes())
+    data[-1] ^= 0x01  # in the last entry's bytes: loading only the first still reads it all
+    piece.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint, match="fails its checksum"):
+        store.verify(info)
+    with pytest.raises(CorruptCheckpoint, match="fails its checksum"):
+        store.load(info, subtree="bias0")
+    assert store.load(info, verify=False)["bias0"][0] == 0
+
+
+def _rewrite_manifest(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    manifest = json.loads((path / fmt.MANIFEST_NAME).read_text())
+    change(manifest)
+    manifest[fmt.CHECKSUM_FIELD] = fmt.manifest_digest(manifest)
+    (path / fmt.MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+
+
+def test_entry_checksums_of_earlier_manifests_are_still_checked(tmp_path: Path) -> None:
+    store = killsafe.CheckpointStore(tmp_path, incremental=True)
+    values = np.arange(PIECE // 4, dtype=np.float32)
+    info = store.save({"values": values}, step=1)
+
+    def add_sums(manifest: dict[str, Any]) -> None:  # as releases before hash-once wrote them
+        for row in manifest["tensors"]["entries"].values():
+            row["xxh3"] = xxhash.xxh3_64_hexdigest(values.tobytes())
+
+    _rewrite_manifest(info.path, add_sums)
+    store.verify(info)
+    assert np.array_equal(store.load(info)["values"], values)
+
+    def spoil(manifest: dict[str, Any]) -> None:
+        for row in manifest["tensors"]["entries"].values():
+            row["xxh3"] = "0" * 16
+
+    _rewrite_manifest(info.path, spoil)
+    with pytest.raises(CorruptCheckpoint, match="'values' fails its checksum"):
+        store.verify(info)
+
+
 def test_the_saved_pieces_are_safetensors_files(tmp_path: Path) -> None:
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     store = killsafe.CheckpointStore(tmp_path, incremental=True)
@@ -198,12 +249,12 @@ def test_sigkill_during_saves_and_prunes_never_loses_a_piece(tmp_path: Path, see
     store = killsafe.CheckpointStore(store_dir, incremental=True, keep_last=2)
     step = store.list()[-1].step + 1 if store.list() else 0
     store.save({"step": step, "grown": np.arange(step * 100_000)}, step=step)  # sweeps at start
+    store.close()  # waits for the pieces retention dropped to be unlinked
     used = set().union(*(referenced(info) for info in store.list()))
     on_disk = {name.removesuffix(".safetensors") for name in pieces_on_disk(store_dir)}
     assert on_disk == used
     assert not [p for p in (store_dir / fmt.PIECES_DIR).glob("*/.tmp-*")]
     assert not [p for p in os.listdir(store_dir) if p.startswith(".tmp-")]
-    store.close()
 
 
 def test_export_writes_one_safetensors_file_and_list_shows_the_bytes_added(tmp_path: Path) -> None:

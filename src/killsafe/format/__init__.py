@@ -52,8 +52,16 @@ from killsafe.format.manifest import (
     is_sharded,
     manifest_digest,
     read_manifest,
+    read_manifest_sized,
 )
-from killsafe.format.pieces import PIECE_TMP_PREFIX, PIECES_DIR, is_pieces, piece_path
+from killsafe.format.pieces import (
+    PIECE_SUFFIX,
+    PIECE_TMP_PREFIX,
+    PIECES_DIR,
+    is_pieces,
+    piece_key,
+    piece_path,
+)
 from killsafe.format.tensorfile import ZSTD_LEVEL
 
 __all__ = [
@@ -65,6 +73,7 @@ __all__ = [
     "MAX_MANIFEST_BYTES",
     "PIECES_DIR",
     "PIECES_LAYOUT",
+    "PIECE_SUFFIX",
     "PIECE_TMP_PREFIX",
     "SHARDED_LAYOUT",
     "TENSOR_FILE",
@@ -86,8 +95,10 @@ __all__ = [
     "is_pieces",
     "is_sharded",
     "manifest_digest",
+    "piece_key",
     "piece_path",
     "read_manifest",
+    "read_manifest_sized",
     "read_tree",
     "verify_checkpoint",
     "write_checkpoint",

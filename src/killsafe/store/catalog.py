@@ -97,7 +97,8 @@ class Catalog:
 
     def info_of(self, manifest: dict[str, Any], path: Path) -> CheckpointInfo:
         """What a just-committed manifest says about the checkpoint at ``path``."""
-        return CheckpointInfo.from_manifest(manifest, path)
+        size = os.lstat(path / fmt.MANIFEST_NAME).st_size  # rather than encoding it again
+        return CheckpointInfo.from_manifest(manifest, path, manifest_size=size)
 
     def location_of(self, path: Path) -> str:
         """A checkpoint's place, for messages."""
@@ -125,9 +126,9 @@ class Catalog:
         Reads the manifest (checksum, schema) and checks with ``lstat`` only
         that its files are regular files of their recorded sizes.
         """
-        manifest = fmt.read_manifest(path)
+        manifest, manifest_size = fmt.read_manifest_sized(path)
         fmt.check_files(path, manifest)
-        return CheckpointInfo.from_manifest(manifest, path)
+        return CheckpointInfo.from_manifest(manifest, path, manifest_size=manifest_size)
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -25,7 +25,7 @@ from killsafe.host import fsync_directory
 from killsafe.store import transfer
 from killsafe.store.failures import free_space, io_error
 from killsafe.store.naming import TMP_PREFIX
-from killsafe.store.pieces import sweep_piece_leftovers, sweep_pieces
+from killsafe.store.pieces import Reaper, sweep_piece_leftovers, sweep_pieces
 
 __all__ = ["RenameCommit", "Staging"]
 
@@ -55,6 +55,7 @@ class RenameCommit:
         self.directory = directory
         self.incremental = incremental
         self.grace = grace
+        self.reaper = Reaper()
 
     def begin(self, step: int, name: str | None, final: Path) -> Staging:
         """Create the temporary directory the checkpoint of ``final`` is written into."""
@@ -150,8 +151,13 @@ class RenameCommit:
         self.drop_unreferenced()
 
     def drop_unreferenced(self) -> None:
-        """Remove the pieces no checkpoint refers to (see ``store.pieces``)."""
+        """Remove the pieces no checkpoint refers to (see ``store.pieces``), unlinked in the
+        background; ``settle`` waits for that."""
         try:
-            sweep_pieces(self.directory, self.grace)
+            self.reaper.reap(sweep_pieces(self.directory, self.grace))
         except OSError as exc:
             log.warning("unreferenced pieces in %s were not all removed: %s", self.directory, exc)
+
+    def settle(self) -> None:
+        """Wait until the pieces dropped are unlinked."""
+        self.reaper.wait()

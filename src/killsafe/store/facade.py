@@ -189,6 +189,7 @@ class CheckpointStore:
         finally:
             self._saver = None
             with self._mutex:
+                self._committer.settle()
                 self._lock.release()
 
     # ------------------------------------------------------------ saving
@@ -464,12 +465,15 @@ class CheckpointStore:
             self._acquire()
             self._committer.remove(info.path)
             self._drop_unreferenced()
+            self._committer.settle()
             return info
 
     def prune(self, *, dry_run: bool = False) -> builtins.list[CheckpointInfo]:
         """Apply retention now; return what was (or, dry run, would be) deleted."""
         with self._mutex:
-            return self._prune(dry_run=dry_run)
+            pruned = self._prune(dry_run=dry_run)
+            self._committer.settle()
+            return pruned
 
     def _prune(self, *, dry_run: bool) -> builtins.list[CheckpointInfo]:
         doomed: builtins.list[Any] = self.retention.select_deletions(self.list())
@@ -486,6 +490,8 @@ class CheckpointStore:
 
         The caller holds the mutex; a save in flight may have referenced any
         piece, so the pieces wait for the next deletion (see ``store.pieces``).
+        Retention after a save leaves their unlinking to the background;
+        ``prune``, ``delete`` and ``close`` wait for it (``settle``).
         """
         if not self._in_flight:
             self._committer.drop_unreferenced()

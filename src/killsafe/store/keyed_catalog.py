@@ -92,7 +92,9 @@ class KeyedCatalog(Catalog):
                 raise corrupt(where, f"{file_name} is missing")
             if size != info["size"]:
                 raise corrupt(where, f"{file_name} has {size} bytes, expected {info['size']}")
-        return CheckpointInfo.from_manifest(manifest, Path(name), url=where)
+        return CheckpointInfo.from_manifest(
+            manifest, Path(name), url=where, manifest_size=sizes.get(manifest_key(name))
+        )
 
     def listed(self, path: Path) -> CheckpointInfo:
         """What ``list()`` sees of one checkpoint, or the typed error that skips it."""

@@ -159,6 +159,9 @@ class ManifestLastCommit:
     def drop_unreferenced(self) -> None:
         """Nothing to do: object stores hold no shared pieces (each attempt is whole)."""
 
+    def settle(self) -> None:
+        """Nothing is removed in the background."""
+
     def sweep(self) -> None:
         """Remove attempts that no manifest names, once older than ``sweep_after`` seconds."""
         cutoff = time.time() - self.sweep_after

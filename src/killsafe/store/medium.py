@@ -49,6 +49,8 @@ class Committer(Protocol):
 
     def drop_unreferenced(self) -> None: ...
 
+    def settle(self) -> None: ...
+
 
 class WriteLock(Protocol):
     """One writer per store (``StoreLock``, ``LeaseLock``)."""
