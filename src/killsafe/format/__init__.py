@@ -60,6 +60,7 @@ from killsafe.format.pieces import (
     PIECES_DIR,
     is_pieces,
     piece_key,
+    piece_nbytes,
     piece_path,
 )
 from killsafe.format.tensorfile import ZSTD_LEVEL
@@ -96,6 +97,7 @@ __all__ = [
     "is_sharded",
     "manifest_digest",
     "piece_key",
+    "piece_nbytes",
     "piece_path",
     "read_manifest",
     "read_manifest_sized",
