@@ -25,7 +25,7 @@ from killsafe.host import fsync_directory
 from killsafe.store import transfer
 from killsafe.store.failures import free_space, io_error
 from killsafe.store.naming import TMP_PREFIX
-from killsafe.store.pieces import Reaper, sweep_piece_leftovers, sweep_pieces
+from killsafe.store.pieces import ManifestPieces, Reaper, sweep_piece_leftovers, sweep_pieces
 
 __all__ = ["RenameCommit", "Staging"]
 
@@ -56,6 +56,7 @@ class RenameCommit:
         self.incremental = incremental
         self.grace = grace
         self.reaper = Reaper()
+        self.manifest_pieces: ManifestPieces = {}
 
     def begin(self, step: int, name: str | None, final: Path) -> Staging:
         """Create the temporary directory the checkpoint of ``final`` is written into."""
@@ -154,7 +155,7 @@ class RenameCommit:
         """Remove the pieces no checkpoint refers to (see ``store.pieces``), unlinked in the
         background; ``settle`` waits for that."""
         try:
-            self.reaper.reap(sweep_pieces(self.directory, self.grace))
+            self.reaper.reap(sweep_pieces(self.directory, self.grace, self.manifest_pieces))
         except OSError as exc:
             log.warning("unreferenced pieces in %s were not all removed: %s", self.directory, exc)
 

@@ -39,15 +39,26 @@ __all__ = ["Reaper", "referenced_pieces", "sweep_piece_leftovers", "sweep_pieces
 log = logging.getLogger("killsafe.store")
 
 
-def referenced_pieces(directory: Path) -> set[str] | None:
+ManifestPieces = dict[str, tuple[tuple[int, int, int], frozenset[str]]]
+"""Pieces read from manifests before: path -> ((inode, size, mtime), pieces). A committed
+manifest never changes in place, so an unchanged file need not be parsed again."""
+
+
+def referenced_pieces(directory: Path, known: ManifestPieces | None = None) -> set[str] | None:
     """The pieces every checkpoint of ``directory`` names; None if one cannot be read."""
     referenced: set[str] = set()
+    seen: ManifestPieces = {}
     for entry in os.scandir(directory):
         if not entry.name.startswith("step-"):
             continue
         try:
-            manifest = fmt.read_manifest(entry.path)
-        except CheckpointNotFound:
+            found = os.stat(os.path.join(entry.path, fmt.MANIFEST_NAME), follow_symlinks=False)
+            stamp = (found.st_ino, found.st_size, found.st_mtime_ns)
+            if known is not None and known.get(entry.path, (None,))[0] == stamp:
+                pieces = known[entry.path][1]
+            else:
+                pieces = frozenset(fmt.read_manifest(entry.path).get("pieces", ()))
+        except (CheckpointNotFound, FileNotFoundError):
             if os.path.lexists(entry.path):
                 log.warning("pieces kept: %s has no readable manifest", entry.path)
                 return None
@@ -55,11 +66,15 @@ def referenced_pieces(directory: Path) -> set[str] | None:
         except (CorruptCheckpoint, UnsupportedFormat) as exc:
             log.warning("pieces kept: %s cannot be read (%s)", entry.path, exc)
             return None
-        referenced.update(manifest.get("pieces", ()))
+        seen[entry.path] = (stamp, pieces)
+        referenced |= pieces
+    if known is not None:
+        known.clear()
+        known.update(seen)
     return referenced
 
 
-def sweep_pieces(directory: Path, grace: float) -> list[Path]:
+def sweep_pieces(directory: Path, grace: float, known: ManifestPieces | None = None) -> list[Path]:
     """Rename away the pieces no checkpoint names (older than ``grace`` s); return them.
 
     The caller holds the write lock and has no save in flight; it unlinks
@@ -68,7 +83,7 @@ def sweep_pieces(directory: Path, grace: float) -> list[Path]:
     pieces_dir = directory / fmt.PIECES_DIR
     if not pieces_dir.is_dir():
         return []
-    referenced = referenced_pieces(directory)
+    referenced = referenced_pieces(directory, known)
     if referenced is None:
         return []
     gone: list[Path] = []
