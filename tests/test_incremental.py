@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,63 @@ def test_a_run_saves_incrementally_when_asked(tmp_path: Path) -> None:
     assert all(info.added is not None and info.added < info.size // 2 for info in infos)
 
 
-def test_a_run_refuses_incremental_with_a_mirror(tmp_path: Path) -> None:
-    with pytest.raises(killsafe.ConfigError, match="incremental=True cannot be combined"):
-        killsafe.Run(tmp_path, incremental=True, mirror="memory://m/exp")
+def test_a_run_mirrors_incrementally_and_a_fresh_directory_resumes_from_it(
+    tmp_path: Path,
+) -> None:
+    url = f"memory://incremental-mirror-{uuid.uuid4().hex[:8]}/exp"
+    frozen = np.random.default_rng(5).random(PIECE // 4)  # two pieces, never changed
+
+    def train(directory: Path, total: int) -> tuple[killsafe.Run, dict[str, Any]]:
+        state = {"frozen": frozen.copy(), "counter": np.zeros(8)}
+        with killsafe.Run(
+            directory, total_steps=total, save_every_steps=1, incremental=True,
+            mirror=url, mirror_keep_last=None, progress=False, report=False,
+        ) as run:  # fmt: skip
+            run.track(state=state)
+            for _ in run.steps():
+                state["counter"] += 1
+        return run, state
+
+    train(tmp_path / "first", 3)
+    remote = killsafe.CheckpointStore(url, incremental=True)
+    infos = remote.list()
+    assert [info.step for info in infos] == [1, 2, 3]
+    assert infos[0].added is not None and infos[0].added > frozen.nbytes  # the frozen part, once
+    assert all(info.added is not None and info.added < info.size // 100 for info in infos[1:])
+    run, state = train(tmp_path / "fresh-machine", 5)
+    assert run.finished and run.resumed_from is not None and run.resumed_from.step == 3
+    assert state["counter"][0] == 5 and np.array_equal(state["frozen"], frozen)
+
+
+def test_import_copies_only_the_pieces_the_target_lacks(tmp_path: Path) -> None:
+    source = killsafe.CheckpointStore(tmp_path / "source", incremental=True)
+    frozen = np.random.default_rng(6).random(PIECE // 4)
+    for step in (1, 2):
+        source.save({"frozen": frozen, "step": np.full(10, step)}, step=step)
+    remote = killsafe.CheckpointStore(f"memory://import-{uuid.uuid4().hex[:8]}", incremental=True)
+    first, second = remote.import_from(source, 1), remote.import_from(source, 2)
+    assert first.added is not None and first.added > frozen.nbytes
+    assert second.added is not None and second.added < 10_000
+    back = killsafe.CheckpointStore(tmp_path / "back", incremental=True)
+    copied = back.import_from(remote, 2)
+    assert copied.added is not None and copied.added > frozen.nbytes
+    assert back.load(2)["step"][0] == 2 and np.array_equal(back.load(2)["frozen"], frozen)
+    back.verify(2)
+    with pytest.raises(ConfigError, match="incremental=True"):
+        killsafe.CheckpointStore(tmp_path / "full").import_from(source, 1)
+
+
+def test_an_import_of_a_damaged_piece_commits_nothing(tmp_path: Path) -> None:
+    source = killsafe.CheckpointStore(tmp_path / "source", incremental=True)
+    info = source.save({"data": np.random.default_rng(7).random(PIECE // 8)}, step=1)
+    (digest,) = referenced(info)
+    piece = fmt.piece_path(tmp_path / "source" / fmt.PIECES_DIR, digest)
+    data = bytearray(piece.read_bytes())
+    data[-3] ^= 0x10
+    piece.write_bytes(bytes(data))
+    target = killsafe.CheckpointStore(tmp_path / "target", incremental=True)
+    with pytest.raises(CorruptCheckpoint, match="does not match its name"):
+        target.import_from(source, tmp_path / "source" / "step-000001")
+    assert target.list() == []
+    target.close()
+    assert not list((tmp_path / "target" / fmt.PIECES_DIR).glob("*/*"))

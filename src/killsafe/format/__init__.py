@@ -59,9 +59,13 @@ from killsafe.format.pieces import (
     PIECE_TMP_PREFIX,
     PIECES_DIR,
     is_pieces,
+    piece_header,
     piece_key,
     piece_nbytes,
     piece_path,
+)
+from killsafe.format.pieces import (
+    present as piece_present,
 )
 from killsafe.format.tensorfile import ZSTD_LEVEL
 
@@ -96,9 +100,11 @@ __all__ = [
     "is_pieces",
     "is_sharded",
     "manifest_digest",
+    "piece_header",
     "piece_key",
     "piece_nbytes",
     "piece_path",
+    "piece_present",
     "read_manifest",
     "read_manifest_sized",
     "read_tree",

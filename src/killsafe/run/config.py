@@ -145,11 +145,6 @@ class RunConfig:
         if tensorboard:
             require_tensorboard()
         _check_mirror(mirror_keep_last, mirror_grace)
-        if incremental and mirror is not None:
-            raise ConfigError(
-                "incremental=True cannot be combined with mirror= yet (pieces are not "
-                "uploaded); drop one of them"
-            )
         return cls(
             directory=Path(directory),
             total_steps=total_steps,

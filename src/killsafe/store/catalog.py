@@ -91,6 +91,11 @@ class Catalog:
         """The bytes of one of the checkpoint's files, chunk by chunk."""
         return transfer.local_chunks(path, name)
 
+    def piece_chunks(self, digest: str) -> Iterator[memoryview]:
+        """The bytes of one of the store's pieces (incremental stores), chunk by chunk."""
+        path = fmt.piece_path(self.directory / fmt.PIECES_DIR, digest)
+        return transfer.local_chunks(path.parent, path.name)
+
     def place(self, name: str) -> Path:
         """Where the checkpoint called ``name`` (``step-000500``) lives."""
         return self.directory / name

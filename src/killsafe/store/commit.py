@@ -112,6 +112,23 @@ class RenameCommit:
             raise io_error("copying a checkpoint into", staging.tmp_path, exc) from exc
         return copy
 
+    def adopt_pieces(
+        self, staging: Staging, manifest: dict[str, Any], pieces: dict[str, Iterator[memoryview]]
+    ) -> dict[str, Any]:
+        """Copy the pieces of a copied incremental checkpoint that the store lacks, then its
+        manifest (``added``: the bytes copied here) into the staging directory."""
+        pieces_dir = self.directory / fmt.PIECES_DIR
+        written = 0
+        try:
+            for digest, chunks in pieces.items():
+                if not fmt.piece_present(pieces_dir, digest, manifest["pieces"][digest]):
+                    written += transfer.write_piece_file(pieces_dir, digest, chunks)
+            copy = transfer.restamp({**manifest, "added": written}, None)
+            transfer.write_manifest_file(staging.tmp_path, copy)
+        except OSError as exc:
+            raise io_error("copying a checkpoint into", staging.tmp_path, exc) from exc
+        return copy
+
     def commit(self, staging: Staging) -> None:
         """Rename a written staging directory into place, durably; abort it on failure."""
         try:

@@ -61,6 +61,9 @@ class KeyedCatalog(Catalog):
         prefix = data_prefix(str(path), manifest, self.url_of(path))
         return transfer.object_chunks(self.backend, prefix + name)
 
+    def piece_chunks(self, digest: str) -> Iterator[memoryview]:
+        return transfer.object_chunks(self.backend, fmt.piece_key(digest))
+
     def place(self, name: str) -> Path:
         return Path(name)
 

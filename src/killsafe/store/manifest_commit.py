@@ -152,6 +152,19 @@ class ManifestLastCommit:
         transfer.write_objects(self.backend, f"{staging.tmp_path}/", files)
         return transfer.restamp(manifest, staging.tmp_path.name)
 
+    def adopt_pieces(
+        self, staging: Staging, manifest: dict[str, Any], pieces: dict[str, Iterator[memoryview]]
+    ) -> dict[str, Any]:
+        """Upload the pieces of a copied incremental checkpoint that ``pieces/`` lacks;
+        return its manifest (``added``: the bytes uploaded here)."""
+        held = held_pieces((i.key, i.size) for i in self.backend.list(PIECES_PREFIX))
+        written = 0
+        for digest, chunks in pieces.items():
+            if held.get(digest) != fmt.piece_nbytes(manifest["pieces"][digest]):
+                transfer.write_objects(self.backend, "", {fmt.piece_key(digest): chunks})
+                written += fmt.piece_nbytes(manifest["pieces"][digest])
+        return transfer.restamp({**manifest, "added": written}, staging.tmp_path.name)
+
     def commit(self, staging: Staging) -> None:
         """Write the manifest, create-only: the commit point.
 
