@@ -67,6 +67,18 @@ def test_s3_store_shares_pieces_and_sweeps_unreferenced_ones(s3_url: str) -> Non
     _shares_pieces_and_prunes(s3_url)
 
 
+def test_a_store_opened_without_the_keyword_prunes_pieces_too() -> None:
+    url = f"memory://plain-prune-{uuid.uuid4().hex}"
+    with killsafe.CheckpointStore(url, incremental=True) as store:
+        for step in range(3):
+            store.save({"own": np.full(PIECE // 8, step, dtype=np.float64)}, step=step)
+        assert len(piece_objects(store)) == 3
+    with killsafe.CheckpointStore(url, keep_last=1) as plain:  # as `killsafe prune` opens it
+        plain.prune()
+        assert [info.step for info in plain.list()] == [2]
+        assert set(piece_objects(plain)) == referenced(plain) and len(referenced(plain)) == 1
+
+
 def test_a_reopened_s3_store_puts_only_what_changed(s3_url: str) -> None:
     frozen = np.random.default_rng(1).random(PIECE // 8)
     with killsafe.CheckpointStore(s3_url, incremental=True) as store:

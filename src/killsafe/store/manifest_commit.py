@@ -212,14 +212,15 @@ class ManifestLastCommit:
         self._delete_under(f"{path}/")
 
     def drop_unreferenced(self) -> None:
-        """Delete the pieces no committed manifest names (the rules are in the module doc)."""
-        if not self.incremental:
-            return
-        listing = [(info.key, info.size) for info in self.backend.list("")]
-        held = held_pieces(listing)
+        """Delete the pieces no committed manifest names (the rules are in the module doc).
+
+        Whether or not this store saves incrementally: a store opened without
+        the keyword (``killsafe prune``) must not leave pieces behind.
+        """
+        held = held_pieces((info.key, info.size) for info in self.backend.list(PIECES_PREFIX))
         if not held:
             return
-        manifests = [key for key, _ in listing if _CHECKPOINT_MANIFEST.match(key)]
+        manifests = [i.key for i in self.backend.list("") if _CHECKPOINT_MANIFEST.match(i.key)]
         referenced = self._referenced_pieces(manifests)
         if referenced is None:
             return
