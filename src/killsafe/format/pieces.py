@@ -40,6 +40,7 @@ import json
 import os
 import stat
 import struct
+import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -340,6 +341,7 @@ class LocalPieceSource:
         self.directory = directory
         self.pieces_dir = pieces_dir_of(directory)
         self.opened: dict[str, int] = {}
+        self.lock = threading.Lock()  # reads run on several threads
 
     def read_into(self, digest: str, length: int, offset: int, out: memoryview) -> None:
         self._pread(digest, length, len(piece_header(length)) + offset, out)
@@ -350,9 +352,10 @@ class LocalPieceSource:
         return bytes(out)
 
     def _pread(self, digest: str, length: int, position: int, out: memoryview) -> None:
-        fd = self.opened.get(digest)
-        if fd is None:
-            fd = self.opened[digest] = self._open(digest, length)
+        with self.lock:
+            fd = self.opened.get(digest)
+            if fd is None:
+                fd = self.opened[digest] = self._open(digest, length)
         if os.preadv(fd, [out], position) != out.nbytes:
             raise corrupt(self.directory, f"piece {digest} shrank while being read")
 
@@ -376,34 +379,38 @@ class LocalPieceSource:
         return fd
 
     def close(self) -> None:
-        for fd in self.opened.values():
-            os.close(fd)
-        self.opened.clear()
+        with self.lock:
+            for fd in self.opened.values():
+                os.close(fd)
+            self.opened.clear()
 
 
-class _PieceChecks:
-    """Checks pieces against their names on a few threads while the reader goes on."""
+class _PieceReads:
+    """Reads pieces on a few threads (xxhash and ``preadv`` release the GIL; an object
+    store answers ranged reads in parallel), each checked against its name when asked."""
 
-    def __init__(self, where: Where) -> None:
+    def __init__(self, where: Where, source: PieceSource, verify: bool) -> None:
         self.where = where
-        workers = min(_WORKERS, os.cpu_count() or 1)
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="killsafe-verify")
-        self.pending: list[tuple[str, Future[str]]] = []
+        self.source = source
+        self.verify = verify
+        self.pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="killsafe-pieces")
+        self.pending: list[Future[None]] = []
 
-    def submit(self, digest: str, data: memoryview) -> None:
-        self.pending.append((digest, self.pool.submit(piece_digest, data)))
+    def submit(self, digest: str, length: int, out: memoryview) -> None:
+        self.pending.append(self.pool.submit(self._read, digest, length, out))
 
-    def result(self) -> None:
-        """Raise ``CorruptCheckpoint`` for the first piece whose bytes are not its name."""
+    def _read(self, digest: str, length: int, out: memoryview) -> None:
+        self.source.read_into(digest, length, 0, out)
+        if self.verify and piece_digest(out) != digest:
+            raise corrupt(self.where, f"piece {digest} fails its checksum")
+
+    def wait(self) -> None:
+        """Wait for every read; raise the first failure."""
         try:
-            for digest, future in self.pending:
-                if future.result() != digest:
-                    raise corrupt(self.where, f"piece {digest} fails its checksum")
+            for future in self.pending:
+                future.result()
         finally:
-            self.close()
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def load_piece_buffers(
@@ -416,8 +423,9 @@ def load_piece_buffers(
     """Map entry key -> (buffer, 0, size), each entry assembled from its pieces.
 
     A piece an entry spans whole is read straight into the entry's buffer;
-    a shared (packed) piece is read whole once, then copied from. With
-    ``verify`` every piece read is checked against its name.
+    a shared (packed) piece is read whole once, then copied from. Reads run
+    on a few threads. With ``verify`` every piece read is checked against
+    its name.
     """
     table = manifest["tensors"]["entries"]
     missing = needed - set(table)
@@ -427,7 +435,8 @@ def load_piece_buffers(
         )
     lengths = manifest["pieces"]
     shared: dict[str, memoryview] = {}
-    checks = _PieceChecks(where) if verify else None
+    copies: list[tuple[memoryview, str, int, int]] = []  # into, shared piece, offset, length
+    reads = _PieceReads(where, source, verify)
     result: dict[str, tuple[Any, int, int]] = {}
     try:
         for key in sorted(needed):
@@ -438,24 +447,20 @@ def load_piece_buffers(
             for digest, offset, length in row["pieces"]:
                 out = view[done : done + length]
                 if offset == 0 and length == lengths[digest]:
-                    source.read_into(digest, length, 0, out)
-                    if checks is not None:
-                        checks.submit(digest, out)
+                    reads.submit(digest, length, out)
                 else:
                     if digest not in shared:
                         shared[digest] = memoryview(anonymous_buffer(lengths[digest]))
-                        source.read_into(digest, lengths[digest], 0, shared[digest])
-                        if checks is not None:
-                            checks.submit(digest, shared[digest])
-                    out[:] = shared[digest][offset : offset + length]
+                        reads.submit(digest, lengths[digest], shared[digest])
+                    copies.append((out, digest, offset, length))
                 done += length
             result[key] = (buffer, 0, row["size"])
-        if checks is not None:
-            checks.result()
+        reads.wait()
     finally:
+        reads.pool.shutdown(wait=True, cancel_futures=True)
         source.close()
-        if checks is not None:
-            checks.close()
+    for out, digest, offset, length in copies:
+        out[:] = shared[digest][offset : offset + length]
     if verify:
         _check_entry_sums(where, result, table)
     return result
