@@ -119,10 +119,15 @@ class RenameCommit:
         manifest (``added``: the bytes copied here) into the staging directory."""
         pieces_dir = self.directory / fmt.PIECES_DIR
         written = 0
+        touched: set[Path] = set()
         try:
             for digest, chunks in pieces.items():
                 if not fmt.piece_present(pieces_dir, digest, manifest["pieces"][digest]):
                     written += transfer.write_piece_file(pieces_dir, digest, chunks)
+                    touched.add(fmt.piece_path(pieces_dir, digest).parent)
+            if touched:  # the new pieces are durable before a manifest names them
+                for directory in [*sorted(touched), pieces_dir, self.directory]:
+                    fsync_directory(directory)
             copy = transfer.restamp({**manifest, "added": written}, None)
             transfer.write_manifest_file(staging.tmp_path, copy)
         except OSError as exc:

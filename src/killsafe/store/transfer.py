@@ -20,7 +20,6 @@ import xxhash
 from killsafe import format as fmt
 from killsafe.errors import CheckpointNotFound
 from killsafe.format.io import corrupt, open_regular, write_buffers, write_json_file
-from killsafe.host import fsync_directory
 from killsafe.storage import Backend
 
 __all__ = [
@@ -139,7 +138,11 @@ def write_manifest_file(directory: Path, manifest: dict[str, Any]) -> None:
 
 
 def write_piece_file(pieces_dir: Path, digest: str, chunks: Iterator[memoryview]) -> int:
-    """Write a copied piece into place durably (temporary name, fsync, rename, fsync)."""
+    """Write a copied piece into place (temporary name, fsync, rename); return its size.
+
+    The caller fsyncs the directories (``piece_path(...).parent``, ``pieces_dir`` and
+    the store) before it writes a manifest naming the piece.
+    """
     final = fmt.piece_path(pieces_dir, digest)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f"{fmt.PIECE_TMP_PREFIX}{digest}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -156,9 +159,6 @@ def write_piece_file(pieces_dir: Path, digest: str, chunks: Iterator[memoryview]
         raise
     os.close(fd)
     os.rename(tmp, final)
-    fsync_directory(final.parent)
-    fsync_directory(pieces_dir)
-    fsync_directory(pieces_dir.parent)
     return size
 
 
