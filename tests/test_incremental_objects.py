@@ -89,6 +89,21 @@ def test_a_reopened_s3_store_puts_only_what_changed(s3_url: str) -> None:
     assert info.size > PIECE
 
 
+def test_list_and_inspect_of_an_s3_store_show_the_bytes_added(s3_url: str) -> None:
+    from cli_helpers import cli, cli_json
+
+    frozen = np.random.default_rng(4).random(PIECE // 4)
+    with killsafe.CheckpointStore(s3_url, incremental=True) as store:
+        store.save({"frozen": frozen, "head": np.zeros(10)}, step=1)
+        second = store.save({"frozen": frozen, "head": np.ones(10)}, step=2)
+    listed = {row["step"]: row for row in cli_json("list", s3_url)["checkpoints"]}
+    assert listed[2]["size"] == second.size and listed[2]["added"] == second.added
+    assert listed[2]["added"] < 10_000 < frozen.nbytes <= listed[1]["added"]
+    inspected = cli("inspect", f"{s3_url}/step-000002")
+    assert inspected.returncode == 0, inspected.stderr
+    assert "added" in inspected.stdout
+
+
 def test_piece_objects_are_safetensors_named_by_their_bytes() -> None:
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     store = killsafe.CheckpointStore(f"memory://pieces-{uuid.uuid4().hex}", incremental=True)
