@@ -42,3 +42,21 @@ def race_for_the_lease(url: str, env: dict[str, str], start: Any, hold: Any, pat
         os.write(report, b"saved\n")
     hold.wait(30)
     store.close()
+
+
+def save_incrementally_forever(url: str, env: dict[str, str], path: str) -> None:
+    """Resume and save incrementally (pruning to 2 each time), reporting each commit."""
+    import numpy as np
+
+    os.environ.update(env)
+    report = _report_to(path)
+    store = CheckpointStore(url, keep_last=2, lease_ttl=5.0, incremental=True)
+    latest = store.latest()
+    step = latest.step + 1 if latest else 0
+    frozen = np.arange(3 << 20, dtype=np.int32)  # 12 MiB: two pieces, written once
+    os.write(report, b"ready\n")
+    while True:
+        own = np.full(300_000, step, dtype=np.int64)  # 2.4 MiB: a new piece every save
+        store.save({"step": step, "frozen": frozen, "own": own}, step)
+        os.write(report, f"{step}\n".encode())
+        step += 1

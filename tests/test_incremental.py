@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -9,10 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import xxhash
 
 import killsafe
 from killsafe import format as fmt
@@ -108,8 +113,8 @@ def test_the_saver_writes_incremental_checkpoints(tmp_path: Path) -> None:
 def test_incremental_is_refused_where_it_cannot_work(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="compression"):
         killsafe.CheckpointStore(tmp_path, incremental=True, compression="zstd")
-    with pytest.raises(ConfigError, match="local directory"):
-        killsafe.CheckpointStore("memory://incremental-refused", incremental=True)
+    with pytest.raises(ConfigError, match="compression"):
+        killsafe.CheckpointStore("memory://refused", incremental=True, compression="zstd")
 
 
 @pytest.mark.parametrize("damage", ["flip", "missing", "truncated"])
@@ -143,6 +148,53 @@ def test_a_damaged_piece_makes_its_checkpoint_corrupt_and_the_previous_one_is_us
     store.save({"shared": shared}, step=3)  # a later save and its sweep leave others alone
     store.prune()
     assert {n: d for n, d in pieces_on_disk(tmp_path).items() if n in others} == others
+
+
+def test_a_flipped_byte_in_a_packed_piece_is_found_by_its_name(tmp_path: Path) -> None:
+    store = killsafe.CheckpointStore(tmp_path, incremental=True)
+    small = {f"bias{i}": np.full(1000, i, np.float32) for i in range(8)}  # one packed piece
+    info = store.save(small, step=1)
+    manifest = fmt.read_manifest(info.path)
+    assert all("xxh3" not in row for row in manifest["tensors"]["entries"].values())
+    (digest,) = manifest["pieces"]
+    piece = fmt.piece_path(tmp_path / fmt.PIECES_DIR, digest)
+    data = bytearray(piece.read_bytes())
+    data[-1] ^= 0x01  # in the last entry's bytes: loading only the first still reads it all
+    piece.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint, match="fails its checksum"):
+        store.verify(info)
+    with pytest.raises(CorruptCheckpoint, match="fails its checksum"):
+        store.load(info, subtree="bias0")
+    assert store.load(info, verify=False)["bias0"][0] == 0
+
+
+def _rewrite_manifest(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    manifest = json.loads((path / fmt.MANIFEST_NAME).read_text())
+    change(manifest)
+    manifest[fmt.CHECKSUM_FIELD] = fmt.manifest_digest(manifest)
+    (path / fmt.MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+
+
+def test_entry_checksums_of_earlier_manifests_are_still_checked(tmp_path: Path) -> None:
+    store = killsafe.CheckpointStore(tmp_path, incremental=True)
+    values = np.arange(PIECE // 4, dtype=np.float32)
+    info = store.save({"values": values}, step=1)
+
+    def add_sums(manifest: dict[str, Any]) -> None:  # as releases before hash-once wrote them
+        for row in manifest["tensors"]["entries"].values():
+            row["xxh3"] = xxhash.xxh3_64_hexdigest(values.tobytes())
+
+    _rewrite_manifest(info.path, add_sums)
+    store.verify(info)
+    assert np.array_equal(store.load(info)["values"], values)
+
+    def spoil(manifest: dict[str, Any]) -> None:
+        for row in manifest["tensors"]["entries"].values():
+            row["xxh3"] = "0" * 16
+
+    _rewrite_manifest(info.path, spoil)
+    with pytest.raises(CorruptCheckpoint, match="'values' fails its checksum"):
+        store.verify(info)
 
 
 def test_the_saved_pieces_are_safetensors_files(tmp_path: Path) -> None:
@@ -198,12 +250,12 @@ def test_sigkill_during_saves_and_prunes_never_loses_a_piece(tmp_path: Path, see
     store = killsafe.CheckpointStore(store_dir, incremental=True, keep_last=2)
     step = store.list()[-1].step + 1 if store.list() else 0
     store.save({"step": step, "grown": np.arange(step * 100_000)}, step=step)  # sweeps at start
+    store.close()  # waits for the pieces retention dropped to be unlinked
     used = set().union(*(referenced(info) for info in store.list()))
     on_disk = {name.removesuffix(".safetensors") for name in pieces_on_disk(store_dir)}
     assert on_disk == used
     assert not [p for p in (store_dir / fmt.PIECES_DIR).glob("*/.tmp-*")]
     assert not [p for p in os.listdir(store_dir) if p.startswith(".tmp-")]
-    store.close()
 
 
 def test_export_writes_one_safetensors_file_and_list_shows_the_bytes_added(tmp_path: Path) -> None:
@@ -238,6 +290,63 @@ def test_a_run_saves_incrementally_when_asked(tmp_path: Path) -> None:
     assert all(info.added is not None and info.added < info.size // 2 for info in infos)
 
 
-def test_a_run_refuses_incremental_with_a_mirror(tmp_path: Path) -> None:
-    with pytest.raises(killsafe.ConfigError, match="incremental=True cannot be combined"):
-        killsafe.Run(tmp_path, incremental=True, mirror="memory://m/exp")
+def test_a_run_mirrors_incrementally_and_a_fresh_directory_resumes_from_it(
+    tmp_path: Path,
+) -> None:
+    url = f"memory://incremental-mirror-{uuid.uuid4().hex[:8]}/exp"
+    frozen = np.random.default_rng(5).random(PIECE // 4)  # two pieces, never changed
+
+    def train(directory: Path, total: int) -> tuple[killsafe.Run, dict[str, Any]]:
+        state = {"frozen": frozen.copy(), "counter": np.zeros(8)}
+        with killsafe.Run(
+            directory, total_steps=total, save_every_steps=1, incremental=True,
+            mirror=url, mirror_keep_last=None, progress=False, report=False,
+        ) as run:  # fmt: skip
+            run.track(state=state)
+            for _ in run.steps():
+                state["counter"] += 1
+        return run, state
+
+    train(tmp_path / "first", 3)
+    remote = killsafe.CheckpointStore(url, incremental=True)
+    infos = remote.list()
+    assert [info.step for info in infos] == [1, 2, 3]
+    assert infos[0].added is not None and infos[0].added > frozen.nbytes  # the frozen part, once
+    assert all(info.added is not None and info.added < info.size // 100 for info in infos[1:])
+    run, state = train(tmp_path / "fresh-machine", 5)
+    assert run.finished and run.resumed_from is not None and run.resumed_from.step == 3
+    assert state["counter"][0] == 5 and np.array_equal(state["frozen"], frozen)
+
+
+def test_import_copies_only_the_pieces_the_target_lacks(tmp_path: Path) -> None:
+    source = killsafe.CheckpointStore(tmp_path / "source", incremental=True)
+    frozen = np.random.default_rng(6).random(PIECE // 4)
+    for step in (1, 2):
+        source.save({"frozen": frozen, "step": np.full(10, step)}, step=step)
+    remote = killsafe.CheckpointStore(f"memory://import-{uuid.uuid4().hex[:8]}", incremental=True)
+    first, second = remote.import_from(source, 1), remote.import_from(source, 2)
+    assert first.added is not None and first.added > frozen.nbytes
+    assert second.added is not None and second.added < 10_000
+    back = killsafe.CheckpointStore(tmp_path / "back", incremental=True)
+    copied = back.import_from(remote, 2)
+    assert copied.added is not None and copied.added > frozen.nbytes
+    assert back.load(2)["step"][0] == 2 and np.array_equal(back.load(2)["frozen"], frozen)
+    back.verify(2)
+    with pytest.raises(ConfigError, match="incremental=True"):
+        killsafe.CheckpointStore(tmp_path / "full").import_from(source, 1)
+
+
+def test_an_import_of_a_damaged_piece_commits_nothing(tmp_path: Path) -> None:
+    source = killsafe.CheckpointStore(tmp_path / "source", incremental=True)
+    info = source.save({"data": np.random.default_rng(7).random(PIECE // 8)}, step=1)
+    (digest,) = referenced(info)
+    piece = fmt.piece_path(tmp_path / "source" / fmt.PIECES_DIR, digest)
+    data = bytearray(piece.read_bytes())
+    data[-3] ^= 0x10
+    piece.write_bytes(bytes(data))
+    target = killsafe.CheckpointStore(tmp_path / "target", incremental=True)
+    with pytest.raises(CorruptCheckpoint, match="does not match its name"):
+        target.import_from(source, tmp_path / "source" / "step-000001")
+    assert target.list() == []
+    target.close()
+    assert not list((tmp_path / "target" / fmt.PIECES_DIR).glob("*/*"))

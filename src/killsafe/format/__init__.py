@@ -52,8 +52,21 @@ from killsafe.format.manifest import (
     is_sharded,
     manifest_digest,
     read_manifest,
+    read_manifest_sized,
 )
-from killsafe.format.pieces import PIECE_TMP_PREFIX, PIECES_DIR, is_pieces, piece_path
+from killsafe.format.pieces import (
+    PIECE_SUFFIX,
+    PIECE_TMP_PREFIX,
+    PIECES_DIR,
+    is_pieces,
+    piece_header,
+    piece_key,
+    piece_nbytes,
+    piece_path,
+)
+from killsafe.format.pieces import (
+    present as piece_present,
+)
 from killsafe.format.tensorfile import ZSTD_LEVEL
 
 __all__ = [
@@ -65,6 +78,7 @@ __all__ = [
     "MAX_MANIFEST_BYTES",
     "PIECES_DIR",
     "PIECES_LAYOUT",
+    "PIECE_SUFFIX",
     "PIECE_TMP_PREFIX",
     "SHARDED_LAYOUT",
     "TENSOR_FILE",
@@ -86,8 +100,13 @@ __all__ = [
     "is_pieces",
     "is_sharded",
     "manifest_digest",
+    "piece_header",
+    "piece_key",
+    "piece_nbytes",
     "piece_path",
+    "piece_present",
     "read_manifest",
+    "read_manifest_sized",
     "read_tree",
     "verify_checkpoint",
     "write_checkpoint",

@@ -49,6 +49,8 @@ from killsafe.format.manifest import (
     read_manifest,
 )
 from killsafe.format.pieces import (
+    LocalPieces,
+    LocalPieceSource,
     check_piece_headers,
     check_pieces,
     is_pieces,
@@ -141,8 +143,8 @@ def write_incremental(
     """
     metrics, metadata = clean_fields(metrics, metadata)
     directory = Path(directory)
-    pieces_dir = pieces_dir_of(directory)
-    tensors, lengths, written = write_pieces(pieces_dir, encoded, fast_write=fast_write)
+    sink = LocalPieces(pieces_dir_of(directory), fast_write)
+    tensors, lengths, written = write_pieces(sink, encoded)
     manifest = build_manifest(
         encoded,
         {},
@@ -303,7 +305,9 @@ def read_tree(
     needed: set[str] = set()
     needed_entries(node, needed)
     if is_pieces(manifest):  # assembled from pieces: never mapped
-        buffers = load_piece_buffers(directory, manifest, needed, verify)
+        buffers = load_piece_buffers(
+            directory, manifest, needed, verify, LocalPieceSource(directory)
+        )
     else:
         buffers = load_buffers(directory, manifest, needed, not subtree, mmap, verify)
     return decode_tree(directory, node, buffers)
@@ -354,8 +358,9 @@ def verify_checkpoint(
     if used - needed:
         raise corrupt(directory, "the tree names tensor entries that are not in the table")
     if is_pieces(manifest):
-        # Every byte of every piece belongs to an entry: the entries' checksums cover them.
-        check_piece_headers(directory, manifest)
+        # Loading checks every piece an entry spans against its name; every
+        # piece holds bytes of an entry, so that covers them all.
+        check_piece_headers(directory, manifest, LocalPieceSource(directory))
         read_tree(directory, manifest, verify=True)
         return
     if needed:
@@ -388,7 +393,7 @@ def export_tensors(directory: str | os.PathLike[str], out: str | os.PathLike[str
     table = manifest["tensors"]["entries"]
     needed = set(table)
     if is_pieces(manifest):
-        buffers = load_piece_buffers(directory, manifest, needed, verify=True)
+        buffers = load_piece_buffers(directory, manifest, needed, True, LocalPieceSource(directory))
     else:
         buffers = load_buffers(directory, manifest, needed, True, False, verify=True)
     entries = [

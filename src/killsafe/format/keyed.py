@@ -12,10 +12,12 @@ parallel ranged reads.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
+from killsafe.errors import CheckpointNotFound
 from killsafe.format.checkpoint import (
     build_manifest,
     check_compression,
@@ -28,9 +30,22 @@ from killsafe.format.io import Where, anonymous_buffer, chunked, corrupt
 from killsafe.format.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
+    PIECES_LAYOUT,
     TENSOR_FILE,
     TENSOR_FILE_ZSTD,
     parse_manifest,
+)
+from killsafe.format.pieces import (
+    PIECE_SUFFIX,
+    PIECES_DIR,
+    Piece,
+    check_piece_headers,
+    is_pieces,
+    load_piece_buffers,
+    piece_header,
+    piece_key,
+    piece_nbytes,
+    write_pieces,
 )
 from killsafe.format.tensorfile import (
     HashThread,
@@ -42,15 +57,20 @@ from killsafe.format.tensorfile import (
 )
 
 __all__ = [
+    "PIECES_PREFIX",
     "KeyedMedium",
+    "KeyedPieceSource",
+    "held_pieces",
     "read_manifest_at",
     "read_tree_at",
     "verify_at",
     "write_files",
+    "write_pieces_at",
 ]
 
 RANGE_BYTES = 16 << 20  # one ranged read of a whole-file fetch
 _READERS = 8
+PIECES_PREFIX = f"{PIECES_DIR}/"
 
 
 class KeyedSink(Protocol):
@@ -185,7 +205,11 @@ def read_tree_at(
     node = select_subtree(where, manifest["tree"], subtree)
     needed: set[str] = set()
     needed_entries(node, needed)
-    buffers = _load_buffers(medium, checkpoint, manifest, where, needed, not subtree, verify)
+    if is_pieces(manifest):
+        source = KeyedPieceSource(medium, where)
+        buffers = load_piece_buffers(where, manifest, needed, verify, source)
+    else:
+        buffers = _load_buffers(medium, checkpoint, manifest, where, needed, not subtree, verify)
     return decode_tree(where, node, buffers)
 
 
@@ -196,6 +220,8 @@ def verify_at(medium: KeyedMedium, checkpoint: str, manifest: dict[str, Any], wh
     needed_entries(manifest["tree"], used)
     if used - set(tensors["entries"]):
         raise corrupt(where, "the tree names tensor entries that are not in the table")
+    if is_pieces(manifest):  # every piece read is checked against its name
+        check_piece_headers(where, manifest, KeyedPieceSource(medium, where))
     read_tree_at(medium, checkpoint, manifest, where, verify=True)
 
 
@@ -253,3 +279,136 @@ def _fetch(source: KeyedSource) -> Any:
             list(pool.map(fill, starts))
     view.release()
     return buffer
+
+
+# ---------------------------------------------------------------- incremental (pieces)
+
+
+class KeyedPieces:
+    """The ``PieceSink`` of a keyed medium: each new piece one object at ``pieces/…``.
+
+    ``held`` maps the digests of the pieces the medium holds (listed once
+    by the caller) to their objects' sizes. A piece's object is put whole,
+    on a few threads; since its key is the hash of its bytes, putting it
+    again (two writers, a retry) stores the same bytes.
+    """
+
+    def __init__(self, medium: KeyedMedium, held: dict[str, int]) -> None:
+        self.medium = medium
+        self.held = held
+        self.written = 0
+        self.pool = ThreadPoolExecutor(_READERS, thread_name_prefix="killsafe-pieces")
+        self.pending: list[Future[None]] = []
+
+    def has(self, digest: str, length: int) -> bool:
+        return self.held.get(digest) == piece_nbytes(length)
+
+    def write(self, piece: Piece) -> None:
+        self.pending.append(self.pool.submit(self._put, piece))
+        self.written += piece_nbytes(piece.size)
+
+    def _put(self, piece: Piece) -> None:
+        sink: KeyedSink = self.medium.open_write(piece_key(piece.digest))
+        try:
+            for view in chunked([memoryview(piece_header(piece.size)), *piece.parts]):
+                sink.write(view)
+            sink.commit()
+        except BaseException:
+            sink.abort()
+            raise
+
+    def finish(self) -> None:
+        """Wait for every put; the first failure is raised."""
+        try:
+            for future in self.pending:
+                future.result()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def discard(self) -> None:
+        """Stop; pieces already put stay, unreferenced, for the store's sweep."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class KeyedPieceSource:
+    """The ``PieceSource`` of a keyed medium: ranged reads of the pieces' objects."""
+
+    def __init__(self, medium: KeyedMedium, where: Where) -> None:
+        self.medium = medium
+        self.where = where
+        self.opened: dict[str, KeyedSource] = {}
+        self.lock = threading.Lock()
+
+    def read_into(self, digest: str, length: int, offset: int, out: memoryview) -> None:
+        source = self._open(digest, length)
+        out[:] = source.read(len(piece_header(length)) + offset, out.nbytes)
+
+    def read_header(self, digest: str, length: int) -> bytes:
+        return bytes(self._open(digest, length).read(0, len(piece_header(length))))
+
+    def _open(self, digest: str, length: int) -> KeyedSource:
+        with self.lock:
+            if digest in self.opened:
+                return self.opened[digest]
+        key = piece_key(digest)
+        try:
+            source: KeyedSource = self.medium.source(key)
+        except CheckpointNotFound:
+            raise corrupt(self.where, f"piece {key} is missing") from None
+        if source.size != piece_nbytes(length):
+            source.close()
+            raise corrupt(self.where, f"piece {key} has {source.size} bytes, not its size")
+        with self.lock:
+            self.opened[digest] = source
+        return source
+
+    def close(self) -> None:
+        with self.lock:
+            for source in self.opened.values():
+                source.close()
+            self.opened.clear()
+
+
+def write_pieces_at(
+    medium: KeyedMedium,
+    encoded: Encoded,
+    held: dict[str, int],
+    *,
+    attempt: str,
+    step: int,
+    name: str | None = None,
+    reason: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+    created: float | None = None,
+) -> dict[str, Any]:
+    """Put the pieces of ``encoded`` the medium lacks; return the incremental manifest.
+
+    ``held``: digest -> object size of the pieces already there (see
+    ``KeyedPieces``). Every piece is put before this returns, so the
+    manifest the caller writes next names only stored pieces.
+    """
+    metrics, metadata = clean_fields(metrics, metadata)
+    tensors, lengths, written = write_pieces(KeyedPieces(medium, held), encoded)
+    return build_manifest(
+        encoded,
+        {},
+        tensors,
+        step=step,
+        name=name,
+        reason=reason,
+        metrics=metrics,
+        metadata=metadata,
+        created=created,
+        attempt=attempt,
+        extra={"layout": PIECES_LAYOUT, "pieces": lengths, "added": written},
+    )
+
+
+def held_pieces(keys: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """Digest -> size of the piece objects among ``(key, size)`` pairs of a listing."""
+    held: dict[str, int] = {}
+    for key, size in keys:
+        if key.startswith(PIECES_PREFIX) and key.endswith(PIECE_SUFFIX):
+            held[key.rsplit("/", 1)[-1].removesuffix(PIECE_SUFFIX)] = size
+    return held

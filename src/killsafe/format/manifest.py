@@ -77,16 +77,26 @@ class CheckpointInfo:
 
     @classmethod
     def from_manifest(
-        cls, manifest: dict[str, Any], path: Path, url: str | None = None
+        cls,
+        manifest: dict[str, Any],
+        path: Path,
+        url: str | None = None,
+        manifest_size: int | None = None,
     ) -> CheckpointInfo:
-        """Build from a manifest already checked by ``read_manifest``."""
+        """Build from a manifest already checked by ``read_manifest``.
+
+        ``manifest_size``: its file's bytes, when the caller read them
+        (otherwise they are counted by encoding it again).
+        """
+        if manifest_size is None:
+            manifest_size = len(json_file_bytes(manifest))
         return cls(
             step=manifest["step"],
             name=manifest["name"],
             reason=manifest["reason"],
             created=float(manifest["created"]),
             metrics=dict(manifest["metrics"]),
-            size=checkpoint_nbytes(manifest),
+            size=checkpoint_nbytes(manifest, manifest_size),
             path=Path(path),
             metadata=dict(manifest["metadata"]),
             format_version=manifest["format_version"],
@@ -94,26 +104,31 @@ class CheckpointInfo:
             world_size=int(manifest.get("world_size", 1)),
             sharded=manifest.get("layout") == SHARDED_LAYOUT,
             url=url,
-            added=added_nbytes(manifest),
+            added=added_nbytes(manifest, manifest_size),
         )
 
 
-def checkpoint_nbytes(manifest: dict[str, Any]) -> int:
+def checkpoint_nbytes(manifest: dict[str, Any], manifest_size: int | None = None) -> int:
     """A checkpoint's size: its files as the manifest records them, plus the manifest.
 
     A checkpoint of plain values has no other file: its manifest holds the data.
+    ``manifest_size`` is the manifest file's bytes when known.
     """
     files = sum(int(f["size"]) for f in manifest["files"].values())
     if manifest.get("layout") == PIECES_LAYOUT:
         files = sum(int(row["size"]) for row in manifest["tensors"]["entries"].values())
-    return files + len(json_file_bytes(manifest))
+    if manifest_size is None:
+        manifest_size = len(json_file_bytes(manifest))
+    return files + manifest_size
 
 
-def added_nbytes(manifest: dict[str, Any]) -> int | None:
+def added_nbytes(manifest: dict[str, Any], manifest_size: int | None = None) -> int | None:
     """The bytes an incremental save wrote (new pieces and manifest); None for other layouts."""
     if manifest.get("layout") != PIECES_LAYOUT:
         return None
-    return int(manifest["added"]) + len(json_file_bytes(manifest))
+    if manifest_size is None:
+        manifest_size = len(json_file_bytes(manifest))
+    return int(manifest["added"]) + manifest_size
 
 
 # ---------------------------------------------------------------- the manifest itself
@@ -174,8 +189,14 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     or its manifest is missing, ``UnsupportedFormat`` for a newer format
     version and ``CorruptCheckpoint`` for anything else that does not check out.
     """
+    return read_manifest_sized(directory)[0]
+
+
+def read_manifest_sized(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], int]:
+    """``read_manifest``, and the manifest file's size in bytes."""
     directory = Path(directory)
-    return parse_manifest(_read_manifest_bytes(directory), directory)
+    raw = _read_manifest_bytes(directory)
+    return parse_manifest(raw, directory), len(raw)
 
 
 def parse_manifest(raw: bytes, directory: Where) -> dict[str, Any]:
@@ -503,8 +524,8 @@ class PieceEntry(Struct, forbid_unknown_fields=True):
     dtype: Annotated[str, Meta(pattern=r"^[A-Z0-9_]{1,16}$")]
     shape: Shape
     size: Count
-    xxh3: Hex64
     pieces: Annotated[list[tuple[Hex128, Count, Count]], Meta(max_length=1 << 24)]
+    xxh3: Hex64 | None = None  # written by earlier releases; pieces are checked by their names
 
 
 class PieceTensors(Struct, forbid_unknown_fields=True):

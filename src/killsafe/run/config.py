@@ -149,11 +149,6 @@ class RunConfig:
         _check_mirror(mirror_keep_last, mirror_grace)
         if not isinstance(requeue, bool):
             raise ConfigError(f"requeue={requeue!r}: use True or False")
-        if incremental and mirror is not None:
-            raise ConfigError(
-                "incremental=True cannot be combined with mirror= yet (pieces are not "
-                "uploaded); drop one of them"
-            )
         return cls(
             directory=Path(directory),
             total_steps=total_steps,

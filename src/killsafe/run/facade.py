@@ -683,6 +683,7 @@ class Run:
             keep_best=config.keep_best,
             best=config.best,
             compression=config.compression,
+            incremental=config.incremental,
         )
         mirror = Mirror(remote, store, self.directory, grace=config.mirror_grace)
         try:

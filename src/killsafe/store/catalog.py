@@ -91,13 +91,19 @@ class Catalog:
         """The bytes of one of the checkpoint's files, chunk by chunk."""
         return transfer.local_chunks(path, name)
 
+    def piece_chunks(self, digest: str) -> Iterator[memoryview]:
+        """The bytes of one of the store's pieces (incremental stores), chunk by chunk."""
+        path = fmt.piece_path(self.directory / fmt.PIECES_DIR, digest)
+        return transfer.local_chunks(path.parent, path.name)
+
     def place(self, name: str) -> Path:
         """Where the checkpoint called ``name`` (``step-000500``) lives."""
         return self.directory / name
 
     def info_of(self, manifest: dict[str, Any], path: Path) -> CheckpointInfo:
         """What a just-committed manifest says about the checkpoint at ``path``."""
-        return CheckpointInfo.from_manifest(manifest, path)
+        size = os.lstat(path / fmt.MANIFEST_NAME).st_size  # rather than encoding it again
+        return CheckpointInfo.from_manifest(manifest, path, manifest_size=size)
 
     def location_of(self, path: Path) -> str:
         """A checkpoint's place, for messages."""
@@ -125,9 +131,9 @@ class Catalog:
         Reads the manifest (checksum, schema) and checks with ``lstat`` only
         that its files are regular files of their recorded sizes.
         """
-        manifest = fmt.read_manifest(path)
+        manifest, manifest_size = fmt.read_manifest_sized(path)
         fmt.check_files(path, manifest)
-        return CheckpointInfo.from_manifest(manifest, path)
+        return CheckpointInfo.from_manifest(manifest, path, manifest_size=manifest_size)
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -25,7 +25,7 @@ from killsafe.host import fsync_directory
 from killsafe.store import transfer
 from killsafe.store.failures import free_space, io_error
 from killsafe.store.naming import TMP_PREFIX
-from killsafe.store.pieces import sweep_piece_leftovers, sweep_pieces
+from killsafe.store.pieces import ManifestPieces, Reaper, sweep_piece_leftovers, sweep_pieces
 
 __all__ = ["RenameCommit", "Staging"]
 
@@ -55,6 +55,8 @@ class RenameCommit:
         self.directory = directory
         self.incremental = incremental
         self.grace = grace
+        self.reaper = Reaper()
+        self.manifest_pieces: ManifestPieces = {}
 
     def begin(self, step: int, name: str | None, final: Path) -> Staging:
         """Create the temporary directory the checkpoint of ``final`` is written into."""
@@ -110,6 +112,28 @@ class RenameCommit:
             raise io_error("copying a checkpoint into", staging.tmp_path, exc) from exc
         return copy
 
+    def adopt_pieces(
+        self, staging: Staging, manifest: dict[str, Any], pieces: dict[str, Iterator[memoryview]]
+    ) -> dict[str, Any]:
+        """Copy the pieces of a copied incremental checkpoint that the store lacks, then its
+        manifest (``added``: the bytes copied here) into the staging directory."""
+        pieces_dir = self.directory / fmt.PIECES_DIR
+        written = 0
+        touched: set[Path] = set()
+        try:
+            for digest, chunks in pieces.items():
+                if not fmt.piece_present(pieces_dir, digest, manifest["pieces"][digest]):
+                    written += transfer.write_piece_file(pieces_dir, digest, chunks)
+                    touched.add(fmt.piece_path(pieces_dir, digest).parent)
+            if touched:  # the new pieces are durable before a manifest names them
+                for directory in [*sorted(touched), pieces_dir, self.directory]:
+                    fsync_directory(directory)
+            copy = transfer.restamp({**manifest, "added": written}, None)
+            transfer.write_manifest_file(staging.tmp_path, copy)
+        except OSError as exc:
+            raise io_error("copying a checkpoint into", staging.tmp_path, exc) from exc
+        return copy
+
     def commit(self, staging: Staging) -> None:
         """Rename a written staging directory into place, durably; abort it on failure."""
         try:
@@ -150,8 +174,13 @@ class RenameCommit:
         self.drop_unreferenced()
 
     def drop_unreferenced(self) -> None:
-        """Remove the pieces no checkpoint refers to (see ``store.pieces``)."""
+        """Remove the pieces no checkpoint refers to (see ``store.pieces``), unlinked in the
+        background; ``settle`` waits for that."""
         try:
-            sweep_pieces(self.directory, self.grace)
+            self.reaper.reap(sweep_pieces(self.directory, self.grace, self.manifest_pieces))
         except OSError as exc:
             log.warning("unreferenced pieces in %s were not all removed: %s", self.directory, exc)
+
+    def settle(self) -> None:
+        """Wait until the pieces dropped are unlinked."""
+        self.reaper.wait()

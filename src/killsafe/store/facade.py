@@ -94,7 +94,7 @@ class CheckpointStore:
             this old (seconds; default ``lease_ttl``); incremental local stores:
             pieces no checkpoint names are removed once this old (default 0).
         incremental: checkpoints share the bytes that did not change: each save
-            writes only the pieces its store lacks (local directories; see
+            writes only the pieces its store lacks (every medium; see
             docs/format.md). Not with ``compression``.
 
     Thread safety: mutating calls are serialized by an internal lock, so a
@@ -189,6 +189,7 @@ class CheckpointStore:
         finally:
             self._saver = None
             with self._mutex:
+                self._committer.settle()
                 self._lock.release()
 
     # ------------------------------------------------------------ saving
@@ -372,10 +373,7 @@ class CheckpointStore:
         info = other.get(ref)
         manifest = other._catalog.manifest_of(info.path)
         if fmt.is_pieces(manifest):
-            raise ConfigError(
-                f"{info.location} is incremental (its bytes are pieces shared in its store) "
-                "and cannot be copied yet; `killsafe export` writes its tensors as one file"
-            )
+            return self._import_pieces(other, info, manifest, pace)
         files = {
             name: transfer.checked(
                 info.location,
@@ -389,6 +387,34 @@ class CheckpointStore:
         staging = self.begin(info.step, name=info.name)
         try:
             staging.manifest = self._committer.adopt(staging, manifest, files)
+        except BaseException:
+            self.abort(staging)
+            raise
+        return self.commit(staging)
+
+    def _import_pieces(
+        self,
+        other: CheckpointStore,
+        info: CheckpointInfo,
+        manifest: dict[str, Any],
+        pace: Callable[[], None] | None,
+    ) -> CheckpointInfo:
+        """Copy an incremental checkpoint: only the pieces this store lacks, then its manifest."""
+        if not self.incremental:
+            raise ConfigError(
+                f"{info.location} is incremental (its bytes are pieces shared in its store); "
+                f"open {self.location} with incremental=True to copy it, or `killsafe export` "
+                "its tensors as one file"
+            )
+        pieces = {  # lazy: only the pieces the target lacks are read
+            digest: transfer.checked_piece(
+                info.location, digest, length, other._catalog.piece_chunks(digest), pace
+            )
+            for digest, length in manifest["pieces"].items()
+        }
+        staging = self.begin(info.step, name=info.name)
+        try:
+            staging.manifest = self._committer.adopt_pieces(staging, manifest, pieces)
         except BaseException:
             self.abort(staging)
             raise
@@ -464,12 +490,15 @@ class CheckpointStore:
             self._acquire()
             self._committer.remove(info.path)
             self._drop_unreferenced()
+            self._committer.settle()
             return info
 
     def prune(self, *, dry_run: bool = False) -> builtins.list[CheckpointInfo]:
         """Apply retention now; return what was (or, dry run, would be) deleted."""
         with self._mutex:
-            return self._prune(dry_run=dry_run)
+            pruned = self._prune(dry_run=dry_run)
+            self._committer.settle()
+            return pruned
 
     def _prune(self, *, dry_run: bool) -> builtins.list[CheckpointInfo]:
         doomed: builtins.list[Any] = self.retention.select_deletions(self.list())
@@ -486,6 +515,8 @@ class CheckpointStore:
 
         The caller holds the mutex; a save in flight may have referenced any
         piece, so the pieces wait for the next deletion (see ``store.pieces``).
+        Retention after a save leaves their unlinking to the background;
+        ``prune``, ``delete`` and ``close`` wait for it (``settle``).
         """
         if not self._in_flight:
             self._committer.drop_unreferenced()

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from killsafe import format as fmt
 from killsafe.errors import (
     CheckpointNotFound,
     ConfigError,
@@ -24,7 +25,13 @@ from killsafe.errors import (
 )
 from killsafe.format import CheckpointInfo
 from killsafe.format.io import corrupt
-from killsafe.format.keyed import data_prefix, read_manifest_at, read_tree_at, verify_at
+from killsafe.format.keyed import (
+    PIECES_PREFIX,
+    data_prefix,
+    read_manifest_at,
+    read_tree_at,
+    verify_at,
+)
 from killsafe.storage import Backend
 from killsafe.store import transfer
 from killsafe.store.catalog import Catalog
@@ -53,6 +60,9 @@ class KeyedCatalog(Catalog):
     def file_chunks(self, path: Path, manifest: dict[str, Any], name: str) -> Iterator[memoryview]:
         prefix = data_prefix(str(path), manifest, self.url_of(path))
         return transfer.object_chunks(self.backend, prefix + name)
+
+    def piece_chunks(self, digest: str) -> Iterator[memoryview]:
+        return transfer.object_chunks(self.backend, fmt.piece_key(digest))
 
     def place(self, name: str) -> Path:
         return Path(name)
@@ -92,12 +102,19 @@ class KeyedCatalog(Catalog):
                 raise corrupt(where, f"{file_name} is missing")
             if size != info["size"]:
                 raise corrupt(where, f"{file_name} has {size} bytes, expected {info['size']}")
-        return CheckpointInfo.from_manifest(manifest, Path(name), url=where)
+        for digest, length in manifest.get("pieces", {}).items():
+            key = fmt.piece_key(digest)
+            if sizes.get(key) != fmt.piece_nbytes(length):
+                found = "missing" if key not in sizes else f"of {sizes[key]} bytes, not its size"
+                raise corrupt(where, f"piece {key} is {found}")
+        return CheckpointInfo.from_manifest(
+            manifest, Path(name), url=where, manifest_size=sizes.get(manifest_key(name))
+        )
 
     def listed(self, path: Path) -> CheckpointInfo:
         """What ``list()`` sees of one checkpoint, or the typed error that skips it."""
-        sizes = {info.key: info.size for info in self.backend.list(f"{path}/")}
-        return self._listed(str(path), sizes)
+        listing = [*self.backend.list(f"{path}/"), *self.backend.list(PIECES_PREFIX)]
+        return self._listed(str(path), {info.key: info.size for info in listing})
 
     def from_ref(self, ref: str | os.PathLike[str]) -> CheckpointInfo:
         """A checkpoint given by its URL in this store, or its key (``step-000500``)."""

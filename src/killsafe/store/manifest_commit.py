@@ -14,11 +14,31 @@ the data. What a killed writer left (attempts no manifest names) is swept
 by the next lease holder, but only once the attempt is older than the grace
 period: an attempt id begins with its start time, so an attempt whose
 writer may still live is never touched.
+
+Incremental stores keep their pieces under ``pieces/`` (``format.pieces``),
+shared by the checkpoints; an attempt holds no data then. A save lists
+``pieces/`` once, puts the pieces missing there (a put of a piece's key
+stores the same bytes whoever puts it: the key is their hash), and commits
+the manifest as above. The sweep (``drop_unreferenced``) deletes a piece
+only when no committed manifest names it, and never one a save in flight
+may be about to reference:
+
+- it runs only while this process holds the lease and, in this process,
+  under the store's mutex with no save in flight (the facade's rule);
+- a save that found a piece present and will reference it runs under the
+  lease too; if its lease lapsed meanwhile and another process took over
+  and swept, its lease check before the manifest put fails and it commits
+  nothing (the same check that guards every commit here);
+- a manifest that cannot be read might name any piece: nothing is deleted.
+
+A crash at any moment leaves at worst pieces that nothing names, deleted
+by the next sweep (at the next lease holder's first write).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,7 +55,13 @@ from killsafe.errors import (
     StorageError,
 )
 from killsafe.format.io import json_file_bytes
-from killsafe.format.keyed import read_manifest_at, write_files
+from killsafe.format.keyed import (
+    PIECES_PREFIX,
+    held_pieces,
+    read_manifest_at,
+    write_files,
+    write_pieces_at,
+)
 from killsafe.storage import Backend
 from killsafe.store import transfer
 from killsafe.store.commit import Staging
@@ -46,6 +72,7 @@ __all__ = ["ManifestLastCommit", "attempt_started", "manifest_key", "new_attempt
 log = logging.getLogger("killsafe.store")
 
 _TIME_DIGITS = 12  # milliseconds since the epoch, in hex
+_CHECKPOINT_MANIFEST = re.compile(r"^step-[^/]+/manifest\.json$")
 
 
 def manifest_key(checkpoint: Path | str) -> str:
@@ -76,10 +103,13 @@ class ManifestLastCommit:
     ``remove`` and ``sweep``; ``write`` runs on any thread.
     """
 
-    def __init__(self, backend: Backend, lock: LeaseLock, *, sweep_after: float) -> None:
+    def __init__(
+        self, backend: Backend, lock: LeaseLock, *, sweep_after: float, incremental: bool = False
+    ) -> None:
         self.backend = backend
         self.lock = lock
         self.sweep_after = sweep_after
+        self.incremental = incremental
 
     def begin(self, step: int, name: str | None, final: Path) -> Staging:
         """A new attempt at the checkpoint ``final``: nothing is written yet."""
@@ -91,7 +121,19 @@ class ManifestLastCommit:
         """Upload the checkpoint's files under the attempt's prefix; return its manifest.
 
         A failed upload raises ``SaveFailed`` (the URL, the status, what to check).
+        Incremental: the pieces ``pieces/`` lacks, then the manifest is returned.
         """
+        if self.incremental:
+            held = held_pieces((i.key, i.size) for i in self.backend.list(PIECES_PREFIX))
+            return write_pieces_at(
+                self.backend,
+                encoded,
+                held,
+                attempt=staging.tmp_path.name,
+                step=staging.step,
+                name=staging.name,
+                **fields,
+            )
         return write_files(
             self.backend,
             f"{staging.tmp_path}/",
@@ -109,6 +151,19 @@ class ManifestLastCommit:
         """Upload a copied checkpoint's files under the attempt; return its manifest."""
         transfer.write_objects(self.backend, f"{staging.tmp_path}/", files)
         return transfer.restamp(manifest, staging.tmp_path.name)
+
+    def adopt_pieces(
+        self, staging: Staging, manifest: dict[str, Any], pieces: dict[str, Iterator[memoryview]]
+    ) -> dict[str, Any]:
+        """Upload the pieces of a copied incremental checkpoint that ``pieces/`` lacks;
+        return its manifest (``added``: the bytes uploaded here)."""
+        held = held_pieces((i.key, i.size) for i in self.backend.list(PIECES_PREFIX))
+        written = 0
+        for digest, chunks in pieces.items():
+            if held.get(digest) != fmt.piece_nbytes(manifest["pieces"][digest]):
+                transfer.write_objects(self.backend, "", {fmt.piece_key(digest): chunks})
+                written += fmt.piece_nbytes(manifest["pieces"][digest])
+        return transfer.restamp({**manifest, "added": written}, staging.tmp_path.name)
 
     def commit(self, staging: Staging) -> None:
         """Write the manifest, create-only: the commit point.
@@ -157,7 +212,41 @@ class ManifestLastCommit:
         self._delete_under(f"{path}/")
 
     def drop_unreferenced(self) -> None:
-        """Nothing to do: object stores hold no shared pieces (each attempt is whole)."""
+        """Delete the pieces no committed manifest names (the rules are in the module doc).
+
+        Whether or not this store saves incrementally: a store opened without
+        the keyword (``killsafe prune``) must not leave pieces behind.
+        """
+        held = held_pieces((info.key, info.size) for info in self.backend.list(PIECES_PREFIX))
+        if not held:
+            return
+        manifests = [i.key for i in self.backend.list("") if _CHECKPOINT_MANIFEST.match(i.key)]
+        referenced = self._referenced_pieces(manifests)
+        if referenced is None:
+            return
+        doomed = sorted(set(held) - referenced)
+        for digest in doomed:
+            self.backend.delete(fmt.piece_key(digest))
+        if doomed:
+            log.info("removed %d pieces no checkpoint refers to", len(doomed))
+
+    def _referenced_pieces(self, manifests: list[str]) -> set[str] | None:
+        """The pieces the committed ``manifests`` name; None when one cannot be read."""
+        referenced: set[str] = set()
+        for key in manifests:
+            where = f"{self.backend.url}{key.rsplit('/', 1)[0]}"
+            try:
+                manifest = read_manifest_at(self.backend, key, where)
+            except CheckpointNotFound:
+                continue  # deleted since the listing
+            except KillsafeError as exc:
+                log.warning("pieces kept: %s cannot be read (%s)", where, exc)
+                return None
+            referenced.update(manifest.get("pieces", ()))
+        return referenced
+
+    def settle(self) -> None:
+        """Nothing is removed in the background."""
 
     def sweep(self) -> None:
         """Remove attempts that no manifest names, once older than ``sweep_after`` seconds."""
@@ -174,6 +263,7 @@ class ManifestLastCommit:
             for attempt in found - self._committed_attempts(checkpoint):
                 log.info("removing leftover attempt %s%s/%s", self.backend.url, checkpoint, attempt)
                 self._delete_under(f"{checkpoint}/{attempt}/")
+        self.drop_unreferenced()
 
     def _committed_attempts(self, checkpoint: str) -> set[str]:
         """The attempt a checkpoint's manifest names; every one when it cannot be read."""

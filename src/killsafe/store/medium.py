@@ -39,6 +39,10 @@ class Committer(Protocol):
         self, staging: Staging, manifest: dict[str, Any], files: dict[str, Iterator[memoryview]]
     ) -> dict[str, Any]: ...
 
+    def adopt_pieces(
+        self, staging: Staging, manifest: dict[str, Any], pieces: dict[str, Iterator[memoryview]]
+    ) -> dict[str, Any]: ...
+
     def commit(self, staging: Staging) -> None: ...
 
     def abort(self, staging: Staging) -> None: ...
@@ -48,6 +52,8 @@ class Committer(Protocol):
     def sweep(self) -> None: ...
 
     def drop_unreferenced(self) -> None: ...
+
+    def settle(self) -> None: ...
 
 
 class WriteLock(Protocol):
@@ -82,17 +88,12 @@ def open_medium(
 ) -> Medium:
     """The parts for a path, a ``memory://``/``s3://``/``gs://``/``az://`` URL, or a backend.
 
-    ``incremental`` (local directories only, for now): checkpoints share
-    unchanged pieces (``format.pieces``).
+    ``incremental``: checkpoints share unchanged pieces (``format.pieces``),
+    on every medium.
     """
     if isinstance(location, storage.Backend) or storage.is_url(location):
-        if incremental:
-            raise ConfigError(
-                f"incremental=True needs a local directory, not {location}; "
-                "save incrementally to a local store and mirror it"
-            )
         backend = location if isinstance(location, storage.Backend) else storage.open(location)
-        return _keyed(backend, best, lease_ttl, sweep_after)
+        return _keyed(backend, best, lease_ttl, sweep_after, incremental)
     directory = Path(location)
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"checkpoint store {directory} is a file, not a directory")
@@ -110,6 +111,7 @@ def _keyed(
     best: tuple[str, str] | None,
     lease_ttl: float,
     sweep_after: float | None,
+    incremental: bool,
 ) -> Medium:
     from killsafe.store.keyed_catalog import KeyedCatalog
     from killsafe.store.lease_lock import LeaseLock
@@ -120,7 +122,7 @@ def _keyed(
     return Medium(
         location=backend.url,
         catalog=KeyedCatalog(backend, best),
-        committer=ManifestLastCommit(backend, lock, sweep_after=grace),
+        committer=ManifestLastCommit(backend, lock, sweep_after=grace, incremental=incremental),
         lock=lock,
         backend=backend,
     )

@@ -10,6 +10,7 @@ copy appears whole or not at all, as a save would.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,20 @@ from typing import Any
 import xxhash
 
 from killsafe import format as fmt
+from killsafe.errors import CheckpointNotFound
 from killsafe.format.io import corrupt, open_regular, write_buffers, write_json_file
 from killsafe.storage import Backend
 
-__all__ = ["CHUNK", "local_chunks", "object_chunks", "restamp", "write_local", "write_objects"]
+__all__ = [
+    "CHUNK",
+    "checked_piece",
+    "local_chunks",
+    "object_chunks",
+    "restamp",
+    "write_local",
+    "write_objects",
+    "write_piece_file",
+]
 
 CHUNK = 16 << 20
 
@@ -66,6 +77,41 @@ def checked(
         raise corrupt(where, f"{name} does not match its checksum; not copied")
 
 
+def checked_piece(
+    where: str,
+    digest: str,
+    length: int,
+    chunks: Iterator[memoryview],
+    pace: Callable[[], None] | None = None,
+) -> Iterator[memoryview]:
+    """Pass a piece's bytes through, raising ``CorruptCheckpoint`` at the end unless its
+    header, size and name (the xxh3-128 of the bytes past the header) match."""
+    header = fmt.piece_header(length)
+    head = bytearray()
+    hasher = xxhash.xxh3_128()
+    size = 0
+    for chunk in _piece_or_corrupt(where, digest, chunks):
+        if pace is not None:
+            pace()
+        if size < len(header):
+            head += chunk[: len(header) - size]
+        hasher.update(chunk[max(0, len(header) - size) :])
+        size += chunk.nbytes
+        yield chunk
+    if size != len(header) + length or head != header or hasher.hexdigest() != digest:
+        raise corrupt(where, f"piece {fmt.piece_key(digest)} does not match its name; not copied")
+
+
+def _piece_or_corrupt(
+    where: str, digest: str, chunks: Iterator[memoryview]
+) -> Iterator[memoryview]:
+    """A source's piece that is missing makes the source corrupt, not the copy unfound."""
+    try:
+        yield from chunks
+    except CheckpointNotFound:
+        raise corrupt(where, f"piece {fmt.piece_key(digest)} is missing; not copied") from None
+
+
 def restamp(manifest: dict[str, Any], attempt: str | None) -> dict[str, Any]:
     """The manifest for the copy: the target's attempt (or none), its checksum again."""
     copy = {k: v for k, v in manifest.items() if k not in ("attempt", fmt.CHECKSUM_FIELD)}
@@ -89,6 +135,31 @@ def write_local(directory: Path, files: dict[str, Iterator[memoryview]]) -> None
 
 def write_manifest_file(directory: Path, manifest: dict[str, Any]) -> None:
     write_json_file(directory / fmt.MANIFEST_NAME, manifest)
+
+
+def write_piece_file(pieces_dir: Path, digest: str, chunks: Iterator[memoryview]) -> int:
+    """Write a copied piece into place (temporary name, fsync, rename); return its size.
+
+    The caller fsyncs the directories (``piece_path(...).parent``, ``pieces_dir`` and
+    the store) before it writes a manifest naming the piece.
+    """
+    final = fmt.piece_path(pieces_dir, digest)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f"{fmt.PIECE_TMP_PREFIX}{digest}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    size = 0
+    try:
+        for chunk in chunks:
+            write_buffers(fd, [chunk])
+            size += chunk.nbytes
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.rename(tmp, final)
+    return size
 
 
 def write_objects(backend: Backend, prefix: str, files: dict[str, Iterator[memoryview]]) -> None:
