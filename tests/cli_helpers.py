@@ -77,6 +77,11 @@ def cli_json(*args: str | os.PathLike[str], expect: int = 0, in_process: bool = 
     return json.loads(out.stdout)
 
 
+def cli_json_in_process(*args: str | os.PathLike[str], expect: int = 0) -> Any:
+    """``cli_json`` through ``cli_in_process``."""
+    return cli_json(*args, expect=expect, in_process=True)
+
+
 def assert_one_line_error(out: Any, code: int, *fragments: str) -> None:
     """A failed command: the exit code, one line on stderr with ``fragments``, no traceback."""
     assert out.returncode == code, (out.returncode, out.stdout, out.stderr)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from cli_helpers import cli, cli_in_process, cli_json, snapshot
+from cli_helpers import cli, cli_in_process, cli_json_in_process, snapshot
 from manifest_helpers import edit_manifest
 from roundtrip_helpers import assert_same
 
@@ -274,7 +274,7 @@ def test_a_huge_int_saves_inspects_and_loads(tmp_path: Path) -> None:
     store = killsafe.CheckpointStore(tmp_path)
     info = store.save({"big": 2**20000, "small": -(2**70)}, step=1)
     assert store.load(1) == {"big": 2**20000, "small": -(2**70)}
-    shown = cli_json("inspect", info.path, in_process=True)
+    shown = cli_json_in_process("inspect", info.path)
     values = {row["path"]: row.get("value") for row in shown["tree"]}
     assert values["small"] == -(2**70)
     assert isinstance(values["big"], str) and values["big"].startswith("0x1000")
