@@ -6,6 +6,7 @@ Tests always exercise the tree they live in: ``src`` is put first on
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import uuid
@@ -60,3 +61,11 @@ def s3_url(s3_server: LocalS3Server, monkeypatch: pytest.MonkeyPatch) -> str:
     for name, value in s3_server.environment().items():
         monkeypatch.setenv(name, value)
     return f"s3://{S3_TEST_BUCKET}/{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def no_stray_children() -> Iterator[None]:
+    """Kill the multiprocessing children a test left running (a failed crash test's writer)."""
+    yield
+    for child in multiprocessing.active_children():
+        child.kill()

@@ -26,6 +26,8 @@ pytest.importorskip("torch")
 
 SCRIPT = Path(__file__).with_name("epochs_script.py")
 EPOCHS = 4
+
+pytestmark = pytest.mark.usefixtures("no_stray_children")
 # (signal, where): "end" waits for the marker of an end code, "random" waits a
 # random time after a batch. The torch script gets fewer sessions; between
 # the two every signal lands both ways.

@@ -26,7 +26,7 @@ from killsafe.rundir import read_jsonl
 pytest.importorskip("torch")
 pytest.importorskip("numpy")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_stray_children")]
 
 TOTAL_STEPS = 150
 

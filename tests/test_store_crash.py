@@ -35,6 +35,8 @@ WRITER = textwrap.dedent(
 
 KILLS = 110
 
+pytestmark = pytest.mark.usefixtures("no_stray_children")
+
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_loses_committed_steps(tmp_path: Path) -> None:
@@ -49,8 +51,8 @@ def test_sigkill_at_random_moments_never_loses_committed_steps(tmp_path: Path) -
         assert proc.wait_for_line() == "ready"
         time.sleep(rng.uniform(0, 0.03))
         proc.send_signal(signal.SIGKILL)
-        out, _ = proc.communicate(timeout=60)
-        assert proc.returncode == -signal.SIGKILL, proc.returncode
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, (kill, proc.returncode, err)
         printed = [int(line) for line in out.split() if line.isdigit()]
         if printed:
             committed = max(committed, printed[-1])

@@ -11,7 +11,6 @@ lease over and sweeps what the killed attempts left.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import random
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ from killsafe import CheckpointStore, storage
 from killsafe.storage.testserver import LocalS3Server
 
 KILLS = 110
+
+pytestmark = pytest.mark.usefixtures("no_stray_children")
 
 
 def _lines(path: Path) -> list[str]:
@@ -118,10 +119,3 @@ def test_two_writers_race_for_the_lease(
         writer.join(60)
     assert sorted(lines) == ["locked", "saved"]
     assert len(CheckpointStore(s3_url).list()) == 1
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_children() -> Any:
-    yield
-    for child in multiprocessing.active_children():
-        child.kill()
