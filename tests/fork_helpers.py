@@ -12,6 +12,7 @@ starts, so every module gets it here, with the same list.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import runpy
@@ -36,6 +37,7 @@ PRELOAD = [
 ]
 
 _context: Any = None
+_children = itertools.count()
 
 
 def context() -> Any:
@@ -50,19 +52,20 @@ def context() -> Any:
 class ScriptProcess:
     """``python SCRIPT ARGS`` as a forked child, with the parts of ``Popen`` tests use.
 
-    Its stdout and stderr go to files beside ``output`` (``.out``, ``.err``);
-    ``env`` adds to the environment the child inherits.
+    Its stdout and stderr go to files in ``output_dir`` (``child-N.out``,
+    ``child-N.err``); ``env`` adds to the environment the child inherits.
     """
 
     def __init__(
         self,
         script: Path,
         args: list[str],
-        output: Path,
+        output_dir: Path,
         env: dict[str, str] | None = None,
     ) -> None:
-        self.stdout_path = output.with_name(output.name + ".out")
-        self.stderr_path = output.with_name(output.name + ".err")
+        number = next(_children)
+        self.stdout_path = output_dir / f"child-{number}.out"
+        self.stderr_path = output_dir / f"child-{number}.err"
         self._process = context().Process(
             target=run_as_main,
             args=(str(script), list(args), dict(env or {}), self.stdout_path, self.stderr_path),

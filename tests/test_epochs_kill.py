@@ -26,8 +26,8 @@ pytest.importorskip("torch")
 
 SCRIPT = Path(__file__).with_name("epochs_script.py")
 EPOCHS = 4
-
 pytestmark = pytest.mark.usefixtures("no_stray_children")
+
 # (signal, where): "end" waits for the marker of an end code, "random" waits a
 # random time after a batch. The torch script gets fewer sessions; between
 # the two every signal lands both ways.
@@ -69,13 +69,8 @@ def uninterrupted(kind: str, run_dir: Path) -> dict[str, Any]:
 
 def start(kind: str, run_dir: Path, marks: Path, **env: str) -> ScriptProcess:
     """``python epochs_script.py KIND RUN_DIR``, forked from the preloaded forkserver."""
-    sessions = len(list(marks.parent.glob("session-*.out")))
-    return ScriptProcess(
-        SCRIPT,
-        [kind, str(run_dir)],
-        marks.parent / f"session-{sessions}",
-        env={"EPOCHS_MARKS": str(marks), **env},
-    )
+    env = {"EPOCHS_MARKS": str(marks), **env}
+    return ScriptProcess(SCRIPT, [kind, str(run_dir)], marks.parent, env=env)
 
 
 def finish(child: ScriptProcess) -> tuple[int, str, str]:

@@ -86,9 +86,7 @@ TRAIN = textwrap.dedent(
 
 def _start(script: Path, run_dir: Path) -> ScriptProcess:
     """``python train.py RUN_DIR STEPS``, forked from the preloaded forkserver (torch imported)."""
-    sessions = len(list(run_dir.parent.glob(f"{run_dir.name}-session-*.out")))
-    output = run_dir.parent / f"{run_dir.name}-session-{sessions}"
-    return ScriptProcess(script, [str(run_dir), str(TOTAL_STEPS)], output)
+    return ScriptProcess(script, [str(run_dir), str(TOTAL_STEPS)], run_dir.parent)
 
 
 def _reference(tmp_path: Path, script: Path) -> str:

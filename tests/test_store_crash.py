@@ -47,7 +47,7 @@ def test_sigkill_at_random_moments_never_loses_committed_steps(tmp_path: Path) -
     committed = -1
     for kill in range(KILLS):
         size = rng.choice([100, 20_000, 300_000])
-        proc = ScriptProcess(script, [str(store), str(size)], tmp_path / f"writer-{kill}")
+        proc = ScriptProcess(script, [str(store), str(size)], tmp_path)
         assert proc.wait_for_line() == "ready"
         time.sleep(rng.uniform(0, 0.03))
         proc.send_signal(signal.SIGKILL)
