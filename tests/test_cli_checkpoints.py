@@ -1,4 +1,9 @@
-"""``killsafe list / inspect / verify / prune / diff`` through real subprocesses."""
+"""``killsafe list / inspect / verify / prune / diff``.
+
+Most commands run in-process through ``killsafe.cli.main`` (``cli_in_process``:
+no interpreter start-up per command); the terminal, the lock held by another
+process and the bare ``killsafe`` run as real ``python -m killsafe`` subprocesses.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import assert_one_line_error, cli, cli_json, snapshot
+from cli_helpers import (
+    assert_one_line_error,
+    cli,
+    cli_in_process,
+    cli_json_in_process,
+    snapshot,
+)
 
 np = pytest.importorskip("numpy")
 store_module = pytest.importorskip("killsafe.store")
@@ -65,7 +76,7 @@ def corrupt_tensor_file(ckpt: Path) -> Path:
 
 
 def test_list_json_marks_latest_and_best(run_dir: Path) -> None:
-    listed = cli_json("list", run_dir)
+    listed = cli_json_in_process("list", run_dir)
     rows = listed["checkpoints"]
     assert [r["step"] for r in rows] == [100, 200, 300, 400]
     assert [r["latest"] for r in rows] == [False, False, False, True]
@@ -76,14 +87,14 @@ def test_list_json_marks_latest_and_best(run_dir: Path) -> None:
 
 
 def test_list_accepts_the_checkpoints_directory_and_a_metric(run_dir: Path) -> None:
-    rows = cli_json("list", run_dir / "checkpoints", "--metric", "acc", "--mode", "max")[
+    rows = cli_json_in_process("list", run_dir / "checkpoints", "--metric", "acc", "--mode", "max")[
         "checkpoints"
     ]
     assert [r["step"] for r in rows if r["best"]] == [200]
 
 
 def test_list_plain_output_is_a_table(run_dir: Path) -> None:
-    out = cli("list", run_dir)
+    out = cli_in_process("list", run_dir)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].split()[:3] == ["step", "name", "reason"]
@@ -123,7 +134,7 @@ def test_list_on_a_terminal_is_a_rich_table(run_dir: Path) -> None:
 
 def test_list_marks_a_checkpoint_whose_manifest_is_garbled(run_dir: Path) -> None:
     (checkpoint(run_dir, 400) / "manifest.json").write_text("{not json")
-    rows = cli_json("list", run_dir)["checkpoints"]
+    rows = cli_json_in_process("list", run_dir)["checkpoints"]
     bad = [r for r in rows if r["corrupt"]]
     assert len(bad) == 1 and "manifest" in bad[0]["problem"]
     assert [r["step"] for r in rows if r["latest"]] == [300]
@@ -131,14 +142,14 @@ def test_list_marks_a_checkpoint_whose_manifest_is_garbled(run_dir: Path) -> Non
 
 def test_list_verify_finds_a_bad_checksum_and_exits_1(run_dir: Path) -> None:
     corrupt_tensor_file(checkpoint(run_dir, 300))
-    assert cli_json("list", run_dir)["checkpoints"][2]["corrupt"] is False  # not checked
-    rows = cli_json("list", run_dir, "--verify", expect=1)["checkpoints"]
+    assert cli_json_in_process("list", run_dir)["checkpoints"][2]["corrupt"] is False  # not checked
+    rows = cli_json_in_process("list", run_dir, "--verify", expect=1)["checkpoints"]
     assert [r["step"] for r in rows if r["corrupt"]] == [300]
 
 
 def test_list_of_an_empty_directory(tmp_path: Path) -> None:
-    assert cli_json("list", tmp_path)["checkpoints"] == []
-    out = cli("list", tmp_path)
+    assert cli_json_in_process("list", tmp_path)["checkpoints"] == []
+    out = cli_in_process("list", tmp_path)
     assert out.returncode == 0 and "no checkpoints" in out.stdout
 
 
@@ -146,19 +157,19 @@ def test_list_of_an_empty_directory(tmp_path: Path) -> None:
 
 
 def test_verify_passes_a_sound_run(run_dir: Path) -> None:
-    result = cli_json("verify", run_dir)
+    result = cli_json_in_process("verify", run_dir)
     assert result["ok"] is True and result["checked"] == 4
 
 
 def test_verify_names_each_bad_file_and_exits_1(run_dir: Path) -> None:
     bad = corrupt_tensor_file(checkpoint(run_dir, 200))
-    out = cli("verify", run_dir)
+    out = cli_in_process("verify", run_dir)
     assert out.returncode == 1
     assert bad.name in out.stdout and str(checkpoint(run_dir, 200)) in out.stdout
     assert "1 of 4" in out.stderr
-    result = cli_json("verify", checkpoint(run_dir, 200), expect=1)
+    result = cli_json_in_process("verify", checkpoint(run_dir, 200), expect=1)
     assert result["ok"] is False and bad.name in result["checkpoints"][0]["problem"]
-    assert cli_json("verify", checkpoint(run_dir, 300))["ok"] is True
+    assert cli_json_in_process("verify", checkpoint(run_dir, 300))["ok"] is True
 
 
 # --- bad input ------------------------------------------------------------------
@@ -167,7 +178,7 @@ def test_verify_names_each_bad_file_and_exits_1(run_dir: Path) -> None:
 @pytest.mark.parametrize("command", ["list", "verify", "inspect", "prune"])
 def test_a_missing_path_is_bad_input(command: str, tmp_path: Path) -> None:
     extra = ["--keep-last", "1"] if command == "prune" else []
-    out = cli(command, tmp_path / "nowhere", *extra)
+    out = cli_in_process(command, tmp_path / "nowhere", *extra)
     assert_one_line_error(out, 2, "does not exist")
 
 
@@ -176,14 +187,14 @@ def test_a_file_where_a_directory_is_expected_is_bad_input(command: str, tmp_pat
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     extra = ["--keep-last", "1"] if command == "prune" else []
-    assert_one_line_error(cli(command, a_file, *extra), 2, "is a file")
+    assert_one_line_error(cli_in_process(command, a_file, *extra), 2, "is a file")
 
 
 def test_a_corrupt_manifest_is_bad_input_for_inspect(run_dir: Path) -> None:
     ckpt = checkpoint(run_dir, 100)
     (ckpt / "manifest.json").write_text("[1, 2")
-    assert_one_line_error(cli("inspect", ckpt), 2, "manifest")
-    assert_one_line_error(cli("verify", ckpt), 2, "manifest")
+    assert_one_line_error(cli_in_process("inspect", ckpt), 2, "manifest")
+    assert_one_line_error(cli_in_process("verify", ckpt), 2, "manifest")
 
 
 def test_a_newer_format_is_bad_input(run_dir: Path) -> None:
@@ -191,8 +202,8 @@ def test_a_newer_format_is_bad_input(run_dir: Path) -> None:
     manifest = json.loads((ckpt / "manifest.json").read_text())
     manifest["format_version"] = 999
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
-    assert_one_line_error(cli("inspect", ckpt), 2, "999")
-    assert_one_line_error(cli("diff", ckpt, checkpoint(run_dir, 200)), 2, "999")
+    assert_one_line_error(cli_in_process("inspect", ckpt), 2, "999")
+    assert_one_line_error(cli_in_process("diff", ckpt, checkpoint(run_dir, 200)), 2, "999")
 
 
 @pytest.mark.parametrize(
@@ -207,7 +218,7 @@ def test_a_newer_format_is_bad_input(run_dir: Path) -> None:
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(argv: list[str], message: str) -> None:
-    assert_one_line_error(cli(*argv), 2, message, "--help")
+    assert_one_line_error(cli_in_process(*argv), 2, message, "--help")
 
 
 @pytest.mark.parametrize(
@@ -224,17 +235,17 @@ def test_bad_prune_values_are_one_line_and_delete_nothing(
     run_dir: Path, flags: list[str], message: str
 ) -> None:
     before = snapshot(run_dir)
-    assert_one_line_error(cli("prune", run_dir, *flags), 2, message)
+    assert_one_line_error(cli_in_process("prune", run_dir, *flags), 2, message)
     assert snapshot(run_dir) == before
 
 
 def test_a_missing_checkpoint_for_diff_is_bad_input(run_dir: Path, tmp_path: Path) -> None:
-    out = cli("diff", checkpoint(run_dir, 100), tmp_path / "nowhere")
+    out = cli_in_process("diff", checkpoint(run_dir, 100), tmp_path / "nowhere")
     assert_one_line_error(out, 2, "nowhere does not exist")
     a_file = tmp_path / "file"
     a_file.write_text("")
-    assert_one_line_error(cli("inspect", a_file), 2, "is a file")
-    assert_one_line_error(cli("verify", a_file), 2, "is a file")
+    assert_one_line_error(cli_in_process("inspect", a_file), 2, "is a file")
+    assert_one_line_error(cli_in_process("verify", a_file), 2, "is a file")
 
 
 def test_no_command_prints_help_and_exits_2() -> None:
@@ -265,7 +276,7 @@ def test_read_only_commands_modify_nothing(run_dir: Path) -> None:
         ["list", run_dir / "checkpoints", "--json"],
         ["report", run_dir],
     ):
-        out = cli(*argv)
+        out = cli_in_process(*argv)
         assert out.returncode in (0, 1), (argv, out.stderr)
         assert snapshot(run_dir) == before, argv
 
@@ -278,12 +289,12 @@ def steps_on_disk(run_dir: Path) -> list[int]:
 
 
 def test_prune_keeps_the_newest_the_best_and_named_ones(run_dir: Path) -> None:
-    planned = cli_json("prune", run_dir, "--keep-last", "1", "--dry-run")
+    planned = cli_json_in_process("prune", run_dir, "--keep-last", "1", "--dry-run")
     assert planned["dry_run"] is True
     assert [c["step"] for c in planned["deleted"]] == [300]
     assert steps_on_disk(run_dir) == [100, 200, 300, 400]
 
-    done = cli_json("prune", run_dir, "--keep-last", "1")
+    done = cli_json_in_process("prune", run_dir, "--keep-last", "1")
     assert [c["step"] for c in done["deleted"]] == [300]
     assert steps_on_disk(run_dir) == [100, 200, 400]
 
@@ -293,28 +304,28 @@ def marks(rows: list[dict[str, object]]) -> dict[object, tuple[object, object]]:
 
 
 def test_prune_marks_the_latest_and_best_it_keeps_as_list_does(run_dir: Path) -> None:
-    planned = cli_json("prune", run_dir, "--keep-last", "1", "--dry-run")
-    listed = cli_json("list", run_dir)["checkpoints"]
+    planned = cli_json_in_process("prune", run_dir, "--keep-last", "1", "--dry-run")
+    listed = cli_json_in_process("list", run_dir)["checkpoints"]
     assert marks(planned["kept"]) == {400: (True, False), 200: (False, True), 100: (False, False)}
     assert marks(planned["kept"]) == {k: v for k, v in marks(listed).items() if k != 300}
 
-    done = cli_json("prune", run_dir, "--keep-last", "1")
-    assert marks(done["kept"]) == marks(cli_json("list", run_dir)["checkpoints"])
+    done = cli_json_in_process("prune", run_dir, "--keep-last", "1")
+    assert marks(done["kept"]) == marks(cli_json_in_process("list", run_dir)["checkpoints"])
 
 
 def test_prune_delete_needs_no_keep_last(run_dir: Path) -> None:
-    planned = cli_json("prune", run_dir, "--delete", "300", "--dry-run")
+    planned = cli_json_in_process("prune", run_dir, "--delete", "300", "--dry-run")
     assert [c["step"] for c in planned["deleted"]] == [300]
     assert steps_on_disk(run_dir) == [100, 200, 300, 400]
 
     # Without --keep-last no retention runs: only the named checkpoint goes.
-    done = cli_json("prune", run_dir, "--delete", "300")
+    done = cli_json_in_process("prune", run_dir, "--delete", "300")
     assert [c["step"] for c in done["deleted"]] == [300]
     assert steps_on_disk(run_dir) == [100, 200, 400]
 
 
 def test_prune_deletes_a_named_checkpoint_only_when_asked_by_name(run_dir: Path) -> None:
-    out = cli("prune", run_dir, "--keep-last", "4", "--delete", "warmup")
+    out = cli_in_process("prune", run_dir, "--keep-last", "4", "--delete", "warmup")
     assert out.returncode == 0, out.stderr
     assert "step 100" in out.stdout
     assert steps_on_disk(run_dir) == [200, 300, 400]
@@ -322,7 +333,7 @@ def test_prune_deletes_a_named_checkpoint_only_when_asked_by_name(run_dir: Path)
 
 def test_prune_keep_best_by_a_given_metric(run_dir: Path) -> None:
     (run_dir / "run.json").write_text("{}")
-    done = cli_json(
+    done = cli_json_in_process(
         "prune", run_dir, "--keep-last", "1", "--keep-best", "1", "--metric", "acc", "--mode", "max"
     )
     assert sorted(c["step"] for c in done["deleted"]) == [300]
@@ -331,7 +342,7 @@ def test_prune_keep_best_by_a_given_metric(run_dir: Path) -> None:
 
 def test_prune_keep_best_without_a_metric_is_bad_input(run_dir: Path) -> None:
     (run_dir / "run.json").write_text("{}")
-    out = cli("prune", run_dir, "--keep-last", "1", "--keep-best", "2")
+    out = cli_in_process("prune", run_dir, "--keep-last", "1", "--keep-best", "2")
     assert_one_line_error(out, 2, "--metric")
     assert steps_on_disk(run_dir) == [100, 200, 300, 400]
 
@@ -341,7 +352,7 @@ def test_prune_keep_best_without_a_metric_is_bad_input(run_dir: Path) -> None:
 
 def test_inspect_json_describes_the_tree_from_the_manifest(run_dir: Path) -> None:
     ckpt = checkpoint(run_dir, 200)
-    shown = cli_json("inspect", ckpt)
+    shown = cli_json_in_process("inspect", ckpt)
     assert (shown["step"], shown["name"], shown["format_version"]) == (200, None, FORMAT_VERSION)
     assert shown["metrics"]["val_loss"] == pytest.approx(0.3)
     nodes = {node["path"]: node for node in shown["tree"]}
@@ -359,7 +370,7 @@ def test_inspect_json_describes_the_tree_from_the_manifest(run_dir: Path) -> Non
 
 
 def test_inspect_text_lists_metadata_and_every_path(run_dir: Path) -> None:
-    out = cli("inspect", checkpoint(run_dir, 100))
+    out = cli_in_process("inspect", checkpoint(run_dir, 100))
     assert out.returncode == 0, out.stderr
     assert "name:     warmup" in out.stdout
     line = next(line for line in out.stdout.splitlines() if line.startswith("model.weight"))
@@ -367,7 +378,7 @@ def test_inspect_text_lists_metadata_and_every_path(run_dir: Path) -> None:
 
 
 def test_inspect_of_a_run_directory_says_to_pick_a_checkpoint(run_dir: Path) -> None:
-    assert_one_line_error(cli("inspect", run_dir), 2, "killsafe list")
+    assert_one_line_error(cli_in_process("inspect", run_dir), 2, "killsafe list")
 
 
 # --- diff -----------------------------------------------------------------------------
@@ -382,7 +393,7 @@ def test_diff_json_reports_metrics_keys_and_tensor_changes(run_dir: Path) -> Non
     store.save(changed, 500, metrics={"val_loss": 0.25})
     store.close()
 
-    result = cli_json("diff", checkpoint(run_dir, 200), checkpoint(run_dir, 500))
+    result = cli_json_in_process("diff", checkpoint(run_dir, 200), checkpoint(run_dir, 500))
     assert result["fields"]["step"] == {"a": 200, "b": 500}
     assert result["metrics"]["val_loss"]["delta"] == pytest.approx(-0.05)
     assert result["metrics"]["acc"]["only_in"] == "a"
@@ -397,7 +408,7 @@ def test_diff_json_reports_metrics_keys_and_tensor_changes(run_dir: Path) -> Non
 
 
 def test_diff_text_names_what_changed(run_dir: Path) -> None:
-    out = cli("diff", checkpoint(run_dir, 100), checkpoint(run_dir, 200))
+    out = cli_in_process("diff", checkpoint(run_dir, 100), checkpoint(run_dir, 200))
     assert out.returncode == 0, out.stderr
     assert "step: 100 -> 200" in out.stdout
     assert "val_loss: 0.9 -> 0.3 (-0.6)" in out.stdout
@@ -415,7 +426,7 @@ def test_diff_of_torch_tensors_one_pair_at_a_time(tmp_path: Path) -> None:
     store.save(a, 1)
     store.save(b, 2)
     store.close()
-    result = cli_json("diff", tmp_path / "step-000001", tmp_path / "step-000002")
+    result = cli_json_in_process("diff", tmp_path / "step-000001", tmp_path / "step-000002")
     values = {row["path"]: row for row in result["values"]}
     assert values["w"]["dtype"] == "bfloat16"
     assert values["w"]["max_abs_diff"] == pytest.approx(3.0)
@@ -428,7 +439,9 @@ def test_diff_of_different_shapes_says_so_without_loading(run_dir: Path, tmp_pat
     state["model"]["weight"] = np.zeros((2, 2), dtype=np.float32)  # type: ignore[index]
     store.save(state, 7)
     store.close()
-    result = cli_json("diff", checkpoint(run_dir, 100), tmp_path / "other" / "step-000007")
+    result = cli_json_in_process(
+        "diff", checkpoint(run_dir, 100), tmp_path / "other" / "step-000007"
+    )
     row = {r["path"]: r for r in result["values"]}["model.weight"]
     assert (row["changed"], row["shape"], row["shape_b"]) == (True, [4, 3], [2, 2])
 
@@ -446,7 +459,7 @@ def test_diff_compares_tensors_under_any_key(tmp_path: Path) -> None:
         arrays = [np.arange(4.0) * step, np.ones(2)]
         store.save({"model": model, "moments": {0: arrays[0]}, "list": arrays}, step)
     store.close()
-    result = cli_json("diff", tmp_path / "step-000001", tmp_path / "step-000002")
+    result = cli_json_in_process("diff", tmp_path / "step-000001", tmp_path / "step-000002")
     values = {row["path"]: row for row in result["values"]}
     assert values["model.2.bias"]["max_abs_diff"] == pytest.approx(0.75)
     assert values["model.0.weight"] == {**values["model.0.weight"], "changed": False}
@@ -460,7 +473,7 @@ def test_prune_keeps_the_newest_verified_when_the_newest_is_corrupt(run_dir: Pat
     corrupt_tensor_file(checkpoint(run_dir, 400))
     # keep-last 1 keeps 400 (corrupt), the best 200 and the named 100; 300 is the
     # newest checkpoint that verifies, the one a resume would use: never pruned.
-    done = cli_json("prune", run_dir, "--keep-last", "1")
+    done = cli_json_in_process("prune", run_dir, "--keep-last", "1")
     assert done["deleted"] == []
     assert steps_on_disk(run_dir) == [100, 200, 300, 400]
 
@@ -480,5 +493,5 @@ def test_inspect_reads_no_tensor_data(run_dir: Path) -> None:
     ckpt = checkpoint(run_dir, 300)
     for data in [p for p in ckpt.iterdir() if p.name.startswith("tensors")]:
         data.unlink()  # inspect must not need it
-    nodes = {node["path"]: node for node in cli_json("inspect", ckpt)["tree"]}
+    nodes = {node["path"]: node for node in cli_json_in_process("inspect", ckpt)["tree"]}
     assert (nodes["model.weight"]["shape"], nodes["model.weight"]["dtype"]) == ([4, 3], "<f4")

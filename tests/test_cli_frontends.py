@@ -7,7 +7,14 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import assert_one_line_error, cli, cli_json, snapshot
+from cli_helpers import (
+    assert_one_line_error,
+    cli,
+    cli_in_process,
+    cli_json,
+    cli_json_in_process,
+    snapshot,
+)
 
 
 @pytest.fixture
@@ -37,27 +44,27 @@ def run_dir(tmp_path: Path) -> Path:
 
 def test_report_json_and_text(run_dir: Path) -> None:
     before = snapshot(run_dir)
-    report = cli_json("report", run_dir)
+    report = cli_json_in_process("report", run_dir)
     assert report["status"] == "finished"
-    out = cli("report", run_dir)
+    out = cli_in_process("report", run_dir)
     assert out.returncode == 0 and "finished" in out.stdout
     assert snapshot(run_dir) == before  # reading a report writes nothing
 
 
 def test_report_csv_export(run_dir: Path, tmp_path: Path) -> None:
     target = tmp_path / "metrics.csv"
-    out = cli("report", run_dir, "--csv", target)
+    out = cli_in_process("report", run_dir, "--csv", target)
     assert out.returncode == 0, out.stderr
     rows = target.read_text().splitlines()
     assert rows[0].startswith("step,time,loss") and len(rows) == 4
 
 
 def test_report_of_a_missing_directory_is_bad_input(tmp_path: Path) -> None:
-    out = cli("report", tmp_path / "nowhere")
+    out = cli_in_process("report", tmp_path / "nowhere")
     assert_one_line_error(out, 2, "nowhere")
     assert out.stderr.startswith("killsafe report: error: ")
     (tmp_path / "empty").mkdir()
-    out = cli("report", tmp_path / "empty")
+    out = cli_in_process("report", tmp_path / "empty")
     assert_one_line_error(out, 2, "not a run directory")
     assert out.stderr.startswith("killsafe report: error: ")
 

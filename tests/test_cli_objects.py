@@ -1,6 +1,6 @@
 """The command line on an object store: list, verify, inspect, diff and prune take s3:// URLs.
 
-Run as real processes against the module's SeaweedFS server, configured as
+Run as real processes against the session's SeaweedFS server, configured as
 users configure theirs: AWS_ENDPOINT_URL and the AWS_* keys.
 """
 

@@ -1,5 +1,5 @@
 """Random generator states in ``inspect`` and ``diff``, and one checkpoint size everywhere,
-through real runs and real ``killsafe`` subprocesses."""
+through real runs (subprocesses) and the command line's ``main`` (in-process)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import cli, cli_json
+from cli_helpers import cli_in_process, cli_json_in_process
 
 pytest.importorskip("torch")
 
@@ -41,7 +41,7 @@ def make_run(tmp_path: Path, name: str, seed: int) -> Path:
 
 def test_inspect_shows_each_random_state_as_one_line(tmp_path: Path) -> None:
     ckpt = make_run(tmp_path, "a", 1)
-    out = cli("inspect", ckpt)
+    out = cli_in_process("inspect", ckpt)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert not [line for line in lines if "__rng__.python[" in line or "state.gen." in line]
@@ -51,7 +51,7 @@ def test_inspect_shows_each_random_state_as_one_line(tmp_path: Path) -> None:
     assert "random state" in gen and "random.Random, 626 ints" in gen
     assert len(lines) < 30  # was hundreds of lines of one tuple
 
-    nodes = {node["path"]: node for node in cli_json("inspect", ckpt, "--json")["tree"]}
+    nodes = {node["path"]: node for node in cli_json_in_process("inspect", ckpt, "--json")["tree"]}
     assert nodes["__rng__.python"] == {
         "path": "__rng__.python",
         "type": "random state",
@@ -68,12 +68,12 @@ def test_inspect_shows_each_random_state_as_one_line(tmp_path: Path) -> None:
 
 def test_diff_counts_tensors_plain_values_and_random_states_apart(tmp_path: Path) -> None:
     a, b = make_run(tmp_path, "a", 1), make_run(tmp_path, "b", 2)
-    out = cli("diff", a, b)
+    out = cli_in_process("diff", a, b)
     assert out.returncode == 0, out.stderr
     last = out.stdout.splitlines()[-1]
     assert last.startswith("changed: 0 of 1 tensors, 0 of 1 plain values, ")
     assert "4 of 4 generator states" in last  # python, numpy, torch and the tracked one
-    shown = cli_json("diff", a, b, "--json")
+    shown = cli_json_in_process("diff", a, b, "--json")
     assert shown["changed"]["tensors"] == {"changed": 0, "total": 1}
     assert shown["changed"]["generator states"]["changed"] >= 3
     rows = {row["path"]: row for row in shown["values"]}
@@ -81,7 +81,7 @@ def test_diff_counts_tensors_plain_values_and_random_states_apart(tmp_path: Path
     assert rows["__rng__.python"]["changed"] is True
     assert rows["state.w"] == {**rows["state.w"], "part": "tensors", "changed": False}
 
-    same = cli_json("diff", a, a, "--json")["changed"]
+    same = cli_json_in_process("diff", a, a, "--json")["changed"]
     assert all(count["changed"] == 0 for count in same.values())
 
 
@@ -94,14 +94,14 @@ def test_one_size_and_unit_for_a_checkpoint_everywhere(tmp_path: Path) -> None:
 
     ckpt = make_run(tmp_path, "a", 1)
     size = _files_bytes(ckpt)  # the tensor file and the manifest
-    (listed,) = cli_json("list", ckpt.parent.parent, "--json")["checkpoints"]
+    (listed,) = cli_json_in_process("list", ckpt.parent.parent, "--json")["checkpoints"]
     assert listed["size"] == size
-    assert cli_json("inspect", ckpt, "--json")["size"] == size
+    assert cli_json_in_process("inspect", ckpt, "--json")["size"] == size
     shown = format_size(size)
     assert shown.endswith(" KiB")
-    assert shown in cli("list", ckpt.parent.parent).stdout
-    assert f"size:     {shown} (" in cli("inspect", ckpt).stdout
-    report = cli("report", ckpt.parent.parent)
+    assert shown in cli_in_process("list", ckpt.parent.parent).stdout
+    assert f"size:     {shown} (" in cli_in_process("inspect", ckpt).stdout
+    report = cli_in_process("report", ckpt.parent.parent)
     assert report.returncode == 0, report.stderr
     assert f"size={shown}" in (ckpt.parent.parent / "report.txt").read_text()
 
@@ -114,6 +114,6 @@ def test_a_checkpoint_of_plain_values_has_the_size_of_its_manifest(tmp_path: Pat
     manifest = info.path / "manifest.json"
     assert [p.name for p in info.path.iterdir()] == ["manifest.json"]
     assert info.size == manifest.stat().st_size > 0
-    (listed,) = cli_json("list", tmp_path / "plain", "--json")["checkpoints"]
+    (listed,) = cli_json_in_process("list", tmp_path / "plain", "--json")["checkpoints"]
     assert listed["size"] == info.size
-    assert "0 B" not in cli("list", tmp_path / "plain").stdout
+    assert "0 B" not in cli_in_process("list", tmp_path / "plain").stdout

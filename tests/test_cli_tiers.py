@@ -1,7 +1,7 @@
 """``killsafe list`` on a run with a mirror: each checkpoint is local, mirrored or both.
 
 In-process against ``memory://`` (a memory area lives in one process), and as
-real processes against the module's SeaweedFS server.
+real processes against the session's SeaweedFS server.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import cli, cli_json
+from cli_helpers import cli_in_process, cli_json_in_process
 
 import killsafe
 from killsafe import environment
@@ -63,14 +63,14 @@ def test_a_new_save_beside_old_checkpoints_says_killsafe(old: Path) -> None:
 
 
 def test_the_command_line_reads_an_old_run(old: Path) -> None:
-    listed = cli_json("list", old / "run")
+    listed = cli_json_in_process("list", old / "run")
     assert [row["step"] for row in listed["checkpoints"]] == [3, 6]
-    out = cli("verify", old / "run")
+    out = cli_in_process("verify", old / "run")
     assert out.returncode == 0, out.stderr
-    out = cli("inspect", old / "run" / "checkpoints" / "step-000006")
+    out = cli_in_process("inspect", old / "run" / "checkpoints" / "step-000006")
     assert out.returncode == 0, out.stderr
     assert "model.weight" in out.stdout
-    out = cli("report", old / "run")
+    out = cli_in_process("report", old / "run")
     assert out.returncode == 0, out.stderr
 
 

@@ -1,6 +1,7 @@
 """Nested epoch loops killed at random moments and inside the epoch end code end bit-identical.
 
-The scripts (``epochs_script.py``) run as child processes and are stopped
+The scripts (``epochs_script.py``) run as child processes (forked from a
+forkserver that imported torch once, ``fork_helpers``) and are stopped
 with SIGKILL, SIGINT and SIGTERM: some signals land at a random moment, some
 deterministically inside an epoch's end code (the script drops a marker file
 there and sleeps). Each is resumed with the same command until it finishes;
@@ -12,24 +13,24 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fork_helpers import ScriptProcess
 
 pytest.importorskip("torch")
 
 SCRIPT = Path(__file__).with_name("epochs_script.py")
 EPOCHS = 4
+pytestmark = pytest.mark.usefixtures("no_stray_children")
+
 # (signal, where): "end" waits for the marker of an end code, "random" waits a
-# random time after a batch. The torch script starts slowly (importing torch),
-# so it gets fewer sessions; between the two every signal lands both ways.
+# random time after a batch. The torch script gets fewer sessions; between
+# the two every signal lands both ways.
 PLANS = {
     "mnist": [
         (signal.SIGKILL, "end"),
@@ -66,18 +67,15 @@ def uninterrupted(kind: str, run_dir: Path) -> dict[str, Any]:
     return json.loads(json.dumps(found))  # as the child prints it
 
 
-def start(kind: str, run_dir: Path, marks: Path, **env: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, str(SCRIPT), kind, str(run_dir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "EPOCHS_MARKS": str(marks), **env},
-    )
+def start(kind: str, run_dir: Path, marks: Path, **env: str) -> ScriptProcess:
+    """``python epochs_script.py KIND RUN_DIR``, forked from the preloaded forkserver."""
+    env = {"EPOCHS_MARKS": str(marks), **env}
+    return ScriptProcess(SCRIPT, [kind, str(run_dir)], marks.parent, env=env)
 
 
-def finish(child: subprocess.Popen[str]) -> tuple[int, str, str]:
+def finish(child: ScriptProcess) -> tuple[int, str, str]:
     out, err = child.communicate(timeout=120)
+    assert child.returncode is not None
     return child.returncode, out, err
 
 
@@ -87,7 +85,7 @@ def result(out: str) -> dict[str, Any]:
     return json.loads(lines[0][len("result: ") :])
 
 
-def wait_for(child: subprocess.Popen[str], marks: Path, what: str) -> bool:
+def wait_for(child: ScriptProcess, marks: Path, what: str) -> bool:
     """True once the child dropped a ``what`` marker (``end``, ``batch``), False if it ended."""
     while child.poll() is None:
         if any(

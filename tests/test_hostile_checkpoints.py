@@ -3,20 +3,24 @@
 Each case damages the newest checkpoint of a real run directory (written by
 a real Run) and checks the store, a resumed Run, the command line and the
 dashboard: the damaged checkpoint is reported corrupt in one line and
-skipped, the previous one is used, nothing is deleted, nothing hangs.
+skipped, the previous one is used, nothing is deleted, nothing hangs. The
+command line runs in-process through its ``main`` (five commands a case);
+one case also runs through the real ``python -m killsafe``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from subprocess import CompletedProcess
 from typing import Any
 
 import pytest
 import torch
-from cli_helpers import cli, cli_json, snapshot
+from cli_helpers import cli, cli_in_process, cli_json_in_process, snapshot
 from manifest_helpers import edit_manifest
 from roundtrip_helpers import assert_same
 
@@ -174,7 +178,12 @@ CASES: dict[str, tuple[Callable[[Path, Path], None], str | None]] = {
 @pytest.fixture(params=sorted(CASES))
 def damaged(request: Any, tmp_path: Path) -> tuple[Path, Path, Path]:
     """(run directory, damaged checkpoint, the good one before it), files outside the store."""
-    damage, compression = CASES[request.param]
+    return damage_a_run(request.param, tmp_path)
+
+
+def damage_a_run(case: str, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A finished run under ``tmp_path`` whose newest checkpoint has the damage ``case``."""
+    damage, compression = CASES[case]
     run_dir = tmp_path / "run"
     bad = make_run(run_dir, compression)
     good = run_dir / "checkpoints" / f"step-{STEPS - EVERY:06d}"
@@ -212,26 +221,38 @@ def test_a_resumed_run_starts_from_the_previous_one(damaged: tuple[Path, Path, P
     assert os.path.lexists(bad)
 
 
-@pytest.mark.slow
 def test_the_command_line_reports_it_in_one_line(damaged: tuple[Path, Path, Path]) -> None:
-    run_dir, bad, good = damaged
+    _check_the_command_line(*damaged, cli_in_process)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["manifest-fifo"])
+def test_the_real_command_reports_it_in_one_line(case: str, tmp_path: Path) -> None:
+    """The same checks through ``python -m killsafe`` (the case that could hang a reader)."""
+    _check_the_command_line(*damage_a_run(case, tmp_path), cli)
+
+
+def _check_the_command_line(
+    run_dir: Path, bad: Path, good: Path, command: Callable[..., CompletedProcess[str]]
+) -> None:
     before = snapshot(run_dir.parent)
-    listed = cli_json("list", run_dir)
-    rows = {row["path"]: row for row in listed["checkpoints"]}
+    listed = command("list", run_dir, "--json")
+    assert listed.returncode == 0, (listed.stdout, listed.stderr)
+    rows = {row["path"]: row for row in json.loads(listed.stdout)["checkpoints"]}
     assert rows[str(good)]["latest"]
     if str(bad) in rows:
         assert rows[str(bad)]["corrupt"] and "\n" not in rows[str(bad)]["problem"]
-    out = cli("verify", run_dir)
+    out = command("verify", run_dir)
     assert out.returncode == 1, (out.stdout, out.stderr)
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert f"{bad}: CORRUPT: " in out.stdout
     assert f"{good}: ok" in out.stdout
-    out = cli("inspect", bad)  # reads the manifest only: a damaged one is one line
+    out = command("inspect", bad)  # reads the manifest only: a damaged one is one line
     assert out.returncode in (0, 1, 2) and "Traceback" not in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == (out.returncode != 0), out.stderr
-    out = cli("inspect", good)
+    out = command("inspect", good)
     assert out.returncode == 0, out.stderr
-    out = cli("report", run_dir)
+    out = command("report", run_dir)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     assert snapshot(run_dir.parent) == before
 
@@ -253,11 +274,11 @@ def test_a_huge_int_saves_inspects_and_loads(tmp_path: Path) -> None:
     store = killsafe.CheckpointStore(tmp_path)
     info = store.save({"big": 2**20000, "small": -(2**70)}, step=1)
     assert store.load(1) == {"big": 2**20000, "small": -(2**70)}
-    shown = cli_json("inspect", info.path)
+    shown = cli_json_in_process("inspect", info.path)
     values = {row["path"]: row.get("value") for row in shown["tree"]}
     assert values["small"] == -(2**70)
     assert isinstance(values["big"], str) and values["big"].startswith("0x1000")
-    out = cli("inspect", info.path)
+    out = cli_in_process("inspect", info.path)
     assert out.returncode == 0, out.stderr
 
 
@@ -267,10 +288,10 @@ def test_old_manifests_load_and_verify_says_they_have_no_checksum(tmp_path: Path
     store = killsafe.CheckpointStore(tmp_path / "store")
     infos = store.list()
     assert infos and not any(info.manifest_checksum for info in infos)
-    out = cli("verify", tmp_path / "store")
+    out = cli_in_process("verify", tmp_path / "store")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("ok (no manifest checksum") == len(infos), out.stdout
     fresh = store.save({"x": 1}, step=100)
     assert fresh.manifest_checksum
-    out = cli("verify", fresh.path)
+    out = cli_in_process("verify", fresh.path)
     assert out.stdout.strip() == f"{fresh.path}: ok", out.stdout

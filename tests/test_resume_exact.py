@@ -4,6 +4,8 @@ The child trains a small network with dropout (torch RNG), input noise from
 NumPy's global RNG, a Python ``random`` coin, AdamW, a step LR schedule and a
 shuffled ``ResumableLoader`` that crosses several epochs, so every piece of
 state that a resume must restore changes the final parameters if it is not.
+Each session is a real process forked from a forkserver that imported torch
+once (``fork_helpers``), so a session does not pay torch's import.
 """
 
 from __future__ import annotations
@@ -11,21 +13,20 @@ from __future__ import annotations
 import json
 import random
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fork_helpers import ScriptProcess
 
 from killsafe.rundir import read_jsonl
 
 pytest.importorskip("torch")
 pytest.importorskip("numpy")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_stray_children")]
 
 TOTAL_STEPS = 150
 
@@ -83,13 +84,9 @@ TRAIN = textwrap.dedent(
 )
 
 
-def _start(script: Path, run_dir: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, str(script), str(run_dir), str(TOTAL_STEPS)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def _start(script: Path, run_dir: Path) -> ScriptProcess:
+    """``python train.py RUN_DIR STEPS``, forked from the preloaded forkserver (torch imported)."""
+    return ScriptProcess(script, [str(run_dir), str(TOTAL_STEPS)], run_dir.parent)
 
 
 def _reference(tmp_path: Path, script: Path) -> str:
@@ -104,7 +101,7 @@ def _reference(tmp_path: Path, script: Path) -> str:
 
 
 # Three SIGKILLs at random moments (mid-step, mid-save, anywhere) and the two
-# graceful signals; one schedule, because every start pays torch's import.
+# graceful signals, in one schedule.
 SCHEDULE = [signal.SIGKILL, signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGKILL]
 
 

@@ -1,7 +1,7 @@
 """The storage contract, run against every backend: local files, memory, and a real S3 server.
 
 Each test gets a fresh, empty backend. The ``s3`` variant talks to SeaweedFS
-on 127.0.0.1 (the module's ``s3_server``) and is skipped without it.
+on 127.0.0.1 (the session's ``s3_server``) and is skipped without it.
 """
 
 from __future__ import annotations

@@ -1,17 +1,19 @@
-"""A writer SIGKILLed at random moments never leaves a broken or older store behind."""
+"""A writer SIGKILLed at random moments never leaves a broken or older store behind.
+
+Each writer is a real process forked from a preloaded forkserver
+(``fork_helpers``), so a hundred of them start fast.
+"""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from fork_helpers import ScriptProcess
 
 from killsafe.store import CheckpointStore
 
@@ -33,27 +35,28 @@ WRITER = textwrap.dedent(
 
 KILLS = 110
 
+pytestmark = pytest.mark.usefixtures("no_stray_children")
+
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_loses_committed_steps(tmp_path: Path) -> None:
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    store = tmp_path / "store"
     rng = random.Random(1234)
     committed = -1
     for kill in range(KILLS):
         size = rng.choice([100, 20_000, 300_000])
-        proc = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(tmp_path), str(size)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
+        proc = ScriptProcess(script, [str(store), str(size)], tmp_path)
+        assert proc.wait_for_line() == "ready"
         time.sleep(rng.uniform(0, 0.03))
-        os.kill(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        proc.send_signal(signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, (kill, proc.returncode, err)
         printed = [int(line) for line in out.split() if line.isdigit()]
         if printed:
             committed = max(committed, printed[-1])
-        reader = CheckpointStore(tmp_path)
+        reader = CheckpointStore(store)
         latest = reader.latest()
         if committed < 0:
             continue

@@ -33,7 +33,7 @@ MiB = 1 << 20
 
 @pytest.fixture(params=["memory", "s3"])
 def url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh store URL on each medium (s3: the module's SeaweedFS server)."""
+    """A fresh store URL on each medium (s3: the session's SeaweedFS server)."""
     if request.param == "memory":
         name = uuid.uuid4().hex
         yield f"memory://{name}/checkpoints"

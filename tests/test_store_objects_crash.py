@@ -1,22 +1,22 @@
 """Writers to a real S3 server (SeaweedFS) SIGKILLed at random moments, and racing writers.
 
-Each writer is a real process (forked from a preloaded forkserver, so a
-hundred of them start fast), saving small states in a loop until it is
-killed. After every kill: no partial checkpoint is listed, ``latest()``
-loads and verifies, and the step never goes back past a committed one.
-The next writer takes the dead writer's lease over and sweeps what the
-killed attempts left.
+Each writer is a real process (forked from the session's preloaded
+forkserver, ``fork_helpers``, so a hundred of them start fast), saving
+small states in a loop until it is killed. After every kill: no partial
+checkpoint is listed, ``latest()`` loads and verifies, and the step never
+goes back past a committed one. The next writer takes the dead writer's
+lease over and sweeps what the killed attempts left.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import random
 import time
 from pathlib import Path
 from typing import Any
 
+import fork_helpers
 import pytest
 
 from killsafe import CheckpointStore, storage
@@ -24,15 +24,7 @@ from killsafe.storage.testserver import LocalS3Server
 
 KILLS = 110
 
-_context: Any = None
-
-
-def _forkserver() -> Any:
-    global _context
-    if _context is None:
-        _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(["object_writers", "killsafe", "numpy", "obstore"])
-    return _context
+pytestmark = pytest.mark.usefixtures("no_stray_children")
 
 
 def _lines(path: Path) -> list[str]:
@@ -67,7 +59,7 @@ def test_sigkill_at_random_moments_on_s3(
 ) -> None:
     import object_writers
 
-    context = _forkserver()
+    context = fork_helpers.context()
     env = s3_server.environment()
     rng = random.Random(4321)
     committed = -1
@@ -108,7 +100,7 @@ def test_two_writers_race_for_the_lease(
 ) -> None:
     import object_writers
 
-    context = _forkserver()
+    context = fork_helpers.context()
     start, hold = context.Event(), context.Event()
     report = tmp_path / "race"
     writers = [
@@ -127,10 +119,3 @@ def test_two_writers_race_for_the_lease(
         writer.join(60)
     assert sorted(lines) == ["locked", "saved"]
     assert len(CheckpointStore(s3_url).list()) == 1
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_children() -> Any:
-    yield
-    for child in multiprocessing.active_children():
-        child.kill()

@@ -36,6 +36,10 @@ def add_commands(commands: Commands) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    # Bad input is refused before torch is imported (seconds), not after.
+    if args.steps is not None and args.steps < 1:
+        return fail(args, f"--steps must be 1 or more, got {args.steps}", EXIT_BAD_INPUT)
+    _check_directory_target(args.directory)
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -47,9 +51,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from killsafe.demo import DemoConfig, run_demo
 
     config = DemoConfig() if args.steps is None else DemoConfig.for_steps(args.steps)
-    if config.steps < 1:
-        return fail(args, f"--steps must be 1 or more, got {config.steps}", EXIT_BAD_INPUT)
-    _check_directory_target(args.directory)
     serve = not args.no_serve and _server_available()
     if not args.no_serve and not serve:
         sys.stderr.write(
