@@ -87,13 +87,17 @@ class ScriptProcess:
 
     def wait_for_line(self, timeout: float = 60) -> str:
         """The first line of its stdout, once it is complete (the child must stay alive)."""
+        return self.wait_for_lines(1, timeout)[0]
+
+    def wait_for_lines(self, count: int, timeout: float = 60) -> list[str]:
+        """The first ``count`` complete lines of its stdout (the child must stay alive)."""
         deadline = time.monotonic() + timeout
         while True:
-            text = _read(self.stdout_path)
-            if "\n" in text:
-                return text.split("\n", 1)[0]
+            lines = _read(self.stdout_path).split("\n")[:-1]
+            if len(lines) >= count:
+                return lines[:count]
             assert self.poll() is None, f"the child ended: {_read(self.stderr_path)}"
-            assert time.monotonic() < deadline, "the child wrote no line in time"
+            assert time.monotonic() < deadline, f"the child wrote {len(lines)} lines in time"
             time.sleep(0.002)
 
     def communicate(self, timeout: float) -> tuple[str, str]:
