@@ -19,7 +19,7 @@ import pytest
 
 import killsafe
 from killsafe import storage
-from killsafe.errors import ConfigError
+from killsafe.errors import ConfigError, SaveFailed
 
 
 def quiet(directory: Path, **options: Any) -> killsafe.Run:
@@ -178,5 +178,29 @@ def test_an_upload_gives_way_while_the_loop_takes_a_snapshot(tmp_path: Path) -> 
     mirror.release()
     waiting.join(10)
     assert not waiting.is_alive()
+    mirror.close()
+    local.close()
+
+
+def test_an_upload_waits_for_the_local_write_of_the_save_in_flight(tmp_path: Path) -> None:
+    import threading
+
+    from killsafe.run.mirror import Mirror
+    from killsafe.saver import PendingSave
+
+    local = killsafe.CheckpointStore(tmp_path / "local")
+    mirror = Mirror(killsafe.CheckpointStore(memory_url()), local, tmp_path)
+    writing = PendingSave(2, None, "policy")
+    mirror.hold()
+    mirror.release(after=writing)  # the snapshot is taken; its write goes on
+    waiting = threading.Thread(target=mirror._pace)
+    waiting.start()
+    waiting.join(0.2)
+    assert waiting.is_alive()  # the local checkpoint is written first
+    writing._finish(None, SaveFailed("disk full"))  # finished, even by failing, lets it go
+    waiting.join(10)
+    assert not waiting.is_alive()
+    assert writing.error is not None and not writing._reported  # the loop still collects it
+    mirror._pace()  # nothing in flight any more: returns at once
     mirror.close()
     local.close()

@@ -73,6 +73,7 @@ if TYPE_CHECKING:
 
     from killsafe.format import CheckpointInfo
     from killsafe.preflight import Preflight
+    from killsafe.saver import PendingSave
     from killsafe.store import CheckpointStore
 
 __all__ = ["RESUME_ENV", "Run"]
@@ -733,11 +734,11 @@ class Run:
     def _before_write(self) -> None:
         self._parts.services.flush_history()
         if self._mirror is not None:
-            self._mirror.hold()  # the snapshot gets the cores an upload would take
+            self._mirror.hold()  # the local save gets the cores and the disk an upload takes
 
-    def _snapshot_taken(self) -> None:
+    def _snapshot_taken(self, writing: PendingSave | None) -> None:
         if self._mirror is not None:
-            self._mirror.release()
+            self._mirror.release(after=writing)
 
     def _committed(self, info: CheckpointInfo) -> None:
         self._parts.services.checkpoint_shown(info)

@@ -27,12 +27,14 @@ from typing import TYPE_CHECKING
 
 from killsafe import storage
 from killsafe.errors import CheckpointExists, CheckpointNotFound, KillsafeError
+from killsafe.host import lower_this_threads_priority
 from killsafe.run.config import DEFAULT_MIRROR_GRACE
 from killsafe.rundir.layout import EVENTS_FILE, HISTORY_FILE, RUN_FILE
 from killsafe.rundir.remote import MIRROR_RUN_PREFIX, MIRRORED_FILES, download_run_files
 
 if TYPE_CHECKING:
     from killsafe.format import CheckpointInfo
+    from killsafe.saver import PendingSave
     from killsafe.store import CheckpointStore
 
 __all__ = ["Mirror"]
@@ -76,6 +78,7 @@ class Mirror:
         self._thread: threading.Thread | None = None
         self._go = threading.Event()  # cleared while the loop takes a snapshot
         self._go.set()
+        self._writing: PendingSave | None = None  # the local write uploads wait for
 
     # -- at the start -------------------------------------------------------
 
@@ -123,18 +126,32 @@ class Mirror:
             self._cond.notify_all()
 
     def hold(self) -> None:
-        """Pause the upload between two chunks: the loop is taking a snapshot."""
+        """Pause the upload between two chunks: the loop is saving locally."""
         self._go.clear()
 
-    def release(self) -> None:
-        """Let the upload go on."""
+    def release(self, *, after: PendingSave | None = None) -> None:
+        """The snapshot is taken: let the upload go on, once ``after`` (its local write) ends.
+
+        The local checkpoint comes first: while it is written in the
+        background, an upload would take the cores and the disk it needs,
+        and the loop waits for that write at its next save.
+        """
+        if after is not None:
+            with self._cond:
+                self._writing = after
         self._go.set()
 
     def _pace(self) -> None:
-        # Bounded: a snapshot that never says it is done must not stop uploads.
+        # Bounded: a save that never says it is done must not stop uploads.
         self._go.wait(_HOLD_LIMIT)
+        writing = self._writing
+        if writing is not None and writing.wait_written(_HOLD_LIMIT):
+            with self._cond:
+                if self._writing is writing:
+                    self._writing = None
 
     def _work(self) -> None:
+        lower_this_threads_priority()  # uploads give way to the loop, as the saver's writer
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
