@@ -204,3 +204,51 @@ def test_an_upload_waits_for_the_local_write_of_the_save_in_flight(tmp_path: Pat
     mirror._pace()  # nothing in flight any more: returns at once
     mirror.close()
     local.close()
+
+
+def test_at_the_end_an_older_unnamed_upload_gives_way_to_the_newest(tmp_path: Path) -> None:
+    import threading
+
+    from killsafe.run.mirror import Mirror
+
+    local = killsafe.CheckpointStore(tmp_path / "local")
+    older = local.save({"w": np.zeros(1 << 20)}, 1)
+    newest = local.save({"w": np.ones(1 << 20)}, 2)
+    remote = killsafe.CheckpointStore(memory_url())
+    mirror = Mirror(remote, local, tmp_path)
+    mirror.hold()  # the upload of step 1 starts and waits before its first chunk
+    mirror.submit(older)
+    mirror.submit(newest)  # arrives while step 1 is being uploaded
+    summary: list[str] = []
+    draining = threading.Thread(target=lambda: summary.append(mirror.drain(stopping=False)))
+    draining.start()
+    while not mirror._draining:
+        time.sleep(0.01)
+    mirror.release()
+    draining.join(30)
+    assert summary == [f"killsafe: mirror {mirror.url}: newest step 2, 1 uploaded this session"]
+    assert [info.step for info in remote.list()] == [2]
+    mirror.close()
+    local.close()
+
+
+def test_during_the_session_every_upload_finishes_however_many_queue_up(tmp_path: Path) -> None:
+    from killsafe.run.mirror import Mirror
+
+    local = killsafe.CheckpointStore(tmp_path / "local")
+    infos = [local.save({"w": np.full(1 << 18, step)}, step) for step in (1, 2)]
+    remote = killsafe.CheckpointStore(memory_url())
+    mirror = Mirror(remote, local, tmp_path)
+    mirror.hold()
+    mirror.submit(infos[0])
+    while mirror._uploading is None:  # step 1's upload started
+        time.sleep(0.01)
+    mirror.submit(infos[1])
+    mirror.release()
+    deadline = time.monotonic() + 60
+    while len(remote.list()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [info.step for info in remote.list()] == [1, 2]
+    assert mirror.drain(stopping=False).endswith("newest step 2, 2 uploaded this session")
+    mirror.close()
+    local.close()
