@@ -677,9 +677,13 @@ class Run:
             keep_best=config.keep_best,
             best=config.best,
             compression=config.compression,
+            lease_owner=str(self.directory.resolve()),
         )
         mirror = Mirror(remote, store, self.directory, grace=config.mirror_grace)
         try:
+            # One run per mirror: a live writer of another run directory
+            # refuses this one now, rather than failing its uploads later.
+            remote.acquire()
             mirror.sync(restore=config.resume in ("auto", "latest", "ask"))
         except BaseException:
             mirror.close()

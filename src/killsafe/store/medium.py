@@ -79,6 +79,7 @@ def open_medium(
     lease_ttl: float,
     sweep_after: float | None,
     incremental: bool = False,
+    lease_owner: str = "",
 ) -> Medium:
     """The parts for a path, a ``memory://``/``s3://``/``gs://``/``az://`` URL, or a backend.
 
@@ -92,7 +93,7 @@ def open_medium(
                 "save incrementally to a local store and mirror it"
             )
         backend = location if isinstance(location, storage.Backend) else storage.open(location)
-        return _keyed(backend, best, lease_ttl, sweep_after)
+        return _keyed(backend, best, lease_ttl, sweep_after, lease_owner)
     directory = Path(location)
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"checkpoint store {directory} is a file, not a directory")
@@ -110,12 +111,13 @@ def _keyed(
     best: tuple[str, str] | None,
     lease_ttl: float,
     sweep_after: float | None,
+    lease_owner: str,
 ) -> Medium:
     from killsafe.store.keyed_catalog import KeyedCatalog
     from killsafe.store.lease_lock import LeaseLock
     from killsafe.store.manifest_commit import ManifestLastCommit
 
-    lock = LeaseLock(backend, lease_ttl)
+    lock = LeaseLock(backend, lease_ttl, lease_owner)
     grace = lease_ttl if sweep_after is None else sweep_after
     return Medium(
         location=backend.url,
