@@ -105,9 +105,8 @@ class Lease:
     ``ttl`` is how long a lease lasts without renewal; ``owner`` names what
     the writer writes for (see the module doc: the same owner on another
     host takes over); ``clock`` (epoch seconds) and ``host``/``pid`` may be
-    replaced in tests. Use as a context
-    manager (acquire, renew in the background, release), or call the
-    methods. Thread-safe.
+    replaced in tests. Use as a context manager (acquire, renew in the
+    background, release), or call the methods. Thread-safe.
 
     Example::
 
