@@ -27,19 +27,41 @@ def quiet(directory: Path, **options: Any) -> killsafe.Run:
 
 
 def walk(
-    directory: Path, mirror: str | None, total: int, *, stop_at: int | None = None, **options: Any
+    directory: Path,
+    mirror: str | None,
+    total: int,
+    *,
+    stop_at: int | None = None,
+    each_upload: bool = False,
+    **options: Any,
 ):
-    """A random walk whose every step draws from a tracked generator; returns (run, positions)."""
+    """A random walk whose every step draws from a tracked generator; returns (run, positions).
+
+    ``each_upload``: saves are synchronous and the step after each save waits
+    until the mirror has it, so no checkpoint is superseded in the upload queue.
+    """
     rng = np.random.default_rng(0)
     positions: list[float] = []
+    if each_upload:
+        options["async_save"] = False
     with quiet(directory, total_steps=total, mirror=mirror, **options) as run:
         run.track(rng=rng, positions=positions)
         for step in run.steps():
+            if each_upload and mirror and step and step % options["save_every_steps"] == 0:
+                wait_for_upload(mirror, step)
             positions.append(float(rng.normal()) + (positions[-1] if positions else 0.0))
             run.log(position=positions[-1])
             if stop_at is not None and step + 1 == stop_at:
                 run.stop("test")
     return run, positions
+
+
+def wait_for_upload(mirror: str, step: int) -> None:
+    """Until the mirror's newest checkpoint is at least ``step``; fails after a minute."""
+    deadline = time.monotonic() + 60
+    while (latest := killsafe.CheckpointStore(mirror).latest()) is None or latest.step < step:
+        assert time.monotonic() < deadline, f"step {step} did not reach {mirror}"
+        time.sleep(0.01)
 
 
 def memory_url() -> str:
@@ -48,7 +70,9 @@ def memory_url() -> str:
 
 def test_every_local_checkpoint_reaches_the_mirror_with_the_run_files(tmp_path: Path) -> None:
     url = memory_url()
-    run, _ = walk(tmp_path / "run", url, 30, save_every_steps=10, mirror_keep_last=None)
+    run, _ = walk(
+        tmp_path / "run", url, 30, save_every_steps=10, mirror_keep_last=None, each_upload=True
+    )
     assert run.finished
     remote = killsafe.CheckpointStore(url)
     assert [info.step for info in remote.list()] == [10, 20, 30]
@@ -63,7 +87,15 @@ def test_every_local_checkpoint_reaches_the_mirror_with_the_run_files(tmp_path: 
 
 def test_the_mirror_keeps_its_own_number_of_checkpoints(tmp_path: Path) -> None:
     url = memory_url()
-    walk(tmp_path / "run", url, 50, save_every_steps=10, keep_last=1, mirror_keep_last=3)
+    walk(
+        tmp_path / "run",
+        url,
+        50,
+        save_every_steps=10,
+        keep_last=1,
+        mirror_keep_last=3,
+        each_upload=True,
+    )
     assert [i.step for i in killsafe.CheckpointStore(tmp_path / "run/checkpoints").list()] == [50]
     assert [i.step for i in killsafe.CheckpointStore(url).list()] == [30, 40, 50]
 
