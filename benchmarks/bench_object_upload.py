@@ -8,6 +8,9 @@ fed from memory, as the saver feeds it). Rows run in a new random order
 every round. Prints a table of ratios measured in this one run; it is not a
 test and asserts nothing. CPU is the process's CPU time (all threads) per
 GB uploaded: what an upload takes from a training loop running beside it.
+"Server CPU" is the SeaweedFS process's CPU time per GB during the same
+uploads (when this script started the server): on a machine whose cores
+the server shares, it bounds every client's throughput.
 A last pass uploads once more per client beside a pure-Python thread and
 reports how fast that thread ran during the upload, relative to just before
 (the GIL and the cores the upload leaves to a loop).
@@ -149,11 +152,23 @@ def loop_progress(uploads: dict[str, Upload], backend: storage.Backend) -> dict[
     return progress
 
 
-def measure(upload: Upload, key: str) -> tuple[float, float]:
-    """Wall seconds and process CPU seconds of one upload."""
-    wall, cpu = time.perf_counter(), time.process_time()
+def process_cpu(pid: int | None) -> float:
+    """CPU seconds (all threads) of process ``pid`` so far; 0 when unknown (not Linux)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(upload: Upload, key: str, server: int | None) -> tuple[float, float, float]:
+    """Wall seconds, this process's CPU seconds and the server's CPU seconds of one upload."""
+    wall, cpu, served = time.perf_counter(), time.process_time(), process_cpu(server)
     upload(key)
-    return time.perf_counter() - wall, time.process_time() - cpu
+    elapsed, used = time.perf_counter() - wall, time.process_time() - cpu
+    return elapsed, used, process_cpu(server) - served
 
 
 def main() -> None:
@@ -165,11 +180,14 @@ def main() -> None:
 
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ks-bench-s3-")))
+        server_pid: int | None = None
         if "AWS_ENDPOINT_URL" in os.environ:
             env = {name: os.environ[name] for name in LocalS3Server(work).environment()}
         else:
-            env = stack.enter_context(LocalS3Server(work / "server")).environment()
+            server = stack.enter_context(LocalS3Server(work / "server"))
+            env = server.environment()
             os.environ.update(env)
+            server_pid = server.process.pid if server.process is not None else None
         data = os.urandom(size)
         path = work / "payload.bin"
         path.write_bytes(data)
@@ -184,13 +202,13 @@ def main() -> None:
             "killsafe object backend": killsafe_upload(data),
         }
         uploads: dict[str, Upload] = {name: up for name, up in rows.items() if up is not None}
-        results: dict[str, list[tuple[float, float]]] = {name: [] for name in uploads}
+        results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in uploads}
         for round_number in range(args.repeat):
             order = list(uploads)
             random.shuffle(order)
             for name in order:
                 key = f"round-{round_number}/{name.split()[0]}"
-                results[name].append(measure(uploads[name], key))
+                results[name].append(measure(uploads[name], key, server_pid))
                 killsafe_backend.delete(key)
                 time.sleep(0.5)
         progress = loop_progress(uploads, killsafe_backend)
@@ -198,31 +216,33 @@ def main() -> None:
 
 
 def print_table(
-    results: dict[str, list[tuple[float, float]]],
+    results: dict[str, list[tuple[float, float, float]]],
     progress: dict[str, float],
     size: int,
     repeat: int,
     skipped: list[str],
 ) -> None:
     gb = size / GB
-    best = {name: gb / min(wall for wall, _ in runs) for name, runs in results.items()}
-    median = {name: gb / statistics.median(w for w, _ in runs) for name, runs in results.items()}
-    cpu = {name: statistics.median(c for _, c in runs) / gb for name, runs in results.items()}
+    best = {name: gb / min(run[0] for run in runs) for name, runs in results.items()}
+    median = {name: gb / statistics.median(r[0] for r in runs) for name, runs in results.items()}
+    cpu = {name: statistics.median(r[1] for r in runs) / gb for name, runs in results.items()}
+    served = {name: statistics.median(r[2] for r in runs) / gb for name, runs in results.items()}
     baselines = [n for n in results if not n.startswith(("killsafe", "obstore put, unsigned"))]
     fastest = max(baselines, key=lambda n: best[n]) if baselines else None
     boto = "boto3 upload_file" if "boto3 upload_file" in results else None
     print(f"\nupload of {size // MiB} MiB to SeaweedFS on 127.0.0.1, {repeat} rounds")
-    header = f"{'client':32s} {'best GB/s':>9s} {'median':>7s} {'CPU s/GB':>9s}"
+    header = f"{'client':32s} {'best GB/s':>9s} {'median':>7s} {'CPU s/GB':>9s} {'server':>7s}"
     print(header + "  best vs fastest baseline   CPU vs boto3   loop speed")
     for name in results:
         vs_fastest = f"{best[name] / best[fastest]:.2f}x" if fastest else "-"
         vs_boto = f"{cpu[name] / cpu[boto]:.2f}x" if boto else "-"
         print(
-            f"{name:32s} {best[name]:9.3f} {median[name]:7.3f} {cpu[name]:9.2f}"
+            f"{name:32s} {best[name]:9.3f} {median[name]:7.3f} {cpu[name]:9.2f} {served[name]:7.2f}"
             f"  {vs_fastest:>24s}   {vs_boto:>11s}   {progress[name]:9.2f}x"
         )
     if fastest:
         print(f"fastest baseline: {fastest}")
+    print("server: the S3 server's CPU s/GB during the same uploads (0: not started here)")
     print("loop speed: a pure-Python thread's rate during one upload over its rate just before")
     for name in skipped:
         print(f"skipped (client not installed): {name}")

@@ -7,6 +7,7 @@ real processes against the session's SeaweedFS server.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,11 @@ from killsafe.cli import main
 
 
 def mirrored_run(directory: Path, mirror: str) -> None:
-    """50 steps saved every 10: the local store keeps 50, the mirror 30, 40 and 50."""
+    """50 steps saved every 10: the local store keeps 50, the mirror 30, 40 and 50.
+
+    Saves are synchronous and each step after a save waits for its upload, so
+    that no checkpoint is superseded in the upload queue by the next one.
+    """
     rng = np.random.default_rng(0)
     with killsafe.Run(
         directory,
@@ -29,13 +34,24 @@ def mirrored_run(directory: Path, mirror: str) -> None:
         keep_last=1,
         mirror=mirror,
         mirror_keep_last=3,
+        async_save=False,
         progress=False,
         keyboard=False,
         report=False,
     ) as run:
         run.track(rng=rng, weights=np.zeros(8))
-        for _ in run.steps():
+        for step in run.steps():
+            if step % 10 == 0 and step:
+                wait_for_upload(mirror, step)
             run.state["weights"] += rng.normal(size=8)
+
+
+def wait_for_upload(mirror: str, step: int) -> None:
+    """Until the mirror's newest checkpoint is ``step``; fails after a minute."""
+    deadline = time.monotonic() + 60
+    while (latest := killsafe.CheckpointStore(mirror).latest()) is None or latest.step < step:
+        assert time.monotonic() < deadline, f"step {step} did not reach {mirror}"
+        time.sleep(0.01)
 
 
 def save_local_only(directory: Path, step: int) -> None:

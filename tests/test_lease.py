@@ -88,6 +88,32 @@ def test_an_expired_lease_is_taken_over_and_the_old_holder_learns_it(
     assert keys == ["lease/000000000001.json"]
 
 
+def test_the_same_owner_started_on_another_host_takes_over_a_live_lease(
+    backend: Backend, clock: FakeClock
+) -> None:
+    lost = Lease(backend, ttl=30.0, clock=clock, host="node-a", pid=111, owner="/runs/exp")
+    lost.acquire()
+    other_run = Lease(backend, ttl=30.0, clock=clock, host="node-b", pid=222, owner="/runs/b")
+    with pytest.raises(StoreLocked, match="pid 111 on node-a"):
+        other_run.acquire()
+    with pytest.raises(StoreLocked, match="pid 111 on node-a"):
+        Lease(backend, ttl=30.0, clock=clock, host="node-b", pid=222).acquire()  # no owner said
+    resumed = Lease(backend, ttl=30.0, clock=clock, host="node-b", pid=333, owner="/runs/exp")
+    taken = resumed.acquire()  # the lost node's lease has not expired: taken over at once
+    assert taken.generation == 1 and taken.owner == "/runs/exp"
+    with pytest.raises(StoreLocked, match="pid 333 on node-b"):
+        lost.check()  # were node-a still alive, it would commit nothing more
+
+
+def test_the_same_owner_on_the_holders_own_host_waits_for_its_pid(
+    backend: Backend, clock: FakeClock
+) -> None:
+    live = Lease(backend, ttl=30.0, clock=clock, host="node-a", pid=os.getpid(), owner="/r")
+    live.acquire()
+    with pytest.raises(StoreLocked, match=f"pid {os.getpid()} on node-a"):
+        Lease(backend, ttl=30.0, clock=clock, host="node-a", pid=1, owner="/r").acquire()
+
+
 def test_a_holder_that_could_not_renew_in_time_stops_itself(
     backend: Backend, clock: FakeClock
 ) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 import killsafe
 from killsafe import storage
-from killsafe.errors import ConfigError
+from killsafe.errors import ConfigError, SaveFailed
 
 
 def quiet(directory: Path, **options: Any) -> killsafe.Run:
@@ -27,19 +27,41 @@ def quiet(directory: Path, **options: Any) -> killsafe.Run:
 
 
 def walk(
-    directory: Path, mirror: str | None, total: int, *, stop_at: int | None = None, **options: Any
+    directory: Path,
+    mirror: str | None,
+    total: int,
+    *,
+    stop_at: int | None = None,
+    each_upload: bool = False,
+    **options: Any,
 ):
-    """A random walk whose every step draws from a tracked generator; returns (run, positions)."""
+    """A random walk whose every step draws from a tracked generator; returns (run, positions).
+
+    ``each_upload``: saves are synchronous and the step after each save waits
+    until the mirror has it, so no checkpoint is superseded in the upload queue.
+    """
     rng = np.random.default_rng(0)
     positions: list[float] = []
+    if each_upload:
+        options["async_save"] = False
     with quiet(directory, total_steps=total, mirror=mirror, **options) as run:
         run.track(rng=rng, positions=positions)
         for step in run.steps():
+            if each_upload and mirror and step and step % options["save_every_steps"] == 0:
+                wait_for_upload(mirror, step)
             positions.append(float(rng.normal()) + (positions[-1] if positions else 0.0))
             run.log(position=positions[-1])
             if stop_at is not None and step + 1 == stop_at:
                 run.stop("test")
     return run, positions
+
+
+def wait_for_upload(mirror: str, step: int) -> None:
+    """Until the mirror's newest checkpoint is at least ``step``; fails after a minute."""
+    deadline = time.monotonic() + 60
+    while (latest := killsafe.CheckpointStore(mirror).latest()) is None or latest.step < step:
+        assert time.monotonic() < deadline, f"step {step} did not reach {mirror}"
+        time.sleep(0.01)
 
 
 def memory_url() -> str:
@@ -48,7 +70,9 @@ def memory_url() -> str:
 
 def test_every_local_checkpoint_reaches_the_mirror_with_the_run_files(tmp_path: Path) -> None:
     url = memory_url()
-    run, _ = walk(tmp_path / "run", url, 30, save_every_steps=10, mirror_keep_last=None)
+    run, _ = walk(
+        tmp_path / "run", url, 30, save_every_steps=10, mirror_keep_last=None, each_upload=True
+    )
     assert run.finished
     remote = killsafe.CheckpointStore(url)
     assert [info.step for info in remote.list()] == [10, 20, 30]
@@ -63,7 +87,15 @@ def test_every_local_checkpoint_reaches_the_mirror_with_the_run_files(tmp_path: 
 
 def test_the_mirror_keeps_its_own_number_of_checkpoints(tmp_path: Path) -> None:
     url = memory_url()
-    walk(tmp_path / "run", url, 50, save_every_steps=10, keep_last=1, mirror_keep_last=3)
+    walk(
+        tmp_path / "run",
+        url,
+        50,
+        save_every_steps=10,
+        keep_last=1,
+        mirror_keep_last=3,
+        each_upload=True,
+    )
     assert [i.step for i in killsafe.CheckpointStore(tmp_path / "run/checkpoints").list()] == [50]
     assert [i.step for i in killsafe.CheckpointStore(url).list()] == [30, 40, 50]
 
@@ -178,5 +210,77 @@ def test_an_upload_gives_way_while_the_loop_takes_a_snapshot(tmp_path: Path) -> 
     mirror.release()
     waiting.join(10)
     assert not waiting.is_alive()
+    mirror.close()
+    local.close()
+
+
+def test_an_upload_waits_for_the_local_write_of_the_save_in_flight(tmp_path: Path) -> None:
+    import threading
+
+    from killsafe.run.mirror import Mirror
+    from killsafe.saver import PendingSave
+
+    local = killsafe.CheckpointStore(tmp_path / "local")
+    mirror = Mirror(killsafe.CheckpointStore(memory_url()), local, tmp_path)
+    writing = PendingSave(2, None, "policy")
+    mirror.hold()
+    mirror.release(after=writing)  # the snapshot is taken; its write goes on
+    waiting = threading.Thread(target=mirror._pace)
+    waiting.start()
+    waiting.join(0.2)
+    assert waiting.is_alive()  # the local checkpoint is written first
+    writing._finish(None, SaveFailed("disk full"))  # finished, even by failing, lets it go
+    waiting.join(10)
+    assert not waiting.is_alive()
+    assert writing.error is not None and not writing._reported  # the loop still collects it
+    mirror._pace()  # nothing in flight any more: returns at once
+    mirror.close()
+    local.close()
+
+
+def test_at_the_end_an_older_unnamed_upload_gives_way_to_the_newest(tmp_path: Path) -> None:
+    import threading
+
+    from killsafe.run.mirror import Mirror
+
+    local = killsafe.CheckpointStore(tmp_path / "local")
+    older = local.save({"w": np.zeros(1 << 20)}, 1)
+    newest = local.save({"w": np.ones(1 << 20)}, 2)
+    remote = killsafe.CheckpointStore(memory_url())
+    mirror = Mirror(remote, local, tmp_path)
+    mirror.hold()  # the upload of step 1 starts and waits before its first chunk
+    mirror.submit(older)
+    mirror.submit(newest)  # arrives while step 1 is being uploaded
+    summary: list[str] = []
+    draining = threading.Thread(target=lambda: summary.append(mirror.drain(stopping=False)))
+    draining.start()
+    while not mirror._draining:
+        time.sleep(0.01)
+    mirror.release()
+    draining.join(30)
+    assert summary == [f"killsafe: mirror {mirror.url}: newest step 2, 1 uploaded this session"]
+    assert [info.step for info in remote.list()] == [2]
+    mirror.close()
+    local.close()
+
+
+def test_during_the_session_every_upload_finishes_however_many_queue_up(tmp_path: Path) -> None:
+    from killsafe.run.mirror import Mirror
+
+    local = killsafe.CheckpointStore(tmp_path / "local")
+    infos = [local.save({"w": np.full(1 << 18, step)}, step) for step in (1, 2)]
+    remote = killsafe.CheckpointStore(memory_url())
+    mirror = Mirror(remote, local, tmp_path)
+    mirror.hold()
+    mirror.submit(infos[0])
+    while mirror._uploading is None:  # step 1's upload started
+        time.sleep(0.01)
+    mirror.submit(infos[1])
+    mirror.release()
+    deadline = time.monotonic() + 60
+    while len(remote.list()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [info.step for info in remote.list()] == [1, 2]
+    assert mirror.drain(stopping=False).endswith("newest step 2, 2 uploaded this session")
     mirror.close()
     local.close()

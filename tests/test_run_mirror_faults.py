@@ -1,11 +1,15 @@
 """A run's mirror when things go wrong: a server that fails mid-upload, a second live run
-on the same mirror, and SIGKILL at random moments during uploads to a real S3 server."""
+on the same mirror (refused at its start), the same run resumed on a new node while the
+lost node's lease lives on, and SIGKILL at random moments during uploads to a real S3
+server."""
 
 from __future__ import annotations
 
 import logging
 import os
 import random
+import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +24,8 @@ import pytest
 import killsafe
 import killsafe.store
 from killsafe import storage
+from killsafe.errors import StoreLocked
+from killsafe.lease import Lease
 from killsafe.storage.faults import FaultyBackend
 
 
@@ -126,30 +132,51 @@ def test_a_mirror_failing_mid_upload_costs_the_run_nothing_and_the_next_save_upl
     assert "newest step 40, 2 uploaded this session" in line and "failed" not in line
 
 
-def test_a_second_live_run_on_the_same_mirror_is_told_who_holds_it(
+def test_a_second_live_run_on_the_same_mirror_is_refused_at_its_start(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     url = memory_url()
-    outcome: dict[str, killsafe.Run] = {}
+    refused: list[str] = []
 
     def second_run(step: int) -> None:
-        if step == 15:  # the first run holds the mirror's lease since its upload of step 10
-            wait_for(lambda: steps_in(url) == [10])
-            outcome["second"] = counting_run(tmp_path / "second", url, 30)
+        if step == 5:  # the first run holds the mirror's lease from its start
+            with pytest.raises(StoreLocked) as caught:
+                counting_run(tmp_path / "second", url, 30)
+            refused.append(str(caught.value))
 
     first = counting_run(tmp_path / "first", url, 20, second_run)
-    second = outcome["second"]
-    assert first.finished and second.finished  # the mirror never stops a run
-    assert [i.step for i in killsafe.CheckpointStore(tmp_path / "second/checkpoints").list()] == [
-        10,
-        20,
-        30,
-    ]
-    second_line = mirror_lines(caplog)[0]
-    assert "last upload failed" in second_line and "StoreLocked" not in second_line
-    assert f"pid {os.getpid()}" in second_line, second_line
-    assert steps_in(url) == [10, 20]  # only the first run's checkpoints
+    (message,) = refused
+    assert f"pid {os.getpid()} on {socket.gethostname()}" in message and "\n" not in message
+    assert message.startswith(url)
+    assert first.finished and steps_in(url) == [10, 20]  # the first run never noticed
+    assert not (tmp_path / "second/checkpoints").exists()  # refused before any step
+    # Once the first run has ended, the second starts and uploads.
+    second = counting_run(tmp_path / "second", url, 10)
+    assert second.finished and steps_in(url) == [10, 20]  # its step 10 exists there already
+
+
+def test_the_same_run_directory_resumed_on_a_new_node_takes_over_the_lost_nodes_lease(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    url = memory_url()
+    directory = tmp_path / "run"
+    counting_run(directory, url, 10)
+    # The node that ran it is lost while holding the lease (another host: its
+    # pid cannot be checked, and the lease has a minute left).
+    lost = Lease(
+        storage.open(url), ttl=60.0, host="lost-node", pid=4242, owner=str(directory.resolve())
+    )
+    lost.acquire()
+    with pytest.raises(StoreLocked, match="pid 4242 on lost-node"):
+        counting_run(tmp_path / "another-run", url, 20)
+    shutil.rmtree(directory)  # the new node starts with an empty directory of the same path
+    run = counting_run(directory, url, 20)
+    assert run.finished and run.resumed_from is not None and steps_in(url) == [10, 20]
+    assert any("taking over the lease" in r.getMessage() for r in caplog.records)
+    with pytest.raises(StoreLocked):
+        lost.check()  # the lost node, were it still running, would commit nothing more
 
 
 KILLED_SCRIPT = textwrap.dedent(

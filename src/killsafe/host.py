@@ -1,16 +1,29 @@
 """What this host's operating system answers: live processes, durable directories.
 
 The store's lock, the lease, the journal, the run directory and the
-distributed writer all ask these two questions; they are answered here once.
+distributed writer all ask these questions; they are answered here once.
+Background threads (the saver's writer, the mirror's uploads) lower their
+own priority here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sys
+import threading
 from pathlib import Path
 
-__all__ = ["fsync_directory", "pid_alive", "this_host"]
+__all__ = [
+    "BACKGROUND_NICE",
+    "fsync_directory",
+    "lower_this_threads_priority",
+    "pid_alive",
+    "this_host",
+]
+
+BACKGROUND_NICE = 10  # background writers and uploads give way to the loop's threads
 
 
 def this_host() -> str:
@@ -42,3 +55,14 @@ def fsync_directory(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def lower_this_threads_priority(nice: int = BACKGROUND_NICE) -> None:
+    """Let the loop's threads win the CPU over this thread (and the threads it starts).
+
+    On Linux a nice value is per thread and inherited by threads it creates;
+    elsewhere this does nothing.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)

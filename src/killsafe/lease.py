@@ -8,8 +8,11 @@ exactly one wins; the holder is the writer of the highest generation.
 
 - ``acquire()`` reads the highest generation. If its holder is alive (not
   released, not expired, and, on this host, its pid still running), it
-  raises ``StoreLocked`` naming that host and pid. Otherwise it creates the
-  next generation, and then deletes the older ones.
+  raises ``StoreLocked`` naming that host and pid, unless the holder names
+  the same ``owner`` from another host: the same writer started again on a
+  new machine (a run resumed after its node was lost) takes over at once
+  instead of waiting for the lost node's lease to expire. Otherwise it
+  creates the next generation, and then deletes the older ones.
 - ``renew()`` (every ``ttl / 3`` seconds from a background thread after
   ``start_renewing()``) rewrites the holder's own object with a new expiry,
   after checking that no higher generation exists. A holder that finds one
@@ -71,6 +74,7 @@ class LeaseRecord:
     token: str
     expires: float
     released: bool = False
+    owner: str = ""  # what the writer writes for (a run directory); "" when unsaid
 
     def to_bytes(self) -> bytes:
         """The object's bytes: one JSON document."""
@@ -87,6 +91,7 @@ class LeaseRecord:
             token=str(raw["token"]),
             expires=float(raw["expires"]),
             released=bool(raw.get("released", False)),
+            owner=str(raw.get("owner", "")),
         )
 
 
@@ -97,10 +102,11 @@ def _when(epoch: float) -> str:
 class Lease:
     """The write lease of the store at ``backend`` (objects under ``prefix``).
 
-    ``ttl`` is how long a lease lasts without renewal; ``clock`` (epoch
-    seconds) and ``host``/``pid`` may be replaced in tests. Use as a context
-    manager (acquire, renew in the background, release), or call the
-    methods. Thread-safe.
+    ``ttl`` is how long a lease lasts without renewal; ``owner`` names what
+    the writer writes for (see the module doc: the same owner on another
+    host takes over); ``clock`` (epoch seconds) and ``host``/``pid`` may be
+    replaced in tests. Use as a context manager (acquire, renew in the
+    background, release), or call the methods. Thread-safe.
 
     Example::
 
@@ -117,6 +123,7 @@ class Lease:
         clock: Callable[[], float] = time.time,
         host: str | None = None,
         pid: int | None = None,
+        owner: str = "",
     ) -> None:
         if ttl <= 0:
             raise ConfigError(f"lease ttl must be positive seconds, got {ttl!r}")
@@ -129,6 +136,7 @@ class Lease:
         self.clock = clock
         self.host = host or socket.gethostname()
         self.pid = os.getpid() if pid is None else pid
+        self.owner = owner
         self.held: LeaseRecord | None = None
         self._lost: LeaseRecord | None = None
         self._lock = threading.RLock()
@@ -157,6 +165,14 @@ class Lease:
             return False
         return record.host != self.host or pid_alive(record.pid)
 
+    def _resumes(self, record: LeaseRecord) -> bool:
+        """Whether this writer is ``record``'s owner started again on another host.
+
+        On the holder's own host its pid says whether it lives; elsewhere a
+        live lease of the same owner is that owner's lost node.
+        """
+        return bool(self.owner) and record.owner == self.owner and record.host != self.host
+
     def _locked(self, record: LeaseRecord) -> StoreLocked:
         return StoreLocked(
             f"{self.backend.url} is locked by pid {record.pid} on {record.host} "
@@ -175,7 +191,15 @@ class Lease:
             generations = self._generations()
             newest = self._read(generations[-1]) if generations else None
             if newest is not None and self.is_live(newest):
-                raise self._locked(newest)
+                if not self._resumes(newest):
+                    raise self._locked(newest)
+                log.warning(
+                    "taking over the lease on %s from pid %d on %s: the same %s, started here",
+                    self.backend.url,
+                    newest.pid,
+                    newest.host,
+                    self.owner,
+                )
             generation = generations[-1] + 1 if generations else 0
             record = LeaseRecord(
                 generation=generation,
@@ -183,6 +207,7 @@ class Lease:
                 pid=self.pid,
                 token=uuid.uuid4().hex,
                 expires=self.clock() + self.ttl,
+                owner=self.owner,
             )
             try:
                 self.backend.create_if_absent(self._key(generation), record.to_bytes())

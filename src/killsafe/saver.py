@@ -54,6 +54,7 @@ from typing import Any, ClassVar, Protocol
 from killsafe import format as fmt
 from killsafe.environment import getenv
 from killsafe.errors import ConfigError, KillsafeError, SaveFailed
+from killsafe.host import BACKGROUND_NICE, lower_this_threads_priority
 from killsafe.staging import PinnedStaging, Staged
 from killsafe.state import capture, is_torch_tensor, tensors_in
 
@@ -90,7 +91,6 @@ def skips_busy_save(if_busy: str, busy: PendingSave | None, *, must_save: bool =
     return if_busy == "skip" and not must_save and busy is not None and not busy.done()
 
 
-_WRITER_NICE = 10
 _PR_SET_PDEATHSIG = 1
 _BLOCKED_IN_CHILD = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
 
@@ -147,6 +147,14 @@ class PendingSave:
     def done(self) -> bool:
         """Whether the save has finished, successfully or not."""
         return self._finished.is_set()
+
+    def wait_written(self, timeout: float | None = None) -> bool:
+        """Block until the save has finished (committed or failed), at most ``timeout`` seconds.
+
+        Returns whether it finished. Unlike ``wait()`` it neither returns the
+        result nor raises the failure: the loop still collects both.
+        """
+        return self._finished.wait(timeout)
 
     def wait(self, timeout: float | None = None) -> fmt.CheckpointInfo:
         """Block until the save is committed; return its info or raise its error.
@@ -407,19 +415,9 @@ class _Worker:
         self._thread.join()
 
     def _loop(self) -> None:
-        _lower_this_threads_priority()
+        lower_this_threads_priority()
         while (task := self._tasks.get()) is not None:
             task()
-
-
-def _lower_this_threads_priority() -> None:
-    """Let the loop's threads win the CPU over the writer (and the threads it starts).
-
-    On Linux a nice value is per thread and inherited by threads it creates.
-    """
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _WRITER_NICE)
 
 
 def _child_write(
@@ -432,7 +430,7 @@ def _child_write(
         signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_IN_CHILD)
         _die_with_parent(parent)
         with contextlib.suppress(OSError):
-            os.nice(_WRITER_NICE)  # the loop's steps come first; the writer mostly waits
+            os.nice(BACKGROUND_NICE)  # the loop's steps come first; the writer mostly waits
         store.write(
             job.staging, job.encoded, metrics=job.metrics, reason=job.reason, metadata=job.metadata
         )

@@ -74,6 +74,7 @@ if TYPE_CHECKING:
 
     from killsafe.format import CheckpointInfo
     from killsafe.preflight import Preflight
+    from killsafe.saver import PendingSave
     from killsafe.store import CheckpointStore
 
 __all__ = ["RESUME_ENV", "Run"]
@@ -684,9 +685,13 @@ class Run:
             best=config.best,
             compression=config.compression,
             incremental=config.incremental,
+            lease_owner=str(self.directory.resolve()),
         )
         mirror = Mirror(remote, store, self.directory, grace=config.mirror_grace)
         try:
+            # One run per mirror: a live writer of another run directory
+            # refuses this one now, rather than failing its uploads later.
+            remote.acquire()
             mirror.sync(restore=config.resume in ("auto", "latest", "ask"))
         except BaseException:
             mirror.close()
@@ -749,11 +754,11 @@ class Run:
     def _before_write(self) -> None:
         self._parts.services.flush_history()
         if self._mirror is not None:
-            self._mirror.hold()  # the snapshot gets the cores an upload would take
+            self._mirror.hold()  # the local save gets the cores and the disk an upload takes
 
-    def _snapshot_taken(self) -> None:
+    def _snapshot_taken(self, writing: PendingSave | None) -> None:
         if self._mirror is not None:
-            self._mirror.release()
+            self._mirror.release(after=writing)
 
     def _committed(self, info: CheckpointInfo) -> None:
         self._parts.services.checkpoint_shown(info)

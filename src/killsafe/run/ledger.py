@@ -43,7 +43,7 @@ class SaveHooks:
         metrics: Callable[[], dict[str, Any]],
         metadata: Callable[[], dict[str, Any]],
         before_write: Callable[[], None],
-        snapshot_taken: Callable[[], None],
+        snapshot_taken: Callable[[PendingSave | None], None],
         committed: Callable[[CheckpointInfo], None],
         saved: Callable[[CheckpointInfo], None],
     ) -> None:
@@ -51,7 +51,8 @@ class SaveHooks:
         self.metrics = metrics  # the metrics the checkpoint records
         self.metadata = metadata  # run id and session index
         self.before_write = before_write  # flush the history; hold the uploads
-        self.snapshot_taken = snapshot_taken  # the loop goes on: uploads may go on too
+        # The loop goes on; uploads wait for the background write it gets, if any.
+        self.snapshot_taken = snapshot_taken
         self.committed = committed  # shown on the progress display
         self.saved = saved  # the user's on_save callback
 
@@ -147,8 +148,10 @@ class Ledger:
         if self.pending is not None and not self._make_room(self.pending):
             return None
         self._hooks.before_write()
+        writing: PendingSave | None = None
         try:
             result = self._save_replacing_abandoned(reason, name, note)
+            writing = result if isinstance(result, PendingSave) else None
         except CheckpointExists as exc:
             self._report_failure(exc, step)
             if name is None or (reason == "request" and not self._ending.decided()):
@@ -160,7 +163,7 @@ class Ledger:
             self._report_failure(exc, step)
             raise
         finally:
-            self._hooks.snapshot_taken()
+            self._hooks.snapshot_taken(writing)
         self.last_save_step = step
         self.last_save_clock = time.monotonic()
         if isinstance(result, PendingSave):

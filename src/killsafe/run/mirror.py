@@ -27,12 +27,14 @@ from typing import TYPE_CHECKING
 
 from killsafe import storage
 from killsafe.errors import CheckpointExists, CheckpointNotFound, KillsafeError
+from killsafe.host import lower_this_threads_priority
 from killsafe.run.config import DEFAULT_MIRROR_GRACE
 from killsafe.rundir.layout import EVENTS_FILE, HISTORY_FILE, RUN_FILE
 from killsafe.rundir.remote import MIRROR_RUN_PREFIX, MIRRORED_FILES, download_run_files
 
 if TYPE_CHECKING:
     from killsafe.format import CheckpointInfo
+    from killsafe.saver import PendingSave
     from killsafe.store import CheckpointStore
 
 __all__ = ["Mirror"]
@@ -76,6 +78,9 @@ class Mirror:
         self._thread: threading.Thread | None = None
         self._go = threading.Event()  # cleared while the loop takes a snapshot
         self._go.set()
+        self._writing: PendingSave | None = None  # the local write uploads wait for
+        self._uploading: CheckpointInfo | None = None
+        self._draining = False  # the session ends: only the newest checkpoints matter
 
     # -- at the start -------------------------------------------------------
 
@@ -123,18 +128,47 @@ class Mirror:
             self._cond.notify_all()
 
     def hold(self) -> None:
-        """Pause the upload between two chunks: the loop is taking a snapshot."""
+        """Pause the upload between two chunks: the loop is saving locally."""
         self._go.clear()
 
-    def release(self) -> None:
-        """Let the upload go on."""
+    def release(self, *, after: PendingSave | None = None) -> None:
+        """The snapshot is taken: let the upload go on, once ``after`` (its local write) ends.
+
+        The local checkpoint comes first: while it is written in the
+        background, an upload would take the cores and the disk it needs,
+        and the loop waits for that write at its next save.
+        """
+        if after is not None:
+            with self._cond:
+                self._writing = after
         self._go.set()
 
     def _pace(self) -> None:
-        # Bounded: a snapshot that never says it is done must not stop uploads.
+        # Bounded: a save that never says it is done must not stop uploads.
         self._go.wait(_HOLD_LIMIT)
+        writing = self._writing
+        if writing is not None and writing.wait_written(_HOLD_LIMIT):
+            with self._cond:
+                if self._writing is writing:
+                    self._writing = None
+        self._check_superseded()
+
+    def _check_superseded(self) -> None:
+        """At the session's end, stop uploading an unnamed checkpoint a newer one replaces.
+
+        Only while draining: during the session every upload finishes, so a
+        mirror slower than the saves still receives checkpoints.
+        """
+        with self._cond:
+            current = self._uploading
+            if not self._draining or current is None or current.name is not None:
+                return
+            newer = [i.step for i in self._queue if i.name is None and i.step > current.step]
+        if newer:
+            raise _Superseded(f"step {current.step} is superseded by step {max(newer)}")
 
     def _work(self) -> None:
+        lower_this_threads_priority()  # uploads give way to the loop, as the saver's writer
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
@@ -154,8 +188,13 @@ class Mirror:
                     self._cond.notify_all()
 
     def _upload(self, info: CheckpointInfo) -> None:
+        with self._cond:
+            self._uploading = info
         try:
             uploaded = self.remote.import_from(self.local, info, pace=self._pace)
+        except _Superseded as exc:
+            log.info("killsafe: upload left at the end of the session: %s", exc)
+            return
         except CheckpointExists:
             return  # mirrored already (an earlier session uploaded it)
         except CheckpointNotFound:
@@ -165,6 +204,9 @@ class Mirror:
             self._failed = f"step {info.step}: {exc}"
             log.warning("killsafe: upload of step %d to %s failed: %s", info.step, self.url, exc)
             return
+        finally:
+            with self._cond:
+                self._uploading = None
         with self._cond:
             self._uploaded.append(uploaded)
             self._failed = None
@@ -192,6 +234,8 @@ class Mirror:
         Uploads the run's files last, so the mirror holds the session's end.
         """
         deadline = time.monotonic() + self.grace if stopping else None
+        with self._cond:
+            self._draining = True
         done = self._wait_idle(deadline)
         if done:
             self.upload_run_files()
@@ -232,6 +276,10 @@ class Mirror:
             self._thread.join(timeout=1.0)
         self.remote.close()
         self._files.close()
+
+
+class _Superseded(Exception):
+    """An upload left at the end of a session: a newer checkpoint goes up instead."""
 
 
 def _worth_uploading(queue: deque[CheckpointInfo]) -> list[CheckpointInfo]:

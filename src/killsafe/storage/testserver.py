@@ -129,7 +129,7 @@ class LocalS3Server:
             "-s3.port.lance=0",
             "-master.telemetry=false",
             "-master.volumeSizeLimitMB=256",
-            "-volume.max=64",
+            "-volume.max=0",  # as many as the disk holds: deleted bytes stay until a vacuum
             "-volume.preStopSeconds=0",
             *ports,
         ]

@@ -90,6 +90,9 @@ class CheckpointStore:
             ``"fork"`` or ``"copy"`` (see ``killsafe.saver``); local directories only
             fork.
         lease_ttl: object stores: how long the write lease lasts unrenewed (seconds).
+        lease_owner: object stores: what this writer writes for (a run
+            directory); a live lease of the same owner held on another host
+            is taken over (that owner's lost node) instead of refused.
         sweep_after: object stores: attempts no manifest names are removed once
             this old (seconds; default ``lease_ttl``); incremental local stores:
             pieces no checkpoint names are removed once this old (default 0).
@@ -114,6 +117,7 @@ class CheckpointStore:
         lease_ttl: float = DEFAULT_LEASE_TTL,
         sweep_after: float | None = None,
         incremental: bool = False,
+        lease_owner: str = "",
     ) -> None:
         if _saver_factory is not None and snapshot not in _saver_factory.strategies:
             raise ConfigError(
@@ -130,6 +134,7 @@ class CheckpointStore:
             lease_ttl=lease_ttl,
             sweep_after=sweep_after,
             incremental=incremental,
+            lease_owner=lease_owner,
         )
         if medium.backend is not None and snapshot == "fork":
             raise ConfigError(f"snapshot='fork' needs a local directory, not {medium.location}")
@@ -171,6 +176,15 @@ class CheckpointStore:
     def _lock_fd(self) -> int | None:
         """The write lock's descriptor while held (None in a forked child)."""
         return self._lock.fd
+
+    def acquire(self) -> None:
+        """Take the write lock now rather than at the first write (nothing if held).
+
+        On an object store this is the lease; raises ``StoreLocked`` naming
+        the live holder's host and pid. ``close()`` gives it back.
+        """
+        with self._mutex:
+            self._acquire()
 
     def _acquire(self) -> None:
         """Take the write lock (once); sweep leftovers of dead writers when taken."""

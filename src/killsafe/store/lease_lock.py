@@ -20,8 +20,8 @@ class LeaseLock:
 
     fd: int | None = None  # no descriptor: a forked child holds nothing to drop
 
-    def __init__(self, backend: Backend, ttl: float) -> None:
-        self.lease = Lease(backend, LEASE_PREFIX, ttl=ttl)
+    def __init__(self, backend: Backend, ttl: float, owner: str = "") -> None:
+        self.lease = Lease(backend, LEASE_PREFIX, ttl=ttl, owner=owner)
 
     @property
     def held(self) -> bool:

@@ -85,6 +85,7 @@ def open_medium(
     lease_ttl: float,
     sweep_after: float | None,
     incremental: bool = False,
+    lease_owner: str = "",
 ) -> Medium:
     """The parts for a path, a ``memory://``/``s3://``/``gs://``/``az://`` URL, or a backend.
 
@@ -93,7 +94,7 @@ def open_medium(
     """
     if isinstance(location, storage.Backend) or storage.is_url(location):
         backend = location if isinstance(location, storage.Backend) else storage.open(location)
-        return _keyed(backend, best, lease_ttl, sweep_after, incremental)
+        return _keyed(backend, best, lease_ttl, sweep_after, incremental, lease_owner)
     directory = Path(location)
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"checkpoint store {directory} is a file, not a directory")
@@ -112,12 +113,13 @@ def _keyed(
     lease_ttl: float,
     sweep_after: float | None,
     incremental: bool,
+    lease_owner: str,
 ) -> Medium:
     from killsafe.store.keyed_catalog import KeyedCatalog
     from killsafe.store.lease_lock import LeaseLock
     from killsafe.store.manifest_commit import ManifestLastCommit
 
-    lock = LeaseLock(backend, lease_ttl)
+    lock = LeaseLock(backend, lease_ttl, lease_owner)
     grace = lease_ttl if sweep_after is None else sweep_after
     return Medium(
         location=backend.url,
