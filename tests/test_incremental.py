@@ -290,6 +290,14 @@ def test_a_run_saves_incrementally_when_asked(tmp_path: Path) -> None:
     assert all(info.added is not None and info.added < info.size // 2 for info in infos)
 
 
+def wait_for_upload(url: str, step: int) -> None:
+    """Until the mirror's newest checkpoint is ``step``; fails after a minute."""
+    deadline = time.monotonic() + 60
+    while (latest := killsafe.CheckpointStore(url).latest()) is None or latest.step < step:
+        assert time.monotonic() < deadline, f"step {step} did not reach {url}"
+        time.sleep(0.01)
+
+
 def test_a_run_mirrors_incrementally_and_a_fresh_directory_resumes_from_it(
     tmp_path: Path,
 ) -> None:
@@ -301,9 +309,12 @@ def test_a_run_mirrors_incrementally_and_a_fresh_directory_resumes_from_it(
         with killsafe.Run(
             directory, total_steps=total, save_every_steps=1, incremental=True,
             mirror=url, mirror_keep_last=None, progress=False, report=False,
+            async_save=False,
         ) as run:  # fmt: skip
             run.track(state=state)
-            for _ in run.steps():
+            for step in run.steps():
+                if step:  # each upload before the next save, so none is superseded
+                    wait_for_upload(url, step)
                 state["counter"] += 1
         return run, state
 
@@ -334,6 +345,8 @@ def test_import_copies_only_the_pieces_the_target_lacks(tmp_path: Path) -> None:
     back.verify(2)
     with pytest.raises(ConfigError, match="incremental=True"):
         killsafe.CheckpointStore(tmp_path / "full").import_from(source, 1)
+    for store in (source, remote, back):
+        store.close()
 
 
 def test_an_import_of_a_damaged_piece_commits_nothing(tmp_path: Path) -> None:

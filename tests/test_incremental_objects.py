@@ -117,6 +117,7 @@ def test_piece_objects_are_safetensors_named_by_their_bytes() -> None:
         assert key == fmt.piece_key(piece_digest(payload.tobytes()))
         found.append(payload)
     assert np.array_equal(np.concatenate(sorted(found, key=len, reverse=True)), data)
+    store.close()
 
 
 @pytest.mark.parametrize("damage", ["flip", "missing", "truncated"])
@@ -142,6 +143,7 @@ def test_a_damaged_piece_object_is_caught(damage: str) -> None:
     latest = store.latest()
     assert latest is not None and latest.step == 1
     assert np.array_equal(store.load("latest")["shared"], shared)
+    store.close()
 
 
 # ---------------------------------------------------------------- SIGKILL on a real S3
