@@ -186,6 +186,15 @@ class RunConfig:
         """Where the run's checkpoints live."""
         return self.directory / CHECKPOINTS_DIR
 
+    def store_options(self) -> dict[str, Any]:
+        """The options the run's local store and its mirror share."""
+        return {
+            "keep_best": self.keep_best,
+            "best": self.best,
+            "compression": self.compression,
+            "incremental": self.incremental,
+        }
+
     def record(self, *, total_steps: int | None) -> dict[str, Any]:
         """The ``config`` section of ``run.json`` (``total_steps``: as the run has it now)."""
         return {

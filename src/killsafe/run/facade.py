@@ -296,11 +296,8 @@ class Run:
         store = CheckpointStore(
             config.store_dir,
             keep_last=config.keep_last,
-            keep_best=config.keep_best,
-            best=config.best,
-            compression=config.compression,
             snapshot=config.snapshot,
-            incremental=config.incremental,
+            **config.store_options(),
         )
         try:
             self._mirror = self._open_mirror(store)
@@ -681,11 +678,8 @@ class Run:
         remote = CheckpointStore(
             config.mirror,
             keep_last=config.mirror_keep_last,
-            keep_best=config.keep_best,
-            best=config.best,
-            compression=config.compression,
-            incremental=config.incremental,
             lease_owner=str(self.directory.resolve()),
+            **config.store_options(),
         )
         mirror = Mirror(remote, store, self.directory, grace=config.mirror_grace)
         try:
