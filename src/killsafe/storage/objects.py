@@ -139,15 +139,28 @@ def _status(exc: BaseException) -> int:
     return int(status.group(1)) if status else 0
 
 
-def _hint(exc: BaseException) -> str:
+# Per scheme: where credentials come from, and what names the endpoint.
+_CREDENTIALS = {
+    "s3": "environment, AWS profile or instance role",
+    "gs": "GOOGLE_APPLICATION_CREDENTIALS or the instance's service account",
+    "az": "AZURE_STORAGE_ACCOUNT_NAME with a key, SAS token or managed identity",
+}
+_ENDPOINT = {
+    "s3": "the endpoint (AWS_ENDPOINT_URL)",
+    "gs": "the endpoint",
+    "az": "the account and endpoint (AZURE_STORAGE_ACCOUNT_NAME, AZURE_STORAGE_USE_EMULATOR)",
+}
+
+
+def _hint(exc: BaseException, scheme: str = "s3") -> str:
     code = _status(exc)
     if code in (401, 403):
-        return "check the credentials (environment, AWS profile or instance role) and permissions"
+        return f"check the credentials ({_CREDENTIALS[scheme]}) and permissions"
     if code == 404:
         return "check that the bucket exists"
     if code >= 500 or code == 429:
         return "the server kept failing after retries; check its health and try again"
-    return "check the endpoint (AWS_ENDPOINT_URL), the network and the credentials"
+    return f"check {_ENDPOINT[scheme]}, the network and the credentials"
 
 
 class _ObjectSink(Sink):
@@ -243,6 +256,7 @@ class ObjectBackend:
             raise ConfigError(f"{url!r} is not an object-store URL like s3://bucket/prefix")
         prefix = validate_prefix(parts.path.strip("/") + "/" if parts.path.strip("/") else "")
         self._url = f"{parts.scheme}://{parts.netloc}/{prefix}"
+        self._scheme = parts.scheme
         self.part_size = part_size
         self.concurrency = concurrency
         retry: Any = {
@@ -284,11 +298,13 @@ class ObjectBackend:
 
     def save_failed(self, key: str, exc: BaseException) -> SaveFailed:
         """A one-line ``SaveFailed``: the URL, the status, what to check."""
-        return SaveFailed(f"could not write {self.url_of(key)}: {_describe(exc)}; {_hint(exc)}")
+        hint = _hint(exc, self._scheme)
+        return SaveFailed(f"could not write {self.url_of(key)}: {_describe(exc)}; {hint}")
 
     def storage_error(self, verb: str, key: str, exc: BaseException) -> StorageError:
         """A one-line ``StorageError`` for a failed read, list or delete."""
-        return StorageError(f"could not {verb} {self.url_of(key)}: {_describe(exc)}; {_hint(exc)}")
+        hint = _hint(exc, self._scheme)
+        return StorageError(f"could not {verb} {self.url_of(key)}: {_describe(exc)}; {hint}")
 
     def open_write(self, key: str) -> Sink:
         """Start a multipart upload to ``key``; the object appears on ``commit()``."""

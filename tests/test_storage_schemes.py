@@ -1,0 +1,40 @@
+"""``gs://`` and ``az://`` open through the same backend as ``s3://``.
+
+No Google or Azure service is reachable here: the tests check what can be
+checked offline. A ``gs://`` URL names its bucket and prefix; an ``az://``
+store pointed at the Azure emulator's address with nothing listening fails
+with one line that names the URL and Azure's settings, not S3's.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("obstore", reason="pip install 'killsafe[s3]'")
+
+from killsafe import CheckpointStore, storage
+from killsafe.errors import KillsafeError
+
+
+@pytest.mark.parametrize("scheme", ["gs", "az"])
+def test_a_bucket_url_names_its_bucket_and_prefix(
+    scheme: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_NAME", "devstoreaccount1")
+    backend = storage.open(f"{scheme}://bucket/runs/exp1")
+    assert backend.url == f"{scheme}://bucket/runs/exp1/"
+    assert backend.url_of("step-000001/manifest.json") == (
+        f"{scheme}://bucket/runs/exp1/step-000001/manifest.json"
+    )
+
+
+def test_an_unreachable_azure_store_fails_in_one_line_naming_azure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AZURE_STORAGE_USE_EMULATOR", "true")  # 127.0.0.1:10000, nobody there
+    backend = storage.open("az://container/exp1", max_retries=0, retry_timeout=5)
+    with pytest.raises(KillsafeError) as caught:
+        CheckpointStore(backend).save({"weights": [1.0, 2.0]}, step=1)
+    message = str(caught.value)
+    assert "\n" not in message and "az://container/exp1/" in message
+    assert "AZURE_STORAGE" in message and "AWS_ENDPOINT_URL" not in message
