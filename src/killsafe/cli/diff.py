@@ -50,7 +50,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         "metrics": _compare_mapping(manifests[0]["metrics"], manifests[1]["metrics"]),
         "metadata": _compare_mapping(manifests[0]["metadata"], manifests[1]["metadata"]),
     }
-    result.update(_compare_trees(a, b, *manifests))
+    result.update(_compare_trees(a, b))
     if args.json:
         print_json(result)
     else:
@@ -78,13 +78,12 @@ def _compare_mapping(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str
     return rows
 
 
-def _compare_trees(
-    path_a: Checkpoint, path_b: Checkpoint, manifest_a: dict[str, Any], manifest_b: dict[str, Any]
-) -> dict[str, Any]:
+def _compare_trees(checkpoint_a: Checkpoint, checkpoint_b: Checkpoint) -> dict[str, Any]:
     from killsafe.format.walk import CONTAINERS, walk
 
-    leaves_a = {leaf.path: leaf for leaf in walk(manifest_a["tree"], whole_generators=True)}
-    leaves_b = {leaf.path: leaf for leaf in walk(manifest_b["tree"], whole_generators=True)}
+    tree_a, tree_b = checkpoint_a.manifest["tree"], checkpoint_b.manifest["tree"]
+    leaves_a = {leaf.path: leaf for leaf in walk(tree_a, whole_generators=True)}
+    leaves_b = {leaf.path: leaf for leaf in walk(tree_b, whole_generators=True)}
     values = []
     for path, leaf_a in leaves_a.items():
         leaf_b = leaves_b.get(path)
@@ -92,7 +91,7 @@ def _compare_trees(
             leaf_a.generator is None and leaf_a.kind in CONTAINERS and leaf_b.kind == leaf_a.kind
         ):
             continue
-        row = _compare_leaf(path_a, path_b, manifest_a, manifest_b, leaf_a, leaf_b)
+        row = _compare_leaf(checkpoint_a, checkpoint_b, leaf_a, leaf_b)
         values.append({**row, "part": _part(leaf_a)})
     return {
         "only_in_a": [p for p in leaves_a if p not in leaves_b],
@@ -122,10 +121,8 @@ def _changed_counts(values: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 
 
 def _compare_leaf(
-    path_a: Checkpoint,
-    path_b: Checkpoint,
-    manifest_a: dict[str, Any],
-    manifest_b: dict[str, Any],
+    checkpoint_a: Checkpoint,
+    checkpoint_b: Checkpoint,
     a: TreeNode,
     b: TreeNode,
 ) -> dict[str, Any]:
@@ -140,7 +137,7 @@ def _compare_leaf(
         row.update(changed=True, type_b=b.kind)
     elif a.generator is not None or b.generator is not None:
         row["type"] = "random state"
-        row["changed"] = _generator_changed(path_a, path_b, manifest_a, manifest_b, a, b)
+        row["changed"] = _generator_changed(checkpoint_a, checkpoint_b, a, b)
     elif not a.is_data and not b.is_data:
         row["changed"] = a.node != b.node
         if row["changed"] and "value" in described_a:
@@ -148,15 +145,13 @@ def _compare_leaf(
     elif "dtype_b" in row or "shape_b" in row:
         row["changed"] = True
     else:
-        row.update(_compare_data(path_a, path_b, manifest_a, manifest_b, a, b))
+        row.update(_compare_data(checkpoint_a, checkpoint_b, a, b))
     return row
 
 
 def _generator_changed(
-    path_a: Checkpoint,
-    path_b: Checkpoint,
-    manifest_a: dict[str, Any],
-    manifest_b: dict[str, Any],
+    checkpoint_a: Checkpoint,
+    checkpoint_b: Checkpoint,
     a: TreeNode,
     b: TreeNode,
 ) -> bool:
@@ -174,36 +169,34 @@ def _generator_changed(
         if not (leaf_a.is_data and leaf_b.is_data):
             if leaf_a.node != leaf_b.node:
                 return True
-        elif _compare_data(path_a, path_b, manifest_a, manifest_b, leaf_a, leaf_b)["changed"]:
+        elif _compare_data(checkpoint_a, checkpoint_b, leaf_a, leaf_b)["changed"]:
             return True
     return False
 
 
 def _compare_data(
-    path_a: Checkpoint,
-    path_b: Checkpoint,
-    manifest_a: dict[str, Any],
-    manifest_b: dict[str, Any],
+    checkpoint_a: Checkpoint,
+    checkpoint_b: Checkpoint,
     a: TreeNode,
     b: TreeNode,
 ) -> dict[str, Any]:
     """Load one pair (memory-mapped, checksums verified) and measure the difference."""
-    value_a = _read_leaf(path_a, manifest_a, a)
-    value_b = _read_leaf(path_b, manifest_b, b)
+    value_a = _read_leaf(checkpoint_a, a)
+    value_b = _read_leaf(checkpoint_b, b)
     if isinstance(value_a, (bytes, bytearray)):
         return {"changed": value_a != value_b}
     changed, largest = _difference(value_a, value_b)
     return {"changed": changed, "max_abs_diff": largest}
 
 
-def _read_leaf(path: Checkpoint, manifest: dict[str, Any], leaf: TreeNode) -> Any:
+def _read_leaf(checkpoint: Checkpoint, leaf: TreeNode) -> Any:
     """The value of one tensor, array or bytes node, and nothing else of the checkpoint.
 
     The node is decoded as a tree of its own (so any key works, dots and int
     keys included, unlike a dotted ``subtree``); memory-mapped, only its bytes
     are touched and their checksum verified.
     """
-    return path.read({**manifest, "tree": leaf.node})
+    return checkpoint.read({**checkpoint.manifest, "tree": leaf.node})
 
 
 def _difference(a: Any, b: Any) -> tuple[bool, float | None]:
