@@ -134,6 +134,21 @@ def test_delete_removes_and_a_missing_key_is_fine(backend: Backend) -> None:
         read_bytes(backend, "d/1")
 
 
+def test_an_object_deleted_after_it_was_opened_reads_whole_or_as_not_found(
+    backend: Backend,
+) -> None:
+    """What a reader listing a store sees when the writer's retention deletes as it reads."""
+    write_bytes(backend, "step-000035/manifest.json", b"{}")
+    source = backend.source("step-000035/manifest.json")
+    backend.delete("step-000035/manifest.json")
+    try:  # a local file or a memory object still reads as it was: also fine
+        assert bytes(source.read()) == b"{}"
+    except KeyNotFound:
+        pass
+    finally:
+        source.close()
+
+
 def test_create_if_absent_creates_once_and_names_the_conflict(backend: Backend) -> None:
     backend.create_if_absent("manifest.json", b'{"attempt": 1}')
     with pytest.raises(KeyExists, match=r"manifest\.json already exists"):

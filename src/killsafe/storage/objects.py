@@ -219,9 +219,12 @@ class _ObjectSource(Source):
             return memoryview(b"")
         try:
             data = obstore.get_range(self._backend.store, self.key, start=offset, length=length)
-        except NotFoundError as exc:
-            raise KeyNotFound(f"{self._backend.url_of(self.key)} was deleted while read") from exc
         except Exception as exc:
+            # A ranged read of an object deleted since it was opened: obstore
+            # raises NotFoundError, or a generic error carrying the 404.
+            if isinstance(exc, NotFoundError) or _status(exc) == 404:
+                where = self._backend.url_of(self.key)
+                raise KeyNotFound(f"{where} was deleted while read") from exc
             raise self._backend.storage_error("read", self.key, exc) from exc
         return memoryview(data)
 
