@@ -24,12 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 STOPPED = 75
 
-TRAIN = """\
-import sys, time
-from pathlib import Path
-import killsafe
-
-with killsafe.Run("run", total_steps=60, signals=("SIGUSR1",), progress=False) as run:
+LOOP = """\
     run.track(done=[])
     for step in run.steps():
         run.state["done"].append(step)
@@ -38,8 +33,20 @@ with killsafe.Run("run", total_steps=60, signals=("SIGUSR1",), progress=False) a
 sys.exit(run.exit_code)
 """
 
+TRAIN = (
+    """\
+import sys, time
+from pathlib import Path
+import killsafe
+
+with killsafe.Run("run", total_steps=60, signals=("SIGUSR1",), progress=False) as run:
+"""
+    + LOOP
+)
+
 # The second script of the section: the run requeues itself (--requeue).
-TRAIN_WITH_FLAGS = """\
+TRAIN_WITH_FLAGS = (
+    """\
 import argparse, sys, time
 from pathlib import Path
 import killsafe
@@ -48,13 +55,9 @@ parser = argparse.ArgumentParser()
 killsafe.add_arguments(parser, directory="run")
 options = dict(total_steps=60, signals=("SIGUSR1",), progress=False)
 with killsafe.Run.from_args(parser.parse_args(), **options) as run:
-    run.track(done=[])
-    for step in run.steps():
-        run.state["done"].append(step)
-        Path("started").touch()
-        time.sleep(0.02)
-sys.exit(run.exit_code)
 """
+    + LOOP
+)
 
 
 def batch_script(which: int) -> str:

@@ -35,7 +35,7 @@ from killsafe.format.io import (
     corrupt,
     missing_file,
     open_regular,
-    write_buffers,
+    write_file_atomically,
     write_json_file,
 )
 from killsafe.format.manifest import (
@@ -402,17 +402,8 @@ def export_tensors(directory: str | os.PathLike[str], out: str | os.PathLike[str
     ]
     header, _ = safetensors_header(entries)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        write_buffers(fd, [memoryview(header), *(entry.data for entry in entries)])
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, out)
-    return len(header) + sum(entry.nbytes for entry in entries)
+    parts = [memoryview(header), *(entry.data for entry in entries)]
+    return write_file_atomically(out, tmp, parts)
 
 
 def _view(buffer: tuple[Any, int, int]) -> memoryview:

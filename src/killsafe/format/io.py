@@ -81,6 +81,37 @@ def write_buffers(fd: int, buffers: Iterable[memoryview], *, kick: bool = False)
         _writev_all(fd, batch)
 
 
+def write_file_atomically(
+    final: Path, tmp: Path, buffers: Iterable[memoryview], *, exclusive: bool = False
+) -> int:
+    """Write ``buffers`` to ``tmp``, fsync it, rename it to ``final``; return the bytes.
+
+    On any failure ``tmp`` is removed and ``final`` is as it was. ``exclusive``:
+    ``tmp`` must not exist yet. The caller fsyncs the directory when the
+    rename itself must outlive a crash.
+    """
+    size = 0
+
+    def counted() -> Iterator[memoryview]:
+        nonlocal size
+        for buffer in buffers:
+            size += buffer.nbytes
+            yield buffer
+
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(tmp, flags, 0o644)
+    try:
+        write_buffers(fd, counted())
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, final)
+    return size
+
+
 class BackgroundFsync(threading.Thread):
     """fsync a descriptor in the background, then close it."""
 

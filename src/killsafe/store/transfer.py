@@ -19,7 +19,13 @@ import xxhash
 
 from killsafe import format as fmt
 from killsafe.errors import CheckpointNotFound
-from killsafe.format.io import corrupt, open_regular, write_buffers, write_json_file
+from killsafe.format.io import (
+    corrupt,
+    open_regular,
+    write_buffers,
+    write_file_atomically,
+    write_json_file,
+)
 from killsafe.storage import Backend
 
 __all__ = [
@@ -146,20 +152,7 @@ def write_piece_file(pieces_dir: Path, digest: str, chunks: Iterator[memoryview]
     final = fmt.piece_path(pieces_dir, digest)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f"{fmt.PIECE_TMP_PREFIX}{digest}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    size = 0
-    try:
-        for chunk in chunks:
-            write_buffers(fd, [chunk])
-            size += chunk.nbytes
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.rename(tmp, final)
-    return size
+    return write_file_atomically(final, tmp, chunks, exclusive=True)
 
 
 def write_objects(backend: Backend, prefix: str, files: dict[str, Iterator[memoryview]]) -> None:
