@@ -17,6 +17,7 @@ Reading never executes code: the manifest is JSON, tensor bytes are raw bytes.
 """
 
 from killsafe.format.checkpoint import (
+    ManifestFields,
     check_files,
     export_tensors,
     read_tree,
@@ -87,6 +88,7 @@ __all__ = [
     "CheckpointInfo",
     "Encoded",
     "FastWrite",
+    "ManifestFields",
     "SchemaError",
     "TensorEntry",
     "check_files",

@@ -12,6 +12,7 @@ import os
 import stat
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,17 +69,43 @@ from killsafe.format.tensorfile import (
 )
 
 
+@dataclass(frozen=True)
+class ManifestFields:
+    """What a manifest says of its checkpoint besides its files.
+
+    Build it with ``ManifestFields.of``, which checks the metrics and the
+    metadata (plain JSON) before anything is written.
+    """
+
+    step: int
+    name: str | None = None
+    reason: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created: float | None = None  # seconds since the epoch; None: when written
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        step: int,
+        name: str | None = None,
+        reason: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        created: float | None = None,
+    ) -> ManifestFields:
+        """The fields, with ``metrics`` and ``metadata`` cleaned to plain JSON."""
+        metrics, metadata = clean_fields(metrics, metadata)
+        return cls(step, name, reason, metrics, metadata, created)
+
+
 def write_encoded(
     directory: str | os.PathLike[str],
     encoded: Encoded,
+    fields: ManifestFields,
     *,
-    step: int,
-    name: str | None = None,
-    reason: str | None = None,
-    metrics: dict[str, Any] | None = None,
-    metadata: dict[str, Any] | None = None,
     compression: str | None = None,
-    created: float | None = None,
     fast_write: FastWrite | None = None,
 ) -> dict[str, Any]:
     """Write an encoded tree into an existing (temporary) directory.
@@ -87,11 +114,10 @@ def write_encoded(
     offered to the medium's ``fast_write`` first) and then
     ``manifest.json``, fsyncing each. The directory itself is neither
     fsynced nor renamed: committing is the store's job. Returns the
-    manifest. Raises ``ConfigError`` for bad metrics/metadata/compression
-    and lets ``OSError`` through (the store turns it into ``SaveFailed``).
+    manifest. Raises ``ConfigError`` for a bad compression and lets
+    ``OSError`` through (the store turns it into ``SaveFailed``).
     """
     check_compression(compression)
-    metrics, metadata = clean_fields(metrics, metadata)
     directory = Path(directory)
     files: dict[str, Any] = {}
     tensors: dict[str, Any] = {"entries": {}}
@@ -103,17 +129,7 @@ def write_encoded(
         )
         files[file_name] = file_info
         tensors = tensor_table(file_name, header, table, digests)
-    manifest = build_manifest(
-        encoded,
-        files,
-        tensors,
-        step=step,
-        name=name,
-        reason=reason,
-        metrics=metrics,
-        metadata=metadata,
-        created=created,
-    )
+    manifest = build_manifest(encoded, files, tensors, fields)
     try:
         write_json_file(directory / MANIFEST_NAME, manifest)
     finally:
@@ -125,13 +141,8 @@ def write_encoded(
 def write_incremental(
     directory: str | os.PathLike[str],
     encoded: Encoded,
+    fields: ManifestFields,
     *,
-    step: int,
-    name: str | None = None,
-    reason: str | None = None,
-    metrics: dict[str, Any] | None = None,
-    metadata: dict[str, Any] | None = None,
-    created: float | None = None,
     fast_write: FastWrite | None = None,
 ) -> dict[str, Any]:
     """Write an encoded tree as an incremental checkpoint into an existing directory.
@@ -141,22 +152,11 @@ def write_incremental(
     already there are only referenced. Committing is the store's job.
     Returns the manifest; raises as ``write_encoded``.
     """
-    metrics, metadata = clean_fields(metrics, metadata)
     directory = Path(directory)
     sink = LocalPieces(pieces_dir_of(directory), fast_write)
     tensors, lengths, written = write_pieces(sink, encoded)
-    manifest = build_manifest(
-        encoded,
-        {},
-        tensors,
-        step=step,
-        name=name,
-        reason=reason,
-        metrics=metrics,
-        metadata=metadata,
-        created=created,
-        extra={"layout": PIECES_LAYOUT, "pieces": lengths, "added": written},
-    )
+    extra = {"layout": PIECES_LAYOUT, "pieces": lengths, "added": written}
+    manifest = build_manifest(encoded, {}, tensors, fields, extra=extra)
     write_json_file(directory / MANIFEST_NAME, manifest)
     return manifest
 
@@ -191,29 +191,21 @@ def build_manifest(
     encoded: Encoded,
     files: dict[str, Any],
     tensors: dict[str, Any],
+    fields: ManifestFields,
     *,
-    step: int,
-    name: str | None,
-    reason: str | None,
-    metrics: dict[str, Any],
-    metadata: dict[str, Any],
-    created: float | None,
     attempt: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The manifest of written files, with its own checksum (``attempt``: object stores).
-
-    ``metrics`` and ``metadata`` come cleaned by ``clean_fields``.
-    """
+    """The manifest of written files, with its own checksum (``attempt``: object stores)."""
     manifest: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "step": step,
-        "name": name,
-        "reason": reason,
-        "created": time.time() if created is None else created,
-        "metrics": metrics,
-        "metadata": metadata,
+        "step": fields.step,
+        "name": fields.name,
+        "reason": fields.reason,
+        "created": time.time() if fields.created is None else fields.created,
+        "metrics": fields.metrics,
+        "metadata": fields.metadata,
         "files": files,
         "tensors": tensors,
         "tree": encoded.tree,
@@ -237,16 +229,10 @@ def write_checkpoint(
     compression: str | None = None,
 ) -> dict[str, Any]:
     """``encode`` then ``write_encoded``: write one checkpoint into ``directory``."""
-    return write_encoded(
-        directory,
-        encode(tree),
-        step=step,
-        name=name,
-        reason=reason,
-        metrics=metrics,
-        metadata=metadata,
-        compression=compression,
+    fields = ManifestFields.of(
+        step=step, name=name, reason=reason, metrics=metrics, metadata=metadata
     )
+    return write_encoded(directory, encode(tree), fields, compression=compression)
 
 
 # ---------------------------------------------------------------- reading

@@ -19,9 +19,9 @@ from typing import Any, Protocol
 
 from killsafe.errors import CheckpointNotFound
 from killsafe.format.checkpoint import (
+    ManifestFields,
     build_manifest,
     check_compression,
-    clean_fields,
     decode_tree,
     tensor_table,
 )
@@ -101,15 +101,10 @@ def write_files(
     medium: KeyedMedium,
     prefix: str,
     encoded: Encoded,
+    fields: ManifestFields,
     *,
     attempt: str,
-    step: int,
-    name: str | None = None,
-    reason: str | None = None,
-    metrics: dict[str, Any] | None = None,
-    metadata: dict[str, Any] | None = None,
     compression: str | None = None,
-    created: float | None = None,
 ) -> dict[str, Any]:
     """Write the tensor file under ``prefix`` and return the manifest naming ``attempt``.
 
@@ -117,7 +112,6 @@ def write_files(
     one level up, written by the caller. Lets the medium's errors through.
     """
     check_compression(compression)
-    metrics, metadata = clean_fields(metrics, metadata)
     files: dict[str, Any] = {}
     tensors: dict[str, Any] = {"entries": {}}
     if encoded.entries:
@@ -126,18 +120,7 @@ def write_files(
         info, digests = _upload(medium, prefix + file_name, header, encoded.entries, compression)
         files[file_name] = info
         tensors = tensor_table(file_name, header, table, digests)
-    return build_manifest(
-        encoded,
-        files,
-        tensors,
-        step=step,
-        name=name,
-        reason=reason,
-        metrics=metrics,
-        metadata=metadata,
-        created=created,
-        attempt=attempt,
-    )
+    return build_manifest(encoded, files, tensors, fields, attempt=attempt)
 
 
 def _upload(
@@ -373,14 +356,9 @@ def write_pieces_at(
     medium: KeyedMedium,
     encoded: Encoded,
     held: dict[str, int],
+    fields: ManifestFields,
     *,
     attempt: str,
-    step: int,
-    name: str | None = None,
-    reason: str | None = None,
-    metrics: dict[str, Any] | None = None,
-    metadata: dict[str, Any] | None = None,
-    created: float | None = None,
 ) -> dict[str, Any]:
     """Put the pieces of ``encoded`` the medium lacks; return the incremental manifest.
 
@@ -388,21 +366,9 @@ def write_pieces_at(
     ``KeyedPieces``). Every piece is put before this returns, so the
     manifest the caller writes next names only stored pieces.
     """
-    metrics, metadata = clean_fields(metrics, metadata)
     tensors, lengths, written = write_pieces(KeyedPieces(medium, held), encoded)
-    return build_manifest(
-        encoded,
-        {},
-        tensors,
-        step=step,
-        name=name,
-        reason=reason,
-        metrics=metrics,
-        metadata=metadata,
-        created=created,
-        attempt=attempt,
-        extra={"layout": PIECES_LAYOUT, "pieces": lengths, "added": written},
-    )
+    extra = {"layout": PIECES_LAYOUT, "pieces": lengths, "added": written}
+    return build_manifest(encoded, {}, tensors, fields, attempt=attempt, extra=extra)
 
 
 def held_pieces(keys: Iterable[tuple[str, int]]) -> dict[str, int]:

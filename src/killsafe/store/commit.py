@@ -68,7 +68,12 @@ class RenameCommit:
         return Staging(step=step, name=name, tmp_path=tmp, final_path=final)
 
     def write(
-        self, staging: Staging, encoded: fmt.Encoded, *, compression: str | None, **fields: Any
+        self,
+        staging: Staging,
+        encoded: fmt.Encoded,
+        fields: fmt.ManifestFields,
+        *,
+        compression: str | None,
     ) -> dict[str, Any]:
         """Write the checkpoint's files into the staging directory (direct I/O when it can).
 
@@ -77,21 +82,14 @@ class RenameCommit:
         try:
             if self.incremental:
                 return fmt.write_incremental(
-                    staging.tmp_path,
-                    encoded,
-                    step=staging.step,
-                    name=staging.name,
-                    fast_write=directio.write_direct,
-                    **fields,
+                    staging.tmp_path, encoded, fields, fast_write=directio.write_direct
                 )
             return fmt.write_encoded(
                 staging.tmp_path,
                 encoded,
-                step=staging.step,
-                name=staging.name,
+                fields,
                 compression=compression,
                 fast_write=directio.write_direct,
-                **fields,
             )
         except OSError as exc:
             raise SaveFailed(

@@ -343,13 +343,15 @@ class CheckpointStore:
         metadata: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Write the checkpoint's files into the staging directory (any thread)."""
-        staging.manifest = self._committer.write(
-            staging,
-            encoded,
-            compression=self.compression,
+        fields = fmt.ManifestFields.of(
+            step=staging.step,
+            name=staging.name,
             reason=reason,
             metrics=metrics,
             metadata=metadata,
+        )
+        staging.manifest = self._committer.write(
+            staging, encoded, fields, compression=self.compression
         )
         return staging.manifest
 

@@ -116,7 +116,12 @@ class ManifestLastCommit:
         return Staging(step=step, name=name, tmp_path=final / new_attempt(), final_path=final)
 
     def write(
-        self, staging: Staging, encoded: fmt.Encoded, *, compression: str | None, **fields: Any
+        self,
+        staging: Staging,
+        encoded: fmt.Encoded,
+        fields: fmt.ManifestFields,
+        *,
+        compression: str | None,
     ) -> dict[str, Any]:
         """Upload the checkpoint's files under the attempt's prefix; return its manifest.
 
@@ -126,23 +131,15 @@ class ManifestLastCommit:
         if self.incremental:
             held = held_pieces((i.key, i.size) for i in self.backend.list(PIECES_PREFIX))
             return write_pieces_at(
-                self.backend,
-                encoded,
-                held,
-                attempt=staging.tmp_path.name,
-                step=staging.step,
-                name=staging.name,
-                **fields,
+                self.backend, encoded, held, fields, attempt=staging.tmp_path.name
             )
         return write_files(
             self.backend,
             f"{staging.tmp_path}/",
             encoded,
+            fields,
             attempt=staging.tmp_path.name,
-            step=staging.step,
-            name=staging.name,
             compression=compression,
-            **fields,
         )
 
     def adopt(

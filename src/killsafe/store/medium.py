@@ -32,7 +32,12 @@ class Committer(Protocol):
     def begin(self, step: int, name: str | None, final: Path) -> Staging: ...
 
     def write(
-        self, staging: Staging, encoded: fmt.Encoded, *, compression: str | None, **fields: Any
+        self,
+        staging: Staging,
+        encoded: fmt.Encoded,
+        fields: fmt.ManifestFields,
+        *,
+        compression: str | None,
     ) -> dict[str, Any]: ...
 
     def adopt(
