@@ -440,17 +440,22 @@ AttemptId = Annotated[str, Meta(pattern=r"^[0-9a-f]{16,32}$")]
 Created = Annotated[float, Meta(ge=0, le=1e11)]  # Unix time, up to the year 5138
 
 
-class Manifest(Struct):
-    """The whole manifest; unknown top-level fields are allowed (added by newer writers)."""
+class _Saved(Struct):
+    """What every manifest says of its checkpoint besides its data."""
 
-    format: Literal["killsafe", "resumable"]
-    format_version: Annotated[int, Meta(ge=1)]
     step: Annotated[int, Meta(ge=0, le=2**63 - 1)]
     name: Name | None
     reason: Annotated[str, Meta(max_length=4096)] | None
     created: Created
     metrics: dict[str, Any]
     metadata: dict[str, Any]
+
+
+class Manifest(_Saved):
+    """The whole manifest; unknown top-level fields are allowed (added by newer writers)."""
+
+    format: Literal["killsafe", "resumable"]
+    format_version: Annotated[int, Meta(ge=1)]
     files: dict[DataFile, FileInfo]
     tensors: Tensors
     tree: Node
@@ -488,7 +493,7 @@ class RankFile(Struct, forbid_unknown_fields=True):
     header_xxh3: Hex64
 
 
-class ShardedManifest(Struct):
+class ShardedManifest(_Saved):
     """The manifest of a sharded checkpoint (``layout: dcp-sharded``).
 
     ``dcp`` (the tensors' chunks and where each piece lies) is checked in
@@ -498,12 +503,6 @@ class ShardedManifest(Struct):
     format: Literal["killsafe"]
     format_version: Annotated[int, Meta(ge=2)]
     layout: Literal["dcp-sharded"]
-    step: Annotated[int, Meta(ge=0, le=2**63 - 1)]
-    name: Name | None
-    reason: Annotated[str, Meta(max_length=4096)] | None
-    created: Created
-    metrics: dict[str, Any]
-    metadata: dict[str, Any]
     world_size: Annotated[int, Meta(ge=1, le=1 << 20)]
     files: dict[RankFileName, RankFile]
     dcp: dict[str, Any]
@@ -532,18 +531,12 @@ class PieceTensors(Struct, forbid_unknown_fields=True):
     entries: dict[EntryKey, PieceEntry]
 
 
-class PiecesManifest(Struct):
+class PiecesManifest(_Saved):
     """The manifest of an incremental checkpoint (``layout: pieces``, see ``format.pieces``)."""
 
     format: Literal["killsafe"]
     format_version: Annotated[int, Meta(ge=2)]
     layout: Literal["pieces"]
-    step: Annotated[int, Meta(ge=0, le=2**63 - 1)]
-    name: Name | None
-    reason: Annotated[str, Meta(max_length=4096)] | None
-    created: Created
-    metrics: dict[str, Any]
-    metadata: dict[str, Any]
     files: Annotated[dict[DataFile, FileInfo], Meta(max_length=0)]
     tensors: PieceTensors
     pieces: dict[Hex128, Count]
