@@ -81,6 +81,7 @@ def checkpoint_summary(path: Path | str, manifest: dict[str, Any]) -> dict[str, 
     if "world_size" in manifest:  # sharded: the rank of every file too
         for name, info in manifest["files"].items():
             files[name]["rank"] = info["rank"]
+    size = checkpoint_nbytes(manifest)
     summary = {
         "path": str(path),
         "step": manifest["step"],
@@ -88,8 +89,8 @@ def checkpoint_summary(path: Path | str, manifest: dict[str, Any]) -> dict[str, 
         "reason": manifest["reason"],
         "created": manifest["created"],
         "format_version": manifest["format_version"],
-        "size": checkpoint_nbytes(manifest),
-        "added": added_nbytes(manifest) or checkpoint_nbytes(manifest),
+        "size": size,
+        "added": added_nbytes(manifest) or size,
         "files": files,
         "metrics": manifest["metrics"],
         "metadata": manifest["metadata"],
