@@ -7,7 +7,6 @@ real processes against the session's SeaweedFS server.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from cli_helpers import cli, cli_json
+from mirror_helpers import wait_for_upload
 
 import killsafe
 from killsafe.cli import main
@@ -44,14 +44,6 @@ def mirrored_run(directory: Path, mirror: str) -> None:
             if step % 10 == 0 and step:
                 wait_for_upload(mirror, step)
             run.state["weights"] += rng.normal(size=8)
-
-
-def wait_for_upload(mirror: str, step: int) -> None:
-    """Until the mirror's newest checkpoint is ``step``; fails after a minute."""
-    deadline = time.monotonic() + 60
-    while (latest := killsafe.CheckpointStore(mirror).latest()) is None or latest.step < step:
-        assert time.monotonic() < deadline, f"step {step} did not reach {mirror}"
-        time.sleep(0.01)
 
 
 def save_local_only(directory: Path, step: int) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import xxhash
+from mirror_helpers import wait_for_upload
 
 import killsafe
 from killsafe import format as fmt
@@ -288,14 +289,6 @@ def test_a_run_saves_incrementally_when_asked(tmp_path: Path) -> None:
     infos = killsafe.CheckpointStore(tmp_path / "checkpoints").list()
     assert [info.step for info in infos] == [2, 3, 4]
     assert all(info.added is not None and info.added < info.size // 2 for info in infos)
-
-
-def wait_for_upload(url: str, step: int) -> None:
-    """Until the mirror's newest checkpoint is ``step``; fails after a minute."""
-    deadline = time.monotonic() + 60
-    while (latest := killsafe.CheckpointStore(url).latest()) is None or latest.step < step:
-        assert time.monotonic() < deadline, f"step {step} did not reach {url}"
-        time.sleep(0.01)
 
 
 def test_a_run_mirrors_incrementally_and_a_fresh_directory_resumes_from_it(

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from mirror_helpers import wait_for_upload
 
 import killsafe
 from killsafe import storage
@@ -54,14 +55,6 @@ def walk(
             if stop_at is not None and step + 1 == stop_at:
                 run.stop("test")
     return run, positions
-
-
-def wait_for_upload(mirror: str, step: int) -> None:
-    """Until the mirror's newest checkpoint is at least ``step``; fails after a minute."""
-    deadline = time.monotonic() + 60
-    while (latest := killsafe.CheckpointStore(mirror).latest()) is None or latest.step < step:
-        assert time.monotonic() < deadline, f"step {step} did not reach {mirror}"
-        time.sleep(0.01)
 
 
 def memory_url() -> str:
