@@ -400,13 +400,9 @@ class CheckpointStore:
             )
             for name, meta in manifest["files"].items()
         }
-        staging = self.begin(info.step, name=info.name)
-        try:
-            staging.manifest = self._committer.adopt(staging, manifest, files)
-        except BaseException:
-            self.abort(staging)
-            raise
-        return self.commit(staging)
+        return self._commit_copy(
+            info, lambda staging: self._committer.adopt(staging, manifest, files)
+        )
 
     def _import_pieces(
         self,
@@ -428,9 +424,18 @@ class CheckpointStore:
             )
             for digest, length in manifest["pieces"].items()
         }
+        return self._commit_copy(
+            info, lambda staging: self._committer.adopt_pieces(staging, manifest, pieces)
+        )
+
+    def _commit_copy(
+        self, info: CheckpointInfo, adopt: Callable[[Staging], dict[str, Any]]
+    ) -> CheckpointInfo:
+        """Stage the copy of ``info``, fill it with ``adopt`` (its manifest), and commit it;
+        a failed copy leaves nothing behind."""
         staging = self.begin(info.step, name=info.name)
         try:
-            staging.manifest = self._committer.adopt_pieces(staging, manifest, pieces)
+            staging.manifest = adopt(staging)
         except BaseException:
             self.abort(staging)
             raise
