@@ -17,7 +17,7 @@ import pytest
 
 import killsafe
 from killsafe.errors import ConfigError
-from killsafe.run.requeue import requeue_reason, requeue_slurm_job, slurm_job_id
+from killsafe.run.requeue import requeue_slurm_job, should_requeue, slurm_job_id
 
 STAND_IN = """#!/bin/sh
 echo "$@" >> "{log}"
@@ -145,7 +145,7 @@ def test_an_array_task_is_requeued_by_its_array_id() -> None:
     ],
 )
 def test_which_stops_are_requeued(reason: str | None, requeued: bool) -> None:
-    assert requeue_reason(reason) is requeued
+    assert should_requeue(reason) is requeued
 
 
 def test_the_flag_and_a_bad_value(tmp_path: Path) -> None:

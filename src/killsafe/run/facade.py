@@ -63,7 +63,7 @@ from killsafe.run.metrics import LoggedMetrics
 from killsafe.run.mirror import Mirror
 from killsafe.run.opening import Opened, Parts, open_session
 from killsafe.run.position import Position
-from killsafe.run.requeue import requeue_reason, requeue_slurm_job
+from killsafe.run.requeue import requeue_slurm_job, should_requeue
 from killsafe.run.services import Services
 from killsafe.run.session import EventLog, SessionRecord, StatusFigures, update_run_json
 from killsafe.run.stops import Stops
@@ -707,7 +707,7 @@ class Run:
         group, ending = self._parts.group, self._parts.ending
         if not self._config.requeue or (group is not None and not group.leader):
             return
-        if ending.exit_code() == EXIT_STOPPED and requeue_reason(ending.reason):
+        if ending.exit_code() == EXIT_STOPPED and should_requeue(ending.reason):
             self._parts.services.announce(requeue_slurm_job())
 
     def _run_store(self, store: Any) -> Any:

@@ -13,12 +13,12 @@ import os
 import subprocess
 from collections.abc import Mapping
 
-__all__ = ["REQUEUE_TIMEOUT", "requeue_reason", "requeue_slurm_job"]
+__all__ = ["REQUEUE_TIMEOUT", "requeue_slurm_job", "should_requeue"]
 
 REQUEUE_TIMEOUT = 30.0  # seconds scontrol may take before the requeue counts as failed
 
 
-def requeue_reason(exit_reason: str | None) -> bool:
+def should_requeue(exit_reason: str | None) -> bool:
     """Whether a run that stopped for ``exit_reason`` is one to requeue.
 
     Signals other than SIGINT (``signal:SIGTERM``, ``signal:SIGUSR1``) and
