@@ -19,7 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from mirror_helpers import wait_for_upload
 
 import killsafe
 import killsafe.store
@@ -66,7 +68,8 @@ def counting_run(
         keyboard=False,
         report=False,
     ) as run:
-        done = run.track(done=[])["done"]
+        # An array as well: the checkpoint has a data file whatever else is imported.
+        done = run.track(done=[], weights=np.zeros(64))["done"]
         for step in run.steps():
             if on_step is not None:
                 on_step(step)
@@ -104,12 +107,12 @@ def test_a_mirror_failing_mid_upload_costs_the_run_nothing_and_the_next_save_upl
     def faults(step: int) -> None:
         # The uploads run behind the loop: each fault waits for the upload before it.
         if step == 5:
-            faulty.fail_writes(1, after_bytes=10)  # the upload of step 10 dies mid-write
+            faulty.fail_writes(1, after_bytes=10, keys="step-")  # step 10 dies mid-write
         if step == 15:
             wait_for(lambda: failed(10))
         if step == 25:
             wait_for(lambda: steps_in(url) == [20])
-            faulty.drop_writes(1, after_bytes=10)  # and so does the last one, step 30's
+            faulty.drop_writes(1, after_bytes=10, keys="step-")  # and step 30's
 
     run = counting_run(tmp_path / "run", url, 30, faults)
     assert run.finished and run.exit_code == 0
@@ -125,7 +128,12 @@ def test_a_mirror_failing_mid_upload_costs_the_run_nothing_and_the_next_save_upl
     # The server is back: the next session uploads the step the last one could not.
     switch(storage.open(url))
     caplog.clear()
-    run = counting_run(tmp_path / "run", url, 40)
+
+    def step_30_first(step: int) -> None:  # before step 40 could supersede it at the end
+        if step == 35:
+            wait_for_upload(url, 30)
+
+    run = counting_run(tmp_path / "run", url, 40, step_30_first)
     assert run.finished and steps_in(url) == [20, 30, 40]
     assert killsafe.CheckpointStore(url).load("latest")["done"] == list(range(40))
     (line,) = mirror_lines(caplog)
@@ -144,6 +152,8 @@ def test_a_second_live_run_on_the_same_mirror_is_refused_at_its_start(
             with pytest.raises(StoreLocked) as caught:
                 counting_run(tmp_path / "second", url, 30)
             refused.append(str(caught.value))
+        if step == 15:  # step 10 goes up before step 20 could supersede it at the end
+            wait_for_upload(url, 10)
 
     first = counting_run(tmp_path / "first", url, 20, second_run)
     (message,) = refused

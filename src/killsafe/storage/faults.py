@@ -33,6 +33,7 @@ class _Fault:
     remaining: int
     after_bytes: int
     what: str
+    keys: str = ""  # only keys starting with this (say a checkpoint's, not the lease's)
 
 
 class _FaultySink(Sink):
@@ -105,17 +106,22 @@ class FaultyBackend:
         """The inner backend's capabilities."""
         return self.inner.capabilities
 
-    def _arm(self, operation: str, count: int, after_bytes: int, what: str) -> None:
+    def _arm(self, operation: str, count: int, after_bytes: int, what: str, keys: str = "") -> None:
         with self._lock:
-            self._faults[operation] = _Fault(count, after_bytes, what)
+            self._faults[operation] = _Fault(count, after_bytes, what, keys)
 
-    def fail_writes(self, count: int = 1, *, after_bytes: int = 0, status: int = 503) -> None:
-        """The next ``count`` writes fail with ``status`` once ``after_bytes`` went in."""
-        self._arm("write", count, after_bytes, f"HTTP {status} (SlowDown) after retries")
+    def fail_writes(
+        self, count: int = 1, *, after_bytes: int = 0, status: int = 503, keys: str = ""
+    ) -> None:
+        """The next ``count`` writes (of keys starting with ``keys``) fail with ``status``
+        once ``after_bytes`` went in."""
+        what = f"HTTP {status} (SlowDown) after retries"
+        self._arm("write", count, after_bytes, what, keys)
 
-    def drop_writes(self, count: int = 1, *, after_bytes: int = 0) -> None:
-        """The next ``count`` writes lose their connection once ``after_bytes`` went in."""
-        self._arm("write", count, after_bytes, "connection closed before the part was sent")
+    def drop_writes(self, count: int = 1, *, after_bytes: int = 0, keys: str = "") -> None:
+        """The next ``count`` writes (of keys starting with ``keys``) lose their connection
+        once ``after_bytes`` went in."""
+        self._arm("write", count, after_bytes, "connection closed before the part was sent", keys)
 
     def fail_creates(self, count: int = 1, *, status: int = 503) -> None:
         """The next ``count`` create-only puts fail with ``status``."""
@@ -129,11 +135,11 @@ class FaultyBackend:
         """Count ``operation``; return the fault to inject, if one is armed."""
         return fault.what if (fault := self._take_fault(operation)) else None
 
-    def _take_fault(self, operation: str) -> _Fault | None:
+    def _take_fault(self, operation: str, key: str = "") -> _Fault | None:
         with self._lock:
             self.calls[operation] += 1
             fault = self._faults.get(operation)
-            if fault is None or fault.remaining <= 0:
+            if fault is None or fault.remaining <= 0 or not key.startswith(fault.keys):
                 return None
             fault.remaining -= 1
             return fault
@@ -141,7 +147,7 @@ class FaultyBackend:
     def open_write(self, key: str) -> Sink:
         """The inner sink, failing as armed."""
         inner = self.inner.open_write(key)
-        return _FaultySink(self, inner, self._take_fault("write"))
+        return _FaultySink(self, inner, self._take_fault("write", key))
 
     def source(self, key: str) -> Source:
         """The inner source, whose reads fail as armed."""
