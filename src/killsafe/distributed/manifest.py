@@ -11,7 +11,7 @@ checksum. Reading it validates every field, so a hostile manifest fails as
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from killsafe.format import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     SHARDED_LAYOUT,
+    check_schema,
     manifest_digest,
 )
 
@@ -44,6 +45,7 @@ __all__ = [
     "LAYOUT",
     "FileRecord",
     "Piece",
+    "ShardRecord",
     "metadata_from_json",
     "metadata_to_json",
 ]
@@ -64,15 +66,27 @@ class FileRecord:
 
 
 @dataclass(frozen=True)
+class ShardRecord:
+    """One rank's shard as its rank wrote it into an incremental store (no rank file):
+    its entries' spans over the store's pieces, the pieces' lengths, the bytes it added."""
+
+    name: str
+    rank: int
+    entries: dict[str, Any] = field(hash=False)
+    pieces: dict[str, int] = field(hash=False)
+    added: int
+
+
+@dataclass(frozen=True)
 class Piece:
-    """Where one write item's bytes are: a key of a rank file and its byte range."""
+    """Where one write item's bytes are: a key of a rank file (or shard) and its byte range."""
 
     file: str
     key: str
     start: int  # offsets past the header, as in the safetensors header
     end: int
-    xxh3: str
-    record: FileRecord | None = None  # set on the writing side only
+    xxh3: str  # empty in a shard: its pieces are checked against their names
+    record: FileRecord | ShardRecord | None = None  # set on the writing side only
 
 
 def metadata_to_json(metadata: Metadata, pieces: list[WriteResult]) -> dict[str, Any]:
@@ -130,7 +144,8 @@ def _paths_to_json(planner_data: Any) -> dict[str, list[str | int]] | None:
 
 
 def metadata_from_json(document: Any, directory: Path) -> tuple[Metadata, dict[str, Any]]:
-    """DCP ``Metadata`` from the manifest's ``dcp`` section, and the files table."""
+    """DCP ``Metadata`` from the manifest's ``dcp`` section, and the files table (the
+    shards, checked against the schema, when saved into an incremental store)."""
     try:
         manifest = _checked_manifest(document, directory)
         dcp_doc = manifest["dcp"]
@@ -149,6 +164,9 @@ def metadata_from_json(document: Any, directory: Path) -> tuple[Metadata, dict[s
             state[fqn] = TensorStorageMetadata(properties, torch.Size(_ints(item["size"])), chunks)
         storage = {}
         files = _typed(manifest["files"], dict)
+        if "shards" in manifest:  # saved into an incremental store: spans over its pieces
+            check_schema(manifest)
+            files = manifest["shards"]
         for row in _typed(dcp_doc["storage"], list):
             offset = None if row["offset"] is None else _ints(row["offset"])
             index = MetadataIndex(_typed(row["fqn"], str), offset)

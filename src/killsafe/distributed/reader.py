@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
+from killsafe.distributed.incremental import read_shard_pieces
 from killsafe.distributed.manifest import Piece, metadata_from_json
 from killsafe.distributed.planners import JsonLoadPlanner
 from killsafe.errors import (
@@ -51,7 +52,8 @@ class ShardedReader(StorageReader):
 
     Reads only the pieces this rank's plan needs, on a few threads, and
     (with ``verify``) checks each against its xxh3 before copying it into
-    the target tensors. Use it with ``JsonLoadPlanner`` (``load_sharded``
+    the target tensors (a checkpoint of an incremental store: assembled
+    from the store's pieces, each checked against its name). Use it with ``JsonLoadPlanner`` (``load_sharded``
     does).
     """
 
@@ -61,6 +63,7 @@ class ShardedReader(StorageReader):
         self.verify = verify
         self.pieces: dict[MetadataIndex, Piece] = {}
         self.files: dict[str, Any] = {}
+        self.shared_pieces: dict[str, int] | None = None  # saved into an incremental store
         self.state: dict[str, Any] = {}
         self.error: KillsafeError | None = None
 
@@ -72,7 +75,9 @@ class ShardedReader(StorageReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         try:
-            metadata, self.files = metadata_from_json(self._manifest(), self.directory)
+            document = self._manifest()
+            metadata, self.files = metadata_from_json(document, self.directory)
+            self.shared_pieces = document.get("pieces") if "shards" in document else None
         except KillsafeError as exc:
             self.error = exc  # DCP hides it in an AssertionError; load_sharded raises it
             raise
@@ -121,6 +126,14 @@ class ShardedReader(StorageReader):
             if piece is None:
                 raise self._corrupt(f"no stored piece for {request.storage_index.fqn!r}")
             by_piece.setdefault(piece, []).append(request)
+        if self.shared_pieces is not None:
+            found = read_shard_pieces(
+                self.directory, self.files, self.shared_pieces, by_piece, self.verify
+            )
+            for piece, requests in by_piece.items():
+                for request in requests:
+                    self._deliver(request, found[piece], planner)
+            return _done()
         jobs = [
             (piece, requests, self._direct_target(piece, requests, planner))
             for piece, requests in by_piece.items()
@@ -131,9 +144,7 @@ class ShardedReader(StorageReader):
                 continue
             for request in requests:
                 self._deliver(request, data, planner)
-        future: Future[None] = Future()
-        future.set_result(None)
-        return future
+        return _done()
 
     def _direct_target(
         self, piece: Piece, requests: list[ReadItem], planner: LoadPlanner
@@ -260,3 +271,9 @@ class ShardedReader(StorageReader):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return (Path(checkpoint_id) / MANIFEST_NAME).is_file()
+
+
+def _done() -> Future[None]:
+    future: Future[None] = Future()
+    future.set_result(None)
+    return future

@@ -94,6 +94,7 @@ def save_run_tree(
     reason: str | None = None,
     metrics: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
+    incremental: bool = False,
 ) -> Path:
     """Save a run's tree as one sharded checkpoint; collective (see ``save_sharded``)."""
     return save_staged(
@@ -105,6 +106,7 @@ def save_run_tree(
         reason=reason,
         metrics=metrics,
         metadata=metadata,
+        incremental=incremental,
     )
 
 
@@ -156,8 +158,10 @@ def save_staged(
     reason: str | None = None,
     metrics: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
+    incremental: bool = False,
 ) -> Path:
-    """Write a staged tree as one sharded checkpoint; collective on ``coordinator``."""
+    """Write a staged tree as one sharded checkpoint; collective on ``coordinator``
+    (``incremental``: as pieces shared in the store, see ``save_sharded``)."""
     return save_sharded(
         staged.state,
         directory,
@@ -167,6 +171,7 @@ def save_staged(
         reason=reason,
         metrics=metrics,
         metadata={**(metadata or {}), KINDS_KEY: staged.kinds},
+        incremental=incremental,
     )
 
 

@@ -65,19 +65,28 @@ def save_sharded(
     reason: str | None = None,
     metrics: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
+    incremental: bool = False,
 ) -> Path:
     """Save ``state_dict`` (DTensors, plain tensors, JSON-able values) as one checkpoint.
 
     Collective: every rank calls it with its part of the state. DCP plans
     the save on ``coordinator``'s side group when it has one (a
     ``TorchCoordinator``: timeouts and the names of missing ranks), else
-    on the default group, else on this process alone. Returns the committed
+    on the default group, else on this process alone. With ``incremental``
+    (``directory`` is in an incremental store) each rank writes only the
+    pieces the store lacks instead of a rank file. Returns the committed
     directory on every rank. Raises ``SaveFailed`` (nothing committed, the
     temporary files removed), ``CheckpointExists``, ``UnsupportedState``,
     or ``RankUnresponsive`` when a rank died or hangs.
     """
     writer = ShardedWriter(
-        directory, step=step, name=name, reason=reason, metrics=metrics, metadata=metadata
+        directory,
+        step=step,
+        name=name,
+        reason=reason,
+        metrics=metrics,
+        metadata=metadata,
+        incremental=incremental,
     )
 
     def save() -> None:

@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from killsafe import directio
+from killsafe.distributed.incremental import shard_fields, shard_results
 from killsafe.distributed.manifest import LAYOUT, FileRecord, Piece, metadata_to_json
 from killsafe.distributed.planners import JsonSavePlanner
 from killsafe.errors import (
@@ -68,8 +69,10 @@ class ShardedWriter(StorageWriter):
 
     ``directory`` must not exist yet; it appears, complete, only when the
     save succeeded on every rank. ``step``, ``name``, ``reason``,
-    ``metrics`` and ``metadata`` go into the manifest. Use it with
-    ``JsonSavePlanner`` (``save_sharded`` does).
+    ``metrics`` and ``metadata`` go into the manifest. With ``incremental``
+    the ranks write pieces shared in the store (``distributed.incremental``)
+    instead of rank files. Use it with ``JsonSavePlanner`` (``save_sharded``
+    does).
     """
 
     def __init__(
@@ -81,9 +84,11 @@ class ShardedWriter(StorageWriter):
         reason: str | None = None,
         metrics: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        incremental: bool = False,
     ) -> None:
         super().__init__()
         self.directory = Path(directory).absolute()
+        self.incremental = incremental
         self.header = {
             "step": int(step),
             "name": name,
@@ -142,7 +147,9 @@ class ShardedWriter(StorageWriter):
             raise ConfigError("ShardedWriter got a plan it did not prepare; save with dcp.save")
         entries, items = _entries(plan.items, planner)
         results: list[WriteResult] = []
-        if entries:
+        if entries and self.incremental:
+            results = shard_results(self.directory, target.file, self.rank, entries, items)
+        elif entries:
             path = Path(target.staging) / target.file
             try:
                 record, digests = _write_rank_file(path, entries, self.rank)
@@ -165,9 +172,11 @@ class ShardedWriter(StorageWriter):
             raise ConfigError("ShardedWriter.finish ran before prepare_global_plan")
         pieces = [result for rank_results in results for result in rank_results]
         records = {p.storage_data.record.name: p.storage_data.record for p in pieces}
+        shards = shard_fields(records.values()) if self.incremental else {}
         try:
-            _check_files(staging, records.values())
-            manifest = self._manifest(metadata, pieces, records, len(results))
+            _check_files(staging, [] if shards else records.values())
+            files = {} if shards else records
+            manifest = self._manifest(metadata, pieces, files, len(results), shards)
             write_json_file(staging / MANIFEST_NAME, manifest)
             fsync_directory(staging)
             self._commit(staging)
@@ -201,6 +210,7 @@ class ShardedWriter(StorageWriter):
         pieces: list[WriteResult],
         records: dict[str, FileRecord],
         world_size: int,
+        shards: dict[str, Any],
     ) -> dict[str, Any]:
         manifest = {
             "format": FORMAT_NAME,
@@ -220,6 +230,7 @@ class ShardedWriter(StorageWriter):
                 for name, r in sorted(records.items())
             },
             "dcp": metadata_to_json(metadata, pieces),
+            **shards,
         }
         manifest["manifest_xxh3"] = manifest_digest(manifest)
         return manifest

@@ -54,6 +54,7 @@ from killsafe.format.manifest import (
     manifest_digest,
     read_manifest,
     read_manifest_sized,
+    shares_pieces,
 )
 from killsafe.format.pieces import (
     PIECE_SUFFIX,
@@ -110,6 +111,7 @@ __all__ = [
     "read_manifest",
     "read_manifest_sized",
     "read_tree",
+    "shares_pieces",
     "verify_checkpoint",
     "write_checkpoint",
     "write_encoded",

@@ -48,6 +48,7 @@ from killsafe.format.manifest import (
     is_sharded,
     manifest_digest,
     read_manifest,
+    shares_pieces,
 )
 from killsafe.format.pieces import (
     LocalPieces,
@@ -57,6 +58,7 @@ from killsafe.format.pieces import (
     is_pieces,
     load_piece_buffers,
     pieces_dir_of,
+    verify_pieces,
     write_pieces,
 )
 from killsafe.format.tensorfile import (
@@ -245,7 +247,7 @@ def check_files(directory: str | os.PathLike[str], manifest: Mapping[str, Any]) 
     found when checkpoints are listed, not only when they are loaded.
     """
     directory = Path(directory)
-    if is_pieces(manifest):
+    if shares_pieces(manifest):
         check_pieces(directory, manifest)
     for name, info in manifest["files"].items():
         try:
@@ -319,12 +321,15 @@ def _one_line(exc: BaseException, limit: int = 200) -> str:
 
 
 def _verify_rank_files(directory: Path, manifest: Mapping[str, Any]) -> None:
-    """A sharded checkpoint: every rank file whole against its xxh3 (pieces are checked on load)."""
+    """A sharded checkpoint: every rank file whole against its xxh3, or every piece its
+    shards span against its name (the DCP plan is checked on load)."""
     check_files(directory, manifest)
     for name, info in sorted(manifest["files"].items()):
         with open(open_regular(directory, name), "rb", buffering=0) as f:
             if file_digest(f) != info["xxh3"]:
                 raise corrupt(directory, f"{name} (rank {info['rank']}) fails its checksum")
+    if shares_pieces(manifest):
+        verify_pieces(directory, manifest["pieces"], LocalPieceSource(directory))
 
 
 def verify_checkpoint(
@@ -363,22 +368,26 @@ def verify_checkpoint(
 def export_tensors(directory: str | os.PathLike[str], out: str | os.PathLike[str]) -> int:
     """Write every tensor entry of a checkpoint into one self-contained safetensors file.
 
-    Works for both layouts (one tensor file, or pieces shared in a store);
-    the bytes are verified against their checksums on the way. The keys are
-    the manifest's entry keys. Written to a temporary name, fsynced, then
-    renamed to ``out``. Returns the file's size. Raises ``CorruptCheckpoint``
-    and ``UnsupportedFormat`` (a sharded checkpoint: consolidate it first).
+    Works for both layouts (one tensor file, or pieces shared in a store)
+    and for a sharded checkpoint of an incremental store (every rank's
+    entries, ``shard_entries``); the bytes are verified against their
+    checksums on the way. The keys are the manifest's entry keys. Written
+    to a temporary name, fsynced, then renamed to ``out``. Returns the
+    file's size. Raises ``CorruptCheckpoint`` and ``UnsupportedFormat`` (a
+    sharded checkpoint with rank files: consolidate it first).
     """
     directory, out = Path(directory), Path(out)
     manifest = read_manifest(directory)
-    if is_sharded(manifest):
+    if is_sharded(manifest) and not shares_pieces(manifest):
         raise UnsupportedFormat(
             f"checkpoint {directory} is sharded; make a one-process copy with "
             f"`killsafe consolidate {directory} OUT` (it writes OUT.safetensors too)"
         )
+    if is_sharded(manifest):
+        manifest = {**manifest, "tensors": {"entries": shard_entries(directory, manifest)}}
     table = manifest["tensors"]["entries"]
     needed = set(table)
-    if is_pieces(manifest):
+    if shares_pieces(manifest):
         buffers = load_piece_buffers(directory, manifest, needed, True, LocalPieceSource(directory))
     else:
         buffers = load_buffers(directory, manifest, needed, True, False, verify=True)
@@ -390,6 +399,18 @@ def export_tensors(directory: str | os.PathLike[str], out: str | os.PathLike[str
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     parts = [memoryview(header), *(entry.data for entry in entries)]
     return write_file_atomically(out, tmp, parts)
+
+
+def shard_entries(where: Where, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """Every rank's entries of a sharded checkpoint of an incremental store, in one table
+    (keys as in rank files: a whole tensor by its name, a shard as ``name@offsets``)."""
+    table: dict[str, Any] = {}
+    for name, shard in sorted(manifest["shards"].items()):
+        for key, row in shard["entries"].items():
+            if key in table:
+                raise corrupt(where, f"entry {key!r} of {name} is also another rank's")
+            table[key] = row
+    return table
 
 
 def _view(buffer: tuple[Any, int, int]) -> memoryview:

@@ -117,18 +117,26 @@ def checkpoint_nbytes(manifest: dict[str, Any], manifest_size: int | None = None
     files = sum(int(f["size"]) for f in manifest["files"].values())
     if manifest.get("layout") == PIECES_LAYOUT:
         files = sum(int(row["size"]) for row in manifest["tensors"]["entries"].values())
+    for shard in manifest.get("shards", {}).values():  # sharded, of an incremental store
+        files += sum(int(row["size"]) for row in shard["entries"].values())
     if manifest_size is None:
         manifest_size = len(json_file_bytes(manifest))
     return files + manifest_size
 
 
 def added_nbytes(manifest: dict[str, Any], manifest_size: int | None = None) -> int | None:
-    """The bytes an incremental save wrote (new pieces and manifest); None for other layouts."""
-    if manifest.get("layout") != PIECES_LAYOUT:
+    """The bytes an incremental save wrote (new pieces and manifest); None for other saves."""
+    if not shares_pieces(manifest):
         return None
     if manifest_size is None:
         manifest_size = len(json_file_bytes(manifest))
     return int(manifest["added"]) + manifest_size
+
+
+def shares_pieces(manifest: Mapping[str, Any]) -> bool:
+    """Whether a (checked) manifest's bytes are pieces shared in its store: the ``pieces``
+    layout, or a sharded checkpoint saved into an incremental store."""
+    return manifest.get("layout") == PIECES_LAYOUT or "shards" in manifest
 
 
 # ---------------------------------------------------------------- the manifest itself
@@ -480,6 +488,7 @@ class Manifest(_Saved):
                 raise ValueError(f"tensors.entries[{key!r}].offsets lie outside the tensor file")
 
 
+Hex128 = Annotated[str, Meta(pattern=r"^[0-9a-f]{32}$")]
 RankFileName = Annotated[str, Meta(pattern=r"^rank-[0-9]{5}\.safetensors$")]
 
 
@@ -497,7 +506,10 @@ class ShardedManifest(_Saved):
     """The manifest of a sharded checkpoint (``layout: dcp-sharded``).
 
     ``dcp`` (the tensors' chunks and where each piece lies) is checked in
-    full by the reader that uses it (``killsafe.distributed``).
+    full by the reader that uses it (``killsafe.distributed``). Saved into
+    an incremental store, it has no rank files: ``shards`` holds each rank's
+    entries as spans over the store's pieces (named like the rank files of
+    the other variant), ``pieces`` and ``added`` as in the ``pieces`` layout.
     """
 
     format: Literal["killsafe"]
@@ -507,14 +519,24 @@ class ShardedManifest(_Saved):
     files: dict[RankFileName, RankFile]
     dcp: dict[str, Any]
     manifest_xxh3: Hex64
+    shards: dict[RankFileName, Shard] | None = None
+    pieces: dict[Hex128, Count] | None = None
+    added: Count | None = None
 
     def __post_init__(self) -> None:
         for name, info in self.files.items():
             if info.rank >= self.world_size or name != f"rank-{info.rank:05d}.safetensors":
                 raise ValueError(f"files[{name!r}] does not belong to a rank of the world size")
-
-
-Hex128 = Annotated[str, Meta(pattern=r"^[0-9a-f]{32}$")]
+        if self.shards is None:
+            if self.pieces is not None or self.added is not None:
+                raise ValueError("pieces or added without shards")
+            return
+        if self.pieces is None or self.added is None or self.files:
+            raise ValueError("shards need pieces and added, and no rank files")
+        for name, shard in self.shards.items():
+            if shard.rank >= self.world_size or name != f"rank-{shard.rank:05d}.safetensors":
+                raise ValueError(f"shards[{name!r}] does not belong to a rank of the world size")
+            check_spans(shard.entries, self.pieces, f"shards[{name!r}].entries")
 
 
 class PieceEntry(Struct, forbid_unknown_fields=True):
@@ -531,6 +553,27 @@ class PieceTensors(Struct, forbid_unknown_fields=True):
     entries: dict[EntryKey, PieceEntry]
 
 
+class Shard(Struct, forbid_unknown_fields=True):
+    """One rank's part of a sharded checkpoint of an incremental store."""
+
+    rank: Count
+    added: Count  # bytes this rank wrote
+    entries: dict[EntryKey, PieceEntry]
+
+
+def check_spans(entries: Mapping[str, PieceEntry], pieces: Mapping[str, int], where: str) -> None:
+    """Every entry's spans lie inside their pieces and add up to its size."""
+    for key, row in entries.items():
+        total = 0
+        for digest, offset, length in row.pieces:
+            size = pieces.get(digest)
+            if size is None or offset + length > size:
+                raise ValueError(f"{where}[{key!r}].pieces lie outside their pieces")
+            total += length
+        if total != row.size:
+            raise ValueError(f"{where}[{key!r}].pieces do not add up to its size")
+
+
 class PiecesManifest(_Saved):
     """The manifest of an incremental checkpoint (``layout: pieces``, see ``format.pieces``)."""
 
@@ -545,15 +588,7 @@ class PiecesManifest(_Saved):
     manifest_xxh3: Hex64
 
     def __post_init__(self) -> None:
-        for key, row in self.tensors.entries.items():
-            total = 0
-            for digest, offset, length in row.pieces:
-                size = self.pieces.get(digest)
-                if size is None or offset + length > size:
-                    raise ValueError(f"tensors.entries[{key!r}].pieces lie outside their pieces")
-                total += length
-            if total != row.size:
-                raise ValueError(f"tensors.entries[{key!r}].pieces do not add up to its size")
+        check_spans(self.tensors.entries, self.pieces, "tensors.entries")
 
 
 def is_sharded(manifest: Mapping[str, Any]) -> bool:

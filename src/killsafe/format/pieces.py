@@ -279,12 +279,24 @@ def write_pieces(
 ) -> tuple[dict[str, Any], dict[str, int], int]:
     """Write the pieces of ``encoded`` that ``sink`` lacks, durably.
 
+    Returns the manifest's ``tensors`` section, its ``pieces`` map (digest
+    to length) and the bytes written (see ``write_entries``).
+    """
+    return write_entries(sink, encoded.entries, piece_size)
+
+
+def write_entries(
+    sink: PieceSink, entries: Sequence[TensorEntry], piece_size: int = PIECE_SIZE
+) -> tuple[dict[str, Any], dict[str, int], int]:
+    """Write the pieces of ``entries`` that ``sink`` lacks, durably.
+
     Every byte is hashed once, for its piece's name, on a few threads
     (xxhash releases the GIL) while this thread writes the pieces already
-    named. Returns the manifest's ``tensors`` section, its ``pieces`` map
-    (digest to length) and the bytes written. Lets the sink's errors through.
+    named. Returns ``{"entries": {key: dtype, shape, size, spans}}``, the
+    ``pieces`` map (digest to length) and the bytes written. Lets the sink's
+    errors through.
     """
-    pieces, spans = cut(encoded.entries, piece_size)
+    pieces, spans = cut(entries, piece_size)
     lengths: dict[str, int] = {}
     workers = max(1, min(_WORKERS, os.cpu_count() or 1, len(pieces)))
     try:
@@ -306,7 +318,7 @@ def write_pieces(
             "size": entry.nbytes,
             "pieces": [[pieces[i].digest, start, length] for i, start, length in spans[entry.key]],
         }
-        for entry in encoded.entries
+        for entry in entries
     }
     return {"entries": table}, lengths, sink.written
 
@@ -472,6 +484,28 @@ def _check_entry_sums(where: Where, buffers: dict[str, Any], table: dict[str, An
     bad = first_bad_entry(summed, table)
     if bad is not None:
         raise corrupt(where, f"tensor {bad!r} fails its checksum")
+
+
+def verify_pieces(where: Where, lengths: Mapping[str, int], source: PieceSource) -> None:
+    """Read every piece whole and check its header and its bytes against its name.
+
+    A few pieces at a time, on threads: memory stays bounded by their size.
+    """
+
+    def check(item: tuple[str, int]) -> None:
+        digest, length = item
+        if source.read_header(digest, length) != piece_header(length):
+            raise corrupt(where, f"piece {piece_key(digest)} has a bad header")
+        out = memoryview(bytearray(length))
+        source.read_into(digest, length, 0, out)
+        if piece_digest(out) != digest:
+            raise corrupt(where, f"piece {piece_key(digest)} fails its checksum")
+
+    try:
+        with ThreadPoolExecutor(_WORKERS, thread_name_prefix="killsafe-verify") as pool:
+            list(pool.map(check, sorted(lengths.items())))
+    finally:
+        source.close()
 
 
 def check_piece_headers(where: Where, manifest: dict[str, Any], source: PieceSource) -> None:

@@ -156,6 +156,7 @@ class GroupStore:
                 reason=reason,
                 metrics=metrics,
                 metadata=metadata,
+                incremental=self.store.incremental,
             )
         except CheckpointExists as exc:  # the same on every rank, with its path
             raise CheckpointExists(str(exc), directory) from exc
@@ -201,6 +202,7 @@ class GroupStore:
                 reason=reason,
                 metrics=metrics,
                 metadata=metadata,
+                incremental=self.store.incremental,
             )
             if self.group.leader:
                 self.store.prune()

@@ -388,7 +388,7 @@ class CheckpointStore:
         """
         info = other.get(ref)
         manifest = other._catalog.manifest_of(info.path)
-        if fmt.is_pieces(manifest):
+        if fmt.shares_pieces(manifest):
             return self._import_pieces(other, info, manifest, pace)
         files = {
             name: transfer.checked(

@@ -1,0 +1,116 @@
+"""Sharded checkpoints of an incremental store: each rank's bytes as shared pieces.
+
+When the store is incremental (``CheckpointStore(incremental=True)``), a
+rank does not write ``rank-NNNNN.safetensors``: it cuts the entries it
+would have written into the store's content-addressed pieces
+(``format.pieces``: the same cutting, names and files as a one-process
+save), writes only the pieces the store lacks, fsyncs and renames them into
+place, and reports each entry's spans. Rank 0's manifest then records, for
+each rank, a ``shard`` (named like the rank file it replaces) with its
+entries' spans and the bytes it added, and at the top the ``pieces`` every
+shard spans and the ``added`` bytes of the whole save. DCP's storage rows
+keep naming the shard and the entry key, so planning and resharding are
+unchanged; only where the bytes come from differs.
+
+A rank's pieces are durable before it reports them, so a committed manifest
+never names a piece that is not; a save that fails anywhere commits no
+manifest, and the pieces it put in place are unreferenced, removed by the
+store's next sweep (``store.pieces``), which counts the pieces of sharded
+manifests too (the top-level ``pieces`` map).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.planner import WriteItem
+from torch.distributed.checkpoint.storage import WriteResult
+
+from killsafe import directio
+from killsafe.distributed.manifest import Piece, ShardRecord
+from killsafe.errors import SaveFailed
+from killsafe.format.codec import TensorEntry
+from killsafe.format.pieces import (
+    LocalPieces,
+    LocalPieceSource,
+    load_piece_buffers,
+    pieces_dir_of,
+    write_entries,
+)
+
+__all__ = ["read_shard_pieces", "shard_fields", "shard_results"]
+
+
+def shard_results(
+    directory: Path,
+    name: str,
+    rank: int,
+    entries: list[TensorEntry],
+    items: list[tuple[WriteItem, TensorEntry, tuple[int, int]]],
+) -> list[WriteResult]:
+    """Write this rank's ``entries`` as shard ``name`` of checkpoint ``directory``: the
+    pieces its store lacks, durably. Returns DCP's results naming the shard and each
+    entry. Raises ``SaveFailed`` (temporary pieces removed) when the disk fails."""
+    sink = LocalPieces(pieces_dir_of(directory), directio.write_direct)
+    try:
+        table, lengths, written = write_entries(sink, entries)
+    except OSError as exc:
+        raise SaveFailed(
+            f"rank {rank} could not write its pieces into {sink.pieces_dir} "
+            f"({exc.strerror or exc}); free disk space or check the file system"
+        ) from exc
+    shard = ShardRecord(name, rank, table["entries"], lengths, written)
+    return [
+        WriteResult(item.index, entry.nbytes, Piece(name, entry.key, 0, entry.nbytes, "", shard))
+        for item, entry, _ in items
+    ]
+
+
+def shard_fields(records: Iterable[ShardRecord]) -> dict[str, Any]:
+    """The manifest's fields for the shards the ranks reported (no rank files)."""
+    ordered = sorted(records, key=lambda record: record.name)
+    pieces: dict[str, int] = {}
+    for record in ordered:
+        pieces.update(record.pieces)
+    return {
+        "shards": {
+            r.name: {"rank": r.rank, "added": r.added, "entries": r.entries} for r in ordered
+        },
+        "pieces": dict(sorted(pieces.items())),
+        "added": sum(r.added for r in ordered),
+    }
+
+
+def read_shard_pieces(
+    directory: Path,
+    shards: Mapping[str, Any],
+    lengths: Mapping[str, int],
+    wanted: Iterable[Piece],
+    verify: bool,
+) -> dict[Piece, torch.Tensor]:
+    """Each wanted storage piece's bytes (a flat uint8 tensor), assembled from its spans.
+
+    With ``verify`` every piece read is checked against its name. Raises
+    ``CorruptCheckpoint`` for a missing, short or damaged piece.
+    """
+    by_shard: dict[str, list[Piece]] = {}
+    for piece in wanted:
+        by_shard.setdefault(piece.file, []).append(piece)
+    found: dict[Piece, torch.Tensor] = {}
+    for name, pieces in sorted(by_shard.items()):
+        table = {"tensors": {"entries": shards[name]["entries"]}, "pieces": dict(lengths)}
+        needed = {piece.key for piece in pieces}
+        buffers = load_piece_buffers(
+            directory, table, needed, verify, LocalPieceSource(directory)
+        )
+        for piece in pieces:
+            buffer, _, size = buffers[piece.key]
+            found[piece] = (
+                torch.frombuffer(buffer, dtype=torch.uint8)
+                if size
+                else torch.empty(0, dtype=torch.uint8)
+            )
+    return found
