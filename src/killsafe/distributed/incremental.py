@@ -103,9 +103,7 @@ def read_shard_pieces(
     for name, pieces in sorted(by_shard.items()):
         table = {"tensors": {"entries": shards[name]["entries"]}, "pieces": dict(lengths)}
         needed = {piece.key for piece in pieces}
-        buffers = load_piece_buffers(
-            directory, table, needed, verify, LocalPieceSource(directory)
-        )
+        buffers = load_piece_buffers(directory, table, needed, verify, LocalPieceSource(directory))
         for piece in pieces:
             buffer, _, size = buffers[piece.key]
             found[piece] = (

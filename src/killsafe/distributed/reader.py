@@ -53,8 +53,8 @@ class ShardedReader(StorageReader):
     Reads only the pieces this rank's plan needs, on a few threads, and
     (with ``verify``) checks each against its xxh3 before copying it into
     the target tensors (a checkpoint of an incremental store: assembled
-    from the store's pieces, each checked against its name). Use it with ``JsonLoadPlanner`` (``load_sharded``
-    does).
+    from the store's pieces, each checked against its name). Use it with
+    ``JsonLoadPlanner`` (``load_sharded`` does).
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, verify: bool = True) -> None:
