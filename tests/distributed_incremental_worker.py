@@ -129,6 +129,7 @@ def incremental_saves(rank: int, world: int, workdir: Path, *args: str) -> dict[
     from killsafe.format import pieces as format_pieces
 
     if rank == 1:  # rank 1's disk fails once its pieces are written, before they are renamed
+
         def failing(self: Any) -> None:
             raise OSError(28, "No space left on device (test)")
 

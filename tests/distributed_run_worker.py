@@ -9,7 +9,8 @@ before writing it (its tree is staged, the other ranks are writing).
 Scenario ``epochs`` (``epochs-alone`` on 1 process without a process group)
 trains 2 epochs with ``run.batches()`` over a DataLoader with a shuffling
 ``DistributedSampler`` instead, keeping the (epoch, sample) pairs it saw.
-``WORLD`` 1 with scenario ``alone`` runs without a process group. Each rank
+``WORLD`` 1 with scenario ``alone`` runs without a process group; scenario
+``train-incremental`` trains as ``train`` into an incremental store. Each rank
 writes what it saw to ``DIR/rank-N.json`` and exits with ``run.exit_code``
 (1 with the error's name when the run raised).
 """
@@ -49,7 +50,9 @@ def break_write(step: int, what: str) -> None:
     writer._write_rank_file = broken  # type: ignore[assignment]
 
 
-def train(rank: int, run_dir: Path, events: dict[tuple[int, int], str]) -> dict[str, Any]:
+def train(
+    rank: int, run_dir: Path, events: dict[tuple[int, int], str], incremental: bool = False
+) -> dict[str, Any]:
     torch.manual_seed(0)  # the same initial weights on every rank
     model: torch.nn.Module = torch.nn.Linear(4, 2)
     if dist.is_initialized():
@@ -57,7 +60,13 @@ def train(rank: int, run_dir: Path, events: dict[tuple[int, int], str]) -> dict[
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
     torch.manual_seed(100 + rank)  # each rank its own data stream
     result: dict[str, Any] = {}
-    with Run(run_dir, total_steps=TOTAL_STEPS, save_every_steps=3, collective_timeout=8) as run:
+    with Run(
+        run_dir,
+        total_steps=TOTAL_STEPS,
+        save_every_steps=3,
+        collective_timeout=8,
+        incremental=incremental,
+    ) as run:
         run.track(model=model, optimizer=optimizer, seen=[])
         result["restored"] = [p.detach().tolist() for p in model.parameters()]
         for step in run.steps():
@@ -131,7 +140,7 @@ def main() -> None:
         if name.startswith("epochs"):
             result = train_epochs(rank_, world_, Path(run_dir), events)
         else:
-            result = train(rank_, Path(run_dir), events)
+            result = train(rank_, Path(run_dir), events, name.endswith("incremental"))
         code = result["exit_code"]
     except KillsafeError as exc:
         result = {"error": type(exc).__name__, "message": str(exc), **seen_step}

@@ -40,6 +40,8 @@ pytestmark = [
 ]
 
 WORKER = Path(__file__).resolve().parent / "distributed_incremental_worker.py"
+RUN_WORKER = Path(__file__).resolve().parent / "distributed_run_worker.py"
+STOPPED = 75
 BASE_BYTES = worker.BASE_ELEMENTS * 4
 SECOND = "step-000002"
 
@@ -166,3 +168,46 @@ def test_a_damaged_piece_fails_verify_and_load(job: tuple[Path, Job], tmp_path: 
     state = worker.incremental_state(1)
     with pytest.raises(CorruptCheckpoint, match="fails its checksum"):
         load_sharded(state, copy / SECOND)
+
+
+@pytest.fixture(scope="module")
+def run_jobs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Job, Job]:
+    """A 2-rank DDP ``Run(incremental=True)`` stopped by a SIGTERM to rank 1 during step 3
+    (it saves at steps 3 and 5), then resumed to the end (step 8)."""
+    root = tmp_path_factory.mktemp("incremental-run")
+    run_dir = root / "run"
+
+    def train(work: str, *events: str, expect: int = 0) -> Job:
+        args = (str(run_dir), *events)
+        return run_job("train-incremental", 2, root / work, *args, expect=expect, worker=RUN_WORKER)
+
+    stopped = train("stopped", "1:3:term", expect=STOPPED)
+    shutil.copytree(run_dir / "checkpoints", root / "at-stop")
+    return root, stopped, train("resumed")
+
+
+def test_a_run_saves_incrementally_and_resumes(run_jobs: tuple[Path, Job, Job]) -> None:
+    root, stopped, resumed = run_jobs
+    for rank in range(2):
+        assert stopped.result(rank)["step"] == 5
+        restored = resumed.result(rank)["restored"]
+        assert restored == stopped.result(rank)["weights"]  # bit for bit, as saved at step 5
+        assert resumed.result(rank)["seen"][:5] == stopped.result(rank)["seen"]
+        assert (resumed.result(rank)["step"], resumed.result(rank)["exit_code"]) == (8, 0)
+    infos = CheckpointStore(root / "run" / "checkpoints").list()
+    assert [i.step for i in infos] == [5, 6, 8]
+    for info in infos:
+        manifest = json.loads((info.path / "manifest.json").read_text())
+        assert info.sharded and not manifest["files"] and len(manifest["shards"]) == 2
+        assert info.added is not None and info.added <= info.size + 4096
+
+
+def test_a_run_checkpoint_of_an_incremental_store_consolidates(
+    run_jobs: tuple[Path, Job, Job], tmp_path: Path
+) -> None:
+    root, stopped, _ = run_jobs
+    out = tmp_path / "one-process"
+    assert cli(["consolidate", str(root / "at-stop" / "step-000005"), str(out)]) == 0
+    state = CheckpointStore(tmp_path).load(out)
+    weights = stopped.result(0)["weights"]
+    assert [state["model"]["weight"].tolist(), state["model"]["bias"].tolist()] == weights
