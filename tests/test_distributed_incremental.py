@@ -27,9 +27,9 @@ from distributed_helpers import Job, run_job  # noqa: E402
 
 from killsafe import CheckpointStore  # noqa: E402
 from killsafe.cli import main as cli  # noqa: E402
-from killsafe.distributed import load_sharded  # noqa: E402
+from killsafe.distributed import load_sharded, save_sharded  # noqa: E402
 from killsafe.errors import CorruptCheckpoint  # noqa: E402
-from killsafe.format import PIECE_SUFFIX  # noqa: E402
+from killsafe.format import PIECE_SUFFIX, manifest_digest, verify_checkpoint  # noqa: E402
 from killsafe.format.pieces import PIECE_SIZE  # noqa: E402
 from killsafe.store.pieces import referenced_pieces  # noqa: E402
 
@@ -143,7 +143,8 @@ def test_verify_list_inspect_and_export(
     assert listed["added"] < PIECE_SIZE + (64 << 10)
     assert cli(["inspect", str(store / SECOND)]) == 0
     shown = capsys.readouterr().out
-    assert "world size 2" in shown and "written by this save" in shown
+    assert "world size 2, shared pieces; added by rank 0" in shown
+    assert "written by this save" in shown
 
     exported = tmp_path / "all.safetensors"
     assert cli(["export", str(store / SECOND), str(exported)]) == 0
@@ -211,3 +212,35 @@ def test_a_run_checkpoint_of_an_incremental_store_consolidates(
     state = CheckpointStore(tmp_path).load(out)
     weights = stopped.result(0)["weights"]
     assert [state["model"]["weight"].tolist(), state["model"]["bias"].tolist()] == weights
+
+
+def test_a_hostile_shard_table_is_corrupt_not_a_crash(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "checkpoints" / "c"
+    checkpoint.parent.mkdir()
+    save_sharded({"w": torch.arange(6.0), "step": 3}, checkpoint, incremental=True)
+    path = checkpoint / "manifest.json"
+    original = json.loads(path.read_text())
+    (digest,) = original["pieces"]
+
+    def rows(m: dict[str, Any]) -> dict[str, Any]:
+        return dict(m["shards"]["rank-00000.safetensors"]["entries"])
+
+    hostile = [
+        lambda m: rows(m)["w"].update(pieces=[[digest, 10**6, 24]]),  # outside its piece
+        lambda m: rows(m)["w"].update(size=48),  # spans do not add up
+        lambda m: m["pieces"].update({digest: 1}),
+        lambda m: m["shards"]["rank-00000.safetensors"].update(rank=1),
+        lambda m: m["dcp"]["storage"][0].update(key="nowhere"),
+        lambda m: m.update(added=None),
+    ]
+    for change in hostile:
+        manifest = json.loads(json.dumps(original))
+        change(manifest)
+        manifest["manifest_xxh3"] = manifest_digest(manifest)
+        path.write_text(json.dumps(manifest))
+        with pytest.raises(CorruptCheckpoint):
+            load_sharded({"w": torch.zeros(6), "step": None}, checkpoint)
+    path.write_text(json.dumps(original))
+    verify_checkpoint(checkpoint)
+    state = load_sharded({"w": torch.zeros(6), "step": None}, checkpoint)
+    assert state["w"].tolist() == list(range(6)) and state["step"] == 3

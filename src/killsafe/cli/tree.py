@@ -81,6 +81,10 @@ def checkpoint_summary(path: Path | str, manifest: dict[str, Any]) -> dict[str, 
     if "world_size" in manifest:  # sharded: the rank of every file too
         for name, info in manifest["files"].items():
             files[name]["rank"] = info["rank"]
+    shards = {  # sharded into an incremental store: each rank's bytes are shared pieces
+        name: {"rank": shard["rank"], "added": shard["added"]}
+        for name, shard in manifest.get("shards", {}).items()
+    }
     size = checkpoint_nbytes(manifest)
     summary = {
         "path": str(path),
@@ -97,6 +101,8 @@ def checkpoint_summary(path: Path | str, manifest: dict[str, Any]) -> dict[str, 
     }
     if "world_size" in manifest:
         summary["world_size"] = manifest["world_size"]
+    if shards:
+        summary["shards"] = shards
     return summary
 
 
@@ -137,7 +143,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         pieces = len(manifest.get("pieces", ()))
         added = format_size(summary["added"])
         out.write(f"{'added:':<10}{added} written by this save ({pieces} shared pieces in all)\n")
-    if "world_size" in summary:
+    if "shards" in summary:
+        added = ", ".join(
+            f"rank {s['rank']} {format_size(s['added'])}" for s in summary["shards"].values()
+        )
+        world = summary["world_size"]
+        out.write(f"{'sharded:':<10}world size {world}, shared pieces; added by {added}\n")
+    elif "world_size" in summary:
         out.write(f"{'sharded:':<10}world size {summary['world_size']}, one file per rank\n")
     out.write(f"{'metrics:':<10}{format_metrics(summary['metrics'])}\n")
     if summary["metadata"]:

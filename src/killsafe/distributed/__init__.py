@@ -6,7 +6,8 @@
 - ``sharded``: ``save_sharded`` / ``load_sharded`` through
   ``torch.distributed.checkpoint`` with our storage ``writer``, ``reader``,
   ``manifest`` and JSON ``planners``: safetensors layout, xxh3 checksums,
-  JSON metadata, no pickle, one commit.
+  JSON metadata, no pickle, one commit; ``incremental``: the ranks' bytes
+  as the shared pieces of an incremental store.
 
 Only this package imports ``torch.distributed``; the torch parts load when
 first named.

@@ -4,7 +4,10 @@
 reason, created, metrics, metadata), the world size, every rank file with
 its size and xxh3, DCP's metadata (tensor sizes and chunks, the flattening
 map, where each piece lies and its checksum) and the manifest's own
-checksum. Reading it validates every field, so a hostile manifest fails as
+checksum. Saved into an incremental store, it has no rank files but a
+``shards`` table (each rank's entries as spans over the store's pieces,
+see ``distributed.incremental``), ``pieces`` and ``added``. Reading it
+validates every field, so a hostile manifest fails as
 ``CorruptCheckpoint`` rather than as an arbitrary error.
 """
 

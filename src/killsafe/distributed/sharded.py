@@ -16,7 +16,10 @@ any world size). This module is the storage underneath, with our rules:
   the target, and only after every rank reported its files does the
   coordinator write the manifest, fsync and rename the directory into
   place. A save that failed anywhere is never visible; the checkpoints
-  already there are never touched.
+  already there are never touched;
+- into an incremental store (``incremental=True``) the ranks write the
+  store's shared pieces instead of rank files, only those it lacks
+  (``incremental``).
 
 ``save_sharded`` and ``load_sharded`` wrap ``dcp.save`` / ``dcp.load`` with
 these parts and turn DCP's errors into killsafe's.

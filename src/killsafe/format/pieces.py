@@ -28,6 +28,8 @@ which pieces it already holds and writes the others durably before the
 manifest is written, so a committed manifest never names a piece that is
 not durable. ``LocalPieces`` is the sink of a local directory; removing
 pieces that no manifest names is the store's job (``store.pieces``).
+Sharded saves into an incremental store cut and write each rank's entries
+the same way (``write_entries``; ``killsafe.distributed.incremental``).
 Format knows nothing of the store: it only knows that a local ``pieces``
 checkpoint's bytes are in ``<its parent>/pieces``.
 """

@@ -45,7 +45,9 @@ manifest never changes in place, so an unchanged file need not be parsed again."
 
 
 def referenced_pieces(directory: Path, known: ManifestPieces | None = None) -> set[str] | None:
-    """The pieces every checkpoint of ``directory`` names; None if one cannot be read."""
+    """The pieces every checkpoint of ``directory`` names (``pieces`` layouts and sharded
+    checkpoints of an incremental store alike: both list them under ``pieces``); None if
+    one cannot be read."""
     referenced: set[str] = set()
     seen: ManifestPieces = {}
     for entry in os.scandir(directory):
