@@ -244,3 +244,18 @@ def test_a_hostile_shard_table_is_corrupt_not_a_crash(tmp_path: Path) -> None:
     verify_checkpoint(checkpoint)
     state = load_sharded({"w": torch.zeros(6), "step": None}, checkpoint)
     assert state["w"].tolist() == list(range(6)) and state["step"] == 3
+
+
+def test_one_process_loads_in_batches_of_bounded_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import killsafe.distributed.incremental as incremental
+
+    state = {f"t{i}": torch.arange(float(i * 10), float(i * 10 + 7)) for i in range(5)}
+    state["empty"] = torch.zeros(0)
+    checkpoint = tmp_path / "checkpoints" / "c"
+    checkpoint.parent.mkdir()
+    save_sharded(state, checkpoint, incremental=True)
+    monkeypatch.setattr(incremental, "READ_BATCH", 40)  # about one entry per batch
+    loaded = load_sharded({key: torch.ones_like(value) for key, value in state.items()}, checkpoint)
+    assert all(torch.equal(loaded[key], value) for key, value in state.items())

@@ -21,7 +21,7 @@ manifests too (the top-level ``pieces`` map).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,10 @@ from killsafe.format.pieces import (
     write_entries,
 )
 
-__all__ = ["read_shard_pieces", "shard_fields", "shard_results"]
+__all__ = ["READ_BATCH", "read_shard_pieces", "shard_fields", "shard_results"]
+
+READ_BATCH = 1 << 30
+"""Bytes of entries a reader assembles before handing them on."""
 
 
 def shard_results(
@@ -90,8 +93,9 @@ def read_shard_pieces(
     lengths: Mapping[str, int],
     wanted: Iterable[Piece],
     verify: bool,
-) -> dict[Piece, torch.Tensor]:
-    """Each wanted storage piece's bytes (a flat uint8 tensor), assembled from its spans.
+) -> Iterator[tuple[Piece, torch.Tensor]]:
+    """Each wanted storage piece with its bytes (a flat uint8 tensor), assembled from its
+    spans, a batch of up to ``READ_BATCH`` bytes at a time (memory stays bounded).
 
     With ``verify`` every piece read is checked against its name. Raises
     ``CorruptCheckpoint`` for a missing, short or damaged piece.
@@ -99,16 +103,29 @@ def read_shard_pieces(
     by_shard: dict[str, list[Piece]] = {}
     for piece in wanted:
         by_shard.setdefault(piece.file, []).append(piece)
-    found: dict[Piece, torch.Tensor] = {}
     for name, pieces in sorted(by_shard.items()):
         table = {"tensors": {"entries": shards[name]["entries"]}, "pieces": dict(lengths)}
-        needed = {piece.key for piece in pieces}
-        buffers = load_piece_buffers(directory, table, needed, verify, LocalPieceSource(directory))
-        for piece in pieces:
-            buffer, _, size = buffers[piece.key]
-            found[piece] = (
-                torch.frombuffer(buffer, dtype=torch.uint8)
-                if size
-                else torch.empty(0, dtype=torch.uint8)
-            )
-    return found
+        for batch in _batches(sorted(pieces, key=lambda p: p.key)):
+            needed = {piece.key for piece in batch}
+            source = LocalPieceSource(directory)
+            buffers = load_piece_buffers(directory, table, needed, verify, source)
+            for piece in batch:
+                buffer, _, size = buffers.pop(piece.key)
+                if not size:
+                    yield piece, torch.empty(0, dtype=torch.uint8)
+                else:
+                    yield piece, torch.frombuffer(buffer, dtype=torch.uint8)
+
+
+def _batches(pieces: list[Piece]) -> Iterator[list[Piece]]:
+    """``pieces`` in consecutive runs of at most ``READ_BATCH`` bytes (or one piece)."""
+    batch: list[Piece] = []
+    size = 0
+    for piece in pieces:
+        if batch and size + piece.end - piece.start > READ_BATCH:
+            yield batch
+            batch, size = [], 0
+        batch.append(piece)
+        size += piece.end - piece.start
+    if batch:
+        yield batch

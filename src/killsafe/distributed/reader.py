@@ -130,9 +130,9 @@ class ShardedReader(StorageReader):
             found = read_shard_pieces(
                 self.directory, self.files, self.shared_pieces, by_piece, self.verify
             )
-            for piece, requests in by_piece.items():
-                for request in requests:
-                    self._deliver(request, found[piece], planner)
+            for piece, data in found:
+                for request in by_piece[piece]:
+                    self._deliver(request, data, planner)
             return _done()
         jobs = [
             (piece, requests, self._direct_target(piece, requests, planner))
