@@ -36,6 +36,7 @@ from killsafe.format.codec import TensorEntry
 from killsafe.format.pieces import (
     LocalPieces,
     LocalPieceSource,
+    PieceSink,
     load_piece_buffers,
     pieces_dir_of,
     write_entries,
@@ -53,16 +54,19 @@ def shard_results(
     rank: int,
     entries: list[TensorEntry],
     items: list[tuple[WriteItem, TensorEntry, tuple[int, int]]],
+    sink: PieceSink | None = None,
 ) -> list[WriteResult]:
     """Write this rank's ``entries`` as shard ``name`` of checkpoint ``directory``: the
-    pieces its store lacks, durably. Returns DCP's results naming the shard and each
-    entry. Raises ``SaveFailed`` (temporary pieces removed) when the disk fails."""
-    sink = LocalPieces(pieces_dir_of(directory), directio.write_direct)
+    pieces its store lacks, durably, through ``sink`` (by default the local store's
+    ``pieces/`` beside ``directory``). Returns DCP's results naming the shard and each
+    entry. Raises ``SaveFailed`` (temporary pieces removed) when the medium fails."""
+    if sink is None:
+        sink = LocalPieces(pieces_dir_of(directory), directio.write_direct)
     try:
         table, lengths, written = write_entries(sink, entries)
     except OSError as exc:
         raise SaveFailed(
-            f"rank {rank} could not write its pieces into {sink.pieces_dir} "
+            f"rank {rank} could not write its pieces for {directory} "
             f"({exc.strerror or exc}); free disk space or check the file system"
         ) from exc
     shard = ShardRecord(name, rank, table["entries"], lengths, written)
