@@ -259,3 +259,21 @@ def test_one_process_loads_in_batches_of_bounded_size(
     monkeypatch.setattr(incremental, "READ_BATCH", 40)  # about one entry per batch
     loaded = load_sharded({key: torch.ones_like(value) for key, value in state.items()}, checkpoint)
     assert all(torch.equal(loaded[key], value) for key, value in state.items())
+
+
+def test_import_from_copies_the_pieces_through_an_object_store(tmp_path: Path) -> None:
+    """What a run's mirror does: up to an object store and back, only the pieces."""
+    local = tmp_path / "local"
+    local.mkdir()
+    state = {"w": torch.randn(300_000), "b": torch.ones(3)}
+    save_sharded(state, local / "step-000001", step=1, incremental=True)
+    remote = CheckpointStore(f"memory://{tmp_path.name}-mirror", incremental=True)
+    uploaded = remote.import_from(CheckpointStore(local, incremental=True), 1)
+    assert uploaded.sharded and uploaded.added is not None
+    assert remote.verify("latest").step == 1
+    back = CheckpointStore(tmp_path / "back", incremental=True)
+    assert back.import_from(remote, "latest").step == 1
+    back.verify(1)
+    target = {"w": torch.zeros(300_000), "b": torch.zeros(3)}
+    loaded = load_sharded(target, tmp_path / "back" / "step-000001")
+    assert torch.equal(loaded["w"], state["w"]) and torch.equal(loaded["b"], state["b"])

@@ -33,7 +33,9 @@ from killsafe.format.manifest import (
     PIECES_LAYOUT,
     TENSOR_FILE,
     TENSOR_FILE_ZSTD,
+    is_sharded,
     parse_manifest,
+    shares_pieces,
 )
 from killsafe.format.pieces import (
     PIECE_SUFFIX,
@@ -45,6 +47,7 @@ from killsafe.format.pieces import (
     piece_header,
     piece_key,
     piece_nbytes,
+    verify_pieces,
     write_pieces,
 )
 from killsafe.format.tensorfile import (
@@ -198,6 +201,9 @@ def read_tree_at(
 
 def verify_at(medium: KeyedMedium, checkpoint: str, manifest: dict[str, Any], where: Where) -> None:
     """Check every checksum and the tree of the checkpoint under key ``checkpoint``."""
+    if is_sharded(manifest) and shares_pieces(manifest):  # no tree: every piece whole
+        verify_pieces(where, manifest["pieces"], KeyedPieceSource(medium, where))
+        return
     tensors = manifest["tensors"]
     used: set[str] = set()
     needed_entries(manifest["tree"], used)
