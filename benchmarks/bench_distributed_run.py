@@ -11,8 +11,10 @@ rank) and prints one table from the same run:
   same loop bare and a ``Run`` of one process (no process group) give the
   baseline; a job's boundary minus the lone ``Run``'s is what agreeing
   costs, and the time to start the flags' all_reduce and to wait for the
-  one started a boundary before is shown apart. Blocks of bare and ``Run``
-  loops alternate, three each.
+  one started a boundary before is shown apart (totals over the
+  boundaries, per boundary). Each job runs once per ``--flag-periods``
+  value (``KILLSAFE_FLAG_PERIOD``: the default, and 0 for an exchange at
+  every boundary). Blocks of bare and ``Run`` loops alternate, three each.
 - **the loop blocked by a background save** of a DTensor-sharded model and
   its Adam states (``--size-gb`` in all, rows sharded over ``--ranks``
   ranks): ``GroupStore.save_async`` (what a ``Run`` in a job calls) against
@@ -80,7 +82,7 @@ def run_gaps(directory: Path, count: int, step_seconds: float) -> list[float]:
 class FlagTimes:
     """Times the two parts of a job's boundary that talk to the other ranks.
 
-    Wraps ``TorchCoordinator.any_async`` in this process: ``started`` gets
+    Wraps ``TorchCoordinator.max_async`` in this process: ``started`` gets
     the time to start the flags' all_reduce, ``waited`` the time to wait for
     the one started at the boundary before (a microsecond or two of the
     wrapping's own is in both).
@@ -93,12 +95,12 @@ class FlagTimes:
     def install(self) -> None:
         from killsafe.distributed.process_group import TorchCoordinator
 
-        original = TorchCoordinator.any_async
+        original = TorchCoordinator.max_async
         started, waited = self.started, self.waited
 
-        def any_async(coordinator: Any, flags: tuple[bool, ...]) -> Any:
+        def max_async(coordinator: Any, values: tuple[int, ...]) -> Any:
             began = time.perf_counter()
-            pending = original(coordinator, flags)
+            pending = original(coordinator, values)
             started.append(time.perf_counter() - began)
             wait = pending.wait
 
@@ -112,7 +114,7 @@ class FlagTimes:
             pending.wait = timed_wait
             return pending
 
-        TorchCoordinator.any_async = any_async
+        TorchCoordinator.max_async = max_async
 
     def take(self) -> tuple[list[float], list[float]]:
         """The times since the last ``take``."""
@@ -221,7 +223,8 @@ def rank_main(args: argparse.Namespace) -> None:
         dist.init_process_group("gloo", store=store, rank=args.rank, world_size=args.world)
     if args.part == "boundaries":
         result: dict[str, Any] = bench_boundaries(args, out)
-        Path(out, f"boundaries-{args.world}-{args.rank}.json").write_text(json.dumps(result))
+        name = f"boundaries-{args.world}-{args.flag_period}-{args.rank}.json"
+        Path(out, name).write_text(json.dumps(result))
     else:
         from killsafe.distributed import TorchCoordinator
 
@@ -236,15 +239,20 @@ def rank_main(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- the launcher
 
 
-def launch(args: argparse.Namespace, part: str, world: int, out: Path) -> None:
+def launch(
+    args: argparse.Namespace, part: str, world: int, out: Path, flag_period: str = "default"
+) -> None:
     store = dist.TCPStore(
         "127.0.0.1", 0, None, True, timeout=timedelta(seconds=120), wait_for_workers=False
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("KILLSAFE_FLAG_PERIOD", None)
+    if flag_period != "default":
+        env["KILLSAFE_FLAG_PERIOD"] = flag_period
     common = [f"--port={store.port}", f"--out={out}", f"--size-gb={args.size_gb}"]
     common += [f"--rounds={args.rounds}", f"--boundaries={args.boundaries}", f"--world={world}"]
     common += [f"--step-ms={args.step_ms}", f"--settle={args.settle}", f"--part={part}"]
-    common += [f"--timed-boundaries={args.timed_boundaries}"]
+    common += [f"--timed-boundaries={args.timed_boundaries}", f"--flag-period={flag_period}"]
     ranks = [
         subprocess.Popen([sys.executable, __file__, f"--rank={rank}", *common], env=env)
         for rank in range(world)
@@ -259,40 +267,42 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
-def report_boundaries(args: argparse.Namespace, out: Path, worlds: list[int]) -> None:
-    by_world: dict[int, dict[str, list[float]]] = {}
-    for world in worlds:
+def report_boundaries(args: argparse.Namespace, out: Path, jobs: list[tuple[int, str]]) -> None:
+    measured: dict[tuple[int, str], dict[str, list[float]]] = {}
+    for world, period in jobs:
         merged: dict[str, list[float]] = {}
         for rank in range(world):
-            ranked = json.loads((out / f"boundaries-{world}-{rank}.json").read_text())
+            ranked = json.loads((out / f"boundaries-{world}-{period}-{rank}.json").read_text())
             for key, values in ranked.items():
                 merged.setdefault(key, []).extend(values)
-        by_world[world] = merged
+        measured[(world, period)] = merged
     for kind, title in (
         ("empty", "steps that do nothing"),
         ("timed", f"{args.step_ms:g} ms steps"),
     ):
         print(f"\nstep boundary, {title} (gap from a step's end to the next one's start)")
-        print(f"  {'loop':34} {'count':>7} {'mean us':>9} {'median us':>10} {'p99 us':>9}", end="")
+        print(f"  {'loop':38} {'count':>7} {'mean us':>9} {'median us':>10} {'p99 us':>9}", end="")
         print(f" {'share of a step':>16}" if kind == "timed" else "")
-        alone = statistics.fmean(by_world[1][f"run_{kind}"])
-        share = 1.0 if kind == "empty" else args.step_ms / 1000
-        for world in worlds:
-            for loop in ("bare", "run"):
-                if loop == "bare" and world != 1:
-                    continue
-                values = by_world[world][f"{loop}_{kind}"]
-                label = "bare loop" if loop == "bare" else f"Run, {world} rank(s)"
-                if world == 1 and loop == "run":
-                    label = "Run, one process (no group)"
-                print_row(label, values, share if kind == "timed" else None)
-                if loop == "run" and world > 1:
-                    print_row("  of which: start the flags", by_world[world][f"started_{kind}"])
-                    print_row("  of which: wait for them", by_world[world][f"waited_{kind}"])
-        for world in worlds[1:]:
-            cost = statistics.fmean(by_world[world][f"run_{kind}"]) - alone
+        alone = statistics.fmean(measured[jobs[0]][f"run_{kind}"])
+        share = args.step_ms / 1000 if kind == "timed" else None
+        for world, period in jobs:
+            values = measured[(world, period)]
+            if world == 1:
+                print_row("bare loop", values[f"bare_{kind}"], share)
+                print_row("Run, one process (no group)", values[f"run_{kind}"], share)
+                continue
+            print_row(f"Run, {world} ranks, flag period {period}", values[f"run_{kind}"], share)
+            boundaries = len(values[f"run_{kind}"])
+            for part, label in (("started", "start the flags"), ("waited", "wait for them")):
+                spent = sum(values[f"{part}_{kind}"]) / boundaries
+                exchanges = len(values[f"{part}_{kind}"])
+                print(f"    of which: {label:26} {exchanges:7d} {spent * 1e6:9.1f} per boundary")
+        for world, period in jobs[1:]:
+            cost = statistics.fmean(measured[(world, period)][f"run_{kind}"]) - alone
             print(
-                f"  agreeing on {world} ranks (a job's Run minus a lone one): {cost * 1e6:8.1f} us"
+                f"  agreeing on {world} ranks, flag period {period} "
+                f"(a job's Run minus a lone one): {cost * 1e6:8.1f} us"
+                + (f" = {cost / share:.2%} of a step" if share else "")
             )
 
 
@@ -334,8 +344,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of each save")
     parser.add_argument("--settle", type=float, default=1.0, help="seconds between saves")
     parser.add_argument("--parts", default="boundaries,save", help="what to measure")
+    parser.add_argument(
+        "--flag-periods",
+        default="default,0",
+        help="KILLSAFE_FLAG_PERIOD values the jobs' boundaries run with (default: unset)",
+    )
     parser.add_argument("--dir", type=Path, default=None, help="where checkpoints go")
-    for hidden in ("--part", "--out"):
+    for hidden in ("--part", "--out", "--flag-period"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     for hidden in ("--rank", "--world", "--port"):
         parser.add_argument(hidden, type=int, help=argparse.SUPPRESS)
@@ -344,15 +359,17 @@ def main() -> None:
         rank_main(args)
         return
     parts = args.parts.split(",")
-    worlds = [1, *(int(w) for w in args.worlds.split(","))]
+    worlds = [int(w) for w in args.worlds.split(",")]
+    jobs = [(1, "default")]
+    jobs += [(world, period) for world in worlds for period in args.flag_periods.split(",")]
     parent = args.dir or Path(__file__).resolve().parent.parent
     out = Path(tempfile.mkdtemp(prefix=".bench-distributed-run-", dir=parent))
     try:
         print(f"{args.size_gb} GiB state on {args.ranks} ranks; boundaries on {worlds}; {out}")
         if "boundaries" in parts:
-            for world in worlds:
-                launch(args, "boundaries", world, out)
-            report_boundaries(args, out, worlds)
+            for world, period in jobs:
+                launch(args, "boundaries", world, out, period)
+            report_boundaries(args, out, jobs)
         if "save" in parts:
             launch(args, "save", args.ranks, out)
             report_save(args, json.loads((out / "save.json").read_text()))

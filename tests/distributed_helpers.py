@@ -3,7 +3,10 @@
 The test process serves the rendezvous store, as ``torchrun``'s agent does,
 so a rank (rank 0 included) can die without taking the store with it. Each
 rank runs ``tests/distributed_worker.py SCENARIO`` and writes what it saw to
-``rank-N.json`` in the work directory.
+``rank-N.json`` in the work directory. The ranks exchange their step
+boundary's flags at every boundary (``KILLSAFE_FLAG_PERIOD=0``), so a stop
+asked on one rank lands at a known step, unless ``flag_period`` says otherwise
+(``None``: the default period).
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ class Job:
     """The ranks of one launched job and the store they meet at."""
 
     def __init__(
-        self, scenario: str, world: int, workdir: Path, *args: str, worker: Path = WORKER
+        self,
+        scenario: str,
+        world: int,
+        workdir: Path,
+        *args: str,
+        worker: Path = WORKER,
+        flag_period: str | None = "0",
     ) -> None:
         import torch.distributed as dist
 
@@ -35,6 +44,9 @@ class Job:
         )
         self.place = [str(self.store.port), str(workdir)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+        env.pop("KILLSAFE_FLAG_PERIOD", None)
+        if flag_period is not None:
+            env["KILLSAFE_FLAG_PERIOD"] = flag_period
         self.ranks = [
             subprocess.Popen(
                 [sys.executable, str(worker), scenario, str(rank), str(world), *self.place, *args],
@@ -69,11 +81,17 @@ class Job:
 
 
 def run_job(
-    scenario: str, world: int, workdir: Path, *args: str, expect: int = 0, worker: Path = WORKER
+    scenario: str,
+    world: int,
+    workdir: Path,
+    *args: str,
+    expect: int = 0,
+    worker: Path = WORKER,
+    flag_period: str | None = "0",
 ) -> Job:
     """Launch a job, wait for it, and check every rank exited with ``expect``."""
     workdir.mkdir(parents=True, exist_ok=True)
-    job = Job(scenario, world, workdir, *args, worker=worker)
+    job = Job(scenario, world, workdir, *args, worker=worker, flag_period=flag_period)
     codes = job.wait()
     for rank, code in enumerate(codes):
         assert code == expect, f"rank {rank} exited {code}:\n{job.output(rank)}"

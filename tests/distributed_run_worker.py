@@ -9,6 +9,8 @@ before writing it (its tree is staged, the other ranks are writing).
 Scenario ``epochs`` (``epochs-alone`` on 1 process without a process group)
 trains 2 epochs with ``run.batches()`` over a DataLoader with a shuffling
 ``DistributedSampler`` instead, keeping the (epoch, sample) pairs it saw.
+Scenario ``paced`` trains ``PACED_STEPS`` steps of ``PACED_SECONDS`` each with
+no save but the exit's, and counts the flag exchanges of its step boundaries.
 ``WORLD`` 1 with scenario ``alone`` runs without a process group; scenario
 ``train-incremental`` trains as ``train`` into an incremental store. Each rank
 writes what it saw to ``DIR/rank-N.json`` and exits with ``run.exit_code``
@@ -21,6 +23,7 @@ import json
 import os
 import signal
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,8 @@ from killsafe import Run
 from killsafe.errors import KillsafeError, RankUnresponsive
 
 TOTAL_STEPS = 8
+PACED_STEPS = 300
+PACED_SECONDS = 0.005
 seen_step: dict[str, int] = {}  # the run's step, still known when it raised
 
 
@@ -50,9 +55,31 @@ def break_write(step: int, what: str) -> None:
     writer._write_rank_file = broken  # type: ignore[assignment]
 
 
+def count_flag_exchanges(counted: dict[str, int]) -> None:
+    """Count this rank's ``max_async`` calls (the step boundary's flag exchanges)."""
+    from killsafe.distributed.process_group import TorchCoordinator
+
+    original = TorchCoordinator.max_async
+
+    def counting(coordinator: Any, values: tuple[int, ...]) -> Any:
+        counted["exchanges"] = counted.get("exchanges", 0) + 1
+        return original(coordinator, values)
+
+    TorchCoordinator.max_async = counting  # type: ignore[method-assign]
+
+
 def train(
-    rank: int, run_dir: Path, events: dict[tuple[int, int], str], incremental: bool = False
+    rank: int,
+    run_dir: Path,
+    events: dict[tuple[int, int], str],
+    *,
+    paced: bool = False,
+    incremental: bool = False,
 ) -> dict[str, Any]:
+    counted: dict[str, int] = {}
+    if paced:
+        count_flag_exchanges(counted)
+    total, every = (PACED_STEPS, 10**6) if paced else (TOTAL_STEPS, 3)
     torch.manual_seed(0)  # the same initial weights on every rank
     model: torch.nn.Module = torch.nn.Linear(4, 2)
     if dist.is_initialized():
@@ -62,8 +89,8 @@ def train(
     result: dict[str, Any] = {}
     with Run(
         run_dir,
-        total_steps=TOTAL_STEPS,
-        save_every_steps=3,
+        total_steps=total,
+        save_every_steps=every,
         collective_timeout=8,
         incremental=incremental,
     ) as run:
@@ -77,6 +104,8 @@ def train(
             optimizer.step()
             run.state["seen"].append(round(float(x.sum()), 6))
             seen_step["step"] = run.step + 1
+            if paced:
+                time.sleep(PACED_SECONDS)
             what = events.get((rank, step))
             if what == "save":
                 run.save("asked")
@@ -91,6 +120,7 @@ def train(
         weights=[p.detach().tolist() for p in model.parameters()],
         seen=run.state["seen"],
         next_random=torch.rand(1).item(),
+        **counted,
     )
     return result
 
@@ -140,7 +170,13 @@ def main() -> None:
         if name.startswith("epochs"):
             result = train_epochs(rank_, world_, Path(run_dir), events)
         else:
-            result = train(rank_, Path(run_dir), events, name.endswith("incremental"))
+            result = train(
+                rank_,
+                Path(run_dir),
+                events,
+                paced=name == "paced",
+                incremental=name.endswith("incremental"),
+            )
         code = result["exit_code"]
     except KillsafeError as exc:
         result = {"error": type(exc).__name__, "message": str(exc), **seen_step}

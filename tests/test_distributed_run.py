@@ -194,6 +194,33 @@ def test_two_ranks_stopped_mid_epoch_resume_the_epoch_on_one_without_repeats(
     assert "16 sample(s) were used, the 8 left are dealt over" in alone.output(0)
 
 
+def test_with_the_default_flag_period_a_stop_on_one_rank_still_lands_on_one_step(
+    tmp_path: Path,
+) -> None:
+    # short steps: the ranks exchange their flags only every few boundaries
+    # (rank 0 says how many, to fill the period), so the stop asked during
+    # step 20 lands some steps later, on both ranks at the same step
+    run_dir = tmp_path / "run"
+    job = run_job(
+        "paced",
+        2,
+        tmp_path,
+        str(run_dir),
+        "1:20:term",
+        expect=STOPPED,
+        worker=WORKER,
+        flag_period=None,
+    )
+    results = [job.result(rank) for rank in range(2)]
+    stop_step = results[0]["step"]
+    assert 21 < stop_step < 300 and results[1]["step"] == stop_step
+    assert all(r["exit_reason"] == "signal:SIGTERM" for r in results)
+    assert results[0]["exchanges"] <= stop_step // 2  # not at every boundary
+    assert results[0]["exchanges"] == results[1]["exchanges"]
+    infos = CheckpointStore(run_dir / "checkpoints").list()
+    assert [(i.step, i.reason) for i in infos] == [(stop_step, "signal:SIGTERM")]
+
+
 def test_a_killed_rank_is_named_instead_of_hanging(tmp_path: Path) -> None:
     # killed after its step 3's gradients were exchanged: rank 0 meets the dead
     # peer in the next step's all_reduce, and the flag rank 1 never sent names it

@@ -41,7 +41,7 @@ JOB = textwrap.dedent(
     model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
     torch.manual_seed(100 + rank)
-    with killsafe.Run(run_dir, total_steps=12, save_every_steps=3, collective_timeout=30,
+    with killsafe.Run(run_dir, total_steps=12, save_every_steps=3, collective_timeout=5,
                       progress=False, report=False, keyboard=False) as run:
         run.track(model=model, optimizer=optimizer)
         for step in run.steps():

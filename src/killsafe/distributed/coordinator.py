@@ -11,10 +11,11 @@ them receive the same ``Agreement``:
 returns a ``PendingAgreement``: a loop that waits for it at the next step
 boundary pays nothing for the exchange, which ran during the step, and acts
 on each decision one step late, on every rank at the same step.
-``any_async`` is the cheapest exchange of all, a few flags per rank ("I have
-something to decide", "my background save is still being written"), started
-at one boundary and read at the next: a ``Run`` agrees in full only at the
-boundaries after one where some rank raised a flag.
+``max_async`` is the cheapest exchange of all, a few small integers per
+rank (flags such as "I have something to decide" or "my background save is
+still being written", and rank 0's numbers), started at one boundary and
+read at a later one: a ``Run`` agrees in full only at the boundaries after
+one where some rank raised a flag.
 
 ``LocalCoordinator`` is the one-process case, where agreeing is the
 identity. ``TorchCoordinator`` (``killsafe.distributed.torch``) agrees over
@@ -149,10 +150,12 @@ class Coordinator(Protocol):
         """Start ``agree``; the decision is ``wait()`` on the result."""
         ...
 
-    def any_async(self, flags: tuple[bool, ...]) -> Pending[tuple[bool, ...]]:
-        """Start asking which of ``flags`` any rank raised; ``wait()`` says, flag by flag.
+    def max_async(self, values: tuple[int, ...]) -> Pending[tuple[int, ...]]:
+        """Start taking the largest of each of ``values`` over the ranks; ``wait()`` gives them.
 
-        Every rank passes as many flags.
+        Every rank passes as many values, each from 0 to 2**62. A flag is 0
+        or 1 (did any rank raise it); a number only rank 0 sends (the
+        others send 0) reaches every rank.
         """
         ...
 
@@ -185,8 +188,8 @@ class LocalCoordinator:
         pending.wait()
         return pending
 
-    def any_async(self, flags: tuple[bool, ...]) -> Pending[tuple[bool, ...]]:
-        return Pending.settled(flags)
+    def max_async(self, values: tuple[int, ...]) -> Pending[tuple[int, ...]]:
+        return Pending.settled(values)
 
     def barrier(self, what: str) -> None:
         return None

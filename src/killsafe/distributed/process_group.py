@@ -10,9 +10,9 @@ the missing ranks and their hosts, instead of hanging the job.
 Agreeing costs one ``all_reduce`` of two integers: the lowest rank that
 wants to stop with the length of its reason, and the length of rank 0's
 save request. Only when one is set do the strings follow, in a broadcast
-from the rank that has them. Cheaper still, ``any_async`` starts an
+from the rank that has them. Cheaper still, ``max_async`` starts an
 ``all_reduce(MAX)`` of a few integers and returns: it runs on gloo's threads
-during the next step and is read at the next boundary.
+during the next step and is read at a later boundary.
 """
 
 from __future__ import annotations
@@ -132,24 +132,24 @@ class TorchCoordinator:
         self._pending = pending
         return pending
 
-    def any_async(self, flags: tuple[bool, ...]) -> Pending[tuple[bool, ...]]:
-        """Start asking which of ``flags`` any rank raised; ``wait()`` on the result says.
+    def max_async(self, values: tuple[int, ...]) -> Pending[tuple[int, ...]]:
+        """Start taking the largest of each of ``values`` over the ranks; ``wait()`` gives them.
 
         One ``all_reduce(MAX)`` of a few integers, started here and left to
-        gloo's threads: waited at the next step boundary, it usually costs
+        gloo's threads: waited at a later step boundary, it usually costs
         only its start.
         """
-        packed = torch.tensor(flags, dtype=torch.int64)
+        packed = torch.tensor(values, dtype=torch.int64)
         work = self._collective(
             "the step boundary's flags",
             lambda: dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=self._group, async_op=True),
         )
-        pending: Pending[tuple[bool, ...]]
+        pending: Pending[tuple[int, ...]]
 
-        def finish() -> tuple[bool, ...]:
+        def finish() -> tuple[int, ...]:
             if self._pending is pending:
                 self._pending = None
-            return self._collective("the step boundary's flags", lambda: _raised(work, packed))
+            return self._collective("the step boundary's flags", lambda: _largest(work, packed))
 
         pending = Pending(finish)
         self._pending = pending
@@ -304,9 +304,9 @@ class TorchCoordinator:
             return others
 
 
-def _raised(work: Any, packed: torch.Tensor) -> tuple[bool, ...]:
+def _largest(work: Any, packed: torch.Tensor) -> tuple[int, ...]:
     work.wait()
-    return tuple(bool(v) for v in packed.tolist())
+    return tuple(packed.tolist())
 
 
 def _default_store() -> Any:

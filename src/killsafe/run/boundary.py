@@ -28,14 +28,20 @@ they must (see ``StepBoundary._agree_in_job``):
   on that rank (a signal, ``run.stop``, a stop policy, on rank 0 a request
   or the time limit), or on rank 0 a save its clock, metrics or a request
   asked for. The flags travel in one asynchronous ``all_reduce`` started at
-  a boundary and read at the next, during the step between. So such a stop
-  or save happens one step after it was asked, on every rank at the same
-  step; rank 0 keeps the save it asked for until then.
+  a boundary and read at the next, during the step between. Even that
+  exchange is not made at every boundary when steps are short: rank 0
+  sends with its flags how many boundaries to wait before the next
+  exchange, enough steps to fill ``flag_period`` seconds by its own mean
+  step time (one when steps are longer). So such a stop or save happens
+  at most about ``flag_period`` plus one step after it was asked, on every
+  rank at the same step; the stop stays asked and rank 0 keeps the save it
+  asked for until then.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import NamedTuple
 
@@ -78,6 +84,7 @@ class Decision(NamedTuple):
 
 NOTHING = Decision()
 _IDLE_VOTE = Vote()
+_MOST_BOUNDARIES_BETWEEN_FLAGS = 10_000
 
 
 def vote_for(decision: Decision) -> Vote:
@@ -130,6 +137,7 @@ class StepBoundary:
         events: EventLog,
         coordinator: Coordinator,
         started_clock: float,
+        flag_period: float = 0.0,
     ) -> None:
         self._save_policy = save_policy
         self._stop_policies = stop_policies
@@ -144,10 +152,15 @@ class StepBoundary:
         self._progress = progress
         self._events = events
         self._agree = coordinator.agree
-        self._any_async = coordinator.any_async
+        self._max_async = coordinator.max_async
         self._together = coordinator.world_size > 1
         self._leader = coordinator.rank == 0
-        self._flags: Pending[tuple[bool, ...]] | None = None  # sent at the last boundary
+        self._flag_period = flag_period
+        self._flags: Pending[tuple[int, ...]] | None = None  # sent at the last boundary
+        # Boundaries of this session in a job, counted alike on every rank,
+        # and the one that sends the next flags.
+        self._boundaries = 0
+        self._next_flags = 0
         self._kept: Decision | None = None  # rank 0's save, raised, for the next agreement
         self._writing: object | None = None  # the background save the flags asked about
         self._started_clock = started_clock
@@ -169,7 +182,7 @@ class StepBoundary:
             inbox.poll_at(now, step)
         decision = self.decide(now, exiting, epoch_end)
         if self._together:
-            decision, agreement = self._agree_in_job(decision, exiting, epoch_end)
+            decision, agreement = self._agree_in_job(now, decision, exiting, epoch_end)
             if agreement.stop is not None and agreement.save is None:
                 decision, agreement = self._agree_exit(now, agreement.stop, epoch_end)
         else:
@@ -216,19 +229,25 @@ class StepBoundary:
         return self._decision(boundary.exiting, finished, stop_reason, save_reason)
 
     def _agree_in_job(
-        self, decision: Decision, exiting: bool, epoch_end: bool
+        self, now: float, decision: Decision, exiting: bool, epoch_end: bool
     ) -> tuple[Decision, Agreement]:
         """This boundary's agreement in a job: in full when scheduled or flagged, else none.
 
         Every rank takes the same branch: the flags are the same everywhere,
         and a scheduled boundary depends on the loop position alone.
         """
+        boundary = self._boundaries
+        self._boundaries += 1
         raised_before = False
         if self._flags is not None:
             flags, self._flags = self._flags, None
-            raised_before, still_writing = flags.wait()
+            raised, still_writing, wait = flags.wait()
+            raised_before = bool(raised)
+            self._next_flags = boundary - 1 + max(1, wait)  # counted from the sending boundary
             if not still_writing:
                 self._collect_written()
+        if self._leader and decision.save and self._kept is None:
+            self._kept = decision  # only rank 0's saves count
         if raised_before or self._scheduled(exiting, epoch_end):
             kept, self._kept = self._kept, None
             if kept is not None and not decision.save:
@@ -236,14 +255,28 @@ class StepBoundary:
                     save=True, save_reason=kept.save_reason, name=kept.name, note=kept.note
                 )
             return decision, self._agree(vote_for(decision))
-        saving = self._leader and decision.save  # only rank 0's saves count
-        if saving and self._kept is None:
-            self._kept = decision
+        if boundary >= self._next_flags:
+            self._send_flags(now, decision.stop or self._kept is not None)
+        return decision, CONTINUE
+
+    def _send_flags(self, now: float, raised: bool) -> None:
+        """Start telling the other ranks whether this one has something to decide."""
         self._writing = self._ledger.pending
         written_here = getattr(self._writing, "written_here", None)  # a JobSave (run/group.py)
         writing = written_here is not None and not written_here()
-        self._flags = self._any_async((decision.stop or saving, writing))
-        return decision, CONTINUE
+        wait = self._boundaries_between_flags(now) if self._leader else 0
+        self._flags = self._max_async((int(raised), int(writing), wait))
+
+    def _boundaries_between_flags(self, now: float) -> int:
+        """Rank 0's say: boundaries from these flags to the next, to fill ``flag_period``."""
+        position = self._position
+        ran = position.step - position.session_start
+        if ran <= 0 or self._flag_period <= 0:
+            return 1
+        mean_step = (now - self.loop_clock) / ran
+        if mean_step <= 0:
+            return _MOST_BOUNDARIES_BETWEEN_FLAGS
+        return max(1, min(_MOST_BOUNDARIES_BETWEEN_FLAGS, math.ceil(self._flag_period / mean_step)))
 
     def _collect_written(self) -> None:
         """No rank was still writing the background save flagged last: every rank

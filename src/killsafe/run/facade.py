@@ -719,7 +719,8 @@ class Run:
 
     def _stop_before_step(self) -> bool:
         """A stop asked for before the step starts; in a job only a boundary decides."""
-        return self._parts.group is None and self._parts.stops.pending() is not None
+        alone = self._parts.coordinator.world_size == 1
+        return alone and self._parts.stops.pending() is not None
 
     # -- what the parts read of the run ----------------------------------
 

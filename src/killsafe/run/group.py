@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import sys
 import threading
 from collections.abc import Callable, Mapping
@@ -55,10 +56,37 @@ __all__ = [
     "QuietServices",
     "QuietSession",
     "RunGroup",
+    "flag_period",
     "join_group",
 ]
 
 logger = logging.getLogger("killsafe")
+
+FLAG_PERIOD_VARIABLE = "KILLSAFE_FLAG_PERIOD"
+DEFAULT_FLAG_PERIOD = 0.1
+_LONGEST_FLAG_PERIOD = 60.0
+
+
+def flag_period() -> float:
+    """Seconds of steps between two exchanges of the ranks' flags (``KILLSAFE_FLAG_PERIOD``).
+
+    At most about this long passes between a stop or save asked on one rank
+    and the step every rank acts on it (plus one step); 0 exchanges at
+    every step boundary.
+    """
+    raw = os.environ.get(FLAG_PERIOD_VARIABLE)
+    if raw is None or not raw.strip():
+        return DEFAULT_FLAG_PERIOD
+    try:
+        period = float(raw)
+    except ValueError:
+        period = math.nan
+    if not 0 <= period <= _LONGEST_FLAG_PERIOD:
+        raise ConfigError(
+            f"{FLAG_PERIOD_VARIABLE}={raw!r} is not a number of seconds from 0 to "
+            f"{_LONGEST_FLAG_PERIOD:g}: give e.g. 0.1, or 0 to agree at every step"
+        )
+    return period
 
 
 class RunGroup:

@@ -160,6 +160,7 @@ def _wire(
         events=session.events,
         coordinator=parts.coordinator,
         started_clock=start.clock,
+        flag_period=_flag_period(parts.coordinator.world_size),
     )
     closer = Closer(
         config=parts.config,
@@ -177,6 +178,14 @@ def _wire(
         started_clock=start.clock,
     )
     return boundary, closer
+
+
+def _flag_period(world_size: int) -> float:
+    if world_size == 1:
+        return 0.0
+    from killsafe.run.group import flag_period
+
+    return flag_period()
 
 
 def _resume_type(group: Any) -> type[Resume]:
