@@ -277,3 +277,28 @@ def test_import_from_copies_the_pieces_through_an_object_store(tmp_path: Path) -
     target = {"w": torch.zeros(300_000), "b": torch.zeros(3)}
     loaded = load_sharded(target, tmp_path / "back" / "step-000001")
     assert torch.equal(loaded["w"], state["w"]) and torch.equal(loaded["b"], state["b"])
+
+
+def test_rank_0_holds_the_lock_of_an_incremental_store_from_the_first_save(
+    tmp_path: Path,
+) -> None:
+    """No other process sweeps (``killsafe prune``) while the job may be writing pieces."""
+    from killsafe.distributed import LocalCoordinator
+    from killsafe.errors import StoreLocked
+    from killsafe.run.group import GroupStore, RunGroup
+
+    other = CheckpointStore(tmp_path, incremental=True)
+    other.acquire()
+    job_store = GroupStore(
+        CheckpointStore(tmp_path, incremental=True), RunGroup(LocalCoordinator())
+    )
+    with pytest.raises(StoreLocked):
+        job_store.save({"w": torch.ones(3)}, 1)
+    other.close()
+    assert job_store.save({"w": torch.ones(3)}, 1).sharded
+    with pytest.raises(StoreLocked):  # as `killsafe prune` or `delete` would
+        CheckpointStore(tmp_path, incremental=True).acquire()
+    job_store.close()
+    after = CheckpointStore(tmp_path, incremental=True)
+    after.acquire()
+    after.close()

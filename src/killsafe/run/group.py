@@ -32,7 +32,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from killsafe.errors import CheckpointExists, ConfigError, CorruptCheckpoint, KillsafeError
+from killsafe.errors import (
+    CheckpointExists,
+    ConfigError,
+    CorruptCheckpoint,
+    KillsafeError,
+    StoreLocked,
+)
 from killsafe.history import History
 from killsafe.progress import Progress
 from killsafe.run.config import RunConfig
@@ -158,6 +164,7 @@ class GroupStore:
         self.group = group
         self.directory = store.directory
         self._thread: threading.Thread | None = None
+        self._locked = False
 
     def save(
         self,
@@ -173,6 +180,7 @@ class GroupStore:
         from killsafe.distributed.runstate import save_run_tree
         from killsafe.store.naming import checkpoint_dirname
 
+        self._hold_lock()
         directory = self.directory / checkpoint_dirname(step, name)
         try:
             path = save_run_tree(
@@ -209,6 +217,7 @@ class GroupStore:
         from killsafe.distributed.runstate import save_staged, stage_run_tree
         from killsafe.store.naming import checkpoint_dirname
 
+        self._hold_lock()
         directory = self.directory / checkpoint_dirname(step, name)
         if self.group.coordinator.broadcast(directory.exists()):  # as rank 0 sees it
             raise CheckpointExists(
@@ -238,6 +247,26 @@ class GroupStore:
 
         self._thread = pending.start(write, directory)
         return pending
+
+    def _hold_lock(self) -> None:
+        """An incremental store: rank 0 holds its write lock from the first save on, so no
+        other process (``killsafe prune``) sweeps a piece a save in flight refers to.
+
+        Collective at the first save: every rank raises ``StoreLocked`` if rank 0
+        cannot take the lock.
+        """
+        if self._locked or not self.store.incremental:
+            return
+        refused = None
+        if self.group.leader:
+            try:
+                self.store.acquire()
+            except StoreLocked as exc:
+                refused = str(exc)
+        refused = self.group.coordinator.broadcast(refused)
+        if refused is not None:
+            raise StoreLocked(refused)
+        self._locked = True
 
     def wait(self) -> None:
         """Wait until the background save in flight, if any, is written."""
