@@ -507,6 +507,7 @@ class ShardedManifest(_Saved):
     files: dict[RankFileName, RankFile]
     dcp: dict[str, Any]
     manifest_xxh3: Hex64
+    attempt: AttemptId | None = None  # on an object store: the prefix holding the rank files
 
     def __post_init__(self) -> None:
         for name, info in self.files.items():

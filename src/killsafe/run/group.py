@@ -122,14 +122,37 @@ class GroupStore:
     """The store as a ``Run`` in a job uses it: sharded saves, rank 0 keeps the books.
 
     Every rank holds one (saving is collective); only rank 0 deletes and
-    applies retention, and its store is the one resuming reads.
+    applies retention, and its store is the one resuming reads. On an
+    object store (a job whose nodes share no disk) every rank uploads its
+    part and rank 0 commits (``killsafe.distributed.objects``).
     """
 
     def __init__(self, store: CheckpointStore, group: RunGroup) -> None:
         self.store = store
         self.group = group
-        self.directory = store.directory
         self._thread: threading.Thread | None = None
+
+    def _target(self, step: int, name: str | None) -> Any:
+        """Where the checkpoint of ``step`` goes: its directory, or the object store itself
+        (which picks its key when rank 0 begins the save)."""
+        from killsafe.store.naming import checkpoint_dirname
+
+        if not self.store.is_local:
+            return self.store
+        return self.store.directory / checkpoint_dirname(step, name)
+
+    def _exists(self, step: int, name: str | None) -> bool:
+        """Whether a committed checkpoint of ``step`` and ``name`` is there (as rank 0 sees)."""
+        from killsafe.store.naming import checkpoint_dirname
+
+        dirname = checkpoint_dirname(step, name)
+        if self.store.is_local:
+            return (self.store.directory / dirname).exists()
+        try:
+            self.store.listed(Path(dirname))
+        except KillsafeError:
+            return False
+        return True
 
     def save(
         self,
@@ -143,9 +166,8 @@ class GroupStore:
     ) -> CheckpointInfo:
         """Save ``tree`` sharded at ``step`` (collective); retention runs on rank 0."""
         from killsafe.distributed.runstate import save_run_tree
-        from killsafe.store.naming import checkpoint_dirname
 
-        directory = self.directory / checkpoint_dirname(step, name)
+        directory = self._target(step, name)
         try:
             path = save_run_tree(
                 tree,
@@ -158,7 +180,7 @@ class GroupStore:
                 metadata=metadata,
             )
         except CheckpointExists as exc:  # the same on every rank, with its path
-            raise CheckpointExists(str(exc), directory) from exc
+            raise CheckpointExists(str(exc), exc.path or directory) from exc
         if self.group.leader:
             self.store.prune()
         return self.store.listed(path)
@@ -180,12 +202,14 @@ class GroupStore:
         from killsafe.distributed.runstate import save_staged, stage_run_tree
         from killsafe.store.naming import checkpoint_dirname
 
-        directory = self.directory / checkpoint_dirname(step, name)
-        if self.group.coordinator.broadcast(directory.exists()):  # as rank 0 sees it
+        directory = self._target(step, name)
+        exists = self.group.leader and self._exists(step, name)
+        if self.group.coordinator.broadcast(exists):  # as rank 0 sees it
+            where = f"{self.store.location.rstrip('/')}/{checkpoint_dirname(step, name)}"
             raise CheckpointExists(
-                f"checkpoint {directory} already exists; save under a new name "
+                f"checkpoint {where} already exists; save under a new name "
                 "(a checkpoint is never overwritten)",
-                directory,
+                Path(checkpoint_dirname(step, name)),
             )
         staged = stage_run_tree(tree, self.group.rank)
         coordinator = self.group.saving_coordinator()
@@ -206,7 +230,7 @@ class GroupStore:
                 self.store.prune()
             return self.store.listed(path)
 
-        self._thread = pending.start(write, directory)
+        self._thread = pending.start(write, checkpoint_dirname(step, name))
         return pending
 
     def wait(self) -> None:
@@ -258,7 +282,7 @@ class JobSave(PendingSave):
         super().__init__(step, name, reason)
         self._agreed = False
 
-    def start(self, write: Callable[[], CheckpointInfo], directory: Path) -> threading.Thread:
+    def start(self, write: Callable[[], CheckpointInfo], directory: Any) -> threading.Thread:
         """Run ``write`` on a thread; its result or error becomes this save's."""
 
         def run() -> None:
@@ -328,13 +352,15 @@ class GroupResume(Resume):
         shared = {n: t for n, t in targets.items() if n in saved_shared and is_shared(t)}
         if not shared:
             return targets
+        from killsafe.distributed.objects import stored
         from killsafe.distributed.reshard import load_shared, saved_tables
         from killsafe.run.resume import check_shapes
 
-        check_shapes(shared, saved_tables(info.path, sorted(shared)), info)
         store = self._store
         assert isinstance(store, GroupStore)
-        load_shared(info.path, shared, store.group.coordinator)
+        where = stored(store.store, info.path)
+        check_shapes(shared, saved_tables(where, sorted(shared)), info)
+        load_shared(where, shared, store.group.coordinator)
         return {name: target for name, target in targets.items() if name not in shared}
 
     def _saved(self, name: str, target: Any) -> Any:
