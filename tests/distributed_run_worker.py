@@ -9,7 +9,10 @@ before writing it (its tree is staged, the other ranks are writing).
 Scenario ``epochs`` (``epochs-alone`` on 1 process without a process group)
 trains 2 epochs with ``run.batches()`` over a DataLoader with a shuffling
 ``DistributedSampler`` instead, keeping the (epoch, sample) pairs it saw.
-``WORLD`` 1 with scenario ``alone`` runs without a process group. Each rank
+``WORLD`` 1 with scenario ``alone`` runs without a process group. Scenario
+``nodisk`` gives each rank a run directory of its own, ``RUNDIR/node-RANK``
+(nodes without a shared disk), and the mirror ``$KILLSAFE_TEST_MIRROR`` when
+set; ``failupload`` makes the rank's upload of step ``STEP``'s file fail. Each rank
 writes what it saw to ``DIR/rank-N.json`` and exits with ``run.exit_code``
 (1 with the error's name when the run raised).
 """
@@ -27,9 +30,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+import killsafe.distributed.objects as objects
 import killsafe.distributed.writer as writer
 from killsafe import Run
-from killsafe.errors import KillsafeError, RankUnresponsive
+from killsafe.errors import KillsafeError, RankUnresponsive, SaveFailed
 
 TOTAL_STEPS = 8
 seen_step: dict[str, int] = {}  # the run's step, still known when it raised
@@ -49,7 +53,21 @@ def break_write(step: int, what: str) -> None:
     writer._write_rank_file = broken  # type: ignore[assignment]
 
 
-def train(rank: int, run_dir: Path, events: dict[tuple[int, int], str]) -> dict[str, Any]:
+def break_upload(step: int) -> None:
+    """Make this rank's upload of step ``step``'s checkpoint file fail."""
+    upload = objects.upload_rank_file
+
+    def broken(backend: Any, key: str, *args: Any) -> Any:
+        if not key.startswith(f"step-{step:06d}"):
+            return upload(backend, key, *args)
+        raise SaveFailed(f"could not write {backend.url}{key}: 503 SlowDown (test)")
+
+    objects.upload_rank_file = broken  # type: ignore[assignment]
+
+
+def train(
+    rank: int, run_dir: Path, events: dict[tuple[int, int], str], mirror: str | None = None
+) -> dict[str, Any]:
     torch.manual_seed(0)  # the same initial weights on every rank
     model: torch.nn.Module = torch.nn.Linear(4, 2)
     if dist.is_initialized():
@@ -57,7 +75,9 @@ def train(rank: int, run_dir: Path, events: dict[tuple[int, int], str]) -> dict[
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
     torch.manual_seed(100 + rank)  # each rank its own data stream
     result: dict[str, Any] = {}
-    with Run(run_dir, total_steps=TOTAL_STEPS, save_every_steps=3, collective_timeout=8) as run:
+    with Run(
+        run_dir, total_steps=TOTAL_STEPS, save_every_steps=3, collective_timeout=8, mirror=mirror
+    ) as run:
         run.track(model=model, optimizer=optimizer, seen=[])
         result["restored"] = [p.detach().tolist() for p in model.parameters()]
         for step in run.steps():
@@ -71,7 +91,7 @@ def train(rank: int, run_dir: Path, events: dict[tuple[int, int], str]) -> dict[
             what = events.get((rank, step))
             if what == "save":
                 run.save("asked")
-            elif what is not None and what.endswith("write"):
+            elif what is not None and what.endswith(("write", "upload")):
                 pass  # armed before the run
             elif what is not None:
                 os.kill(os.getpid(), signal.SIGTERM if what == "term" else signal.SIGKILL)
@@ -126,10 +146,15 @@ def main() -> None:
     for (who, step), what in events.items():
         if who == rank_ and what in ("failwrite", "killwrite"):
             break_write(step, what)
+        if who == rank_ and what == "failupload":
+            break_upload(step)
     code = 1
     try:
         if name.startswith("epochs"):
             result = train_epochs(rank_, world_, Path(run_dir), events)
+        elif name == "nodisk":
+            mirror = os.environ.get("KILLSAFE_TEST_MIRROR")
+            result = train(rank_, Path(run_dir, f"node-{rank_}"), events, mirror)
         else:
             result = train(rank_, Path(run_dir), events)
         code = result["exit_code"]

@@ -15,7 +15,10 @@ rank builds the same ``Run`` and they behave as one:
   writes and commits it on a thread, on a gloo group of its own; it counts
   as done only once every rank said so through the step boundary's flags,
   so its failure is raised on every rank at the same boundary (``JobSave``);
-- rank 0 chooses the checkpoint to resume from and every rank reads it.
+- rank 0 chooses the checkpoint to resume from and every rank reads it;
+- at the start the ranks check that they see one run directory
+  (``ranks_not_sharing``): where they do not (nodes with local disks),
+  the run saves straight into its mirror, each rank uploading its part.
 
 Nothing here imports torch until a group is found.
 """
@@ -27,6 +30,7 @@ import logging
 import math
 import sys
 import threading
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +60,7 @@ __all__ = [
     "QuietSession",
     "RunGroup",
     "join_group",
+    "ranks_not_sharing",
 ]
 
 logger = logging.getLogger("killsafe")
@@ -113,6 +118,29 @@ def join_group(process_group: Any, timeout: float) -> RunGroup | None:
     from killsafe.distributed.process_group import TorchCoordinator
 
     return RunGroup(TorchCoordinator(timeout=timeout, group=process_group))
+
+
+def ranks_not_sharing(group: RunGroup, directory: Path) -> list[int]:
+    """The ranks that do not see rank 0's run ``directory`` (collective; every rank gets it).
+
+    Rank 0 writes a file of a fresh name and content there; every rank
+    looks for it; rank 0 removes it once all have looked.
+    """
+    probe: Path | None = None
+    nonce = None
+    if group.leader:
+        nonce = uuid.uuid4().hex
+        probe = directory / f".killsafe-shared-{nonce}"
+        probe.write_text(nonce)
+    nonce = group.coordinator.broadcast(nonce)
+    try:
+        sees = (directory / f".killsafe-shared-{nonce}").read_text() == nonce
+    except OSError:
+        sees = False
+    seen = group.coordinator.gather(sees)
+    if probe is not None:
+        probe.unlink(missing_ok=True)
+    return [rank for rank, ok in enumerate(seen) if not ok]
 
 
 # ---------------------------------------------------------------- checkpoints
