@@ -71,10 +71,14 @@ class ShardedReader(StorageReader):
         self, directory: str | os.PathLike[str] | StoredCheckpoint, *, verify: bool = True
     ) -> None:
         super().__init__()
-        self.stored = directory if isinstance(directory, StoredCheckpoint) else None
+        self.stored: StoredCheckpoint | None = None
+        self.directory = Path()
+        if isinstance(directory, StoredCheckpoint):
+            self.stored = directory
+        else:
+            self.directory = Path(directory).absolute()
+        self.where = str(self.stored or self.directory)
         self.prefix = ""  # in an object store: where the rank files are (the attempt's prefix)
-        self.directory = Path() if self.stored else Path(directory).absolute()  # type: ignore[arg-type]
-        self.where = str(self.stored) if self.stored else str(self.directory)
         self.verify = verify
         self.pieces: dict[MetadataIndex, Piece] = {}
         self.files: dict[str, Any] = {}

@@ -39,11 +39,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 
+from killsafe import storage
 from killsafe.distributed.objects import StoredCheckpoint, stored
 from killsafe.distributed.planners import JsonLoadPlanner, JsonSavePlanner
 from killsafe.distributed.reader import ShardedReader
 from killsafe.distributed.writer import ShardedWriter
 from killsafe.errors import (
+    ConfigError,
     KillsafeError,
     SaveFailed,
     StateMismatch,
@@ -127,15 +129,15 @@ def _writer_for(
 ) -> ShardedWriter:
     """The writer of a new checkpoint at a path, or in a store at ``step``."""
     if isinstance(directory, (str, os.PathLike)):
-        return ShardedWriter(directory, step=step, **header)
-    if directory.is_local:
-        from killsafe.store.naming import checkpoint_dirname, sanitize_name
+        return ShardedWriter(_local(directory), step=step, **header)
+    from killsafe.store.naming import checkpoint_dirname, sanitize_name
 
-        name = header.get("name")
-        clean = sanitize_name(name) if name is not None else None
+    name = header.pop("name", None)
+    clean = sanitize_name(name) if name is not None else None  # as store.save names it
+    if directory.is_local:
         target = directory.directory / checkpoint_dirname(step, clean)
-        return ShardedWriter(target, step=step, **header)
-    return ShardedWriter(None, step=step, store=directory, **header)
+        return ShardedWriter(target, step=step, name=clean, **header)
+    return ShardedWriter(None, step=step, name=clean, store=directory, **header)
 
 
 def load_sharded(
@@ -161,6 +163,8 @@ def load_sharded(
     """
     if store is not None:
         directory = stored(store, store.get(directory).path)
+    elif not isinstance(directory, StoredCheckpoint):
+        directory = _local(directory)
     reader = ShardedReader(directory, verify=verify)
 
     def load() -> None:
@@ -216,6 +220,16 @@ def _load(reader: ShardedReader, load: Any) -> None:
                 f"loading {reader.where}: {m}; load into a state with the saved keys"
             ),
         ) from None
+
+
+def _local(directory: str | os.PathLike[str]) -> str | os.PathLike[str]:
+    """``directory``, refused with the way to go when it is a URL (not a local path)."""
+    if storage.is_url(directory):
+        raise ConfigError(
+            f"{os.fspath(directory)} is a URL; pass store=CheckpointStore(URL) to load_sharded "
+            "(or the store itself to save_sharded), opened on every rank"
+        )
+    return directory
 
 
 def _single_process() -> bool:

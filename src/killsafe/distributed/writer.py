@@ -99,8 +99,10 @@ class ShardedWriter(StorageWriter):
         store: CheckpointStore | None = None,
     ) -> None:
         super().__init__()
+        if (directory is None) == (store is None):
+            raise ConfigError("ShardedWriter writes into a directory or a store; give one of them")
         self.remote = None if store is None else StoreTarget(store, int(step), name)
-        self.directory = Path(directory or "").absolute() if store is None else Path()
+        self.directory = Path() if directory is None else Path(directory).absolute()
         self.header = {
             "step": int(step),
             "name": name,
