@@ -91,3 +91,29 @@ def test_a_url_is_refused_with_the_way_to_pass_a_store(memory_url: str) -> None:
         save_sharded(state(), f"{memory_url}/step-000001")
     with pytest.raises(ConfigError, match=r"pass store=CheckpointStore\(URL\)"):
         load_sharded(empty(), f"{memory_url}/step-000001")
+
+
+def test_the_attempt_of_a_save_whose_writer_died_is_swept_by_the_next_writer(
+    memory_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from killsafe.distributed.objects import StoreTarget
+
+    store = CheckpointStore(memory_url)
+    save_sharded(state(), store, step=1)
+    # rank 0 dies after the ranks uploaded, before it commits or removes anything
+    monkeypatch.setattr(StoreTarget, "commit", lambda self, *args: _die())
+    monkeypatch.setattr(StoreTarget, "discard", lambda self: None)
+    with pytest.raises(SaveFailed, match="died"):
+        save_sharded(state(), store, step=2)
+    assert list(store.backend.list("step-000002/"))  # the orphaned attempt
+    assert [info.step for info in store.list()] == [1]  # never visible
+    store.close()
+    monkeypatch.undo()
+    with CheckpointStore(memory_url, sweep_after=0) as next_writer:
+        next_writer.acquire()  # the next lease holder sweeps what no manifest names
+        assert not list(next_writer.backend.list("step-000002/"))
+        assert [info.step for info in next_writer.list()] == [1]
+
+
+def _die() -> None:
+    raise SaveFailed("rank 0 died (test)")

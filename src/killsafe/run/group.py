@@ -30,6 +30,7 @@ import logging
 import math
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -64,6 +65,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("killsafe")
+
+_PROBE_PATIENCE = 1.0  # seconds a rank looks for rank 0's probe file before answering no
 
 
 class RunGroup:
@@ -124,7 +127,8 @@ def ranks_not_sharing(group: RunGroup, directory: Path) -> list[int]:
     """The ranks that do not see rank 0's run ``directory`` (collective; every rank gets it).
 
     Rank 0 writes a file of a fresh name and content there; every rank
-    looks for it; rank 0 removes it once all have looked.
+    looks for it (a while, should a network file system show it late);
+    rank 0 removes it once all have looked.
     """
     probe: Path | None = None
     nonce = None
@@ -133,14 +137,24 @@ def ranks_not_sharing(group: RunGroup, directory: Path) -> list[int]:
         probe = directory / f".killsafe-shared-{nonce}"
         probe.write_text(nonce)
     nonce = group.coordinator.broadcast(nonce)
-    try:
-        sees = (directory / f".killsafe-shared-{nonce}").read_text() == nonce
-    except OSError:
-        sees = False
-    seen = group.coordinator.gather(sees)
+    seen = group.coordinator.gather(_sees(directory / f".killsafe-shared-{nonce}", nonce))
     if probe is not None:
         probe.unlink(missing_ok=True)
     return [rank for rank, ok in enumerate(seen) if not ok]
+
+
+def _sees(probe: Path, nonce: str, patience: float = _PROBE_PATIENCE) -> bool:
+    """Whether ``probe`` holds ``nonce``, looking again for up to ``patience`` seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            if probe.read_text() == nonce:
+                return True
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
 
 
 # ---------------------------------------------------------------- checkpoints
