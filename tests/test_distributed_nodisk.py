@@ -88,6 +88,8 @@ def test_a_job_without_a_shared_disk_saves_its_shards_to_the_mirror(
     assert all(i.sharded and i.world_size == 2 for i in infos)
     for rank in range(2):
         assert jobs["stopped"].result(rank)["step"] == STOP_STEP
+    shown = jobs["stopped"].output(0)
+    assert f"saving to {jobs['mirror']} (straight from every rank" in shown
     node_0 = jobs["root"] / "first" / "node-0"
     assert not (node_0 / "checkpoints").exists()  # nothing saved on the local disks
     assert (node_0 / "run.json").exists()  # rank 0 keeps the records locally

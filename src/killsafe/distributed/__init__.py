@@ -6,7 +6,8 @@
 - ``sharded``: ``save_sharded`` / ``load_sharded`` through
   ``torch.distributed.checkpoint`` with our storage ``writer``, ``reader``,
   ``manifest`` and JSON ``planners``: safetensors layout, xxh3 checksums,
-  JSON metadata, no pickle, one commit.
+  JSON metadata, no pickle, one commit; ``objects``: the same into an object
+  store, each rank uploading its own file (nodes without a shared disk).
 
 Only this package imports ``torch.distributed``; the torch parts load when
 first named.

@@ -691,6 +691,7 @@ class Run:
                 f"{self.directory} (the nodes share no disk); give every rank one shared "
                 "directory, or pass mirror=URL to save the checkpoints straight to an object store"
             )
+        group.saves_to_mirror = True
         return True
 
     def _mirror_store(self) -> CheckpointStore:

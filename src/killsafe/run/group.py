@@ -77,6 +77,7 @@ class RunGroup:
         self.rank: int = coordinator.rank
         self.world_size: int = coordinator.world_size
         self.leader = self.rank == 0
+        self.saves_to_mirror = False  # the ranks share no disk: checkpoints go to the mirror
         self._saving: Any = None
 
     def saving_coordinator(self) -> Any:
