@@ -7,8 +7,8 @@ and checks the object's size; rank 0 then checks the attempt's listing
 against every rank's record and commits through the store as a
 one-process save does (``store.manifest_commit``: the manifest written
 last, create-only, under the store's lease). A save that failed anywhere
-never reaches that put; its attempt is removed, or swept later by the
-store when a rank died mid-upload.
+never reaches that put; rank 0 removes its attempt (or, when rank 0
+itself died, the store's next writer sweeps it).
 
 Reading goes through the same ``ShardedReader`` as on disk, with ranged
 reads of the rank files (``StoredCheckpoint`` names where).
