@@ -175,24 +175,24 @@ class GroupStore:
         self.group = group
         self._thread: threading.Thread | None = None
 
-    def _target(self, step: int, name: str | None) -> Any:
-        """Where the checkpoint of ``step`` goes: its directory, or the object store itself
-        (which picks its key when rank 0 begins the save)."""
-        from killsafe.store.naming import checkpoint_dirname
-
-        if not self.store.is_local:
-            return self.store
-        return self.store.directory / checkpoint_dirname(step, name)
-
-    def _exists(self, step: int, name: str | None) -> bool:
-        """Whether a committed checkpoint of ``step`` and ``name`` is there (as rank 0 sees)."""
+    def _path_of(self, step: int, name: str | None) -> Path:
+        """The checkpoint of ``step`` and ``name``: its directory, or its key in an object store."""
         from killsafe.store.naming import checkpoint_dirname
 
         dirname = checkpoint_dirname(step, name)
+        return self.store.directory / dirname if self.store.is_local else Path(dirname)
+
+    def _target(self, step: int, name: str | None) -> Any:
+        """Where the checkpoint of ``step`` goes: its directory, or the object store itself
+        (which picks its key when rank 0 begins the save)."""
+        return self._path_of(step, name) if self.store.is_local else self.store
+
+    def _exists(self, path: Path) -> bool:
+        """Whether a committed checkpoint is at ``path`` (a directory, or a key)."""
         if self.store.is_local:
-            return (self.store.directory / dirname).exists()
+            return path.exists()
         try:
-            self.store.listed(Path(dirname))
+            self.store.listed(path)
         except KillsafeError:
             return False
         return True
@@ -243,16 +243,14 @@ class GroupStore:
         Returns a ``JobSave``; the ledger allows one in flight.
         """
         from killsafe.distributed.runstate import save_staged, stage_run_tree
-        from killsafe.store.naming import checkpoint_dirname
 
-        directory = self._target(step, name)
-        exists = self.group.leader and self._exists(step, name)
-        if self.group.coordinator.broadcast(exists):  # as rank 0 sees it
-            where = f"{self.store.location.rstrip('/')}/{checkpoint_dirname(step, name)}"
-            raise CheckpointExists(
+        directory, path = self._target(step, name), self._path_of(step, name)
+        if self.group.coordinator.broadcast(self.group.leader and self._exists(path)):
+            where = path if self.store.is_local else f"{self.store.location}{path}"
+            raise CheckpointExists(  # as rank 0 sees it
                 f"checkpoint {where} already exists; save under a new name "
                 "(a checkpoint is never overwritten)",
-                Path(checkpoint_dirname(step, name)),
+                path,
             )
         staged = stage_run_tree(tree, self.group.rank)
         coordinator = self.group.saving_coordinator()
@@ -273,7 +271,7 @@ class GroupStore:
                 self.store.prune()
             return self.store.listed(path)
 
-        self._thread = pending.start(write, checkpoint_dirname(step, name))
+        self._thread = pending.start(write, path)
         return pending
 
     def wait(self) -> None:
@@ -325,7 +323,7 @@ class JobSave(PendingSave):
         super().__init__(step, name, reason)
         self._agreed = False
 
-    def start(self, write: Callable[[], CheckpointInfo], directory: Any) -> threading.Thread:
+    def start(self, write: Callable[[], CheckpointInfo], directory: Path) -> threading.Thread:
         """Run ``write`` on a thread; its result or error becomes this save's."""
 
         def run() -> None:
