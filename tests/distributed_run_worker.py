@@ -12,7 +12,10 @@ trains 2 epochs with ``run.batches()`` over a DataLoader with a shuffling
 Scenario ``paced`` trains ``PACED_STEPS`` steps of ``PACED_SECONDS`` each with
 no save but the exit's, and counts the flag exchanges of its step boundaries.
 ``WORLD`` 1 with scenario ``alone`` runs without a process group; scenario
-``train-incremental`` trains as ``train`` into an incremental store. Each rank
+``train-incremental`` trains as ``train`` into an incremental store. Scenario
+``nodisk`` gives each rank a run directory of its own, ``RUNDIR/node-RANK``
+(nodes without a shared disk), and the mirror ``$KILLSAFE_TEST_MIRROR`` when
+set; ``failupload`` makes the rank's upload of step ``STEP``'s file fail. Each rank
 writes what it saw to ``DIR/rank-N.json`` and exits with ``run.exit_code``
 (1 with the error's name when the run raised).
 """
@@ -31,9 +34,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+import killsafe.distributed.objects as objects
 import killsafe.distributed.writer as writer
 from killsafe import Run
-from killsafe.errors import KillsafeError, RankUnresponsive
+from killsafe.errors import KillsafeError, RankUnresponsive, SaveFailed
 
 TOTAL_STEPS = 8
 PACED_STEPS = 300
@@ -53,6 +57,18 @@ def break_write(step: int, what: str) -> None:
         raise OSError(28, "No space left on device (test)")
 
     writer._write_rank_file = broken  # type: ignore[assignment]
+
+
+def break_upload(step: int) -> None:
+    """Make this rank's upload of step ``step``'s checkpoint file fail."""
+    upload = objects.upload_rank_file
+
+    def broken(backend: Any, key: str, *args: Any) -> Any:
+        if not key.startswith(f"step-{step:06d}"):
+            return upload(backend, key, *args)
+        raise SaveFailed(f"could not write {backend.url}{key}: 503 SlowDown (test)")
+
+    objects.upload_rank_file = broken  # type: ignore[assignment]
 
 
 def count_flag_exchanges(counted: dict[str, int]) -> None:
@@ -75,6 +91,7 @@ def train(
     *,
     paced: bool = False,
     incremental: bool = False,
+    mirror: str | None = None,
 ) -> dict[str, Any]:
     counted: dict[str, int] = {}
     if paced:
@@ -93,6 +110,7 @@ def train(
         save_every_steps=every,
         collective_timeout=8,
         incremental=incremental,
+        mirror=mirror,
     ) as run:
         run.track(model=model, optimizer=optimizer, seen=[])
         result["restored"] = [p.detach().tolist() for p in model.parameters()]
@@ -109,7 +127,7 @@ def train(
             what = events.get((rank, step))
             if what == "save":
                 run.save("asked")
-            elif what is not None and what.endswith("write"):
+            elif what is not None and what.endswith(("write", "upload")):
                 pass  # armed before the run
             elif what is not None:
                 os.kill(os.getpid(), signal.SIGTERM if what == "term" else signal.SIGKILL)
@@ -165,10 +183,15 @@ def main() -> None:
     for (who, step), what in events.items():
         if who == rank_ and what in ("failwrite", "killwrite"):
             break_write(step, what)
+        if who == rank_ and what == "failupload":
+            break_upload(step)
     code = 1
     try:
         if name.startswith("epochs"):
             result = train_epochs(rank_, world_, Path(run_dir), events)
+        elif name == "nodisk":
+            mirror = os.environ.get("KILLSAFE_TEST_MIRROR")
+            result = train(rank_, Path(run_dir, f"node-{rank_}"), events, mirror=mirror)
         else:
             result = train(
                 rank_,

@@ -188,6 +188,38 @@ def load_resharded(rank: int, world: int, workdir: Path, *args: str) -> dict[str
     return {"state": plain(state)}
 
 
+@scenario
+def save_to_store(rank: int, world: int, workdir: Path, url: str) -> dict[str, Any]:
+    """Save the DTensor state into the object store ``url`` (each rank uploads its file)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from killsafe import CheckpointStore
+    from killsafe.distributed import save_sharded
+
+    coordinator = TorchCoordinator(timeout=30)
+    mesh = init_device_mesh("cpu", (world,))
+    with CheckpointStore(url) as store:
+        path = save_sharded(
+            sharded(full_state(), mesh, world), store, coordinator=coordinator, step=7
+        )
+    return {"path": str(path)}
+
+
+@scenario
+def load_from_store(rank: int, world: int, workdir: Path, url: str) -> dict[str, Any]:
+    """Load the object store's latest checkpoint into a state sharded over ``world`` ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from killsafe import CheckpointStore
+    from killsafe.distributed import load_sharded
+
+    coordinator = TorchCoordinator(timeout=30)
+    mesh = init_device_mesh("cpu", (world,))
+    state = sharded(zeroed(full_state()), mesh, world)
+    load_sharded(state, "latest", coordinator=coordinator, store=CheckpointStore(url))
+    return {"state": plain(state)}
+
+
 def main() -> None:
     name, rank, world, port, workdir, *args = sys.argv[1:]
     rank_, world_ = int(rank), int(world)

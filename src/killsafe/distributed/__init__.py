@@ -7,7 +7,9 @@
   ``torch.distributed.checkpoint`` with our storage ``writer``, ``reader``,
   ``manifest`` and JSON ``planners``: safetensors layout, xxh3 checksums,
   JSON metadata, no pickle, one commit; ``incremental``: the ranks' bytes
-  as the shared pieces of an incremental store.
+  as the shared pieces of an incremental store; ``objects``: the same into
+  an object store, each rank uploading its own file (nodes without a shared
+  disk).
 
 Only this package imports ``torch.distributed``; the torch parts load when
 first named.

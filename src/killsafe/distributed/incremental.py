@@ -92,16 +92,19 @@ def shard_fields(records: Iterable[ShardRecord]) -> dict[str, Any]:
 
 
 def read_shard_pieces(
-    directory: Path,
+    directory: Path | str,
     shards: Mapping[str, Any],
     lengths: Mapping[str, int],
     wanted: Iterable[Piece],
     verify: bool,
+    source: Any = None,
 ) -> Iterator[tuple[Piece, torch.Tensor]]:
     """Each wanted storage piece with its bytes (a flat uint8 tensor), assembled from its
     spans, a batch of up to ``READ_BATCH`` bytes at a time (memory stays bounded).
 
-    With ``verify`` every piece read is checked against its name. Raises
+    The store's pieces are read through ``source`` (a ``PieceSource``; by
+    default the local store's ``pieces/`` beside ``directory``). With
+    ``verify`` every piece read is checked against its name. Raises
     ``CorruptCheckpoint`` for a missing, short or damaged piece.
     """
     by_shard: dict[str, list[Piece]] = {}
@@ -111,8 +114,8 @@ def read_shard_pieces(
         table = {"tensors": {"entries": shards[name]["entries"]}, "pieces": dict(lengths)}
         for batch in _batches(sorted(pieces, key=lambda p: p.key)):
             needed = {piece.key for piece in batch}
-            source = LocalPieceSource(directory)
-            buffers = load_piece_buffers(directory, table, needed, verify, source)
+            reader = source if source is not None else LocalPieceSource(Path(directory))
+            buffers = load_piece_buffers(directory, table, needed, verify, reader)
             for piece in batch:
                 buffer, _, size = buffers.pop(piece.key)
                 if not size:

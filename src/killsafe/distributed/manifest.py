@@ -146,7 +146,7 @@ def _paths_to_json(planner_data: Any) -> dict[str, list[str | int]] | None:
     )
 
 
-def metadata_from_json(document: Any, directory: Path) -> tuple[Metadata, dict[str, Any]]:
+def metadata_from_json(document: Any, directory: Path | str) -> tuple[Metadata, dict[str, Any]]:
     """DCP ``Metadata`` from the manifest's ``dcp`` section, and the files table (the
     shards, checked against the schema, when saved into an incremental store)."""
     try:
@@ -200,7 +200,7 @@ def metadata_from_json(document: Any, directory: Path) -> tuple[Metadata, dict[s
     return metadata, files
 
 
-def _checked_manifest(document: Any, directory: Path) -> dict[str, Any]:
+def _checked_manifest(document: Any, directory: Path | str) -> dict[str, Any]:
     manifest = _typed(document, dict)
     if manifest.get("format") != FORMAT_NAME or manifest.get("layout") != LAYOUT:
         raise ValueError(f"not a killsafe {LAYOUT} manifest")

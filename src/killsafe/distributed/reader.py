@@ -1,4 +1,9 @@
-"""``ShardedReader``: DCP's storage reader for checkpoints ``ShardedWriter`` wrote."""
+"""``ShardedReader``: DCP's storage reader for checkpoints ``ShardedWriter`` wrote.
+
+A checkpoint in a directory is read with ``preadv``; one in an object
+store (a ``StoredCheckpoint``) with ranged reads of its rank files, each
+rank fetching only the pieces its plan needs.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import io
 import json
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future as ThreadFuture
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +34,7 @@ from torch.futures import Future
 
 from killsafe.distributed.incremental import read_shard_pieces
 from killsafe.distributed.manifest import Piece, metadata_from_json
+from killsafe.distributed.objects import StoredCheckpoint
 from killsafe.distributed.planners import JsonLoadPlanner
 from killsafe.errors import (
     CheckpointNotFound,
@@ -38,6 +44,7 @@ from killsafe.errors import (
     StateMismatch,
 )
 from killsafe.format.codec import byte_view
+from killsafe.format.keyed import KeyedPieceSource, data_prefix, read_manifest_at
 from killsafe.format.manifest import MANIFEST_NAME
 
 __all__ = ["ShardedReader"]
@@ -45,6 +52,10 @@ __all__ = ["ShardedReader"]
 _READ_THREADS = 4
 _READS_IN_FLIGHT = 8
 _READ_CHUNK = 1 << 30
+_RANGE_CHUNK = 64 << 20  # one ranged read of an object
+
+ReadInto = Callable[[memoryview, int], int]
+"""Reads into a view from a file offset; returns the bytes read (0 at the end)."""
 
 
 class ShardedReader(StorageReader):
@@ -54,12 +65,22 @@ class ShardedReader(StorageReader):
     (with ``verify``) checks each against its xxh3 before copying it into
     the target tensors (a checkpoint of an incremental store: assembled
     from the store's pieces, each checked against its name). Use it with
-    ``JsonLoadPlanner`` (``load_sharded`` does).
+    ``JsonLoadPlanner`` (``load_sharded`` does). ``directory`` is the
+    checkpoint's directory, or a ``StoredCheckpoint`` in an object store.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, verify: bool = True) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str] | StoredCheckpoint, *, verify: bool = True
+    ) -> None:
         super().__init__()
-        self.directory = Path(directory).absolute()
+        self.stored: StoredCheckpoint | None = None
+        self.directory = Path()
+        if isinstance(directory, StoredCheckpoint):
+            self.stored = directory
+        else:
+            self.directory = Path(directory).absolute()
+        self.where = str(self.stored or self.directory)
+        self.prefix = ""  # in an object store: where the rank files are (the attempt's prefix)
         self.verify = verify
         self.pieces: dict[MetadataIndex, Piece] = {}
         self.files: dict[str, Any] = {}
@@ -68,22 +89,33 @@ class ShardedReader(StorageReader):
         self.error: KillsafeError | None = None
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        if checkpoint_id:
+        if checkpoint_id and self.stored is None:
             self.directory = Path(checkpoint_id).absolute()
+            self.where = str(self.directory)
         self.pieces = {}
         self.error = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         try:
-            document = self._manifest()
-            metadata, self.files = metadata_from_json(document, self.directory)
-            self.shared_pieces = document.get("pieces") if "shards" in document else None
+            manifest = self._manifest()
+            metadata, self.files = metadata_from_json(manifest, self.where)
+            self.shared_pieces = manifest.get("pieces") if "shards" in manifest else None
+            if self.stored is not None and self.shared_pieces is None:
+                self.prefix = data_prefix(self.stored.key, manifest, self.where)
         except KillsafeError as exc:
             self.error = exc  # DCP hides it in an AssertionError; load_sharded raises it
             raise
         return metadata
 
     def _manifest(self) -> Any:
+        if self.stored is not None:
+            key = f"{self.stored.key}/{MANIFEST_NAME}"
+            try:
+                return read_manifest_at(self.stored.backend, key, self.where)
+            except CheckpointNotFound:
+                raise CheckpointNotFound(
+                    f"{self.where} is not a committed checkpoint: it has no {MANIFEST_NAME}"
+                ) from None
         path = self.directory / MANIFEST_NAME
         try:
             raw = path.read_bytes()
@@ -114,7 +146,7 @@ class ShardedReader(StorageReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         if isinstance(planner, JsonLoadPlanner):
-            planner.where = self.directory
+            planner.where = Path(self.where)
         by_piece: dict[Piece, list[ReadItem]] = {}
         for request in plan.items:
             if request.type == LoadItemType.BYTE_IO and not isinstance(planner, JsonLoadPlanner):
@@ -127,8 +159,11 @@ class ShardedReader(StorageReader):
                 raise self._corrupt(f"no stored piece for {request.storage_index.fqn!r}")
             by_piece.setdefault(piece, []).append(request)
         if self.shared_pieces is not None:
+            source = None
+            if self.stored is not None:
+                source = KeyedPieceSource(self.stored.backend, self.where)
             found = read_shard_pieces(
-                self.directory, self.files, self.shared_pieces, by_piece, self.verify
+                self.where, self.files, self.shared_pieces, by_piece, self.verify, source
             )
             for piece, data in found:
                 for request in by_piece[piece]:
@@ -176,7 +211,7 @@ class ShardedReader(StorageReader):
     ) -> Iterator[tuple[tuple[Piece, list[ReadItem], torch.Tensor | None], torch.Tensor]]:
         """Each job with its piece's verified bytes, read on threads a few pieces ahead."""
         jobs.sort(key=lambda job: (job[0].file, job[0].start))
-        descriptors: dict[str, int] = {}
+        descriptors: dict[str, tuple[ReadInto, Callable[[], None]]] = {}
         try:
             for name in {job[0].file for job in jobs}:
                 descriptors[name] = self._open(name)
@@ -184,7 +219,7 @@ class ShardedReader(StorageReader):
                 pending: deque[tuple[Any, ThreadFuture[torch.Tensor]]] = deque()
                 for job in jobs:
                     piece, _, target = job
-                    read = pool.submit(self._read, descriptors[piece.file], piece, target)
+                    read = pool.submit(self._read, descriptors[piece.file][0], piece, target)
                     pending.append((job, read))
                     if len(pending) >= _READS_IN_FLIGHT:
                         done, future = pending.popleft()
@@ -193,10 +228,13 @@ class ShardedReader(StorageReader):
                     done, future = pending.popleft()
                     yield done, future.result()
         finally:
-            for fd in descriptors.values():
-                os.close(fd)
+            for _, close in descriptors.values():
+                close()
 
-    def _open(self, name: str) -> int:
+    def _open(self, name: str) -> tuple[ReadInto, Callable[[], None]]:
+        """A reader of the rank file ``name`` checked against its size, and how to close it."""
+        if self.stored is not None:
+            return self._open_object(name)
         path = self.directory / name
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -207,9 +245,29 @@ class ShardedReader(StorageReader):
         if size != expected:
             os.close(fd)
             raise self._corrupt(f"{name} has {size} bytes, the manifest says {expected}")
-        return fd
+        return (lambda view, offset: os.preadv(fd, [view], offset)), lambda: os.close(fd)
 
-    def _read(self, fd: int, piece: Piece, target: torch.Tensor | None) -> torch.Tensor:
+    def _open_object(self, name: str) -> tuple[ReadInto, Callable[[], None]]:
+        assert self.stored is not None
+        try:
+            source = self.stored.backend.source(self.prefix + name)
+        except KillsafeError as exc:
+            raise self._corrupt(f"cannot open {name} ({exc})") from exc
+        expected = self.files[name].get("size") if isinstance(self.files[name], dict) else None
+        if source.size != expected:
+            source.close()
+            raise self._corrupt(f"{name} has {source.size} bytes, the manifest says {expected}")
+
+        def read_into(view: memoryview, offset: int) -> int:
+            length = min(len(view), _RANGE_CHUNK, source.size - offset)
+            if length <= 0:
+                return 0
+            view[:length] = source.read(offset, length)
+            return length
+
+        return read_into, source.close
+
+    def _read(self, read_into: ReadInto, piece: Piece, target: torch.Tensor | None) -> torch.Tensor:
         """Read and verify a piece, into ``target``'s memory or a new uint8 tensor."""
         size = piece.end - piece.start
         buffer = target if target is not None else torch.empty(size, dtype=torch.uint8)
@@ -217,7 +275,7 @@ class ShardedReader(StorageReader):
         offset = self.files[piece.file]["header_size"] + piece.start
         done = 0
         while done < size:  # one pread moves at most about 2 GiB
-            n = os.preadv(fd, [view[done : done + _READ_CHUNK]], offset + done)
+            n = read_into(view[done : done + _READ_CHUNK], offset + done)
             if n <= 0:
                 raise self._corrupt(f"{piece.file} is truncated")
             done += n
@@ -266,7 +324,7 @@ class ShardedReader(StorageReader):
         return dtype
 
     def _corrupt(self, what: str) -> CorruptCheckpoint:
-        return CorruptCheckpoint(f"checkpoint {self.directory}: {what}; restore another checkpoint")
+        return CorruptCheckpoint(f"checkpoint {self.where}: {what}; restore another checkpoint")
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:

@@ -27,6 +27,7 @@ import torch
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
+from killsafe.distributed.objects import StoredCheckpoint
 from killsafe.distributed.reader import ShardedReader
 from killsafe.distributed.runstate import param_index
 from killsafe.distributed.sharded import load_sharded
@@ -35,7 +36,9 @@ from killsafe.errors import StateMismatch
 __all__ = ["load_shared", "saved_tables", "sharded_like"]
 
 
-def saved_tables(directory: str | os.PathLike[str], names: list[str]) -> dict[str, Any]:
+def saved_tables(
+    directory: str | os.PathLike[str] | StoredCheckpoint, names: list[str]
+) -> dict[str, Any]:
     """Each module of ``names`` as saved: its tensor keys with their global shapes.
 
     The values are tensors on the ``meta`` device (a shape and a dtype, no
@@ -54,7 +57,9 @@ def saved_tables(directory: str | os.PathLike[str], names: list[str]) -> dict[st
 
 
 def load_shared(
-    directory: str | os.PathLike[str], objects: Mapping[str, Any], coordinator: Any
+    directory: str | os.PathLike[str] | StoredCheckpoint,
+    objects: Mapping[str, Any],
+    coordinator: Any,
 ) -> None:
     """Load the modules and optimizers ``objects`` in place from ``directory``, resharded.
 
@@ -120,7 +125,7 @@ def _like(value: Any, like: Any) -> Any:
     return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
 
 
-def _metadata(directory: str | os.PathLike[str]) -> Metadata:
+def _metadata(directory: str | os.PathLike[str] | StoredCheckpoint) -> Metadata:
     """The checkpoint's DCP metadata (``CheckpointNotFound``, ``CorruptCheckpoint``)."""
     return ShardedReader(directory).read_metadata()
 

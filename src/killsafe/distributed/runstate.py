@@ -20,11 +20,15 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from killsafe.distributed.objects import StoredCheckpoint
 from killsafe.distributed.planners import decode_value, encode_value
 from killsafe.distributed.sharded import load_full, save_sharded
 from killsafe.errors import CheckpointExists, CheckpointNotFound, CorruptCheckpoint
+
+if TYPE_CHECKING:
+    from killsafe.store import CheckpointStore
 
 __all__ = [
     "KINDS_KEY",
@@ -86,7 +90,7 @@ def shared_kinds(tree: dict[str, Any]) -> dict[str, str]:
 
 def save_run_tree(
     tree: dict[str, Any],
-    directory: str | os.PathLike[str],
+    directory: str | os.PathLike[str] | CheckpointStore,
     coordinator: Any,
     *,
     step: int,
@@ -150,7 +154,7 @@ def _copied(value: Any) -> Any:
 
 def save_staged(
     staged: StagedTree,
-    directory: str | os.PathLike[str],
+    directory: str | os.PathLike[str] | CheckpointStore,
     coordinator: Any,
     *,
     step: int,
@@ -175,7 +179,9 @@ def save_staged(
     )
 
 
-def read_shared(directory: str | os.PathLike[str], names: list[str]) -> dict[str, Any]:
+def read_shared(
+    directory: str | os.PathLike[str] | StoredCheckpoint, names: list[str]
+) -> dict[str, Any]:
     """The shared objects ``names`` as whole state dicts, read by this process alone."""
     if not names:
         return {}
@@ -194,13 +200,15 @@ def param_index(key: Any) -> Any:
     return int(key) if isinstance(key, str) and key.isdigit() else key
 
 
-def read_rank_part(directory: str | os.PathLike[str], rank: int) -> dict[str, Any]:
+def read_rank_part(
+    directory: str | os.PathLike[str] | StoredCheckpoint, rank: int
+) -> dict[str, Any]:
     """What ``rank`` saved of its own (``CheckpointNotFound`` when it saved none)."""
     key = rank_key(rank)
     found = load_full(directory, keys={key})
     if key not in found:
         raise CheckpointNotFound(f"checkpoint {directory} holds no state of rank {rank}")
-    value = decode_value(found[key], key, Path(directory))
+    value = decode_value(found[key], key, Path(str(directory)))
     if not isinstance(value, dict):
         raise CorruptCheckpoint(
             f"checkpoint {directory}: the state of rank {rank} is not a mapping; "

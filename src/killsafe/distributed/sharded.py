@@ -21,6 +21,11 @@ any world size). This module is the storage underneath, with our rules:
   store's shared pieces instead of rank files, only those it lacks
   (``incremental``).
 
+On an object store (``save_sharded(state, CheckpointStore("s3://..."))``)
+no rank needs to see another's files: each uploads its own under the save
+attempt's prefix and rank 0 commits by putting the manifest last,
+create-only, as the store does for one process (``distributed.objects``).
+
 ``save_sharded`` and ``load_sharded`` wrap ``dcp.save`` / ``dcp.load`` with
 these parts and turn DCP's errors into killsafe's.
 """
@@ -30,21 +35,27 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 
+from killsafe import storage
+from killsafe.distributed.objects import StoredCheckpoint, stored
 from killsafe.distributed.planners import JsonLoadPlanner, JsonSavePlanner
 from killsafe.distributed.reader import ShardedReader
 from killsafe.distributed.writer import ShardedWriter
 from killsafe.errors import (
+    ConfigError,
     KillsafeError,
     SaveFailed,
     StateMismatch,
 )
+
+if TYPE_CHECKING:
+    from killsafe.store import CheckpointStore
 
 __all__ = [
     "FullStateLoadPlanner",
@@ -60,7 +71,7 @@ __all__ = [
 
 def save_sharded(
     state_dict: dict[str, Any],
-    directory: str | os.PathLike[str],
+    directory: str | os.PathLike[str] | CheckpointStore,
     *,
     coordinator: Any = None,
     step: int = 0,
@@ -75,14 +86,22 @@ def save_sharded(
     Collective: every rank calls it with its part of the state. DCP plans
     the save on ``coordinator``'s side group when it has one (a
     ``TorchCoordinator``: timeouts and the names of missing ranks), else
-    on the default group, else on this process alone. With ``incremental``
-    (``directory`` is in an incremental store) each rank writes only the
-    pieces the store lacks instead of a rank file. Returns the committed
-    directory on every rank. Raises ``SaveFailed`` (nothing committed, the
-    temporary files removed), ``CheckpointExists``, ``UnsupportedState``,
-    or ``RankUnresponsive`` when a rank died or hangs.
+    on the default group, else on this process alone. Returns the committed
+    directory on every rank.
+
+    ``directory`` may be a ``CheckpointStore`` (opened at the same location
+    on every rank): the checkpoint goes into it at ``step`` (and ``name``),
+    as ``store.save`` would place it; on an object store each rank uploads
+    its own file, so the ranks need no shared disk, and the returned path is
+    the checkpoint's key in the store (``store.listed(path)`` lists it).
+    With ``incremental`` (the checkpoint is in an incremental store) each
+    rank writes only the pieces the store lacks instead of a rank file.
+
+    Raises ``SaveFailed`` (nothing committed, the temporary files removed),
+    ``CheckpointExists``, ``UnsupportedState``, or ``RankUnresponsive`` when
+    a rank died or hangs.
     """
-    writer = ShardedWriter(
+    writer = _writer_for(
         directory,
         step=step,
         name=name,
@@ -102,14 +121,13 @@ def save_sharded(
         )
 
     try:
-        _guarded(coordinator, f"the save of {writer.directory}", save)
+        _guarded(coordinator, f"the save of {writer.where}", save)
     except CheckpointException as exc:
         writer.discard()
         raise _translate(
             exc,
             lambda m: SaveFailed(
-                f"saving {writer.directory}: {m}; nothing was committed, the earlier "
-                "checkpoints stand"
+                f"saving {writer.where}: {m}; nothing was committed, the earlier checkpoints stand"
             ),
         ) from None
     except KillsafeError:
@@ -118,12 +136,29 @@ def save_sharded(
     return writer.directory
 
 
+def _writer_for(
+    directory: str | os.PathLike[str] | CheckpointStore, *, step: int, **header: Any
+) -> ShardedWriter:
+    """The writer of a new checkpoint at a path, or in a store at ``step``."""
+    if isinstance(directory, (str, os.PathLike)):
+        return ShardedWriter(_local(directory), step=step, **header)
+    from killsafe.store.naming import checkpoint_dirname, sanitize_name
+
+    name = header.pop("name", None)
+    clean = sanitize_name(name) if name is not None else None  # as store.save names it
+    if directory.is_local:
+        target = directory.directory / checkpoint_dirname(step, clean)
+        return ShardedWriter(target, step=step, name=clean, **header)
+    return ShardedWriter(None, step=step, name=clean, store=directory, **header)
+
+
 def load_sharded(
     state_dict: dict[str, Any],
-    directory: str | os.PathLike[str],
+    directory: str | os.PathLike[str] | StoredCheckpoint,
     *,
     coordinator: Any = None,
     verify: bool = True,
+    store: CheckpointStore | None = None,
 ) -> dict[str, Any]:
     """Load a ``save_sharded`` checkpoint into ``state_dict`` in place, resharding as needed.
 
@@ -132,7 +167,16 @@ def load_sharded(
     Raises ``CheckpointNotFound``, ``CorruptCheckpoint`` (a checksum or the
     manifest is wrong), ``StateMismatch`` (keys or shapes do not fit) or
     ``RankUnresponsive``.
+
+    With ``store`` (opened at the same location on every rank),
+    ``directory`` is a reference in it: ``"latest"``, a step, a name, a
+    ``CheckpointInfo`` or the checkpoint's key; on an object store the rank
+    files are read in ranged reads, each rank only the pieces it needs.
     """
+    if store is not None:
+        directory = stored(store, store.get(directory).path)
+    elif not isinstance(directory, StoredCheckpoint):
+        directory = _local(directory)
     reader = ShardedReader(directory, verify=verify)
 
     def load() -> None:
@@ -144,7 +188,7 @@ def load_sharded(
             no_dist=_single_process(),
         )
 
-    _load(reader, lambda: _guarded(coordinator, f"the load of {reader.directory}", load))
+    _load(reader, lambda: _guarded(coordinator, f"the load of {reader.where}", load))
     return state_dict
 
 
@@ -153,7 +197,10 @@ class FullStateLoadPlanner(JsonLoadPlanner, _EmptyStateDictLoadPlanner):
 
 
 def load_full(
-    directory: str | os.PathLike[str], *, keys: set[str] | None = None, verify: bool = True
+    directory: str | os.PathLike[str] | StoredCheckpoint,
+    *,
+    keys: set[str] | None = None,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """The saved state (or its top-level ``keys``), whole tensors, read by this process alone.
 
@@ -182,9 +229,19 @@ def _load(reader: ShardedReader, load: Any) -> None:
         raise _translate(
             exc,
             lambda m: StateMismatch(
-                f"loading {reader.directory}: {m}; load into a state with the saved keys"
+                f"loading {reader.where}: {m}; load into a state with the saved keys"
             ),
         ) from None
+
+
+def _local(directory: str | os.PathLike[str]) -> str | os.PathLike[str]:
+    """``directory``, refused with the way to go when it is a URL (not a local path)."""
+    if storage.is_url(directory):
+        raise ConfigError(
+            f"{os.fspath(directory)} is a URL; pass store=CheckpointStore(URL) to load_sharded "
+            "(or the store itself to save_sharded), opened on every rank"
+        )
+    return directory
 
 
 def _single_process() -> bool:

@@ -6,6 +6,11 @@ planning; every rank writes its items into one file, ``rank-NNNNN.safetensors``
 coordinator then writes the manifest and renames the directory into place.
 A save that failed anywhere never reaches the rename, so it is never
 visible, and the checkpoints already there are never touched.
+
+Into an object store (``store=``) the same steps go through a
+``StoreTarget`` (``distributed.objects``): each rank uploads its file under
+the save attempt's prefix, and the coordinator commits by putting the
+manifest last, create-only, through the store.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.distributed.checkpoint.metadata import (
@@ -38,6 +43,7 @@ from torch.futures import Future
 from killsafe import directio
 from killsafe.distributed.incremental import shard_fields, shard_results
 from killsafe.distributed.manifest import LAYOUT, FileRecord, Piece, metadata_to_json
+from killsafe.distributed.objects import StoreTarget
 from killsafe.distributed.planners import JsonSavePlanner
 from killsafe.errors import (
     CheckpointExists,
@@ -51,6 +57,9 @@ from killsafe.format.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME,
 from killsafe.format.tensorfile import HashThread, safetensors_header
 from killsafe.host import fsync_directory
 
+if TYPE_CHECKING:
+    from killsafe.store import CheckpointStore
+
 __all__ = ["ShardedWriter", "tensor_file_entries", "write_plain_file"]
 
 _STAGING_PREFIX = ".tmp-"
@@ -58,7 +67,8 @@ _STAGING_PREFIX = ".tmp-"
 
 @dataclass(frozen=True)
 class _Target:
-    """Where one rank writes: the shared temporary directory and its file name."""
+    """Where one rank writes: the shared temporary directory (or the object store's attempt
+    prefix) and its file name."""
 
     staging: str
     file: str
@@ -73,11 +83,16 @@ class ShardedWriter(StorageWriter):
     the ranks write pieces shared in the store (``distributed.incremental``)
     instead of rank files. Use it with ``JsonSavePlanner`` (``save_sharded``
     does).
+
+    With ``store`` (a ``CheckpointStore`` on an object store, the same URL
+    on every rank) the checkpoint goes there instead, at the key the store
+    picks for ``step`` and ``name``; ``directory`` is then ignored and
+    becomes that key once the save is planned.
     """
 
     def __init__(
         self,
-        directory: str | os.PathLike[str],
+        directory: str | os.PathLike[str] | None,
         *,
         step: int = 0,
         name: str | None = None,
@@ -85,9 +100,13 @@ class ShardedWriter(StorageWriter):
         metrics: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         incremental: bool = False,
+        store: CheckpointStore | None = None,
     ) -> None:
         super().__init__()
-        self.directory = Path(directory).absolute()
+        if (directory is None) == (store is None):
+            raise ConfigError("ShardedWriter writes into a directory or a store; give one of them")
+        self.remote = None if store is None else StoreTarget(store, int(step), name)
+        self.directory = Path() if directory is None else Path(directory).absolute()
         self.incremental = incremental
         self.header = {
             "step": int(step),
@@ -101,8 +120,15 @@ class ShardedWriter(StorageWriter):
         self.is_coordinator = True
         self.staging: Path | None = None
 
+    @property
+    def where(self) -> str:
+        """The checkpoint, for messages: its directory or its URL."""
+        if self.remote is None:
+            return str(self.directory)
+        return f"{self.remote.store.location}{self.directory}"
+
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        if checkpoint_id:
+        if checkpoint_id and self.remote is None:
             self.directory = Path(checkpoint_id).absolute()
         self.save_id = uuid.uuid4().hex
         self.staging = None
@@ -117,13 +143,19 @@ class ShardedWriter(StorageWriter):
             )
 
     def storage_meta(self) -> StorageMeta | None:
-        return StorageMeta(checkpoint_id=str(self.directory), save_id=self.save_id)
+        return StorageMeta(checkpoint_id=self.where, save_id=self.save_id)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """On the coordinator: refuse an existing target, make the temporary directory."""
+        if self.remote is not None:
+            attempt = self.remote.begin()
+            return [
+                dataclasses.replace(plan, storage_data=_Target(attempt, _rank_file(rank)))
+                for rank, plan in enumerate(plans)
+            ]
         if self.directory.exists():
             raise CheckpointExists(
                 f"checkpoint {self.directory} already exists; save under a new name "
@@ -147,12 +179,20 @@ class ShardedWriter(StorageWriter):
             raise ConfigError("ShardedWriter got a plan it did not prepare; save with dcp.save")
         entries, items = _entries(plan.items, planner)
         results: list[WriteResult] = []
+        if self.remote is not None:
+            self.directory = Path(target.staging).parent  # the checkpoint's key, on every rank
         if entries and self.incremental:
-            results = shard_results(self.directory, target.file, self.rank, entries, items)
+            sink = None if self.remote is None else self.remote.piece_sink()
+            results = shard_results(self.directory, target.file, self.rank, entries, items, sink)
         elif entries:
             path = Path(target.staging) / target.file
             try:
-                record, digests = _write_rank_file(path, entries, self.rank)
+                if self.remote is not None:
+                    record, digests = self.remote.write(
+                        target.staging, target.file, entries, self.rank
+                    )
+                else:
+                    record, digests = _write_rank_file(path, entries, self.rank)
             except OSError as exc:
                 raise SaveFailed(
                     f"rank {self.rank} could not write {path} ({exc.strerror or exc}); "
@@ -167,6 +207,9 @@ class ShardedWriter(StorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """On the coordinator, after every rank wrote: the manifest, then the rename."""
+        if self.remote is not None:
+            self._finish_remote(metadata, results)
+            return
         staging = self.staging
         if staging is None:
             raise ConfigError("ShardedWriter.finish ran before prepare_global_plan")
@@ -186,6 +229,17 @@ class ShardedWriter(StorageWriter):
                 "nothing was committed, the earlier checkpoints stand"
             ) from exc
 
+    def _finish_remote(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """Into an object store: the manifest, naming the attempt, put last (the commit)."""
+        assert self.remote is not None and self.remote.staging is not None
+        pieces = [result for rank_results in results for result in rank_results]
+        records = {p.storage_data.record.name: p.storage_data.record for p in pieces}
+        shards = shard_fields(records.values()) if self.incremental else {}
+        files = {} if shards else records
+        attempt = self.remote.staging.tmp_path.name
+        manifest = self._manifest(metadata, pieces, files, len(results), shards, attempt=attempt)
+        self.remote.commit(manifest, list(files.values()))
+
     def _commit(self, staging: Path) -> None:
         # The one commit point. Every rank file and the manifest were fsynced
         # into the temporary directory first, so the rename publishes a whole
@@ -200,6 +254,8 @@ class ShardedWriter(StorageWriter):
 
     def discard(self) -> None:
         """Remove this save's temporary directory (after a failed save; coordinator only)."""
+        if self.remote is not None:
+            self.remote.discard()
         if self.staging is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging = None
@@ -211,8 +267,10 @@ class ShardedWriter(StorageWriter):
         records: dict[str, FileRecord],
         world_size: int,
         shards: dict[str, Any],
+        *,
+        attempt: str | None = None,
     ) -> dict[str, Any]:
-        manifest = {
+        manifest: dict[str, Any] = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "layout": LAYOUT,
@@ -232,6 +290,8 @@ class ShardedWriter(StorageWriter):
             "dcp": metadata_to_json(metadata, pieces),
             **shards,
         }
+        if attempt is not None:
+            manifest["attempt"] = attempt
         manifest["manifest_xxh3"] = manifest_digest(manifest)
         return manifest
 

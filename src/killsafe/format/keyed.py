@@ -17,7 +17,9 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
-from killsafe.errors import CheckpointNotFound
+import xxhash
+
+from killsafe.errors import CheckpointNotFound, UnsupportedFormat
 from killsafe.format.checkpoint import (
     ManifestFields,
     build_manifest,
@@ -66,6 +68,7 @@ __all__ = [
     "held_pieces",
     "read_manifest_at",
     "read_tree_at",
+    "upload_tensor_file",
     "verify_at",
     "write_files",
     "write_pieces_at",
@@ -120,20 +123,26 @@ def write_files(
     if encoded.entries:
         header, table = safetensors_header(encoded.entries)
         file_name = TENSOR_FILE_ZSTD if compression else TENSOR_FILE
-        info, digests = _upload(medium, prefix + file_name, header, encoded.entries, compression)
+        info, digests = upload_tensor_file(
+            medium, prefix + file_name, header, encoded.entries, compression
+        )
         files[file_name] = info
         tensors = tensor_table(file_name, header, table, digests)
     return build_manifest(encoded, files, tensors, fields, attempt=attempt)
 
 
-def _upload(
+def upload_tensor_file(
     medium: KeyedMedium,
     key: str,
     header: bytes,
     entries: Sequence[TensorEntry],
-    compression: str | None,
+    compression: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Stream the tensor file into one object while another thread hashes the entries."""
+    """Stream a tensor file into one object while another thread hashes the entries.
+
+    Returns the file's ``size`` (and ``xxh3`` uncompressed) and the digests
+    (``file``, ``header``, ``entries``); a failed write leaves no object.
+    """
     hasher = HashThread(header, entries, whole=not compression)
     hasher.start()
     sink: KeyedSink = medium.open_write(key)
@@ -188,6 +197,11 @@ def read_tree_at(
     verify: bool = True,
 ) -> Any:
     """Rebuild the saved tree (or ``subtree``) of the checkpoint under key ``checkpoint``."""
+    if is_sharded(manifest):
+        raise UnsupportedFormat(
+            f"checkpoint {where} is sharded (saved by {manifest['world_size']} processes); "
+            "load it with killsafe.distributed.load_sharded in the job"
+        )
     node = select_subtree(where, manifest["tree"], subtree)
     needed: set[str] = set()
     needed_entries(node, needed)
@@ -204,6 +218,9 @@ def verify_at(medium: KeyedMedium, checkpoint: str, manifest: dict[str, Any], wh
     if is_sharded(manifest) and shares_pieces(manifest):  # no tree: every piece whole
         verify_pieces(where, manifest["pieces"], KeyedPieceSource(medium, where))
         return
+    if is_sharded(manifest):
+        _verify_rank_files_at(medium, checkpoint, manifest, where)
+        return
     tensors = manifest["tensors"]
     used: set[str] = set()
     needed_entries(manifest["tree"], used)
@@ -212,6 +229,25 @@ def verify_at(medium: KeyedMedium, checkpoint: str, manifest: dict[str, Any], wh
     if is_pieces(manifest):  # every piece read is checked against its name
         check_piece_headers(where, manifest, KeyedPieceSource(medium, where))
     read_tree_at(medium, checkpoint, manifest, where, verify=True)
+
+
+def _verify_rank_files_at(
+    medium: KeyedMedium, checkpoint: str, manifest: dict[str, Any], where: Where
+) -> None:
+    """A sharded checkpoint: every rank file whole against its xxh3, in ranged reads."""
+    prefix = data_prefix(checkpoint, manifest, where)
+    for name, info in sorted(manifest["files"].items()):
+        source: KeyedSource = medium.source(prefix + name)
+        try:
+            if source.size != info["size"]:
+                raise corrupt(where, f"{name} has {source.size} bytes, expected {info['size']}")
+            digest = xxhash.xxh3_64()
+            for start in range(0, source.size, RANGE_BYTES):
+                digest.update(source.read(start, min(RANGE_BYTES, source.size - start)))
+        finally:
+            source.close()
+        if digest.hexdigest() != info["xxh3"]:
+            raise corrupt(where, f"{name} (rank {info['rank']}) fails its checksum")
 
 
 def _load_buffers(

@@ -522,6 +522,7 @@ class ShardedManifest(_Saved):
     shards: dict[RankFileName, Shard] | None = None
     pieces: dict[Hex128, Count] | None = None
     added: Count | None = None
+    attempt: AttemptId | None = None  # on an object store: the prefix holding the rank files
 
     def __post_init__(self) -> None:
         for name, info in self.files.items():

@@ -60,7 +60,7 @@ from killsafe.run.ending import EXIT_STOPPED, Ending
 from killsafe.run.ledger import SaveHooks
 from killsafe.run.loops import Batches, EpochLoop, EpochStopped
 from killsafe.run.metrics import LoggedMetrics
-from killsafe.run.mirror import Mirror
+from killsafe.run.mirror import DirectMirror, Mirror
 from killsafe.run.opening import Opened, Parts, open_session
 from killsafe.run.position import Position
 from killsafe.run.requeue import requeue_slurm_job, should_requeue
@@ -293,14 +293,18 @@ class Run:
         except OSError as exc:
             raise io_error("creating the run directory", self.directory, exc) from exc
         rng = RNGState()
-        store = CheckpointStore(
-            config.store_dir,
-            keep_last=config.keep_last,
-            snapshot=config.snapshot,
-            **config.store_options(),
-        )
+        direct = self._saves_to_mirror()
+        if direct:
+            store = self._mirror_store()
+        else:
+            store = CheckpointStore(
+                config.store_dir,
+                keep_last=config.keep_last,
+                snapshot=config.snapshot,
+                **config.store_options(),
+            )
         try:
-            self._mirror = self._open_mirror(store)
+            self._mirror = self._open_mirror(store, direct=direct)
         except BaseException:
             store.close()
             raise
@@ -668,24 +672,58 @@ class Run:
             self._live_state,
         )
 
-    def _open_mirror(self, store: CheckpointStore) -> Mirror | None:
-        """The remote tier (rank 0 only); brings its newest checkpoint down when newer."""
-        config, group = self._config, self._parts.group
-        if config.mirror is None or (group is not None and not group.leader):
-            return None
+    def _saves_to_mirror(self) -> bool:
+        """In a job whose ranks do not all see rank 0's run directory (nodes with their own
+        disks): the checkpoints go straight to the mirror. Collective; ``ConfigError`` on
+        every rank when there is no mirror."""
+        group = self._parts.group
+        if group is None:
+            return False
+        from killsafe.run.group import ranks_not_sharing
+
+        unseen = ranks_not_sharing(group, self.directory)
+        if not unseen:
+            return False
+        if self._config.mirror is None:
+            ranks = ", ".join(map(str, unseen))
+            raise ConfigError(
+                f"rank(s) {ranks} of the job do not see rank 0's run directory "
+                f"{self.directory} (the nodes share no disk); give every rank one shared "
+                "directory, or pass mirror=URL to save the checkpoints straight to an object store"
+            )
+        group.saves_to_mirror = True
+        return True
+
+    def _mirror_store(self) -> CheckpointStore:
+        """The store at the mirror URL (rank 0's holds its lease, as a run's writer)."""
         from killsafe.store import CheckpointStore
 
-        remote = CheckpointStore(
+        config = self._config
+        assert config.mirror is not None
+        return CheckpointStore(
             config.mirror,
             keep_last=config.mirror_keep_last,
             lease_owner=str(self.directory.resolve()),
             **config.store_options(),
         )
-        mirror = Mirror(remote, store, self.directory, grace=config.mirror_grace)
+
+    def _open_mirror(self, store: CheckpointStore, *, direct: bool = False) -> Mirror | None:
+        """The remote tier (rank 0 only); brings its newest checkpoint down when newer.
+
+        ``direct``: ``store`` is the mirror itself (a job without a shared
+        disk saves there); only the run's files travel then.
+        """
+        config, group = self._config, self._parts.group
+        if config.mirror is None or (group is not None and not group.leader):
+            return None
+        if direct:
+            mirror: Mirror = DirectMirror(store, self.directory, grace=config.mirror_grace)
+        else:
+            mirror = Mirror(self._mirror_store(), store, self.directory, grace=config.mirror_grace)
         try:
             # One run per mirror: a live writer of another run directory
             # refuses this one now, rather than failing its uploads later.
-            remote.acquire()
+            mirror.remote.acquire()
             mirror.sync(restore=config.resume in ("auto", "latest", "ask"))
         except BaseException:
             mirror.close()

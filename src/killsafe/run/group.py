@@ -15,7 +15,10 @@ rank builds the same ``Run`` and they behave as one:
   writes and commits it on a thread, on a gloo group of its own; it counts
   as done only once every rank said so through the step boundary's flags,
   so its failure is raised on every rank at the same boundary (``JobSave``);
-- rank 0 chooses the checkpoint to resume from and every rank reads it.
+- rank 0 chooses the checkpoint to resume from and every rank reads it;
+- at the start the ranks check that they see one run directory
+  (``ranks_not_sharing``): where they do not (nodes with local disks),
+  the run saves straight into its mirror, each rank uploading its part.
 
 Nothing here imports torch until a group is found.
 """
@@ -28,6 +31,8 @@ import math
 import os
 import sys
 import threading
+import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,9 +69,12 @@ __all__ = [
     "RunGroup",
     "flag_period",
     "join_group",
+    "ranks_not_sharing",
 ]
 
 logger = logging.getLogger("killsafe")
+
+_PROBE_PATIENCE = 1.0  # seconds a rank looks for rank 0's probe file before answering no
 
 FLAG_PERIOD_VARIABLE = "KILLSAFE_FLAG_PERIOD"
 DEFAULT_FLAG_PERIOD = 0.1
@@ -103,6 +111,7 @@ class RunGroup:
         self.rank: int = coordinator.rank
         self.world_size: int = coordinator.world_size
         self.leader = self.rank == 0
+        self.saves_to_mirror = False  # the ranks share no disk: checkpoints go to the mirror
         self._saving: Any = None
 
     def saving_coordinator(self) -> Any:
@@ -149,6 +158,40 @@ def join_group(process_group: Any, timeout: float) -> RunGroup | None:
     return RunGroup(TorchCoordinator(timeout=timeout, group=process_group))
 
 
+def ranks_not_sharing(group: RunGroup, directory: Path) -> list[int]:
+    """The ranks that do not see rank 0's run ``directory`` (collective; every rank gets it).
+
+    Rank 0 writes a file of a fresh name and content there; every rank
+    looks for it (a while, should a network file system show it late);
+    rank 0 removes it once all have looked.
+    """
+    probe: Path | None = None
+    nonce = None
+    if group.leader:
+        nonce = uuid.uuid4().hex
+        probe = directory / f".killsafe-shared-{nonce}"
+        probe.write_text(nonce)
+    nonce = group.coordinator.broadcast(nonce)
+    seen = group.coordinator.gather(_sees(directory / f".killsafe-shared-{nonce}", nonce))
+    if probe is not None:
+        probe.unlink(missing_ok=True)
+    return [rank for rank, ok in enumerate(seen) if not ok]
+
+
+def _sees(probe: Path, nonce: str, patience: float = _PROBE_PATIENCE) -> bool:
+    """Whether ``probe`` holds ``nonce``, looking again for up to ``patience`` seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            if probe.read_text() == nonce:
+                return True
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -156,15 +199,38 @@ class GroupStore:
     """The store as a ``Run`` in a job uses it: sharded saves, rank 0 keeps the books.
 
     Every rank holds one (saving is collective); only rank 0 deletes and
-    applies retention, and its store is the one resuming reads.
+    applies retention, and its store is the one resuming reads. On an
+    object store (a job whose nodes share no disk) every rank uploads its
+    part and rank 0 commits (``killsafe.distributed.objects``).
     """
 
     def __init__(self, store: CheckpointStore, group: RunGroup) -> None:
         self.store = store
         self.group = group
-        self.directory = store.directory
         self._thread: threading.Thread | None = None
         self._locked = False
+
+    def _path_of(self, step: int, name: str | None) -> Path:
+        """The checkpoint of ``step`` and ``name``: its directory, or its key in an object store."""
+        from killsafe.store.naming import checkpoint_dirname
+
+        dirname = checkpoint_dirname(step, name)
+        return self.store.directory / dirname if self.store.is_local else Path(dirname)
+
+    def _target(self, step: int, name: str | None) -> Any:
+        """Where the checkpoint of ``step`` goes: its directory, or the object store itself
+        (which picks its key when rank 0 begins the save)."""
+        return self._path_of(step, name) if self.store.is_local else self.store
+
+    def _exists(self, path: Path) -> bool:
+        """Whether a committed checkpoint is at ``path`` (a directory, or a key)."""
+        if self.store.is_local:
+            return path.exists()
+        try:
+            self.store.listed(path)
+        except KillsafeError:
+            return False
+        return True
 
     def save(
         self,
@@ -178,10 +244,9 @@ class GroupStore:
     ) -> CheckpointInfo:
         """Save ``tree`` sharded at ``step`` (collective); retention runs on rank 0."""
         from killsafe.distributed.runstate import save_run_tree
-        from killsafe.store.naming import checkpoint_dirname
 
         self._hold_lock()
-        directory = self.directory / checkpoint_dirname(step, name)
+        directory = self._target(step, name)
         try:
             path = save_run_tree(
                 tree,
@@ -195,7 +260,7 @@ class GroupStore:
                 incremental=self.store.incremental,
             )
         except CheckpointExists as exc:  # the same on every rank, with its path
-            raise CheckpointExists(str(exc), directory) from exc
+            raise CheckpointExists(str(exc), exc.path or directory) from exc
         if self.group.leader:
             self.store.prune()
         return self.store.listed(path)
@@ -215,15 +280,15 @@ class GroupStore:
         Returns a ``JobSave``; the ledger allows one in flight.
         """
         from killsafe.distributed.runstate import save_staged, stage_run_tree
-        from killsafe.store.naming import checkpoint_dirname
 
         self._hold_lock()
-        directory = self.directory / checkpoint_dirname(step, name)
-        if self.group.coordinator.broadcast(directory.exists()):  # as rank 0 sees it
-            raise CheckpointExists(
-                f"checkpoint {directory} already exists; save under a new name "
+        directory, path = self._target(step, name), self._path_of(step, name)
+        if self.group.coordinator.broadcast(self.group.leader and self._exists(path)):
+            where = path if self.store.is_local else f"{self.store.location}{path}"
+            raise CheckpointExists(  # as rank 0 sees it
+                f"checkpoint {where} already exists; save under a new name "
                 "(a checkpoint is never overwritten)",
-                directory,
+                path,
             )
         staged = stage_run_tree(tree, self.group.rank)
         coordinator = self.group.saving_coordinator()
@@ -245,7 +310,7 @@ class GroupStore:
                 self.store.prune()
             return self.store.listed(path)
 
-        self._thread = pending.start(write, directory)
+        self._thread = pending.start(write, path)
         return pending
 
     def _hold_lock(self) -> None:
@@ -387,13 +452,15 @@ class GroupResume(Resume):
         shared = {n: t for n, t in targets.items() if n in saved_shared and is_shared(t)}
         if not shared:
             return targets
+        from killsafe.distributed.objects import stored
         from killsafe.distributed.reshard import load_shared, saved_tables
         from killsafe.run.resume import check_shapes
 
-        check_shapes(shared, saved_tables(info.path, sorted(shared)), info)
         store = self._store
         assert isinstance(store, GroupStore)
-        load_shared(info.path, shared, store.group.coordinator)
+        where = stored(store.store, info.path)
+        check_shapes(shared, saved_tables(where, sorted(shared)), info)
+        load_shared(where, shared, store.group.coordinator)
         return {name: target for name, target in targets.items() if name not in shared}
 
     def _saved(self, name: str, target: Any) -> Any:

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from killsafe.saver import PendingSave
     from killsafe.store import CheckpointStore
 
-__all__ = ["Mirror"]
+__all__ = ["DirectMirror", "Mirror"]
 
 log = logging.getLogger("killsafe.run")
 
@@ -276,6 +276,31 @@ class Mirror:
             self._thread.join(timeout=1.0)
         self.remote.close()
         self._files.close()
+
+
+class DirectMirror(Mirror):
+    """The mirror of a job whose nodes share no disk: the run saves straight into it.
+
+    Every rank uploads its part of each checkpoint and rank 0 commits it
+    there (``killsafe.distributed.objects``), so nothing is copied; the
+    run's files still go up after each checkpoint and at the end, and come
+    down at the start into a run directory that has none (fresh nodes).
+    """
+
+    def __init__(self, store: CheckpointStore, directory: Path, *, grace: float) -> None:
+        super().__init__(store, store, directory, grace=grace)
+
+    def sync(self, *, restore: bool) -> CheckpointInfo | None:
+        """Bring the run's files down when the run directory has none; resuming reads the
+        checkpoints from the mirror itself."""
+        if restore and not (self.directory / RUN_FILE).exists() and self.remote.list():
+            download_run_files(self._files, self.directory, _RESTORED_FILES)
+        return None
+
+    def _upload(self, info: CheckpointInfo) -> None:
+        with self._cond:  # committed there already: only the run's files go up
+            self._uploaded.append(info)
+            self._failed = None
 
 
 class _Superseded(Exception):

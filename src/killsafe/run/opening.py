@@ -256,6 +256,7 @@ def _say_start(
         save_policy=config.save_policy,
         epochs=epochs,
         mirror=config.mirror,
+        straight_to_mirror=getattr(parts.group, "saves_to_mirror", False),
         keyboard=keyboard and signals_watched,
         terminal=signals_watched and stdin_is_terminal(),
     )

@@ -30,13 +30,13 @@ class ShardedTree(Mapping[str, Any]):
     grew) takes rank 0's part without its random states.
     """
 
-    def __init__(self, info: CheckpointInfo, rank: int, world_size: int) -> None:
+    def __init__(self, info: CheckpointInfo, rank: int, world_size: int, where: Any) -> None:
         from killsafe.distributed.runstate import KINDS_KEY, read_rank_part
 
-        self._path = info.path
+        self._path = where  # its directory, or where it is in an object store
         self._shared = sorted(dict(info.metadata.get(KINDS_KEY) or {}))
         own = rank if rank < info.world_size else 0
-        self._private = dict(read_rank_part(info.path, own))
+        self._private = dict(read_rank_part(where, own))
         if info.world_size != world_size:
             self._private.pop(RNG_KEY, None)
         self._read: dict[str, Any] = {}
@@ -74,7 +74,9 @@ def tree_of(store: Any, info: CheckpointInfo, rank: int, world_size: int) -> Map
                 info.world_size,
                 world_size,
             )
-        return ShardedTree(info, rank, world_size)
+        from killsafe.distributed.objects import stored
+
+        return ShardedTree(info, rank, world_size, stored(store, info.path))
     tree: Mapping[str, Any] = store.load(info)
     return tree
 

@@ -34,6 +34,7 @@ def start_lines(
     save_policy: SavePolicy,
     epochs: bool | None = None,
     mirror: str | None = None,
+    straight_to_mirror: bool = False,
     keyboard: bool,
     terminal: bool,
 ) -> list[str]:
@@ -42,11 +43,14 @@ def start_lines(
     ``epoch``: the restored epoch, when the loop counts epochs; otherwise the
     checkpoint's own record of it (``metadata["epoch"]``) is shown, if any.
     ``epochs``: whether the loop is ``run.epochs()``, when known (it decides
-    what the default policy does). ``mirror``: where checkpoints are uploaded.
+    what the default policy does). ``mirror``: where checkpoints are uploaded;
+    ``straight_to_mirror``: saved there directly (a job whose nodes share no disk).
     ``keyboard``: ``q`` + Enter is watched; ``terminal``: a person can press Ctrl+C.
     """
     lines = [PREFIX + _origin(info, step, epoch, store_dir)]
     where = f"{store_dir} (mirrored to {mirror})" if mirror else str(store_dir)
+    if straight_to_mirror:
+        where = f"{mirror} (straight from every rank: the nodes share no disk)"
     when = describe_save_policy(save_policy, epochs=epochs)
     lines.append(f"{PREFIX}saving to {where} {when}")
     if keyboard:
