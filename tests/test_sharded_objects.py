@@ -117,3 +117,26 @@ def test_the_attempt_of_a_save_whose_writer_died_is_swept_by_the_next_writer(
 
 def _die() -> None:
     raise SaveFailed("rank 0 died (test)")
+
+
+def test_an_incremental_object_store_keeps_shards_as_shared_pieces(memory_url: str) -> None:
+    store = CheckpointStore(memory_url, incremental=True)
+    big = torch.arange(8 << 20, dtype=torch.float32)  # 32 MiB: four pieces
+    first = save_sharded({"model": {"w": big}}, store, step=1, incremental=True)
+    changed = big.clone()
+    changed[:10] = -1.0  # one region
+    second = save_sharded({"model": {"w": changed}}, store, step=2, incremental=True)
+    assert [i.key for i in store.backend.list(f"{first}/")] == [f"{first}/manifest.json"]
+    manifests = [
+        json.loads(storage.read_bytes(store.backend, f"{path}/manifest.json"))
+        for path in (first, second)
+    ]
+    assert manifests[0]["added"] >= big.nbytes
+    assert 0 < manifests[1]["added"] < big.nbytes // 3  # only the changed piece went up
+    for info in store.list():
+        store.verify(info)
+    target = {"model": {"w": torch.zeros_like(big)}}
+    assert torch.equal(load_sharded(target, "latest", store=store)["model"]["w"], changed)  # type: ignore[index]
+    store.delete(store.list()[0], force=True)  # the first; its pieces the second needs stay
+    target = {"model": {"w": torch.zeros_like(big)}}
+    assert torch.equal(load_sharded(target, "latest", store=store)["model"]["w"], changed)  # type: ignore[index]
