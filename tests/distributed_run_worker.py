@@ -12,7 +12,8 @@ trains 2 epochs with ``run.batches()`` over a DataLoader with a shuffling
 Scenario ``paced`` trains ``PACED_STEPS`` steps of ``PACED_SECONDS`` each with
 no save but the exit's, and counts the flag exchanges of its step boundaries.
 ``WORLD`` 1 with scenario ``alone`` runs without a process group; scenario
-``train-incremental`` trains as ``train`` into an incremental store. Scenario
+``train-incremental`` trains as ``train`` into an incremental store, and
+``fresh`` starts over (``resume="never", clear=True``). Scenario
 ``nodisk`` gives each rank a run directory of its own, ``RUNDIR/node-RANK``
 (nodes without a shared disk), and the mirror ``$KILLSAFE_TEST_MIRROR`` when
 set; ``failupload`` makes the rank's upload of step ``STEP``'s file fail. Each rank
@@ -92,6 +93,7 @@ def train(
     paced: bool = False,
     incremental: bool = False,
     mirror: str | None = None,
+    clear: bool = False,
 ) -> dict[str, Any]:
     counted: dict[str, int] = {}
     if paced:
@@ -111,6 +113,8 @@ def train(
         collective_timeout=8,
         incremental=incremental,
         mirror=mirror,
+        resume="never" if clear else "auto",
+        clear=clear,
     ) as run:
         run.track(model=model, optimizer=optimizer, seen=[])
         result["restored"] = [p.detach().tolist() for p in model.parameters()]
@@ -199,6 +203,7 @@ def main() -> None:
                 events,
                 paced=name == "paced",
                 incremental=name.endswith("incremental"),
+                clear=name == "fresh",
             )
         code = result["exit_code"]
     except KillsafeError as exc:

@@ -39,8 +39,15 @@ STOPPED = 75
 STOP_STEP = 5  # SIGTERM during step 3: flagged at boundary 4, agreed at boundary 5
 
 
-def train(workdir: Path, run_dir: Path, *events: str, world: int = 2, expect: int = 0) -> Job:
-    scenario = "alone" if world == 1 else "train"
+def train(
+    workdir: Path,
+    run_dir: Path,
+    *events: str,
+    world: int = 2,
+    expect: int = 0,
+    scenario: str = "train",
+) -> Job:
+    scenario = "alone" if world == 1 else scenario
     return run_job(scenario, world, workdir, str(run_dir), *events, expect=expect, worker=WORKER)
 
 
@@ -219,6 +226,22 @@ def test_with_the_default_flag_period_a_stop_on_one_rank_still_lands_on_one_step
     assert results[0]["exchanges"] == results[1]["exchanges"]
     infos = CheckpointStore(run_dir / "checkpoints").list()
     assert [(i.step, i.reason) for i in infos] == [(stop_step, "signal:SIGTERM")]
+
+
+def test_a_job_told_to_start_over_clears_the_checkpoints_on_rank_0_alone(
+    jobs: dict[str, Any],
+) -> None:
+    run_dir = jobs["root"] / "fresh-run"
+    shutil.copytree(jobs["copy"], run_dir)
+    job = train(jobs["root"] / "fresh", run_dir, scenario="fresh")
+    for rank in range(2):
+        result = job.result(rank)
+        assert result["restored"] == jobs["whole"].result(rank)["restored"]  # not resumed
+        assert result["weights"] == jobs["whole"].result(rank)["weights"]
+        assert (result["step"], result["exit_code"]) == (8, 0)
+    infos = CheckpointStore(run_dir / "checkpoints").list()
+    assert [i.step for i in infos] == [3, 6, 8]  # the stopped run's 3 and 5 were cleared
+    assert "fresh start" in job.output(0)
 
 
 def test_a_killed_rank_is_named_instead_of_hanging(tmp_path: Path) -> None:

@@ -439,6 +439,13 @@ class GroupResume(Resume):
         self.info = info
         return info
 
+    def _delete(self, info: CheckpointInfo) -> None:
+        """Clearing (``resume="never", clear=True``) runs in ``choose`` on rank 0 alone: it
+        deletes through the store itself, not collectively."""
+        store = self._store
+        assert isinstance(store, GroupStore)
+        store.store.delete(info, force=True)
+
     def _restore_together(self, targets: Mapping[str, Any]) -> Mapping[str, Any]:
         """Load the checkpoint's modules and optimizers in one collective, resharded to this
         job (FSDP2 / DTensor shards or whole tensors, whatever layout saved them); return

@@ -185,8 +185,11 @@ class Resume:
                 "delete them, resume='auto' to continue, or use another directory"
             )
         for info in existing:
-            self._store.delete(info, force=True)
+            self._delete(info)
         logger.info("cleared %d checkpoint(s) from %s", len(existing), self._store_dir)
+
+    def _delete(self, info: CheckpointInfo) -> None:
+        self._store.delete(info, force=True)
 
     def _ask(self) -> CheckpointInfo | None:
         found = self._store.list()
