@@ -10,7 +10,8 @@ test and asserts nothing. CPU is the process's CPU time (all threads) per
 GB uploaded: what an upload takes from a training loop running beside it.
 "Server CPU" is the SeaweedFS process's CPU time per GB during the same
 uploads (when this script started the server): on a machine whose cores
-the server shares, it bounds every client's throughput.
+the server shares, it bounds every client's throughput. "Both" adds the
+two: with the cores saturated, throughput is about the cores over it.
 A last pass uploads once more per client beside a pure-Python thread and
 reports how fast that thread ran during the upload, relative to just before
 (the GIL and the cores the upload leaves to a loop).
@@ -227,22 +228,28 @@ def print_table(
     median = {name: gb / statistics.median(r[0] for r in runs) for name, runs in results.items()}
     cpu = {name: statistics.median(r[1] for r in runs) / gb for name, runs in results.items()}
     served = {name: statistics.median(r[2] for r in runs) / gb for name, runs in results.items()}
+    both = {name: statistics.median(r[1] + r[2] for r in rs) / gb for name, rs in results.items()}
     baselines = [n for n in results if not n.startswith(("killsafe", "obstore put, unsigned"))]
     fastest = max(baselines, key=lambda n: best[n]) if baselines else None
+    steadiest = max(baselines, key=lambda n: median[n]) if baselines else None
     boto = "boto3 upload_file" if "boto3 upload_file" in results else None
     print(f"\nupload of {size // MiB} MiB to SeaweedFS on 127.0.0.1, {repeat} rounds")
     header = f"{'client':32s} {'best GB/s':>9s} {'median':>7s} {'CPU s/GB':>9s} {'server':>7s}"
-    print(header + "  best vs fastest baseline   CPU vs boto3   loop speed")
+    header += f" {'both':>6s}"
+    print(header + "  best vs fastest baseline   median vs best median   CPU vs boto3   loop speed")
     for name in results:
         vs_fastest = f"{best[name] / best[fastest]:.2f}x" if fastest else "-"
+        vs_median = f"{median[name] / median[steadiest]:.2f}x" if steadiest else "-"
         vs_boto = f"{cpu[name] / cpu[boto]:.2f}x" if boto else "-"
         print(
             f"{name:32s} {best[name]:9.3f} {median[name]:7.3f} {cpu[name]:9.2f} {served[name]:7.2f}"
-            f"  {vs_fastest:>24s}   {vs_boto:>11s}   {progress[name]:9.2f}x"
+            f" {both[name]:6.2f}  {vs_fastest:>24s}   {vs_median:>21s}   {vs_boto:>11s}"
+            f"   {progress[name]:9.2f}x"
         )
-    if fastest:
-        print(f"fastest baseline: {fastest}")
+    if fastest and steadiest:
+        print(f"fastest baseline: {fastest} (best), {steadiest} (median)")
     print("server: the S3 server's CPU s/GB during the same uploads (0: not started here)")
+    print("both: the client's and the server's CPU s/GB of each upload added, median")
     print("loop speed: a pure-Python thread's rate during one upload over its rate just before")
     for name in skipped:
         print(f"skipped (client not installed): {name}")
