@@ -16,7 +16,8 @@ no save but the exit's, and counts the flag exchanges of its step boundaries.
 ``fresh`` starts over (``resume="never", clear=True``). Scenario
 ``nodisk`` gives each rank a run directory of its own, ``RUNDIR/node-RANK``
 (nodes without a shared disk), and the mirror ``$KILLSAFE_TEST_MIRROR`` when
-set; ``failupload`` makes the rank's upload of step ``STEP``'s file fail. Each rank
+set (``nodisk-incremental``: an incremental run); ``failupload`` makes the
+rank's upload of step ``STEP``'s file fail. Each rank
 writes what it saw to ``DIR/rank-N.json`` and exits with ``run.exit_code``
 (1 with the error's name when the run raised).
 """
@@ -193,9 +194,12 @@ def main() -> None:
     try:
         if name.startswith("epochs"):
             result = train_epochs(rank_, world_, Path(run_dir), events)
-        elif name == "nodisk":
+        elif name.startswith("nodisk"):
             mirror = os.environ.get("KILLSAFE_TEST_MIRROR")
-            result = train(rank_, Path(run_dir, f"node-{rank_}"), events, mirror=mirror)
+            node = Path(run_dir, f"node-{rank_}")
+            result = train(
+                rank_, node, events, mirror=mirror, incremental=name.endswith("incremental")
+            )
         else:
             result = train(
                 rank_,

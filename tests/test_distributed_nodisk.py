@@ -28,7 +28,7 @@ import distributed_worker as worker  # noqa: E402
 from conftest import S3_TEST_BUCKET  # noqa: E402
 from distributed_helpers import Job, run_job  # noqa: E402
 
-from killsafe import CheckpointStore  # noqa: E402
+from killsafe import CheckpointStore, storage  # noqa: E402
 from killsafe.cli import main as cli  # noqa: E402
 from killsafe.distributed import load_sharded  # noqa: E402
 
@@ -52,12 +52,19 @@ def s3_env(s3_server: Any) -> Iterator[str]:
         yield f"s3://{S3_TEST_BUCKET}/nodisk-{os.getpid()}"
 
 
-def nodisk(workdir: Path, run_root: Path, *events: str, mirror: str | None, expect: int = 0) -> Job:
+def nodisk(
+    workdir: Path,
+    run_root: Path,
+    *events: str,
+    mirror: str | None,
+    expect: int = 0,
+    scenario: str = "nodisk",
+) -> Job:
     """A 2-rank job; rank R runs in ``run_root/node-R``, saving to ``mirror``."""
     variables = {"KILLSAFE_TEST_MIRROR": mirror} if mirror else {}
     with mock.patch.dict(os.environ, variables):
         return run_job(
-            "nodisk", 2, workdir, str(run_root), *events, expect=expect, worker=RUN_WORKER
+            scenario, 2, workdir, str(run_root), *events, expect=expect, worker=RUN_WORKER
         )
 
 
@@ -108,6 +115,29 @@ def test_stopped_and_resumed_on_fresh_nodes_ends_bit_identical(jobs: dict[str, A
     assert len(run_json["sessions"]) == 2  # the run's files came down from the mirror
     steps = [i.step for i in CheckpointStore(jobs["mirror"]).list()]
     assert steps[-1] == 8
+
+
+def test_an_incremental_job_puts_only_pieces_into_the_mirror(
+    jobs: dict[str, Any], s3_env: str
+) -> None:
+    mirror = f"{s3_env}/incremental"
+    root = jobs["root"]
+    job = nodisk(
+        root / "incremental", root / "incremental-run", mirror=mirror, scenario="nodisk-incremental"
+    )
+    for rank in range(2):
+        assert job.result(rank)["weights"] == jobs["whole"].result(rank)["weights"]
+    store = CheckpointStore(mirror, incremental=True)
+    infos = store.list()
+    assert [i.step for i in infos] == [3, 6, 8]
+    for info in infos:
+        manifest = json.loads(storage.read_bytes(store.backend, f"{info.path}/manifest.json"))
+        assert (manifest["files"], sorted(manifest["shards"])) == (
+            {},
+            ["rank-00000.safetensors", "rank-00001.safetensors"],
+        )
+        assert store.verify(info).world_size == 2
+    assert not [i.key for i in store.backend.list("step-") if "safetensors" in i.key]
 
 
 def test_a_failed_upload_on_one_rank_commits_nothing(s3_env: str, tmp_path: Path) -> None:
