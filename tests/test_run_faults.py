@@ -10,6 +10,7 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fault_helpers import SmallDisk, damage, mounted_small_disk, one_line
 from report_helpers import wait_for_png
@@ -31,11 +32,16 @@ RECORDS = (
 
 
 def train(directory: Path, total: int, **options: object) -> list[int]:
-    """A small loop with a plain state and a metric; returns the steps it ran."""
+    """A small loop with a plain state, an array and a metric; returns the steps it ran.
+
+    The array gives every checkpoint a tensor file whatever else this process
+    imported (random generators' states are saved only for the libraries
+    that are loaded).
+    """
     ran = []
     options = {"progress": False, "keyboard": False, "save_every_steps": 5, **options}
     with Run(directory, total_steps=total, **options) as run:  # type: ignore[arg-type]
-        state = run.track(weights=[0.0] * 4)
+        state = run.track(weights=[0.0] * 4, moments=np.zeros(4))
         for step in run.steps():
             state["weights"][0] += 1
             run.log(loss=1.0 / (step + 1))
