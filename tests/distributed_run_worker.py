@@ -42,6 +42,7 @@ from killsafe import Run
 from killsafe.errors import KillsafeError, RankUnresponsive, SaveFailed
 
 TOTAL_STEPS = 8
+COLLECTIVE_TIMEOUT = float(os.environ.get("KILLSAFE_TEST_COLLECTIVE_TIMEOUT", "8"))
 PACED_STEPS = 300
 PACED_SECONDS = 0.005
 seen_step: dict[str, int] = {}  # the run's step, still known when it raised
@@ -111,7 +112,7 @@ def train(
         run_dir,
         total_steps=total,
         save_every_steps=every,
-        collective_timeout=8,
+        collective_timeout=COLLECTIVE_TIMEOUT,
         incremental=incremental,
         mirror=mirror,
         resume="never" if clear else "auto",
@@ -161,7 +162,7 @@ def train_epochs(
     dataset = TensorDataset(torch.arange(24))
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=7)
     loader = DataLoader(dataset, batch_size=2, sampler=sampler)
-    with Run(run_dir, collective_timeout=8) as run:
+    with Run(run_dir, collective_timeout=COLLECTIVE_TIMEOUT) as run:
         run.track(model=model, optimizer=optimizer, seen=[])
         for epoch in run.epochs(2):
             for (batch,) in run.batches(loader):

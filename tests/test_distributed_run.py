@@ -11,10 +11,12 @@ SIGKILLed is named by the other, which does not hang.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -37,6 +39,7 @@ pytestmark = [
 WORKER = Path(__file__).resolve().parent / "distributed_run_worker.py"
 STOPPED = 75
 STOP_STEP = 5  # SIGTERM during step 3: flagged at boundary 4, agreed at boundary 5
+QUICK_TIMEOUT = {"KILLSAFE_TEST_COLLECTIVE_TIMEOUT": "3"}  # seconds, for jobs where a rank dies
 
 
 def train(
@@ -147,7 +150,8 @@ def broken_saves(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     jobs: dict[str, Any] = {"run": run_dir}
     for name, event in (("failed", "1:6:failwrite"), ("killed", "1:6:killwrite")):
         (root / name).mkdir()
-        job = Job("train", 2, root / name, str(run_dir), event, worker=WORKER)
+        with mock.patch.dict(os.environ, QUICK_TIMEOUT):  # a dead rank is named sooner
+            job = Job("train", 2, root / name, str(run_dir), event, worker=WORKER)
         jobs[name] = (job, job.wait(timeout=120))
         jobs[f"{name}-listed"] = [i.step for i in CheckpointStore(run_dir / "checkpoints").list()]
     jobs["resumed"] = train(root / "resumed", run_dir)
@@ -247,7 +251,8 @@ def test_a_job_told_to_start_over_clears_the_checkpoints_on_rank_0_alone(
 def test_a_killed_rank_is_named_instead_of_hanging(tmp_path: Path) -> None:
     # killed after its step 3's gradients were exchanged: rank 0 meets the dead
     # peer in the next step's all_reduce, and the flag rank 1 never sent names it
-    job = Job("train", 2, tmp_path, str(tmp_path / "run"), "1:3:kill", worker=WORKER)
+    with mock.patch.dict(os.environ, QUICK_TIMEOUT):
+        job = Job("train", 2, tmp_path, str(tmp_path / "run"), "1:3:kill", worker=WORKER)
     codes = job.wait(timeout=90)
     assert codes[1] == -9
     assert codes[0] == 1, job.output(0)
