@@ -39,7 +39,7 @@ from killsafe.format.pieces import (
     PieceSink,
     load_piece_buffers,
     pieces_dir_of,
-    write_entries,
+    write_pieces,
 )
 
 __all__ = ["READ_BATCH", "read_shard_pieces", "shard_fields", "shard_results"]
@@ -63,7 +63,7 @@ def shard_results(
     if sink is None:
         sink = LocalPieces(pieces_dir_of(directory), directio.write_direct)
     try:
-        table, lengths, written = write_entries(sink, entries)
+        table, lengths, written = write_pieces(sink, entries)
     except OSError as exc:
         raise SaveFailed(
             f"rank {rank} could not write its pieces for {directory} "

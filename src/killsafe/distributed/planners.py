@@ -44,7 +44,7 @@ def encode_value(value: Any, fqn: str) -> bytes:
     return json.dumps({"tree": encoded.tree, "entries": entries}, allow_nan=False).encode()
 
 
-def decode_value(data: bytes, fqn: str, where: Path) -> Any:
+def decode_value(data: bytes, fqn: str, where: Path | str) -> Any:
     """The value ``encode_value`` stored; ``CorruptCheckpoint`` when it is malformed."""
     try:
         document = json.loads(data)
@@ -110,7 +110,7 @@ def _refuse_values_that_differ(digests_by_rank: list[dict[str, str]]) -> None:
 class JsonLoadPlanner(DefaultLoadPlanner):
     """DCP's default load planner, reading non-tensor values as JSON (never unpickling)."""
 
-    where = Path(".")
+    where: Path | str = Path(".")  # the checkpoint, for messages (a URL in an object store)
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn

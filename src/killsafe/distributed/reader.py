@@ -146,7 +146,7 @@ class ShardedReader(StorageReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         if isinstance(planner, JsonLoadPlanner):
-            planner.where = Path(self.where)
+            planner.where = self.where
         by_piece: dict[Piece, list[ReadItem]] = {}
         for request in plan.items:
             if request.type == LoadItemType.BYTE_IO and not isinstance(planner, JsonLoadPlanner):

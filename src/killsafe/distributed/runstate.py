@@ -208,7 +208,7 @@ def read_rank_part(
     found = load_full(directory, keys={key})
     if key not in found:
         raise CheckpointNotFound(f"checkpoint {directory} holds no state of rank {rank}")
-    value = decode_value(found[key], key, Path(str(directory)))
+    value = decode_value(found[key], key, str(directory))
     if not isinstance(value, dict):
         raise CorruptCheckpoint(
             f"checkpoint {directory}: the state of rank {rank} is not a mapping; "

@@ -213,12 +213,9 @@ class ShardedWriter(StorageWriter):
         staging = self.staging
         if staging is None:
             raise ConfigError("ShardedWriter.finish ran before prepare_global_plan")
-        pieces = [result for rank_results in results for result in rank_results]
-        records = {p.storage_data.record.name: p.storage_data.record for p in pieces}
-        shards = shard_fields(records.values()) if self.incremental else {}
+        pieces, files, shards = self._reported(results)
         try:
-            _check_files(staging, [] if shards else records.values())
-            files = {} if shards else records
+            _check_files(staging, files.values())
             manifest = self._manifest(metadata, pieces, files, len(results), shards)
             write_json_file(staging / MANIFEST_NAME, manifest)
             fsync_directory(staging)
@@ -232,13 +229,21 @@ class ShardedWriter(StorageWriter):
     def _finish_remote(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Into an object store: the manifest, naming the attempt, put last (the commit)."""
         assert self.remote is not None and self.remote.staging is not None
-        pieces = [result for rank_results in results for result in rank_results]
-        records = {p.storage_data.record.name: p.storage_data.record for p in pieces}
-        shards = shard_fields(records.values()) if self.incremental else {}
-        files = {} if shards else records
+        pieces, files, shards = self._reported(results)
         attempt = self.remote.staging.tmp_path.name
         manifest = self._manifest(metadata, pieces, files, len(results), shards, attempt=attempt)
         self.remote.commit(manifest, list(files.values()))
+
+    def _reported(
+        self, results: list[list[WriteResult]]
+    ) -> tuple[list[WriteResult], dict[str, FileRecord], dict[str, Any]]:
+        """What the ranks wrote: every result, the rank files, and the shards' manifest
+        fields (no rank files when they wrote into an incremental store)."""
+        pieces = [result for rank_results in results for result in rank_results]
+        records = {p.storage_data.record.name: p.storage_data.record for p in pieces}
+        if self.incremental:
+            return pieces, {}, shard_fields(records.values())
+        return pieces, records, {}
 
     def _commit(self, staging: Path) -> None:
         # The one commit point. Every rank file and the manifest were fsynced

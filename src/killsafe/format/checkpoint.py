@@ -156,7 +156,7 @@ def write_incremental(
     """
     directory = Path(directory)
     sink = LocalPieces(pieces_dir_of(directory), fast_write)
-    tensors, lengths, written = write_pieces(sink, encoded)
+    tensors, lengths, written = write_pieces(sink, encoded.entries)
     extra = {"layout": PIECES_LAYOUT, "pieces": lengths, "added": written}
     manifest = build_manifest(encoded, {}, tensors, fields, extra=extra)
     write_json_file(directory / MANIFEST_NAME, manifest)

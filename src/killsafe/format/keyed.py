@@ -408,7 +408,7 @@ def write_pieces_at(
     ``KeyedPieces``). Every piece is put before this returns, so the
     manifest the caller writes next names only stored pieces.
     """
-    tensors, lengths, written = write_pieces(KeyedPieces(medium, held), encoded)
+    tensors, lengths, written = write_pieces(KeyedPieces(medium, held), encoded.entries)
     extra = {"layout": PIECES_LAYOUT, "pieces": lengths, "added": written}
     return build_manifest(encoded, {}, tensors, fields, attempt=attempt, extra=extra)
 

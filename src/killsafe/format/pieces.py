@@ -29,7 +29,7 @@ manifest is written, so a committed manifest never names a piece that is
 not durable. ``LocalPieces`` is the sink of a local directory; removing
 pieces that no manifest names is the store's job (``store.pieces``).
 Sharded saves into an incremental store cut and write each rank's entries
-the same way (``write_entries``; ``killsafe.distributed.incremental``).
+the same way (``killsafe.distributed.incremental``).
 Format knows nothing of the store: it only knows that a local ``pieces``
 checkpoint's bytes are in ``<its parent>/pieces``.
 """
@@ -52,7 +52,7 @@ from typing import Any, Protocol
 
 import xxhash
 
-from killsafe.format.codec import Encoded, TensorEntry
+from killsafe.format.codec import TensorEntry
 from killsafe.format.io import (
     FastWrite,
     Where,
@@ -277,26 +277,15 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def write_pieces(
-    sink: PieceSink, encoded: Encoded, piece_size: int = PIECE_SIZE
-) -> tuple[dict[str, Any], dict[str, int], int]:
-    """Write the pieces of ``encoded`` that ``sink`` lacks, durably.
-
-    Returns the manifest's ``tensors`` section, its ``pieces`` map (digest
-    to length) and the bytes written (see ``write_entries``).
-    """
-    return write_entries(sink, encoded.entries, piece_size)
-
-
-def write_entries(
     sink: PieceSink, entries: Sequence[TensorEntry], piece_size: int = PIECE_SIZE
 ) -> tuple[dict[str, Any], dict[str, int], int]:
     """Write the pieces of ``entries`` that ``sink`` lacks, durably.
 
     Every byte is hashed once, for its piece's name, on a few threads
     (xxhash releases the GIL) while this thread writes the pieces already
-    named. Returns ``{"entries": {key: dtype, shape, size, spans}}``, the
-    ``pieces`` map (digest to length) and the bytes written. Lets the sink's
-    errors through.
+    named. Returns the manifest's ``tensors`` section (``{"entries": {key:
+    dtype, shape, size, spans}}``), its ``pieces`` map (digest to length)
+    and the bytes written. Lets the sink's errors through.
     """
     pieces, spans = cut(entries, piece_size)
     lengths: dict[str, int] = {}
