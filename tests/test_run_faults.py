@@ -3,6 +3,7 @@ a damaged checkpoint on the way, bad arguments."""
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -122,6 +123,65 @@ def test_a_finished_run_started_again_exits_zero_with_one_line(tmp_path: Path) -
     lines = again.stderr.splitlines()
     assert len(lines) == 1 and "already finished at step 3 of 3" in lines[0], lines
     assert records(tmp_path) == before
+
+
+def train_epochs(directory: Path, epochs: int) -> list[tuple[int, int]]:
+    """Epochs of three batches; returns the (epoch, batch) pairs it ran."""
+    ran = []
+    with Run(directory, progress=False, keyboard=False) as run:
+        state = run.track(weights=[0.0] * 4, moments=np.zeros(4))
+        for epoch in run.epochs(epochs):
+            for batch in run.batches([1.0, 2.0, 3.0]):
+                state["weights"][0] += batch
+                run.log(loss=batch)
+                ran.append((epoch, run.batch_index))
+    return ran
+
+
+def test_a_finished_epoch_loop_started_again_says_so_and_keeps_every_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert len(train_epochs(tmp_path, 2)) == 6
+    wait_for_png(tmp_path)
+    before = records(tmp_path)
+    with caplog.at_level(logging.INFO, logger="killsafe"):
+        with Run(tmp_path, progress=False, keyboard=False) as run:
+            run.track(weights=[0.0] * 4, moments=np.zeros(4))
+            assert run.state["weights"][0] == 12  # restored, for an evaluation
+            assert list(run.epochs(2)) == []
+            run.log(test_loss=0.5)  # a finished run's history is not rewritten
+        assert run.exit_reason == "finished" and run.exit_code == 0 and run.step == 6
+    said = [r.getMessage() for r in caplog.records if "already finished" in r.getMessage()]
+    assert len(said) == 1 and "2 epochs at step 6" in said[0], said
+    assert "run.epochs() above 2" in said[0]
+    assert records(tmp_path) == before
+
+
+def test_a_finished_epoch_loop_given_more_epochs_goes_on(tmp_path: Path) -> None:
+    train_epochs(tmp_path, 2)
+    assert train_epochs(tmp_path, 3) == [(2, 0), (2, 1), (2, 2)]
+    sessions = json.loads((tmp_path / "run.json").read_text())["sessions"]
+    assert [(s["start_step"], s["end_step"]) for s in sessions] == [(0, 6), (6, 9)]
+
+
+def test_a_finished_epoch_loop_entered_without_a_loop_keeps_every_record(tmp_path: Path) -> None:
+    train_epochs(tmp_path, 2)
+    wait_for_png(tmp_path)
+    before = records(tmp_path)
+    with Run(tmp_path, progress=False, keyboard=False) as run:
+        run.track(weights=[0.0] * 4, moments=np.zeros(4))
+    assert run.exit_reason == "finished" and records(tmp_path) == before
+
+
+def test_a_failure_before_the_loop_of_a_finished_epoch_run_is_recorded(tmp_path: Path) -> None:
+    train_epochs(tmp_path, 2)
+    run = Run(tmp_path, progress=False, keyboard=False)
+    with pytest.raises(RuntimeError, match="before the loop"), run:
+        raise RuntimeError("before the loop")
+    assert run.exit_reason == "error"
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["status"] == "failed" and len(record["sessions"]) == 2
+    assert "before the loop" in (tmp_path / "events.jsonl").read_text()
 
 
 # ------------------------------------------------------------ damaged checkpoints

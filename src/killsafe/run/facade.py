@@ -267,6 +267,7 @@ class Run:
         self._exited = False
         self._loop_started = False
         self._epochs: EpochLoop | None = None
+        self._found_finished_late = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **options: Any) -> Run:
@@ -344,13 +345,17 @@ class Run:
         if stopped:
             exc = None
         lost = self._lost_rank(opened, exc)
+        if opened.deferred is not None and not self._loop_started:
+            # No loop ran: finished as it was, unless a failure is to be recorded.
+            epochs = opened.deferred.completed if exc is None else None
+            self._found_finished_late = opened.deferred.begin(epochs) is None
         try:
             if exc is None:
                 opened.closer.exit_normally(opened.boundary)
             else:
                 opened.closer.exit_on_exception(lost or exc)
         finally:
-            opened.closer.close(lost or exc, finished_at_start=opened.finished)
+            opened.closer.close(lost or exc, finished_at_start=self._finished_at_start)
             self._close_mirror(stopping=self._parts.ending.status() != "finished")
             self._requeue_if_preempted()
         if lost is not None:
@@ -433,7 +438,7 @@ class Run:
         """
         opened = self._require_open("epochs")
         saved = saved_loop(opened.resume.run_state)  # read before the tree is dropped
-        self._start_loop(opened, "epochs")
+        self._start_loop(opened, "epochs", count if isinstance(count, int) else None)
         parts = self._parts
         self._epochs = EpochLoop(
             parts.position, opened.boundary, parts.ending, self._stop_before_step, saved
@@ -762,12 +767,22 @@ class Run:
 
     # -- what the parts read of the run ----------------------------------
 
-    def _start_loop(self, opened: Opened, kind: str) -> None:
-        """The loop starts: RNG states restored last, the clocks and the progress started."""
+    def _start_loop(self, opened: Opened, kind: str, epochs: int | None = None) -> None:
+        """The loop starts: RNG states restored last, the clocks and the progress started.
+
+        A deferred session starts here, or finds the run finished (nothing runs).
+        """
         if self._loop_started:
             raise ConfigError(f"run.{kind}(): the run's loop was already started; a Run has one")
         self._loop_started = True
-        opened.say_start(kind == "epochs")
+        say_start = opened.say_start
+        if opened.deferred is not None:
+            say_start = opened.deferred.begin(epochs)
+            self._found_finished_late = say_start is None
+        if say_start is None:
+            opened.resume.restore_rng(opened.rng)
+            return
+        say_start(kind == "epochs")
         opened.resume.restore_rng(opened.rng)
         opened.boundary.loop_clock = time.monotonic()
         assert self._parts.services.progress is not None
@@ -815,8 +830,9 @@ class Run:
 
     @property
     def _finished_at_start(self) -> bool:
-        """Found finished when entered: nothing runs, its records stay as they are."""
-        return self._opened is not None and self._opened.finished
+        """Found finished when entered (or when its deferred loop started): nothing runs,
+        its records stay as they are."""
+        return self._opened is not None and (self._opened.finished or self._found_finished_late)
 
     def _require_open(self, what: str) -> Opened:
         if not self._entered or self._exited or self._opened is None:

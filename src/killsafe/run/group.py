@@ -544,7 +544,7 @@ class QuietHistory(History):
 class QuietServices(Services):
     """A rank other than 0: no history file, no display, no keyboard, no dashboard."""
 
-    def open_display(self, step: int, total: int | None, *, resumed: bool) -> Progress:
+    def open_display(self, step: int, total: int | None) -> Progress:
         self.history = QuietHistory(self._config.directory)
         self.progress = Progress(total=total, start_step=step, enabled=False)
         return self.progress

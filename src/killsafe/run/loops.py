@@ -92,6 +92,7 @@ class EpochLoop:
         return {
             "epoch": self._position.epoch,
             "batch_index": self._position.batch_index,
+            "epochs": self._position.epochs,
             "data": data,
         }
 

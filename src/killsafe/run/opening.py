@@ -26,13 +26,13 @@ from killsafe.run.services import Services
 from killsafe.run.session import SessionRecord, refuse_if_attached
 from killsafe.run.start_lines import start_lines
 from killsafe.run.stops import Stops
-from killsafe.run.tree import load_run_state, saved_loop
+from killsafe.run.tree import completed_epochs, load_run_state, saved_loop
 
 if TYPE_CHECKING:
     from killsafe.format import CheckpointInfo
     from killsafe.store import CheckpointStore
 
-__all__ = ["Opened", "Parts", "open_session"]
+__all__ = ["Deferred", "Opened", "Parts", "open_session"]
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,34 @@ class Opened:
     boundary: StepBoundary
     closer: Closer
     finished: bool
-    say_start: Callable[[bool], None]
-    """Says the run's start lines, when its loop starts (``True``: ``run.epochs()``)."""
+    say_start: Callable[[bool], None] | None
+    """Says the run's start lines, when its loop starts (``True``: ``run.epochs()``);
+    None while ``deferred``."""
+    deferred: Deferred | None = None
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A resume from a ``run.epochs()`` loop that had run to its end.
+
+    Whether the run is finished is known only when its loop starts: ``run.epochs(n)``
+    with ``n`` at most ``completed`` finds it finished, as a run at ``total_steps``
+    is found at its start (nothing runs, its records stay as they are); a larger
+    ``n``, or another loop, continues it. Until then the session writes nothing.
+    """
+
+    completed: int
+    start: Callable[[], Callable[[bool], None]]
+    """Starts the session's records and services; returns what says its start lines."""
+    found_finished: Callable[[int], None]
+
+    def begin(self, epochs: int | None) -> Callable[[bool], None] | None:
+        """Start the session for a loop of ``epochs`` (None: not ``run.epochs()``);
+        None when the run is found finished."""
+        if epochs is not None and epochs <= self.completed:
+            self.found_finished(self.completed)
+            return None
+        return self.start()
 
 
 @dataclass(frozen=True)
@@ -116,17 +142,21 @@ def open_session(
     if finished:
         progress = parts.services.open_quiet(position.step, position.total)
     else:
-        progress = parts.services.open_display(
-            position.step, position.total, resumed=info is not None
-        )
+        progress = parts.services.open_display(position.step, position.total)
     boundary, closer = _wire(parts, store, session, ledger, progress, start)
-    say_start: Callable[[bool], None] = _say_nothing
+    opened = functools.partial(
+        Opened, store, rng, resume, session, ledger, boundary, closer, finished
+    )
     if finished:
         _found_finished(parts, info)
-    else:
-        loop = saved_loop(resume.run_state) if info is not None else None
-        say_start = _start(parts, session, progress, start, loop)
-    return Opened(store, rng, resume, session, ledger, boundary, closer, finished, say_start)
+        return opened(_say_nothing)
+    loop = saved_loop(resume.run_state) if info is not None else None
+    start_session = functools.partial(_start, parts, session, progress, start, loop)
+    completed = completed_epochs(loop)
+    if completed is None:
+        return opened(start_session())
+    found = functools.partial(_found_finished, parts, info)
+    return opened(None, Deferred(completed, start_session, found))
 
 
 def _wire(
@@ -213,6 +243,7 @@ def _start(
 ) -> Callable[[bool], None]:
     """Start the session's records and services; return what says its start lines."""
     info = start.info
+    parts.services.cut_history(None if info is None else parts.position.step)
     if info is not None:
         progress.checkpoint_saved(info.step, info.path)
     record = parts.config.record(total_steps=parts.position.total)
@@ -264,19 +295,27 @@ def _say_start(
         parts.services.say(line)
 
 
-def _found_finished(parts: Parts, info: CheckpointInfo | None) -> None:
+def _found_finished(
+    parts: Parts, info: CheckpointInfo | None, epochs_done: int | None = None
+) -> None:
     """A start that finds the run finished: nothing to run, nothing to record.
 
     The loop yields no step, and run.json, status.json, the history, the
     events and the report stay as the finishing session left them (a
     session of zero steps would wipe its figures). The tracked objects are
-    still restored, for an evaluation after the loop.
+    still restored, for an evaluation after the loop. ``epochs_done``: the
+    epochs of a ``run.epochs()`` loop found run to its end.
     """
     assert info is not None
-    config = parts.config
+    position = parts.position
     parts.ending.reason = "finished"
+    if epochs_done is None:
+        where = f"at step {position.step} of {position.total}"
+        how = "raise total_steps to continue it"
+    else:
+        where = f"{epochs_done} epochs at step {position.step}"
+        how = f"raise the count of run.epochs() above {epochs_done} to continue it"
     parts.services.say(
-        f"killsafe: {config.directory} already finished at step {parts.position.step} of "
-        f"{parts.position.total} (checkpoint {info.path}); nothing to run, records kept; "
-        "raise total_steps to continue it"
+        f"killsafe: {parts.config.directory} already finished {where} "
+        f"(checkpoint {info.path}); nothing to run, records kept; {how}"
     )

@@ -34,13 +34,12 @@ class Services:
         self.keyboard: KeyboardMonitor | None = None
         self.server: Any = None
 
-    def open_display(self, step: int, total: int | None, *, resumed: bool) -> Progress:
-        """The history (cut back to ``step`` when resuming) and the progress display."""
+    def open_display(self, step: int, total: int | None) -> Progress:
+        """The history and the progress display; ``cut_history`` before the first record."""
         config = self._config
         self.history = History(
             config.directory, csv=config.save_metrics, tensorboard=config.tensorboard
         )
-        self.history.truncate_after(step if resumed else -1)
         self.progress = Progress(
             total=total,
             start_step=step,
@@ -48,6 +47,11 @@ class Services:
             enabled=config.progress,
         )
         return self.progress
+
+    def cut_history(self, step: int | None) -> None:
+        """Drop the history after ``step``, the checkpoint resumed from (all of it: None)."""
+        assert self.history is not None
+        self.history.truncate_after(-1 if step is None else step)
 
     def open_quiet(self, step: int, total: int | None) -> Progress:
         """For a run found finished: a history that is not rewritten, no display."""

@@ -56,3 +56,17 @@ def saved_loop(saved: Any) -> Mapping[str, Any] | None:
         return None
     loop = saved.get("loop")
     return loop if isinstance(loop, Mapping) else None
+
+
+def completed_epochs(loop: Mapping[str, Any] | None) -> int | None:
+    """The epoch count a checkpoint's ``run.epochs()`` loop had run to its end, else None.
+
+    None also for a loop saved mid-way, and for checkpoints that predate the
+    count being kept.
+    """
+    if loop is None:
+        return None
+    count, epoch = loop.get("epochs"), loop.get("epoch")
+    if type(count) is int and type(epoch) is int and epoch >= count:
+        return count
+    return None
