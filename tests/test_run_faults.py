@@ -184,6 +184,23 @@ def test_a_failure_before_the_loop_of_a_finished_epoch_run_is_recorded(tmp_path:
     assert "before the loop" in (tmp_path / "events.jsonl").read_text()
 
 
+def test_a_stop_inside_the_batches_passes_an_except_exception_around_them(
+    tmp_path: Path,
+) -> None:
+    ends = []
+    with Run(tmp_path, progress=False, keyboard=False) as run:
+        for epoch in run.epochs(3):
+            try:
+                for _ in run.batches([1.0, 2.0, 3.0]):
+                    if run.step == 4:
+                        run.stop("enough")
+            except Exception:  # a loop that logs a bad batch and goes on
+                pytest.fail("the stop was caught as an Exception")
+            ends.append(epoch)
+    assert ends == [0] and run.exit_reason == "enough" and run.exit_code == 75
+    assert (run.epoch, run.batch_index) == (1, 2)
+
+
 # ------------------------------------------------------------ damaged checkpoints
 
 

@@ -55,9 +55,14 @@ _BEFORE, _BATCHES, _AFTER = "before-batches", "batches", "after-batches"
 _WAITING, _DONE = "waiting", "done"  # before epochs() is iterated; after it ended
 
 
-class EpochStopped(Exception):
+class EpochStopped(BaseException):
     """Raised out of ``run.batches()`` after a stop's checkpoint, so the epoch's end code
-    does not run on a partial epoch. ``Run``'s with-block absorbs it."""
+    does not run on a partial epoch. ``Run``'s with-block absorbs it.
+
+    A ``BaseException``, as ``KeyboardInterrupt`` is: an ``except Exception`` around
+    the batches (to log a bad batch and go on) must not turn a stop into an end code
+    run on a partial epoch.
+    """
 
 
 class EpochLoop:
