@@ -7,6 +7,7 @@ real processes against the session's SeaweedFS server.
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,30 @@ def test_list_matches_copies_by_step_and_name(
     listed = list_json(capsys, str(tmp_path / "run"))
     rows = [(c["step"], c["name"], c["tier"]) for c in listed["checkpoints"]]
     assert (50, None, "both") in rows and (50, "exported", "mirrored") in rows
+
+
+def test_a_mirror_in_a_directory_is_listed_as_one_in_a_bucket(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mirror = tmp_path / "nfs" / "exp"  # a mounted network file system
+    mirrored_run(tmp_path / "run", str(mirror))
+    listed = list_json(capsys, str(tmp_path / "run"))
+    assert listed["mirror"] == str(mirror)
+    assert tiers(listed) == {30: "mirrored", 40: "mirrored", 50: "both"}
+
+
+def test_a_run_directory_without_checkpoints_lists_its_mirror(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A job whose nodes share no disk: rank 0 keeps the run files, the mirror the rest.
+    url = f"memory://tiers-{uuid.uuid4().hex[:8]}/exp"
+    mirrored_run(tmp_path / "run", url)
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    assert tiers(list_json(capsys, str(tmp_path / "run"))) == {
+        30: "mirrored",
+        40: "mirrored",
+        50: "mirrored",
+    }
 
 
 def test_a_run_without_mirror_lists_without_tiers(

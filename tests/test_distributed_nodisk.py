@@ -100,6 +100,8 @@ def test_a_job_without_a_shared_disk_saves_its_shards_to_the_mirror(
     node_0 = jobs["root"] / "first" / "node-0"
     assert not (node_0 / "checkpoints").exists()  # nothing saved on the local disks
     assert (node_0 / "run.json").exists()  # rank 0 keeps the records locally
+    report = json.loads((node_0 / "report.json").read_text())  # it lists the mirror's
+    assert [c["step"] for c in report["checkpoints"]] == [3, STOP_STEP]
     assert not [p for p in (jobs["root"] / "first" / "node-1").iterdir()]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 store_module = pytest.importorskip("killsafe.store")
 
-from killsafe import rundir  # noqa: E402
+from killsafe import report, rundir  # noqa: E402
 from killsafe.server import ServerHandle, serve_in_thread  # noqa: E402
 
 TIMEOUT = 10.0
@@ -123,6 +124,27 @@ def test_delete_while_a_live_run_owns_the_store_is_409(client: Any, run_dir: Pat
         assert answer.status_code == 409
         assert "live run" in answer.json()["detail"]
         assert infos[0].path.is_dir()
+
+
+def test_a_run_that_saved_straight_to_its_mirror_lists_and_deletes_there(
+    client: Any, run_dir: Path
+) -> None:
+    # A job whose nodes share no disk: rank 0's directory has the run files, no
+    # checkpoints/; run.json names the mirror that holds them.
+    mirror = f"memory://straight-{uuid.uuid4().hex[:8]}/exp"
+    rundir.write_json_atomic(run_dir / "run.json", {"config": {"mirror": mirror}})
+    with store_module.CheckpointStore(mirror) as store:
+        for step in (10, 20):
+            store.save({"w": [step]}, step, metrics={"loss": 1 / step})
+    listed = client.get("/api/checkpoints").json()["checkpoints"]
+    assert [(c["step"], c["latest"]) for c in listed] == [(10, False), (20, True)]
+    assert listed[1]["path"] == f"{mirror}/step-000020"
+    assert [c["step"] for c in report.list_checkpoints(run_dir)] == [10, 20]
+    answer = client.request("DELETE", f"/api/checkpoints/{listed[0]['id']}", json={})
+    assert answer.status_code == 200
+    assert [info.step for info in store_module.CheckpointStore(mirror).list()] == [20]
+    missing = client.request("DELETE", "/api/checkpoints/step-000010", json={})
+    assert missing.status_code == 404 and mirror in missing.json()["detail"]
 
 
 def test_names_are_sanitized_like_the_store(client: Any, run_dir: Path) -> None:

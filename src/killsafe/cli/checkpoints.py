@@ -210,7 +210,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print_json(
             {
                 "directory": str(location.store_dir),
-                "mirror": mirror,
+                "mirror": None if mirror is None else str(mirror),
                 "checkpoints": [e.to_json() for e in entries],
             }
         )
@@ -230,9 +230,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return EXIT_FAILED_CHECK if args.verify and any(e.problem for e in entries) else EXIT_OK
 
 
-def _run_mirror(run_dir: Path | None) -> str | None:
-    """The mirror URL ``run.json`` names (``Run(mirror=...)``), or ``None`` (also when
-    ``run.json`` cannot be read: the local checkpoints are listed all the same)."""
+def _run_mirror(run_dir: Path | None) -> Place | None:
+    """The mirror ``run.json`` names (``Run(mirror=...)``: a URL, or a directory), or
+    ``None`` (also when ``run.json`` cannot be read: the local checkpoints are listed
+    all the same)."""
     if run_dir is None:
         return None
     try:
@@ -240,10 +241,10 @@ def _run_mirror(run_dir: Path | None) -> str | None:
     except KillsafeError:
         return None
     mirror = config.get("mirror") if isinstance(config, dict) else None
-    return mirror.rstrip("/") if isinstance(mirror, str) and mirror else None
+    return path_or_url(mirror) if isinstance(mirror, str) and mirror else None
 
 
-def _with_mirror(local: list[_Entry], mirror: str, *, verify: bool) -> list[_Entry]:
+def _with_mirror(local: list[_Entry], mirror: Place, *, verify: bool) -> list[_Entry]:
     """The local entries and the mirror's, one row per checkpoint with its tier.
 
     A local and a mirrored checkpoint with the same step and name are one

@@ -63,8 +63,11 @@ class RunReader:
     ``open_catalog`` (``CheckpointStore`` from the rooms above the store) is
     what ``catalog()`` and ``checkpoints()`` list with. ``checkpoints_at``
     puts the checkpoints elsewhere than ``run_dir/checkpoints``: a mirror's
-    URL, whose run files were downloaded into ``run_dir``. Safe to use from
-    any thread or process next to a live run.
+    URL, whose run files were downloaded into ``run_dir``. Without it, a run
+    directory with no ``checkpoints`` of its own whose ``run.json`` names a
+    mirror has its checkpoints there (a job whose nodes share no disk saves
+    straight into its mirror). Safe to use from any thread or process next to
+    a live run.
     """
 
     def __init__(
@@ -119,7 +122,25 @@ class RunReader:
         return parse_best(config.get("best")) if isinstance(config, dict) else None
 
     def has_checkpoints(self) -> bool:
-        return self._checkpoints_at is not None or self.layout.checkpoints.is_dir()
+        return self.checkpoints_where() is not None
+
+    def checkpoints_where(self) -> str | Path | None:
+        """Where the checkpoints are listed: ``checkpoints_at``, ``run_dir/checkpoints``,
+        else the mirror ``run.json`` names; None when there is none of them."""
+        if self._checkpoints_at is not None:
+            return self._checkpoints_at
+        if self.layout.checkpoints.is_dir():
+            return self.layout.checkpoints
+        return self._mirror()
+
+    def _mirror(self) -> str | None:
+        try:
+            config = self.record().get("config")
+        except KillsafeError as exc:
+            log.warning("ignoring unreadable %s: %s", self.layout.run, exc)
+            return None
+        mirror = config.get("mirror") if isinstance(config, dict) else None
+        return mirror if isinstance(mirror, str) and mirror else None
 
     def catalog(self) -> Any:
         """The run's checkpoint store, opened with the run's best metric when it has one
@@ -134,7 +155,7 @@ class RunReader:
         except KillsafeError as exc:
             log.warning("ignoring unreadable %s: %s", self.layout.run, exc)
             best = None
-        where = self._checkpoints_at or self.layout.checkpoints
+        where = self.checkpoints_where() or self.layout.checkpoints
         if best is None:
             return self._open_catalog(where)
         return self._open_catalog(where, best=best)

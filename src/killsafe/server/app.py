@@ -189,7 +189,7 @@ class RunDirectory:
         matches = [info for info in store.list() if Path(info.path).name == checkpoint_id]
         if not matches:
             raise CheckpointNotFound(
-                f"no checkpoint {checkpoint_id!r} in {self.layout.checkpoints}; "
+                f"no checkpoint {checkpoint_id!r} in {self.reader.checkpoints_where()}; "
                 "GET /api/checkpoints lists their ids"
             )
         latest, best = _marked(store)
@@ -202,7 +202,7 @@ class RunDirectory:
             store.delete(matches[0].path, force=True)
         except StoreLocked as exc:
             raise _Conflict(
-                f"a live run writes to {self.layout.checkpoints} and owns its checkpoints; "
+                f"a live run writes to {self.reader.checkpoints_where()} and owns its checkpoints; "
                 "delete this one once the run has ended"
             ) from exc
         finally:
@@ -514,7 +514,7 @@ def _checkpoint_out(info: Any, latest: str | None, best: str | None) -> Checkpoi
         created=info.created,
         metrics=dict(info.metrics or {}),
         size=int(info.size),
-        path=str(info.path),
+        path=info.location,
         note=note if isinstance(note, str) else None,
         latest=checkpoint_id == latest,
         best=checkpoint_id == best,
