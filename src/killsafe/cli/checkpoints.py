@@ -231,17 +231,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _run_mirror(run_dir: Path | None) -> Place | None:
-    """The mirror ``run.json`` names (``Run(mirror=...)``: a URL, or a directory), or
-    ``None`` (also when ``run.json`` cannot be read: the local checkpoints are listed
-    all the same)."""
-    if run_dir is None:
-        return None
-    try:
-        config = RunReader(run_dir).record().get("config")
-    except KillsafeError:
-        return None
-    mirror = config.get("mirror") if isinstance(config, dict) else None
-    return path_or_url(mirror) if isinstance(mirror, str) and mirror else None
+    """The mirror ``run.json`` names, or ``None`` (also when ``run.json`` cannot be
+    read: the local checkpoints are listed all the same)."""
+    mirror = RunReader(run_dir).mirror() if run_dir is not None else None
+    return path_or_url(mirror) if mirror is not None else None
 
 
 def _with_mirror(local: list[_Entry], mirror: Place, *, verify: bool) -> list[_Entry]:

@@ -131,9 +131,11 @@ class RunReader:
             return self._checkpoints_at
         if self.layout.checkpoints.is_dir():
             return self.layout.checkpoints
-        return self._mirror()
+        return self.mirror()
 
-    def _mirror(self) -> str | None:
+    def mirror(self) -> str | None:
+        """The mirror ``run.json`` names (``Run(mirror=...)``: a URL or a directory);
+        None without one, or when run.json cannot be read (a warning)."""
         try:
             config = self.record().get("config")
         except KillsafeError as exc:
