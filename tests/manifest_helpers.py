@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,3 +18,17 @@ def edit_manifest(directory: Path, change: Any, *, reseal: bool = True) -> None:
     if reseal and isinstance(manifest, dict):
         manifest[fmt.CHECKSUM_FIELD] = fmt.manifest_digest(manifest)
     path.write_text(json.dumps(manifest))
+
+
+def each_hostile_manifest(directory: Path, changes: Iterable[Any]) -> Iterator[Any]:
+    """For each change: the original manifest with that change alone, resealed (yields
+    the change); the original is back afterwards."""
+    path = directory / fmt.MANIFEST_NAME
+    original = path.read_bytes()
+    try:
+        for change in changes:
+            path.write_bytes(original)
+            edit_manifest(directory, change)
+            yield change
+    finally:
+        path.write_bytes(original)

@@ -22,6 +22,7 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 import distributed_worker as worker  # noqa: E402
 from distributed_helpers import Job, run_job  # noqa: E402
+from manifest_helpers import each_hostile_manifest  # noqa: E402
 
 from killsafe.distributed import Agreement, decide, load_sharded, save_sharded  # noqa: E402
 from killsafe.errors import (  # noqa: E402
@@ -204,11 +205,7 @@ def test_pickling_planners_are_refused(tmp_path: Path) -> None:
 
 
 def test_a_hostile_manifest_is_corrupt_not_a_crash(tmp_path: Path) -> None:
-    from killsafe.format.manifest import manifest_digest
-
     save_sharded({"w": torch.arange(6.0).reshape(2, 3), "step": 3}, tmp_path / "c")
-    path = tmp_path / "c" / "manifest.json"
-    original = json.loads(path.read_text())
     hostile = [
         lambda m: m["dcp"]["state"]["w"].update(chunks="x"),
         lambda m: m["dcp"]["state"]["w"].update(dtype="Tensor"),
@@ -216,10 +213,6 @@ def test_a_hostile_manifest_is_corrupt_not_a_crash(tmp_path: Path) -> None:
         lambda m: m["dcp"]["storage"][0].update(file="../../etc/passwd"),
         lambda m: m["dcp"].update(storage=[]),
     ]
-    for change in hostile:
-        manifest = json.loads(json.dumps(original))
-        change(manifest)
-        manifest["manifest_xxh3"] = manifest_digest(manifest)
-        path.write_text(json.dumps(manifest))
+    for _ in each_hostile_manifest(tmp_path / "c", hostile):
         with pytest.raises(CorruptCheckpoint):
             load_sharded({"w": torch.zeros(2, 3), "step": None}, tmp_path / "c")

@@ -24,12 +24,13 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 import distributed_incremental_worker as worker  # noqa: E402
 from distributed_helpers import Job, run_job  # noqa: E402
+from manifest_helpers import each_hostile_manifest  # noqa: E402
 
 from killsafe import CheckpointStore  # noqa: E402
 from killsafe.cli import main as cli  # noqa: E402
 from killsafe.distributed import load_sharded, save_sharded  # noqa: E402
 from killsafe.errors import CorruptCheckpoint  # noqa: E402
-from killsafe.format import PIECE_SUFFIX, manifest_digest, verify_checkpoint  # noqa: E402
+from killsafe.format import PIECE_SUFFIX, verify_checkpoint  # noqa: E402
 from killsafe.format.pieces import PIECE_SIZE  # noqa: E402
 from killsafe.store.pieces import referenced_pieces  # noqa: E402
 
@@ -216,9 +217,7 @@ def test_a_hostile_shard_table_is_corrupt_not_a_crash(tmp_path: Path) -> None:
     checkpoint = tmp_path / "checkpoints" / "c"
     checkpoint.parent.mkdir()
     save_sharded({"w": torch.arange(6.0), "step": 3}, checkpoint, incremental=True)
-    path = checkpoint / "manifest.json"
-    original = json.loads(path.read_text())
-    (digest,) = original["pieces"]
+    (digest,) = json.loads((checkpoint / "manifest.json").read_text())["pieces"]
 
     def rows(m: dict[str, Any]) -> dict[str, Any]:
         return dict(m["shards"]["rank-00000.safetensors"]["entries"])
@@ -231,14 +230,9 @@ def test_a_hostile_shard_table_is_corrupt_not_a_crash(tmp_path: Path) -> None:
         lambda m: m["dcp"]["storage"][0].update(key="nowhere"),
         lambda m: m.update(added=None),
     ]
-    for change in hostile:
-        manifest = json.loads(json.dumps(original))
-        change(manifest)
-        manifest["manifest_xxh3"] = manifest_digest(manifest)
-        path.write_text(json.dumps(manifest))
+    for _ in each_hostile_manifest(checkpoint, hostile):
         with pytest.raises(CorruptCheckpoint):
             load_sharded({"w": torch.zeros(6), "step": None}, checkpoint)
-    path.write_text(json.dumps(original))
     verify_checkpoint(checkpoint)
     state = load_sharded({"w": torch.zeros(6), "step": None}, checkpoint)
     assert state["w"].tolist() == list(range(6)) and state["step"] == 3
