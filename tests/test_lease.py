@@ -178,6 +178,33 @@ def test_the_context_manager_renews_in_the_background_and_releases(backend: Back
     assert isinstance(record, LeaseRecord) and record.released
 
 
+def test_a_lease_taken_again_after_it_lapsed_is_renewed_again(
+    backend: Backend, clock: FakeClock
+) -> None:
+    before = set(threading.enumerate())
+    lease = Lease(backend, ttl=0.3, clock=clock, host="node-a", pid=111)
+    lease.acquire()
+    lease.start_renewing()
+    clock.now += 1  # renewals missed: the lease lapsed, and its renewer stops
+    with pytest.raises(StoreLocked, match="lease expired"):
+        lease.check()
+    renewers = [t for t in set(threading.enumerate()) - before if t.name == "killsafe-lease"]
+    for renewer in renewers:
+        renewer.join(timeout=5)
+    taken = lease.acquire()  # nobody took it meanwhile: this writer takes it again
+    lease.start_renewing()
+    clock.now += 0.1
+    try:
+        for _ in range(100):  # the renewer rewrites the record every ttl / 3 s
+            holder = lease.holder()
+            if holder is not None and holder.expires > taken.expires:
+                break
+            threading.Event().wait(0.05)
+        assert holder is not None and holder.expires > taken.expires
+    finally:
+        lease.release()
+
+
 _HOLDER = textwrap.dedent(
     """
     import sys, time

@@ -294,7 +294,7 @@ class Lease:
                 log.warning("could not release lease on %s: %s", self.backend.url, exc)
 
     def start_renewing(self) -> None:
-        """Renew every ``ttl / 3`` seconds in a daemon thread until released or lost."""
+        """Renew every ``ttl / 3`` seconds in a daemon thread until released."""
         if self._renewer is not None:
             return
         self._stop.clear()
@@ -311,12 +311,15 @@ class Lease:
             renewer.join()
 
     def _renew_loop(self) -> None:
+        # Runs until stop_renewing(): a writer that lost its lease may take it
+        # again (acquire), and is renewed again then.
         while not self._stop.wait(self.ttl / 3):
+            if self.held is None:
+                continue
             try:
                 self.renew()
             except StoreLocked as exc:
                 log.warning("%s", exc)
-                return
             except KillsafeError as exc:  # transient: try again next period
                 log.warning("could not renew lease on %s: %s", self.backend.url, exc)
 
