@@ -277,3 +277,51 @@ def test_during_the_session_every_upload_finishes_however_many_queue_up(tmp_path
     assert mirror.drain(stopping=False).endswith("newest step 2, 2 uploaded this session")
     mirror.close()
     local.close()
+
+
+class _CommitBlocks(storage.MemoryBackend):
+    """A memory area whose checkpoint commits (manifest puts) hang until ``go`` is set,
+    as a mirror that stopped answering does."""
+
+    def __init__(self, name: str) -> None:
+        import threading
+
+        super().__init__(name)
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def create_if_absent(self, key: str, data: bytes) -> None:
+        if key.endswith("manifest.json"):
+            self.entered.set()
+            self.go.wait()
+        super().create_if_absent(key, data)
+
+
+def test_a_stopping_run_leaves_a_hung_upload_after_its_grace(tmp_path: Path) -> None:
+    import threading
+
+    from killsafe.run.mirror import Mirror
+
+    local = killsafe.CheckpointStore(tmp_path / "local")
+    info = local.save({"w": np.zeros(4)}, 1)
+    backend = _CommitBlocks(f"hung-{uuid.uuid4().hex[:8]}")
+    mirror = Mirror(killsafe.CheckpointStore(backend), local, tmp_path, grace=0.1)
+    mirror.remote.acquire()
+    mirror.submit(info)
+    assert backend.entered.wait(30)  # the upload commits, holding the store, and hangs
+    summary: list[str] = []
+
+    def stop() -> None:
+        summary.append(mirror.drain(stopping=True))
+        mirror.close()
+
+    stopping = threading.Thread(target=stop)
+    stopping.start()
+    stopping.join(10)
+    try:
+        assert not stopping.is_alive()  # SIGTERM's path ends within its grace, not the upload's
+        assert "uploads still running after 0.1 s were left" in summary[0]
+    finally:
+        backend.go.set()
+        stopping.join(30)
+        local.close()

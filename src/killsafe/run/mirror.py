@@ -81,6 +81,7 @@ class Mirror:
         self._writing: PendingSave | None = None  # the local write uploads wait for
         self._uploading: CheckpointInfo | None = None
         self._draining = False  # the session ends: only the newest checkpoints matter
+        self._deadline: float | None = None  # a stopping session's end of grace (monotonic)
 
     # -- at the start -------------------------------------------------------
 
@@ -236,6 +237,7 @@ class Mirror:
         deadline = time.monotonic() + self.grace if stopping else None
         with self._cond:
             self._draining = True
+            self._deadline = deadline
         done = self._wait_idle(deadline)
         if done:
             self.upload_run_files()
@@ -268,11 +270,34 @@ class Mirror:
         return line
 
     def close(self) -> None:
-        """Stop the upload thread (after what it is doing) and release the remote store."""
+        """Stop the upload thread (after what it is doing) and release the remote store.
+
+        After ``drain(stopping=True)`` this waits no longer than what is left
+        of the grace time: releasing the store waits for an upload holding it
+        (a commit retried against a failing server), which then finishes in
+        the background, and the mirror's lease is given back when it does.
+        """
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._thread is not None and not self._busy:
+            busy = self._busy
+        if self._deadline is None:
+            self._release(busy)
+            return
+        closing = threading.Thread(
+            target=self._release, args=(busy,), name="killsafe-mirror-close", daemon=True
+        )
+        closing.start()
+        closing.join(max(self._deadline - time.monotonic(), 0.0))
+        if closing.is_alive():
+            log.warning(
+                "killsafe: mirror %s: an upload still holds it; its lease is given back "
+                "when that upload ends",
+                self.url,
+            )
+
+    def _release(self, busy: bool) -> None:
+        if self._thread is not None and not busy:
             self._thread.join(timeout=1.0)
         self.remote.close()
         self._files.close()
