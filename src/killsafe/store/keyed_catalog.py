@@ -92,9 +92,31 @@ class KeyedCatalog(Catalog):
             self.warn_once(self.url_of(name), f"skipping {self.url_of(name)}: {exc}")
         return None
 
-    def _listed(self, name: str, sizes: dict[str, int]) -> CheckpointInfo:
+    def _listed(self, name: str, sizes: dict[str, int], *, fresh: bool = False) -> CheckpointInfo:
+        """``sizes``: a listing of the store; ``fresh`` when it was taken for this checkpoint."""
         where = self.url_of(name)
         manifest = read_manifest_at(self.backend, manifest_key(name), where)
+        try:
+            self._check_sizes(name, manifest, sizes, where)
+        except CorruptCheckpoint:
+            if fresh:
+                raise
+            # A listing comes in pages, not as one snapshot: a checkpoint committed
+            # while it ran names objects its earlier pages had passed. Look again.
+            self._check_sizes(name, manifest, self._sizes_of(name), where)
+        return CheckpointInfo.from_manifest(
+            manifest, Path(name), url=where, manifest_size=sizes.get(manifest_key(name))
+        )
+
+    def _sizes_of(self, name: str) -> dict[str, int]:
+        """The sizes of a checkpoint's objects and of the store's pieces, listed now."""
+        listing = [*self.backend.list(f"{name}/"), *self.backend.list(PIECES_PREFIX)]
+        return {info.key: info.size for info in listing}
+
+    def _check_sizes(
+        self, name: str, manifest: dict[str, Any], sizes: dict[str, int], where: str
+    ) -> None:
+        """Raise ``CorruptCheckpoint`` unless every file and piece is listed at its size."""
         for file_name, info in manifest["files"].items():
             key = data_prefix(name, manifest, where) + file_name
             size = sizes.get(key)
@@ -107,14 +129,10 @@ class KeyedCatalog(Catalog):
             if sizes.get(key) != fmt.piece_nbytes(length):
                 found = "missing" if key not in sizes else f"of {sizes[key]} bytes, not its size"
                 raise corrupt(where, f"piece {key} is {found}")
-        return CheckpointInfo.from_manifest(
-            manifest, Path(name), url=where, manifest_size=sizes.get(manifest_key(name))
-        )
 
     def listed(self, path: Path) -> CheckpointInfo:
         """What ``list()`` sees of one checkpoint, or the typed error that skips it."""
-        listing = [*self.backend.list(f"{path}/"), *self.backend.list(PIECES_PREFIX)]
-        return self._listed(str(path), {info.key: info.size for info in listing})
+        return self._listed(str(path), self._sizes_of(str(path)), fresh=True)
 
     def from_ref(self, ref: str | os.PathLike[str]) -> CheckpointInfo:
         """A checkpoint given by its URL in this store, or its key (``step-000500``)."""
