@@ -258,3 +258,26 @@ def test_a_checkpoint_committed_while_the_listing_pages_is_not_called_corrupt(
     finally:
         writer.close()
         MemoryBackend.clear(name)
+
+
+def test_a_lost_node_still_running_never_takes_its_lease_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    name = uuid.uuid4().hex
+    url = f"memory://{name}/exp"
+    monkeypatch.setattr("killsafe.lease.socket.gethostname", lambda: "lost-node")
+    lost = CheckpointStore(url, lease_owner="/runs/exp")
+    lost.save(_state(1), step=1)
+    monkeypatch.setattr("killsafe.lease.socket.gethostname", lambda: "new-node")
+    resumed = CheckpointStore(url, lease_owner="/runs/exp")
+    resumed.save(_state(2), step=2)  # the same run on a new node takes the lease over at once
+    try:
+        for step in (3, 4):  # the lost node's next saves, and every one after, are refused
+            with pytest.raises(StoreLocked, match="new-node"):
+                lost.save(_state(step), step=step)
+        resumed.save(_state(5), step=5)
+        assert [info.step for info in resumed.list()] == [1, 2, 5]
+    finally:
+        resumed.close()
+        lost.close()
+        MemoryBackend.clear(name)

@@ -11,7 +11,8 @@ exactly one wins; the holder is the writer of the highest generation.
   raises ``StoreLocked`` naming that host and pid, unless the holder names
   the same ``owner`` from another host: the same writer started again on a
   new machine (a run resumed after its node was lost) takes over at once
-  instead of waiting for the lost node's lease to expire. Otherwise it
+  instead of waiting for the lost node's lease to expire (the lost node,
+  should it still run, never takes it back that way). Otherwise it
   creates the next generation, and then deletes the older ones.
 - ``renew()`` (every ``ttl / 3`` seconds from a background thread after
   ``start_renewing()``) rewrites the holder's own object with a new expiry,
@@ -139,6 +140,7 @@ class Lease:
         self.owner = owner
         self.held: LeaseRecord | None = None
         self._lost: LeaseRecord | None = None
+        self._taken_over = False  # another writer took this one's lease: it is the lost node
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
@@ -169,9 +171,16 @@ class Lease:
         """Whether this writer is ``record``'s owner started again on another host.
 
         On the holder's own host its pid says whether it lives; elsewhere a
-        live lease of the same owner is that owner's lost node.
+        live lease of the same owner is that owner's lost node. A writer whose
+        lease was taken over is that lost node, still running: it never takes
+        the lease back this way (the two would take it from each other).
         """
-        return bool(self.owner) and record.owner == self.owner and record.host != self.host
+        return (
+            bool(self.owner)
+            and not self._taken_over
+            and record.owner == self.owner
+            and record.host != self.host
+        )
 
     def _locked(self, record: LeaseRecord) -> StoreLocked:
         return StoreLocked(
@@ -252,6 +261,7 @@ class Lease:
     def _lose(self, generation: int) -> None:
         held = self.held
         self._lost = self._read(generation) or held
+        self._taken_over = True
         self.held = None
         log.warning("lease on %s was taken over (generation %d)", self.backend.url, generation)
 
