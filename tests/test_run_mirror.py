@@ -325,3 +325,42 @@ def test_a_stopping_run_leaves_a_hung_upload_after_its_grace(tmp_path: Path) -> 
         backend.go.set()
         stopping.join(30)
         local.close()
+
+
+class _WritesBlock(storage.MemoryBackend):
+    """A memory area whose writes hang until ``go`` is set (a network gone at SIGTERM)."""
+
+    def __init__(self, name: str) -> None:
+        import threading
+
+        super().__init__(name)
+        self.go = threading.Event()
+
+    def open_write(self, key: str) -> storage.Sink:
+        self.go.wait()
+        return super().open_write(key)
+
+
+def test_a_stopping_run_uploads_its_last_run_files_within_its_grace(tmp_path: Path) -> None:
+    import threading
+
+    from killsafe.run.mirror import Mirror
+
+    local = killsafe.CheckpointStore(tmp_path / "local")
+    url = memory_url()
+    mirror = Mirror(killsafe.CheckpointStore(url), local, tmp_path, grace=0.1)
+    mirror.submit(local.save({"w": np.zeros(4)}, 1))
+    wait_for_upload(url, 1)
+    assert mirror._wait_idle(None)  # every upload done; then the network goes
+    (tmp_path / "run.json").write_text("{}")
+    hung = _WritesBlock(f"gone-{uuid.uuid4().hex[:8]}")
+    mirror._files = hung
+    stopping = threading.Thread(target=lambda: (mirror.drain(stopping=True), mirror.close()))
+    stopping.start()
+    stopping.join(10)
+    try:
+        assert not stopping.is_alive()  # SIGTERM's path ends within its grace
+    finally:
+        hung.go.set()
+        stopping.join(30)
+        local.close()

@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -232,7 +233,8 @@ class Mirror:
     def drain(self, *, stopping: bool) -> str:
         """Wait for the uploads (at most ``grace`` seconds when ``stopping``); say what reached.
 
-        Uploads the run's files last, so the mirror holds the session's end.
+        Uploads the run's files last, so the mirror holds the session's end
+        (within the grace time too when ``stopping``).
         """
         deadline = time.monotonic() + self.grace if stopping else None
         with self._cond:
@@ -240,8 +242,19 @@ class Mirror:
             self._deadline = deadline
         done = self._wait_idle(deadline)
         if done:
-            self.upload_run_files()
+            done = self._within_grace(self.upload_run_files, "killsafe-mirror-files")
         return self._summary(done)
+
+    def _within_grace(self, work: Callable[[], None], name: str) -> bool:
+        """Run ``work``; after ``drain(stopping=True)``, for no longer than what is left of
+        the grace time (it goes on in a daemon thread). False when it was left running."""
+        if self._deadline is None:
+            work()
+            return True
+        thread = threading.Thread(target=work, name=name, daemon=True)
+        thread.start()
+        thread.join(max(self._deadline - time.monotonic(), 0.0))
+        return not thread.is_alive()
 
     def _wait_idle(self, deadline: float | None) -> bool:
         with self._cond:
@@ -281,15 +294,7 @@ class Mirror:
             self._closed = True
             self._cond.notify_all()
             busy = self._busy
-        if self._deadline is None:
-            self._release(busy)
-            return
-        closing = threading.Thread(
-            target=self._release, args=(busy,), name="killsafe-mirror-close", daemon=True
-        )
-        closing.start()
-        closing.join(max(self._deadline - time.monotonic(), 0.0))
-        if closing.is_alive():
+        if not self._within_grace(lambda: self._release(busy), "killsafe-mirror-close"):
             log.warning(
                 "killsafe: mirror %s: an upload still holds it; its lease is given back "
                 "when that upload ends",
