@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("obstore", reason="pip install 'killsafe[s3]'")
 
 from killsafe import CheckpointStore, storage
-from killsafe.errors import KillsafeError
+from killsafe.errors import ConfigError, KillsafeError
 
 
 @pytest.mark.parametrize("scheme", ["gs", "az"])
@@ -38,3 +38,14 @@ def test_an_unreachable_azure_store_fails_in_one_line_naming_azure(
     message = str(caught.value)
     assert "\n" not in message and "az://container/exp1/" in message
     assert "AZURE_STORAGE" in message and "AWS_ENDPOINT_URL" not in message
+
+
+def test_a_plain_http_endpoint_on_another_machine_is_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.example:9000")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    with pytest.raises(ConfigError) as caught:
+        storage.open("s3://bucket/exp1")
+    message = str(caught.value)
+    assert "http://minio.example:9000" in message and "https" in message and "\n" not in message

@@ -109,14 +109,25 @@ def _s3_config() -> dict[str, Any]:
 
 
 def _allow_http(url: str) -> bool:
-    """Plain http only to an S3 endpoint on this machine (a local test server)."""
+    """Plain http only to an S3 endpoint on this machine (a local test server).
+
+    Raises ``ConfigError`` for a plain http endpoint elsewhere: every request
+    would fail with the client's opaque "builder error".
+    """
     if not url.startswith("s3://"):
         return False
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
     if not endpoint:
         endpoint = _aws_profile().get("endpoint_url", "")
     parts = urlsplit(endpoint)
-    return parts.scheme == "http" and (parts.hostname or "") in _LOOPBACK_HOSTS
+    if parts.scheme != "http":
+        return False
+    if (parts.hostname or "") not in _LOOPBACK_HOSTS:
+        raise ConfigError(
+            f"the S3 endpoint {endpoint} is plain http to another machine; plain http is "
+            "allowed only to this one (127.0.0.1, localhost): give an https endpoint"
+        )
+    return True
 
 
 def _describe(exc: BaseException) -> str:
