@@ -364,3 +364,18 @@ def test_a_stopping_run_uploads_its_last_run_files_within_its_grace(tmp_path: Pa
         hung.go.set()
         stopping.join(30)
         local.close()
+
+
+def test_a_run_started_over_starts_its_mirror_over_too(tmp_path: Path) -> None:
+    url = memory_url()
+    options: dict[str, Any] = {"save_every_steps": 10, "mirror_keep_last": None}
+    walk(tmp_path / "old-node", url, 30, each_upload=True, **options)
+    with pytest.raises(ConfigError, match=r"resume='never' but the mirror"):
+        walk(tmp_path / "new-node", url, 20, resume="never", **options)
+    run, _ = walk(
+        tmp_path / "run", url, 20, each_upload=True, resume="never", clear=True, **options
+    )
+    assert run.finished
+    assert [info.step for info in killsafe.CheckpointStore(url).list()] == [10, 20]
+    resumed, _ = walk(tmp_path / "fresh-node", url, 20, **options)  # not the old run's step 30
+    assert resumed.resumed_from is not None and resumed.resumed_from.step == 20

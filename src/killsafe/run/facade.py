@@ -729,7 +729,10 @@ class Run:
             # One run per mirror: a live writer of another run directory
             # refuses this one now, rather than failing its uploads later.
             mirror.remote.acquire()
-            mirror.sync(restore=config.resume in ("auto", "latest", "ask"))
+            if config.resume == "never":
+                mirror.start_over(clear=config.clear)
+            else:
+                mirror.sync(restore=config.resume in ("auto", "latest", "ask"))
         except BaseException:
             mirror.close()
             raise

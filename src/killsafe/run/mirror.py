@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from killsafe import storage
-from killsafe.errors import CheckpointExists, CheckpointNotFound, KillsafeError
+from killsafe.errors import CheckpointExists, CheckpointNotFound, ConfigError, KillsafeError
 from killsafe.host import lower_this_threads_priority
 from killsafe.run.config import DEFAULT_MIRROR_GRACE
 from killsafe.rundir.layout import EVENTS_FILE, HISTORY_FILE, RUN_FILE
@@ -113,6 +113,23 @@ class Mirror:
             return None  # a damaged local copy of that step: the local store decides
         log.info("killsafe: restored step %d from the mirror %s", info.step, remote_latest.location)
         return info
+
+    def start_over(self, *, clear: bool) -> None:
+        """A run started afresh (``resume="never"``): refuse a mirror holding checkpoints,
+        as its local store is refused, or with ``clear`` delete them, so that no fresh node
+        resumes the old run's and no upload of this one is taken for one already there."""
+        existing = self.remote.list()
+        if not existing:
+            return
+        if not clear:
+            raise ConfigError(
+                f"resume='never' but the mirror {self.url} holds {len(existing)} "
+                f"checkpoint(s) up to step {existing[-1].step}; pass clear=True (--clear) to "
+                "delete them, resume='auto' to continue, or use another mirror"
+            )
+        for info in existing:
+            self.remote.delete(info, force=True)
+        log.info("killsafe: cleared %d checkpoint(s) from the mirror %s", len(existing), self.url)
 
     # -- while the run goes ---------------------------------------------------
 
@@ -326,6 +343,9 @@ class DirectMirror(Mirror):
         if restore and not (self.directory / RUN_FILE).exists() and self.remote.list():
             download_run_files(self._files, self.directory, _RESTORED_FILES)
         return None
+
+    def start_over(self, *, clear: bool) -> None:
+        """Nothing here: the mirror is the run's store, refused or cleared as any."""
 
     def _upload(self, info: CheckpointInfo) -> None:
         with self._cond:  # committed there already: only the run's files go up
