@@ -379,3 +379,17 @@ def test_a_run_started_over_starts_its_mirror_over_too(tmp_path: Path) -> None:
     assert [info.step for info in killsafe.CheckpointStore(url).list()] == [10, 20]
     resumed, _ = walk(tmp_path / "fresh-node", url, 20, **options)  # not the old run's step 30
     assert resumed.resumed_from is not None and resumed.resumed_from.step == 20
+
+
+def test_a_run_resumed_from_an_older_checkpoint_replaces_the_abandoned_ones_in_the_mirror(
+    tmp_path: Path,
+) -> None:
+    url = memory_url()
+    options: dict[str, Any] = {"save_every_steps": 10, "mirror_keep_last": None}
+    walk(tmp_path / "run", url, 30, each_upload=True, **options)
+    walk(tmp_path / "run", url, 30, resume=10, **options)  # rolled back: 20 and 30 saved again
+    local = {
+        i.step: i.created for i in killsafe.CheckpointStore(tmp_path / "run/checkpoints").list()
+    }
+    mirrored = {i.step: i.created for i in killsafe.CheckpointStore(url).list()}
+    assert mirrored[30] == local[30]  # not the abandoned continuation's step 30

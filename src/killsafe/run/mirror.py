@@ -210,7 +210,7 @@ class Mirror:
         with self._cond:
             self._uploading = info
         try:
-            uploaded = self.remote.import_from(self.local, info, pace=self._pace)
+            uploaded = self._import(info)
         except _Superseded as exc:
             log.info("killsafe: upload left at the end of the session: %s", exc)
             return
@@ -229,6 +229,22 @@ class Mirror:
         with self._cond:
             self._uploaded.append(uploaded)
             self._failed = None
+
+    def _import(self, info: CheckpointInfo) -> CheckpointInfo:
+        """Copy ``info`` into the mirror. An unnamed checkpoint of another continuation at
+        its step (the run resumed from an older one, which replaced it locally) is
+        replaced there too; ``CheckpointExists`` when the mirror has this one."""
+        try:
+            return self.remote.import_from(self.local, info, pace=self._pace)
+        except CheckpointExists as exc:
+            if info.name is not None or exc.path is None:
+                raise
+            there = self.remote.get(exc.path)
+            if there.created == info.created:
+                raise
+        self.remote.delete(there, force=True)
+        log.info("killsafe: replacing %s from an abandoned continuation", there.location)
+        return self.remote.import_from(self.local, info, pace=self._pace)
 
     def upload_run_files(self) -> None:
         """Upload the run's files that exist (each replaces its previous copy)."""
