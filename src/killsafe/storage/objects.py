@@ -108,26 +108,29 @@ def _s3_config() -> dict[str, Any]:
     return config
 
 
-def _allow_http(url: str) -> bool:
-    """Plain http only to an S3 endpoint on this machine (a local test server).
+def _s3_endpoint() -> str:
+    """The S3 endpoint from the environment or the AWS profile; "" for AWS itself."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    return endpoint or _aws_profile().get("endpoint_url", "")
 
-    Raises ``ConfigError`` for a plain http endpoint elsewhere: every request
-    would fail with the client's opaque "builder error".
-    """
+
+def _allow_http(url: str) -> bool:
+    """Plain http only to an S3 endpoint on this machine (a local test server)."""
     if not url.startswith("s3://"):
         return False
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
-    if not endpoint:
-        endpoint = _aws_profile().get("endpoint_url", "")
-    parts = urlsplit(endpoint)
-    if parts.scheme != "http":
-        return False
-    if (parts.hostname or "") not in _LOOPBACK_HOSTS:
+    parts = urlsplit(_s3_endpoint())
+    return parts.scheme == "http" and (parts.hostname or "") in _LOOPBACK_HOSTS
+
+
+def _refuse_remote_http(url: str) -> None:
+    """``ConfigError`` for a plain http S3 endpoint on another machine: every request
+    would fail with the client's opaque "builder error"."""
+    endpoint = _s3_endpoint() if url.startswith("s3://") else ""
+    if urlsplit(endpoint).scheme == "http" and not _allow_http(url):
         raise ConfigError(
             f"the S3 endpoint {endpoint} is plain http to another machine; plain http is "
             "allowed only to this one (127.0.0.1, localhost): give an https endpoint"
         )
-    return True
 
 
 def _describe(exc: BaseException) -> str:
@@ -282,6 +285,7 @@ class ObjectBackend:
             },
             "retry_timeout": timedelta(seconds=retry_timeout),
         }
+        _refuse_remote_http(url)
         config = _s3_config() if parts.scheme == "s3" else {}
         try:
             self.store: Any = from_url(
