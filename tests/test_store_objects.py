@@ -281,3 +281,16 @@ def test_a_lost_node_still_running_never_takes_its_lease_back(
         resumed.close()
         lost.close()
         MemoryBackend.clear(name)
+
+
+def test_a_url_of_an_unknown_scheme_is_refused_not_made_a_local_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="unknown storage scheme 'gcs'") as caught:
+        CheckpointStore("gcs://bucket/exp")  # gcsfs's spelling of gs://
+    assert "\n" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []  # no directory "gcs:" beside the job
+    with CheckpointStore(f"file://{tmp_path}/store") as store:  # a file:// URL is a directory
+        store.save(_state(1), step=1)
+    assert store.directory == tmp_path / "store" and (tmp_path / "store/step-000001").is_dir()
