@@ -21,6 +21,7 @@ import pytest
 
 from killsafe import storage
 from killsafe.errors import (
+    ConfigError,
     InvalidKey,
     KeyExists,
     KeyNotFound,
@@ -384,3 +385,26 @@ def test_plain_http_is_allowed_for_loopback_endpoints_only(
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     assert objects._allow_http("s3://bucket/prefix") is allowed
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"garbage\n[default]\nregion = us-east-1\n",  # no section header first
+        b"[default]\nregion = us-east-1\n=x\n",  # a line that is no option
+        "[default]\nregion = us-east-1\n".encode("utf-16"),  # saved by a Windows editor
+    ],
+    ids=["no-section", "no-option", "utf-16"],
+)
+def test_a_malformed_aws_config_file_fails_in_one_line(
+    content: bytes, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pytest.importorskip("obstore")
+    config = tmp_path / "config"
+    config.write_bytes(content)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    with pytest.raises(ConfigError) as caught:
+        storage.open("s3://bucket/prefix")
+    message = str(caught.value)
+    assert str(config) in message and "\n" not in message

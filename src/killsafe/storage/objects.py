@@ -76,7 +76,12 @@ def _aws_profile() -> dict[str, str]:
         try:
             parser.read(path)
         except configparser.Error as exc:
-            raise ConfigError(f"cannot parse {path}: {exc.message}; fix its syntax") from exc
+            problem = " ".join(exc.message.split())  # its lines, on one
+            raise ConfigError(f"cannot parse {path}: {problem}; fix its syntax") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"cannot parse {path}: it is not UTF-8 text ({exc.reason}); save it as UTF-8"
+            ) from exc
         if parser.has_section(section):
             found.update(parser.items(section))
     return found
