@@ -329,8 +329,8 @@ class Mirror:
             busy = self._busy
         if not self._within_grace(lambda: self._release(busy), "killsafe-mirror-close"):
             log.warning(
-                "killsafe: mirror %s: an upload still holds it; its lease is given back "
-                "when that upload ends",
+                "killsafe: mirror %s was not released within the grace (an upload or the "
+                "server holds it); its lease is given back when that ends, or expires",
                 self.url,
             )
 
