@@ -240,26 +240,3 @@ def test_a_writer_killed_while_holding_the_lease_is_taken_over_at_once(
     successor = Lease(backend, ttl=3600)
     assert successor.acquire().generation == 1
     successor.release()
-
-
-def test_a_holder_with_this_processs_pid_that_this_process_does_not_hold_is_taken_over(
-    backend: Backend,
-) -> None:
-    # A container restarted in its pod: the same host name, and the new process
-    # often has the pid its killed predecessor had (1 under an exec entrypoint).
-    import socket
-    import time
-
-    predecessor = LeaseRecord(
-        generation=3,
-        host=socket.gethostname(),
-        pid=os.getpid(),
-        token="killed-predecessor",
-        expires=time.time() + 60,
-    )
-    write_bytes(backend, "lease/000000000003.json", predecessor.to_bytes())
-    lease = Lease(backend)
-    assert lease.acquire().generation == 4
-    with pytest.raises(StoreLocked, match=f"pid {os.getpid()} on"):
-        Lease(backend).acquire()  # a live lease of this process is still refused
-    lease.release()

@@ -24,9 +24,8 @@ exactly one wins; the holder is the writer of the highest generation.
 
 Expiry is judged by the reader's clock against the holder's written
 expiry, so hosts' clocks must agree to well within ``ttl`` (NTP does).
-A writer killed on this host is taken over at once (its pid is gone, or
-is this process's own, which holds no such lease: a container restarted in
-its pod); one on another host, once its lease has expired.
+A writer killed on this host is taken over at once (its pid is gone);
+one on another host, once its lease has expired.
 
 This module uses only the ``Backend`` protocol and knows nothing of
 checkpoints beyond the ``StoreLocked`` error it raises.
@@ -64,12 +63,6 @@ log = logging.getLogger("killsafe.lease")
 _GENERATION_DIGITS = 12
 _KEY_PATTERN = re.compile(rf"(\d{{{_GENERATION_DIGITS}}})\.json$")
 
-# The tokens of the leases this process holds. A record of this host and this
-# process's pid that is not among them was written by a predecessor with the
-# same pid (a container restarted in its pod often gets its killed one's pid).
-_HELD_HERE: set[str] = set()
-_HELD_HERE_LOCK = threading.Lock()
-
 
 @dataclass(frozen=True)
 class LeaseRecord:
@@ -101,13 +94,6 @@ class LeaseRecord:
             released=bool(raw.get("released", False)),
             owner=str(raw.get("owner", "")),
         )
-
-
-def _forget(record: LeaseRecord | None) -> None:
-    """This process no longer holds ``record``'s lease."""
-    if record is not None:
-        with _HELD_HERE_LOCK:
-            _HELD_HERE.discard(record.token)
 
 
 def _when(epoch: float) -> str:
@@ -179,12 +165,7 @@ class Lease:
         """True when ``record``'s holder may still write."""
         if record.released or self.clock() >= record.expires:
             return False
-        if record.host != self.host:
-            return True
-        if record.pid == os.getpid():
-            with _HELD_HERE_LOCK:
-                return record.token in _HELD_HERE
-        return pid_alive(record.pid)
+        return record.host != self.host or pid_alive(record.pid)
 
     def _resumes(self, record: LeaseRecord) -> bool:
         """Whether this writer is ``record``'s owner started again on another host.
@@ -248,8 +229,6 @@ class Lease:
                     ) from None
                 raise self._locked(winner) from None
             self.held, self._lost = record, None
-            with _HELD_HERE_LOCK:
-                _HELD_HERE.add(record.token)
             self._delete_older(generation)
             log.info("lease %s taken (generation %d)", self._key(generation), generation)
             return record
@@ -281,7 +260,6 @@ class Lease:
 
     def _lose(self, generation: int) -> None:
         held = self.held
-        _forget(held)
         self._lost = self._read(generation) or held
         self._taken_over = True
         self.held = None
@@ -304,7 +282,6 @@ class Lease:
             held = self._require_held()
             if self.clock() >= held.expires:
                 self._lost, self.held = held, None
-                _forget(held)
                 raise self._lost_error()
             newest = self._generations()
             if not newest or newest[-1] != held.generation:
@@ -318,7 +295,6 @@ class Lease:
             held, self.held = self.held, None
             if held is None:
                 return
-            _forget(held)
             try:
                 newest = self._generations()
                 if newest and newest[-1] == held.generation:
