@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -240,3 +241,41 @@ def test_a_writer_killed_while_holding_the_lease_is_taken_over_at_once(
     successor = Lease(backend, ttl=3600)
     assert successor.acquire().generation == 1
     successor.release()
+
+
+def _container_record(generation: int, pid: int, owner: str, clock: FakeClock) -> LeaseRecord:
+    """A live lease of this host name written from another pid namespace (another
+    container of the pod, or this one's killed predecessor)."""
+    return LeaseRecord(
+        generation=generation,
+        host=socket.gethostname(),
+        pid=pid,
+        token=uuid.uuid4().hex,
+        expires=clock() + 3600,
+        owner=owner,
+        pidns="pid:[1]",
+    )
+
+
+@pytest.mark.parametrize("pid", [1, os.getpid(), 2**22 + 7])  # ours, or none here
+def test_a_live_lease_of_another_container_of_the_pod_is_not_judged_by_its_pid(
+    backend: Backend, clock: FakeClock, pid: int
+) -> None:
+    # A sidecar's `killsafe prune` beside the training container: the same host
+    # name, pids of its own. Whether its pid lives here says nothing.
+    record = _container_record(4, pid, "runs/exp", clock)
+    write_bytes(backend, "lease/000000000004.json", record.to_bytes())
+    with pytest.raises(StoreLocked, match=f"pid {pid} on .*another container"):
+        Lease(backend, ttl=60, clock=clock).acquire()
+
+
+def test_the_same_run_restarted_in_its_container_takes_its_lease_over_at_once(
+    backend: Backend, clock: FakeClock
+) -> None:
+    # The container restarted in its pod: same host name, a new pid namespace,
+    # often the same pid (1); the run it writes for says it is the same writer.
+    record = _container_record(2, 1, "runs/exp", clock)
+    write_bytes(backend, "lease/000000000002.json", record.to_bytes())
+    lease = Lease(backend, ttl=60, clock=clock, owner="runs/exp")
+    assert lease.acquire().generation == 3
+    lease.release()

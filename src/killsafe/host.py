@@ -31,6 +31,20 @@ def this_host() -> str:
     return socket.gethostname()
 
 
+def pid_namespace() -> str:
+    """This process's pid namespace (``pid:[4026531836]`` on Linux), or ``""`` where the
+    system does not say.
+
+    Pids compare only within one namespace: the containers of a pod share a
+    host name, each with pids of its own (often 1), so a pid seen from another
+    container says nothing of whether its process lives.
+    """
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this pid exists on this host.
 

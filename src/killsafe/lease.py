@@ -25,7 +25,9 @@ exactly one wins; the holder is the writer of the highest generation.
 Expiry is judged by the reader's clock against the holder's written
 expiry, so hosts' clocks must agree to well within ``ttl`` (NTP does).
 A writer killed on this host is taken over at once (its pid is gone);
-one on another host, once its lease has expired.
+one on another host, once its lease has expired. "This host" is the host
+name and the pid namespace: another container of the pod (the same host
+name, pids of its own) is another host.
 
 This module uses only the ``Backend`` protocol and knows nothing of
 checkpoints beyond the ``StoreLocked`` error it raises.
@@ -53,7 +55,7 @@ from killsafe.errors import (
     KillsafeError,
     StoreLocked,
 )
-from killsafe.host import pid_alive
+from killsafe.host import pid_alive, pid_namespace
 from killsafe.storage import Backend, read_bytes, validate_key, write_bytes
 
 __all__ = ["Lease", "LeaseRecord"]
@@ -76,6 +78,7 @@ class LeaseRecord:
     expires: float
     released: bool = False
     owner: str = ""  # what the writer writes for (a run directory); "" when unsaid
+    pidns: str = ""  # the holder's pid namespace (host.pid_namespace); "" when unknown
 
     def to_bytes(self) -> bytes:
         """The object's bytes: one JSON document."""
@@ -93,6 +96,7 @@ class LeaseRecord:
             expires=float(raw["expires"]),
             released=bool(raw.get("released", False)),
             owner=str(raw.get("owner", "")),
+            pidns=str(raw.get("pidns", "")),
         )
 
 
@@ -137,6 +141,7 @@ class Lease:
         self.clock = clock
         self.host = host or socket.gethostname()
         self.pid = os.getpid() if pid is None else pid
+        self.pidns = pid_namespace()
         self.owner = owner
         self.held: LeaseRecord | None = None
         self._lost: LeaseRecord | None = None
@@ -165,7 +170,12 @@ class Lease:
         """True when ``record``'s holder may still write."""
         if record.released or self.clock() >= record.expires:
             return False
-        return record.host != self.host or pid_alive(record.pid)
+        return not self._here(record) or pid_alive(record.pid)
+
+    def _here(self, record: LeaseRecord) -> bool:
+        """Whether ``record``'s holder ran on this host, in this pid namespace: only
+        then does its pid say whether it lives."""
+        return record.host == self.host and record.pidns == self.pidns
 
     def _resumes(self, record: LeaseRecord) -> bool:
         """Whether this writer is ``record``'s owner started again on another host.
@@ -179,12 +189,15 @@ class Lease:
             bool(self.owner)
             and not self._taken_over
             and record.owner == self.owner
-            and record.host != self.host
+            and not self._here(record)
         )
 
     def _locked(self, record: LeaseRecord) -> StoreLocked:
+        where = record.host
+        if record.host == self.host and not self._here(record):
+            where += " (another container: pids of its own)"
         return StoreLocked(
-            f"{self.backend.url} is locked by pid {record.pid} on {record.host} "
+            f"{self.backend.url} is locked by pid {record.pid} on {where} "
             f"(lease until {_when(record.expires)}); stop that process, or wait for "
             "its lease to expire"
         )
@@ -214,6 +227,7 @@ class Lease:
                 generation=generation,
                 host=self.host,
                 pid=self.pid,
+                pidns=self.pidns,
                 token=uuid.uuid4().hex,
                 expires=self.clock() + self.ttl,
                 owner=self.owner,
@@ -268,7 +282,7 @@ class Lease:
     def _lost_error(self) -> StoreLocked:
         lost = self._lost
         assert lost is not None
-        if lost.pid == self.pid and lost.host == self.host:
+        if lost.pid == self.pid and self._here(lost):
             return StoreLocked(f"{self.backend.url}: this writer's lease expired; start again")
         return self._locked(lost)
 
