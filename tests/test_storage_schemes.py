@@ -49,3 +49,13 @@ def test_a_plain_http_endpoint_on_another_machine_is_refused_in_one_line(
         storage.open("s3://bucket/exp1")
     message = str(caught.value)
     assert "http://minio.example:9000" in message and "https" in message and "\n" not in message
+
+
+def test_plain_http_to_another_machine_is_allowed_when_aws_allow_http_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.example:9000")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ALLOW_HTTP", "true")
+    backend = storage.open("s3://bucket/exp1", max_retries=0, retry_timeout=5)
+    assert backend.url == "s3://bucket/exp1/"  # opened; no request is made yet

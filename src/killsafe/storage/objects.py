@@ -15,7 +15,8 @@ files (``~/.aws/credentials`` and ``~/.aws/config``, profile from
 ``AWS_PROFILE``) for static keys, region and ``endpoint_url``, and instance
 roles, web identity and container credentials when neither gives keys.
 ``AWS_ENDPOINT_URL`` points at S3-compatible servers; plain ``http`` is
-allowed for loopback endpoints (127.0.0.1, localhost) only.
+allowed for loopback endpoints (127.0.0.1, localhost), and elsewhere only
+with ``AWS_ALLOW_HTTP=true``.
 
 S3 requests send ``UNSIGNED-PAYLOAD`` unless ``AWS_UNSIGNED_PAYLOAD`` says
 otherwise: signing the payload hashes every byte with SHA-256, which costs
@@ -120,11 +121,15 @@ def _s3_endpoint() -> str:
 
 
 def _allow_http(url: str) -> bool:
-    """Plain http only to an S3 endpoint on this machine (a local test server)."""
+    """Plain http to an S3 endpoint on this machine (a local test server), or anywhere
+    when ``AWS_ALLOW_HTTP`` says so (an in-cluster server without TLS)."""
     if not url.startswith("s3://"):
         return False
     parts = urlsplit(_s3_endpoint())
-    return parts.scheme == "http" and (parts.hostname or "") in _LOOPBACK_HOSTS
+    if parts.scheme != "http":
+        return False
+    opted_in = os.environ.get("AWS_ALLOW_HTTP", "").lower() in ("1", "true", "yes")
+    return opted_in or (parts.hostname or "") in _LOOPBACK_HOSTS
 
 
 def _refuse_remote_http(url: str) -> None:
@@ -133,8 +138,8 @@ def _refuse_remote_http(url: str) -> None:
     endpoint = _s3_endpoint() if url.startswith("s3://") else ""
     if urlsplit(endpoint).scheme == "http" and not _allow_http(url):
         raise ConfigError(
-            f"the S3 endpoint {endpoint} is plain http to another machine; plain http is "
-            "allowed only to this one (127.0.0.1, localhost): give an https endpoint"
+            f"the S3 endpoint {endpoint} is plain http to another machine; give an https "
+            "endpoint, or set AWS_ALLOW_HTTP=true to send checkpoints unencrypted"
         )
 
 
