@@ -212,6 +212,15 @@ def test_a_hostile_manifest_is_corrupt_not_a_crash(tmp_path: Path) -> None:
         lambda m: m["dcp"]["storage"][0].update(end=10**12),
         lambda m: m["dcp"]["storage"][0].update(file="../../etc/passwd"),
         lambda m: m["dcp"].update(storage=[]),
+        # a piece past its file: refused before its bytes are allocated, not 10 TB asked for
+        lambda m: [row.update(end=10**13) for row in m["dcp"]["storage"] if row["fqn"] == "step"],
+        lambda m: [row.update(header_size="x") for row in m["files"].values()],
+        lambda m: [row.update(header_size=-100) for row in m["files"].values()],
+        lambda m: m["dcp"]["state"]["w"].update(size=[-1, 3]),
+        # chunks that do not cover the tensor would leave part of the target unfilled
+        lambda m: m["dcp"]["state"]["w"].update(chunks=[]),
+        lambda m: m["dcp"]["state"]["w"].update(chunks=[[[0, 0], [-2, 3]]]),
+        lambda m: m["dcp"]["state"]["w"].update(chunks=[[[1, 0], [2, 3]]]),
     ]
     for _ in each_hostile_manifest(tmp_path / "c", hostile):
         with pytest.raises(CorruptCheckpoint):

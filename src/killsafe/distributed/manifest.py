@@ -13,6 +13,7 @@ validates every field, so a hostile manifest fails as
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,17 +160,21 @@ def metadata_from_json(document: Any, directory: Path | str) -> tuple[Metadata, 
                 continue
             if item["kind"] != "tensor":
                 raise ValueError(f"unknown kind {item['kind']!r}")
+            size = _sizes(item["size"])
             chunks = [
-                ChunkStorageMetadata(torch.Size(_ints(o)), torch.Size(_ints(s)))
+                ChunkStorageMetadata(torch.Size(_ints(o)), torch.Size(_sizes(s)))
                 for o, s in _typed(item["chunks"], list)
             ]
+            _check_chunks(fqn, size, chunks)
             properties = TensorProperties(dtype=_torch_dtype(item["dtype"]))
-            state[fqn] = TensorStorageMetadata(properties, torch.Size(_ints(item["size"])), chunks)
+            state[fqn] = TensorStorageMetadata(properties, torch.Size(size), chunks)
         storage = {}
         files = _typed(manifest["files"], dict)
         if "shards" in manifest:  # saved into an incremental store: spans over its pieces
             check_schema(manifest)
             files = manifest["shards"]
+        else:
+            _check_files(files)
         for row in _typed(dcp_doc["storage"], list):
             offset = None if row["offset"] is None else _ints(row["offset"])
             index = MetadataIndex(_typed(row["fqn"], str), offset)
@@ -182,6 +187,8 @@ def metadata_from_json(document: Any, directory: Path | str) -> tuple[Metadata, 
             )
             if piece.file not in files or not 0 <= piece.start <= piece.end:
                 raise ValueError(f"piece {piece.key!r} points outside the files")
+            if "shards" not in manifest and piece.end > _data_size(files[piece.file]):
+                raise ValueError(f"piece {piece.key!r} ends past {piece.file}")
             storage[index] = piece
         paths = dcp_doc.get("paths")
         planner_data = None if paths is None else {k: tuple(v) for k, v in paths.items()}
@@ -223,6 +230,42 @@ def _typed(value: Any, kind: type) -> Any:
 
 def _ints(value: Any) -> list[int]:
     return [_typed(v, int) for v in _typed(value, list)]
+
+
+def _sizes(value: Any) -> list[int]:
+    sizes = _ints(value)
+    if any(size < 0 for size in sizes):
+        raise ValueError(f"negative size in {sizes}")
+    return sizes
+
+
+def _check_chunks(fqn: str, size: list[int], chunks: list[ChunkStorageMetadata]) -> None:
+    """Each chunk inside the tensor, and the chunks covering it (DCP writes each element
+    once), so that no load leaves part of a target unfilled."""
+    covered = 0
+    for chunk in chunks:
+        offsets, sizes = list(chunk.offsets), list(chunk.sizes)
+        if len(offsets) != len(size) or len(sizes) != len(size):
+            raise ValueError(f"a chunk of {fqn!r} has other dimensions than {size}")
+        if any(o < 0 or o + s > whole for o, s, whole in zip(offsets, sizes, size, strict=True)):
+            raise ValueError(f"a chunk of {fqn!r} lies outside its size {size}")
+        covered += math.prod(sizes)
+    if covered != math.prod(size):
+        raise ValueError(f"the chunks of {fqn!r} do not cover its size {size}")
+
+
+def _check_files(files: dict[str, Any]) -> None:
+    """Each rank file's row: its size and header size, numbers within each other."""
+    for name, row in files.items():
+        size = _typed(_typed(row, dict).get("size"), int)
+        header = _typed(row.get("header_size"), int)
+        if not 0 <= header <= size:
+            raise ValueError(f"{name} has a header of {header} bytes in {size}")
+
+
+def _data_size(row: dict[str, Any]) -> int:
+    """Bytes of a rank file past its header (``_check_files`` checked the row)."""
+    return int(row["size"]) - int(row["header_size"])
 
 
 def _torch_dtype(name: Any) -> torch.dtype:
