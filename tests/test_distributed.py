@@ -204,6 +204,20 @@ def test_pickling_planners_are_refused(tmp_path: Path) -> None:
     assert any(isinstance(error, ConfigError) for error, _ in caught.value.failures.values())
 
 
+def test_a_value_that_is_not_json_fails_on_every_rank_at_once(tmp_path: Path) -> None:
+    # the other ranks used to wait out the timeout and report the sender as dead
+    job = run_job("send_what_is_not_json", 2, tmp_path)
+    results = [job.result(rank) for rank in range(2)]
+    for result in results:
+        assert [error[0] for error in result["errors"]] == ["ConfigError"] * 2, result
+        assert all("\n" not in error[1] for error in result["errors"])
+        assert result["after"] == [0, 1]  # the ranks are still in step
+    assert "cannot send object" in results[0]["errors"][0][1]
+    assert "rank(s) 0 is not plain JSON" in results[1]["errors"][0][1]
+    assert "cannot send float" in results[1]["errors"][1][1]
+    assert "rank(s) 1 is not plain JSON" in results[0]["errors"][1][1]
+
+
 def test_a_hostile_manifest_is_corrupt_not_a_crash(tmp_path: Path) -> None:
     save_sharded({"w": torch.arange(6.0).reshape(2, 3), "step": 3}, tmp_path / "c")
     hostile = [

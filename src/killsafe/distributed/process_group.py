@@ -231,16 +231,23 @@ class TorchCoordinator:
         return buffer.numpy().tobytes()
 
     def _broadcast(self, value: Any, src: int) -> Any:
-        data = _to_json(value) if self._rank == src else b""
-        size = torch.tensor([len(data)], dtype=torch.int64)
+        data, refused = _to_json(value) if self._rank == src else (b"", None)
+        # A value that is not JSON still takes part (as length -1), so every rank
+        # raises together instead of the others waiting out the timeout.
+        size = torch.tensor([len(data) if refused is None else -1], dtype=torch.int64)
         dist.broadcast(size, group=self._group, group_src=src)
+        if int(size.item()) < 0:
+            raise refused or _not_sent([src])
         return json.loads(self._broadcast_bytes(data, int(size.item()), src))
 
     def _gather(self, value: Any) -> list[Any]:
-        data = _to_json(value)
+        data, refused = _to_json(value)
         sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self._world_size)]
-        dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=self._group)
+        mine = torch.tensor([len(data) if refused is None else -1], dtype=torch.int64)
+        dist.all_gather(sizes, mine, group=self._group)
         lengths = [int(s.item()) for s in sizes]
+        if min(lengths) < 0:
+            raise refused or _not_sent([r for r, n in enumerate(lengths) if n < 0])
         longest = max(lengths)
         mine = torch.zeros(longest, dtype=torch.uint8)
         mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -322,14 +329,24 @@ def _group_name(group: Any) -> str:
     return str(getattr(group, "group_name", "") or "side")
 
 
-def _to_json(value: Any) -> bytes:
+def _to_json(value: Any) -> tuple[bytes, ConfigError | None]:
+    """``value`` as JSON, or the error to raise when it is not plain JSON."""
     try:
-        return json.dumps(value, allow_nan=False, separators=(",", ":")).encode()
+        return json.dumps(value, allow_nan=False, separators=(",", ":")).encode(), None
     except (TypeError, ValueError) as exc:
-        raise ConfigError(
+        return b"", ConfigError(
             f"cannot send {type(value).__name__} between ranks: {exc}; "
             "send plain JSON (str, int, float, bool, None, lists, str-keyed dicts)"
-        ) from exc
+        )
+
+
+def _not_sent(ranks: list[int]) -> ConfigError:
+    """The error of the ranks whose value was fine, when another rank's was not JSON."""
+    who = ", ".join(map(str, ranks))
+    return ConfigError(
+        f"nothing was sent: the value of rank(s) {who} is not plain JSON "
+        "(see that rank's error); send plain JSON from every rank"
+    )
 
 
 def _clip(text: str) -> bytes:
