@@ -17,13 +17,15 @@ no save but the exit's, and counts the flag exchanges of its step boundaries.
 ``nodisk`` gives each rank a run directory of its own, ``RUNDIR/node-RANK``
 (nodes without a shared disk), and the mirror ``$KILLSAFE_TEST_MIRROR`` when
 set (``nodisk-incremental``: an incremental run); ``failupload`` makes the
-rank's upload of step ``STEP``'s file fail. Each rank
+rank's upload of step ``STEP``'s file fail, ``fullprobe`` its write of the
+start's shared-directory probe (as on a full disk). Each rank
 writes what it saw to ``DIR/rank-N.json`` and exits with ``run.exit_code``
 (1 with the error's name when the run raised).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -72,6 +74,18 @@ def break_upload(step: int) -> None:
         raise SaveFailed(f"could not write {backend.url}{key}: 503 SlowDown (test)")
 
     objects.upload_rank_file = broken  # type: ignore[assignment]
+
+
+def fill_disk_at_probe() -> None:
+    """Make this rank's write of the shared-directory probe fail as on a full disk."""
+    original = Path.write_text
+
+    def write_text(path: Path, *args: Any, **kwargs: Any) -> int:
+        if path.name.startswith(".killsafe-shared-"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return original(path, *args, **kwargs)
+
+    Path.write_text = write_text  # type: ignore[method-assign]
 
 
 def count_flag_exchanges(counted: dict[str, int]) -> None:
@@ -191,6 +205,8 @@ def main() -> None:
             break_write(step, what)
         if who == rank_ and what == "failupload":
             break_upload(step)
+        if who == rank_ and what == "fullprobe":
+            fill_disk_at_probe()
     code = 1
     try:
         if name.startswith("epochs"):

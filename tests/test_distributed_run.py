@@ -248,6 +248,22 @@ def test_a_job_told_to_start_over_clears_the_checkpoints_on_rank_0_alone(
     assert "fresh start" in job.output(0)
 
 
+def test_rank_0_unable_to_write_its_run_directory_fails_every_rank_at_the_start(
+    tmp_path: Path,
+) -> None:
+    # rank 0 used to raise OSError with a traceback before the probe's broadcast,
+    # and rank 1 waited out the timeout and reported rank 0 as dead
+    run_dir = tmp_path / "run"
+    job = train(tmp_path, run_dir, "0:0:fullprobe", expect=1)
+    for rank in range(2):
+        result = job.result(rank)
+        assert result["error"] == "SaveFailed", result
+        assert result["message"].startswith("rank 0: writing ")
+        assert "No space left on device" in result["message"]
+        assert "\n" not in result["message"]
+    assert not list(run_dir.glob(".killsafe-shared-*"))
+
+
 def test_a_killed_rank_is_named_instead_of_hanging(tmp_path: Path) -> None:
     # killed after its step 3's gradients were exchanged: rank 0 meets the dead
     # peer in the next step's all_reduce, and the flag rank 1 never sent names it

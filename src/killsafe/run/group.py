@@ -42,6 +42,7 @@ from killsafe.errors import (
     ConfigError,
     CorruptCheckpoint,
     KillsafeError,
+    SaveFailed,
     StoreLocked,
 )
 from killsafe.history import History
@@ -163,19 +164,37 @@ def ranks_not_sharing(group: RunGroup, directory: Path) -> list[int]:
 
     Rank 0 writes a file of a fresh name and content there; every rank
     looks for it (a while, should a network file system show it late);
-    rank 0 removes it once all have looked.
+    rank 0 removes it once all have looked. When rank 0 cannot write it (a
+    full disk), every rank raises its error.
     """
     probe: Path | None = None
-    nonce = None
+    sent: dict[str, str] = {}
     if group.leader:
         nonce = uuid.uuid4().hex
         probe = directory / f".killsafe-shared-{nonce}"
-        probe.write_text(nonce)
-    nonce = group.coordinator.broadcast(nonce)
-    seen = group.coordinator.gather(_sees(directory / f".killsafe-shared-{nonce}", nonce))
-    if probe is not None:
-        probe.unlink(missing_ok=True)
+        sent = _write_probe(probe, nonce)
+    try:
+        sent = group.coordinator.broadcast(sent)
+        if "error" in sent:
+            raise (SaveFailed if sent.get("kind") == "SaveFailed" else ConfigError)(sent["error"])
+        nonce = sent["nonce"]
+        seen = group.coordinator.gather(_sees(directory / f".killsafe-shared-{nonce}", nonce))
+    finally:
+        if probe is not None:
+            probe.unlink(missing_ok=True)
     return [rank for rank, ok in enumerate(seen) if not ok]
+
+
+def _write_probe(probe: Path, nonce: str) -> dict[str, str]:
+    """What rank 0 tells the others: the probe's nonce, or why it could not write it."""
+    from killsafe.store import io_error
+
+    try:
+        probe.write_text(nonce)
+    except OSError as exc:
+        error = io_error("writing", probe, exc)
+        return {"error": f"rank 0: {error}", "kind": type(error).__name__}
+    return {"nonce": nonce}
 
 
 def _sees(probe: Path, nonce: str, patience: float = _PROBE_PATIENCE) -> bool:
