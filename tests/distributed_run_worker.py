@@ -13,7 +13,8 @@ Scenario ``paced`` trains ``PACED_STEPS`` steps of ``PACED_SECONDS`` each with
 no save but the exit's, and counts the flag exchanges of its step boundaries.
 ``WORLD`` 1 with scenario ``alone`` runs without a process group; scenario
 ``train-incremental`` trains as ``train`` into an incremental store, and
-``fresh`` starts over (``resume="never", clear=True``). Scenario
+``fresh`` starts over (``resume="never", clear=True``), ``from3`` resumes
+from step 3's checkpoint. Scenario
 ``nodisk`` gives each rank a run directory of its own, ``RUNDIR/node-RANK``
 (nodes without a shared disk), and the mirror ``$KILLSAFE_TEST_MIRROR`` when
 set (``nodisk-incremental``: an incremental run); ``failupload`` makes the
@@ -110,6 +111,7 @@ def train(
     incremental: bool = False,
     mirror: str | None = None,
     clear: bool = False,
+    resume: str | None = None,
 ) -> dict[str, Any]:
     counted: dict[str, int] = {}
     if paced:
@@ -129,7 +131,7 @@ def train(
         collective_timeout=COLLECTIVE_TIMEOUT,
         incremental=incremental,
         mirror=mirror,
-        resume="never" if clear else "auto",
+        resume=resume or ("never" if clear else "auto"),
         clear=clear,
     ) as run:
         run.track(model=model, optimizer=optimizer, seen=[])
@@ -225,6 +227,7 @@ def main() -> None:
                 paced=name == "paced",
                 incremental=name.endswith("incremental"),
                 clear=name == "fresh",
+                resume="3" if name == "from3" else None,
             )
         code = result["exit_code"]
     except KillsafeError as exc:

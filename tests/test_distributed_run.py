@@ -248,6 +248,25 @@ def test_a_job_told_to_start_over_clears_the_checkpoints_on_rank_0_alone(
     assert "fresh start" in job.output(0)
 
 
+def test_a_job_resumed_from_an_older_step_saves_beside_a_damaged_checkpoint(
+    tmp_path: Path,
+) -> None:
+    # it deleted the damaged one (which its start line says is kept for inspection)
+    run_dir = tmp_path / "run"
+    train(tmp_path / "first", run_dir)
+    damaged = run_dir / "checkpoints" / "step-000006" / "rank-00000.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    again = train(tmp_path / "again", run_dir, scenario="from3")
+    assert damaged.read_bytes() == bytes(data)  # kept as it was, for the user to inspect
+    assert "damaged ones kept" in again.output(0)
+    names = sorted(i.path.name for i in CheckpointStore(run_dir / "checkpoints").list())
+    assert names[-3:] == ["step-000006", "step-000006.2", "step-000008"]  # keep_last=3
+    assert cli(["verify", str(run_dir / "checkpoints" / "step-000006.2")]) == 0
+    assert cli(["verify", str(run_dir / "checkpoints" / "step-000008")]) == 0
+
+
 def test_rank_0_unable_to_write_its_run_directory_fails_every_rank_at_the_start(
     tmp_path: Path,
 ) -> None:

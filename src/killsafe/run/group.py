@@ -42,7 +42,6 @@ from killsafe.errors import (
     ConfigError,
     CorruptCheckpoint,
     KillsafeError,
-    SaveFailed,
     StoreLocked,
 )
 from killsafe.history import History
@@ -176,7 +175,7 @@ def ranks_not_sharing(group: RunGroup, directory: Path) -> list[int]:
     try:
         sent = group.coordinator.broadcast(sent)
         if "error" in sent:
-            raise (SaveFailed if sent.get("kind") == "SaveFailed" else ConfigError)(sent["error"])
+            raise _rank_0_error(sent["kind"], sent["error"])
         nonce = sent["nonce"]
         seen = group.coordinator.gather(_sees(directory / f".killsafe-shared-{nonce}", nonce))
     finally:
@@ -229,27 +228,27 @@ class GroupStore:
         self._thread: threading.Thread | None = None
         self._locked = False
 
-    def _path_of(self, step: int, name: str | None) -> Path:
-        """The checkpoint of ``step`` and ``name``: its directory, or its key in an object store."""
-        from killsafe.store.naming import checkpoint_dirname
-
-        dirname = checkpoint_dirname(step, name)
-        return self.store.directory / dirname if self.store.is_local else Path(dirname)
-
-    def _target(self, step: int, name: str | None) -> Any:
-        """Where the checkpoint of ``step`` goes: its directory, or the object store itself
-        (which picks its key when rank 0 begins the save)."""
-        return self._path_of(step, name) if self.store.is_local else self.store
-
-    def _exists(self, path: Path) -> bool:
-        """Whether a committed checkpoint is at ``path`` (a directory, or a key)."""
-        if self.store.is_local:
-            return path.exists()
-        try:
-            self.store.listed(path)
-        except KillsafeError:
-            return False
-        return True
+    def _place(self, step: int, name: str | None) -> tuple[Any, Path]:
+        """Where the checkpoint of ``step`` and ``name`` goes, as rank 0's store places it
+        (beside a damaged one there, never over it): the target to save into (its
+        directory, or the object store itself, which picks the same key when rank 0
+        begins the save) and its path. Collective: ``CheckpointExists`` on every rank
+        when a checkpoint that verifies is there."""
+        answer: dict[str, Any] = {}
+        if self.group.leader:
+            try:
+                answer = {"path": str(self.store.free_path(step, name))}
+            except CheckpointExists as exc:
+                answer = {"exists": str(exc), "path": str(exc.path)}
+            except KillsafeError as exc:
+                answer = {"error": str(exc), "kind": type(exc).__name__}
+        answer = self.group.coordinator.broadcast(answer)
+        if "error" in answer:
+            raise _rank_0_error(answer["kind"], answer["error"])
+        path = Path(answer["path"])
+        if "exists" in answer:
+            raise CheckpointExists(answer["exists"], path)
+        return (path if self.store.is_local else self.store), path
 
     def save(
         self,
@@ -265,7 +264,7 @@ class GroupStore:
         from killsafe.distributed.runstate import save_run_tree
 
         self._hold_lock()
-        directory = self._target(step, name)
+        directory, _ = self._place(step, name)
         try:
             path = save_run_tree(
                 tree,
@@ -301,14 +300,7 @@ class GroupStore:
         from killsafe.distributed.runstate import save_staged, stage_run_tree
 
         self._hold_lock()
-        directory, path = self._target(step, name), self._path_of(step, name)
-        if self.group.coordinator.broadcast(self.group.leader and self._exists(path)):
-            where = path if self.store.is_local else f"{self.store.location}{path}"
-            raise CheckpointExists(  # as rank 0 sees it
-                f"checkpoint {where} already exists; save under a new name "
-                "(a checkpoint is never overwritten)",
-                path,
-            )
+        directory, path = self._place(step, name)
         staged = stage_run_tree(tree, self.group.rank)
         coordinator = self.group.saving_coordinator()
         pending = JobSave(step, name, reason)
@@ -385,6 +377,16 @@ class GroupStore:
 
     def load(self, ref: Any = "latest", **options: Any) -> Any:
         return self.store.load(ref, **options)
+
+
+def _rank_0_error(kind: str, message: str) -> KillsafeError:
+    """Rank 0's error (its type's name in ``killsafe.errors`` and its line), on every rank."""
+    from killsafe import errors
+
+    error_type = getattr(errors, kind, None)
+    if not (isinstance(error_type, type) and issubclass(error_type, KillsafeError)):
+        error_type = KillsafeError
+    return error_type(message)
 
 
 class JobSave(PendingSave):
