@@ -97,6 +97,18 @@ def send_what_is_not_json(rank: int, world: int, workdir: Path, *args: str) -> d
     return {"errors": errors, "after": coordinator.gather(rank)}
 
 
+@scenario
+def refuse_timeouts(rank: int, world: int, workdir: Path, *args: str) -> dict[str, Any]:
+    """Build a coordinator with each timeout that is not a positive finite number."""
+    refused = {}
+    for timeout in (math.inf, math.nan, 1e300, None, "5", 0, -1.0):
+        try:
+            TorchCoordinator(timeout=timeout)  # type: ignore[arg-type]
+        except KillsafeError as exc:
+            refused[repr(timeout)] = [type(exc).__name__, str(exc)]
+    return {"refused": refused}
+
+
 def full_state(seed: int = 0) -> dict[str, Any]:
     """The whole state the sharded scenarios save (also built by the test to compare)."""
     generator = torch.Generator().manual_seed(seed)

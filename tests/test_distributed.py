@@ -218,6 +218,15 @@ def test_a_value_that_is_not_json_fails_on_every_rank_at_once(tmp_path: Path) ->
     assert "rank(s) 1 is not plain JSON" in results[0]["errors"][1][1]
 
 
+def test_a_timeout_that_is_not_a_positive_finite_number_is_refused(tmp_path: Path) -> None:
+    # inf (no timeout, a user might think) was an OverflowError, None a TypeError
+    refused = run_job("refuse_timeouts", 1, tmp_path).result(0)["refused"]
+    assert sorted(refused) == sorted(["inf", "nan", "1e+300", "None", "'5'", "0", "-1.0"])
+    for kind, message in refused.values():
+        assert kind == "ConfigError"
+        assert message.startswith("the collective timeout must be a positive number of seconds")
+
+
 def test_a_hostile_manifest_is_corrupt_not_a_crash(tmp_path: Path) -> None:
     save_sharded({"w": torch.arange(6.0).reshape(2, 3), "step": 3}, tmp_path / "c")
     hostile = [

@@ -39,6 +39,7 @@ log = logging.getLogger("killsafe.distributed")
 _NO_STOP = 1 << 62  # larger than any packed (rank, length) pair
 _MAX_REASON_BYTES = 4096
 _ROLL_CALL_POLL = 0.05
+_LONGEST_TIMEOUT = 1e12  # seconds; far longer ones overflow gloo's timeout
 
 T = TypeVar("T")
 
@@ -63,9 +64,7 @@ class TorchCoordinator:
                 "TorchCoordinator needs torch.distributed initialised; "
                 "call torch.distributed.init_process_group() first"
             )
-        if not timeout > 0:
-            raise ConfigError(f"timeout must be positive seconds, got {timeout!r}")
-        self._timeout = float(timeout)
+        self._timeout = _checked_timeout(timeout)
         ranks = None if group is None else dist.get_process_group_ranks(group)
         self._group = dist.new_group(
             ranks=ranks, backend="gloo", timeout=timedelta(seconds=self._timeout)
@@ -309,6 +308,17 @@ class TorchCoordinator:
                 time.sleep(_ROLL_CALL_POLL)
         except RuntimeError:  # the store went with the process that served it
             return others
+
+
+def _checked_timeout(timeout: Any) -> float:
+    """``timeout`` as seconds, refused unless a positive finite number gloo can take."""
+    number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+    if not (number and 0 < timeout <= _LONGEST_TIMEOUT):
+        raise ConfigError(
+            f"the collective timeout must be a positive number of seconds (at most "
+            f"{_LONGEST_TIMEOUT:g}), got {timeout!r}; every collective needs one (a day is 86400)"
+        )
+    return float(timeout)
 
 
 def _largest(work: Any, packed: torch.Tensor) -> tuple[int, ...]:
