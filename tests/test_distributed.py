@@ -180,6 +180,26 @@ def test_one_process_save_refuses_what_json_cannot_hold(tmp_path: Path) -> None:
         load_sharded({"w2": torch.zeros(2)}, tmp_path / "c")
 
 
+def test_a_bad_step_or_state_is_one_typed_line(tmp_path: Path) -> None:
+    from killsafe import CheckpointStore
+    from killsafe.errors import ConfigError
+
+    # a step of -1 went into a store as step--00001; "x" was a ValueError, 1.5 became 1
+    with CheckpointStore(tmp_path / "store") as store:
+        for step in (-1, "x", 1.5, True):
+            with pytest.raises(ConfigError, match=r"must be a non-negative int"):
+                save_sharded({"w": torch.ones(2)}, store, step=step)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"step=-1 must be"):
+        save_sharded({"w": torch.ones(2)}, tmp_path / "c", step=-1)
+    assert not list(tmp_path.rglob("step*")) and not (tmp_path / "c").exists()
+    # a list was an AttributeError
+    with pytest.raises(UnsupportedState, match="takes a dict of named values"):
+        save_sharded([torch.ones(2)], tmp_path / "c")  # type: ignore[arg-type]
+    save_sharded({"w": torch.ones(2)}, tmp_path / "c")
+    with pytest.raises(UnsupportedState, match="takes a dict of named values"):
+        load_sharded([torch.ones(2)], tmp_path / "c")  # type: ignore[arg-type]
+
+
 def test_pickling_planners_are_refused(tmp_path: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException

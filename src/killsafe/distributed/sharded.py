@@ -46,12 +46,13 @@ from killsafe import storage
 from killsafe.distributed.objects import StoredCheckpoint, stored
 from killsafe.distributed.planners import JsonLoadPlanner, JsonSavePlanner
 from killsafe.distributed.reader import ShardedReader
-from killsafe.distributed.writer import ShardedWriter
+from killsafe.distributed.writer import ShardedWriter, check_step
 from killsafe.errors import (
     ConfigError,
     KillsafeError,
     SaveFailed,
     StateMismatch,
+    UnsupportedState,
 )
 
 if TYPE_CHECKING:
@@ -101,6 +102,7 @@ def save_sharded(
     ``CheckpointExists``, ``UnsupportedState``, or ``RankUnresponsive`` when
     a rank died or hangs.
     """
+    _check_state(state_dict, "save_sharded")
     writer = _writer_for(
         directory,
         step=step,
@@ -140,6 +142,7 @@ def _writer_for(
     directory: str | os.PathLike[str] | CheckpointStore, *, step: int, **header: Any
 ) -> ShardedWriter:
     """The writer of a new checkpoint at a path, or in a store at ``step``."""
+    check_step(step)
     if isinstance(directory, (str, os.PathLike)):
         return ShardedWriter(_local(directory), step=step, **header)
     from killsafe.store.naming import checkpoint_dirname, sanitize_name
@@ -173,6 +176,7 @@ def load_sharded(
     ``CheckpointInfo`` or the checkpoint's key; on an object store the rank
     files are read in ranged reads, each rank only the pieces it needs.
     """
+    _check_state(state_dict, "load_sharded")
     if store is not None:
         directory = stored(store, store.get(directory).path)
     elif not isinstance(directory, StoredCheckpoint):
@@ -232,6 +236,14 @@ def _load(reader: ShardedReader, load: Any) -> None:
                 f"loading {reader.where}: {m}; load into a state with the saved keys"
             ),
         ) from None
+
+
+def _check_state(state_dict: Any, where: str) -> None:
+    if not isinstance(state_dict, dict):
+        raise UnsupportedState(
+            f"{where} takes a dict of named values (a state dict), got "
+            f"{type(state_dict).__name__}; wrap it, e.g. {{'model': model.state_dict()}}"
+        )
 
 
 def _local(directory: str | os.PathLike[str]) -> str | os.PathLike[str]:
