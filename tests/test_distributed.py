@@ -268,3 +268,24 @@ def test_a_hostile_manifest_is_corrupt_not_a_crash(tmp_path: Path) -> None:
     for _ in each_hostile_manifest(tmp_path / "c", hostile):
         with pytest.raises(CorruptCheckpoint):
             load_sharded({"w": torch.zeros(2, 3), "step": None}, tmp_path / "c")
+
+
+def test_a_hostile_flattening_map_is_corrupt_for_a_whole_load(tmp_path: Path) -> None:
+    from killsafe.distributed.sharded import load_full
+
+    save_sharded({"m": {"w": torch.arange(6.0).reshape(2, 3)}, "step": 3}, tmp_path / "c")
+    assert load_full(tmp_path / "c")["m"]["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    hostile = [
+        # rebuilding the state grew a list to a billion slots (memory, then minutes)
+        lambda m: m["dcp"]["paths"].update({"m.w": ["m", 10**9]}),
+        lambda m: m["dcp"]["paths"].update({"m.w": ["m", -5]}),
+        lambda m: m["dcp"]["paths"].update({"m.w": []}),  # an IndexError
+        lambda m: m["dcp"]["paths"].update({"m.w": [0, "w"]}),
+        lambda m: m["dcp"]["paths"].update({"m.w": ["m", 1.5]}),
+        # a value where the map puts a tensor under it: was StateMismatch, as if the
+        # caller had passed the wrong state (load_full passes none)
+        lambda m: m["dcp"]["paths"].update({"step": ["m", "w", "x"]}),
+    ]
+    for _ in each_hostile_manifest(tmp_path / "c", hostile):
+        with pytest.raises(CorruptCheckpoint):
+            load_full(tmp_path / "c")

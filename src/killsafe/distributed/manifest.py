@@ -191,7 +191,7 @@ def metadata_from_json(document: Any, directory: Path | str) -> tuple[Metadata, 
                 raise ValueError(f"piece {piece.key!r} ends past {piece.file}")
             storage[index] = piece
         paths = dcp_doc.get("paths")
-        planner_data = None if paths is None else {k: tuple(v) for k, v in paths.items()}
+        planner_data = None if paths is None else _checked_paths(paths)
         metadata = Metadata(
             state_dict_metadata=state,
             planner_data=planner_data,
@@ -230,6 +230,25 @@ def _typed(value: Any, kind: type) -> Any:
 
 def _ints(value: Any) -> list[int]:
     return [_typed(v, int) for v in _typed(value, list)]
+
+
+def _checked_paths(paths: Any) -> dict[str, tuple[str | int, ...]]:
+    """DCP's flattening map, each path a name then names or list indices. An index is
+    below the number of paths (each element of a saved list has one), so that rebuilding
+    the state cannot be made to grow a list without bound."""
+    checked = {}
+    for fqn, path in _typed(paths, dict).items():
+        steps = _typed(path, list)
+        if not steps or not isinstance(steps[0], str):
+            raise ValueError(f"the path of {fqn!r} does not start with a name")
+        for step in steps:
+            if isinstance(step, int) and not isinstance(step, bool):
+                if not 0 <= step < len(paths):
+                    raise ValueError(f"the path of {fqn!r} has the list index {step}")
+            elif not isinstance(step, str):
+                raise ValueError(f"the path of {fqn!r} holds a {type(step).__name__}")
+        checked[fqn] = tuple(steps)
+    return checked
 
 
 def _sizes(value: Any) -> list[int]:

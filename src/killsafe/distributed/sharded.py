@@ -49,6 +49,7 @@ from killsafe.distributed.reader import ShardedReader
 from killsafe.distributed.writer import ShardedWriter, check_step
 from killsafe.errors import (
     ConfigError,
+    CorruptCheckpoint,
     KillsafeError,
     SaveFailed,
     StateMismatch,
@@ -219,23 +220,30 @@ def load_full(
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
             dcp.load({}, storage_reader=reader, planner=planner, no_dist=True)
 
-    _load(reader, load)
+    _load(reader, load, whole=True)
     state: dict[str, Any] = planner.original_state_dict  # built by the planner, then filled
     return state
 
 
-def _load(reader: ShardedReader, load: Any) -> None:
+def _load(reader: ShardedReader, load: Any, *, whole: bool = False) -> None:
+    """Run ``load``; DCP's failures as one killsafe error. ``whole``: the state is built
+    from the manifest itself (``load_full``), so a failure is the checkpoint's."""
+
+    def wrap(message: str) -> KillsafeError:
+        if whole:
+            return CorruptCheckpoint(
+                f"checkpoint {reader.where}: {message}; restore another checkpoint"
+            )
+        return StateMismatch(
+            f"loading {reader.where}: {message}; load into a state with the saved keys"
+        )
+
     try:
         load()
     except CheckpointException as exc:
         if reader.error is not None:
             raise reader.error from None
-        raise _translate(
-            exc,
-            lambda m: StateMismatch(
-                f"loading {reader.where}: {m}; load into a state with the saved keys"
-            ),
-        ) from None
+        raise _translate(exc, wrap) from None
 
 
 def _check_state(state_dict: Any, where: str) -> None:
