@@ -270,6 +270,26 @@ def test_a_hostile_manifest_is_corrupt_not_a_crash(tmp_path: Path) -> None:
             load_sharded({"w": torch.zeros(2, 3), "step": None}, tmp_path / "c")
 
 
+def test_a_hostile_tensor_size_is_corrupt_before_anything_is_allocated(tmp_path: Path) -> None:
+    from killsafe.distributed.reshard import load_shared
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    save_sharded({"opt": optimizer.state_dict()}, tmp_path / "c")
+    big = [10**7, 10**7]  # 400 TB of float32, in a chunk no piece holds
+
+    def grow(manifest: dict[str, Any]) -> None:
+        manifest["dcp"]["state"]["opt.state.0.exp_avg"].update(size=big, chunks=[[[0, 0], big]])
+
+    for _ in each_hostile_manifest(tmp_path / "c", [grow]):
+        # resuming an optimizer built its target from the size: a RuntimeError from
+        # the allocator, with a traceback
+        with pytest.raises(CorruptCheckpoint, match="has no piece of its size"):
+            load_shared(tmp_path / "c", {"opt": torch.optim.Adam(model.parameters())}, None)
+
+
 def test_a_hostile_flattening_map_is_corrupt_for_a_whole_load(tmp_path: Path) -> None:
     from killsafe.distributed.sharded import load_full
 

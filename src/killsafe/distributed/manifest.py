@@ -190,6 +190,7 @@ def metadata_from_json(document: Any, directory: Path | str) -> tuple[Metadata, 
             if "shards" not in manifest and piece.end > _data_size(files[piece.file]):
                 raise ValueError(f"piece {piece.key!r} ends past {piece.file}")
             storage[index] = piece
+        _check_pieces(state, storage)
         paths = dcp_doc.get("paths")
         planner_data = None if paths is None else _checked_paths(paths)
         metadata = Metadata(
@@ -271,6 +272,19 @@ def _check_chunks(fqn: str, size: list[int], chunks: list[ChunkStorageMetadata])
         covered += math.prod(sizes)
     if covered != math.prod(size):
         raise ValueError(f"the chunks of {fqn!r} do not cover its size {size}")
+
+
+def _check_pieces(state: dict[str, Any], storage: dict[MetadataIndex, Piece]) -> None:
+    """Each tensor chunk stored in a piece of its size, so that no reader allocates for a
+    chunk more than the files hold."""
+    for fqn, item in state.items():
+        if not isinstance(item, TensorStorageMetadata):
+            continue
+        itemsize = item.properties.dtype.itemsize
+        for chunk in item.chunks:
+            piece = storage.get(MetadataIndex(fqn, chunk.offsets))
+            if piece is None or piece.end - piece.start != math.prod(chunk.sizes) * itemsize:
+                raise ValueError(f"a chunk of {fqn!r} has no piece of its size")
 
 
 def _check_files(files: dict[str, Any]) -> None:
