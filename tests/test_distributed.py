@@ -270,6 +270,22 @@ def test_a_hostile_manifest_is_corrupt_not_a_crash(tmp_path: Path) -> None:
             load_sharded({"w": torch.zeros(2, 3), "step": None}, tmp_path / "c")
 
 
+def test_a_manifest_naming_a_file_outside_its_checkpoint_is_corrupt(tmp_path: Path) -> None:
+    save_sharded({"w": torch.zeros(6)}, tmp_path / "c")
+    save_sharded({"w": torch.arange(6.0)}, tmp_path / "other")
+    other = json.loads((tmp_path / "other" / "manifest.json").read_text())
+    outside = "../other/rank-00000.safetensors"
+
+    def point_outside(manifest: dict[str, Any]) -> None:
+        manifest["files"] = {outside: other["files"]["rank-00000.safetensors"]}
+        manifest["dcp"]["storage"] = [{**row, "file": outside} for row in other["dcp"]["storage"]]
+
+    for _ in each_hostile_manifest(tmp_path / "c", [point_outside]):
+        # the reader opened ../other's file (checksums and all) and loaded it
+        with pytest.raises(CorruptCheckpoint, match="rank-"):
+            load_sharded({"w": torch.ones(6)}, tmp_path / "c")
+
+
 def test_a_hostile_tensor_size_is_corrupt_before_anything_is_allocated(tmp_path: Path) -> None:
     from killsafe.distributed.reshard import load_shared
 

@@ -169,9 +169,9 @@ def metadata_from_json(document: Any, directory: Path | str) -> tuple[Metadata, 
             properties = TensorProperties(dtype=_torch_dtype(item["dtype"]))
             state[fqn] = TensorStorageMetadata(properties, torch.Size(size), chunks)
         storage = {}
+        check_schema(manifest)  # rank files named as ranks', within this checkpoint
         files = _typed(manifest["files"], dict)
         if "shards" in manifest:  # saved into an incremental store: spans over its pieces
-            check_schema(manifest)
             files = manifest["shards"]
         else:
             _check_files(files)
