@@ -19,7 +19,8 @@ from step 3's checkpoint. Scenario
 (nodes without a shared disk), and the mirror ``$KILLSAFE_TEST_MIRROR`` when
 set (``nodisk-incremental``: an incremental run); ``failupload`` makes the
 rank's upload of step ``STEP``'s file fail, ``fullprobe`` its write of the
-start's shared-directory probe (as on a full disk). Each rank
+start's shared-directory probe (as on a full disk), ``failprune`` its retention
+after step ``STEP``'s checkpoint. Each rank
 writes what it saw to ``DIR/rank-N.json`` and exits with ``run.exit_code``
 (1 with the error's name when the run raised).
 """
@@ -75,6 +76,21 @@ def break_upload(step: int) -> None:
         raise SaveFailed(f"could not write {backend.url}{key}: 503 SlowDown (test)")
 
     objects.upload_rank_file = broken  # type: ignore[assignment]
+
+
+def break_prune(step: int) -> None:
+    """Make this rank's retention after the checkpoint of ``step`` fail (another holds the lock)."""
+    from killsafe import CheckpointStore
+    from killsafe.errors import StoreLocked
+
+    original = CheckpointStore.prune
+
+    def prune(store: CheckpointStore, **options: Any) -> Any:
+        if any(info.step == step for info in store.list()):
+            raise StoreLocked(f"{store.location} is locked by a test")
+        return original(store, **options)
+
+    CheckpointStore.prune = prune  # type: ignore[method-assign]
 
 
 def fill_disk_at_probe() -> None:
@@ -149,7 +165,7 @@ def train(
             what = events.get((rank, step))
             if what == "save":
                 run.save("asked")
-            elif what is not None and what.endswith(("write", "upload")):
+            elif what is not None and what.endswith(("write", "upload", "prune", "probe")):
                 pass  # armed before the run
             elif what is not None:
                 os.kill(os.getpid(), signal.SIGTERM if what == "term" else signal.SIGKILL)
@@ -209,6 +225,8 @@ def main() -> None:
             break_upload(step)
         if who == rank_ and what == "fullprobe":
             fill_disk_at_probe()
+        if who == rank_ and what == "failprune":
+            break_prune(step)
     code = 1
     try:
         if name.startswith("epochs"):

@@ -267,6 +267,16 @@ def test_a_job_resumed_from_an_older_step_saves_beside_a_damaged_checkpoint(
     assert cli(["verify", str(run_dir / "checkpoints" / "step-000008")]) == 0
 
 
+def test_retention_failing_on_rank_0_fails_the_save_on_every_rank(tmp_path: Path) -> None:
+    # only rank 0 raised; rank 1 went on and met a dead rank 0 a timeout later
+    with mock.patch.dict(os.environ, QUICK_TIMEOUT):
+        job = train(tmp_path, tmp_path / "run", "0:6:failprune", expect=1)
+    results = [job.result(rank) for rank in range(2)]
+    assert [r["error"] for r in results] == ["StoreLocked", "StoreLocked"], results
+    assert results[0]["message"] == results[1]["message"]
+    assert results[0]["step"] == results[1]["step"]
+
+
 def test_rank_0_unable_to_write_its_run_directory_fails_every_rank_at_the_start(
     tmp_path: Path,
 ) -> None:

@@ -279,8 +279,7 @@ class GroupStore:
             )
         except CheckpointExists as exc:  # the same on every rank, with its path
             raise CheckpointExists(str(exc), exc.path or directory) from exc
-        if self.group.leader:
-            self.store.prune()
+        self._prune_together(self.group.coordinator)
         return self.store.listed(path)
 
     def save_async(
@@ -317,12 +316,24 @@ class GroupStore:
                 metadata=metadata,
                 incremental=self.store.incremental,
             )
-            if self.group.leader:
-                self.store.prune()
+            self._prune_together(coordinator)
             return self.store.listed(path)
 
         self._thread = pending.start(write, path)
         return pending
+
+    def _prune_together(self, coordinator: Any) -> None:
+        """Retention after a save, on rank 0; its failure raised on every rank (collective),
+        so that every rank's save fails alike."""
+        failed = None
+        if self.group.leader:
+            try:
+                self.store.prune()
+            except KillsafeError as exc:
+                failed = {"error": str(exc), "kind": type(exc).__name__}
+        failed = coordinator.broadcast(failed)
+        if failed is not None:
+            raise _rank_0_error(failed["kind"], failed["error"])
 
     def _hold_lock(self) -> None:
         """An incremental store: rank 0 holds its write lock from the first save on, so no
