@@ -13,17 +13,21 @@ Scenario ``paced`` trains ``PACED_STEPS`` steps of ``PACED_SECONDS`` each with
 no save but the exit's, and counts the flag exchanges of its step boundaries.
 ``WORLD`` 1 with scenario ``alone`` runs without a process group; scenario
 ``train-incremental`` trains as ``train`` into an incremental store, and
-``fresh`` starts over (``resume="never", clear=True``). Scenario
+``fresh`` starts over (``resume="never", clear=True``), ``from3`` resumes
+from step 3's checkpoint. Scenario
 ``nodisk`` gives each rank a run directory of its own, ``RUNDIR/node-RANK``
 (nodes without a shared disk), and the mirror ``$KILLSAFE_TEST_MIRROR`` when
 set (``nodisk-incremental``: an incremental run); ``failupload`` makes the
-rank's upload of step ``STEP``'s file fail. Each rank
+rank's upload of step ``STEP``'s file fail, ``fullprobe`` its write of the
+start's shared-directory probe (as on a full disk), ``failprune`` its retention
+after step ``STEP``'s checkpoint. Each rank
 writes what it saw to ``DIR/rank-N.json`` and exits with ``run.exit_code``
 (1 with the error's name when the run raised).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -74,6 +78,33 @@ def break_upload(step: int) -> None:
     objects.upload_rank_file = broken  # type: ignore[assignment]
 
 
+def break_prune(step: int) -> None:
+    """Make this rank's retention after the checkpoint of ``step`` fail (another holds the lock)."""
+    from killsafe import CheckpointStore
+    from killsafe.errors import StoreLocked
+
+    original = CheckpointStore.prune
+
+    def prune(store: CheckpointStore, **options: Any) -> Any:
+        if any(info.step == step for info in store.list()):
+            raise StoreLocked(f"{store.location} is locked by a test")
+        return original(store, **options)
+
+    CheckpointStore.prune = prune  # type: ignore[method-assign]
+
+
+def fill_disk_at_probe() -> None:
+    """Make this rank's write of the shared-directory probe fail as on a full disk."""
+    original = Path.write_text
+
+    def write_text(path: Path, *args: Any, **kwargs: Any) -> int:
+        if path.name.startswith(".killsafe-shared-"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return original(path, *args, **kwargs)
+
+    Path.write_text = write_text  # type: ignore[method-assign]
+
+
 def count_flag_exchanges(counted: dict[str, int]) -> None:
     """Count this rank's ``max_async`` calls (the step boundary's flag exchanges)."""
     from killsafe.distributed.process_group import TorchCoordinator
@@ -96,6 +127,7 @@ def train(
     incremental: bool = False,
     mirror: str | None = None,
     clear: bool = False,
+    resume: str | None = None,
 ) -> dict[str, Any]:
     counted: dict[str, int] = {}
     if paced:
@@ -115,7 +147,7 @@ def train(
         collective_timeout=COLLECTIVE_TIMEOUT,
         incremental=incremental,
         mirror=mirror,
-        resume="never" if clear else "auto",
+        resume=resume or ("never" if clear else "auto"),
         clear=clear,
     ) as run:
         run.track(model=model, optimizer=optimizer, seen=[])
@@ -133,7 +165,7 @@ def train(
             what = events.get((rank, step))
             if what == "save":
                 run.save("asked")
-            elif what is not None and what.endswith(("write", "upload")):
+            elif what is not None and what.endswith(("write", "upload", "prune", "probe")):
                 pass  # armed before the run
             elif what is not None:
                 os.kill(os.getpid(), signal.SIGTERM if what == "term" else signal.SIGKILL)
@@ -191,6 +223,10 @@ def main() -> None:
             break_write(step, what)
         if who == rank_ and what == "failupload":
             break_upload(step)
+        if who == rank_ and what == "fullprobe":
+            fill_disk_at_probe()
+        if who == rank_ and what == "failprune":
+            break_prune(step)
     code = 1
     try:
         if name.startswith("epochs"):
@@ -209,6 +245,7 @@ def main() -> None:
                 paced=name == "paced",
                 incremental=name.endswith("incremental"),
                 clear=name == "fresh",
+                resume="3" if name == "from3" else None,
             )
         code = result["exit_code"]
     except KillsafeError as exc:

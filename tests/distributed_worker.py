@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -76,6 +77,36 @@ def agree_then_lose(rank: int, world: int, workdir: Path, *args: str) -> dict[st
         except RankUnresponsive as exc:
             errors.append({"message": str(exc), "ranks": list(exc.ranks), "hosts": list(exc.hosts)})
     return {**result, "errors": errors}
+
+
+@scenario
+def send_what_is_not_json(rank: int, world: int, workdir: Path, *args: str) -> dict[str, Any]:
+    """Rank 0 broadcasts, then rank 1 gathers, a value that is not JSON; then all gather."""
+    coordinator = TorchCoordinator(timeout=10)
+    sends = [
+        lambda: coordinator.broadcast(object() if rank == 0 else None),
+        lambda: coordinator.gather(math.nan if rank == 1 else rank),
+    ]
+    errors = []
+    for send in sends:
+        try:
+            send()
+            errors.append(None)
+        except KillsafeError as exc:
+            errors.append([type(exc).__name__, str(exc)])
+    return {"errors": errors, "after": coordinator.gather(rank)}
+
+
+@scenario
+def refuse_timeouts(rank: int, world: int, workdir: Path, *args: str) -> dict[str, Any]:
+    """Build a coordinator with each timeout that is not a positive finite number."""
+    refused = {}
+    for timeout in (math.inf, math.nan, 1e300, None, "5", 0, -1.0):
+        try:
+            TorchCoordinator(timeout=timeout)  # type: ignore[arg-type]
+        except KillsafeError as exc:
+            refused[repr(timeout)] = [type(exc).__name__, str(exc)]
+    return {"refused": refused}
 
 
 def full_state(seed: int = 0) -> dict[str, Any]:

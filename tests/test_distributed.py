@@ -180,6 +180,26 @@ def test_one_process_save_refuses_what_json_cannot_hold(tmp_path: Path) -> None:
         load_sharded({"w2": torch.zeros(2)}, tmp_path / "c")
 
 
+def test_a_bad_step_or_state_is_one_typed_line(tmp_path: Path) -> None:
+    from killsafe import CheckpointStore
+    from killsafe.errors import ConfigError
+
+    # a step of -1 went into a store as step--00001; "x" was a ValueError, 1.5 became 1
+    with CheckpointStore(tmp_path / "store") as store:
+        for step in (-1, "x", 1.5, True):
+            with pytest.raises(ConfigError, match=r"must be a non-negative int"):
+                save_sharded({"w": torch.ones(2)}, store, step=step)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"step=-1 must be"):
+        save_sharded({"w": torch.ones(2)}, tmp_path / "c", step=-1)
+    assert not list(tmp_path.rglob("step*")) and not (tmp_path / "c").exists()
+    # a list was an AttributeError
+    with pytest.raises(UnsupportedState, match="takes a dict of named values"):
+        save_sharded([torch.ones(2)], tmp_path / "c")  # type: ignore[arg-type]
+    save_sharded({"w": torch.ones(2)}, tmp_path / "c")
+    with pytest.raises(UnsupportedState, match="takes a dict of named values"):
+        load_sharded([torch.ones(2)], tmp_path / "c")  # type: ignore[arg-type]
+
+
 def test_pickling_planners_are_refused(tmp_path: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
@@ -204,6 +224,29 @@ def test_pickling_planners_are_refused(tmp_path: Path) -> None:
     assert any(isinstance(error, ConfigError) for error, _ in caught.value.failures.values())
 
 
+def test_a_value_that_is_not_json_fails_on_every_rank_at_once(tmp_path: Path) -> None:
+    # the other ranks used to wait out the timeout and report the sender as dead
+    job = run_job("send_what_is_not_json", 2, tmp_path)
+    results = [job.result(rank) for rank in range(2)]
+    for result in results:
+        assert [error[0] for error in result["errors"]] == ["ConfigError"] * 2, result
+        assert all("\n" not in error[1] for error in result["errors"])
+        assert result["after"] == [0, 1]  # the ranks are still in step
+    assert "cannot send object" in results[0]["errors"][0][1]
+    assert "rank(s) 0 is not plain JSON" in results[1]["errors"][0][1]
+    assert "cannot send float" in results[1]["errors"][1][1]
+    assert "rank(s) 1 is not plain JSON" in results[0]["errors"][1][1]
+
+
+def test_a_timeout_that_is_not_a_positive_finite_number_is_refused(tmp_path: Path) -> None:
+    # inf (no timeout, a user might think) was an OverflowError, None a TypeError
+    refused = run_job("refuse_timeouts", 1, tmp_path).result(0)["refused"]
+    assert sorted(refused) == sorted(["inf", "nan", "1e+300", "None", "'5'", "0", "-1.0"])
+    for kind, message in refused.values():
+        assert kind == "ConfigError"
+        assert message.startswith("the collective timeout must be a positive number of seconds")
+
+
 def test_a_hostile_manifest_is_corrupt_not_a_crash(tmp_path: Path) -> None:
     save_sharded({"w": torch.arange(6.0).reshape(2, 3), "step": 3}, tmp_path / "c")
     hostile = [
@@ -212,7 +255,73 @@ def test_a_hostile_manifest_is_corrupt_not_a_crash(tmp_path: Path) -> None:
         lambda m: m["dcp"]["storage"][0].update(end=10**12),
         lambda m: m["dcp"]["storage"][0].update(file="../../etc/passwd"),
         lambda m: m["dcp"].update(storage=[]),
+        # a piece past its file: refused before its bytes are allocated, not 10 TB asked for
+        lambda m: [row.update(end=10**13) for row in m["dcp"]["storage"] if row["fqn"] == "step"],
+        lambda m: [row.update(header_size="x") for row in m["files"].values()],
+        lambda m: [row.update(header_size=-100) for row in m["files"].values()],
+        lambda m: m["dcp"]["state"]["w"].update(size=[-1, 3]),
+        # chunks that do not cover the tensor would leave part of the target unfilled
+        lambda m: m["dcp"]["state"]["w"].update(chunks=[]),
+        lambda m: m["dcp"]["state"]["w"].update(chunks=[[[0, 0], [-2, 3]]]),
+        lambda m: m["dcp"]["state"]["w"].update(chunks=[[[1, 0], [2, 3]]]),
     ]
     for _ in each_hostile_manifest(tmp_path / "c", hostile):
         with pytest.raises(CorruptCheckpoint):
             load_sharded({"w": torch.zeros(2, 3), "step": None}, tmp_path / "c")
+
+
+def test_a_manifest_naming_a_file_outside_its_checkpoint_is_corrupt(tmp_path: Path) -> None:
+    save_sharded({"w": torch.zeros(6)}, tmp_path / "c")
+    save_sharded({"w": torch.arange(6.0)}, tmp_path / "other")
+    other = json.loads((tmp_path / "other" / "manifest.json").read_text())
+    outside = "../other/rank-00000.safetensors"
+
+    def point_outside(manifest: dict[str, Any]) -> None:
+        manifest["files"] = {outside: other["files"]["rank-00000.safetensors"]}
+        manifest["dcp"]["storage"] = [{**row, "file": outside} for row in other["dcp"]["storage"]]
+
+    for _ in each_hostile_manifest(tmp_path / "c", [point_outside]):
+        # the reader opened ../other's file (checksums and all) and loaded it
+        with pytest.raises(CorruptCheckpoint, match="rank-"):
+            load_sharded({"w": torch.ones(6)}, tmp_path / "c")
+
+
+def test_a_hostile_tensor_size_is_corrupt_before_anything_is_allocated(tmp_path: Path) -> None:
+    from killsafe.distributed.reshard import load_shared
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    save_sharded({"opt": optimizer.state_dict()}, tmp_path / "c")
+    big = [10**7, 10**7]  # 400 TB of float32, in a chunk no piece holds
+
+    def grow(manifest: dict[str, Any]) -> None:
+        manifest["dcp"]["state"]["opt.state.0.exp_avg"].update(size=big, chunks=[[[0, 0], big]])
+
+    for _ in each_hostile_manifest(tmp_path / "c", [grow]):
+        # resuming an optimizer built its target from the size: a RuntimeError from
+        # the allocator, with a traceback
+        with pytest.raises(CorruptCheckpoint, match="has no piece of its size"):
+            load_shared(tmp_path / "c", {"opt": torch.optim.Adam(model.parameters())}, None)
+
+
+def test_a_hostile_flattening_map_is_corrupt_for_a_whole_load(tmp_path: Path) -> None:
+    from killsafe.distributed.sharded import load_full
+
+    save_sharded({"m": {"w": torch.arange(6.0).reshape(2, 3)}, "step": 3}, tmp_path / "c")
+    assert load_full(tmp_path / "c")["m"]["w"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    hostile = [
+        # rebuilding the state grew a list to a billion slots (memory, then minutes)
+        lambda m: m["dcp"]["paths"].update({"m.w": ["m", 10**9]}),
+        lambda m: m["dcp"]["paths"].update({"m.w": ["m", -5]}),
+        lambda m: m["dcp"]["paths"].update({"m.w": []}),  # an IndexError
+        lambda m: m["dcp"]["paths"].update({"m.w": [0, "w"]}),
+        lambda m: m["dcp"]["paths"].update({"m.w": ["m", 1.5]}),
+        # a value where the map puts a tensor under it: was StateMismatch, as if the
+        # caller had passed the wrong state (load_full passes none)
+        lambda m: m["dcp"]["paths"].update({"step": ["m", "w", "x"]}),
+    ]
+    for _ in each_hostile_manifest(tmp_path / "c", hostile):
+        with pytest.raises(CorruptCheckpoint):
+            load_full(tmp_path / "c")

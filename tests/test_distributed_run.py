@@ -248,6 +248,51 @@ def test_a_job_told_to_start_over_clears_the_checkpoints_on_rank_0_alone(
     assert "fresh start" in job.output(0)
 
 
+def test_a_job_resumed_from_an_older_step_saves_beside_a_damaged_checkpoint(
+    tmp_path: Path,
+) -> None:
+    # it deleted the damaged one (which its start line says is kept for inspection)
+    run_dir = tmp_path / "run"
+    train(tmp_path / "first", run_dir)
+    damaged = run_dir / "checkpoints" / "step-000006" / "rank-00000.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    again = train(tmp_path / "again", run_dir, scenario="from3")
+    assert damaged.read_bytes() == bytes(data)  # kept as it was, for the user to inspect
+    assert "damaged ones kept" in again.output(0)
+    names = sorted(i.path.name for i in CheckpointStore(run_dir / "checkpoints").list())
+    assert names[-3:] == ["step-000006", "step-000006.2", "step-000008"]  # keep_last=3
+    assert cli(["verify", str(run_dir / "checkpoints" / "step-000006.2")]) == 0
+    assert cli(["verify", str(run_dir / "checkpoints" / "step-000008")]) == 0
+
+
+def test_retention_failing_on_rank_0_fails_the_save_on_every_rank(tmp_path: Path) -> None:
+    # only rank 0 raised; rank 1 went on and met a dead rank 0 a timeout later
+    with mock.patch.dict(os.environ, QUICK_TIMEOUT):
+        job = train(tmp_path, tmp_path / "run", "0:6:failprune", expect=1)
+    results = [job.result(rank) for rank in range(2)]
+    assert [r["error"] for r in results] == ["StoreLocked", "StoreLocked"], results
+    assert results[0]["message"] == results[1]["message"]
+    assert results[0]["step"] == results[1]["step"]
+
+
+def test_rank_0_unable_to_write_its_run_directory_fails_every_rank_at_the_start(
+    tmp_path: Path,
+) -> None:
+    # rank 0 used to raise OSError with a traceback before the probe's broadcast,
+    # and rank 1 waited out the timeout and reported rank 0 as dead
+    run_dir = tmp_path / "run"
+    job = train(tmp_path, run_dir, "0:0:fullprobe", expect=1)
+    for rank in range(2):
+        result = job.result(rank)
+        assert result["error"] == "SaveFailed", result
+        assert result["message"].startswith("rank 0: writing ")
+        assert "No space left on device" in result["message"]
+        assert "\n" not in result["message"]
+    assert not list(run_dir.glob(".killsafe-shared-*"))
+
+
 def test_a_killed_rank_is_named_instead_of_hanging(tmp_path: Path) -> None:
     # killed after its step 3's gradients were exchanged: rank 0 meets the dead
     # peer in the next step's all_reduce, and the flag rank 1 never sent names it

@@ -13,6 +13,7 @@ validates every field, so a hostile manifest fails as
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,17 +160,21 @@ def metadata_from_json(document: Any, directory: Path | str) -> tuple[Metadata, 
                 continue
             if item["kind"] != "tensor":
                 raise ValueError(f"unknown kind {item['kind']!r}")
+            size = _sizes(item["size"])
             chunks = [
-                ChunkStorageMetadata(torch.Size(_ints(o)), torch.Size(_ints(s)))
+                ChunkStorageMetadata(torch.Size(_ints(o)), torch.Size(_sizes(s)))
                 for o, s in _typed(item["chunks"], list)
             ]
+            _check_chunks(fqn, size, chunks)
             properties = TensorProperties(dtype=_torch_dtype(item["dtype"]))
-            state[fqn] = TensorStorageMetadata(properties, torch.Size(_ints(item["size"])), chunks)
+            state[fqn] = TensorStorageMetadata(properties, torch.Size(size), chunks)
         storage = {}
+        check_schema(manifest)  # rank files named as ranks', within this checkpoint
         files = _typed(manifest["files"], dict)
         if "shards" in manifest:  # saved into an incremental store: spans over its pieces
-            check_schema(manifest)
             files = manifest["shards"]
+        else:
+            _check_files(files)
         for row in _typed(dcp_doc["storage"], list):
             offset = None if row["offset"] is None else _ints(row["offset"])
             index = MetadataIndex(_typed(row["fqn"], str), offset)
@@ -182,9 +187,12 @@ def metadata_from_json(document: Any, directory: Path | str) -> tuple[Metadata, 
             )
             if piece.file not in files or not 0 <= piece.start <= piece.end:
                 raise ValueError(f"piece {piece.key!r} points outside the files")
+            if "shards" not in manifest and piece.end > _data_size(files[piece.file]):
+                raise ValueError(f"piece {piece.key!r} ends past {piece.file}")
             storage[index] = piece
+        _check_pieces(state, storage)
         paths = dcp_doc.get("paths")
-        planner_data = None if paths is None else {k: tuple(v) for k, v in paths.items()}
+        planner_data = None if paths is None else _checked_paths(paths)
         metadata = Metadata(
             state_dict_metadata=state,
             planner_data=planner_data,
@@ -223,6 +231,74 @@ def _typed(value: Any, kind: type) -> Any:
 
 def _ints(value: Any) -> list[int]:
     return [_typed(v, int) for v in _typed(value, list)]
+
+
+def _checked_paths(paths: Any) -> dict[str, tuple[str | int, ...]]:
+    """DCP's flattening map, each path a name then names or list indices. An index is
+    below the number of paths (each element of a saved list has one), so that rebuilding
+    the state cannot be made to grow a list without bound."""
+    checked = {}
+    for fqn, path in _typed(paths, dict).items():
+        steps = _typed(path, list)
+        if not steps or not isinstance(steps[0], str):
+            raise ValueError(f"the path of {fqn!r} does not start with a name")
+        for step in steps:
+            if isinstance(step, int) and not isinstance(step, bool):
+                if not 0 <= step < len(paths):
+                    raise ValueError(f"the path of {fqn!r} has the list index {step}")
+            elif not isinstance(step, str):
+                raise ValueError(f"the path of {fqn!r} holds a {type(step).__name__}")
+        checked[fqn] = tuple(steps)
+    return checked
+
+
+def _sizes(value: Any) -> list[int]:
+    sizes = _ints(value)
+    if any(size < 0 for size in sizes):
+        raise ValueError(f"negative size in {sizes}")
+    return sizes
+
+
+def _check_chunks(fqn: str, size: list[int], chunks: list[ChunkStorageMetadata]) -> None:
+    """Each chunk inside the tensor, and the chunks covering it (DCP writes each element
+    once), so that no load leaves part of a target unfilled."""
+    covered = 0
+    for chunk in chunks:
+        offsets, sizes = list(chunk.offsets), list(chunk.sizes)
+        if len(offsets) != len(size) or len(sizes) != len(size):
+            raise ValueError(f"a chunk of {fqn!r} has other dimensions than {size}")
+        if any(o < 0 or o + s > whole for o, s, whole in zip(offsets, sizes, size, strict=True)):
+            raise ValueError(f"a chunk of {fqn!r} lies outside its size {size}")
+        covered += math.prod(sizes)
+    if covered != math.prod(size):
+        raise ValueError(f"the chunks of {fqn!r} do not cover its size {size}")
+
+
+def _check_pieces(state: dict[str, Any], storage: dict[MetadataIndex, Piece]) -> None:
+    """Each tensor chunk stored in a piece of its size, so that no reader allocates for a
+    chunk more than the files hold."""
+    for fqn, item in state.items():
+        if not isinstance(item, TensorStorageMetadata):
+            continue
+        itemsize = item.properties.dtype.itemsize
+        for chunk in item.chunks:
+            piece = storage.get(MetadataIndex(fqn, chunk.offsets))
+            if piece is None or piece.end - piece.start != math.prod(chunk.sizes) * itemsize:
+                raise ValueError(f"a chunk of {fqn!r} has no piece of its size")
+
+
+def _check_files(files: dict[str, Any]) -> None:
+    """Each rank file's row: its size and header size, numbers within each other."""
+    for name, row in files.items():
+        size = _typed(_typed(row, dict).get("size"), int)
+        header = _typed(row.get("header_size"), int)
+        if not 0 <= header <= size:
+            raise ValueError(f"{name} has a header of {header} bytes in {size}")
+
+
+def _data_size(row: dict[str, Any]) -> int:
+    """Bytes of a rank file past its header (``_check_files`` checked the row)."""
+    return int(row["size"]) - int(row["header_size"])
 
 
 def _torch_dtype(name: Any) -> torch.dtype:

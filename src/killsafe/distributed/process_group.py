@@ -39,6 +39,7 @@ log = logging.getLogger("killsafe.distributed")
 _NO_STOP = 1 << 62  # larger than any packed (rank, length) pair
 _MAX_REASON_BYTES = 4096
 _ROLL_CALL_POLL = 0.05
+_LONGEST_TIMEOUT = 1e12  # seconds; far longer ones overflow gloo's timeout
 
 T = TypeVar("T")
 
@@ -63,9 +64,7 @@ class TorchCoordinator:
                 "TorchCoordinator needs torch.distributed initialised; "
                 "call torch.distributed.init_process_group() first"
             )
-        if not timeout > 0:
-            raise ConfigError(f"timeout must be positive seconds, got {timeout!r}")
-        self._timeout = float(timeout)
+        self._timeout = _checked_timeout(timeout)
         ranks = None if group is None else dist.get_process_group_ranks(group)
         self._group = dist.new_group(
             ranks=ranks, backend="gloo", timeout=timedelta(seconds=self._timeout)
@@ -231,16 +230,23 @@ class TorchCoordinator:
         return buffer.numpy().tobytes()
 
     def _broadcast(self, value: Any, src: int) -> Any:
-        data = _to_json(value) if self._rank == src else b""
-        size = torch.tensor([len(data)], dtype=torch.int64)
+        data, refused = _to_json(value) if self._rank == src else (b"", None)
+        # A value that is not JSON still takes part (as length -1), so every rank
+        # raises together instead of the others waiting out the timeout.
+        size = torch.tensor([len(data) if refused is None else -1], dtype=torch.int64)
         dist.broadcast(size, group=self._group, group_src=src)
+        if int(size.item()) < 0:
+            raise refused or _not_sent([src])
         return json.loads(self._broadcast_bytes(data, int(size.item()), src))
 
     def _gather(self, value: Any) -> list[Any]:
-        data = _to_json(value)
+        data, refused = _to_json(value)
         sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self._world_size)]
-        dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=self._group)
+        mine = torch.tensor([len(data) if refused is None else -1], dtype=torch.int64)
+        dist.all_gather(sizes, mine, group=self._group)
         lengths = [int(s.item()) for s in sizes]
+        if min(lengths) < 0:
+            raise refused or _not_sent([r for r, n in enumerate(lengths) if n < 0])
         longest = max(lengths)
         mine = torch.zeros(longest, dtype=torch.uint8)
         mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -304,6 +310,17 @@ class TorchCoordinator:
             return others
 
 
+def _checked_timeout(timeout: Any) -> float:
+    """``timeout`` as seconds, refused unless a positive finite number gloo can take."""
+    number = isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+    if not (number and 0 < timeout <= _LONGEST_TIMEOUT):
+        raise ConfigError(
+            f"the collective timeout must be a positive number of seconds (at most "
+            f"{_LONGEST_TIMEOUT:g}), got {timeout!r}; every collective needs one (a day is 86400)"
+        )
+    return float(timeout)
+
+
 def _largest(work: Any, packed: torch.Tensor) -> tuple[int, ...]:
     work.wait()
     return tuple(packed.tolist())
@@ -322,14 +339,24 @@ def _group_name(group: Any) -> str:
     return str(getattr(group, "group_name", "") or "side")
 
 
-def _to_json(value: Any) -> bytes:
+def _to_json(value: Any) -> tuple[bytes, ConfigError | None]:
+    """``value`` as JSON, or the error to raise when it is not plain JSON."""
     try:
-        return json.dumps(value, allow_nan=False, separators=(",", ":")).encode()
+        return json.dumps(value, allow_nan=False, separators=(",", ":")).encode(), None
     except (TypeError, ValueError) as exc:
-        raise ConfigError(
+        return b"", ConfigError(
             f"cannot send {type(value).__name__} between ranks: {exc}; "
             "send plain JSON (str, int, float, bool, None, lists, str-keyed dicts)"
-        ) from exc
+        )
+
+
+def _not_sent(ranks: list[int]) -> ConfigError:
+    """The error of the ranks whose value was fine, when another rank's was not JSON."""
+    who = ", ".join(map(str, ranks))
+    return ConfigError(
+        f"nothing was sent: the value of rank(s) {who} is not plain JSON "
+        "(see that rank's error); send plain JSON from every rank"
+    )
 
 
 def _clip(text: str) -> bytes:

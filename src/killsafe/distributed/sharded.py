@@ -46,12 +46,14 @@ from killsafe import storage
 from killsafe.distributed.objects import StoredCheckpoint, stored
 from killsafe.distributed.planners import JsonLoadPlanner, JsonSavePlanner
 from killsafe.distributed.reader import ShardedReader
-from killsafe.distributed.writer import ShardedWriter
+from killsafe.distributed.writer import ShardedWriter, check_step
 from killsafe.errors import (
     ConfigError,
+    CorruptCheckpoint,
     KillsafeError,
     SaveFailed,
     StateMismatch,
+    UnsupportedState,
 )
 
 if TYPE_CHECKING:
@@ -101,6 +103,7 @@ def save_sharded(
     ``CheckpointExists``, ``UnsupportedState``, or ``RankUnresponsive`` when
     a rank died or hangs.
     """
+    _check_state(state_dict, "save_sharded")
     writer = _writer_for(
         directory,
         step=step,
@@ -140,6 +143,7 @@ def _writer_for(
     directory: str | os.PathLike[str] | CheckpointStore, *, step: int, **header: Any
 ) -> ShardedWriter:
     """The writer of a new checkpoint at a path, or in a store at ``step``."""
+    check_step(step)
     if isinstance(directory, (str, os.PathLike)):
         return ShardedWriter(_local(directory), step=step, **header)
     from killsafe.store.naming import checkpoint_dirname, sanitize_name
@@ -173,6 +177,7 @@ def load_sharded(
     ``CheckpointInfo`` or the checkpoint's key; on an object store the rank
     files are read in ranged reads, each rank only the pieces it needs.
     """
+    _check_state(state_dict, "load_sharded")
     if store is not None:
         directory = stored(store, store.get(directory).path)
     elif not isinstance(directory, StoredCheckpoint):
@@ -215,23 +220,38 @@ def load_full(
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
             dcp.load({}, storage_reader=reader, planner=planner, no_dist=True)
 
-    _load(reader, load)
+    _load(reader, load, whole=True)
     state: dict[str, Any] = planner.original_state_dict  # built by the planner, then filled
     return state
 
 
-def _load(reader: ShardedReader, load: Any) -> None:
+def _load(reader: ShardedReader, load: Any, *, whole: bool = False) -> None:
+    """Run ``load``; DCP's failures as one killsafe error. ``whole``: the state is built
+    from the manifest itself (``load_full``), so a failure is the checkpoint's."""
+
+    def wrap(message: str) -> KillsafeError:
+        if whole:
+            return CorruptCheckpoint(
+                f"checkpoint {reader.where}: {message}; restore another checkpoint"
+            )
+        return StateMismatch(
+            f"loading {reader.where}: {message}; load into a state with the saved keys"
+        )
+
     try:
         load()
     except CheckpointException as exc:
         if reader.error is not None:
             raise reader.error from None
-        raise _translate(
-            exc,
-            lambda m: StateMismatch(
-                f"loading {reader.where}: {m}; load into a state with the saved keys"
-            ),
-        ) from None
+        raise _translate(exc, wrap) from None
+
+
+def _check_state(state_dict: Any, where: str) -> None:
+    if not isinstance(state_dict, dict):
+        raise UnsupportedState(
+            f"{where} takes a dict of named values (a state dict), got "
+            f"{type(state_dict).__name__}; wrap it, e.g. {{'model': model.state_dict()}}"
+        )
 
 
 def _local(directory: str | os.PathLike[str]) -> str | os.PathLike[str]:

@@ -60,7 +60,7 @@ from killsafe.host import fsync_directory
 if TYPE_CHECKING:
     from killsafe.store import CheckpointStore
 
-__all__ = ["ShardedWriter", "tensor_file_entries", "write_plain_file"]
+__all__ = ["ShardedWriter", "check_step", "tensor_file_entries", "write_plain_file"]
 
 _STAGING_PREFIX = ".tmp-"
 
@@ -105,11 +105,12 @@ class ShardedWriter(StorageWriter):
         super().__init__()
         if (directory is None) == (store is None):
             raise ConfigError("ShardedWriter writes into a directory or a store; give one of them")
-        self.remote = None if store is None else StoreTarget(store, int(step), name)
+        check_step(step)
+        self.remote = None if store is None else StoreTarget(store, step, name)
         self.directory = Path() if directory is None else Path(directory).absolute()
         self.incremental = incremental
         self.header = {
-            "step": int(step),
+            "step": step,
             "name": name,
             "reason": reason,
             "metrics": clean_json(dict(metrics or {}), "metrics"),
@@ -303,6 +304,12 @@ class ShardedWriter(StorageWriter):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return not Path(checkpoint_id).exists()
+
+
+def check_step(step: Any) -> None:
+    """Refuse a step that is not a non-negative int, as ``store.save`` does."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ConfigError(f"step={step!r} must be a non-negative int")
 
 
 def _rank_file(rank: int) -> str:

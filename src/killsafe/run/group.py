@@ -163,19 +163,37 @@ def ranks_not_sharing(group: RunGroup, directory: Path) -> list[int]:
 
     Rank 0 writes a file of a fresh name and content there; every rank
     looks for it (a while, should a network file system show it late);
-    rank 0 removes it once all have looked.
+    rank 0 removes it once all have looked. When rank 0 cannot write it (a
+    full disk), every rank raises its error.
     """
     probe: Path | None = None
-    nonce = None
+    sent: dict[str, str] = {}
     if group.leader:
         nonce = uuid.uuid4().hex
         probe = directory / f".killsafe-shared-{nonce}"
-        probe.write_text(nonce)
-    nonce = group.coordinator.broadcast(nonce)
-    seen = group.coordinator.gather(_sees(directory / f".killsafe-shared-{nonce}", nonce))
-    if probe is not None:
-        probe.unlink(missing_ok=True)
+        sent = _write_probe(probe, nonce)
+    try:
+        sent = group.coordinator.broadcast(sent)
+        if "error" in sent:
+            raise _rank_0_error(sent["kind"], sent["error"])
+        nonce = sent["nonce"]
+        seen = group.coordinator.gather(_sees(directory / f".killsafe-shared-{nonce}", nonce))
+    finally:
+        if probe is not None:
+            probe.unlink(missing_ok=True)
     return [rank for rank, ok in enumerate(seen) if not ok]
+
+
+def _write_probe(probe: Path, nonce: str) -> dict[str, str]:
+    """What rank 0 tells the others: the probe's nonce, or why it could not write it."""
+    from killsafe.store import io_error
+
+    try:
+        probe.write_text(nonce)
+    except OSError as exc:
+        error = io_error("writing", probe, exc)
+        return {"error": f"rank 0: {error}", "kind": type(error).__name__}
+    return {"nonce": nonce}
 
 
 def _sees(probe: Path, nonce: str, patience: float = _PROBE_PATIENCE) -> bool:
@@ -210,27 +228,27 @@ class GroupStore:
         self._thread: threading.Thread | None = None
         self._locked = False
 
-    def _path_of(self, step: int, name: str | None) -> Path:
-        """The checkpoint of ``step`` and ``name``: its directory, or its key in an object store."""
-        from killsafe.store.naming import checkpoint_dirname
-
-        dirname = checkpoint_dirname(step, name)
-        return self.store.directory / dirname if self.store.is_local else Path(dirname)
-
-    def _target(self, step: int, name: str | None) -> Any:
-        """Where the checkpoint of ``step`` goes: its directory, or the object store itself
-        (which picks its key when rank 0 begins the save)."""
-        return self._path_of(step, name) if self.store.is_local else self.store
-
-    def _exists(self, path: Path) -> bool:
-        """Whether a committed checkpoint is at ``path`` (a directory, or a key)."""
-        if self.store.is_local:
-            return path.exists()
-        try:
-            self.store.listed(path)
-        except KillsafeError:
-            return False
-        return True
+    def _place(self, step: int, name: str | None) -> tuple[Any, Path]:
+        """Where the checkpoint of ``step`` and ``name`` goes, as rank 0's store places it
+        (beside a damaged one there, never over it): the target to save into (its
+        directory, or the object store itself, which picks the same key when rank 0
+        begins the save) and its path. Collective: ``CheckpointExists`` on every rank
+        when a checkpoint that verifies is there."""
+        answer: dict[str, Any] = {}
+        if self.group.leader:
+            try:
+                answer = {"path": str(self.store.free_path(step, name))}
+            except CheckpointExists as exc:
+                answer = {"exists": str(exc), "path": str(exc.path)}
+            except KillsafeError as exc:
+                answer = {"error": str(exc), "kind": type(exc).__name__}
+        answer = self.group.coordinator.broadcast(answer)
+        if "error" in answer:
+            raise _rank_0_error(answer["kind"], answer["error"])
+        path = Path(answer["path"])
+        if "exists" in answer:
+            raise CheckpointExists(answer["exists"], path)
+        return (path if self.store.is_local else self.store), path
 
     def save(
         self,
@@ -246,7 +264,7 @@ class GroupStore:
         from killsafe.distributed.runstate import save_run_tree
 
         self._hold_lock()
-        directory = self._target(step, name)
+        directory, _ = self._place(step, name)
         try:
             path = save_run_tree(
                 tree,
@@ -261,8 +279,7 @@ class GroupStore:
             )
         except CheckpointExists as exc:  # the same on every rank, with its path
             raise CheckpointExists(str(exc), exc.path or directory) from exc
-        if self.group.leader:
-            self.store.prune()
+        self._prune_together(self.group.coordinator)
         return self.store.listed(path)
 
     def save_async(
@@ -282,14 +299,7 @@ class GroupStore:
         from killsafe.distributed.runstate import save_staged, stage_run_tree
 
         self._hold_lock()
-        directory, path = self._target(step, name), self._path_of(step, name)
-        if self.group.coordinator.broadcast(self.group.leader and self._exists(path)):
-            where = path if self.store.is_local else f"{self.store.location}{path}"
-            raise CheckpointExists(  # as rank 0 sees it
-                f"checkpoint {where} already exists; save under a new name "
-                "(a checkpoint is never overwritten)",
-                path,
-            )
+        directory, path = self._place(step, name)
         staged = stage_run_tree(tree, self.group.rank)
         coordinator = self.group.saving_coordinator()
         pending = JobSave(step, name, reason)
@@ -306,12 +316,24 @@ class GroupStore:
                 metadata=metadata,
                 incremental=self.store.incremental,
             )
-            if self.group.leader:
-                self.store.prune()
+            self._prune_together(coordinator)
             return self.store.listed(path)
 
         self._thread = pending.start(write, path)
         return pending
+
+    def _prune_together(self, coordinator: Any) -> None:
+        """Retention after a save, on rank 0; its failure raised on every rank (collective),
+        so that every rank's save fails alike."""
+        failed = None
+        if self.group.leader:
+            try:
+                self.store.prune()
+            except KillsafeError as exc:
+                failed = {"error": str(exc), "kind": type(exc).__name__}
+        failed = coordinator.broadcast(failed)
+        if failed is not None:
+            raise _rank_0_error(failed["kind"], failed["error"])
 
     def _hold_lock(self) -> None:
         """An incremental store: rank 0 holds its write lock from the first save on, so no
@@ -366,6 +388,16 @@ class GroupStore:
 
     def load(self, ref: Any = "latest", **options: Any) -> Any:
         return self.store.load(ref, **options)
+
+
+def _rank_0_error(kind: str, message: str) -> KillsafeError:
+    """Rank 0's error (its type's name in ``killsafe.errors`` and its line), on every rank."""
+    from killsafe import errors
+
+    error_type = getattr(errors, kind, None)
+    if not (isinstance(error_type, type) and issubclass(error_type, KillsafeError)):
+        error_type = KillsafeError
+    return error_type(message)
 
 
 class JobSave(PendingSave):

@@ -292,6 +292,14 @@ class CheckpointStore:
             self._in_flight.add(staging.tmp_path)
             return staging
 
+    def free_path(self, step: int, name: str | None = None) -> Path:
+        """Where a new checkpoint of ``step`` (and ``name``) goes, as ``save`` places it:
+        beside a damaged one (``.2``, ``.3``...); ``CheckpointExists`` when a valid one is
+        there. For writers that commit on their own (a job's sharded saves)."""
+        clean = sanitize_name(name) if name is not None else None
+        with self._mutex:
+            return self._free_path(step, clean)
+
     def _free_path(self, step: int, name: str | None) -> Path:
         """Where the checkpoint of ``step`` (and ``name``) goes; never over a damaged one.
 
