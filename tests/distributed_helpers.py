@@ -2,8 +2,9 @@
 
 The test process serves the rendezvous store, as ``torchrun``'s agent does,
 so a rank (rank 0 included) can die without taking the store with it. Each
-rank runs ``tests/distributed_worker.py SCENARIO`` and writes what it saw to
-``rank-N.json`` in the work directory. The ranks exchange their step
+rank runs ``tests/distributed_worker.py SCENARIO`` (forked from the session's
+forkserver, which imported torch once: ``fork_helpers``) and writes what it
+saw to ``rank-N.json`` in the work directory. The ranks exchange their step
 boundary's flags at every boundary (``KILLSAFE_FLAG_PERIOD=0``), so a stop
 asked on one rank lands at a known step, unless ``flag_period`` says otherwise
 (``None``: the default period).
@@ -15,11 +16,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
+import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+from fork_helpers import ScriptProcess
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 
@@ -47,13 +50,14 @@ class Job:
         env.pop("KILLSAFE_FLAG_PERIOD", None)
         if flag_period is not None:
             env["KILLSAFE_FLAG_PERIOD"] = flag_period
+        self._logs = tempfile.TemporaryDirectory(prefix="killsafe-job-")
         self.ranks = [
-            subprocess.Popen(
-                [sys.executable, str(worker), scenario, str(rank), str(world), *self.place, *args],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
+            ScriptProcess(
+                worker,
+                [scenario, str(rank), str(world), *self.place, *args],
+                Path(self._logs.name),
+                env,
+                whole_env=True,
             )
             for rank in range(world)
         ]
@@ -71,8 +75,11 @@ class Job:
         return codes
 
     def output(self, rank: int) -> str:
-        stream = self.ranks[rank].stdout
-        return stream.read() if stream is not None else ""
+        """What the rank printed: its stdout, then its stderr."""
+        process = self.ranks[rank]
+        return "".join(
+            path.read_text() for path in (process.stdout_path, process.stderr_path) if path.exists()
+        )
 
     def result(self, rank: int) -> Any:
         path = self.workdir / f"rank-{rank}.json"

@@ -32,6 +32,9 @@ PRELOAD = [
     "numpy.random",
     "secrets",
     "torch",
+    "torch.distributed",
+    "torch.distributed.checkpoint",
+    "killsafe.distributed",
     "obstore",
     "object_writers",
 ]
@@ -53,7 +56,8 @@ class ScriptProcess:
     """``python SCRIPT ARGS`` as a forked child, with the parts of ``Popen`` tests use.
 
     Its stdout and stderr go to files in ``output_dir`` (``child-N.out``,
-    ``child-N.err``); ``env`` adds to the environment the child inherits.
+    ``child-N.err``); ``env`` adds to the environment the child inherits (the
+    forkserver's, from when it started), or with ``whole_env`` is all of it.
     """
 
     def __init__(
@@ -62,6 +66,8 @@ class ScriptProcess:
         args: list[str],
         output_dir: Path,
         env: dict[str, str] | None = None,
+        *,
+        whole_env: bool = False,
     ) -> None:
         number = next(_children)
         self.stdout_path = output_dir / f"child-{number}.out"
@@ -69,6 +75,7 @@ class ScriptProcess:
         self._process = context().Process(
             target=run_as_main,
             args=(str(script), list(args), dict(env or {}), self.stdout_path, self.stderr_path),
+            kwargs={"whole_env": whole_env},
         )
         self._process.start()
         self.pid: int = self._process.pid
@@ -80,6 +87,13 @@ class ScriptProcess:
 
     def poll(self) -> int | None:
         return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """The exit status once it ended (``TimeoutExpired`` after ``timeout``), as ``Popen``."""
+        self._process.join(timeout)
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired(str(self._process), timeout or 0)
+        return self._process.exitcode  # type: ignore[no-any-return]
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:
@@ -117,9 +131,17 @@ def _read(path: Path) -> str:
 
 
 def run_as_main(
-    script: str, args: list[str], env: dict[str, str], stdout: Path, stderr: Path
+    script: str,
+    args: list[str],
+    env: dict[str, str],
+    stdout: Path,
+    stderr: Path,
+    *,
+    whole_env: bool = False,
 ) -> None:
     """In the child: run ``script`` as ``__main__`` as ``python script ARGS`` would."""
+    if whole_env:
+        os.environ.clear()
     os.environ.update(env)
     for fd, path in ((1, stdout), (2, stderr)):
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
