@@ -279,6 +279,37 @@ def test_during_the_session_every_upload_finishes_however_many_queue_up(tmp_path
     local.close()
 
 
+def test_an_upload_failing_with_an_unexpected_error_leaves_the_worker_alive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from killsafe.run.mirror import Mirror
+
+    local = killsafe.CheckpointStore(tmp_path / "local")
+    infos = [local.save({"w": np.full(4, step)}, step) for step in (1, 2)]
+    remote = killsafe.CheckpointStore(memory_url())
+    mirror = Mirror(remote, local, tmp_path)
+    real_import = remote.import_from
+    calls = []
+
+    def import_once_failing(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")  # a local read failing, not ours
+        return real_import(*args, **kwargs)
+
+    monkeypatch.setattr(remote, "import_from", import_once_failing)
+    mirror.submit(infos[0])
+    deadline = time.monotonic() + 30
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    mirror.submit(infos[1])  # the worker still takes it
+    summary = mirror.drain(stopping=False)  # returned: nothing hangs
+    assert [info.step for info in remote.list()] == [2]
+    assert "newest step 2" in summary
+    mirror.close()
+    local.close()
+
+
 class _CommitBlocks(storage.MemoryBackend):
     """A memory area whose checkpoint commits (manifest puts) hang until ``go`` is set,
     as a mirror that stopped answering does."""

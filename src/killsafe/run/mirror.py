@@ -223,6 +223,12 @@ class Mirror:
             self._failed = f"step {info.step}: {exc}"
             log.warning("killsafe: upload of step %d to %s failed: %s", info.step, self.url, exc)
             return
+        except Exception as exc:  # the worker must live on: a dead one hangs drain()
+            self._failed = f"step {info.step}: {type(exc).__name__}: {exc}"
+            log.error(
+                "killsafe: upload of step %d to %s failed: %s", info.step, self.url, self._failed
+            )
+            return
         finally:
             with self._cond:
                 self._uploading = None
