@@ -59,7 +59,7 @@ def read_json(path: Path) -> Any:
     """
     try:
         text = Path(path).read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a file where a folder would be
         return None
     try:
         return json.loads(text)
@@ -85,7 +85,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Every complete JSON object line of ``path``; a torn line (a crash) is skipped."""
     try:
         lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
     records = []
     for line in lines:

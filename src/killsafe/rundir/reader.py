@@ -138,7 +138,7 @@ class RunReader:
         None without one, or when run.json cannot be read (a warning)."""
         try:
             config = self.record().get("config")
-        except KillsafeError as exc:
+        except (KillsafeError, OSError) as exc:
             log.warning("ignoring unreadable %s: %s", self.layout.run, exc)
             return None
         mirror = config.get("mirror") if isinstance(config, dict) else None
