@@ -166,3 +166,31 @@ def test_list_on_a_real_s3_mirror_as_processes(tmp_path: Path, s3_url: str) -> N
     out = cli("list", tmp_path / "run", "--verify")
     assert out.returncode == 0, out.stderr
     assert "both" in out.stdout and "mirrored" in out.stdout
+
+
+@pytest.mark.parametrize("url", ["gcs://bucket/exp", "s3a://bucket/exp"])
+def test_a_url_of_an_unknown_scheme_is_bad_input_not_a_missing_directory(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["list", url])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "unknown storage scheme" in error and url in error
+
+
+def test_a_file_url_is_its_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    save_local_only(tmp_path / "run", 10)
+    listed = list_json(capsys, f"file://{tmp_path / 'run'}")
+    assert [c["step"] for c in listed["checkpoints"]] == [10]
+
+
+def test_a_mirror_of_an_unknown_scheme_in_run_json_is_ignored_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    save_local_only(tmp_path / "run", 10)
+    (tmp_path / "run/run.json").write_text(json.dumps({"config": {"mirror": "gcs://b/exp"}}))
+    assert main(["list", str(tmp_path / "run"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [c["step"] for c in json.loads(captured.out)["checkpoints"]] == [10]
+    assert captured.err.count("\n") == 1 and "gcs://b/exp" in captured.err

@@ -234,7 +234,11 @@ def _run_mirror(run_dir: Path | None) -> Place | None:
     """The mirror ``run.json`` names, or ``None`` (also when ``run.json`` cannot be
     read: the local checkpoints are listed all the same)."""
     mirror = RunReader(run_dir).mirror() if run_dir is not None else None
-    return path_or_url(mirror) if mirror is not None else None
+    try:
+        return path_or_url(mirror) if mirror is not None else None
+    except argparse.ArgumentTypeError as exc:  # a hand-edited run.json: no mirror to read
+        sys.stderr.write(f"killsafe list: ignoring the mirror run.json names: {exc}\n")
+        return None
 
 
 def _with_mirror(local: list[_Entry], mirror: Place, *, verify: bool) -> list[_Entry]:

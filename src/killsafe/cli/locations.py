@@ -8,21 +8,34 @@ not ask which medium they have.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from killsafe import storage
-from killsafe.errors import ConfigError
+from killsafe.errors import ConfigError, InvalidKey
 
 Place = Path | str
 """A local path, or a URL (``s3://bucket/prefix``, ``memory://…``)."""
 
 
 def path_or_url(text: str) -> Place:
-    """The argparse type of a place: a URL as given, a path otherwise."""
-    return text.rstrip("/") if storage.is_url(text) else Path(text)
+    """The argparse type of a place: a URL as given, a ``file://`` URL or a path as a
+    path; a URL of another scheme (``gcs://``) is bad input, not a directory ``gcs:``."""
+    if storage.is_url(text):
+        return text.rstrip("/")
+    scheme = urlsplit(text).scheme
+    if scheme == "file" or (len(scheme) > 1 and "://" in text):
+        try:
+            backend = storage.open(text)  # InvalidKey unless a file:// URL
+        except InvalidKey as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+        assert isinstance(backend, storage.LocalBackend)
+        return backend.root
+    return Path(text)
 
 
 def is_url(place: Place) -> bool:
