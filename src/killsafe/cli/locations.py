@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from killsafe import storage
 from killsafe.errors import ConfigError, InvalidKey
@@ -27,15 +26,10 @@ def path_or_url(text: str) -> Place:
     path; a URL of another scheme (``gcs://``) is bad input, not a directory ``gcs:``."""
     if storage.is_url(text):
         return text.rstrip("/")
-    scheme = urlsplit(text).scheme
-    if scheme == "file" or (len(scheme) > 1 and "://" in text):
-        try:
-            backend = storage.open(text)  # InvalidKey unless a file:// URL
-        except InvalidKey as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from exc
-        assert isinstance(backend, storage.LocalBackend)
-        return backend.root
-    return Path(text)
+    try:
+        return storage.local_directory(text)
+    except InvalidKey as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def is_url(place: Place) -> bool:

@@ -13,6 +13,7 @@ object-store client is imported only when an object-store URL is opened.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -45,6 +46,7 @@ __all__ = [
     "Source",
     "StorageError",
     "is_url",
+    "local_directory",
     "open",
     "read_bytes",
     "validate_key",
@@ -58,6 +60,22 @@ def is_url(location: str | os.PathLike[str]) -> bool:
     """True when ``location`` names a non-local medium (``memory://``, ``s3://``, ...)."""
     scheme = urlsplit(os.fspath(location)).scheme
     return scheme in ("memory", *OBJECT_SCHEMES)
+
+
+def local_directory(location: str | os.PathLike[str]) -> Path:
+    """The directory a path or a ``file://`` URL names (for a path, as given).
+
+    Raises ``InvalidKey`` for a URL of an unknown scheme (``gcs://``, ``s3a://``),
+    which would otherwise become a local directory named ``gcs:``. Call it for
+    what ``is_url`` says is not a URL.
+    """
+    text = os.fspath(location)
+    scheme = urlsplit(text).scheme
+    if scheme == "file" or (len(scheme) > 1 and "://" in text):
+        backend = open(text)  # InvalidKey unless a file:// URL
+        assert isinstance(backend, LocalBackend)
+        return backend.root
+    return Path(text)
 
 
 def open(location: str | os.PathLike[str], **options: Any) -> Backend:

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 from killsafe import format as fmt
 from killsafe import storage
@@ -101,7 +100,7 @@ def open_medium(
     if isinstance(location, storage.Backend) or storage.is_url(location):
         backend = location if isinstance(location, storage.Backend) else storage.open(location)
         return _keyed(backend, best, lease_ttl, sweep_after, incremental, lease_owner)
-    directory = _local_directory(location)
+    directory = storage.local_directory(location)
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"checkpoint store {directory} is a file, not a directory")
     return Medium(
@@ -111,18 +110,6 @@ def open_medium(
         lock=StoreLock(directory),
         directory=directory,
     )
-
-
-def _local_directory(location: str | os.PathLike[str]) -> Path:
-    """The directory of a path or ``file://`` URL; ``InvalidKey`` for another scheme's URL
-    (``gcs://``, ``s3a://``), which would otherwise become a local directory "gcs:"."""
-    text = os.fspath(location)
-    scheme = urlsplit(text).scheme
-    if scheme == "file" or (len(scheme) > 1 and "://" in text):
-        opened = storage.open(text)  # InvalidKey unless a file:// URL
-        assert isinstance(opened, storage.LocalBackend)
-        return opened.root
-    return Path(location)
 
 
 def _keyed(
